@@ -1,0 +1,87 @@
+"""The denoiser: a network + schedule + parameterization seen as D(x_t, t, cond) -> x0_hat.
+
+Samplers and students see only this object (k-diffusion's wrapper idea, EDM's preconditioning,
+arXiv 2206.00364). The network is called as ``net(c_in * x_t, c_noise(t), cond)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dtrain.diffusion.param import Coeffs, check_param, convert, to_x0_eps
+from dtrain.diffusion.schedule import Schedule, as_t
+
+__all__ = ["Denoiser", "DenoiserLike", "time_batch"]
+
+
+class DenoiserLike(Protocol):
+    """Anything a sampler can drive: a schedule and x0 = D(x, t, cond)."""
+
+    schedule: Schedule
+
+    def __call__(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor: ...
+
+
+def time_batch(t: Tensor | float, x: Tensor) -> Tensor:
+    """t (a scalar or [B]) as a float64 [B] tensor on x's device."""
+    t = as_t(t).to(x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+class Denoiser(nn.Module):
+    """Wraps ``net`` predicting ``param`` under ``schedule``; ``forward`` returns x0_hat.
+
+    Args:
+        net: called as ``net(x_in, c_noise, cond)`` with c_noise a float [B] tensor.
+        param: what the network predicts, one of ``dtrain.diffusion.param.PARAMS``.
+        sigma_data: data standard deviation (EDM), used by the ``edm`` parameterization and c_in.
+        input_scaling: feed c_in x_t with c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2).
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] (pixel-space models, DDPM's clip_denoised).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        param: str = "eps",
+        *,
+        sigma_data: float = 1.0,
+        input_scaling: bool = False,
+        clip_x0: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.net, self.schedule, self.param = net, schedule, check_param(param)
+        self.sigma_data, self.input_scaling, self.clip_x0 = sigma_data, input_scaling, clip_x0
+
+    def coeffs(self, t: Tensor | float, x: Tensor) -> Coeffs:
+        return Coeffs.at(self.schedule, time_batch(t, x), x, self.sigma_data)
+
+    def raw(self, x: Tensor, t: Tensor | float, cond: Any = None, c: Coeffs | None = None) -> Tensor:
+        """The network output (in ``self.param`` units) at x_t."""
+        tb = time_batch(t, x)
+        c = c or self.coeffs(tb, x)
+        x_in = x
+        if self.input_scaling:
+            x_in = x * torch.rsqrt((c.alpha * self.sigma_data) ** 2 + c.sigma**2)
+        return self.net(x_in, self.schedule.c_noise(tb).to(torch.float32), cond)
+
+    def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None) -> tuple[Tensor, Tensor]:
+        c = self.coeffs(t, x)
+        out = self.raw(x, t, cond, c).to(x.dtype)
+        x0, eps = to_x0_eps(self.param, out, x, c)
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            eps = (x - c.alpha * x0) / c.sigma
+        return x0, eps
+
+    def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
+        return self.x0_eps(x, t, cond)[0]
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None, kind: str = "x0") -> Tensor:
+        """The prediction in any parameterization (eps, x0, v, velocity, score, edm)."""
+        c = self.coeffs(t, x)
+        x0, eps = self.x0_eps(x, t, cond)
+        return convert(x0, "x0", check_param(kind), x, c) if kind != "eps" else eps

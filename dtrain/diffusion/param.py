@@ -1,0 +1,115 @@
+"""Conversions between network parameterizations: one function each way.
+
+With x_t = alpha x0 + sigma eps (Prop. 6.3.1 of arXiv 2510.21890):
+  eps        the noise                                  (Ho et al. 2020, arXiv 2006.11239)
+  x0         the clean sample
+  v          alpha eps - sigma x0                       (Salimans & Ho 2022, arXiv 2202.00512)
+  velocity   alpha' x0 + sigma' eps = dx_t/dt           (flow matching, arXiv 2210.02747)
+  score      grad log p_t(x_t) = -eps / sigma
+  edm        F with x0 = c_skip x_t + c_out F           (Karras et al. 2022, arXiv 2206.00364)
+Every kind goes to (x0, eps) with ``to_x0_eps`` and back with ``from_x0_eps``; ``convert`` chains them.
+Coefficients must already be broadcast to x_t's shape (see ``Coeffs.at``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from dtrain.diffusion.schedule import Schedule, bcast
+
+PARAMS = ("eps", "x0", "v", "velocity", "score", "edm")
+
+__all__ = ["PARAMS", "Coeffs", "to_x0_eps", "from_x0_eps", "convert", "edm_skip_out", "check_param", "velocity_ode"]
+
+
+@dataclass(frozen=True)
+class Coeffs:
+    """alpha, sigma and their time derivatives at t, broadcast against a batch, plus sigma_data."""
+
+    alpha: Tensor
+    sigma: Tensor
+    alpha_dot: Tensor
+    sigma_dot: Tensor
+    sigma_data: float = 1.0
+
+    @staticmethod
+    def at(schedule: Schedule, t: Tensor | float, like: Tensor, sigma_data: float = 1.0) -> Coeffs:
+        """Coefficients at t (a scalar or [B]) in ``like``'s dtype and shape for broadcasting."""
+        return Coeffs(
+            *(bcast(f(t), like) for f in (schedule.alpha, schedule.sigma, schedule.alpha_dot, schedule.sigma_dot)),
+            sigma_data=sigma_data,
+        )
+
+
+def check_param(kind: str) -> str:
+    if kind not in PARAMS:
+        raise ValueError(f"param: unknown parameterization {kind!r}; choose one of {list(PARAMS)}")
+    return kind
+
+
+def edm_skip_out(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """c_skip, c_out of EDM generalised to x_t = alpha x0 + sigma eps (arXiv 2206.00364, Table 1)."""
+    d2 = (alpha * sigma_data) ** 2 + sigma**2
+    return alpha * sigma_data**2 / d2, sigma * sigma_data / d2.sqrt()
+
+
+def to_x0_eps(kind: str, pred: Tensor, x_t: Tensor, c: Coeffs) -> tuple[Tensor, Tensor]:
+    """(x0, eps) implied by a prediction of the given kind at x_t."""
+    a, s = c.alpha, c.sigma
+    if kind == "eps":
+        return (x_t - s * pred) / a, pred
+    if kind == "score":
+        eps = -s * pred
+        return (x_t - s * eps) / a, eps
+    if kind == "x0":
+        x0 = pred
+    elif kind == "v":  # a^2 + s^2 need not be 1 (VE, flow): solve the 2x2 system
+        n = a**2 + s**2
+        x0 = (a * x_t - s * pred) / n
+        return x0, (s * x_t + a * pred) / n
+    elif kind == "velocity":
+        det = a * c.sigma_dot - s * c.alpha_dot
+        return (c.sigma_dot * x_t - s * pred) / det, (a * pred - c.alpha_dot * x_t) / det
+    elif kind == "edm":
+        skip, out = edm_skip_out(a, s, c.sigma_data)
+        x0 = skip * x_t + out * pred
+    else:
+        check_param(kind)
+        raise AssertionError
+    return x0, (x_t - a * x0) / s
+
+
+def from_x0_eps(kind: str, x0: Tensor, eps: Tensor, x_t: Tensor, c: Coeffs) -> Tensor:
+    """The prediction of the given kind that corresponds to (x0, eps) at x_t."""
+    a, s = c.alpha, c.sigma
+    if kind == "eps":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        return a * eps - s * x0
+    if kind == "velocity":
+        return c.alpha_dot * x0 + c.sigma_dot * eps
+    if kind == "score":
+        return -eps / s
+    if kind == "edm":
+        skip, out = edm_skip_out(a, s, c.sigma_data)
+        return (x0 - skip * x_t) / out
+    check_param(kind)
+    raise AssertionError
+
+
+def convert(pred: Tensor, src: str, dst: str, x_t: Tensor, c: Coeffs) -> Tensor:
+    """Convert a ``src`` prediction at x_t into the equivalent ``dst`` prediction."""
+    if src == dst:
+        return pred
+    x0, eps = to_x0_eps(src, pred, x_t, c)
+    return from_x0_eps(dst, x0, eps, x_t, c)
+
+
+def velocity_ode(x0_hat: Tensor, x_t: Tensor, c: Coeffs) -> Tensor:
+    """dx/dt of the probability-flow ODE given the denoiser's x0: alpha' x0 + sigma' eps_hat."""
+    eps = (x_t - c.alpha * x0_hat) / c.sigma
+    return c.alpha_dot * x0_hat + c.sigma_dot * eps

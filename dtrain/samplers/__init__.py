@@ -1,0 +1,91 @@
+"""Stateless samplers over a denoiser, shared by evaluation, the CLI and inference bundles.
+
+``SAMPLERS`` maps a name to a ``SamplerSpec``; ``run`` builds the grid for a number of network
+evaluations (NFE) and calls the function. Names: ddpm, ddim, dpm++1m/2m/3m, euler, heun, euler_maruyama
+(few-step student samplers register themselves from ``few_step``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtrain.diffusion.denoiser import DenoiserLike
+from dtrain.diffusion.timesteps import make_grid
+from dtrain.registry import Registry
+from dtrain.samplers.base import Callback
+from dtrain.samplers.ddim import ddim, ddim_invert, slerp
+from dtrain.samplers.ddpm import ddpm, euler_maruyama
+from dtrain.samplers.dpm_solver import dpm_solver_pp
+from dtrain.samplers.heun import euler, heun
+
+__all__ = [
+    "SAMPLERS",
+    "SamplerSpec",
+    "run",
+    "steps_for_nfe",
+    "ddim",
+    "ddim_invert",
+    "slerp",
+    "ddpm",
+    "euler_maruyama",
+    "dpm_solver_pp",
+    "euler",
+    "heun",
+]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler function, its fixed options, and how many network evaluations a grid of n steps costs."""
+
+    fn: Callable[..., Tensor]
+    opts: dict[str, Any] = field(default_factory=dict)
+    nfe: Callable[[int], int] = lambda n: n
+    steps: Callable[[int], int] = lambda nfe: nfe
+    doc: str = ""
+
+
+SAMPLERS: Registry[SamplerSpec] = Registry("sampler")
+SAMPLERS.register("ddpm", SamplerSpec(ddpm, doc="DDPM ancestral, posterior variance"))
+SAMPLERS.register("ddpm_large", SamplerSpec(ddpm, {"variance": "large"}, doc="DDPM ancestral, beta variance"))
+SAMPLERS.register("ddim", SamplerSpec(ddim, doc="DDIM eta=0"))
+SAMPLERS.register("ddim_eta1", SamplerSpec(ddim, {"eta": 1.0}, doc="DDIM eta=1"))
+SAMPLERS.register("dpm++1m", SamplerSpec(dpm_solver_pp, {"order": 1}, doc="DPM-Solver++ first order"))
+SAMPLERS.register("dpm++2m", SamplerSpec(dpm_solver_pp, {"order": 2}, doc="DPM-Solver++(2M)"))
+SAMPLERS.register("dpm++3m", SamplerSpec(dpm_solver_pp, {"order": 3}, doc="DPM-Solver++(3M)"))
+SAMPLERS.register("euler", SamplerSpec(euler, doc="Euler on the probability-flow ODE"))
+SAMPLERS.register("euler_maruyama", SamplerSpec(euler_maruyama, doc="Euler-Maruyama on the reverse SDE"))
+SAMPLERS.register(
+    "heun",
+    SamplerSpec(heun, nfe=lambda n: 2 * n - 1, steps=lambda nfe: (nfe + 1) // 2, doc="Heun (EDM), 2n-1 NFE"),
+)
+
+
+def steps_for_nfe(name: str, nfe: int) -> int:
+    """Grid steps a sampler takes for a budget of ``nfe`` network evaluations."""
+    return max(1, SAMPLERS.get(name, "sampler").steps(nfe))
+
+
+def run(
+    name: str,
+    denoiser: DenoiserLike,
+    x_T: Tensor,
+    nfe: int,
+    *,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    spacing: str | None = None,
+    grid: Tensor | None = None,
+    **opts: Any,
+) -> Tensor:
+    """Sample with a registered sampler at a given NFE (or on an explicit grid)."""
+    spec = SAMPLERS.get(name, "sampler")
+    if grid is None:
+        grid = make_grid(denoiser.schedule, steps_for_nfe(name, nfe), spacing)
+    return spec.fn(denoiser, x_T, grid, cond=cond, generator=generator, callback=callback, **{**spec.opts, **opts})

@@ -1,0 +1,38 @@
+"""What every sampler shares: the step loop's bookkeeping, noise draws and the callback contract.
+
+A sampler is ``sample(denoiser, x_T, grid, *, cond=None, generator=None, callback=None, **opts)``:
+stateless, float64 coefficients, and ``callback(info)`` after each step with
+``info = {"i": step, "t": t, "s": s, "x": x_s, "x0": x0_hat}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtrain.diffusion.timesteps import check_grid
+
+Callback = Callable[[dict[str, Any]], None]
+
+__all__ = ["Callback", "steps", "randn_like", "scalar"]
+
+
+def steps(grid: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(i, t_i, t_{i+1}) over a validated grid, as float64 0-d tensors."""
+    g = check_grid(grid)
+    for i in range(g.numel() - 1):
+        yield i, g[i], g[i + 1]
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn from ``generator`` (on its device)."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def scalar(v: Tensor | float, x: Tensor) -> Tensor:
+    """A float64 coefficient as a 0-d tensor in x's dtype and device."""
+    return torch.as_tensor(v, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
