@@ -33,6 +33,7 @@ __all__ = [
     "cosine_betas",
     "rescale_zero_terminal_snr",
     "make_schedule",
+    "schedule_from_config",
     "SCHEDULES",
 ]
 
@@ -394,3 +395,9 @@ def make_schedule(name: str, **kwargs: Any) -> Schedule:
         return SCHEDULES[name](**kwargs)
     except TypeError as e:
         raise TypeError(f"schedule {name!r}: bad options {sorted(kwargs)}: {e}") from None
+
+
+def schedule_from_config(cfg: Any) -> Schedule:
+    """Build from a recipe's ``schedule`` section (a mapping; unset ``None`` options keep defaults)."""
+    d = {k: v for k, v in dict(cfg).items() if v is not None}
+    return make_schedule(d.pop("name", "ddpm"), **d)
