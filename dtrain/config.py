@@ -71,6 +71,7 @@ class ModelBase:
     input_scaling: bool = False
     clip_x0: float | None = None
     num_classes: int = 0  # > 0: class-conditional, label num_classes is the null (CFG) class
+    second_time: bool = False  # flow-map students (meanflow, ctm): the network also embeds the target time
 
 
 @dataclass
@@ -85,7 +86,11 @@ class UNetCfg(ModelBase):
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
     num_heads: int = 4
+    head_channels: int = 0  # > 0: heads of this width (ADM: 64) instead of num_heads
     dropout: float = 0.1
+    scale_shift: bool = True  # ADM's scale-shift norm; False: DDPM's additive time embedding
+    resblock_updown: bool = False  # ADM's residual up/downsampling blocks
+    w_cond: bool = False  # guidance scale w as an input (guided distillation students, method pd)
 
 
 @dataclass
@@ -98,6 +103,8 @@ class MLPCfg(ModelBase):
     dim: int = 2
     hidden: int = 256
     depth: int = 4
+    dropout: float = 0.0
+    w_cond: bool = False  # guidance scale w as an input (guided distillation students, method pd)
 
 
 @dataclass
@@ -112,6 +119,90 @@ class DenoisingCfg:
     weighting: str = "none"  # none | min_snr | edm | snr_trunc
     snr_gamma: float = 5.0
     cfg_dropout: float = 0.1  # probability of replacing the label with the null class
+
+
+@dataclass
+class ProgressiveCfg:
+    """Progressive distillation (``dtrain.methods.progressive``, arXiv 2202.00512), guided PD (arXiv 2210.03142)."""
+
+    name: str = "pd"
+    start_steps: int = 64  # N0: the teacher's DDIM grid (sampler.spacing) that the first round halves
+    end_steps: int = 4  # the last round's student steps; rounds N0/2, N0/4, ..., end_steps
+    round_steps: list[int] = field(default_factory=list)  # optimizer steps per round ([]: max_steps split evenly)
+    weighting: str = "snr_trunc"  # snr_trunc = max(SNR, 1) | snr_plus_one = SNR + 1 | none | min_snr | edm
+    target: str | None = None  # loss space: eps | x0 | v | velocity; default: the student's param
+    cfg_dropout: float = 0.0  # labels replaced by the null class for teacher and student alike
+    teacher_ema: str = "auto"  # the teacher checkpoint's EMA copy: auto | raw | a decay / std
+    guidance: list[float] = field(default_factory=list)  # guided PD: [w_min, w_max] (needs model.w_cond)
+    eval: bool = True  # evaluate each round's student at its steps (eval.ref_stats: FID; gmm data: sliced W1)
+
+
+@dataclass
+class ConsistencyCfg:
+    """Consistency distillation / training (``dtrain.methods.consistency``; arXiv 2303.01469, 2310.14189).
+    ``name``: cd | ct | ict; unset (null) fields take the variant's defaults (``consistency.DEFAULTS``)."""
+
+    name: str = "cd"
+    init: str | None = None  # teacher | scratch: the student's first weights (cd: teacher, ct / ict: scratch)
+    teacher_ema: str = "auto"  # the teacher checkpoint's EMA copy: auto | raw | a decay / std
+    solver: str = "heun"  # cd: the teacher's ODE step between adjacent times, ddim | heun
+    guidance: float = 1.0  # cd: the teacher's CFG scale (1: none)
+    curriculum: str | None = None  # N(k): fixed | ct | ict
+    num_scales: int | None = None  # N of the fixed curriculum (18)
+    scales_start: int | None = None  # s0 of the ct / ict curricula
+    scales_end: int | None = None  # s1 of the ct / ict curricula
+    spacing: str = "rho"  # the training grid from t_min to t_max (dtrain.diffusion.timesteps)
+    rho: float = 7.0
+    time_sampling: str | None = None  # intervals: uniform | lognormal (iCT)
+    p_mean: float | None = None  # lognormal: ln(sigma / alpha) ~ N(p_mean, p_std^2) (-1.1, 2.0)
+    p_std: float | None = None
+    distance: str | None = None  # l2 | l1 | pseudo_huber | lpips
+    huber_c: float | None = None  # pseudo-Huber c (default 0.00054 sqrt(dim))
+    weighting: str | None = None  # none | ict: 1 / (s_{n+1} - s_n), s = sigma / alpha
+    target_ema: float | None = None  # decay of the target network theta^- (0: stop-grad theta, iCT)
+    sample_times: list[float] = field(default_factory=list)  # interior times of the default multistep grid
+
+
+@dataclass
+class MeanFlowCfg:
+    """MeanFlow (``dtrain.methods.flow_map``, arXiv 2505.13447): u(z, r, t) on the flow schedule, JVP target. With a
+    ``teacher`` its velocity replaces eps - x0 in the target (distillation); without one it trains from scratch."""
+
+    name: str = "meanflow"
+    time_sampling: str = "logit_normal"  # (r, t): two draws, t the larger; uniform | logit_normal
+    p_mean: float = -0.4  # logit-normal mean and std (the paper's ImageNet setting)
+    p_std: float = 1.0
+    ratio: float = 0.25  # fraction of samples with r != t (the rest is plain flow matching)
+    adaptive_p: float = 1.0  # adaptive weight sg(1 / (d + c)^p); 0: plain squared error
+    adaptive_c: float = 1.0e-3
+    cfg_omega: float = 1.0  # CFG in training: v~ = omega v + kappa u_c + (1 - omega - kappa) u_null (1: off)
+    cfg_kappa: float = 0.0
+    cfg_dropout: float = 0.1  # labels replaced by the null class
+    jvp: str = "detached"  # detached: no-grad JVP + ordinary forward | fused: gradient through the JVP
+    teacher_ema: str = "auto"  # the teacher checkpoint's EMA copy (when ``teacher`` is set)
+
+
+@dataclass
+class CTMCfg:
+    """Consistency trajectory model (``dtrain.methods.flow_map``, arXiv 2310.02279): G(x_t, t, s) distilled from the
+    ``teacher`` on its schedule, the student initialised from it."""
+
+    name: str = "ctm"
+    init: str = "teacher"  # teacher | scratch
+    teacher_ema: str = "auto"
+    time_sampling: str = "uniform"  # t (dtrain.diffusion.timesteps.sample_t)
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    solver: str = "heun"  # the teacher's ODE step t -> u: ddim | heun
+    teacher_steps: int = 1  # uniform teacher steps from t to u
+    max_span: float | None = None  # bound on t - u in schedule time (null: u anywhere in [s, t), the paper's)
+    s_zero_prob: float = 0.0  # probability of s = 0 (a 1-step jump) instead of s ~ U[0, t]
+    compare: str = "zero"  # zero: both ends carried to t = 0 by G_sg(., s, 0) (the paper's) | s: compare at s
+    distance: str = "l2"  # l2 | l1 | pseudo_huber
+    huber_c: float | None = None
+    dsm_weight: float = 1.0  # weight of the denoising (DSM) loss on g(x_t, t, t)
+    dsm_weighting: str = "none"  # its weighting (dtrain.methods.denoising.WEIGHTINGS)
+    cfg_dropout: float = 0.0  # labels replaced by the null class (teacher and student alike)
 
 
 @dataclass
@@ -132,6 +223,38 @@ class GMMDataCfg:
     name: str = "gmm"
     batch_size: int = 512
     num_samples: int = 65536
+
+
+@dataclass
+class PatchesDataCfg:
+    """Random crops of sklearn's two sample photos (RGB, CIFAR-shaped at size 32), in memory."""
+
+    name: str = "patches"
+    batch_size: int = 128
+    num_samples: int = 8192
+    size: int = 32
+    flip: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class WdsDataCfg:
+    """WebDataset shards (``dtrain.data.wds``), written by ``dtrain shards``; README "Data" says what is exact."""
+
+    name: str = "wds"
+    shards: str = ""  # brace pattern, "::"-joined patterns, pipe: commands, or an index.json
+    index: str | None = None  # shard index json; default: index.json beside local shards
+    batch_size: int = 128
+    num_workers: int = 2
+    shuffle: int = 1000  # shuffle block in samples (1: read order)
+    shuffle_shards: bool = True  # a new seeded shard order every epoch
+    resampled: bool = False  # draw shards with replacement: an endless stream cut into epochs of epoch_size
+    epoch_size: int | None = None  # samples per epoch over all ranks; default: all samples
+    drop_last: bool = True
+    flip: bool = False
+    labels: bool = True
+    latents: bool = False  # pass the .npy latents through as batch["latent"]
+    mp_context: str | None = None  # DataLoader workers: fork | spawn | forkserver; default: the platform's
 
 
 @dataclass
@@ -173,17 +296,26 @@ class TrainerCfg:
     channels_last: bool = False
     tf32: bool = True
     progress_bar: bool = True
+    cpu_threads: int = 0  # > 0: torch.set_num_threads (CPU runs on a shared machine: 1 avoids OpenMP stalls)
 
 
 @dataclass
 class StrategyCfg:
-    """``dtrain.dist.strategy``: how processes share the model."""
+    """``dtrain.dist.strategy``: how processes share the model (README "Scaling out / SLURM")."""
 
     name: str = "auto"  # auto | ddp | ddp_spawn | fsdp | fsdp2 | deepspeed
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool = False  # ddp / ddp_spawn
+    zero_stage: int = 2  # deepspeed: 1 | 2 | 3
+    offload_optimizer: bool = False  # deepspeed: optimizer states and step on the CPU
+    offload_params: bool = False  # deepspeed stage 3: parameters on the CPU
+    loss_scale: float = 0.0  # deepspeed 16-mixed: 0 = dynamic loss scaling, > 0 = this static scale
+    initial_scale_power: int = 16  # dynamic loss scaling starts at 2^power
+    loss_scale_window: int = 1000  # steps without overflow before the scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    min_loss_scale: float = 1.0
+    sharding: str = "full"  # fsdp: full | grad_op | hybrid | none; fsdp2: full | grad_op
+    sharded_checkpoint: bool = False  # fsdp / fsdp2: one file per rank (a directory) instead of one full file
+    timeout_min: int = 30  # process-group timeout
 
 
 @dataclass
@@ -199,14 +331,17 @@ class SamplerCfg:
 
 @dataclass
 class EvalCfg:
+    """FID against NFE (``dtrain.eval``): ``dtrain eval`` defaults and the every-N-steps training sweep."""
+
     samplers: list[str] = field(default_factory=list)  # e.g. ["ddim:1,2,4,8", "dpm++2m:4,8"]
     num: int = 1000
     batch_size: int = 250
-    feature_extractor: str = "digits"
-    feature_extractor_weights_path: str | None = None
-    ref_stats: str | None = None
-    every_n_steps: int = 0
+    feature_extractor: str = "digits"  # digits | inception | raw (dtrain.eval.features.EXTRACTORS)
+    feature_extractor_weights_path: str | None = None  # inception: a local weights file (never downloaded)
+    ref_stats: str | None = None  # .npz from tools/fid_ref_stats.py
+    every_n_steps: int = 0  # > 0: FID sweep during training (dtrain.lit.eval_callback)
     seed: int = 0
+    guidance: float | None = None  # CFG scale of the sweep; None: sampler.guidance
 
 
 @dataclass
@@ -238,8 +373,9 @@ class Recipe:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"unet": UNetCfg, "mlp": MLPCfg},
-    "method": {"denoising": DenoisingCfg},
-    "data": {"digits": DigitsDataCfg, "gmm": GMMDataCfg},
+    "method": {"denoising": DenoisingCfg, "pd": ProgressiveCfg, "cd": ConsistencyCfg, "ct": ConsistencyCfg,
+               "ict": ConsistencyCfg, "meanflow": MeanFlowCfg, "ctm": CTMCfg},
+    "data": {"digits": DigitsDataCfg, "gmm": GMMDataCfg, "patches": PatchesDataCfg, "wds": WdsDataCfg},
 }
 DEFAULT_NAMES = {"model": "unet", "method": "denoising", "data": "digits"}
 
@@ -425,4 +561,289 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("ema.decays", "each decay must be in (0, 1)"))
     if cfg.teacher is not None and not Path(cfg.teacher).exists():
         bad.append(("teacher", f"file or bundle not found: {cfg.teacher}"))
+    return bad
+
+
+PRECISIONS = ("64-true", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+# Sample shapes of the in-memory data (dtrain.data.memory): name -> (model name, {model field: value}, labels)
+_DATA_SHAPES: dict[str, Callable[[DictConfig], tuple[str, dict[str, int], int]]] = {
+    "digits": lambda d: ("unet", {"in_channels": 1, "resolution": 8}, 10),
+    "patches": lambda d: ("unet", {"in_channels": 3, "resolution": d.size}, 0),
+    "gmm": lambda d: ("mlp", {"dim": 2}, 3),
+}
+
+
+@register_validator
+def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Teacher training: network geometry, model vs data, loss weighting, EMA, optimizer and trainer fields."""
+    from dtrain.methods.denoising import WEIGHTINGS
+    from dtrain.models.ema import gamma_to_std
+
+    bad: list[tuple[str, str]] = []
+    m, d = cfg.model, cfg.data
+    if m.name == "unet":
+        levels = len(m.channel_mult)
+        if levels == 0 or any(c < 1 for c in m.channel_mult):
+            bad.append(("model.channel_mult", "must be a non-empty list of positive ints"))
+        elif m.resolution % 2 ** (levels - 1):
+            bad.append(("model.resolution", f"{m.resolution} is not divisible by 2^{levels - 1} "
+                        f"({levels} levels in model.channel_mult)"))
+        else:
+            reached = [m.resolution // 2**i for i in range(levels)]
+            if extra := [r for r in m.attn_resolutions if r not in reached]:
+                bad.append(("model.attn_resolutions", f"{extra} not among the resolutions {reached}"))
+            widths = {m.channels * c for c in m.channel_mult}
+            if m.head_channels > 0 and any(w % m.head_channels for w in widths):
+                bad.append(("model.head_channels", f"must divide every level's width {sorted(widths)}"))
+            elif m.head_channels <= 0 and any(w % m.num_heads for w in widths):
+                bad.append(("model.num_heads", f"must divide every level's width {sorted(widths)}"))
+        if not 0 <= m.dropout < 1:
+            bad.append(("model.dropout", "must be in [0, 1)"))
+    if d.name in _DATA_SHAPES:
+        want_model, fields_, labels = _DATA_SHAPES[d.name](d)
+        if m.name != want_model:
+            bad.append(("model.name", f"data {d.name!r} needs model {want_model!r}, not {m.name!r}"))
+        else:
+            for k, v in fields_.items():
+                if m[k] != v:
+                    bad.append((f"model.{k}", f"must be {v} for data {d.name!r}, not {m[k]}"))
+        if m.num_classes not in (0, labels):
+            bad.append(("model.num_classes", f"data {d.name!r} has {labels or 'no'} labels: use 0"
+                        + (f" or {labels}" if labels else "")))
+        if d.batch_size < 1:
+            bad.append(("data.batch_size", "must be >= 1"))
+    if cfg.method.name == "denoising":
+        if cfg.method.weighting not in WEIGHTINGS:
+            bad.append(("method.weighting", f"unknown {cfg.method.weighting!r}; choose one of {list(WEIGHTINGS)}"))
+        if cfg.method.time_sampling == "uniform_discrete" and cfg.schedule.name not in ("ddpm", "vp_discrete"):
+            bad.append(("method.time_sampling", f"'uniform_discrete' needs a discrete schedule (ddpm, vp_discrete), "
+                        f"not {cfg.schedule.name!r}"))
+    if bad_std := [s for s in cfg.ema.stds if not 0 < s < gamma_to_std(0.0)]:
+        bad.append(("ema.stds", f"{bad_std}: each sigma_rel must be in (0, {gamma_to_std(0.0):.4f})"))
+    if cfg.ema.every < 1:
+        bad.append(("ema.every", "must be >= 1"))
+    if cfg.optim.impl not in ("auto", "fused", "foreach", "plain"):
+        bad.append(("optim.impl", f"must be auto, fused, foreach or plain, not {cfg.optim.impl!r}"))
+    if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
+        bad.append(("optim", "need warmup_steps >= 0, grad_clip >= 0 and min_lr_ratio in [0, 1]"))
+    t = cfg.trainer
+    if t.precision not in PRECISIONS:
+        bad.append(("trainer.precision", f"must be one of {list(PRECISIONS)}, not {t.precision!r}"))
+    for key in ("accumulate_grad_batches", "log_every_n_steps"):
+        if t[key] < 1:
+            bad.append((f"trainer.{key}", "must be >= 1"))
+    for key in ("ckpt_every_n_steps", "sample_every_n_steps", "cpu_threads"):
+        if t[key] < 0:
+            bad.append((f"trainer.{key}", "must be >= 0 (0: off)"))
+    if cfg.sampler.guidance < 0:
+        bad.append(("sampler.guidance", "must be >= 0 (1: no guidance)"))
+    return bad
+
+
+@register_validator
+def _check_eval(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The ``eval`` section: sampler specs, extractor name, sizes; a training sweep needs its reference file."""
+    from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS
+    from dtrain.eval.sweep import parse_specs
+
+    e, bad = cfg.eval, []
+    try:
+        parse_specs(list(e.samplers))
+    except ValueError as err:
+        bad.append(("eval.samplers", str(err).split(": ", 1)[-1]))
+    if e.feature_extractor not in EXTRACTORS:
+        bad.append(("eval.feature_extractor", f"unknown {e.feature_extractor!r}; choose one of {EXTRACTORS.names()}"))
+    if e.num < 2 or e.batch_size < 1 or e.every_n_steps < 0:
+        bad.append(("eval", "need num >= 2, batch_size >= 1 and every_n_steps >= 0"))
+    if e.every_n_steps > 0:
+        if not e.samplers:
+            bad.append(("eval.samplers", "eval.every_n_steps > 0 needs at least one 'sampler:nfe,...' entry"))
+        if e.ref_stats is None or not (e.ref_stats in BUILTIN_REFS or Path(e.ref_stats).is_file()):
+            bad.append(("eval.ref_stats", f"eval.every_n_steps > 0 needs reference statistics, file not found: "
+                        f"{e.ref_stats} (make it with tools/fid_ref_stats.py, or use one of {list(BUILTIN_REFS)})"))
+    if e.feature_extractor_weights_path is not None and not Path(e.feature_extractor_weights_path).is_file():
+        bad.append(("eval.feature_extractor_weights_path", f"file not found: {e.feature_extractor_weights_path}"))
+    return bad
+
+
+@register_validator
+def _check_strategy(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The ``strategy`` section against trainer, precision and sampling (``dtrain.dist.strategy``)."""
+    from dtrain.dist.strategy import check_strategy
+
+    return check_strategy(cfg)
+
+
+@register_validator
+def _check_wds(cfg: DictConfig) -> list[tuple[str, str]]:
+    """WebDataset fields; with a local index, the model must match its image size, channels and classes."""
+    d, m, bad = cfg.data, cfg.model, []
+    if d.name != "wds":
+        return bad
+    if not d.shards:
+        return [("data.shards", "required: a shard pattern (data/train-{000000..000009}.tar) or an index.json")]
+    if d.batch_size < 1 or d.num_workers < 0 or d.shuffle < 1 or (d.epoch_size is not None and d.epoch_size < 1):
+        bad.append(("data", "need batch_size >= 1, num_workers >= 0, shuffle >= 1 and epoch_size >= 1"))
+    if d.mp_context not in (None, "fork", "spawn", "forkserver"):
+        bad.append(("data.mp_context", f"must be fork, spawn or forkserver, not {d.mp_context!r}"))
+    index = d.index or (d.shards if d.shards.endswith(".json") else None)
+    if index is None and "://" not in d.shards and not d.shards.startswith("pipe:"):
+        from braceexpand import braceexpand
+
+        first = next(iter(braceexpand(d.shards.split("::")[0])), "")
+        index = str(Path(first).parent / "index.json") if (Path(first).parent / "index.json").is_file() else None
+    if index is None or "://" in index or index.startswith("pipe:"):
+        return bad
+    from dtrain.data.shards import read_index
+
+    try:
+        info = read_index(index)
+    except (OSError, ValueError) as e:
+        return [*bad, ("data.index" if d.index else "data.shards", str(e))]
+    (h, w), c, k = info["image_size"], info["channels"], info.get("num_classes", 0)
+    if m.name == "unet":
+        if h != w or m.resolution != h:
+            bad.append(("model.resolution", f"must be {h} for the {h}x{w} images of {index}, not {m.resolution}"))
+        if m.in_channels != c:
+            bad.append(("model.in_channels", f"must be {c} for the images of {index}, not {m.in_channels}"))
+    if m.num_classes not in (0, k):
+        bad.append(("model.num_classes", f"{index} has {k or 'no'} classes: use 0" + (f" or {k}" if k else "")))
+    if m.num_classes and not d.labels:
+        bad.append(("data.labels", "a class-conditional model (model.num_classes > 0) needs labels"))
+    return bad
+
+
+@register_validator
+def _check_pd(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Progressive distillation: a round plan that fits trainer.max_steps, guidance vs model.w_cond, the grid.
+    (``teacher`` may stay unset in a recipe file: ``dtrain fit ... teacher=<path>`` gives it, and fit fails without.)"""
+    from dtrain.diffusion.param import PARAMS
+    from dtrain.methods.denoising import WEIGHTINGS
+
+    m, bad = cfg.method, []
+    if m.name != "pd":
+        return [("model.w_cond", "w-conditioned networks are trained by guided progressive distillation "
+                 "(method.name: pd with method.guidance)")] if cfg.model.w_cond else []
+    from dtrain.diffusion.schedule import schedule_from_config
+    from dtrain.diffusion.timesteps import make_grid
+    from dtrain.methods.progressive import round_plan
+
+    if m.weighting not in WEIGHTINGS:
+        bad.append(("method.weighting", f"unknown {m.weighting!r}; choose one of {list(WEIGHTINGS)}"))
+    if m.target is not None and m.target not in PARAMS:
+        bad.append(("method.target", f"unknown {m.target!r}; choose one of {list(PARAMS)}"))
+    if not 0.0 <= m.cfg_dropout < 1.0:
+        bad.append(("method.cfg_dropout", "must be in [0, 1)"))
+    if m.guidance:
+        if len(m.guidance) != 2 or not 0 <= m.guidance[0] <= m.guidance[1]:
+            bad.append(("method.guidance", f"must be [w_min, w_max] with 0 <= w_min <= w_max, got {list(m.guidance)}"))
+        elif not m.guidance[0] <= cfg.sampler.guidance <= m.guidance[1]:
+            bad.append(("sampler.guidance", f"{cfg.sampler.guidance} is outside the trained range method.guidance "
+                        f"{list(m.guidance)}"))
+        if not cfg.model.w_cond:
+            bad.append(("model.w_cond", "guided distillation (method.guidance) needs a w-conditioned student: true"))
+        if cfg.model.num_classes == 0:
+            bad.append(("method.guidance", "guided distillation needs a class-conditional model (model.num_classes)"))
+    elif cfg.model.w_cond:
+        bad.append(("model.w_cond", "a w-conditioned student needs method.guidance [w_min, w_max]"))
+    try:
+        round_plan(m, cfg.trainer.max_steps)
+    except ValueError as e:
+        key, _, reason = str(e).partition(": ")
+        bad.append((key, reason))
+    if cfg.ema.stds:
+        bad.append(("ema.stds", "power EMAs span the whole run, but each round restarts the student's EMA: use "
+                    "ema.decays"))
+    try:
+        make_grid(schedule_from_config(cfg.schedule), m.start_steps, cfg.sampler.spacing)
+    except (ValueError, KeyError, TypeError) as e:
+        bad.append(("sampler.spacing", f"the {m.start_steps}-step teacher grid cannot be built: {e}"))
+    return bad
+
+
+@register_validator
+def _check_consistency(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Consistency models: option names, ranges, the training grid, sampling times inside the schedule. (A missing
+    ``teacher`` fails when training starts, so recipes can leave it to the command line.)"""
+    from dtrain.methods import consistency as C
+
+    if cfg.method.name not in C.VARIANTS:
+        return []
+    m, bad = C.resolve(cfg.method), []
+    for key, choices in (("init", ("teacher", "scratch")), ("solver", C.SOLVERS), ("curriculum", C.CURRICULA),
+                         ("time_sampling", C.INTERVAL_SAMPLING), ("distance", C.DISTANCES),
+                         ("weighting", C.WEIGHTINGS), ("spacing", C.GRID_SPACINGS)):
+        if m[key] not in choices:
+            bad.append((f"method.{key}", f"unknown {m[key]!r}; choose one of {list(choices)}"))
+    if m["name"] != "cd" and m["guidance"] != 1.0:
+        bad.append(("method.guidance", "only consistency distillation (cd) has a teacher to guide"))
+    if m["guidance"] < 0 or (m["guidance"] != 1.0 and cfg.model.num_classes == 0):
+        bad.append(("method.guidance", "must be >= 0, and != 1 only for a class-conditional model"))
+    if not 0.0 <= m["target_ema"] < 1.0:
+        bad.append(("method.target_ema", "must be in [0, 1) (0: the stop-grad student itself)"))
+    if m["num_scales"] < 2 or m["scales_start"] < 1 or m["scales_end"] < m["scales_start"]:
+        bad.append(("method.num_scales", "need num_scales >= 2 and 1 <= scales_start <= scales_end"))
+    if m["p_std"] <= 0 or (m["huber_c"] is not None and m["huber_c"] <= 0):
+        bad.append(("method.p_std", "p_std and huber_c must be > 0"))
+    if bad:
+        return bad
+    from dtrain.diffusion.schedule import schedule_from_config
+
+    try:
+        sch = schedule_from_config(cfg.schedule)
+        C.consistency_times(sch, C.num_scales(m["curriculum"], 0, 1, n=m["num_scales"], s0=m["scales_start"],
+                                              s1=m["scales_end"]), m["spacing"], m["rho"])
+    except (ValueError, KeyError, TypeError) as e:
+        return [("method.spacing", str(e).split(": ", 1)[-1])]
+    import itertools
+
+    ts = list(m["sample_times"])
+    if not all(sch.t_min < t < sch.t_max for t in ts) or any(a <= b for a, b in itertools.pairwise(ts)):
+        bad.append(("method.sample_times", f"must decrease strictly inside ({sch.t_min}, {sch.t_max}), got {ts}"))
+    return bad
+
+
+@register_validator
+def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
+    """MeanFlow and CTM: the two-time network, MeanFlow's flow schedule and velocity output, option names and ranges;
+    the few-step flow-map samplers only for these students. (CTM's missing ``teacher`` fails when training starts.)"""
+    m, bad = cfg.method, []
+    if m.name not in ("meanflow", "ctm"):
+        if cfg.sampler.name in ("flowmap", "flowmap_gamma"):
+            bad.append(("sampler.name", f"{cfg.sampler.name!r} drives flow-map students (method meanflow or ctm)"))
+        return bad
+    from dtrain.methods import flow_map as F
+    from dtrain.methods.consistency import SOLVERS
+    from dtrain.methods.denoising import WEIGHTINGS
+
+    if not cfg.model.second_time:
+        bad.append(("model.second_time", f"must be true for method {m.name!r} (the network embeds the target time)"))
+    if m.name == "meanflow":
+        if cfg.schedule.name != "flow":
+            bad.append(("schedule.name", f"meanflow runs on the flow schedule (alpha = 1 - t, sigma = t), not "
+                        f"{cfg.schedule.name!r}; a teacher on another schedule is read through it"))
+        if cfg.model.param != "velocity":
+            bad.append(("model.param", f"meanflow's network predicts an (average) velocity: use velocity, not "
+                        f"{cfg.model.param!r}"))
+        for key, choices in (("time_sampling", F.MEANFLOW_TIMES), ("jvp", F.JVP_MODES)):
+            if m[key] not in choices:
+                bad.append((f"method.{key}", f"unknown {m[key]!r}; choose one of {list(choices)}"))
+        if m.jvp == "fused" and cfg.strategy.name not in ("auto", "ddp", "ddp_spawn"):
+            bad.append(("method.jvp", f"'fused' synchronises gradients by hand under DDP only; use 'detached' with "
+                        f"strategy {cfg.strategy.name!r}"))
+        if not 0.0 <= m.ratio <= 1.0 or m.adaptive_p < 0 or m.adaptive_c <= 0 or m.p_std <= 0:
+            bad.append(("method", "need ratio in [0, 1], adaptive_p >= 0, adaptive_c > 0 and p_std > 0"))
+        if (m.cfg_omega != 1.0 or m.cfg_kappa != 0.0) and cfg.model.num_classes == 0:
+            bad.append(("method.cfg_omega", "CFG in training needs a class-conditional model (model.num_classes > 0)"))
+    else:
+        for key, choices in (("init", ("teacher", "scratch")), ("solver", SOLVERS), ("compare", F.CTM_COMPARE),
+                             ("distance", F.CTM_DISTANCES), ("dsm_weighting", WEIGHTINGS)):
+            if m[key] not in choices:
+                bad.append((f"method.{key}", f"unknown {m[key]!r}; choose one of {list(choices)}"))
+        if m.teacher_steps < 1 or (m.max_span is not None and m.max_span <= 0) or not 0 <= m.s_zero_prob <= 1:
+            bad.append(("method", "need teacher_steps >= 1, max_span > 0 (or null) and s_zero_prob in [0, 1]"))
+        if m.dsm_weight < 0 or (m.huber_c is not None and m.huber_c <= 0):
+            bad.append(("method.dsm_weight", "dsm_weight must be >= 0 and huber_c > 0"))
+    if not 0.0 <= m.cfg_dropout < 1.0:
+        bad.append(("method.cfg_dropout", "must be in [0, 1)"))
     return bad

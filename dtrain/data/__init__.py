@@ -1,0 +1,47 @@
+"""Datamodules by registry name, built from a recipe's ``data`` section.
+
+``build_datamodule(data_cfg, seed=...)`` returns a LightningDataModule whose batches are dicts
+{"x": float [B, C, H, W] or [B, D] in about [-1, 1], "y": LongTensor [B] (labelled data only)}.
+In memory (``dtrain.data.memory``): ``digits``, ``gmm``, ``patches``. Other sources live in their own
+module ``dtrain/data/<name>.py`` that registers itself in ``DATAMODULES`` on import (e.g. ``wds``);
+``build_datamodule`` imports that module the first time its name is asked for, so WebDataset is only
+imported by runs that read shards.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from dtrain.registry import Registry
+
+__all__ = ["DATAMODULES", "build_datamodule"]
+
+DATAMODULES: Registry[Callable[..., Any]] = Registry("data")
+
+
+def _memory(name: str) -> Callable[..., Any]:
+    def build(cfg: Mapping[str, Any], *, seed: int) -> Any:
+        from dtrain.data import memory
+
+        return getattr(memory, name)(cfg, seed=seed)
+
+    build.__doc__ = f"In-memory ``{name}`` data (``dtrain.data.memory.{name}``)."
+    return build
+
+
+for _name in ("digits", "gmm", "patches"):
+    DATAMODULES.register(_name, _memory(_name))
+
+
+def build_datamodule(data_cfg: Mapping[str, Any], *, seed: int) -> Any:
+    """The LightningDataModule named by ``data_cfg["name"]``."""
+    name = str(data_cfg.get("name", "digits"))
+    if name not in DATAMODULES:
+        try:  # a source in its own module registers itself on import
+            importlib.import_module(f"dtrain.data.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dtrain.data.{name}":
+                raise
+    return DATAMODULES.get(name, "data.name")(data_cfg, seed=seed)

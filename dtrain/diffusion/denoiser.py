@@ -55,22 +55,46 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net, self.schedule, self.param = net, schedule, check_param(param)
         self.sigma_data, self.input_scaling, self.clip_x0 = sigma_data, input_scaling, clip_x0
+        self._at_time: dict[tuple, tuple[Coeffs, float]] = {}  # memo of one-time coefficients, see _scalar
 
-    def coeffs(self, t: Tensor | float, x: Tensor) -> Coeffs:
-        return Coeffs.at(self.schedule, time_batch(t, x), x, self.sigma_data)
+    def _scalar(self, t: Tensor, derivatives: bool) -> tuple[Coeffs, float]:
+        """(coefficients, c_noise) at one CPU time as Python floats: no device tensors or kernel launches
+        per sampling step. Memoised per time value, since sampling revisits the same grid batch after batch."""
+        key = (float(t), derivatives, self.schedule, self.sigma_data)
+        hit = self._at_time.get(key)
+        if hit is None:
+            sch = self.schedule
+            vals = sch.alpha_sigma(t) + ((sch.alpha_dot(t), sch.sigma_dot(t)) if derivatives else ())
+            hit = Coeffs(*(float(v) for v in vals), sigma_data=self.sigma_data), float(sch.c_noise(t))
+            if len(self._at_time) < 65536:
+                self._at_time[key] = hit
+        return hit
 
-    def raw(self, x: Tensor, t: Tensor | float, cond: Any = None, c: Coeffs | None = None) -> Tensor:
-        """The network output (in ``self.param`` units) at x_t."""
-        tb = time_batch(t, x)
-        c = c or self.coeffs(tb, x)
+    def coeffs(self, t: Tensor | float, x: Tensor, derivatives: bool = True) -> Coeffs:
+        """Coefficients at t: [B, 1, ...] tensors for a [B] t; floats for one time on the CPU (a grid point)."""
+        t = as_t(t)
+        if t.ndim == 0 and t.device.type == "cpu":
+            return self._scalar(t, derivatives)[0]
+        return Coeffs.at(self.schedule, t.to(x.device), x, self.sigma_data, derivatives)
+
+    def raw(self, x: Tensor, t: Tensor | float, cond: Any = None, c: Coeffs | None = None, **net_kw: Any) -> Tensor:
+        """The network output (in ``self.param`` units) at x_t; the network gets c_noise as float32 [B] (and
+        ``net_kw``, e.g. a flow map's second time ``c_noise_s``)."""
+        t = as_t(t)
+        c = c or self.coeffs(t, x, derivatives=False)
         x_in = x
         if self.input_scaling:
-            x_in = x * torch.rsqrt((c.alpha * self.sigma_data) ** 2 + c.sigma**2)
-        return self.net(x_in, self.schedule.c_noise(tb).to(torch.float32), cond)
+            x_in = x * ((c.alpha * self.sigma_data) ** 2 + c.sigma**2) ** -0.5
+        if t.ndim == 0 and t.device.type == "cpu":
+            c_noise = torch.full((x.shape[0],), self._scalar(t, False)[1], dtype=torch.float32, device=x.device)
+        else:
+            c_noise = self.schedule.c_noise(t.to(x.device)).to(torch.float32)
+            c_noise = c_noise.expand(x.shape[0]).contiguous() if c_noise.ndim == 0 else c_noise
+        return self.net(x_in, c_noise, cond, **net_kw)
 
-    def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None) -> tuple[Tensor, Tensor]:
-        c = self.coeffs(t, x)
-        out = self.raw(x, t, cond, c).to(x.dtype)
+    def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None, **net_kw: Any) -> tuple[Tensor, Tensor]:
+        c = self.coeffs(t, x, derivatives=self.param == "velocity")
+        out = self.raw(x, t, cond, c, **net_kw).to(x.dtype)
         x0, eps = to_x0_eps(self.param, out, x, c)
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)

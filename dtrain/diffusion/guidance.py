@@ -2,37 +2,80 @@
 
 D_w = D(x, t, null) + w (D(x, t, cond) - D(x, t, null)): w = 1 is the plain conditional model,
 w = 0 the unconditional one (diffusers' ``guidance_scale`` convention). Guidance in x0 equals
-guidance in eps at fixed x_t, so every sampler works with it unchanged.
+guidance in eps at fixed x_t, so every sampler works with it unchanged. w may be one number or one per
+sample ([B], as guided distillation draws it).
+
+Guided distillation (Meng et al. 2023, arXiv 2210.03142) gives a student w as an input instead: its network
+takes ``GuidedCond(labels, w)`` as ``cond`` (``model.w_cond``), and ``WCondDenoiser`` drives it at a fixed w
+with one evaluation per step.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from dtrain.diffusion.denoiser import DenoiserLike
+from dtrain.diffusion.schedule import bcast
 
-__all__ = ["CFGDenoiser"]
+__all__ = ["CFGDenoiser", "GuidedCond", "WCondDenoiser"]
 
 
 class CFGDenoiser(nn.Module):
     """Guided denoiser; ``cond`` must be a LongTensor of labels and ``null_label`` the dropped class."""
 
-    def __init__(self, denoiser: DenoiserLike, scale: float, null_label: int) -> None:
+    def __init__(self, denoiser: DenoiserLike, scale: float | Tensor, null_label: int) -> None:
         super().__init__()
-        self.inner, self.scale, self.null_label = denoiser, float(scale), int(null_label)
+        self.inner, self.null_label = denoiser, int(null_label)
+        self.scale = scale if isinstance(scale, Tensor) else float(scale)
 
     @property
     def schedule(self):
         return self.inner.schedule
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
-        if cond is None or self.scale == 1.0:
-            return self.inner(x, t, cond)
+        return self._guide(self.inner, x, (t,), cond)
+
+    def jump(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Any = None) -> Tensor:
+        """The guided jump t -> s of a flow-map student (``dtrain.diffusion.flow_map``): a jump is affine in the
+        network's output at fixed x_t, so this equals guiding the network output."""
+        if not hasattr(self.inner, "jump"):
+            raise TypeError(f"CFGDenoiser.jump: {type(self.inner).__name__} is not a flow map (no jump)")
+        return self._guide(self.inner.jump, x, (t, s), cond)
+
+    def _guide(self, fn: Any, x: Tensor, times: tuple, cond: Any) -> Tensor:
+        if cond is None or (not isinstance(self.scale, Tensor) and self.scale == 1.0):
+            return fn(x, *times, cond)
         null = torch.full_like(cond, self.null_label)
-        tb = t if not isinstance(t, Tensor) or t.ndim == 0 else torch.cat([t, t])
-        both = self.inner(torch.cat([x, x]), tb, torch.cat([cond, null]))
+        tb = [t if not isinstance(t, Tensor) or t.ndim == 0 else torch.cat([t, t]) for t in times]
+        both = fn(torch.cat([x, x]), *tb, torch.cat([cond, null]))
         d_c, d_u = both.chunk(2)
-        return d_u + self.scale * (d_c - d_u)
+        w = bcast(self.scale, d_c) if isinstance(self.scale, Tensor) else self.scale
+        return d_u + w * (d_c - d_u)
+
+
+class GuidedCond(NamedTuple):
+    """The ``cond`` of a w-conditioned network: labels (or None) and the guidance scale per sample [B]."""
+
+    labels: Tensor | None
+    w: Tensor
+
+
+class WCondDenoiser(nn.Module):
+    """A w-conditioned denoiser driven at guidance ``scale`` (a number or [B]): one network call per step."""
+
+    def __init__(self, denoiser: DenoiserLike, scale: float | Tensor) -> None:
+        super().__init__()
+        self.inner = denoiser
+        self.scale = scale if isinstance(scale, Tensor) else float(scale)
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
+        w = self.scale.to(x.device, torch.float32) if isinstance(self.scale, Tensor) else torch.full(
+            (x.shape[0],), self.scale, device=x.device)
+        return self.inner(x, t, GuidedCond(cond, w.expand(x.shape[0])))

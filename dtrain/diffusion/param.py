@@ -26,21 +26,31 @@ __all__ = ["PARAMS", "Coeffs", "to_x0_eps", "from_x0_eps", "convert", "edm_skip_
 
 @dataclass(frozen=True)
 class Coeffs:
-    """alpha, sigma and their time derivatives at t, broadcast against a batch, plus sigma_data."""
+    """alpha, sigma and their time derivatives at t, broadcast against a batch, plus sigma_data.
 
-    alpha: Tensor
-    sigma: Tensor
-    alpha_dot: Tensor
-    sigma_dot: Tensor
+    Fields are tensors shaped for broadcasting (or plain floats); the derivatives may be left out
+    (``None``) where no ``velocity`` conversion needs them.
+    """
+
+    alpha: Tensor | float
+    sigma: Tensor | float
+    alpha_dot: Tensor | float | None = None
+    sigma_dot: Tensor | float | None = None
     sigma_data: float = 1.0
 
     @staticmethod
-    def at(schedule: Schedule, t: Tensor | float, like: Tensor, sigma_data: float = 1.0) -> Coeffs:
+    def at(
+        schedule: Schedule, t: Tensor | float, like: Tensor, sigma_data: float = 1.0, derivatives: bool = True
+    ) -> Coeffs:
         """Coefficients at t (a scalar or [B]) in ``like``'s dtype and shape for broadcasting."""
-        return Coeffs(
-            *(bcast(f(t), like) for f in (schedule.alpha, schedule.sigma, schedule.alpha_dot, schedule.sigma_dot)),
-            sigma_data=sigma_data,
-        )
+        vals = schedule.alpha_sigma(t) + ((schedule.alpha_dot(t), schedule.sigma_dot(t)) if derivatives else ())
+        return Coeffs(*(bcast(v, like) for v in vals), sigma_data=sigma_data)
+
+    def dots(self) -> tuple[Tensor | float, Tensor | float]:
+        """(alpha_dot, sigma_dot); an error if they were left out."""
+        if self.alpha_dot is None or self.sigma_dot is None:
+            raise ValueError("param: 'velocity' needs alpha_dot and sigma_dot; build Coeffs.at(..., derivatives=True)")
+        return self.alpha_dot, self.sigma_dot
 
 
 def check_param(kind: str) -> str:
@@ -49,10 +59,10 @@ def check_param(kind: str) -> str:
     return kind
 
 
-def edm_skip_out(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
+def edm_skip_out(alpha: Tensor | float, sigma: Tensor | float, sigma_data: float) -> tuple[Tensor, Tensor]:
     """c_skip, c_out of EDM generalised to x_t = alpha x0 + sigma eps (arXiv 2206.00364, Table 1)."""
     d2 = (alpha * sigma_data) ** 2 + sigma**2
-    return alpha * sigma_data**2 / d2, sigma * sigma_data / d2.sqrt()
+    return alpha * sigma_data**2 / d2, sigma * sigma_data / d2**0.5
 
 
 def to_x0_eps(kind: str, pred: Tensor, x_t: Tensor, c: Coeffs) -> tuple[Tensor, Tensor]:
@@ -70,8 +80,9 @@ def to_x0_eps(kind: str, pred: Tensor, x_t: Tensor, c: Coeffs) -> tuple[Tensor, 
         x0 = (a * x_t - s * pred) / n
         return x0, (s * x_t + a * pred) / n
     elif kind == "velocity":
-        det = a * c.sigma_dot - s * c.alpha_dot
-        return (c.sigma_dot * x_t - s * pred) / det, (a * pred - c.alpha_dot * x_t) / det
+        a_dot, s_dot = c.dots()
+        det = a * s_dot - s * a_dot
+        return (s_dot * x_t - s * pred) / det, (a * pred - a_dot * x_t) / det
     elif kind == "edm":
         skip, out = edm_skip_out(a, s, c.sigma_data)
         x0 = skip * x_t + out * pred
@@ -91,7 +102,8 @@ def from_x0_eps(kind: str, x0: Tensor, eps: Tensor, x_t: Tensor, c: Coeffs) -> T
     if kind == "v":
         return a * eps - s * x0
     if kind == "velocity":
-        return c.alpha_dot * x0 + c.sigma_dot * eps
+        a_dot, s_dot = c.dots()
+        return a_dot * x0 + s_dot * eps
     if kind == "score":
         return -eps / s
     if kind == "edm":
@@ -111,5 +123,6 @@ def convert(pred: Tensor, src: str, dst: str, x_t: Tensor, c: Coeffs) -> Tensor:
 
 def velocity_ode(x0_hat: Tensor, x_t: Tensor, c: Coeffs) -> Tensor:
     """dx/dt of the probability-flow ODE given the denoiser's x0: alpha' x0 + sigma' eps_hat."""
+    a_dot, s_dot = c.dots()
     eps = (x_t - c.alpha * x0_hat) / c.sigma
-    return c.alpha_dot * x0_hat + c.sigma_dot * eps
+    return a_dot * x0_hat + s_dot * eps

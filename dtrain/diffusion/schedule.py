@@ -79,6 +79,10 @@ class Schedule(ABC):
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the schedule with ``make_schedule``."""
 
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(alpha(t), sigma(t)); schedules whose sigma derives from alpha evaluate alpha once."""
+        return self.alpha(t), self.sigma(t)
+
     def lambda_(self, t: Tensor | float) -> Tensor:
         """lambda(t) = log(alpha / sigma): +inf at t = 0, -inf where alpha = 0."""
         return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
@@ -173,15 +177,16 @@ class DiscreteVP(Schedule):
         self.alphas_cumprod = ac
         self.T = self.discrete_steps = ac.numel()
         self.knots = torch.cat([torch.ones(1, dtype=torch.float64), ac.sqrt()])  # alpha at t = i / T
+        self.slopes = self.knots.diff()  # knots[i + 1] - knots[i]
         self.t_min, self.t_max = 1.0 / self.T, 1.0
 
     def _interp(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha(t) and its slope by linear interpolation between knots."""
-        knots = self.knots.to(t.device)
-        u = (t.clamp(0, 1) * self.T)
-        i = u.floor().clamp(max=self.T - 1).long()
-        slope = (knots[i + 1] - knots[i])
-        return knots[i] + (u - i) * slope, slope * self.T
+        """alpha(t) by linear interpolation between knots, and the segment's slope in knot units."""
+        u = t.clamp(0, 1) * self.T
+        i = u.floor().clamp_(max=self.T - 1)
+        k = i.long()
+        slope = self.slopes.to(t.device)[k]
+        return self.knots.to(t.device)[k] + (u - i) * slope, slope
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return self._interp(as_t(t))[0]
@@ -189,12 +194,16 @@ class DiscreteVP(Schedule):
     def sigma(self, t: Tensor | float) -> Tensor:
         return (1 - self.alpha(t) ** 2).clamp_min(0).sqrt()
 
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        a = self.alpha(t)
+        return a, (1 - a**2).clamp_min(0).sqrt()
+
     def alpha_dot(self, t: Tensor | float) -> Tensor:
-        return self._interp(as_t(t))[1]
+        return self._interp(as_t(t))[1] * self.T
 
     def sigma_dot(self, t: Tensor | float) -> Tensor:
-        a, da = self._interp(as_t(t))
-        return -a * da / (1 - a**2).sqrt()
+        a, slope = self._interp(as_t(t))
+        return -a * (slope * self.T) / (1 - a**2).sqrt()
 
     def t_from_lambda(self, lam: Tensor | float) -> Tensor:
         lam = as_t(lam)

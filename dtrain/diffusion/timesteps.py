@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,12 +61,19 @@ def grid_from_indices(schedule: Schedule, indices: Sequence[int] | Tensor) -> Te
 
 
 def _discrete_indices(T: int, n: int, spacing: str, offset: int = 0) -> Tensor:
+    """Decreasing DDPM indices of a spacing, in numpy's float arithmetic as diffusers computes them.
+
+    Exact ties (x.5) round the way numpy's ``arange``/``linspace`` values fall, so the indices equal
+    diffusers' ``set_timesteps`` for every n. ``np.arange`` yields a stray (n+1)-th point near 0 for
+    some n (T = 1000: n = 61, 103, ...; diffusers then steps through index -1); it is dropped here.
+    """
     if spacing == "leading":
-        r = T // n
-        return (torch.arange(n) * r + offset).flip(0)
-    if spacing == "trailing":
-        return (torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1).long()
-    return torch.linspace(0, T - 1, n, dtype=torch.float64).round().long().flip(0)  # linspace
+        idx = np.arange(n)[::-1] * (T // n) + offset
+    elif spacing == "trailing":
+        idx = (np.round(np.arange(T, 0, -T / n)) - 1)[:n]
+    else:  # linspace
+        idx = np.linspace(0, T - 1, n).round()[::-1]
+    return torch.from_numpy(idx.astype(np.int64))
 
 
 def make_grid(
@@ -105,6 +113,9 @@ def make_grid(
         ts = (math.sqrt(hi) + (math.sqrt(lo) - math.sqrt(hi)) * u) ** 2
     else:
         lam_hi, lam_lo = schedule.lambda_(lo), schedule.lambda_(hi)  # lambda decreases with t
+        if not math.isfinite(float(lam_lo)):
+            raise ValueError(f"grid.spacing: {spacing!r} needs alpha(t_max) > 0, but alpha({hi}) = 0 for "
+                             f"{schedule.name!r} (log-SNR -inf); pass t_max < {hi} or use 'uniform'")
         if spacing in ("lambda", "geometric"):  # geometric in sigma / alpha is uniform in lambda
             lam = lam_lo + (lam_hi - lam_lo) * u
         else:  # rho: in s = sigma / alpha = exp(-lambda)
@@ -112,7 +123,7 @@ def make_grid(
             s = (s_hi ** (1 / rho) + u * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
             lam = -torch.log(s)
         ts = schedule.t_from_lambda(lam)
-        ts[0], ts[-1] = hi, (lo if n > 1 else hi)  # exact ends despite the round trip
+    ts[0], ts[-1] = hi, (lo if m > 1 else hi)  # exact ends despite rounding and the lambda round trip
     return ts if lo == 0 else _with_zero(ts)
 
 

@@ -1,7 +1,7 @@
 """Stateless samplers over a denoiser, shared by evaluation, the CLI and inference bundles.
 
 ``SAMPLERS`` maps a name to a ``SamplerSpec``; ``run`` builds the grid for a number of network
-evaluations (NFE) and calls the function. Names: ddpm, ddim, dpm++1m/2m/3m, euler, heun, euler_maruyama
+evaluations (NFE) and calls the function. Names: ddpm, ddim, dpm++1m/2m/3m/3m_taylor, euler, heun, euler_maruyama
 (few-step student samplers register themselves from ``few_step``).
 """
 
@@ -41,13 +41,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler function, its fixed options, and how many network evaluations a grid of n steps costs."""
+    """A sampler function, its fixed options, how many network evaluations a grid of n steps costs, (optionally) its
+    own default grid ``grid(schedule, n, spacing)`` (None: ``make_grid``), and whether it is a few-step student's."""
 
     fn: Callable[..., Tensor]
     opts: dict[str, Any] = field(default_factory=dict)
     nfe: Callable[[int], int] = lambda n: n
     steps: Callable[[int], int] = lambda nfe: nfe
     doc: str = ""
+    grid: Callable[[Any, int, str | None], Tensor] | None = None
+    few_step: bool = False  # a student's sampler (consistency, flow maps): not a solver that converges to the data
+    # with a diffusion teacher as its steps grow (the sampler tests' convergence checks skip it)
 
 
 SAMPLERS: Registry[SamplerSpec] = Registry("sampler")
@@ -57,7 +61,11 @@ SAMPLERS.register("ddim", SamplerSpec(ddim, doc="DDIM eta=0"))
 SAMPLERS.register("ddim_eta1", SamplerSpec(ddim, {"eta": 1.0}, doc="DDIM eta=1"))
 SAMPLERS.register("dpm++1m", SamplerSpec(dpm_solver_pp, {"order": 1}, doc="DPM-Solver++ first order"))
 SAMPLERS.register("dpm++2m", SamplerSpec(dpm_solver_pp, {"order": 2}, doc="DPM-Solver++(2M)"))
-SAMPLERS.register("dpm++3m", SamplerSpec(dpm_solver_pp, {"order": 3}, doc="DPM-Solver++(3M)"))
+SAMPLERS.register("dpm++3m", SamplerSpec(dpm_solver_pp, {"order": 3}, doc="DPM-Solver++(3M), as diffusers"))
+SAMPLERS.register(
+    "dpm++3m_taylor",
+    SamplerSpec(dpm_solver_pp, {"order": 3, "taylor3": True}, doc="DPM-Solver++(3M), full Taylor D2 (third order)"),
+)
 SAMPLERS.register("euler", SamplerSpec(euler, doc="Euler on the probability-flow ODE"))
 SAMPLERS.register("euler_maruyama", SamplerSpec(euler_maruyama, doc="Euler-Maruyama on the reverse SDE"))
 SAMPLERS.register(
@@ -87,5 +95,8 @@ def run(
     """Sample with a registered sampler at a given NFE (or on an explicit grid)."""
     spec = SAMPLERS.get(name, "sampler")
     if grid is None:
-        grid = make_grid(denoiser.schedule, steps_for_nfe(name, nfe), spacing)
+        grid = (spec.grid or make_grid)(denoiser.schedule, steps_for_nfe(name, nfe), spacing)
     return spec.fn(denoiser, x_T, grid, cond=cond, generator=generator, callback=callback, **{**spec.opts, **opts})
+
+
+from dtrain.samplers import few_step as _few_step  # noqa: E402,F401  (registers the few-step samplers)

@@ -3,6 +3,10 @@
 A sampler is ``sample(denoiser, x_T, grid, *, cond=None, generator=None, callback=None, **opts)``:
 stateless, float64 coefficients, and ``callback(info)`` after each step with
 ``info = {"i": step, "t": t, "s": s, "x": x_s, "x0": x0_hat}``.
+
+Coefficients are computed once per grid in float64 (one vectorised schedule call per quantity) and
+enter the step loop as Python floats: a float multiplies a tensor exactly as a 0-d tensor of the
+tensor's dtype does, without a host-side tensor per step.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dtrain.diffusion.schedule import Schedule
 from dtrain.diffusion.timesteps import check_grid
 
 Callback = Callable[[dict[str, Any]], None]
 
-__all__ = ["Callback", "steps", "randn_like", "scalar"]
+__all__ = ["Callback", "steps", "randn_like", "scalar", "on_grid"]
 
 
 def steps(grid: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -25,6 +30,13 @@ def steps(grid: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
     g = check_grid(grid)
     for i in range(g.numel() - 1):
         yield i, g[i], g[i + 1]
+
+
+def on_grid(schedule: Schedule, grid: Tensor, *quantities: str) -> tuple[Tensor, list[list[float]]]:
+    """The validated grid and, for each named schedule quantity (alpha, sigma, lambda_, alpha_dot,
+    sigma_dot), its float64 values at every grid point as a list of Python floats."""
+    g = check_grid(grid)
+    return g, [getattr(schedule, q)(g).tolist() for q in quantities]
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -2,6 +2,7 @@
 
 Written for any schedule through alpha, sigma: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z,
 c = eta sigma_s sigma_{t|s} / sigma_t (eta = 1 is DDPM's ancestral step with the posterior variance).
+With eps_hat = (x_t - alpha_t x0) / sigma_t a step is x_s = p x_t + q x0 + c z, p and q precomputed per grid.
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ import torch
 from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
-from dtrain.diffusion.schedule import transition
-from dtrain.diffusion.timesteps import check_grid
-from dtrain.samplers.base import Callback, randn_like, scalar, steps
+from dtrain.diffusion.schedule import Schedule, transition
+from dtrain.samplers.base import Callback, on_grid, randn_like
 
-__all__ = ["ddim", "ddim_invert", "slerp"]
+__all__ = ["ddim", "ddim_coeffs", "ddim_invert", "slerp"]
+
+
+def ddim_coeffs(schedule: Schedule, t: Tensor, s: Tensor, eta: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(p, q, c) of the DDIM step x_s = p x_t + q x0_hat + c z from t to s < t, float64, elementwise over t and s
+    (a grid's steps, or per-sample times [B] as progressive distillation uses them)."""
+    (a_t, s_t), (a_s, s_s) = schedule.alpha_sigma(t), schedule.alpha_sigma(s)
+    var = transition(schedule, t, s)[1] if eta > 0 else torch.zeros_like(s_t)
+    c = eta * s_s * var.sqrt() / s_t  # noise std of the step
+    p = (s_s**2 - c**2).clamp_min(0).sqrt() / s_t  # eps_hat's weight over sigma_t
+    return p, a_s - p * a_t, c
 
 
 @torch.no_grad()
@@ -30,18 +40,21 @@ def ddim(
     callback: Callback | None = None,
     eta: float = 0.0,
 ) -> Tensor:
-    """DDIM from x = x_{grid[0]} down the grid; eta = 0 is the deterministic probability-flow map."""
+    """DDIM from x = x_{grid[0]} down the grid; eta = 0 is the deterministic probability-flow map.
+
+    With eta > 0 one normal draw of x's shape per step comes from ``generator`` after the
+    denoiser call (the last step's draw is multiplied by 0), as in diffusers' ``DDIMScheduler``.
+    """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"ddim: eta must be in [0, 1], got {eta}")
-    sch = denoiser.schedule
-    for i, t, s in steps(grid):
+    g, _ = on_grid(denoiser.schedule, grid)
+    p, q, c = (v.tolist() for v in ddim_coeffs(denoiser.schedule, g[:-1], g[1:], eta))
+    for i in range(len(p)):
+        t, s = g[i], g[i + 1]
         x0 = denoiser(x, t, cond)
-        a_t, s_t, a_s, s_s = sch.alpha(t), sch.sigma(t), sch.alpha(s), sch.sigma(s)
-        eps = (x - scalar(a_t, x) * x0) / scalar(s_t, x)
-        c = eta * s_s * transition(sch, t, s)[1].sqrt() / s_t if eta > 0 else torch.zeros((), dtype=torch.float64)
-        x = scalar(a_s, x) * x0 + scalar((s_s**2 - c**2).clamp_min(0).sqrt(), x) * eps
+        x = p[i] * x + q[i] * x0
         if eta > 0:
-            x = x + scalar(c, x) * randn_like(x, generator)
+            x = x + c[i] * randn_like(x, generator)
         if callback is not None:
             callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
     return x
@@ -59,25 +72,34 @@ def ddim_invert(
 ) -> Tensor:
     """Deterministic DDIM inversion x_0 -> x_{grid[0]} along ``grid`` (given as for sampling).
 
-    Each step s -> t evaluates the denoiser at the known point (at the grid's smallest time when
-    s = 0), then ``fixed_point_iters`` refinements re-evaluate it at the new point so the step
-    becomes the exact inverse of the sampling step (Pan et al. 2023, arXiv 2312.12540).
+    Each step s -> t evaluates the denoiser at the known point x_s (at the grid's smallest time
+    when s = 0) and moves with that x0_hat and eps_hat: a first-order approximation of the inverse.
+    ``fixed_point_iters`` refinements then re-evaluate the denoiser at the new point x_t and solve
+    ``ddim_step(x_t) = x_s`` by fixed-point iteration, so the step becomes the exact inverse of the
+    sampling step as the iterations converge (Pan et al. 2023, arXiv 2312.12540):
+    x_t <- (a_t / a_s)(x_s - (s_s - a_s s_t / a_t) eps_hat(x_t)), or x_t <- (s_t / s_s)(x_s - a_s D(x_t))
+    where alpha_t = 0. A grid of one step from clean data to alpha = 0 is not invertible (D is constant there).
     """
-    g = check_grid(grid).flip(0)
+    if fixed_point_iters < 0:
+        raise ValueError(f"ddim_invert: fixed_point_iters must be >= 0, got {fixed_point_iters}")
     sch = denoiser.schedule
+    g, (a, sg) = on_grid(sch, grid, "alpha", "sigma")
+    g, a, sg = g.flip(0), a[::-1], sg[::-1]  # increasing: g[0] (usually 0) < g[1] < ...
     x = x0
-    for i in range(g.numel() - 1):
+    for i in range(len(a) - 1):
         s, t = g[i], g[i + 1]
-        s_eval = s if s > 0 else g[1]
-        a_s, s_s, a_t, s_t = sch.alpha(s), sch.sigma(s), sch.alpha(t), sch.sigma(t)
+        j = i if sg[i] > 0 else i + 1  # evaluate at the known point, or at the first noisy time from x_0
         xs = x
-        d = denoiser(xs, s_eval, cond)
-        eps = (xs - scalar(sch.alpha(s_eval), xs) * d) / scalar(sch.sigma(s_eval), xs)
-        x = scalar(a_t, xs) * d + scalar(s_t, xs) * eps
-        for _ in range(fixed_point_iters):  # solve x_s = (a_s/a_t) x + (s_s - a_s s_t / a_t) eps(x, t)
+        d = denoiser(xs, g[j], cond)
+        eps = (xs - a[j] * d) / sg[j]
+        x = a[i + 1] * d + sg[i + 1] * eps
+        for _ in range(fixed_point_iters):
             d = denoiser(x, t, cond)
-            eps = (x - scalar(a_t, x) * d) / scalar(s_t, x)
-            x = scalar(a_t / a_s, xs) * (xs - scalar(s_s - a_s * s_t / a_t, xs) * eps)
+            if a[i + 1] > 0:  # x_s = (a_s / a_t) x_t + (s_s - a_s s_t / a_t) eps(x_t), solved for x_t
+                e = (x - a[i + 1] * d) / sg[i + 1]
+                x = (a[i + 1] / a[i]) * (xs - (sg[i] - a[i] * sg[i + 1] / a[i + 1]) * e)
+            elif sg[i] > 0:  # alpha_t = 0 (pure-noise end): x_s = a_s d + (s_s / s_t) x_t
+                x = (sg[i + 1] / sg[i]) * (xs - a[i] * d)
         if callback is not None:
             callback({"i": i, "t": s, "s": t, "x": x, "x0": d})
     return x

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.schedule import transition
-from dtrain.samplers.base import Callback, randn_like, scalar, steps
+from dtrain.samplers.base import Callback, on_grid, randn_like
 
 __all__ = ["ddpm", "euler_maruyama"]
 
@@ -33,20 +33,28 @@ def ddpm(
     callback: Callback | None = None,
     variance: str = "small",
 ) -> Tensor:
-    """Ancestral sampling with the (respaced) DDPM posterior; no noise is added on the last step."""
+    """Ancestral sampling with the (respaced) DDPM posterior; no noise is added on the last step.
+
+    One normal draw of x's shape per step that does not land on t = 0, after the denoiser call
+    (the order of diffusers' ``DDPMScheduler``).
+    """
     if variance not in ("small", "large"):
         raise ValueError(f"ddpm: variance must be 'small' or 'large', got {variance!r}")
     sch = denoiser.schedule
-    for i, t, s in steps(grid):
-        x0 = denoiser(x, t, cond)
-        a_ts, var_ts = transition(sch, t, s)
-        s_t2, s_s2 = sch.sigma(t) ** 2, sch.sigma(s) ** 2
-        x = scalar(a_ts * s_s2 / s_t2, x) * x + scalar(sch.alpha(s) * var_ts / s_t2, x) * x0
-        if s > 0:
-            var = var_ts * s_s2 / s_t2 if variance == "small" else var_ts
-            x = x + scalar(var.sqrt(), x) * randn_like(x, generator)
+    g, _ = on_grid(sch, grid)
+    t, s = g[:-1], g[1:]
+    a_ts, var_ts = transition(sch, t, s)
+    s_t2, s_s2 = sch.sigma(t) ** 2, sch.sigma(s) ** 2
+    c_x = (a_ts * s_s2 / s_t2).tolist()  # the posterior mean's weights on x_t and on x0_hat
+    c_x0 = (sch.alpha(s) * var_ts / s_t2).tolist()
+    std = (var_ts * s_s2 / s_t2 if variance == "small" else var_ts).sqrt().tolist()
+    for i in range(len(c_x)):
+        x0 = denoiser(x, g[i], cond)
+        x = c_x[i] * x + c_x0[i] * x0
+        if g[i + 1] > 0:
+            x = x + std[i] * randn_like(x, generator)
         if callback is not None:
-            callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
+            callback({"i": i, "t": g[i], "s": g[i + 1], "x": x, "x0": x0})
     return x
 
 
@@ -66,20 +74,25 @@ def euler_maruyama(
     step to t = 0 returns the denoiser's x0.
     """
     sch = denoiser.schedule
-    for i, t, s in steps(grid):
-        x0 = denoiser(x, t, cond)
-        if s == 0:
+    g, (a, sg) = on_grid(sch, grid, "alpha", "sigma")
+    t, s = g[:-1], g[1:]
+    a_t, s_t = sch.alpha(t), sch.sigma(t)
+    if bool(((a_t <= 0) & (s > 0)).any()):
+        raise ValueError("euler_maruyama: alpha(t_max) = 0 (pure-noise end); start the grid below it")
+    f = sch.alpha_dot(t) / a_t
+    g2 = 2 * s_t * sch.sigma_dot(t) - 2 * f * s_t**2
+    dt = s - t
+    drift_x, drift_eps = f.tolist(), (g2 / s_t).tolist()  # -g^2 score = g^2 eps / sigma
+    noise = (g2 * -dt).clamp_min(0).sqrt().tolist()
+    dt = dt.tolist()
+    for i in range(len(dt)):
+        x0 = denoiser(x, g[i], cond)
+        if g[i + 1] == 0:
             x = x0
         else:
-            a, sg = sch.alpha(t), sch.sigma(t)
-            if a <= 0:
-                raise ValueError("euler_maruyama: alpha(t_max) = 0 (pure-noise end); start the grid below it")
-            f = sch.alpha_dot(t) / a
-            g2 = 2 * sg * sch.sigma_dot(t) - 2 * f * sg**2
-            dt = s - t
-            eps = (x - scalar(a, x) * x0) / scalar(sg, x)
-            drift = scalar(f, x) * x + scalar(g2 / sg, x) * eps  # -g^2 score = g^2 eps / sigma
-            x = x + scalar(dt, x) * drift + scalar((g2 * -dt).clamp_min(0).sqrt(), x) * randn_like(x, generator)
+            eps = (x - a[i] * x0) / sg[i]
+            drift = drift_x[i] * x + drift_eps[i] * eps
+            x = x + dt[i] * drift + noise[i] * randn_like(x, generator)
         if callback is not None:
-            callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
+            callback({"i": i, "t": g[i], "s": g[i + 1], "x": x, "x0": x0})
     return x

@@ -14,16 +14,10 @@ from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.param import Coeffs, velocity_ode
-from dtrain.diffusion.schedule import Schedule
-from dtrain.samplers.base import Callback, scalar, steps
+from dtrain.diffusion.schedule import bcast
+from dtrain.samplers.base import Callback, on_grid
 
-__all__ = ["euler", "heun"]
-
-
-def _velocity(denoiser: DenoiserLike, x: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
-    x0 = denoiser(x, t, cond)
-    sch: Schedule = denoiser.schedule
-    return velocity_ode(x0, x, Coeffs.at(sch, t, x)), x0
+__all__ = ["euler", "heun", "heun_step"]
 
 
 @torch.no_grad()
@@ -37,11 +31,12 @@ def euler(
     callback: Callback | None = None,
 ) -> Tensor:
     """First-order Euler steps (n evaluations for n steps)."""
-    for i, t, s in steps(grid):
-        v, x0 = _velocity(denoiser, x, t, cond)
-        x = x + scalar(s - t, x) * v
+    g, c = on_grid(denoiser.schedule, grid, "alpha", "sigma", "alpha_dot", "sigma_dot")
+    for i in range(len(g) - 1):
+        x0 = denoiser(x, g[i], cond)
+        x = x + float(g[i + 1] - g[i]) * velocity_ode(x0, x, Coeffs(*(q[i] for q in c)))
         if callback is not None:
-            callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
+            callback({"i": i, "t": g[i], "s": g[i + 1], "x": x, "x0": x0})
     return x
 
 
@@ -56,14 +51,36 @@ def heun(
     callback: Callback | None = None,
 ) -> Tensor:
     """Second-order Heun (trapezoidal predictor-corrector) steps."""
-    for i, t, s in steps(grid):
-        v, x0 = _velocity(denoiser, x, t, cond)
-        x_e = x + scalar(s - t, x) * v
-        if s > 0:
-            v2, _ = _velocity(denoiser, x_e, s, cond)
-            x = x + scalar(s - t, x) * 0.5 * (v + v2)
-        else:
-            x = x_e
+    g, c = on_grid(denoiser.schedule, grid, "alpha", "sigma", "alpha_dot", "sigma_dot")
+    for i in range(len(g) - 1):
+        t, s = g[i], g[i + 1]
+        x, x0 = heun_step(denoiser, x, t, s, cond, Coeffs(*(q[i] for q in c)), Coeffs(*(q[i + 1] for q in c)))
         if callback is not None:
             callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
     return x
+
+
+def heun_step(
+    denoiser: DenoiserLike,
+    x: Tensor,
+    t: Tensor,
+    s: Tensor,
+    cond: Any = None,
+    c_t: Coeffs | None = None,
+    c_s: Coeffs | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One Heun step t -> s: Euler predictor, trapezoidal corrector (skipped when s = 0); returns (x_s, x0_hat(t)).
+
+    t, s: 0-d grid times (``c_t``, ``c_s``: their precomputed coefficients) or per-sample float64 [B] times, as
+    consistency distillation uses them (coefficients built here; every s must then be > 0).
+    """
+    per_sample = t.ndim > 0
+    sch = denoiser.schedule
+    dt = bcast(s - t, x) if per_sample else float(s - t)
+    x0 = denoiser(x, t, cond)
+    v = velocity_ode(x0, x, c_t or Coeffs.at(sch, t, x))
+    x_e = x + dt * v
+    if per_sample or s > 0:
+        v2 = velocity_ode(denoiser(x_e, s, cond), x_e, c_s or Coeffs.at(sch, s, x))
+        x_e = x + dt * 0.5 * (v + v2)
+    return x_e, x0

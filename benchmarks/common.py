@@ -1,0 +1,51 @@
+"""Shared pieces of the digits benchmarks: a cached digits teacher and machine facts.
+
+``digits_teacher()`` trains ``recipes/teacher/digits.yaml`` once (through ``dtrain.lit.fit.fit``, the code path
+of ``dtrain fit``) into ``runs/bench/teacher-digits`` and returns its ``last.ckpt``; later calls reuse it while
+the resolved recipe is unchanged (its YAML is compared with the run's ``recipe.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TEACHER_RECIPE = ROOT / "recipes" / "teacher" / "digits.yaml"
+BENCH_RUNS = ROOT / "runs" / "bench"
+
+
+def digits_teacher(overrides: tuple[str, ...] = (), root: Path = BENCH_RUNS) -> Path:
+    """Path of a trained digits teacher checkpoint (trained on first use, minutes on 2 CPU cores)."""
+    from omegaconf import OmegaConf
+
+    from dtrain.config import load_recipe
+    from dtrain.lit.fit import fit, run_dir
+
+    cfg = load_recipe(TEACHER_RECIPE, [f"out_dir={root}", "logger.mode=disabled", "trainer.progress_bar=false",
+                                       *overrides])
+    import fcntl
+
+    out = run_dir(cfg)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    saved = out / "recipe.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # one trainer at a time; others wait and reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (ckpt.is_file() and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg)):
+            fit(cfg)
+    return ckpt
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "processor": platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "loadavg": list(os.getloadavg())}

@@ -1,0 +1,157 @@
+"""Flow-map students of the digits on CPU: FID-digits of MeanFlow and CTM at 1 and 2 steps, next to the teacher's DDIM
+at 1 and 2 steps and the teacher's best (its lowest FID over DDIM / DPM-Solver++(2M) up to 64 NFE); plus the cost of
+MeanFlow's two JVP modes.
+
+    python benchmarks/flowmap_digits.py [--num 10000] [--meanflow key=value ...] [--ctm key=value ...]
+
+The teacher is ``benchmarks/common.py: digits_teacher()`` (recipes/teacher/digits.yaml, cached in runs/bench); the
+students are ``recipes/flowmap/meanflow_digits.yaml`` and ``recipes/flowmap/ctm_digits.yaml`` trained through
+``dtrain.lit.fit.fit`` (the code path of ``dtrain fit``) into runs/bench/{meanflow,ctm}-digits, reused while their
+resolved recipe is unchanged. ``--meanflow-teacher`` gives MeanFlow the teacher's velocity (read on the flow
+schedule) instead of eps - x0. Every point scores ``--num`` class-balanced samples without guidance (w = 1) against
+the FID-digits statistics of the 1347-image train split, from the same x_T (``dtrain.eval.sweep``). Students sample
+with ``flowmap`` (n jumps) and CTM also with ``flowmap_gamma`` (gamma = 0.5). Goals (the issue's): 1-step FID <= 2x
+the teacher's best, and <= 1/2 of the teacher's DDIM at the same NFE. ``jvp_cost``: seconds per MeanFlow loss +
+backward on one process (batch 128, the recipe's network), ``detached`` (no-grad JVP + forward) against ``fused``.
+Writes benchmarks/results/flowmap_digits.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_RUNS, ROOT, digits_teacher, machine
+
+from dtrain.eval.features import build_extractor
+from dtrain.eval.fid import load_ref
+from dtrain.eval.sweep import fid_sweep
+from dtrain.export.checkpoint import load_teacher, sha256_file
+
+RESULTS = ROOT / "benchmarks" / "results"
+QUIET = ["logger.mode=disabled", "trainer.progress_bar=false", "trainer.sample_every_n_steps=0"]
+SPECS = {"meanflow": ["flowmap:1,2"], "ctm": ["flowmap:1,2", "flowmap_gamma:2"]}
+
+
+def student(recipe: str, overrides: list[str]) -> tuple[Path, float | None]:
+    """(last.ckpt, training seconds or None when reused) of ``recipes/flowmap/<recipe>.yaml``."""
+    from omegaconf import OmegaConf
+
+    from dtrain.config import load_recipe
+    from dtrain.lit.fit import fit, run_dir
+
+    cfg = load_recipe(ROOT / "recipes" / "flowmap" / f"{recipe}.yaml", [f"out_dir={BENCH_RUNS}", *QUIET, *overrides])
+    out = run_dir(cfg)
+    ckpt, saved = out / "checkpoints" / "last.ckpt", out / "recipe.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ckpt.is_file() and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg):
+            return ckpt, None
+        t0 = time.perf_counter()
+        fit(cfg)
+        return ckpt, time.perf_counter() - t0
+
+
+def jvp_cost(overrides: list[str], repeats: int = 5) -> dict:
+    """Seconds per MeanFlow loss + backward (batch 128) for each JVP mode, on this process's threads."""
+    from dtrain.config import load_recipe
+    from dtrain.lit.flow_map import MeanFlowModule
+
+    out = {}
+    x, y = torch.rand(128, 1, 8, 8) * 2 - 1, torch.arange(128) % 10
+    for mode in ("detached", "fused"):
+        cfg = load_recipe(ROOT / "recipes" / "flowmap" / "meanflow_digits.yaml", [*overrides, f"method.jvp={mode}"])
+        torch.manual_seed(0)
+        module = MeanFlowModule(cfg)
+        model = module.denoiser_for(None)
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            module.loss_fn(model, x, y, generator=torch.Generator().manual_seed(i)).loss.mean().backward()
+            times.append(time.perf_counter() - t0)
+        out[mode] = round(sorted(times[1:])[repeats // 2], 3)  # median after one warm-up
+    return {"seconds_per_step": out, "batch": 128, "threads": torch.get_num_threads(), "repeats": repeats}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num", type=int, default=10000)
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-specs", default="ddim:1,2,8,16,32,64 dpm++2m:8,16,32,64")
+    ap.add_argument("--meanflow", nargs="*", default=[], help="overrides of recipes/flowmap/meanflow_digits.yaml")
+    ap.add_argument("--meanflow-teacher", action="store_true", help="MeanFlow distils the teacher's velocity")
+    ap.add_argument("--ctm", nargs="*", default=[], help="overrides of recipes/flowmap/ctm_digits.yaml")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for sampling (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "flowmap_digits.json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+
+    teacher_ckpt = digits_teacher()
+    mf_over = [*args.meanflow, *([f"teacher={teacher_ckpt}"] if args.meanflow_teacher else [])]
+    trained = {"meanflow": (student("meanflow_digits", mf_over), mf_over),
+               "ctm": (student("ctm_digits", [f"teacher={teacher_ckpt}", *args.ctm]), args.ctm)}
+    ext = build_extractor("digits")
+    ref = load_ref("digits:train", ext)
+    teacher, tinfo = load_teacher(teacher_ckpt)
+    shape = tuple(tinfo["image"]["shape"])
+    kw = dict(num=args.num, batch_size=args.batch_size, shape=shape, extractor=ext, ref=ref, num_classes=10,
+              guidance=1.0, seed=args.seed, ref_source="digits:train", progress=False)
+
+    rows_t = [r.to_dict() for r in fid_sweep(teacher, args.teacher_specs.split(), **kw)]
+    best = min(rows_t, key=lambda r: r["fid"])
+    ddim = {r["nfe"]: r["fid"] for r in rows_t if r["sampler"] == "ddim"}
+    students, goals = {}, {}
+    for name, ((ckpt, seconds), over) in trained.items():
+        model, info = load_teacher(ckpt)
+        rows = [r.to_dict() for r in fid_sweep(model, SPECS[name], **kw)]
+        fid = {r["nfe"]: r["fid"] for r in rows if r["sampler"] == "flowmap"}
+        students[name] = {
+            "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha256_file(ckpt),
+            "global_step": info["provenance"]["global_step"], "recipe_hash": info["provenance"]["recipe_hash"],
+            "overrides": over, "train_seconds": None if seconds is None else round(seconds, 1), "rows": rows,
+        }
+        goals[name] = {
+            "1-step <= 2x teacher best": fid[1] <= 2 * best["fid"],
+            "1-step <= teacher DDIM-1 / 2": fid[1] <= ddim[1] / 2,
+            "2-step <= teacher DDIM-2 / 2": fid[2] <= ddim[2] / 2,
+        }
+        print(f"{name}: FID 1-step {fid[1]:.3f}, 2-step {fid[2]:.3f}")
+    print(f"teacher: DDIM-1 {ddim[1]:.3f}, DDIM-2 {ddim[2]:.3f}, best {best['fid']:.3f} "
+          f"({best['sampler']}@{best['nfe']})")
+
+    record = {
+        "benchmark": "FID-digits of flow-map students (MeanFlow, CTM) vs the digits teacher",
+        "command": "python benchmarks/flowmap_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "teacher": {"checkpoint": str(teacher_ckpt.relative_to(ROOT)), "sha256": sha256_file(teacher_ckpt),
+                    "ema": tinfo["ref"]["ema"], "global_step": tinfo["provenance"]["global_step"],
+                    "recipe_hash": tinfo["provenance"]["recipe_hash"], "schedule": tinfo["schedule"]["name"],
+                    "param": tinfo["model"]["param"], "rows": rows_t,
+                    "best": {k: best[k] for k in ("sampler", "nfe", "fid")}},
+        "students": students,
+        "goals": goals,
+        "jvp_cost": jvp_cost(args.meanflow),
+        "extractor": {"name": "digits", "sha256": ext.weights_sha256},
+        "reference": {"source": "digits:train", "count": ref.count},
+        "num": args.num, "batch_size": args.batch_size, "seed": args.seed, "guidance": 1.0,
+        "machine": machine(),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``dtrain``: one entry point, thin subcommands that import their area only when run (``dtrain --help`` is fast).
+
+    dtrain fit recipes/teacher/digits.yaml trainer.max_steps=2000 logger.mode=offline
+    dtrain fit recipes/teacher/digits.yaml --dry-run        # resolved recipe + parameter count
+
+Each subcommand is an ``_add_<name>(subparsers)`` function that registers its parser and sets ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+# ---- fit (teacher and student training: dtrain.lit) --------------------------------------------------------
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="train from a recipe", description="Train from a recipe (YAML) with "
+                       "key=value overrides, e.g. trainer.max_steps=2000 logger.mode=offline.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (applied last)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and parameter count, then exit")
+    p.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file, or 'last' (<run>/checkpoints)")
+    p.set_defaults(func=_fit)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from dtrain.lit.fit import fit
+
+    try:
+        out = fit(args.recipe, args.overrides, dry_run=args.dry_run, resume=args.resume)
+    except FileNotFoundError as e:  # a missing checkpoint, shard or weights file: one line naming it
+        print(f"dtrain fit: {e}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print(f"run directory: {out}")
+    return 0
+
+
+# ---- eval (FID per sampler and NFE: dtrain.eval) -----------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from dtrain.eval.commands import add_eval_args
+
+    p = sub.add_parser("eval", help="FID against NFE per sampler", description="FID-vs-NFE sweep of a checkpoint "
+                       "or bundle: a table, a plot, sample grids, W&B; with torchrun, every rank samples its share.")
+    add_eval_args(p).set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dtrain.eval.commands import run_eval
+    from dtrain.eval.fid import RefStatsError
+    from dtrain.export.checkpoint import load_teacher
+
+    try:
+        return _handoff(lambda a: run_eval(a, load_teacher), args)
+    except (RefStatsError, FileNotFoundError) as e:  # bad reference stats, missing weights or files
+        print(f"dtrain eval: {e}", file=sys.stderr)
+        return 2
+
+
+# ---- sample (samples from a bundle: dtrain.export) --------------------------------------------------------
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    from dtrain.export.commands import add_sample_args
+
+    p = sub.add_parser("sample", help="sample from an inference bundle", description="Sample from a bundle "
+                       "(dtrain export) into an image grid (.png) or arrays (.npz).")
+    add_sample_args(p).set_defaults(func=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from dtrain.export.commands import run_sample
+
+    return _handoff(run_sample, args)
+
+
+def _handoff(fn: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Run an export/sample body; a bad bundle or checkpoint is one clear line, no traceback."""
+    from dtrain.export.bundle import BundleError
+    from dtrain.export.checkpoint import CheckpointError
+
+    try:
+        fn(args)
+    except (BundleError, CheckpointError, FileExistsError) as e:
+        print(f"dtrain {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- export (checkpoint -> inference bundle: dtrain.export) -----------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from dtrain.export.commands import add_export_args
+
+    p = sub.add_parser("export", help="training checkpoint -> inference bundle", description="Write an "
+                       "inference bundle (model.safetensors + dtrain.json) from a training checkpoint.")
+    add_export_args(p).set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dtrain.export.commands import run_export
+
+    return _handoff(run_export, args)
+
+
+# ---- shards (WebDataset shards: dtrain.data.shards, also tools/make_shards.py) ------------------------------
+def _add_shards(sub: argparse._SubParsersAction) -> None:
+    from dtrain.data.shards import add_shards_args
+
+    p = sub.add_parser("shards", help="write WebDataset shards + index.json", description="Write WebDataset tar "
+                       "shards (png, cls, optional npy latents) and index.json from an image folder, a numpy array, "
+                       "sklearn digits / photo patches or local CIFAR-10 batches; index or verify shards.")
+    add_shards_args(p).set_defaults(func=_shards)
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from dtrain.data.shards import run_shards
+
+    return run_shards(args)
+
+
+# ---- demo (train, distill, evaluate on CPU) -- another area adds _add_demo here ---------------------------
+
+SUBCOMMANDS = [_add_fit, _add_eval, _add_sample, _add_export, _add_shards]  # append _add_demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtrain", description="Train diffusion teachers and distill them.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dtrain.config import RecipeError
+
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as e:  # a bad recipe: one clear line, no traceback
+        print(f"dtrain {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Reading WebDataset shards for one rank: shard sets, the exact rank/worker layout, decoding, bad samples.
+
+Kept free of Lightning so spawned DataLoader workers import little; ``dtrain.data.wds`` wraps it in a
+LightningDataModule and documents the guarantees (split, equal counts, resume, bad data).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dtrain.data.shards import INDEX_NAME, read_index, scan_shard, split_key
+
+__all__ = ["WdsStream", "ShardSet", "resolve_shards", "rank_batches", "split_batches", "META"]
+
+log = logging.getLogger("dtrain.data.wds")
+META = "_wds"  # batch key with (epoch, batch number in the rank's epoch, bad samples); stripped before the model
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+_MAX_WARNINGS = 20  # per worker and epoch; the count keeps going
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard sets
+
+
+@dataclass
+class ShardSet:
+    """Resolved shard URLs, their sample counts, and what a sample holds (from the index)."""
+
+    urls: list[str]
+    counts: list[int]
+    image_size: tuple[int, int]
+    channels: int
+    num_classes: int = 0
+    classes: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    latent_shape: list[int] | None = None
+    index: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def _shard_name(url: str) -> str:
+    """The tar file name inside a path or a ``pipe:`` command (to look counts up in the index)."""
+    found = re.findall(r"[^/\s:'\"]+\.(?:tar|tgz|tar\.gz)\b", url)
+    return found[-1] if found else url
+
+
+def _expand(pattern: str | Sequence[str]) -> list[str]:
+    from webdataset.shardlists import expand_urls
+
+    if isinstance(pattern, str):
+        return expand_urls(pattern)
+    return [u for p in pattern for u in expand_urls(str(p))]
+
+
+def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> ShardSet:
+    """Expand ``shards`` (brace pattern, ``::``-joined list, list, or an index json) and get counts.
+
+    Counts come from the index (``index``, else ``index.json`` beside local shards); local shards without
+    an index are counted by reading their tar headers; remote (``pipe:``/http) shards need an index.
+    Fails naming the pattern or path when nothing matches, a local shard is missing, or counts are unknown.
+    """
+    meta: dict[str, Any] = {}
+    if isinstance(shards, str) and shards.endswith(".json"):  # the index names the shards
+        meta = read_index(shards)
+        urls, counts, index = list(meta["urls"]), [s["count"] for s in meta["shards"]], shards
+        for u in urls:
+            if not _is_remote(u) and not Path(u).is_file():
+                raise FileNotFoundError(f"data.shards: shard listed in {index} not found: {u}")
+    else:
+        urls = [u for u in _expand(shards) if u.strip()]
+        if not urls:
+            raise ValueError(f"data.shards: pattern {shards!r} expands to no shards")
+        gone = [u for u in urls if not _is_remote(u) and not Path(u.removeprefix("file:")).is_file()]
+        if gone:
+            more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
+            raise FileNotFoundError(f"data.shards: shard not found: {gone[0]}{more}")
+        if index is None and not _is_remote(urls[0]) and (Path(urls[0]).parent / INDEX_NAME).is_file():
+            index = str(Path(urls[0]).parent / INDEX_NAME)
+        if index is not None:
+            meta = read_index(index)
+            by_name = {Path(s["name"]).name: s["count"] for s in meta["shards"]}
+            missing = [u for u in urls if _shard_name(u) not in by_name]
+            if missing:
+                raise ValueError(f"data.shards: {missing[0]} is not listed in the index {index}"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            counts = [by_name[_shard_name(u)] for u in urls]
+        elif any(_is_remote(u) for u in urls):
+            raise ValueError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
+                             "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")
+        else:
+            scans = [scan_shard(u.removeprefix("file:")) for u in urls]
+            counts = [n for n, _ in scans]
+            meta = {**_peek_meta(urls[0].removeprefix("file:")), "keys": sorted({e for _, ex in scans for e in ex})}
+    if any(c < 1 for c in counts):
+        raise ValueError(f"data.shards: shard {urls[counts.index(min(counts))]} holds no samples")
+    h, w = meta["image_size"]
+    return ShardSet(urls, counts, (int(h), int(w)), int(meta["channels"]), int(meta.get("num_classes", 0)),
+                    list(meta.get("classes", [])), list(meta.get("keys", [])), meta.get("latent_shape"), index)
+
+
+def _peek_meta(url: str) -> dict[str, Any]:
+    """Image size and channels from the first image of a local shard (when there is no index)."""
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(url, "r:*") as tf:
+        for ti in tf:
+            key, ext = split_key(ti.name)
+            if key is not None and ti.isreg() and ext in _IMAGE_EXTS:
+                arr = np.asarray(Image.open(io.BytesIO(tf.extractfile(ti).read())))
+                return {"image_size": arr.shape[:2], "channels": 1 if arr.ndim == 2 else arr.shape[2]}
+    raise ValueError(f"data.shards: {url} holds no image member ({', '.join(_IMAGE_EXTS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: pure functions of the counts, so every rank and worker computes the same split
+
+
+def rank_batches(per_rank: int, batch_size: int, drop_last: bool) -> list[int]:
+    """Batch sizes of one rank's epoch: full batches, plus the partial one unless ``drop_last``."""
+    sizes = [batch_size] * (per_rank // batch_size)
+    if per_rank % batch_size and not drop_last:
+        sizes.append(per_rank % batch_size)
+    return sizes
+
+
+def split_batches(n_batches: int, num_workers: int) -> list[tuple[int, int]]:
+    """(first batch, number of batches) of each worker: contiguous runs, sizes differ by at most one."""
+    out, first = [], 0
+    for w in range(num_workers):
+        n = n_batches // num_workers + (w < n_batches % num_workers)
+        out.append((first, n))
+        first += n
+    return out
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: one item per raw position, good (dict of member bytes) or bad (_Bad)
+
+
+@dataclass
+class _Bad:
+    url: str
+    key: str
+    reason: str
+
+
+def _open_tar(url: str):
+    import tarfile
+
+    from webdataset.gopen import gopen
+
+    if _is_remote(url):
+        stream = gopen(url, "rb")
+        return tarfile.open(fileobj=stream, mode="r|*"), stream
+    return tarfile.open(url.removeprefix("file:"), mode="r:*"), None
+
+
+def _read_shard(url: str, start: int, stop: int) -> Iterator[dict[str, Any] | _Bad]:
+    """Samples [start, stop) of one shard, exactly stop - start items; what cannot be read is _Bad."""
+    i, reason = 0, None  # i: index of the sample being assembled
+    tf = stream = None
+    try:
+        tf, stream = _open_tar(url)
+        cur_key, cur = None, {}
+        while i < stop:
+            ti = tf.next()
+            tf.members = []  # keep memory flat on long shards
+            if ti is None:
+                break
+            key, ext = split_key(ti.name)
+            if key is None or not ti.isreg():
+                continue
+            if key != cur_key:
+                if cur_key is not None:
+                    if i >= start:
+                        yield {"__key__": cur_key, "__url__": url, **cur}
+                    i += 1
+                    if i >= stop:
+                        break
+                cur_key, cur = key, {}
+            if i >= start:  # data of skipped samples is never read (seeked over on local files)
+                cur[ext] = tf.extractfile(ti).read()
+        if cur_key is not None and i < stop:  # the shard's last sample
+            if i >= start:
+                yield {"__key__": cur_key, "__url__": url, **cur}
+            i += 1
+    except Exception as e:  # unreadable member, truncated or missing shard, failed pipe
+        reason = f"{type(e).__name__}: {e}"
+    finally:
+        for obj in (tf, stream):
+            try:
+                if obj is not None:
+                    obj.close()
+            except Exception:  # a pipe closed early may report SIGPIPE; the samples we needed are in
+                pass
+    for j in range(max(i, start), stop):
+        yield _Bad(url, f"#{j}", reason or f"shard ended after {i} samples, the index says more")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream one rank reads
+
+
+@dataclass
+class _Decoded:
+    x: np.ndarray  # uint8 [C, H, W]
+    y: int | None
+    latent: np.ndarray | None
+
+
+class WdsStream(IterableDataset):
+    """Batches for one rank; inside each DataLoader worker it reads that worker's run of the epoch.
+
+    Set ``epoch`` and ``start`` (batches of this epoch already consumed) before ``iter()``; the
+    datamodule does this. Yields dicts {"x", "y"?, "latent"?, "_wds": (epoch, batch number, bad samples)}.
+    """
+
+    def __init__(self, shards: ShardSet, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: int = 1000, shuffle_shards: bool = True, resampled: bool = False,
+                 epoch_size: int | None = None, drop_last: bool = True, flip: bool = False, labels: bool = True,
+                 latents: bool = False) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
+        self.seed, self.shuffle, self.shuffle_shards, self.resampled = seed, max(1, shuffle), shuffle_shards, resampled
+        self.drop_last, self.flip, self.labels, self.latents = drop_last, flip, labels, latents
+        total = shards.total if epoch_size is None else epoch_size
+        if not resampled and total > shards.total:
+            raise ValueError(f"data.epoch_size: {total} exceeds the {shards.total} samples of the shards; "
+                             "set data.resampled=true to draw more")
+        self.per_rank = total // world_size
+        self.sizes = rank_batches(self.per_rank, batch_size, drop_last)
+        if not self.sizes:
+            raise ValueError(f"data: {total} samples over {world_size} rank(s) leave {self.per_rank} per rank, "
+                             f"less than one batch of {batch_size}")
+        # (epoch, batches of it already consumed) in shared memory: persistent workers, forked or spawned,
+        # read the values set in the main process each time a new epoch's iterator starts
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = value
+
+    @property
+    def start(self) -> int:
+        return int(self._position[1])
+
+    @start.setter
+    def start(self, value: int) -> None:
+        self._position[1] = value
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def worker_run(self, worker: int, num_workers: int) -> tuple[int, list[int]]:
+        """(first output position of this worker's run within the rank's epoch, its batch sizes)."""
+        first, n = split_batches(len(self.sizes), num_workers)[worker]
+        return sum(self.sizes[:first]), self.sizes[first:first + n]
+
+    def _segments(self, epoch: int, worker: int, num_workers: int, raw_pos: int) -> Iterator[tuple[int, int, int]]:
+        """(shard, start, stop) pieces of this worker's raw stream from ``raw_pos`` on."""
+        counts = self.shards.counts
+        if self.resampled:
+            rng, pos = _rng(self.seed, 1, self.rank, worker, num_workers), 0
+            while True:
+                for s in rng.integers(0, len(counts), 1024):
+                    if pos + counts[s] > raw_pos:
+                        yield int(s), max(0, raw_pos - pos), counts[s]
+                    pos += counts[s]
+        order = (_rng(self.seed, 0, epoch).permutation(len(counts)) if self.shuffle_shards
+                 else np.arange(len(counts)))
+        offset, _ = self.worker_run(worker, num_workers)
+        g = self.rank * self.per_rank + offset + raw_pos  # global position in the epoch's sequence
+        ends = np.cumsum([counts[s] for s in order])
+        k = int(np.searchsorted(ends, g, side="right"))
+        for j in range(k, len(order)):
+            start = g - (int(ends[j - 1]) if j else 0) if j == k else 0
+            yield int(order[j]), start, counts[int(order[j])]
+
+    def _raw(self, epoch: int, worker: int, num_workers: int, raw_pos: int) -> Iterator[dict[str, Any] | _Bad]:
+        for s, start, stop in self._segments(epoch, worker, num_workers, raw_pos):
+            yield from _read_shard(self.shards.urls[s], start, stop)
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _decode(self, item: dict[str, Any] | _Bad, flip: bool) -> _Decoded | _Bad:
+        if isinstance(item, _Bad):
+            return item
+        key, url = item["__key__"], item["__url__"]
+        try:
+            ext = next((e for e in _IMAGE_EXTS if e in item), None)
+            if ext is None:
+                return _Bad(url, key, f"no image member (.{', .'.join(_IMAGE_EXTS)})")
+            mode = "L" if self.shards.channels == 1 else "RGB"
+            with Image.open(io.BytesIO(item[ext])) as im:
+                arr = np.asarray(im if im.mode == mode else im.convert(mode))
+            if arr.shape[:2] != self.shards.image_size:
+                return _Bad(url, key, f"image is {arr.shape[0]}x{arr.shape[1]}, the index says "
+                                      f"{self.shards.image_size[0]}x{self.shards.image_size[1]}")
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            if flip:
+                arr = arr[:, :, ::-1]
+            y = None
+            if self.labels:
+                if "cls" not in item:
+                    return _Bad(url, key, "no .cls label")
+                y = int(item["cls"])
+            lat = np.load(io.BytesIO(item["npy"]), allow_pickle=False) if self.latents else None
+            return _Decoded(np.ascontiguousarray(arr), y, lat)
+        except Exception as e:
+            return _Bad(url, key, f"{type(e).__name__}: {e}")
+
+    def _collate(self, items: list[_Decoded], meta: tuple[int, ...]) -> dict[str, Any]:
+        x = torch.from_numpy(np.stack([d.x for d in items])).float().div_(127.5).sub_(1.0)
+        out: dict[str, Any] = {"x": x}
+        if self.labels:
+            out["y"] = torch.tensor([d.y for d in items], dtype=torch.long)
+        if self.latents:
+            out["latent"] = torch.from_numpy(np.stack([d.latent for d in items])).float()
+        out[META] = meta
+        return out
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start = self.epoch, self.start
+        # the DataLoader collects batch i from physical worker i mod n, starting at 0: after `start` batches
+        # were consumed, physical worker p plays (logical) worker (p + start) mod n
+        worker = (physical + start) % num_workers
+        skip = start // num_workers + (worker < start % num_workers)
+        _, sizes = self.worker_run(worker, num_workers)
+        n_out = sum(sizes)  # outputs of this worker per epoch
+        # output position q of this epoch's run sits at stream position origin + q
+        origin = epoch * n_out if self.resampled else 0
+        end = origin + n_out if not self.resampled else None
+        q = origin + sum(sizes[:skip])
+        S = self.shuffle
+        raw = None
+        block: list[_Decoded | _Bad] = []
+        block_start = -1
+        perm = flips = None
+        batch: list[_Decoded | _Bad] = []
+        last_good: list[_Decoded] = []
+        b, n_warned = skip, 0
+        while b < len(sizes):
+            k_start = (q // S) * S
+            if k_start != block_start:  # read the next block of raw samples and shuffle it
+                blen = S if end is None else min(S, end - k_start)
+                if raw is None:
+                    raw = self._raw(epoch, worker, num_workers, k_start)
+                items = [next(raw) for _ in range(blen)]
+                rng = _rng(self.seed, 2, epoch if not self.resampled else 0, self.rank, worker, k_start // S)
+                perm = rng.permutation(blen)
+                flips = rng.random(blen) < 0.5 if self.flip else np.zeros(blen, bool)
+                block, block_start = items, k_start
+            j = int(perm[q - block_start])
+            batch.append(self._decode(block[j], bool(flips[j])))
+            q += 1
+            if len(batch) == sizes[b]:
+                good = [d for d in batch if isinstance(d, _Decoded)]
+                bad = [d for d in batch if isinstance(d, _Bad)]
+                for d in bad:
+                    n_warned += 1
+                    if n_warned <= _MAX_WARNINGS:
+                        log.warning("skipped sample %s of %s: %s%s", d.key, d.url, d.reason,
+                                    " (further skips of this worker this epoch are counted, not logged)"
+                                    if n_warned == _MAX_WARNINGS else "")
+                if bad:
+                    pool = good or last_good or self._lookahead(epoch, worker, num_workers, q)
+                    batch = [d if isinstance(d, _Decoded) else pool[i % len(pool)] for i, d in enumerate(batch)]
+                last_good = good or last_good
+                yield self._collate(batch, (epoch, b * num_workers + worker, len(bad)))  # type: ignore[arg-type]
+                batch, b = [], b + 1
+
+    def _lookahead(self, epoch: int, worker: int, num_workers: int, raw_pos: int) -> list[_Decoded]:
+        """A good sample further on in this worker's stream, to fill a batch in which nothing decoded."""
+        for n, item in enumerate(self._raw(epoch, worker, num_workers, raw_pos)):
+            d = self._decode(item, False)
+            if isinstance(d, _Decoded):
+                return [d]
+            if n > 100_000:
+                break
+        raise RuntimeError(f"data: no decodable sample in this worker's stream from position {raw_pos} on "
+                           f"(rank {self.rank}, worker {worker}); check the shards with `dtrain shards verify`")
+
+

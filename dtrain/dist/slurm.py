@@ -1,0 +1,171 @@
+"""SLURM: the allocation as the trainer's topology, requeue on a signal, and ``sbatch`` flags from a recipe.
+
+Under ``srun`` (one task per GPU), ``dtrain fit`` needs no flags: Lightning's ``SLURMEnvironment`` reads the
+ranks, ``topology`` takes devices (tasks per node) and nodes from the allocation, and ``Requeue`` handles the
+signal ``sbatch --signal=USR1@90`` sends 90 s before the time limit (or a preemption notice): at the next
+optimizer step every rank agrees, an HPC checkpoint ``<run>/hpc_ckpt_<n>.ckpt`` is written (after that step's
+EMA update), rank 0 runs ``scontrol requeue``, and the requeued job resumes from it (Lightning picks the newest
+``hpc_ckpt_*`` in the run directory when it runs under SLURM): step, EMA, optimizer, LR schedule and data position.
+It replaces Lightning's own handler, which saves from inside the signal handler, mid-step, on each rank at
+whatever point it has reached (a collective out of step with the others can hang, and the EMA can lag a step).
+
+    python tools/slurm_submit.py slurm/multi_node.sbatch recipes/teacher/cifar10.yaml trainer.num_nodes=4
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+__all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Requeue", "hpc_path", "sbatch_args"]
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """The SLURM job step this process runs in (from the environment ``srun`` sets)."""
+
+    job_id: str  # "<array job>_<task>" for array jobs (what scontrol requeue takes)
+    num_nodes: int
+    tasks_per_node: int
+    num_tasks: int
+    rank: int
+
+
+def _tasks_per_node(env: dict[str, str] | os._Environ) -> int:
+    """``SLURM_NTASKS_PER_NODE``, else the first count of ``SLURM_TASKS_PER_NODE`` ("4(x2)" -> 4)."""
+    raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    m = re.match(r"\d+", raw)
+    return int(m.group()) if m else max(1, int(env["SLURM_NTASKS"]) // int(env.get("SLURM_NNODES", "1")))
+
+
+def slurm_job(env: dict[str, str] | os._Environ | None = None) -> SlurmJob | None:
+    """The job step when launched by ``srun`` / ``sbatch`` (Lightning's rule: not an interactive "bash" job)."""
+    env = os.environ if env is None else env
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array = env.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{env['SLURM_ARRAY_TASK_ID']}" if array else env.get("SLURM_JOB_ID", "")
+    return SlurmJob(job_id=job, num_nodes=int(env.get("SLURM_NNODES", "1")), tasks_per_node=_tasks_per_node(env),
+                    num_tasks=int(env["SLURM_NTASKS"]), rank=int(env.get("SLURM_PROCID", "0")))
+
+
+def topology(devices: Any, num_nodes: int, env: dict[str, str] | None = None) -> tuple[Any, int]:
+    """``(devices, num_nodes)`` for the Trainer: the SLURM allocation when running under it, else the recipe's.
+
+    A recipe that asks for something else than the allocation gets a warning naming the fields; the job can
+    only use what SLURM gave it (sbatch --nodes / --ntasks-per-node decide, see ``sbatch_args``).
+    """
+    job = slurm_job(env)
+    if job is None:
+        return devices, num_nodes
+    asked_devices = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | tuple) else None
+    if asked_devices not in (None, -1, job.tasks_per_node) or num_nodes not in (1, job.num_nodes):
+        warnings.warn(f"trainer.devices={devices}, trainer.num_nodes={num_nodes}: the SLURM allocation has "
+                      f"{job.tasks_per_node} task(s) per node on {job.num_nodes} node(s); using the allocation",
+                      stacklevel=2)
+    return job.tasks_per_node, job.num_nodes
+
+
+def plugins() -> list[Any]:
+    """Under SLURM: ``SLURMEnvironment`` without Lightning's signal handler (``Requeue`` takes its place)."""
+    if slurm_job() is None:
+        return []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
+def callbacks() -> list[Any]:
+    """Under SLURM: ``[Requeue()]``."""
+    return [Requeue()] if slurm_job() is not None else []
+
+
+def _requeue_base() -> type:
+    from lightning.pytorch.callbacks import Checkpoint
+
+    return Checkpoint
+
+
+class Requeue(_requeue_base()):  # type: ignore[misc]
+    """On ``signum`` (default SIGUSR1): at the next optimizer step, save ``hpc_ckpt_<n>.ckpt`` and requeue the job.
+
+    A ``Checkpoint`` callback, so Lightning runs it after every other callback of a step (the EMA update
+    included). Costs one all-reduce of a bool per optimizer step under multi-process training.
+    """
+
+    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+        self.signum, self.received, self.saved = signum, False, None
+        self._previous: Any = None
+        self._last_step = -1
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.signum, self._handler)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:  # inside gradient accumulation: not a step boundary
+            return
+        self._last_step = trainer.global_step
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        path = trainer.strategy.broadcast(str(hpc_path(trainer.default_root_dir)))
+        trainer.save_checkpoint(path)
+        self.saved, self.received = path, False
+        if trainer.is_global_zero:
+            _requeue()
+        trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def hpc_path(root: str | Path) -> Path:
+    """``<root>/hpc_ckpt_<n>.ckpt`` with n one past the newest (the name Lightning resumes from under SLURM)."""
+    nums = [int(m.group(1)) for p in Path(root).glob("hpc_ckpt_*") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt",
+                                                                                           p.name))]
+    return Path(root) / f"hpc_ckpt_{max(nums, default=0) + 1}.ckpt"
+
+
+def _requeue() -> None:
+    job = slurm_job()
+    if job is None or not re.fullmatch(r"[0-9_]+", job.job_id):
+        print(f"dtrain: not requeued: no SLURM job id ({job})", file=sys.stderr)
+        return
+    r = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True)
+    msg = "requeued" if r.returncode == 0 else f"scontrol requeue failed ({r.returncode}): {r.stderr.strip()}"
+    print(f"dtrain: SLURM job {job.job_id} {msg}", file=sys.stderr, flush=True)
+
+
+# ---- sbatch flags from a recipe ------------------------------------------------------------------------------
+def sbatch_args(cfg: Any, *, nodes: int | None = None, gpus_per_node: int | None = None) -> list[str]:
+    """``--nodes --ntasks-per-node [--gpus-per-node]`` for a recipe: one task per device (``trainer.devices``,
+    ``trainer.num_nodes``); GPUs unless ``trainer.accelerator`` is cpu. Arguments override the recipe."""
+    t = cfg.trainer
+    cpu = t.accelerator == "cpu"
+    per_node = gpus_per_node if gpus_per_node is not None else t.devices
+    if not isinstance(per_node, int | str):  # a list of device ids
+        per_node = len(per_node)
+    if per_node in ("auto", -1):
+        if not cpu:
+            raise ValueError("trainer.devices is 'auto': set it to the GPUs per node (or pass --gpus-per-node)")
+        per_node = 1
+    per_node = int(per_node)
+    return [f"--nodes={nodes or int(t.num_nodes)}", f"--ntasks-per-node={per_node}",
+            f"--gpus-per-node={0 if cpu else per_node}"]

@@ -1,0 +1,124 @@
+"""Body of ``dtrain eval``: a FID-vs-NFE sweep of a checkpoint or bundle; ``dtrain.cli`` adds the arguments,
+loads the model (``dtrain.export``) and calls ``run_eval``.
+
+    dtrain eval runs/x/checkpoints/last.ckpt --samplers ddim:1,2,4,8,16,32,64 dpm++2m:4,8 --num 10000
+    torchrun --nproc-per-node 8 -m dtrain.cli eval bundles/x --samplers student:1,2 --num 50000
+
+Defaults come from the recipe's ``eval`` section stored with the model, then from these flags. Rank 0 prints
+the table and writes ``<out>/fid_vs_nfe.{json,png}`` and ``<out>/samples/<sampler>_nfe<n>.png``; with W&B
+(``--wandb offline|online``) it logs the table, the FID-vs-NFE line plot and a sample grid per point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["add_eval_args", "run_eval", "Loader"]
+
+Loader = Callable[..., "tuple[Any, dict[str, Any]]"]  # (path, ema=, device=) -> (denoiser, bundle info)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("model", metavar="CKPT_OR_BUNDLE", help="training checkpoint or bundle directory")
+    p.add_argument("--samplers", nargs="+", default=None, metavar="NAME:NFE,...",
+                   help="e.g. ddim:1,2,4,8 dpm++2m:4,8 (any registered sampler; default: recipe eval.samplers)")
+    p.add_argument("--num", type=int, default=None, help="samples per point (default: recipe eval.num)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: recipe eval.batch_size)")
+    p.add_argument("--ref-stats", default=None, help="reference .npz (tools/fid_ref_stats.py) or digits:train")
+    p.add_argument("--extractor", default=None, help="feature extractor: digits, inception, raw")
+    p.add_argument("--weights", default=None, help="feature extractor weights file (inception)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: eval.guidance, sampler.guidance)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ema", default="auto", help="EMA decay/std or 'raw' (checkpoints)")
+    p.add_argument("--spacing", default=None, help="grid spacing (default: the schedule's)")
+    p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
+    p.add_argument("--out", default=None, help="output directory (default: runs/eval/<model name>)")
+    p.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
+                   help="W&B mode (default: the recipe's logger.mode, else disabled)")
+    p.add_argument("--project", default=None, help="W&B project (default: the recipe's logger.project)")
+    return p
+
+
+def _default(flag: Any, recipe_eval: dict[str, Any], key: str, fallback: Any) -> Any:
+    if flag is not None:
+        return flag
+    v = recipe_eval.get(key)
+    return fallback if v is None or v == [] else v
+
+
+def _init_dist(device: str | None) -> torch.device:
+    """Join torchrun's process group when launched by it; the device of this rank."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    dev = torch.device(f"cuda:{local}" if cuda and device in (None, "cuda") else (device or "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+def run_eval(args: argparse.Namespace, load: Loader) -> list[Any]:
+    """The sweep; returns the rows (every rank)."""
+    from dtrain.eval.features import build_extractor
+    from dtrain.eval.fid import dist_rank, load_ref
+    from dtrain.eval.grids import save_grid
+    from dtrain.eval.report import log_wandb, plot_fid_vs_nfe, write_json
+    from dtrain.eval.sweep import fid_sweep, parse_specs
+
+    device = _init_dist(args.device)
+    rank, world = dist_rank()
+    denoiser, info = load(args.model, ema=args.ema, device=device)
+    recipe = (info.get("provenance") or {}).get("recipe") or {}
+    ev = dict(recipe.get("eval") or {})
+    try:
+        specs = parse_specs(_default(args.samplers, ev, "samplers", None) or ["ddim:1,2,4,8,16,32"], "--samplers")
+    except ValueError as e:
+        raise SystemExit(f"dtrain eval: {e}") from None
+    shape = tuple(int(s) for s in info["image"]["shape"])
+    num_classes = len(info.get("class_names") or [])
+    extractor_name = _default(args.extractor, ev, "feature_extractor", "digits")
+    ref_spec = _default(args.ref_stats, ev, "ref_stats", "digits:train" if extractor_name == "digits" else None)
+    if ref_spec is None:
+        raise SystemExit("dtrain eval: --ref-stats is required for this extractor (make the file with "
+                         "tools/fid_ref_stats.py)")
+    guidance = _default(args.guidance, ev, "guidance", info["sampler"].get("guidance", 1.0))
+    seed = int(_default(args.seed, ev, "seed", 0))
+    num, batch = int(_default(args.num, ev, "num", 1000)), int(_default(args.batch_size, ev, "batch_size", 250))
+    extractor = build_extractor(extractor_name, _default(args.weights, ev, "feature_extractor_weights_path", None),
+                                shape=shape).to(device)
+    ref = load_ref(ref_spec, extractor)
+    rows = fid_sweep(denoiser, specs, num=num, batch_size=batch, shape=shape, extractor=extractor, ref=ref,
+                     num_classes=num_classes, guidance=float(guidance), seed=seed, device=device,
+                     spacing=args.spacing, ref_source=str(ref_spec))
+    if rank == 0:
+        name = Path(str(args.model).rstrip("/")).stem
+        out = Path(args.out or Path("runs") / "eval" / name)
+        run_info = {"model": str(args.model), "kind": info.get("kind"), "ema": (info.get("ref") or {}).get("ema"),
+                    "num": num, "batch_size": batch, "seed": seed, "guidance": float(guidance), "world_size": world,
+                    "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256,
+                    "ref_stats": str(ref_spec), "ref_count": ref.count, "device": str(device)}
+        write_json(rows, out / "fid_vs_nfe.json", **run_info)
+        plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=f"FID vs NFE: {name} ({num} samples)")
+        for r in rows:
+            if r.grid is not None and r.grid.ndim == 4:
+                save_grid(r.grid, out / "samples" / f"{r.sampler}_nfe{r.nfe}.png", upscale=max(1, 32 // shape[-1]))
+        mode = args.wandb or (recipe.get("logger") or {}).get("mode") or "disabled"
+        if mode != "disabled":
+            import wandb
+
+            run = wandb.init(project=args.project or (recipe.get("logger") or {}).get("project", "dtrain"),
+                             name=f"eval-{name}", mode=mode, dir=str(out), job_type="eval", config=run_info)
+            log_wandb(rows, run)
+            run.finish()
+        print(f"wrote {out / 'fid_vs_nfe.json'}")
+    return rows

@@ -1,0 +1,112 @@
+"""Reporting a sweep: a rich table, a FID-vs-NFE plot (PNG), JSON rows, and W&B (table, line plot, grids).
+
+wandb and matplotlib are imported only when used, so ``dtrain.eval`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dtrain.eval.grids import image_grid
+from dtrain.eval.sweep import SweepRow
+
+__all__ = ["print_table", "plot_fid_vs_nfe", "log_wandb", "write_json", "series"]
+
+
+def series(rows: Sequence[SweepRow | Mapping[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """line label (``label`` if a row has one, else the sampler) -> (NFEs, FIDs), in sweep order."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in rows:
+        d = r.to_dict() if isinstance(r, SweepRow) else r
+        xs, ys = out.setdefault(d.get("label") or d["sampler"], ([], []))
+        xs.append(int(d["nfe"]))
+        ys.append(float(d["fid"]))
+    return out
+
+
+def print_table(rows: Sequence[SweepRow], title: str = "FID vs NFE", console: Any = None) -> None:
+    """The sweep as a rich table on stdout (or ``console``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    has_acc = any(r.class_acc is not None for r in rows)
+    has_is = any(r.inception_score is not None for r in rows)
+    t = Table(title=title)
+    cols = ["sampler", "NFE", "FID", *(["class acc"] if has_acc else []), *(["IS"] if has_is else []), "samples", "s"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "sampler" else "right")
+    for r in rows:
+        t.add_row(r.sampler, str(r.nfe), f"{r.fid:.3f}",
+                  *([f"{r.class_acc:.4f}" if r.class_acc is not None else "-"] if has_acc else []),
+                  *([f"{r.inception_score:.3f}" if r.inception_score is not None else "-"] if has_is else []),
+                  str(r.num), f"{r.seconds:.1f}")
+    (console or Console()).print(t)
+
+
+def plot_fid_vs_nfe(rows: Sequence[SweepRow | Mapping[str, Any]], path: str | Path, *, floor: float | None = None,
+                    title: str = "FID vs NFE") -> Path:
+    """Line plot, one line per sampler, log-log axes; ``floor``: the real-vs-real FID as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name, (xs, ys) in series(rows).items():
+        ax.plot(xs, ys, marker="o", ms=3.5, label=name)
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", lw=1, label=f"real vs real ({floor:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set(xlabel="NFE (network evaluations per sample)", ylabel="FID", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_json(rows: Sequence[SweepRow], path: str | Path, **info: Any) -> Path:
+    """Rows (without grids) plus run information as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**info, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
+    return path
+
+
+def log_wandb(rows: Sequence[SweepRow], run: Any = None, *, step: int | None = None, prefix: str = "eval",
+              upscale: int = 4) -> None:
+    """Log to W&B: a table of every point, FID vs NFE as a line plot (one line per sampler), a sample grid
+    per point (image data) and each FID as a scalar ``{prefix}/fid/{sampler}_nfe{n}``.
+
+    ``run``: the active run by default."""
+    import wandb
+
+    run = run or wandb.run
+    if run is None:
+        raise RuntimeError("log_wandb: no W&B run (call wandb.init or pass the run)")
+    cols = ["sampler", "nfe", "steps", "fid", "class_acc", "inception_score", "num", "seconds"]
+    table = wandb.Table(columns=cols, data=[[r.to_dict()[c] for c in cols] for r in rows])
+    lines = series(rows)
+    payload: dict[str, Any] = {
+        f"{prefix}/fid_table": table,
+        f"{prefix}/fid_vs_nfe": wandb.plot.line_series(
+            xs=[xs for xs, _ in lines.values()], ys=[ys for _, ys in lines.values()], keys=list(lines),
+            title="FID vs NFE", xname="NFE"),
+    }
+    for r in rows:
+        payload[f"{prefix}/fid/{r.sampler}_nfe{r.nfe}"] = r.fid
+        if r.grid is not None and r.grid.ndim == 4:  # images (vector data such as the GMM gets no grid)
+            payload[f"{prefix}/samples/{r.sampler}_nfe{r.nfe}"] = wandb.Image(
+                image_grid(r.grid, upscale=upscale), caption=f"{r.sampler}, NFE {r.nfe}, FID {r.fid:.2f}")
+    if step is not None:
+        payload["trainer/global_step"] = step
+    run.log(payload)

@@ -1,0 +1,538 @@
+"""Inference bundles: a directory with ``model.safetensors`` and ``dtrain.json``, loaded without pickle.
+
+``dtrain.json`` (format 1) holds everything needed to rebuild and sample the model:
+  format       bundle format version (this code reads 1)
+  kind         how the network is used: "denoiser" (teachers, progressive-distillation students) or a
+               student kind registered in ``KINDS`` ("consistency", "meanflow", "ctm", ...)
+  model        the recipe's ``model`` section (network name + kwargs and how its output is read: param,
+               sigma_data, input_scaling, clip_x0, num_classes); rebuilt with ``dtrain.models``
+  schedule     ``Schedule.to_dict()``
+  sampler      default sampler: registered name, nfe, spacing, eta, guidance scale, explicit grid, options
+  image        sample shape (C, H, W) or (D,), and the value range mapped to 0..255 (null: not images)
+  class_names  one name per class (empty: unconditional)
+  weights      file name, sha256 (checked on load), dtype, EMA tag, parameter count
+  provenance   free-form: recipe, git commit, source checkpoint, teacher reference, metrics (FID at NFE)
+Bad files fail with ``BundleError`` naming the file and the field. Importing this module must not import
+Lightning, DeepSpeed, W&B or WebDataset (enforced by import-linter and a subprocess test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dtrain.diffusion.guidance import CFGDenoiser, WCondDenoiser
+from dtrain.diffusion.param import PARAMS
+from dtrain.diffusion.schedule import Schedule, make_schedule
+from dtrain.diffusion.timesteps import SPACINGS
+from dtrain.registry import Registry
+
+__all__ = [
+    "FORMAT",
+    "INFO_FILE",
+    "WEIGHTS_FILE",
+    "BundleError",
+    "PipelineKind",
+    "KINDS",
+    "KIND_MODULES",
+    "register_kind",
+    "Pipeline",
+    "check_info",
+    "read_info",
+    "save_bundle",
+    "load_bundle",
+    "assemble",
+    "initial_noise",
+    "sha256_file",
+]
+
+FORMAT = 1
+INFO_FILE = "dtrain.json"
+WEIGHTS_FILE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BundleError(ValueError):
+    """A bad bundle: ``file: field: reason``."""
+
+    def __init__(self, file: str | Path, field: str, reason: str) -> None:
+        self.file, self.field, self.reason = str(file), field, reason
+        super().__init__(f"{file}: {field}: {reason}" if field else f"{file}: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dtrain.json schema: section -> {key: allowed types}; None in a tuple allows null.
+
+_Num = (int, float)
+_TOP: dict[str, Any] = {
+    "format": int, "kind": str, "model": dict, "schedule": dict, "sampler": dict, "image": dict,
+    "class_names": list, "weights": dict, "provenance": dict,
+}
+_SECTIONS: dict[str, dict[str, Any]] = {
+    "sampler": {"name": str, "nfe": int, "spacing": (str, None), "eta": (*_Num, None), "guidance": _Num,
+                "grid": (list, None), "options": dict},
+    "image": {"shape": list, "range": (list, None)},
+    "weights": {"file": str, "sha256": str, "dtype": str, "ema": (str, None), "num_params": int},
+}
+
+
+def _type_ok(v: Any, types: Any) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    if v is None:
+        return None in types
+    if isinstance(v, bool):  # JSON true/false are not numbers here
+        return bool in types
+    return isinstance(v, tuple(t for t in types if t is not None))
+
+
+def _tname(types: Any) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    names = {int: "int", float: "number", str: "string", list: "list", dict: "mapping", None: "null"}
+    return " or ".join(dict.fromkeys(names.get(t, str(t)) for t in types))
+
+
+def _check_keys(d: Mapping[str, Any], spec: Mapping[str, Any], prefix: str, file: str) -> None:
+    for k in d:
+        if k not in spec:
+            raise BundleError(file, f"{prefix}{k}", f"unknown key; expected {sorted(spec)}")
+    for k, types in spec.items():
+        if k not in d:
+            raise BundleError(file, f"{prefix}{k}", "missing")
+        if not _type_ok(d[k], types):
+            got = f"{type(d[k]).__name__}: {d[k]!r:.60}"
+            raise BundleError(file, f"{prefix}{k}", f"expected {_tname(types)}, got {got}")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
+    """Validate a parsed ``dtrain.json``: types, required keys, format version and value ranges."""
+    f = str(file)
+    if not isinstance(info, dict):
+        raise BundleError(f, "", f"top level must be a mapping, got {type(info).__name__}")
+    if "format" in info and info["format"] != FORMAT:
+        raise BundleError(f, "format", f"unsupported bundle format {info['format']!r}; this dtrain reads {FORMAT}")
+    _check_keys(info, _TOP, "", f)
+    for sec, spec in _SECTIONS.items():
+        _check_keys(info[sec], spec, f"{sec}.", f)
+    model, sampler, image, weights = info["model"], info["sampler"], info["image"], info["weights"]
+    for sec in ("model", "schedule"):
+        if not isinstance(info[sec].get("name"), str):
+            raise BundleError(f, f"{sec}.name", "missing or not a string")
+    if model.get("param", "eps") not in PARAMS:
+        raise BundleError(f, "model.param", f"unknown parameterization {model.get('param')!r}; choose one of {PARAMS}")
+    ncls = model.get("num_classes", 0)
+    if not isinstance(ncls, int) or isinstance(ncls, bool) or ncls < 0:
+        raise BundleError(f, "model.num_classes", f"must be an int >= 0, got {ncls!r}")
+    names = info["class_names"]
+    if len(names) != ncls or not all(isinstance(n, str) for n in names):
+        raise BundleError(f, "class_names", f"need {ncls} strings (model.num_classes), got {names!r:.80}")
+    if sampler["nfe"] < 1:
+        raise BundleError(f, "sampler.nfe", f"must be >= 1, got {sampler['nfe']}")
+    if sampler["spacing"] is not None and sampler["spacing"] not in SPACINGS:
+        raise BundleError(f, "sampler.spacing", f"unknown spacing {sampler['spacing']!r}; choose one of {SPACINGS}")
+    if not _finite(sampler["guidance"]) or (sampler["eta"] is not None and not _finite(sampler["eta"])):
+        raise BundleError(f, "sampler.guidance", "guidance and eta must be finite numbers")
+    grid = sampler["grid"]
+    if grid is not None and (len(grid) < 2 or not all(_finite(t) for t in grid) or grid[-1] != 0
+                             or any(a <= b for a, b in itertools.pairwise(grid))):
+        raise BundleError(f, "sampler.grid", "must be strictly decreasing finite times ending in 0")
+    shape = image["shape"]
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise BundleError(f, "image.shape", f"must be a non-empty list of positive ints, got {shape!r}")
+    rng = image["range"]
+    if rng is not None and (len(rng) != 2 or not all(_finite(v) for v in rng) or not rng[0] < rng[1]):
+        raise BundleError(f, "image.range", f"must be [low, high] with low < high, got {rng!r}")
+    if weights["file"] != WEIGHTS_FILE:
+        raise BundleError(f, "weights.file", f"must be {WEIGHTS_FILE!r}, got {weights['file']!r}")
+    if not re.fullmatch(r"[0-9a-f]{64}", weights["sha256"]):
+        raise BundleError(f, "weights.sha256", "must be 64 lowercase hex digits")
+    if weights["dtype"] not in DTYPES:
+        raise BundleError(f, "weights.dtype", f"must be one of {sorted(DTYPES)}, got {weights['dtype']!r}")
+    return info
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    """Parse and validate ``<bundle>/dtrain.json`` (plain JSON: no pickle anywhere)."""
+    path = Path(path)
+    file = path / INFO_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise BundleError(file, "", "not found (a bundle is a directory with dtrain.json and model.safetensors)")
+    try:
+        info = json.loads(file.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise BundleError(file, "", f"not valid JSON: {e}") from None
+    return check_info(info, file)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds: how a network plus schedule becomes the object a sampler drives.
+
+
+@dataclass(frozen=True)
+class PipelineKind:
+    """``build(net, schedule, model_cfg)`` returns what the sampler drives (a denoiser for "denoiser");
+    ``guide(model, w, null_label)`` wraps it for classifier-free guidance (None: guidance unsupported)."""
+
+    build: Callable[[nn.Module, Schedule, Mapping[str, Any]], Any]
+    guide: Callable[[Any, float, int], Any] | None = CFGDenoiser
+    doc: str = ""
+
+
+def _build_denoiser(net: nn.Module, schedule: Schedule, model_cfg: Mapping[str, Any]) -> Any:
+    from dtrain.models import build_denoiser
+
+    return build_denoiser(dict(model_cfg), schedule, net=net)
+
+
+KINDS: Registry[PipelineKind] = Registry("bundle kind")
+KINDS.register("denoiser", PipelineKind(_build_denoiser, doc="D(x_t, t, cond) -> x0 (teachers, PD students)"))
+KINDS.register("guided_denoiser", PipelineKind(_build_denoiser, lambda model, w, null_label: WCondDenoiser(model, w),
+                                               doc="a denoiser taking the guidance scale w as an input (guided PD)"))
+
+
+def _build_consistency(net: nn.Module, schedule: Schedule, model_cfg: Mapping[str, Any]) -> Any:
+    from dtrain.samplers.few_step import ConsistencyModel
+
+    return ConsistencyModel(_build_denoiser(net, schedule, model_cfg))
+
+
+KINDS.register("consistency", PipelineKind(
+    _build_consistency, doc="f(x_t, t) / alpha(t_min) -> x0 over the model's denoiser (CD, CT, iCT students)"))
+
+
+def _build_meanflow(net: nn.Module, schedule: Schedule, model_cfg: Mapping[str, Any]) -> Any:
+    from dtrain.samplers.few_step import MeanFlowModel
+
+    return MeanFlowModel(net, schedule)
+
+
+def _build_ctm(net: nn.Module, schedule: Schedule, model_cfg: Mapping[str, Any]) -> Any:
+    from dtrain.samplers.few_step import CTMModel
+
+    return CTMModel(_build_denoiser(net, schedule, model_cfg))
+
+
+KINDS.register("meanflow", PipelineKind(
+    _build_meanflow, doc="u(z, r, t): average velocity on the flow schedule; jump z_s = z_t - (t - s) u (MeanFlow)"))
+KINDS.register("ctm", PipelineKind(
+    _build_ctm, doc="G(x_t, t, s): DDIM step with the clean estimate g(x_t, t, s) of the model's denoiser (CTM)"))
+# Kinds registered by the module that defines them, imported on first use (student areas add theirs here).
+KIND_MODULES: dict[str, str] = {}
+
+
+def register_kind(name: str, kind: PipelineKind) -> PipelineKind:
+    """Add a bundle kind (students with other network signatures: consistency, meanflow, ctm, ...)."""
+    return KINDS.register(name, kind)
+
+
+def _kind(name: str, file: str) -> PipelineKind:
+    if name not in KINDS and name in KIND_MODULES:
+        import importlib
+
+        importlib.import_module(KIND_MODULES[name])
+    try:
+        return KINDS.get(name)
+    except KeyError as e:
+        raise BundleError(file, "kind", str(e.args[0])) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def initial_noise(schedule: Schedule, n: int, shape: Sequence[int], generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> Tensor:
+    """x_T = sigma(t_max) z, z ~ N(0, I) float32 drawn from ``generator`` (on its device), then moved."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    z = torch.randn((n, *shape), generator=generator, device=dev, dtype=torch.float32)
+    return (z * float(schedule.sigma(schedule.t_max))).to(device or dev)
+
+
+class Pipeline:
+    """A loaded model ready to sample: ``.net``, ``.denoiser`` (what samplers drive), ``.schedule``, ``.info``."""
+
+    def __init__(self, model: Any, net: nn.Module, info: dict[str, Any], path: Path | None = None) -> None:
+        self.model, self.net, self.info, self.path = model, net, info, path
+
+    @property
+    def denoiser(self) -> Any:
+        return self.model
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.model.schedule
+
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.info["image"]["shape"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info["class_names"])
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.net.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> Pipeline:
+        self.net.to(device)
+        return self
+
+    def labels(self, labels: Any, n: int) -> Tensor | None:
+        """Labels as a LongTensor [n]: None cycles through the classes 0..K-1; an int or a class name repeats;
+        a sequence gives one per sample. The null label K (= number of classes) means unconditional."""
+        k = self.num_classes
+        if k == 0:
+            if labels is not None:
+                raise ValueError("labels: this bundle's model is unconditional (no class_names)")
+            return None
+        if labels is None:
+            return torch.arange(n) % k
+        if isinstance(labels, int | str):
+            labels = [labels] * n
+        vals = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+        out = []
+        for v in vals:
+            if isinstance(v, str) and v in self.class_names:
+                v = self.class_names.index(v)
+            elif hasattr(v, "__index__") and not isinstance(v, bool):
+                v = v.__index__()  # numpy integers
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= k:
+                raise ValueError(f"labels: need ints in [0, {k}] or names from {self.class_names[:10]}, got {v!r}")
+            out.append(v)
+        if len(out) != n:
+            raise ValueError(f"labels: need {n} labels, got {len(out)}")
+        return torch.tensor(out, dtype=torch.long)
+
+    def guided(self, cond: Tensor | None, w: float) -> Any:
+        """The model, wrapped for classifier-free guidance with scale w when it applies."""
+        if cond is None or w == 1.0:
+            return self.model
+        guide = _kind(self.kind, str(self.path / INFO_FILE) if self.path else INFO_FILE).guide
+        if guide is None:
+            raise ValueError(f"w: bundle kind {self.kind!r} does not support guidance")
+        return guide(self.model, w, self.num_classes)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        nfe: int | None = None,
+        labels: Any = None,
+        w: float | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        sampler: str | None = None,
+        spacing: str | None = None,
+        eta: float | None = None,
+        clip: bool = True,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Tensor:
+        """n samples as float32 [n, *shape]; images are clamped to ``image.range`` (e.g. [-1, 1]) unless
+        ``clip=False``. Unset arguments take the bundle's defaults (``dtrain.json`` ``sampler``)."""
+        from dtrain.samplers import SAMPLERS, run
+
+        s = self.info["sampler"]
+        name = sampler or s["name"]
+        grid = None
+        if s["grid"] is not None and name == s["name"] and spacing is None:
+            g = torch.tensor(s["grid"], dtype=torch.float64)
+            if nfe is None or nfe == SAMPLERS.get(name, "sampler").nfe(g.numel() - 1):
+                grid = g
+        nfe = s["nfe"] if nfe is None else nfe
+        opts = dict(s["options"]) if name == s["name"] else {}
+        eta = eta if eta is not None else (s["eta"] if name == s["name"] else None)
+        if eta is not None:
+            opts["eta"] = eta
+        if w is not None and self.num_classes == 0 and w != 1.0:
+            raise ValueError("w: guidance needs a class-conditional model; this bundle has no classes")
+        cond = self.labels(labels, n)
+        if cond is not None:
+            cond = cond.to(self.device)
+        model = self.guided(cond, float(s["guidance"] if w is None else w))
+        x = initial_noise(self.schedule, n, self.shape, generator, self.device)
+        x = run(name, model, x, nfe, cond=cond, generator=generator, callback=callback,
+                spacing=spacing or s["spacing"], grid=grid, **opts)
+        rng = self.info["image"]["range"]
+        return x.clamp(*rng) if clip and rng is not None else x
+
+    def to_uint8(self, x: Tensor) -> Tensor:
+        """Samples in ``image.range`` -> uint8 in 0..255, same layout ([n, C, H, W])."""
+        rng = self.info["image"]["range"]
+        if rng is None:
+            raise ValueError("to_uint8: this bundle's samples are not images (image.range is null)")
+        lo, hi = rng
+        return ((x.float().clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
+
+    def __repr__(self) -> str:
+        s = self.info["sampler"]
+        return (f"Pipeline(kind={self.kind!r}, model={self.info['model']['name']!r}, shape={self.shape}, "
+                f"classes={self.num_classes}, sampler={s['name']!r}@{s['nfe']}, path={str(self.path)!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading
+
+
+def _weights_dtype_name(dtype: str | torch.dtype) -> str:
+    aliases = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16", torch.float32: "float32", torch.bfloat16: "bfloat16",
+               torch.float16: "float16"}
+    if dtype not in aliases:
+        raise ValueError(f"dtype: must be fp32, bf16 or fp16, got {dtype!r}")
+    return aliases[dtype]
+
+
+def save_bundle(
+    out: str | Path,
+    state: Mapping[str, Tensor],
+    info: Mapping[str, Any],
+    *,
+    dtype: str | torch.dtype = "fp32",
+    ema: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``state`` (floating tensors cast to ``dtype``) and ``info`` (all of dtrain.json but ``weights``
+    and ``format``) as a bundle; ``dtrain.json`` is written last so a bundle with it is complete."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise FileExistsError(f"--out: {out} exists and is not an empty directory (pass overwrite / --force)")
+    dname = _weights_dtype_name(dtype)
+    tensors = {k: (v.detach().to("cpu", DTYPES[dname]) if v.is_floating_point() else v.detach().cpu()).contiguous()
+               for k, v in state.items()}
+    full = {"format": FORMAT, **{k: v for k, v in info.items() if k not in ("format", "weights")},
+            "weights": {"file": WEIGHTS_FILE, "sha256": "0" * 64, "dtype": dname, "ema": ema,
+                        "num_params": sum(t.numel() for t in tensors.values() if t.is_floating_point())}}
+    check_info(json.loads(json.dumps(full)), out / INFO_FILE)  # never write what the loader would reject
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "dtrain_bundle": str(FORMAT)})
+    tmp.replace(out / WEIGHTS_FILE)
+    full["weights"]["sha256"] = sha256_file(out / WEIGHTS_FILE)
+    (out / INFO_FILE).write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def _read_weights(path: Path, info: Mapping[str, Any], verify: bool) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise BundleError(file, "", "not found")
+    data = file.read_bytes()
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info["weights"]["sha256"]:
+            raise BundleError(file, "weights.sha256",
+                              f"checksum mismatch: dtrain.json says {info['weights']['sha256']}, the file has {digest}")
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        raise BundleError(file, "", f"not a valid safetensors file: {e}") from None
+
+
+def _load_state(net: nn.Module, state: Mapping[str, Tensor], file: str, stored: str | None = None) -> None:
+    """Strict, shape-checked load with messages naming the tensor; floats are cast to the net's dtype."""
+    own = net.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing:
+        raise BundleError(file, f"tensor {missing[0]!r}", f"missing ({len(missing)} missing: {missing[:5]})")
+    if extra:
+        raise BundleError(file, f"tensor {extra[0]!r}", f"not in the network ({len(extra)} unexpected: {extra[:5]})")
+    for k, v in own.items():
+        t = state[k]
+        if tuple(t.shape) != tuple(v.shape):
+            raise BundleError(file, f"tensor {k!r}", f"shape {tuple(t.shape)}, the network built from "
+                              f"dtrain.json 'model' needs {tuple(v.shape)}")
+        if t.is_floating_point() != v.is_floating_point() or (stored and t.is_floating_point()
+                                                             and t.dtype != DTYPES[stored]):
+            raise BundleError(file, f"tensor {k!r}", f"dtype {t.dtype}, expected {stored or v.dtype}")
+    net.load_state_dict({k: state[k].to(own[k].dtype) for k in own}, strict=True)
+
+
+def assemble(info: dict[str, Any], state: Mapping[str, Tensor], *, file: str = WEIGHTS_FILE,
+             device: torch.device | str = "cpu", path: Path | None = None) -> Pipeline:
+    """Build the network from ``info['model']``, load ``state`` and wrap it per ``info['kind']``."""
+    from dtrain.models import build_model
+    from dtrain.samplers import SAMPLERS
+
+    jf = str(path / INFO_FILE) if path is not None else INFO_FILE
+    kind = _kind(info["kind"], jf)
+    try:
+        schedule = make_schedule(**info["schedule"])
+    except Exception as e:
+        raise BundleError(jf, "schedule", f"cannot rebuild the schedule: {e}") from None
+    s = info["sampler"]
+    if s["name"] not in SAMPLERS:
+        raise BundleError(jf, "sampler.name", f"unknown sampler {s['name']!r}; choose one of {SAMPLERS.names()}")
+    params = inspect.signature(SAMPLERS.get(s["name"]).fn).parameters
+    has_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for opt in [*s["options"], *(["eta"] if s["eta"] is not None else [])]:
+        if opt not in params and not has_kw:
+            raise BundleError(jf, f"sampler.{'eta' if opt == 'eta' else 'options.' + opt}",
+                              f"sampler {s['name']!r} takes no option {opt!r}")
+    try:
+        net = build_model(dict(info["model"]))
+    except Exception as e:
+        raise BundleError(jf, "model", f"cannot build the network: {type(e).__name__}: {e}") from None
+    _load_state(net, state, file, info["weights"]["dtype"] if "weights" in info else None)
+    net.to(device=device).eval().requires_grad_(False)
+    try:
+        model = kind.build(net, schedule, info["model"])
+    except Exception as e:
+        raise BundleError(jf, "model", f"cannot build the {info['kind']!r} model: {type(e).__name__}: {e}") from None
+    if isinstance(model, nn.Module):
+        model.eval().requires_grad_(False)
+    return Pipeline(model, net, info, path)
+
+
+def load_bundle(path: str | Path, *, device: torch.device | str = "cpu", verify: bool = True) -> Pipeline:
+    """Load a bundle directory: validate ``dtrain.json``, check the weights' sha256, rebuild, load strictly.
+
+    The network is float32 (bf16 bundles upcast exactly); for mixed precision sample under
+    ``torch.autocast(device_type, torch.bfloat16)`` (the sampler state stays float32). Never unpickles.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(path, "", "not a bundle directory (expected dtrain.json and model.safetensors)")
+    info = read_info(path)
+    state = _read_weights(path, info, verify)
+    return assemble(info, state, file=str(path / WEIGHTS_FILE), device=device, path=path)

@@ -1,0 +1,126 @@
+"""Bodies of ``dtrain export`` and ``dtrain sample``; ``dtrain.cli`` adds the arguments and calls them.
+
+    dtrain export runs/x/last.ckpt --out bundles/x [--ema 0.9999] [--dtype bf16] [--nfe 4] [--metrics m.json]
+    dtrain sample bundles/x --num 64 --nfe 4 --out grid.png        (or --out samples.npz)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_export_args", "run_export", "add_sample_args", "run_sample", "save_samples"]
+
+
+def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("ckpt", help="training checkpoint (.ckpt file, or a sharded DeepSpeed/FSDP directory)")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--ema", default="auto", help="EMA decay or std to export (e.g. 0.9999, std0.050) or 'raw'")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype in the bundle")
+    p.add_argument("--sampler", default=None, help="default sampler name stored in the bundle")
+    p.add_argument("--nfe", type=int, default=None, help="default number of network evaluations")
+    p.add_argument("--guidance", type=float, default=None, help="default classifier-free guidance scale")
+    p.add_argument("--metrics", default=None, help="JSON file of metrics to record (e.g. FID at an NFE)")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
+    return p
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    from dtrain.export.checkpoint import export_checkpoint
+
+    sampler = {k: v for k, v in (("name", args.sampler), ("nfe", args.nfe), ("guidance", args.guidance))
+               if v is not None}
+    metrics = None
+    if args.metrics:
+        try:
+            metrics = json.loads(Path(args.metrics).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--metrics: cannot read {args.metrics}: {e}") from None
+        if not isinstance(metrics, dict):
+            raise SystemExit(f"--metrics: {args.metrics} must hold a JSON object")
+    out = export_checkpoint(args.ckpt, args.out, ema=args.ema, dtype=args.dtype, sampler=sampler,
+                            metrics=metrics, overwrite=args.force)
+    info = json.loads((out / "dtrain.json").read_text())
+    w, s = info["weights"], info["sampler"]
+    print(f"wrote {out}: kind={info['kind']} model={info['model']['name']} ema={w['ema']} dtype={w['dtype']} "
+          f"params={w['num_params']} sampler={s['name']}@{s['nfe']} sha256={w['sha256'][:16]}")
+    return out
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("bundle", help="bundle directory (dtrain export)")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--nfe", type=int, default=None, help="network evaluations (default: the bundle's)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the bundle's)")
+    p.add_argument("--labels", default=None, help="comma-separated class labels or names (default: cycle classes)")
+    p.add_argument("--w", type=float, default=None, help="guidance scale (default: the bundle's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--nrow", type=int, default=None, help="grid images per row (default: sqrt of --num)")
+    p.add_argument("--out", required=True, help="grid.png (an image grid) or samples.npz (arrays)")
+    return p
+
+
+def save_samples(out: str | Path, x: Any, labels: Any, pipe: Any, nrow: int | None = None) -> Path:
+    """.png: an image grid; .npz: ``samples`` (float32, as returned), ``labels``, and for images ``images``
+    (uint8, N H W C)."""
+    import numpy as np
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        arrays = {"samples": x.float().cpu().numpy()}
+        if labels is not None:
+            arrays["labels"] = labels.cpu().numpy()
+        if pipe.info["image"]["range"] is not None and x.ndim == 4:
+            arrays["images"] = pipe.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+        np.savez(out, **arrays)
+    elif out.suffix == ".png":
+        if pipe.info["image"]["range"] is None or x.ndim != 4:
+            raise SystemExit(f"--out: {out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
+        from PIL import Image
+
+        u8 = pipe.to_uint8(x).cpu()
+        n, c, h, wd = u8.shape
+        nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
+        rows = -(-n // nrow)
+        pad = 1
+        grid = np.zeros((rows * (h + pad) + pad, nrow * (wd + pad) + pad, c), dtype=np.uint8)
+        for i in range(n):
+            r, q = divmod(i, nrow)
+            grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (wd + pad): pad + q * (wd + pad) + wd] = (
+                u8[i].permute(1, 2, 0).numpy())
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(out)
+    else:
+        raise SystemExit(f"--out: {out}: use a .png (grid) or .npz (arrays) file name")
+    return out
+
+
+def run_sample(args: argparse.Namespace) -> Path:
+    import torch
+
+    from dtrain.export.bundle import load_bundle
+
+    if args.num < 1 or args.batch_size < 1:
+        raise SystemExit("--num and --batch-size must be >= 1")
+    pipe = load_bundle(args.bundle, device=args.device)
+    labels = None
+    if args.labels is not None:
+        vals = [v.strip() for v in args.labels.split(",") if v.strip()]
+        parsed = [v if v in pipe.class_names else int(v) if v.lstrip("-").isdigit() else v for v in vals]
+        labels = (parsed * args.num)[: args.num]
+    cond = pipe.labels(labels, args.num)
+    g = torch.Generator(args.device).manual_seed(args.seed)
+    xs = []
+    for i in range(0, args.num, args.batch_size):
+        b = min(args.batch_size, args.num - i)
+        xs.append(pipe.sample(b, nfe=args.nfe, labels=None if cond is None else cond[i: i + b], w=args.w,
+                              generator=g, sampler=args.sampler).cpu())
+    out = save_samples(args.out, torch.cat(xs), cond, pipe, args.nrow)
+    s = pipe.info["sampler"]
+    print(f"wrote {out}: {args.num} samples, sampler={args.sampler or s['name']} nfe={args.nfe or s['nfe']} "
+          f"seed={args.seed}")
+    return out

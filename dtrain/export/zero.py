@@ -1,0 +1,259 @@
+"""Sharded checkpoints -> one fp32 format-1 checkpoint dict (what ``dtrain.export.checkpoint`` reads from a file).
+
+Two layouts, each a directory Lightning writes in place of ``last.ckpt`` / ``step*.ckpt`` / ``hpc_ckpt_*.ckpt``:
+- DeepSpeed ZeRO 1 / 2 / 3 (``DeepSpeedStrategy``): ``latest`` names a tag directory holding the model states
+  (``mp_rank_00_model_states.pt``, or one ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` per rank in stage 3:
+  buffers, parameter shapes, frozen parameters, and the rest of the Lightning checkpoint as client state) and
+  one ``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank with that rank's partition of the fp32 master
+  weights. Trainable weights come from those fp32 partitions: stages 1 / 2 split each parameter group's flat
+  fp32 vector across ranks (params back to back, alignment padding between groups); stage 3 splits every
+  parameter on its own into ceil(numel / world) pieces, each rank's pieces back to back. Frozen parameters (EMA
+  copies, a teacher) come from the model states: whole in stages 1 / 2, one fragment per rank in stage 3.
+- torch distributed checkpoints (FSDP ``sharded_checkpoint``, fsdp2): ``.metadata`` + ``*.distcp`` shards and
+  Lightning's ``meta.pt`` (the rest of the checkpoint).
+Everything is read with ``torch.load(weights_only=True)``: DeepSpeed's loss-scaler objects and stage enum in
+the optimizer files are read as inert stand-ins, nothing else is allowed to unpickle. Floating tensors come out
+as fp32; prefixes the training module leaves out of its checkpoints (a student's frozen teacher) are dropped.
+No DeepSpeed or Lightning import is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtrain.export.checkpoint import CheckpointError
+
+__all__ = ["consolidate", "is_sharded_checkpoint", "ZeroCheckpointError"]
+
+# Keys DeepSpeed adds to a model-states file next to the Lightning client state.
+DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                  "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+                  "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+                  "ds_version", "checkpoint_parallel_dimensions", "mp_rank", "ds_steps"}
+_MODEL = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
+_OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+LIGHTNING_META = "meta.pt"  # Lightning's non-tensor part of a distributed (DCP) checkpoint
+
+
+class ZeroCheckpointError(CheckpointError):
+    """A sharded checkpoint that cannot be consolidated: ``path: reason``."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(path, "", reason)
+
+
+class _Inert:
+    """Stands in for a DeepSpeed object pickled into an optimizer file (loss scaler, ZeRO stage enum, fragment
+    addresses): keeps its constructor arguments and state, runs nothing; ``int()`` gives an enum's value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __int__(self) -> int:
+        return int(self.args[0])
+
+
+_STANDINS: set[str] = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                       "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                       "deepspeed.utils.tensor_fragment.fragment_address"}
+_UNSUPPORTED = re.compile(r"GLOBAL (deepspeed\.[\w.]+) was not an allowed global")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``; a global under ``deepspeed.`` is read as an ``_Inert`` stand-in."""
+    import pickle
+
+    for _ in range(32):
+        try:
+            with torch.serialization.safe_globals([(_Inert, name) for name in sorted(_STANDINS)]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except pickle.UnpicklingError as e:
+            m = _UNSUPPORTED.search(str(e))
+            if m is None or m.group(1) in _STANDINS:
+                raise ZeroCheckpointError(path, f"cannot be read with torch.load(weights_only=True): "
+                                          f"{_reason(e)}") from None
+            _STANDINS.add(m.group(1))
+        except Exception as e:
+            raise ZeroCheckpointError(path, f"not a readable torch file: {_reason(e)}") from None
+    if not isinstance(obj, dict):
+        raise ZeroCheckpointError(path, f"expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _reason(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(e).__name__)[:300]
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A DeepSpeed or distributed-checkpoint directory ``consolidate`` understands."""
+    p = Path(path)
+    return p.is_dir() and ((p / ".metadata").is_file() or _zero_dir(p) is not None)
+
+
+def _zero_dir(path: Path) -> Path | None:
+    """The directory holding the model-states files: ``<path>/<latest tag>``, ``<path>`` or its only subdirectory."""
+    if (path / "latest").is_file():
+        tag = (path / "latest").read_text().strip()
+        return path / tag if (path / tag).is_dir() else None
+    if any(_MODEL.fullmatch(f.name) for f in path.iterdir()):
+        return path
+    subs = [d for d in path.iterdir() if d.is_dir() and any(_MODEL.fullmatch(f.name) for f in d.iterdir())]
+    return subs[0] if len(subs) == 1 else None
+
+
+def _by_rank(files: list[tuple[int, Path]], what: str, where: Path) -> list[Path]:
+    ranks = sorted(r for r, _ in files)
+    if ranks != list(range(len(ranks))):
+        raise ZeroCheckpointError(where, f"{what} files for ranks {ranks}: some are missing")
+    return [f for _, f in sorted(files)]
+
+
+def _fp32(t: Any) -> Any:
+    return t.float() if isinstance(t, Tensor) and t.is_floating_point() else t
+
+
+def _zero_state_dict(d: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(fp32 state dict, client state of rank 0) of a DeepSpeed tag directory."""
+    models, optims = [], []
+    for f in d.iterdir():
+        if m := _MODEL.fullmatch(f.name):
+            if int(m.group(2)) != 0:
+                raise ZeroCheckpointError(d, "model / pipeline parallel checkpoints (mp_rank > 0) are not supported")
+            models.append((int(m.group(1) or 0), f))
+        elif m := _OPTIM.fullmatch(f.name):
+            if int(m.group(2)) != 0:
+                raise ZeroCheckpointError(d, "model / pipeline parallel checkpoints (mp_rank > 0) are not supported")
+            optims.append((int(m.group(1)), f))
+    if not models or not optims:
+        raise ZeroCheckpointError(d, f"not a DeepSpeed ZeRO checkpoint (needs *model_states.pt and "
+                                  f"*zero_pp_rank_*_optim_states.pt; found {sorted(f.name for f in d.iterdir())})")
+    model_states = [_load(f) for f in _by_rank(models, "model-states", d)]
+    opt = [_load(f)["optimizer_state_dict"] for f in _by_rank(optims, "optimizer-states", d)]
+    stage, parts = int(opt[0]["zero_stage"]), opt[0]["partition_count"]
+    world = max(parts) if isinstance(parts, list) else int(parts)
+    if world != len(opt):
+        raise ZeroCheckpointError(d, f"the optimizer states say {world} ranks but {len(opt)} files are present")
+    ms0 = model_states[0]
+    for key in ("module", "buffer_names", "param_shapes"):
+        if key not in ms0:
+            raise ZeroCheckpointError(d, f"model states lack {key!r}")
+    sd: dict[str, Tensor] = {k: v for k, v in ms0["module"].items() if k in set(ms0["buffer_names"])}
+    frozen = ms0.get("frozen_param_shapes") or {}
+    if stage <= 2:
+        for name in frozen:
+            sd[name] = ms0["frozen_param_fragments"][name]
+        sd.update(_zero2_trainable(opt, ms0["param_shapes"], world, d))
+    elif stage == 3:
+        if len(model_states) != world:
+            raise ZeroCheckpointError(d, f"stage 3 needs one model-states file per rank ({world}), found "
+                                      f"{len(model_states)}")
+        for name, shape in frozen.items():
+            frags = [ms["frozen_param_fragments"][name].reshape(-1) for ms in model_states]
+            sd[name] = torch.cat(frags).narrow(0, 0, math.prod(shape)).view(shape)
+        sd.update(_zero3_trainable(opt, ms0["param_shapes"], world, d))
+    else:
+        raise ZeroCheckpointError(d, f"unknown ZeRO stage {stage}")
+    for name, target in (ms0.get("shared_params") or {}).items():
+        if target in sd:
+            sd[name] = sd[target]
+    client = {k: v for k, v in ms0.items() if k not in DEEPSPEED_KEYS}
+    return {k: _fp32(v).clone() for k, v in sd.items()}, client
+
+
+def _zero2_trainable(opt: list[dict[str, Any]], param_shapes: list[Mapping[str, Any]], world: int, d: Path
+                     ) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    paddings = opt[0].get("param_alignment_paddings")
+    for g, shapes in enumerate(param_shapes):
+        flat = torch.cat([o["single_partition_of_fp32_groups"][g] for o in opt])
+        pads = paddings[g] if paddings is not None else [0] * len(shapes)
+        offset = 0
+        for (name, shape), pad in zip(shapes.items(), pads):
+            n = math.prod(shape)
+            out[name] = flat.narrow(0, offset, n).view(shape)
+            offset += n + pad
+        align = 2 * world  # DeepSpeed pads every group to a multiple of 2 x world size
+        if math.ceil(offset / align) != math.ceil(flat.numel() / align):
+            raise ZeroCheckpointError(d, f"parameter group {g} holds {flat.numel()} fp32 values, its parameters "
+                                      f"need {offset}: shapes and partitions do not match")
+    return out
+
+
+def _zero3_trainable(opt: list[dict[str, Any]], param_shapes: list[Mapping[str, Any]], world: int, d: Path
+                     ) -> dict[str, Tensor]:
+    flats = [torch.cat([t.reshape(-1) for t in o["fp32_flat_groups"]]) for o in opt]
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for shapes in param_shapes:
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            part = math.ceil(n / world)
+            out[name] = torch.cat([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape)
+            offset += part
+    if offset != flats[0].numel():
+        raise ZeroCheckpointError(d, f"each rank holds {flats[0].numel()} fp32 values, the parameters need "
+                                  f"{offset}: shapes and partitions do not match")
+    return out
+
+
+def _dcp_checkpoint(path: Path) -> dict[str, Any]:
+    """A torch distributed checkpoint (Lightning FSDP sharded / ModelParallel) as one dict, on CPU."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "full.pt"
+        try:
+            dcp_to_torch_save(str(path), str(out))
+        except Exception as e:
+            raise ZeroCheckpointError(path, f"cannot read the distributed checkpoint: {str(e)[:300]}") from None
+        ckpt = _load(out)
+    if (path / LIGHTNING_META).is_file():
+        ckpt = {**_load(path / LIGHTNING_META), **ckpt}
+    if "state_dict" not in ckpt and "model" in ckpt:  # FSDPStrategy's name for it (ModelParallelStrategy: state_dict)
+        ckpt["state_dict"] = ckpt.pop("model")
+    sd = ckpt.get("state_dict")
+    if isinstance(sd, Mapping):
+        ckpt["state_dict"] = {k: _fp32(v) for k, v in sd.items()}
+    return ckpt
+
+
+def consolidate(path: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint directory -> the dict a format-1 ``.ckpt`` file holds, weights in fp32.
+
+    ``ckpt["state_dict"]`` has ``net.*`` and ``ema.<tag>.*``; the optimizer state is left out (a consolidated
+    checkpoint is for export, sampling and teachers; resume from the directory itself).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ZeroCheckpointError(path, "not a directory (a sharded checkpoint is one)")
+    if (path / ".metadata").is_file():
+        ckpt = _dcp_checkpoint(path)
+        ckpt.pop("optimizer_states", None)
+        for k in [k for k in ckpt if re.fullmatch(r"optimizer_\d+", k)]:
+            del ckpt[k]
+    else:
+        d = _zero_dir(path)
+        if d is None:
+            raise ZeroCheckpointError(path, "neither a DeepSpeed checkpoint (no 'latest' file or "
+                                      "*model_states.pt) nor a torch distributed checkpoint (no .metadata)")
+        sd, ckpt = _zero_state_dict(d)
+        ckpt["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in sd.items()}
+    info = ckpt.pop("dtrain_sharded", None) or {}
+    drop = tuple(info.get("unsaved_prefixes") or ())
+    if drop:
+        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(drop)}
+    return ckpt

@@ -1,0 +1,92 @@
+"""Callbacks of the training lifecycle: EMA update, sample grids, checkpoints (last + every N steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dtrain.eval.grids import image_grid
+
+__all__ = ["EMAUpdate", "SampleGrid", "StepCheckpoint"]
+
+
+class EMAUpdate(L.Callback):
+    """Averages ``pl_module.net`` into ``pl_module.ema`` after each optimizer step.
+
+    A callback so it runs before ``ModelCheckpoint`` (which Lightning orders last): a checkpoint of
+    step N holds the EMA of step N. Works for manual optimization too (it watches ``global_step``).
+    """
+
+    def __init__(self) -> None:
+        self._last = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._last = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step != self._last:
+            self._last = step
+            pl_module.ema.update(pl_module.net, step)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` (rank 0): sample with the recipe's sampler, save a PNG, log it to image loggers.
+
+    Class-conditional models get one row per class (``per_class`` each, CFG from ``sampler.guidance``);
+    the noise is fixed (``seed``) so grids of successive steps are comparable.
+    """
+
+    def __init__(self, every_n_steps: int, out_dir: str | Path | None = None, per_class: int = 8,
+                 num: int = 64, seed: int = 0) -> None:
+        self.every, self.out_dir, self.per_class, self.num, self.seed = every_n_steps, out_dir, per_class, num, seed
+        self._last = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step == self._last or step % self.every or not pl_module.is_image:
+            return
+        self._last = step
+        if trainer.is_global_zero:
+            self.log_grid(trainer, pl_module, step)
+
+    def log_grid(self, trainer: L.Trainer, pl_module: Any, step: int) -> Path | None:
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        k = pl_module.num_classes
+        if k > 0:
+            labels = torch.arange(k).repeat_interleave(self.per_class)
+            x, nrow = pl_module.sample(labels=labels, generator=g), self.per_class
+        else:
+            x, nrow = pl_module.sample(self.num, generator=g), int(self.num**0.5)
+        img = image_grid(x, nrow, upscale=max(1, 32 // x.shape[-1]))
+        path = None
+        if self.out_dir is not None:
+            from PIL import Image
+
+            path = Path(self.out_dir) / f"step_{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[img], step=step, caption=[f"step {step}"])
+        return path
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every N steps (``step0001000.ckpt``) plus ``last.ckpt``, which is also written when
+    training ends between two periodic saves, so the final weights are always on disk."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
+        super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every_n_steps or None, save_top_k=-1 if every_n_steps else 0,
+                         save_last=True, save_on_train_epoch_end=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}",
+                                    weights_only=False)
+            self._last_global_step_saved = trainer.global_step

@@ -1,0 +1,297 @@
+"""``DiffusionModule``: the training lifecycle every method shares; a method only supplies its loss.
+
+Built from a resolved recipe: the network (``net``), its EMA copies (``ema``), the schedule and the
+denoiser over them. The module owns the optimizer (AdamW, linear warmup then constant or cosine LR),
+gradient clipping (and the grad norm it measures), the EMA update (``EMAUpdate`` callback, before any
+checkpoint of the same step), logging (loss every step without a host sync, per-timestep-bucket losses
+accumulated on device and flushed every ``trainer.log_every_n_steps``), sampling with the shared
+samplers, and the format-1 checkpoint metadata ``ckpt["dtrain"]``.
+
+A subclass sets ``kind`` and implements ``compute_loss(batch) -> (loss [B], t [B] or None)``; it may add
+``checkpoint_info()`` (method-specific metadata) and ``unsaved_prefixes`` (state-dict prefixes left out of
+checkpoints, e.g. a frozen teacher).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from dtrain.config import recipe_hash, to_container
+from dtrain.diffusion.denoiser import Denoiser
+from dtrain.diffusion.guidance import CFGDenoiser
+from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
+from dtrain.export.checkpoint import CKPT_FORMAT, read_checkpoint
+from dtrain.models import build_denoiser, build_model, count_params
+from dtrain.models.ema import EMA
+from dtrain.registry import Registry
+
+__all__ = ["DiffusionModule", "LIT_MODULES", "module_class", "lr_factor", "time_fraction"]
+
+# method name -> "module:Class" of its LightningModule, imported on use (students register theirs here).
+LIT_MODULES: Registry[str] = Registry("method")
+LIT_MODULES.register("denoising", "dtrain.lit.teacher:TeacherModule")
+LIT_MODULES.register("pd", "dtrain.lit.progressive:ProgressiveModule")
+LIT_MODULES.register("cd", "dtrain.lit.consistency:ConsistencyModule")
+LIT_MODULES.register("ct", "dtrain.lit.consistency:ConsistencyModule")
+LIT_MODULES.register("ict", "dtrain.lit.consistency:ConsistencyModule")
+LIT_MODULES.register("meanflow", "dtrain.lit.flow_map:MeanFlowModule")
+LIT_MODULES.register("ctm", "dtrain.lit.flow_map:CTMModule")
+
+
+def module_class(method: str) -> type[DiffusionModule]:
+    """The LightningModule class that trains ``method`` (``method.name`` of a recipe)."""
+    import importlib
+
+    mod, _, cls = LIT_MODULES.get(method, "method.name").partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """LR multiplier: linear warmup over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def time_fraction(schedule: Any, t: Tensor) -> Tensor:
+    """Where t lies in the schedule's range, in [0, 1]: t / t_max, or log-sigma position for sigma schedules."""
+    if isinstance(schedule, SigmaSchedule):
+        return torch.log(t / schedule.t_min) / math.log(schedule.t_max / schedule.t_min)
+    return t / schedule.t_max
+
+
+class DiffusionModule(L.LightningModule):
+    """Shared lifecycle; see the module docstring."""
+
+    kind = "base"
+    num_buckets = 10
+    unsaved_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, recipe: Any) -> None:
+        super().__init__()
+        self.recipe: dict[str, Any] = to_container(recipe) if isinstance(recipe, DictConfig) else dict(recipe)
+        r = self.recipe
+        self.schedule = schedule_from_config(r["schedule"])
+        self.net = build_model(r["model"])
+        self.channels_last = bool(r["trainer"].get("channels_last", False)) and self.is_image
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        e = r.get("ema") or {}
+        decays, stds = list(e.get("decays") or []), list(e.get("stds") or [])
+        self.ema = EMA(self.net, decays, stds, e.get("start_step", 0), e.get("every", 1)) if decays or stds else None
+        self._denoisers: dict[str | None, Denoiser] = {}  # plain dict: not registered, no duplicate state
+        self._bucket: Tensor | None = None  # [2, num_buckets]: loss sums and counts, on device (not a buffer)
+        self._grad_norm: Tensor | None = None
+        self._logged_step = -1
+        self.strict_loading = not self.unsaved_prefixes
+
+    # ---- recipe views -------------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self.recipe["model"].get("num_classes", 0) or 0)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        m = self.recipe["model"]
+        return (int(m["dim"]),) if m["name"] == "mlp" else (int(m["in_channels"]), int(m["resolution"]),
+                                                             int(m["resolution"]))
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.sample_shape) == 3
+
+    @property
+    def ema_tags(self) -> list[str]:
+        return self.ema.tags if self.ema is not None else []
+
+    @property
+    def default_ema(self) -> str | None:
+        """The EMA copy used for samples (the first listed), or None for the raw network."""
+        return self.ema_tags[0] if self.ema_tags else None
+
+    # ---- denoisers and sampling ---------------------------------------------------------------------------
+    def denoiser_for(self, ema: str | None = None) -> Denoiser:
+        """The denoiser over the raw network (None) or the EMA copy with that tag."""
+        if ema not in self._denoisers:
+            net = self.net if ema is None else self.ema[ema]  # type: ignore[index]
+            self._denoisers[ema] = build_denoiser(self.recipe["model"], self.schedule, net=net)
+        return self._denoisers[ema]
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The denoiser being trained (over ``net``)."""
+        return self.denoiser_for(None)
+
+    def guided(self, den: Any, w: float) -> Any:
+        """``den`` at guidance scale w: classifier-free guidance (students that take w as an input override this)."""
+        return CFGDenoiser(den, w, self.num_classes)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int | None = None,
+        *,
+        labels: Tensor | None = None,
+        nfe: int | None = None,
+        guidance: float | None = None,
+        ema: str | None = "default",
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples from the recipe's sampler (``sampler`` section), optionally class-conditional with CFG."""
+        from dtrain.samplers import run
+
+        s = self.recipe.get("sampler") or {}
+        n = len(labels) if labels is not None else int(n or 16)
+        ema = self.default_ema if ema == "default" else ema
+        den: Any = self.denoiser_for(ema)
+        w = float(s.get("guidance", 1.0) if guidance is None else guidance)
+        cond = labels.to(self.device) if labels is not None and self.num_classes > 0 else None
+        if cond is not None and w != 1.0:
+            den = self.guided(den, w)
+        g_dev = generator.device if generator is not None else self.device
+        x_T = float(self.schedule.sigma(self.schedule.t_max)) * torch.randn(
+            (n, *self.sample_shape), generator=generator, device=g_dev).to(self.device)
+        opts = {"eta": s["eta"]} if s.get("eta") is not None else {}
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return run(sampler or s.get("name", "ddim"), den, x_T, int(nfe or s.get("nfe", 50)), cond=cond,
+                       generator=generator, spacing=s.get("spacing"), **opts)
+        finally:
+            self.net.train(was_training)
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Per-sample loss [B] and the times [B] it was taken at (or None)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.recipe["trainer"].get("compile", False):
+            self.net.compile()
+
+    def configure_model(self) -> None:
+        """fsdp2 shards ``net`` and its EMA copies alike here; other strategies: nothing (``dtrain.dist.strategy``)."""
+        from dtrain.dist.strategy import configure_model
+
+        configure_model(self)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        from dtrain.lit.callbacks import EMAUpdate
+
+        return [EMAUpdate()] if self.ema is not None else []
+
+    def on_train_start(self) -> None:
+        # distinct noise on every rank; replayable from (seed, rank, step) after a resume
+        seed = int(self.recipe.get("seed", 0))
+        L.seed_everything((seed + 7919 * self.global_rank + 104729 * self.global_step) % 2**32, verbose=False)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        if self.channels_last and batch["x"].ndim == 4:
+            batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
+        loss_b, t = self.compute_loss(batch)
+        loss = loss_b.mean()
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=loss_b.shape[0])
+        if t is not None:
+            self._accumulate(loss_b.detach(), t.detach())
+        return loss
+
+    def _accumulate(self, loss_b: Tensor, t: Tensor) -> None:
+        if self._bucket is None or self._bucket.device != loss_b.device:
+            self._bucket = torch.zeros(2, self.num_buckets, dtype=torch.float64, device=loss_b.device)
+        idx = (time_fraction(self.schedule, t) * self.num_buckets).long().clamp_(0, self.num_buckets - 1)
+        self._bucket[0].index_add_(0, idx, loss_b.to(torch.float64))
+        self._bucket[1].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        if step == self._logged_step or (step % self.trainer.log_every_n_steps and step != self.trainer.max_steps):
+            return
+        self._logged_step = step
+        logs: dict[str, Any] = {}
+        if self._grad_norm is not None:
+            logs["train/grad_norm"] = self._grad_norm
+        if self._bucket is not None and step > 0:
+            sums, counts = self._bucket.tolist()  # one host sync per log interval
+            nb = self.num_buckets
+            logs.update({f"loss_t/{i / nb:.1f}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
+            self._bucket.zero_()
+        if logs:
+            self.log_dict(logs, on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm and keep the norm (a device tensor) for logging; other strategies: Lightning's."""
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        if not isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if gradient_clip_val:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+        else:
+            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+    def lr_lambda(self) -> Any:
+        """The LR multiplier as a function of the optimizer step (students with rounds override this)."""
+        o = self.recipe["optim"]
+        return partial(lr_factor, warmup=int(o["warmup_steps"]), total=int(self.recipe["trainer"]["max_steps"]),
+                       schedule=o["lr_schedule"], min_ratio=float(o["min_lr_ratio"]))
+
+    def configure_optimizers(self) -> Any:
+        o = self.recipe["optim"]
+        impl = o.get("impl", "auto")
+        if impl == "auto":
+            impl = "fused" if self.device.type == "cuda" else "foreach"
+        kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[impl]
+        opt = torch.optim.AdamW(self.net.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                weight_decay=o["weight_decay"], **kw)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def checkpoint_info(self) -> dict[str, Any]:
+        """Method-specific entries for ``ckpt["dtrain"]`` (subclasses add theirs)."""
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(self.unsaved_prefixes)] if self.unsaved_prefixes else []:
+            del sd[k]
+        checkpoint["dtrain"] = {
+            "format": CKPT_FORMAT,
+            "recipe": self.recipe,
+            "recipe_hash": recipe_hash(OmegaConf.create(self.recipe)),
+            "ema_tags": self.ema_tags,
+            "default_ema": self.default_ema,
+            "kind": self.kind,
+            "image": {"shape": list(self.sample_shape), "range": [-1.0, 1.0] if self.is_image else None},
+            **self.checkpoint_info(),
+        }
+
+    @classmethod
+    def load_checkpoint(cls, path: str | Path) -> DiffusionModule:
+        """Rebuild a module (on the CPU) from a format-1 checkpoint, read with ``weights_only=True``."""
+        ckpt = read_checkpoint(path)
+        recipe = ckpt["dtrain"]["recipe"]
+        klass = module_class(recipe["method"]["name"]) if cls is DiffusionModule else cls
+        module = klass(recipe)
+        module.load_state_dict(ckpt["state_dict"], strict=module.strict_loading)
+        return module
+
+    def num_params(self) -> int:
+        return count_params(self.net)

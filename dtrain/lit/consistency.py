@@ -1,0 +1,166 @@
+"""Consistency models in ``dtrain fit``: CD, CT and iCT (``method.name``: cd | ct | ict; arXiv 2303.01469, 2310.14189).
+
+The student is ``net`` read through the recipe's ``model`` section (its parameterization, schedule and input
+scaling) and wrapped as a ``ConsistencyModel`` (``dtrain.samplers.few_step``), so its boundary f(x, t_min) = x is
+exact and every sampler, the eval sweep and the bundle kind "consistency" drive it as a denoiser. The loss is
+``dtrain.methods.consistency.ConsistencyLoss``; this module only holds the lifecycle:
+
+- the teacher (``teacher``: a checkpoint or bundle, its EMA copy ``method.teacher_ema``) is loaded in ``setup`` and
+  never checkpointed; CD takes ODE steps with it (with CFG when ``method.guidance`` != 1); with ``method.init:
+  teacher`` the student, its EMA copies and the target start from the teacher's weights (CT / iCT then drop the
+  teacher). The student's network must be the teacher's and its schedule the teacher's.
+- the target network theta^-: ``method.target_ema`` > 0 keeps an EMA copy ``target.<tag>.*`` in the checkpoint,
+  updated at the start of each optimizer step with the current weights (so a checkpoint taken after step k resumes
+  exactly); 0 uses the student itself without gradient (iCT).
+- per-step randomness (intervals, noise) comes from a generator seeded by (seed, rank, global step, micro-batch), so
+  a resumed run repeats the uninterrupted one; N(k) follows the global step.
+- the training forward pass reads the network without ``model.clip_x0`` (no dead gradients); sampling, evaluation
+  and bundles apply it, as the bundle kind does.
+- checkpoints record kind cd / ct / ict (bundle kind "consistency"), the teacher reference, N at the step, and the
+  bundle's default sampler: ``consistency`` (the recipe's NFE when its sampler is ``consistency``, else 1 step), on
+  [t_max, *method.sample_times, 0] when sample times are given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtrain.lit.common import DiffusionModule
+from dtrain.lit.progressive import step_seed
+from dtrain.methods.consistency import ConsistencyLoss, LPIPSDistance, resolve
+from dtrain.models import build_denoiser
+from dtrain.models.ema import EMA
+from dtrain.samplers.few_step import ConsistencyModel
+
+__all__ = ["ConsistencyModule"]
+
+
+class ConsistencyModule(DiffusionModule):
+    """See the module docstring. ``teacher`` overrides the recipe's teacher (any denoiser over the recipe's
+    schedule, e.g. the exact mixture denoiser in tests)."""
+
+    kind = "cd"
+    unsaved_prefixes = ("teacher.", "lpips.")
+
+    def __init__(self, recipe: Any, teacher: Any = None) -> None:
+        super().__init__(recipe)
+        self.method = resolve(self.recipe["method"])
+        self.kind = self.method["name"]
+        lpips = LPIPSDistance() if self.method["distance"] == "lpips" else None
+        self.loss_fn = ConsistencyLoss.from_config(self.method, self.schedule, int(self.recipe["trainer"]["max_steps"]),
+                                                   lpips=lpips)
+        mu = float(self.method["target_ema"])
+        self.target = EMA(self.net, [mu]) if mu > 0 else None
+        plain = {**dict(self.recipe["model"]), "clip_x0": None}
+        nets = {"student": self.net, "target": self.target[self.target.tags[0]] if self.target else self.net}
+        self._cm = {k: ConsistencyModel(build_denoiser(plain, self.schedule, net=v)) for k, v in nets.items()}
+        self._given_teacher = teacher
+        self.teacher: Any = None
+        self.teacher_ref: dict[str, Any] | None = None
+        self._micro = (-1, 0)
+        self._target_step = -1
+        if lpips is not None:
+            self.lpips = lpips
+
+    # ---- teacher and initialisation ---------------------------------------------------------------------------
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kind == "cd" or self.method["init"] == "teacher"
+
+    def _load_teacher(self) -> None:
+        from dtrain.export.checkpoint import load_teacher
+
+        if self._given_teacher is not None:
+            teacher, ref = self._given_teacher, {"path": None, "format": "object",
+                                                 "kind": type(self._given_teacher).__name__}
+        else:
+            if self.recipe.get("teacher") is None:
+                raise ValueError(f"teacher: method {self.kind!r} with init {self.method['init']!r} needs a teacher "
+                                 f"(a checkpoint or a bundle path)")
+            teacher, info = load_teacher(self.recipe["teacher"], ema=self.method.get("teacher_ema", "auto"))
+            ref = info["ref"]
+            mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
+            if mine != theirs:
+                warnings.warn(f"model.param: the student predicts {mine!r}, the teacher {theirs!r}; the student "
+                              f"starts from the teacher's weights read as {mine!r}", stacklevel=2)
+        theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
+        if theirs != mine:
+            raise ValueError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
+                             f"({ref.get('path')})")
+        self.teacher = teacher.requires_grad_(False).eval().to(self.device)
+        self.teacher_ref = ref
+
+    def _init_from_teacher(self) -> None:
+        """net, its EMA copies and the target <- the teacher's network."""
+        net, where = getattr(self.teacher, "net", None), (self.teacher_ref or {}).get("path")
+        if net is None:
+            raise ValueError(f"method.init: the teacher ({type(self.teacher).__name__}) has no network to copy; "
+                             f"use method.init: scratch")
+        try:
+            self.net.load_state_dict(net.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"model: the student network is not the teacher's ({where}); copy the teacher's model "
+                             f"section: {str(e).splitlines()[0]}") from None
+        for ema in (self.ema, self.target):
+            for tag in ema.tags if ema is not None else []:
+                ema[tag].load_state_dict(self.net.state_dict())
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.teacher is None and self.uses_teacher:
+            self._load_teacher()
+            if self.method["init"] == "teacher":  # a resumed run then restores its own weights over these
+                self._init_from_teacher()
+            if self.kind != "cd":
+                self.teacher = None  # CT / iCT: the teacher only gave the first weights
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # theta^- <- EMA with the weights of this step, before the loss (a checkpoint of step k resumes exactly)
+        if self.target is not None and self.global_step != self._target_step:
+            self._target_step = self.global_step
+            self.target.update(self.net, self.global_step)
+
+    def teacher_model(self) -> Any:
+        """The teacher CD steps with: CFG-guided at ``method.guidance`` for a class-conditional model."""
+        w = float(self.method.get("guidance", 1.0))
+        return self.guided(self.teacher, w) if self.teacher is not None and w != 1.0 else self.teacher
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        x0, step = batch["x"], self.global_step
+        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
+        g = torch.Generator().manual_seed(step_seed(int(self.recipe.get("seed", 0)), self.global_rank, step,
+                                                    self._micro[1]))
+        intervals = self.loss_fn.sample_intervals(x0.shape[0], step, g)
+        noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
+        cond = batch.get("y") if self.num_classes > 0 else None
+        out = self.loss_fn(self._cm["student"], self._cm["target"], x0, cond, step=step, teacher=self.teacher_model(),
+                           noise=noise, intervals=intervals)
+        return out.loss, out.t
+
+    # ---- sampling and checkpoints ----------------------------------------------------------------------------
+    def denoiser_for(self, ema: str | None = None) -> Any:
+        """The consistency model over the raw network (None) or the EMA copy with that tag (with ``clip_x0``)."""
+        if ema not in self._denoisers:
+            net = self.net if ema is None else self.ema[ema]  # type: ignore[index]
+            self._denoisers[ema] = ConsistencyModel(build_denoiser(self.recipe["model"], self.schedule, net=net))
+        return self._denoisers[ema]
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        times = [float(t) for t in self.method.get("sample_times") or []]
+        info: dict[str, Any] = {
+            "teacher": self.teacher_ref,
+            "bundle_kind": "consistency",
+            "consistency": {"variant": self.kind, "num_scales": self.loss_fn.scales(self.global_step),
+                            "target_ema": float(self.method["target_ema"]), "t_min": float(self.schedule.t_min)},
+        }
+        s = self.recipe.get("sampler") or {}
+        info["sampler"] = {"name": "consistency", "nfe": int(s.get("nfe", 1)) if s.get("name") == "consistency" else 1}
+        if times:
+            info["sampler"].update(nfe=len(times) + 1, grid=[float(self.schedule.t_max), *times, 0.0])
+        return info

@@ -1,0 +1,123 @@
+"""A small FID-vs-NFE sweep every N training steps (``eval.every_n_steps``), on every rank.
+
+All ranks sample their share of ``eval.num`` samples from the module's default EMA denoiser (the sum is
+exact, see ``dtrain.eval.sweep``); rank 0 logs FID per (sampler, NFE) to every logger, and with W&B the
+table, the FID-vs-NFE line plot and a sample grid per point; ``out_dir`` gets ``step_XXXXXXX.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from dtrain.eval.sweep import SweepRow, parse_specs
+
+__all__ = ["FIDSweepCallback"]
+
+
+class FIDSweepCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps: ``fid_sweep`` of ``pl_module.denoiser_for(ema)``.
+
+    The module must provide ``denoiser_for(tag)``, ``default_ema``, ``num_classes`` and ``sample_shape``
+    (``dtrain.lit.common.DiffusionModule`` does).
+    """
+
+    def __init__(
+        self,
+        samplers: Sequence[str],
+        *,
+        every_n_steps: int,
+        ref_stats: str,
+        num: int = 1000,
+        batch_size: int = 250,
+        feature_extractor: str = "digits",
+        weights_path: str | None = None,
+        guidance: float = 1.0,
+        seed: int = 0,
+        ema: str | None = "default",
+        out_dir: str | Path | None = None,
+        at_end: bool = True,
+    ) -> None:
+        self.specs = parse_specs(list(samplers))
+        self.every, self.ref_path, self.num, self.batch_size = every_n_steps, ref_stats, num, batch_size
+        self.extractor_name, self.weights_path = feature_extractor, weights_path
+        self.guidance, self.seed = guidance, seed
+        self.ema, self.out_dir, self.at_end = ema, Path(out_dir) if out_dir is not None else None, at_end
+        self._extractor: Any = None
+        self._ref: Any = None
+        self._last = -1
+        self.history: list[tuple[int, list[SweepRow]]] = []
+
+    @classmethod
+    def from_recipe(cls, cfg: Any, out_dir: str | Path | None = None) -> FIDSweepCallback:
+        """From a resolved recipe's ``eval`` section (guidance defaults to ``sampler.guidance``)."""
+        e = cfg.eval
+        w = e.guidance if e.guidance is not None else cfg.sampler.guidance
+        return cls(list(e.samplers), every_n_steps=e.every_n_steps, ref_stats=e.ref_stats, num=e.num,
+                   batch_size=e.batch_size, feature_extractor=e.feature_extractor,
+                   weights_path=e.feature_extractor_weights_path, guidance=float(w), seed=e.seed, out_dir=out_dir)
+
+    def _setup_metric(self, shape: Sequence[int], device: torch.device) -> None:
+        if self._extractor is None:
+            from dtrain.eval.features import build_extractor
+            from dtrain.eval.fid import load_ref
+
+            self._extractor = build_extractor(self.extractor_name, self.weights_path, shape=shape).to(device)
+            self._ref = load_ref(self.ref_path, self._extractor)
+            self._ref.check(self._extractor, shape, str(self.ref_path))  # fail before training, not at step N
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._setup_metric(pl_module.sample_shape, pl_module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # at the start of the next batch: step N's EMA update (a batch-end callback) has happened
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step != self._last and step % self.every == 0:
+            self.run(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.at_end and trainer.global_step != self._last:
+            self.run(trainer, pl_module, trainer.global_step)
+
+    @torch.no_grad()
+    def run(self, trainer: L.Trainer, pl_module: Any, step: int) -> list[SweepRow]:
+        """The sweep (every rank), then logging (rank 0)."""
+        from dtrain.eval.sweep import fid_sweep
+
+        self._last = step
+        self._setup_metric(pl_module.sample_shape, pl_module.device)
+        tag = pl_module.default_ema if self.ema == "default" else self.ema
+        den = pl_module.denoiser_for(tag)
+        modes = {m: m.training for m in den.modules()}  # restore each submodule's own mode afterwards
+        den.eval()
+        try:
+            rows = fid_sweep(den, self.specs, num=self.num, batch_size=self.batch_size, shape=pl_module.sample_shape,
+                             extractor=self._extractor, ref=self._ref,
+                             num_classes=pl_module.num_classes, guidance=self.guidance, seed=self.seed,
+                             device=pl_module.device, progress=False, ref_source=str(self.ref_path))
+        finally:
+            for m, was in modes.items():
+                m.training = was
+        self.history.append((step, rows))
+        if trainer.is_global_zero:
+            self._log(trainer, rows, step)
+        return rows
+
+    def _log(self, trainer: L.Trainer, rows: list[SweepRow], step: int) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                from dtrain.eval.report import log_wandb
+
+                log_wandb(rows, logger.experiment, step=step)
+            else:
+                logger.log_metrics({f"eval/fid/{r.sampler}_nfe{r.nfe}": r.fid for r in rows}, step=step)
+        if self.out_dir is not None:
+            from dtrain.eval.report import write_json
+
+            write_json(rows, self.out_dir / f"step_{step:07d}.json", step=step, seed=self.seed,
+                       ref_stats=str(self.ref_path), ref_count=self._ref.count, extractor=self.extractor_name,
+                       guidance=self.guidance)

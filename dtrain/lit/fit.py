@@ -1,0 +1,143 @@
+"""``dtrain fit``: build the datamodule, LightningModule, Trainer, callbacks and W&B logger from a recipe.
+
+The run directory ``<out_dir>/<name>/`` receives the resolved recipe (``recipe.yaml``), checkpoints
+(``checkpoints/step0001000.ckpt``, ``checkpoints/last.ckpt``), sample grids (``samples/``) and the W&B
+run (``wandb/``; offline runs upload later with ``wandb sync``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dtrain.config import load_recipe, to_container
+from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
+from dtrain.lit.common import DiffusionModule, module_class
+
+__all__ = ["fit", "run_dir", "build_trainer", "build_logger", "describe"]
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def build_logger(cfg: DictConfig, out: Path) -> Any:
+    """WandbLogger with the recipe's project, name, tags and mode; the resolved recipe is the run config."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    lg = cfg.logger
+    out.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=lg.project, name=lg.name or cfg.name, tags=list(lg.tags), mode=lg.mode,
+                       save_dir=str(out), config=to_container(cfg))
+
+
+def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callbacks: Sequence[L.Callback] = ()
+                  ) -> L.Trainer:
+    """Trainer (devices, nodes, precision, strategy) + callbacks (checkpoints, LR monitor, progress, grids).
+
+    ``extra_callbacks``: e.g. the datamodule's own (``fit`` passes ``datamodule.callbacks()`` when it has one).
+    """
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+
+    from dtrain.dist import slurm  # under SLURM: devices and nodes of the allocation, requeue on SIGUSR1
+    from dtrain.dist.strategy import build_strategy
+
+    t = cfg.trainer
+    devices, num_nodes = slurm.topology(t.devices, t.num_nodes)
+    callbacks: list[L.Callback] = [
+        StepCheckpoint(out / "checkpoints", t.ckpt_every_n_steps),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=t.log_every_n_steps))
+    if t.sample_every_n_steps > 0:
+        callbacks.append(SampleGrid(t.sample_every_n_steps, out / "samples", seed=cfg.seed))
+    callbacks += [*extra_callbacks, *slurm.callbacks()]
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        plugins=slurm.plugins(),
+        precision=t.precision,
+        strategy=build_strategy(cfg),
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        logger=logger if logger is not None else build_logger(cfg, out),
+        default_root_dir=str(out),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+
+
+def describe(cfg: DictConfig) -> str:
+    """The resolved recipe as YAML and the network's parameter count (built on the meta device: no memory)."""
+    from dtrain.models import build_model, count_params
+
+    with torch.device("meta"):
+        n = count_params(build_model(cfg.model))
+    return f"{OmegaConf.to_yaml(cfg)}# parameters: {n:,} ({cfg.model.name})\n"
+
+
+def _write_recipe(cfg: DictConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".recipe.yaml.{os.getpid()}"
+    tmp.write_text(OmegaConf.to_yaml(cfg))
+    tmp.replace(out / "recipe.yaml")  # atomic: every rank may write the same file
+
+
+def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_run: bool = False,
+        resume: str | None = None) -> Path:
+    """Train from a recipe file (+ ``key=value`` overrides); returns the run directory.
+
+    ``resume``: a checkpoint path, or ``last`` for ``<run>/checkpoints/last.ckpt``.
+    """
+    cfg = recipe if isinstance(recipe, DictConfig) else load_recipe(recipe, overrides)
+    out = run_dir(cfg)
+    if dry_run:
+        print(describe(cfg), end="")
+        return out
+    klass: type[DiffusionModule] = module_class(cfg.method.name)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # EMA copies, on purpose
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.cpu_threads > 0:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+    if torch.cuda.is_available():  # TF32 matmuls / convolutions on GPUs (CPU math stays exact float32)
+        torch.set_float32_matmul_precision("high" if cfg.trainer.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = bool(cfg.trainer.tf32)
+    ckpt_path = None
+    if resume is not None:
+        ckpt_path = out / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint not found: {ckpt_path}")
+    _write_recipe(cfg, out)
+    from dtrain.data import build_datamodule
+
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    module = klass(cfg)
+    extra = list(getattr(datamodule, "callbacks", list)())  # a datamodule may bring its own (e.g. data counters)
+    if cfg.eval.every_n_steps > 0:
+        from dtrain.lit.eval_callback import FIDSweepCallback
+
+        extra.append(FIDSweepCallback.from_recipe(cfg, out_dir=out / "eval"))
+    trainer = build_trainer(cfg, out, extra_callbacks=extra)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    finally:  # close this run's W&B run, so a later fit in the same process starts its own
+        for logger in trainer.loggers:
+            if trainer.is_global_zero and getattr(logger, "_experiment", None) is not None:
+                logger.experiment.finish()
+    return out

@@ -1,0 +1,201 @@
+"""Flow-map students in ``dtrain fit``: MeanFlow (``method.name: meanflow``, arXiv 2505.13447) and CTM
+(``method.name: ctm``, arXiv 2310.02279). The losses are ``dtrain.methods.flow_map``; this module holds the lifecycle:
+
+- the network is built with ``model.second_time`` and read as ``MeanFlowModel`` / ``CTMModel``
+  (``dtrain.samplers.few_step``): ``denoiser_for`` returns that flow map, so sample grids, the eval sweep and the
+  bundle kinds "meanflow" / "ctm" drive it with the few-step samplers (``flowmap``, ``flowmap_gamma``) or, through
+  its denoiser view (s = t), with any other sampler;
+- the teacher (``teacher``: a checkpoint or bundle; a ``teacher`` argument overrides it, e.g. the exact mixture
+  denoiser in tests) is loaded in ``setup`` and never checkpointed. CTM needs it on its own schedule and starts the
+  student, and its EMA copies, from the teacher's weights (the second-time embedding starts at zero, so the student
+  begins as the teacher's one-time denoiser). MeanFlow takes it optionally, as the velocity of its target (read
+  through ``Rescheduled`` when the teacher's schedule is not the flow schedule), and trains from scratch;
+- per-step randomness (times, noise, dropped labels) comes from a generator seeded by (seed, rank, global step,
+  micro-batch), so a resumed run repeats the uninterrupted one;
+- MeanFlow's JVP under DDP: ``method.jvp: detached`` (default) takes the gradient through an ordinary forward, which
+  DDP synchronises as for any loss. ``method.jvp: fused`` takes it through the JVP's primal output; forward-mode AD
+  is outside DDP's contract (pytorch#102197: it fires the reducer's hooks only when the JVP happens to run inside the
+  DDP-wrapped forward, never for ``model.module``), so this module switches DDP's reducer off for the step and
+  all-reduces the network's gradients itself after backward, on every DDP setup alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dtrain.lit.common import DiffusionModule
+from dtrain.lit.progressive import step_seed
+from dtrain.methods.flow_map import CTMLoss, MeanFlowLoss, Rescheduled
+from dtrain.models import build_denoiser
+from dtrain.samplers.few_step import CTMModel, MeanFlowModel
+
+__all__ = ["FlowMapModule", "MeanFlowModule", "CTMModule", "all_reduce_grads"]
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average the gradients of ``params`` over the default process group, in one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    i = 0
+    for g in grads:
+        g.copy_(flat[i: i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+class FlowMapModule(DiffusionModule):
+    """Shared by MeanFlow and CTM: the flow-map views, the teacher, per-step generators, checkpoint metadata."""
+
+    unsaved_prefixes = ("teacher.",)
+    needs_teacher = False
+
+    def __init__(self, recipe: Any, teacher: Any = None) -> None:
+        super().__init__(recipe)
+        if not self.recipe["model"].get("second_time"):
+            raise ValueError(f"model.second_time: must be true for method {self.recipe['method']['name']!r} "
+                             f"(the network embeds the target time of a jump)")
+        self._given_teacher = teacher
+        self.teacher: Any = None
+        self.teacher_ref: dict[str, Any] | None = None
+        self._micro = (-1, 0)
+
+    def flow_map(self, net: torch.nn.Module) -> Any:
+        raise NotImplementedError
+
+    def denoiser_for(self, ema: str | None = None) -> Any:
+        """The flow map over the raw network (None) or the EMA copy with that tag."""
+        if ema not in self._denoisers:
+            self._denoisers[ema] = self.flow_map(self.net if ema is None else self.ema[ema])  # type: ignore[index]
+        return self._denoisers[ema]
+
+    def _load_teacher(self) -> Any:
+        """The frozen teacher (or None when the recipe has none and the method does not need one)."""
+        from dtrain.export.checkpoint import load_teacher
+
+        if self._given_teacher is not None:
+            teacher = self._given_teacher
+            self.teacher_ref = {"path": None, "format": "object", "kind": type(teacher).__name__}
+        elif self.recipe.get("teacher") is not None:
+            teacher, info = load_teacher(self.recipe["teacher"], ema=self.recipe["method"].get("teacher_ema", "auto"))
+            self.teacher_ref = info["ref"]
+        elif self.needs_teacher:
+            raise ValueError(f"teacher: method {self.kind!r} distils a teacher; give a checkpoint or bundle path")
+        else:
+            return None
+        return teacher.requires_grad_(False).eval().to(self.device)
+
+    def generator(self) -> torch.Generator:
+        """This micro-batch's generator, seeded by (seed, rank, global step, micro-batch)."""
+        step = self.global_step
+        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
+        return torch.Generator().manual_seed(step_seed(int(self.recipe.get("seed", 0)), self.global_rank, step,
+                                                       self._micro[1]))
+
+    def labels(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        return batch.get("y") if self.num_classes > 0 else None
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"teacher": self.teacher_ref, "bundle_kind": self.kind}
+
+
+class MeanFlowModule(FlowMapModule):
+    """MeanFlow: ``MeanFlowLoss`` on the flow schedule, optionally with a teacher's velocity."""
+
+    kind = "meanflow"
+    explicit_sync = True  # the fused JVP's all-reduce (tests switch it off to show the ranks then drift apart)
+
+    def __init__(self, recipe: Any, teacher: Any = None) -> None:
+        super().__init__(recipe, teacher)
+        self.loss_fn = MeanFlowLoss.from_config(self.recipe["method"], self.recipe["model"], self.schedule)
+        self._ddp_off = False
+
+    def flow_map(self, net: torch.nn.Module) -> MeanFlowModel:
+        return MeanFlowModel(net, self.schedule)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.teacher is None:
+            teacher = self._load_teacher()
+            if teacher is not None and teacher.schedule.to_dict() != self.schedule.to_dict():
+                teacher = Rescheduled(teacher, self.schedule)
+            w = float(self.recipe["method"].get("cfg_omega", 1.0))
+            if teacher is not None and w != 1.0 and self.num_classes > 0:
+                teacher = self.guided(teacher, w)  # distillation: CFG on the teacher's velocity
+            self.teacher = teacher
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        out = self.loss_fn(self.denoiser_for(None), batch["x"], self.labels(batch), teacher=self.teacher,
+                           generator=self.generator())
+        return out.loss, out.t
+
+    # ---- explicit gradient synchronisation of the fused JVP ---------------------------------------------------
+    def _ddp(self) -> Any:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = getattr(self.trainer.strategy, "model", None) if self._trainer is not None else None
+        return model if isinstance(model, DistributedDataParallel) else None
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        ddp = self._ddp() if self.loss_fn.jvp == "fused" else None
+        if ddp is not None and ddp.require_backward_grad_sync:  # DDP's reducer sits this step out (see docstring)
+            ddp.require_backward_grad_sync, self._ddp_off = False, True
+        return super().training_step(batch, batch_idx)
+
+    def on_after_backward(self) -> None:
+        if self._ddp_off:
+            self._ddp().require_backward_grad_sync, self._ddp_off = True, False
+            if self.explicit_sync:
+                all_reduce_grads(list(self.net.parameters()), self.trainer.world_size)
+
+
+class CTMModule(FlowMapModule):
+    """CTM: ``CTMLoss`` distilling the teacher on its own schedule, the student initialised from it."""
+
+    kind = "ctm"
+    needs_teacher = True
+
+    def __init__(self, recipe: Any, teacher: Any = None) -> None:
+        super().__init__(recipe, teacher)
+        self.loss_fn = CTMLoss.from_config(self.recipe["method"], self.recipe["model"], self.schedule)
+
+    def flow_map(self, net: torch.nn.Module) -> CTMModel:
+        return CTMModel(build_denoiser(self.recipe["model"], self.schedule, net=net))
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.teacher is None:
+            teacher = self._load_teacher()
+            theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
+            if theirs != mine:
+                raise ValueError(f"schedule: CTM distils on the teacher's schedule {theirs}, the recipe has {mine} "
+                                 f"({(self.teacher_ref or {}).get('path')})")
+            self.teacher = teacher
+            if self.recipe["method"].get("init", "teacher") == "teacher":  # a resumed run restores its own weights
+                self._init_from_teacher()
+
+    def _init_from_teacher(self) -> None:
+        """net and its EMA copies <- the teacher's network; only the second-time embedding (zero) is new."""
+        net = getattr(self.teacher, "net", None)
+        if net is None:
+            raise ValueError(f"method.init: the teacher ({type(self.teacher).__name__}) has no network to copy; "
+                             f"use method.init: scratch")
+        missing, unexpected = self.net.load_state_dict(net.state_dict(), strict=False)
+        wrong = [k for k in missing if not k.startswith("s_emb.")] + list(unexpected)
+        if wrong:
+            raise ValueError(f"model: the student network is not the teacher's plus model.second_time "
+                             f"({(self.teacher_ref or {}).get('path')}): mismatched tensors {wrong[:5]}")
+        for tag in self.ema_tags:
+            self.ema[tag].load_state_dict(self.net.state_dict())  # type: ignore[index]
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        out = self.loss_fn(self.denoiser_for(None), self.teacher, batch["x"], self.labels(batch),
+                           generator=self.generator())
+        return out.loss, out.t

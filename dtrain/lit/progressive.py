@@ -1,0 +1,311 @@
+"""Progressive distillation as one ``dtrain fit`` run: rounds N0 -> N0/2 -> ... -> ``method.end_steps`` (Salimans &
+Ho 2022, arXiv 2202.00512), optionally after guided PD's stage 1 (Meng et al. 2023, arXiv 2210.03142).
+
+The round of a global step comes from ``method.round_steps`` (``round_plan``). Round 0's teacher is the recipe's
+``teacher`` (a checkpoint or a bundle) and the student starts from its weights (``method.teacher_ema``); a
+w-conditioned student adds a zero-initialised w embedding. When a round ends, its EMA student (``ema.decays[0]``,
+the raw network without EMA) is evaluated at its step count and written to the run directory:
+
+    <run>/rounds/round00_32steps/   bundle (dtrain.json + model.safetensors, the next round's teacher) + eval.json
+    <run>/rounds/rounds.json        every finished round: kind, steps, global step, metrics, bundle path
+
+then it becomes the next teacher (loaded back from that bundle, on every rank) and the next student's
+initialisation; the student's EMA copies and the optimizer state restart, and the LR warmup / schedule runs
+per round. Checkpoints record the round (``ckpt["dtrain"]["pd"]``), and a resume in the middle of any round
+reloads that round's teacher from its file. Per-step randomness (times, noise, w, label dropout) comes from a
+generator seeded by (seed, rank, global step), so a resumed run repeats the uninterrupted one exactly.
+A checkpoint's default sampler is DDIM at the round's step count on its distilled grid, so ``dtrain export``
+gives a bundle that samples the student as trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
+from dtrain.diffusion.timesteps import make_grid
+from dtrain.lit.common import DiffusionModule, lr_factor
+from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
+
+__all__ = ["ProgressiveModule", "round_lr", "step_seed"]
+
+
+def round_lr(step: int, *, bounds: tuple[tuple[int, int], ...], warmup: int, schedule: str, min_ratio: float) -> float:
+    """``lr_factor`` restarted in every round ([start, end) pairs): warmup, then constant or cosine, per round."""
+    start, end = next((b for b in bounds if step < b[1]), bounds[-1])
+    return lr_factor(step - start, warmup=warmup, total=end - start, schedule=schedule, min_ratio=min_ratio)
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence: nearby steps give unrelated streams)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class ProgressiveModule(DiffusionModule):
+    """The student (``net``, its EMAs), the frozen teacher of the current round (``teacher``, not checkpointed)
+    and the round plan; see the module docstring. ``teacher`` overrides the recipe's round-0 teacher (any
+    denoiser over the recipe's schedule, e.g. the exact mixture denoiser in tests)."""
+
+    kind = "pd"
+    unsaved_prefixes = ("teacher.",)
+
+    def __init__(self, recipe: Any, teacher: Any = None) -> None:
+        super().__init__(recipe)
+        r, m, model = self.recipe, self.recipe["method"], self.recipe["model"]
+        self.rounds: list[Round] = round_plan(m, int(r["trainer"]["max_steps"]))
+        self.round = 0
+        self.start_steps, self.spacing = int(m["start_steps"]), (r.get("sampler") or {}).get("spacing")
+        self.w_range = (float(m["guidance"][0]), float(m["guidance"][1])) if m.get("guidance") else None
+        kw = dict(weighting=m.get("weighting", "snr_trunc"), target=m.get("target"),
+                  sigma_data=float(model.get("sigma_data", 0.5)), cfg_dropout=float(m.get("cfg_dropout", 0.0)))
+        self.pd_loss = ProgressiveLoss(self.schedule, model.get("param", "eps"), num_classes=self.num_classes, **kw)
+        self.guide_loss = (GuidanceLoss(self.schedule, model.get("param", "eps"), w_range=self.w_range,
+                                        null_label=self.num_classes, **kw) if self.w_range else None)
+        self._given_teacher = teacher
+        self.teacher: Any = None
+        self.teacher_ref: dict[str, Any] | None = None
+        self._grids: dict[int, Tensor] = {}
+        self._micro = (-1, 0)  # (global step, micro-batches seen in it): gradient accumulation draws fresh noise
+        if model.get("param", "eps") == "eps":
+            warnings.warn("model.param: an eps-predicting student cannot take few large steps: x0 = (x_t - sigma eps) "
+                          "/ alpha blows up at low SNR (Salimans & Ho 2022, Sec. 4); use model.param: v or x0 (the "
+                          "student still starts from the teacher's weights)", stacklevel=2)
+        off = [n for n in {rd.steps for rd in self.rounds}
+               if not torch.equal(self.grid(n), make_grid(self.schedule, n, self.spacing))]
+        if off:
+            warnings.warn(f"sampler.spacing: the {sorted(off)}-step student grids (every k-th point of the "
+                          f"{self.start_steps}-step teacher grid) are not make_grid(n, {self.spacing!r}); checkpoints "
+                          f"and bundles record the distilled grid, but an eval sweep 'ddim:n' samples another one "
+                          f"(a nested spacing: 'trailing' for ddpm schedules)", stacklevel=2)
+
+    # ---- rounds -------------------------------------------------------------------------------------------
+    @property
+    def current(self) -> Round:
+        return self.rounds[self.round]
+
+    def grid(self, steps: int) -> Tensor:
+        """The ``steps``-step grid of this run (nested in the ``start_steps`` teacher grid), float64."""
+        if steps not in self._grids:
+            self._grids[steps] = pd_grid(self.schedule, steps, self.start_steps, self.spacing)
+        return self._grids[steps]
+
+    @property
+    def rounds_dir(self) -> Path:
+        root = self.trainer.default_root_dir if self._trainer is not None else Path(self.recipe["out_dir"]) / \
+            self.recipe["name"]
+        return Path(root) / "rounds"
+
+    def _load_teacher(self, index: int) -> None:
+        """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle."""
+        from dtrain.export.checkpoint import load_teacher
+
+        if index == 0 and self._given_teacher is not None:
+            teacher, ref = self._given_teacher, {"path": None, "format": "object", "kind": type(self._given_teacher)
+                                                 .__name__}
+        else:
+            path = self.recipe["teacher"] if index == 0 else self.rounds_dir / self.rounds[index - 1].name
+            if path is None:
+                raise ValueError("teacher: progressive distillation needs a teacher (a checkpoint or a bundle path)")
+            ema = self.recipe["method"].get("teacher_ema", "auto") if index == 0 else "auto"
+            teacher, info = load_teacher(path, ema=ema)
+            ref = info["ref"]
+            if index == 0:
+                mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
+                if mine != theirs:
+                    warnings.warn(f"model.param: the student predicts {mine!r}, the teacher {theirs!r}; the student "
+                                  f"starts from the teacher's weights read as {mine!r}", stacklevel=2)
+        theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
+        if theirs != mine:
+            raise ValueError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
+                             f"({ref.get('path')})")
+        self.teacher = teacher.requires_grad_(False).eval().to(self.device)
+        self.teacher_ref = ref
+
+    def _init_student(self) -> None:
+        """Student and its EMA copies <- the teacher's network (a w embedding the teacher lacks stays at zero)."""
+        net, where = getattr(self.teacher, "net", None), (self.teacher_ref or {}).get("path")
+        if net is None:
+            warnings.warn("teacher: it has no network to copy; the student starts from its own initialisation",
+                          stacklevel=2)
+        else:
+            try:
+                missing, extra = self.net.load_state_dict(net.state_dict(), strict=False)
+            except RuntimeError as e:
+                raise ValueError(f"model: the student network does not fit the teacher's weights ({where}): "
+                                 f"{str(e).splitlines()[-1].strip()}") from None
+            missing = [k for k in missing if not k.startswith("w_emb.")]
+            if missing or extra:
+                raise ValueError(f"model: the student network is not the teacher's ({where}): missing {missing[:4]}, "
+                                 f"unexpected {extra[:4]}; copy the teacher's model section")
+        if self.ema is not None:
+            for tag in self.ema.tags:
+                self.ema[tag].load_state_dict(self.net.state_dict())
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.teacher is None:
+            self._load_teacher(0)
+            self._init_student()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = (checkpoint.get("dtrain") or {}).get("pd") or {}
+        saved = [Round(**r) for r in info.get("rounds", [])]
+        if saved and saved != self.rounds:
+            raise ValueError(f"method.round_steps: the checkpoint's rounds {[asdict(r) for r in saved]} are not this "
+                             f"recipe's {[asdict(r) for r in self.rounds]}")
+        self.round = int(info.get("round", 0))
+        if self._trainer is not None:
+            self._load_teacher(self.round)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # a round's last EMA update happened at the previous batch's end; a checkpoint taken there resumes here
+        while self.round + 1 < len(self.rounds) and self.global_step >= self.current.end:
+            self._finish_round(self.current)
+            self.round += 1
+            self._load_teacher(self.round)
+            self._init_student()
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+
+    def on_train_end(self) -> None:
+        if self.global_step >= self.rounds[-1].end and self.round == len(self.rounds) - 1:
+            self._finish_round(self.current)
+
+    def _finish_round(self, rnd: Round) -> None:
+        """Evaluate the round's EMA student (every rank takes its share) and write its bundle (rank 0)."""
+        tag = self.default_ema
+        state = (self.ema[tag] if tag is not None else self.net).state_dict()  # type: ignore[index]
+        metrics = self.evaluate_round(rnd) if self.recipe["method"].get("eval", True) else {}
+        if self.trainer.is_global_zero:
+            self._write_round(rnd, state, tag, metrics)
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"round/index": rnd.index, "round/steps": rnd.steps,
+                                    **{f"round/{k}": v for k, v in metrics.items() if isinstance(v, float | int)}},
+                                   step=self.global_step)
+        self.trainer.strategy.barrier("pd_round")
+
+    def _write_round(self, rnd: Round, state: Mapping[str, Tensor], tag: str | None, metrics: dict[str, Any]) -> None:
+        from dtrain.export.bundle import save_bundle
+        from dtrain.export.checkpoint import bundle_info
+
+        ck: dict[str, Any] = {"state_dict": {}, "global_step": self.global_step}
+        self.on_save_checkpoint(ck)
+        out = self.rounds_dir / rnd.name
+        info = bundle_info(ck, source=f"{out.parent.parent} step {self.global_step} (ema {tag})", metrics=metrics)
+        save_bundle(out, state, info, ema=tag, overwrite=True)
+        entry = {**asdict(rnd), "global_step": self.global_step, "ema": tag, "metrics": metrics, "bundle": str(out)}
+        _write_json(out / "eval.json", entry)
+        index = self.rounds_dir / "rounds.json"
+        done = [e for e in (json.loads(index.read_text()) if index.is_file() else []) if e["index"] != rnd.index]
+        _write_json(index, sorted([*done, entry], key=lambda e: e["index"]))
+
+    @torch.no_grad()
+    def evaluate_round(self, rnd: Round) -> dict[str, Any]:
+        """The round's EMA student with DDIM on its grid: FID (+ class accuracy) against ``eval.ref_stats``, or the
+        sliced W1 distance and mixture-weight error on the 2-D GMM; {} when neither applies."""
+        e, r = self.recipe["eval"], self.recipe
+        w = float(e["guidance"] if e.get("guidance") is not None else r["sampler"].get("guidance", 1.0))
+        base = self.denoiser_for(self.default_ema)
+        den = self.guided(base, w) if self.num_classes > 0 and w != 1.0 else base
+        grid, dev = self.grid(rnd.steps), self.device
+        modes = {m: m.training for m in base.modules()}
+        base.eval()
+        try:
+            if e.get("ref_stats"):
+                return {**self._fid(den, rnd.steps, grid, e), "guidance": w}
+            if r["data"]["name"] == "gmm":
+                return self._gmm(den, grid, int(e["num"]), int(e["seed"]), dev)
+            return {}
+        finally:
+            for m, was in modes.items():
+                m.training = was
+
+    def _fid(self, den: Any, steps: int, grid: Tensor, e: Mapping[str, Any]) -> dict[str, Any]:
+        from dtrain.eval.features import build_extractor
+        from dtrain.eval.fid import FID, dist_rank, load_ref
+        from dtrain.eval.sweep import generate, global_batches
+
+        ext = build_extractor(e["feature_extractor"], e.get("feature_extractor_weights_path"),
+                              shape=self.sample_shape).to(self.device)
+        ref = load_ref(e["ref_stats"], ext, self.device)
+        metric = FID(ext, ref, shape=self.sample_shape, device=self.device, ref_source=str(e["ref_stats"]))
+        score_labels = self.num_classes > 0 and ext.num_classes == self.num_classes
+        batches = global_batches(int(e["num"]), int(e["batch_size"]), *dist_rank())
+        for x0, y in generate(den, "ddim", steps, batches, shape=self.sample_shape, num_classes=self.num_classes,
+                              seed=int(e["seed"]), device=self.device, grid=grid):
+            metric.update(x0, y if score_labels else None)
+        res = metric.compute()
+        return {"fid": float(res["fid"]), "num": int(e["num"]), "ref_stats": str(e["ref_stats"]),
+                **({"class_acc": float(res["class_acc"])} if res.get("class_acc") is not None else {})}
+
+    def _gmm(self, den: Any, grid: Tensor, n: int, seed: int, device: torch.device) -> dict[str, Any]:
+        from dtrain.data.synthetic import default_gmm, sliced_wasserstein
+        from dtrain.samplers import ddim
+
+        gmm = default_gmm()
+        g = torch.Generator().manual_seed(seed)
+        x_T = float(self.schedule.sigma(self.schedule.t_max)) * torch.randn(n, gmm.dim, generator=g)
+        labels = torch.multinomial(gmm.weights, n, replacement=True, generator=g) if self.num_classes > 0 else None
+        x = ddim(den, x_T.to(device), grid, cond=None if labels is None else labels.to(device)).cpu()
+        ref, _ = gmm.sample(n, generator=torch.Generator().manual_seed(seed + 1))
+        return {"sliced_w1": sliced_wasserstein(x, ref), "weight_error": gmm.weight_error(x), "num": n}
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def lr_lambda(self) -> Any:
+        o = self.recipe["optim"]
+        return partial(round_lr, bounds=tuple((rd.start, rd.end) for rd in self.rounds),
+                       warmup=int(o["warmup_steps"]), schedule=o["lr_schedule"], min_ratio=float(o["min_lr_ratio"]))
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        rnd, x0, step = self.current, batch["x"], self.global_step
+        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
+        g = torch.Generator().manual_seed(step_seed(int(self.recipe.get("seed", 0)), self.global_rank, step,
+                                                    self._micro[1]))
+        labels = batch.get("y") if self.num_classes > 0 else None
+        if rnd.kind == "guide":
+            return self.guide_loss(self.denoiser, self.teacher, x0, self.grid(rnd.steps), labels,  # type: ignore[misc]
+                                   generator=g)
+        cond: Any = labels
+        if self.w_range is not None:
+            cond = GuidedCond(labels, sample_w(x0.shape[0], self.w_range, g, x0.device))
+        return self.pd_loss(self.denoiser, self.teacher, x0, self.grid(2 * rnd.steps), cond, generator=g)
+
+    # ---- sampling and checkpoints ----------------------------------------------------------------------------
+    def guided(self, den: Any, w: float) -> Any:
+        return WCondDenoiser(den, w) if self.w_range is not None else super().guided(den, w)
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, *, nfe: int | None = None, **kw: Any) -> Tensor:
+        """Samples of the current round's student (default: its step count)."""
+        return super().sample(n, nfe=nfe or self.current.steps, **kw)
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        rnd = self.current
+        info: dict[str, Any] = {
+            "teacher": self.teacher_ref,
+            "sampler": {"name": "ddim", "nfe": rnd.steps, "eta": None, "grid": self.grid(rnd.steps).tolist()},
+            "pd": {"round": rnd.index, "phase": rnd.kind, "student_steps": rnd.steps, "start_steps": self.start_steps,
+                   "spacing": self.spacing, "w_range": list(self.w_range) if self.w_range else None,
+                   "rounds": [asdict(rd) for rd in self.rounds]},
+        }
+        if self.w_range is not None:
+            info["bundle_kind"] = "guided_denoiser"
+        return info
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

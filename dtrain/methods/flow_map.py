@@ -1,0 +1,308 @@
+"""Flow-map students: MeanFlow and CTM losses, per sample [B]. The models are ``dtrain.samplers.few_step``'s
+``MeanFlowModel`` (u(z, r, t)) and ``CTMModel`` (G(x_t, t, s)).
+
+MeanFlow (Geng et al. 2025, arXiv 2505.13447), on the flow schedule z_t = (1 - t) x0 + t eps. The average velocity
+u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau obeys u = v - (t - r) du/dt (differentiate (t - r) u = z_t - z_r
+in t), with the total derivative du/dt = v d_z u + d_t u along the trajectory. The loss regresses u_theta on the
+stop-gradient target v - (t - r) du_theta/dt, du_theta/dt by ``torch.func.jvp`` with tangents (v, 0, 1) on (z, r, t):
+- v is the conditional velocity eps - x0 (training from scratch, as the paper), or a teacher's velocity at z_t
+  (distillation: lower variance; a teacher on another schedule is read through ``Rescheduled``);
+- (r, t): two ``time_sampling`` draws, t the larger; r = t (plain flow matching) except for a fraction ``ratio``;
+- adaptive weighting: the per-sample squared error d is weighted by sg(1 / (d + c)^p) (the paper's Sec. 4.3);
+- CFG in training (Sec. 4.2): v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) for labelled
+  samples (the network's own predictions, no gradient), labels dropped to the null class with ``cfg_dropout``; with a
+  teacher, the teacher is guided with scale omega instead;
+- ``jvp="detached"``: the JVP runs without gradient and the loss takes an ordinary forward of the network (one extra
+  forward; gradients flow through a plain forward, so every strategy synchronises them as usual);
+  ``jvp="fused"``: the JVP's primal output carries the gradient (no extra forward; ``dtrain.lit.flow_map`` then
+  all-reduces the gradients itself under DDP, since forward-mode AD is outside DDP's contract, pytorch#102197).
+Attention inside the JVP runs on the math SDPA kernel (forward AD is not implemented for the flash kernels).
+
+CTM (Kim et al. 2023, arXiv 2310.02279), on the teacher's schedule. For t > s, u in [s, t):
+  x_est = G_theta(x_t, t, s),   x_target = G_sg(theta)(Solver_teacher(x_t, t -> u), u, s),
+both carried to time 0 by G_sg(theta)(., s, 0) (``compare="zero"``, the paper's choice; ``"s"`` compares at s), loss
+d(x_est, x_target) plus ``dsm_weight`` times the denoising loss of g_theta(x_t, t, t) (the DSM auxiliary loss). The
+teacher solves t -> u in ``teacher_steps`` uniform steps of the shared ``ddim`` / ``heun`` step
+(``consistency.teacher_step``); ``max_span`` bounds t - u so a few steps stay accurate (CTM draws u anywhere in
+[s, t); null keeps that). s is drawn uniformly in [0, t], or is 0 with probability ``s_zero_prob``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dtrain.diffusion.denoiser import DenoiserLike
+from dtrain.diffusion.param import Coeffs, from_x0_eps, velocity_ode
+from dtrain.diffusion.schedule import Schedule, as_t, bcast
+from dtrain.diffusion.timesteps import sample_t
+from dtrain.methods.consistency import SOLVERS, distance, teacher_step
+from dtrain.methods.denoising import DenoisingLoss, LossOutput
+from dtrain.samplers.few_step import CTMModel, MeanFlowModel
+
+__all__ = [
+    "JVP_MODES",
+    "MEANFLOW_TIMES",
+    "CTM_COMPARE",
+    "CTM_DISTANCES",
+    "Rescheduled",
+    "MeanFlowLoss",
+    "CTMLoss",
+    "meanflow_target",
+]
+
+JVP_MODES = ("detached", "fused")
+MEANFLOW_TIMES = ("uniform", "logit_normal")
+CTM_COMPARE = ("zero", "s")
+CTM_DISTANCES = ("l2", "l1", "pseudo_huber")
+
+
+def _noise_and_labels(x0: Tensor, cond: Tensor | None, p_drop: float, null: int, noise: Tensor | None,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+    """Noise (``noise``, or drawn: from ``generator`` on the CPU when given) and the labels with each replaced by the
+    null class with probability ``p_drop`` (CFG training)."""
+    if noise is None:
+        noise = (torch.randn_like(x0) if generator is None else
+                 torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device))
+    if cond is not None and p_drop > 0:
+        keep = (torch.rand(cond.shape, generator=generator) >= p_drop).to(cond.device)
+        cond = torch.where(keep, cond, torch.full_like(cond, null))
+    return noise, cond
+
+
+class Rescheduled(nn.Module):
+    """A denoiser on another schedule: D'(x, t) = D(k x, tau), tau with the same log-SNR as t (clamped to D's
+    [t_min, t_max]) and k = sqrt((alpha_D^2 + sigma_D^2)(tau) / (alpha^2 + sigma^2)(t)), which equals alpha_D / alpha =
+    sigma_D / sigma where the log-SNRs match: x / alpha = x0 + (sigma / alpha) eps is the same variable on both."""
+
+    def __init__(self, inner: DenoiserLike, schedule: Schedule) -> None:
+        super().__init__()
+        self.inner, self.schedule = inner, schedule
+
+    def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
+        t = as_t(t)
+        own, sch = self.inner.schedule, self.schedule
+        tau = own.t_from_lambda(sch.lambda_(t)).clamp(own.t_min, own.t_max)
+        (a, s), (a_d, s_d) = sch.alpha_sigma(t), own.alpha_sigma(tau)
+        k = ((a_d**2 + s_d**2) / (a**2 + s**2)).sqrt()
+        return self.inner(x * bcast(k, x), tau, cond)
+
+
+def meanflow_target(model: MeanFlowModel, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Any = None,
+                    fused: bool = False) -> tuple[Tensor, Tensor]:
+    """(u_theta(z, r, t), target v - (t - r) du/dt without gradient); du/dt by ``torch.func.jvp`` along (v, 0, 1).
+
+    ``fused``: u is the JVP's primal output (carries the gradient); else the JVP runs without gradient and u comes
+    from an ordinary forward.
+    """
+    def fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+        return model.u(z_, r_, t_, cond)
+
+    primals, tangents = (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t))
+    with sdpa_kernel(SDPBackend.MATH):
+        if fused:
+            u, dudt = torch.func.jvp(fn, primals, tangents)
+        else:
+            with torch.no_grad():
+                dudt = torch.func.jvp(fn, primals, tangents)[1]
+    if not fused:
+        u = fn(z, r, t)
+    return u, (v - bcast(t - r, v) * dudt).detach()
+
+
+class MeanFlowLoss:
+    """Callable ``(model, x0, cond, teacher=) -> LossOutput(loss [B], t [B])``; see the module docstring."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        *,
+        time_sampling: str = "logit_normal",
+        p_mean: float = -0.4,
+        p_std: float = 1.0,
+        ratio: float = 0.25,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        cfg_omega: float = 1.0,
+        cfg_kappa: float = 0.0,
+        cfg_dropout: float = 0.1,
+        num_classes: int = 0,
+        jvp: str = "detached",
+    ) -> None:
+        if time_sampling not in MEANFLOW_TIMES:
+            raise ValueError(f"method.time_sampling: {time_sampling!r}; choose one of {list(MEANFLOW_TIMES)}")
+        if jvp not in JVP_MODES:
+            raise ValueError(f"method.jvp: {jvp!r}; choose one of {list(JVP_MODES)}")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"method.ratio: the fraction of r != t samples must be in [0, 1], got {ratio}")
+        self.schedule, self.time_sampling, self.p_mean, self.p_std = schedule, time_sampling, p_mean, p_std
+        self.ratio, self.adaptive_p, self.adaptive_c, self.jvp = ratio, adaptive_p, adaptive_c, jvp
+        self.cfg_omega, self.cfg_kappa = cfg_omega, cfg_kappa
+        self.cfg_dropout, self.num_classes = cfg_dropout, num_classes
+
+    @classmethod
+    def from_config(cls, method: Mapping[str, Any], model: Mapping[str, Any], schedule: Schedule) -> MeanFlowLoss:
+        """From a recipe's ``method`` (meanflow) and ``model`` sections."""
+        keys = ("time_sampling", "p_mean", "p_std", "ratio", "adaptive_p", "adaptive_c", "cfg_omega", "cfg_kappa",
+                "cfg_dropout", "jvp")
+        return cls(schedule, num_classes=int(model.get("num_classes", 0) or 0),
+                   **{k: method[k] for k in keys if k in method})
+
+    def sample_times(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(r, t), float64 [n] on the CPU: two draws, t the larger, r = t except for a fraction ``ratio``."""
+        a, b = (sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=self.p_mean,
+                         p_std=self.p_std) for _ in range(2))
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        apart = torch.rand(n, generator=generator, dtype=torch.float64) < self.ratio
+        return torch.where(apart, r, t), t
+
+    def __call__(
+        self,
+        model: MeanFlowModel,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        *,
+        teacher: DenoiserLike | None = None,
+        r: Tensor | None = None,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """Per-sample loss at times (r, t) and noise ``noise``, drawn (from ``generator``) when None."""
+        if t is None or r is None:
+            r, t = self.sample_times(x0.shape[0], generator)
+        r, t = r.to(x0.device, torch.float64), t.to(x0.device, torch.float64)
+        eps, labels = _noise_and_labels(x0, cond if self.num_classes > 0 else None, self.cfg_dropout,
+                                        self.num_classes, noise, generator)
+        z = self.schedule.marginal(x0, eps, t)
+        c = Coeffs.at(self.schedule, t, x0)
+        with torch.no_grad():
+            if teacher is not None:
+                v = velocity_ode(teacher(z, t, labels), z, c)
+            else:
+                v = from_x0_eps("velocity", x0, eps, z, c)
+                if labels is not None and (self.cfg_omega != 1.0 or self.cfg_kappa != 0.0):
+                    v = self._guided_velocity(model, z, t, v, labels)
+        u, target = meanflow_target(model, z, r, t, v, labels, fused=self.jvp == "fused")
+        d = (u.float() - target.float()).square().flatten(1).mean(1)
+        if self.adaptive_p > 0:
+            d = d / (d.detach() + self.adaptive_c) ** self.adaptive_p
+        return LossOutput(d, t)
+
+    def _guided_velocity(self, model: MeanFlowModel, z: Tensor, t: Tensor, v: Tensor, labels: Tensor) -> Tensor:
+        """omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) where the label was kept."""
+        null = torch.full_like(labels, self.num_classes)
+        u_c, u_n = model.u(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        w, k = self.cfg_omega, self.cfg_kappa
+        guided = w * v + k * u_c + (1 - w - k) * u_n
+        kept = (labels != self.num_classes).reshape(-1, *([1] * (v.ndim - 1)))
+        return torch.where(kept, guided, v)
+
+
+class _SgJump(nn.Module):
+    """``model.jump(x, s, 0)`` as a module (for ``torch.func.functional_call`` with detached weights)."""
+
+    def __init__(self, model: CTMModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Any) -> Tensor:
+        return self.model.jump(x, t, s, cond, clip=False)
+
+
+class CTMLoss:
+    """Callable ``(model, teacher, x0, cond) -> LossOutput(loss [B], t [B])``; see the module docstring."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        *,
+        param: str = "v",
+        sigma_data: float = 0.5,
+        time_sampling: str = "uniform",
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        solver: str = "heun",
+        teacher_steps: int = 1,
+        max_span: float | None = None,
+        s_zero_prob: float = 0.0,
+        compare: str = "zero",
+        distance: str = "l2",
+        huber_c: float | None = None,
+        dsm_weight: float = 1.0,
+        dsm_weighting: str = "none",
+        cfg_dropout: float = 0.0,
+        num_classes: int = 0,
+    ) -> None:
+        if solver not in SOLVERS:
+            raise ValueError(f"method.solver: unknown {solver!r}; choose one of {list(SOLVERS)}")
+        if compare not in CTM_COMPARE:
+            raise ValueError(f"method.compare: {compare!r}; choose one of {list(CTM_COMPARE)}")
+        if distance not in CTM_DISTANCES:
+            raise ValueError(f"method.distance: {distance!r}; choose one of {list(CTM_DISTANCES)}")
+        if teacher_steps < 1 or (max_span is not None and max_span <= 0) or not 0 <= s_zero_prob <= 1:
+            raise ValueError("method: need teacher_steps >= 1, max_span > 0 (or null) and s_zero_prob in [0, 1]")
+        self.schedule, self.time_sampling, self.p_mean, self.p_std = schedule, time_sampling, p_mean, p_std
+        self.solver, self.teacher_steps, self.max_span, self.s_zero_prob = solver, teacher_steps, max_span, s_zero_prob
+        self.compare, self.distance, self.huber_c, self.dsm_weight = compare, distance, huber_c, dsm_weight
+        self.cfg_dropout, self.num_classes = cfg_dropout, num_classes
+        self.dsm = DenoisingLoss(schedule, param, weighting=dsm_weighting, sigma_data=sigma_data)
+        # the teacher's solve ends at u >= u_min > 0 (Heun's per-sample step needs sigma(u) > 0)
+        self.u_min = float(schedule.t_min) if schedule.t_min > 0 else 1e-3 * float(schedule.t_max)
+
+    @classmethod
+    def from_config(cls, method: Mapping[str, Any], model: Mapping[str, Any], schedule: Schedule) -> CTMLoss:
+        """From a recipe's ``method`` (ctm) and ``model`` sections."""
+        keys = ("time_sampling", "p_mean", "p_std", "solver", "teacher_steps", "max_span", "s_zero_prob", "compare",
+                "distance", "huber_c", "dsm_weight", "dsm_weighting", "cfg_dropout")
+        return cls(schedule, param=model.get("param", "eps"), sigma_data=float(model.get("sigma_data", 0.5)),
+                   num_classes=int(model.get("num_classes", 0) or 0), **{k: method[k] for k in keys if k in method})
+
+    def sample_times(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(t, u, s), float64 [n] on the CPU, with s <= u <= t and u >= u_min."""
+        t = sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=self.p_mean, p_std=self.p_std)
+        a, b, c = torch.rand(3, n, generator=generator, dtype=torch.float64)
+        s = torch.where(c < self.s_zero_prob, torch.zeros_like(t), a * t)
+        u = s + b * (t - s)
+        if self.max_span is not None:
+            u = torch.maximum(u, t - self.max_span)
+        return t, torch.minimum(torch.maximum(u, torch.full_like(u, self.u_min)), t), s
+
+    def __call__(
+        self,
+        model: CTMModel,
+        teacher: DenoiserLike,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        *,
+        times: tuple[Tensor, Tensor, Tensor] | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """Per-sample loss at times (t, u, s) and noise ``noise``, drawn (from ``generator``) when None."""
+        t, u, s = self.sample_times(x0.shape[0], generator) if times is None else times
+        t, u, s = (v.to(x0.device, torch.float64) for v in (t, u, s))
+        eps, labels = _noise_and_labels(x0, cond if self.num_classes > 0 else None, self.cfg_dropout,
+                                        self.num_classes, noise, generator)
+        x_t = self.schedule.marginal(x0, eps, t)
+        zero = torch.zeros_like(s)
+        with torch.no_grad():
+            x_u, k = x_t, self.teacher_steps
+            for i in range(k):  # uniform sub-steps t -> u
+                a, b = t + (u - t) * (i / k), t + (u - t) * ((i + 1) / k)
+                x_u = teacher_step(self.solver, teacher, x_u, a, b, labels)
+            target = model.jump(x_u, u, s, labels, clip=False)
+            if self.compare == "zero":
+                target = model.jump(target, s, zero, labels, clip=False)
+        est = model.jump(x_t, t, s, labels, clip=False)
+        if self.compare == "zero":  # G_sg(theta)(est, s, 0): gradient to est, none to the weights
+            sg = {k: v.detach() for k, v in model.named_parameters(prefix="model")}
+            est = torch.func.functional_call(_SgJump(model), sg, (est, s, zero, labels), strict=False)
+        loss = distance(self.distance, est.float(), target.float(), huber_c=self.huber_c)
+        if self.dsm_weight > 0:
+            loss = loss + self.dsm_weight * self.dsm(model.denoiser, x0, labels, t=t, noise=eps).loss
+        return LossOutput(loss, t)

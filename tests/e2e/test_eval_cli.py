@@ -1,0 +1,73 @@
+"""``dtrain eval CKPT``: a format-1 checkpoint of a tiny digits UNet -> table, JSON, plot, grids; the JSON rows
+equal a direct ``fid_sweep`` of the same denoiser; bad reference statistics and specs fail in one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dtrain.eval.features import build_extractor
+from dtrain.eval.fid import RefStats, load_ref
+from dtrain.eval.sweep import fid_sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["model.channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
+        "sampler.guidance=1.5", "logger.mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from dtrain.config import load_recipe, to_container
+    from dtrain.diffusion.schedule import schedule_from_config
+    from dtrain.models import build_denoiser, build_model
+
+    cfg = to_container(load_recipe("recipes/teacher/digits.yaml", TINY))
+    torch.manual_seed(0)
+    net = build_model(cfg["model"])
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "dtrain": {"format": 1, "recipe": cfg, "ema_tags": [], "kind": "teacher"}}, path)
+    return path, build_denoiser(cfg["model"], schedule_from_config(cfg["schedule"]), net).eval()
+
+
+@pytest.mark.timeout(120)
+def test_dtrain_eval_writes_the_sweep(ckpt, tmp_path, capsys):
+    from dtrain.cli import main
+
+    path, den = ckpt
+    out = tmp_path / "eval"
+    rc = main(["eval", str(path), "--samplers", "ddim:1,2", "ddpm:2", "--num", "30", "--batch-size", "16",
+               "--out", str(out), "--seed", "4"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "FID vs NFE" in table and "dpm++" not in table and "ddpm" in table
+    rec = json.loads((out / "fid_vs_nfe.json").read_text())
+    assert rec["guidance"] == 1.5 and rec["ref_stats"] == "digits:train" and rec["ref_count"] == 1347
+    assert [(r["sampler"], r["nfe"], r["num"]) for r in rec["rows"]] == [("ddim", 1, 30), ("ddim", 2, 30),
+                                                                         ("ddpm", 2, 30)]
+    ext = build_extractor("digits")
+    direct = fid_sweep(den, ["ddim:1,2", "ddpm:2"], num=30, batch_size=16, shape=(1, 8, 8), extractor=ext,
+                       ref=load_ref("digits:train", ext), num_classes=10, guidance=1.5, seed=4, progress=False)
+    assert [r["fid"] for r in rec["rows"]] == pytest.approx([r.fid for r in direct], rel=1e-9)
+    assert (out / "fid_vs_nfe.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["ddim_nfe1.png", "ddim_nfe2.png", "ddpm_nfe2.png"]
+
+
+def test_dtrain_eval_refuses_mismatched_stats_and_bad_specs(ckpt, tmp_path, capsys):
+    from dtrain.cli import main
+
+    path, _ = ckpt
+    x = torch.randn(20, 3, 8, 8)
+    RefStats(x.flatten(1).mean(0).double().numpy(), torch.cov(x.flatten(1).T).double().numpy(),
+             {"extractor": "raw", "weights_sha256": "x", "num_features": 192, "resolution": [3, 8, 8],
+              "count": 20}).save(tmp_path / "raw.npz")
+    assert main(["eval", str(path), "--samplers", "ddim:1", "--num", "4", "--ref-stats", str(tmp_path / "raw.npz"),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "dtrain eval: eval.ref_stats: reference statistics" in err and "extractor: file has 'raw'" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit, match=r"--samplers: unknown sampler 'nope'"):
+        main(["eval", str(path), "--samplers", "nope:1", "--num", "4"])

@@ -1,0 +1,47 @@
+"""GPU tests: skipped without CUDA. Results (checkpoints, logs, a summary.json per test) go under
+``$DTRAIN_GPU_OUT`` when set, else pytest's tmp_path:
+
+    DTRAIN_GPU_OUT=$OUT python -m pytest -q tests/gpu -p no:cacheprovider
+
+Needs torch, lightning, omegaconf and deepspeed (the DeepSpeed tests skip without it); not wandb, webdataset or
+sklearn (runs log to CSV).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU here)")
+    for item in items:
+        if "tests/gpu" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def out_dir(request, tmp_path) -> Path:
+    """Where a test writes its run: ``$DTRAIN_GPU_OUT/<test name>`` or tmp_path."""
+    root = os.environ.get("DTRAIN_GPU_OUT")
+    if not root:
+        return tmp_path
+    d = Path(root) / re.sub(r"[^\w.-]+", "_", request.node.name)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture
+def summary(out_dir):
+    """A dict the test fills; written to ``<out_dir>/summary.json`` afterwards (also when the test fails)."""
+    data: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                  "torch": torch.__version__}
+    yield data
+    (out_dir / "summary.json").write_text(json.dumps(data, indent=2, default=str))

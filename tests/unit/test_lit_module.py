@@ -1,0 +1,155 @@
+"""The shared LightningModule lifecycle on a tiny GMM teacher: LR schedule, clipping and its norm, the EMA of
+step N in the checkpoint of step N, format-1 checkpoint layout, timestep buckets, module registry."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from dtrain.config import load_recipe
+from dtrain.lit.common import LIT_MODULES, DiffusionModule, lr_factor, module_class, time_fraction
+from dtrain.lit.teacher import TeacherModule
+
+GMM = Path(__file__).resolve().parents[2] / "recipes" / "teacher" / "gmm.yaml"
+
+
+def recipe(tmp_path, *extra):
+    return load_recipe(GMM, [f"out_dir={tmp_path}", "model.hidden=16", "model.depth=1", "data.batch_size=64",
+                             "data.num_samples=2048", "trainer.max_steps=6", "trainer.log_every_n_steps=3",
+                             "trainer.ckpt_every_n_steps=4", "trainer.progress_bar=false", "logger.mode=disabled",
+                             "ema.decays=[0.9,0.5]", "ema.stds=[0.1]", "optim.warmup_steps=2", *extra])
+
+
+def test_lr_factor_warmup_then_cosine():
+    f = [lr_factor(s, warmup=4, total=12, schedule="cosine", min_ratio=0.1) for s in range(13)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and f[12] == pytest.approx(0.1)
+    assert f[8] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(100, warmup=4, total=12, schedule="constant", min_ratio=0.1) == 1.0
+
+
+def test_time_fraction():
+    from dtrain.diffusion.schedule import make_schedule
+
+    edm = make_schedule("edm")
+    torch.testing.assert_close(time_fraction(edm, torch.tensor([0.002, 80.0], dtype=torch.float64)),
+                               torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert float(time_fraction(make_schedule("ddpm"), torch.tensor(0.5))) == 0.5
+
+
+def test_registry():
+    assert module_class("denoising") is TeacherModule
+    with pytest.raises(KeyError, match=r"method\.name: unknown method 'pd2'"):
+        module_class("pd2")
+    assert "denoising" in LIT_MODULES
+
+
+def test_fit_lifecycle_and_checkpoint_layout(tmp_path):
+    from dtrain.lit.fit import build_trainer, run_dir
+
+    cfg = recipe(tmp_path)
+    L.seed_everything(0, verbose=False)
+    module = TeacherModule(cfg)
+    init = {k: v.clone() for k, v in module.net.state_dict().items()}
+    seen: dict[str, object] = {"lr": []}
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["lr"].append(optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:  # weights after all of step 4's hooks
+                seen["net4"] = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+                seen["ema4"] = {k: v.clone() for k, v in pl_module.ema.state_dict().items()}
+
+    from dtrain.data import build_datamodule
+
+    trainer = build_trainer(cfg, run_dir(cfg))
+    trainer.callbacks.insert(0, Spy())
+    trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+    trainer.logger.experiment.finish()
+    lr = 2e-3
+    assert seen["lr"][:2] == pytest.approx([lr * 0.5, lr])  # warmup over 2 steps, then cosine
+    assert seen["lr"][-1] == pytest.approx(lr * lr_factor(5, warmup=2, total=6, schedule="cosine", min_ratio=0.05))
+
+    ckdir = tmp_path / "teacher-gmm" / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["last.ckpt", "step0000004.ckpt"]
+    ck4 = torch.load(ckdir / "step0000004.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(ckdir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ck4["global_step"] == 4 and last["global_step"] == 6
+    sd = ck4["state_dict"]
+    assert {k.split(".")[0] for k in sd} == {"net", "ema"}
+    assert {k.split(".")[1] for k in sd if k.startswith("ema.")} == {"0_9", "0_5", "std0_100"}
+    for k, v in seen["net4"].items():  # type: ignore[union-attr]
+        assert torch.equal(sd[f"net.{k}"], v)
+    for k, v in seen["ema4"].items():  # type: ignore[union-attr]
+        assert torch.equal(sd[f"ema.{k}"], v), k  # the EMA of step 4, not step 3
+    meta = ck4["dtrain"]
+    assert meta["format"] == 1 and meta["kind"] == "teacher" and meta["ema_tags"] == ["0_9", "0_5", "std0_100"]
+    assert meta["recipe"]["model"]["hidden"] == 16 and meta["image"] == {"shape": [2], "range": None}
+    assert meta["default_ema"] == "0_9" and len(meta["recipe_hash"]) == 64
+    assert not any(torch.equal(init[k], sd[f"net.{k}"]) for k in init if "out" in k)  # trained
+    # the checkpoint rebuilds the module, EMA included
+    again = DiffusionModule.load_checkpoint(ckdir / "last.ckpt")
+    assert isinstance(again, TeacherModule)
+    for k, v in last["state_dict"].items():
+        assert torch.equal(again.state_dict()[k], v)
+
+
+def test_grad_norm_is_the_global_norm_before_clipping(tmp_path):
+    cfg = recipe(tmp_path, "optim.grad_clip=1e-4")
+    module = TeacherModule(cfg)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        gradient_clip_val=1e-4, enable_model_summary=False)
+    captured = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # grads after the step
+            grads = [p.grad for p in pl_module.net.parameters() if p.grad is not None]
+            captured["norm_after"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+        def on_after_backward(self, trainer, pl_module):
+            grads = [p.grad for p in pl_module.net.parameters() if p.grad is not None]
+            captured["norm_before"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    trainer.callbacks.append(Spy())
+    from dtrain.data import build_datamodule
+
+    trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+    assert float(module._grad_norm) == pytest.approx(captured["norm_before"], rel=1e-5)
+    assert captured["norm_after"] == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_bucket_losses_are_per_time_means(tmp_path):
+    module = TeacherModule(recipe(tmp_path))
+    loss = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    t = torch.tensor([0.01, 0.05, 0.95, 0.99], dtype=torch.float64) * module.schedule.t_max
+    module._accumulate(loss, t)
+    sums, counts = module._bucket.tolist()
+    assert counts[0] == 2 and counts[9] == 2 and sum(counts) == 4
+    assert sums[0] / counts[0] == 1.5 and sums[9] / counts[9] == 6.5
+
+
+def test_sample_shapes_and_guidance(tmp_path):
+    module = TeacherModule(recipe(tmp_path, "model.num_classes=3"))
+    g = torch.Generator().manual_seed(0)
+    x = module.sample(labels=torch.tensor([0, 1, 2]), nfe=3, guidance=2.0, generator=g)
+    assert x.shape == (3, 2)
+    assert module.sample(5, nfe=2, ema=None).shape == (5, 2)
+
+
+def test_same_seed_same_weights(tmp_path):
+    from dtrain.lit.fit import fit
+
+    def train(seed: int, name: str) -> dict:
+        cfg = recipe(tmp_path, f"seed={seed}", f"name={name}", "trainer.ckpt_every_n_steps=0")
+        out = fit(cfg)
+        return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+    a, b, c = train(0, "a"), train(0, "b"), train(1, "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -1,0 +1,227 @@
+"""Networks, embeddings and EMA: sizes against peers, exact math of attention / embeddings / averages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtrain.models import MODELS, build_denoiser, build_model, count_params
+from dtrain.models.ema import EMA, decay_tag, gamma_to_std, power_beta, std_tag, std_to_gamma
+from dtrain.models.embeddings import sinusoidal
+from dtrain.models.mlp import MLP
+from dtrain.models.unet import AttentionBlock, UNet
+
+DDPM_CIFAR10 = dict(in_channels=3, resolution=32, channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
+                    attn_resolutions=[16], num_heads=1, dropout=0.1, scale_shift=False)
+
+
+def tiny_unet(**kw) -> UNet:
+    cfg = dict(in_channels=1, resolution=8, channels=32, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
+               num_heads=2, dropout=0.0, num_classes=10)
+    return UNet(**{**cfg, **kw})
+
+
+def test_ddpm_cifar10_size_matches_diffusers_and_paper():
+    """DDPM's CIFAR-10 network (35.7M parameters, arXiv 2006.11239) = diffusers' UNet2DModel, to the parameter."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ours = count_params(UNet(**DDPM_CIFAR10))
+        ref = diffusers.UNet2DModel(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    assert ours == count_params(ref) == 35_746_307
+
+
+def test_adm_imagenet64_size():
+    """ADM's class-conditional ImageNet-64 (ch 192, mult 1,2,3,4, 3 blocks, attn 32/16/8, 64-ch heads): ~296M."""
+    with torch.device("meta"):
+        n = count_params(UNet(3, 64, 192, [1, 2, 3, 4], 3, [32, 16, 8], head_channels=64, resblock_updown=True,
+                              num_classes=1000))
+    assert 295e6 < n < 297e6
+
+
+@pytest.mark.parametrize("kw", [{}, {"scale_shift": False}, {"resblock_updown": True}, {"head_channels": 16},
+                                {"channel_mult": [1, 2, 2], "attn_resolutions": [4, 2]}])
+def test_unet_shapes_and_zero_init(kw):
+    net = tiny_unet(**kw)
+    x = torch.randn(3, 1, 8, 8)
+    out = net(x, torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 3, 10]))
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))  # output conv starts at zero (ADM)
+
+
+def test_unet_uses_time_and_class():
+    torch.manual_seed(0)
+    net = tiny_unet()
+    for p in net.parameters():  # leave zero init so outputs depend on every input
+        torch.nn.init.normal_(p, std=0.05)
+    x, c = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 10.0])
+    y = torch.tensor([1, 2])
+    base = net(x, c, y)
+    assert not torch.allclose(base, net(x, c + 100, y))
+    assert not torch.allclose(base, net(x, c, torch.tensor([3, 4])))
+    null = torch.tensor([10, 10])  # label num_classes is the null class; cond=None means it too
+    assert torch.equal(net(x, c, null), net(x, c, None))
+
+
+def test_unet_rejects_bad_geometry():
+    with pytest.raises(ValueError, match=r"model.resolution"):
+        UNet(1, 6, 32, [1, 2, 2], 1, [])
+    with pytest.raises(ValueError, match=r"attention heads"):
+        UNet(1, 8, 32, [1, 2], 1, [4], num_heads=3)
+
+
+def test_attention_equals_naive_multihead_softmax():
+    torch.manual_seed(0)
+    blk = AttentionBlock(16, heads=4)
+    torch.nn.init.normal_(blk.proj.weight, std=0.2)
+    x = torch.randn(2, 16, 3, 5)
+    h = blk.norm(x)
+    q, k, v = blk.qkv(h).flatten(2).chunk(3, dim=1)  # [B, C, N] each
+    outs = []
+    for i in range(4):  # heads take consecutive channel groups of 4
+        qi, ki, vi = (z[:, 4 * i: 4 * i + 4] for z in (q, k, v))
+        a = torch.softmax(torch.einsum("bcn,bcm->bnm", qi, ki) / math.sqrt(4), dim=-1)
+        outs.append(torch.einsum("bnm,bcm->bcn", a, vi))
+    ref = x + blk.proj(torch.cat(outs, 1).reshape(2, 16, 3, 5))
+    torch.testing.assert_close(blk(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoidal_closed_form():
+    c = torch.tensor([0.0, 3.0])
+    e = sinusoidal(c, 8)
+    w = torch.tensor([10000 ** (-k / 4) for k in range(4)])
+    torch.testing.assert_close(e[1], torch.cat([torch.cos(3 * w), torch.sin(3 * w)]))
+    torch.testing.assert_close(e[0], torch.cat([torch.ones(4), torch.zeros(4)]))
+    with pytest.raises(ValueError):
+        sinusoidal(c, 7)
+
+
+def test_mlp_shapes_and_conditioning():
+    torch.manual_seed(0)
+    net = MLP(dim=2, hidden=32, depth=2, num_classes=3)
+    x, c = torch.randn(5, 2), torch.full((5,), 100.0)
+    assert torch.equal(net(x, c, None), torch.zeros(5, 2))
+    torch.nn.init.normal_(net.out[-1].weight)
+    assert not torch.allclose(net(x, c, torch.zeros(5, dtype=torch.long)), net(x, c, None))
+
+
+def test_build_model_and_denoiser_from_recipe_section():
+    from dtrain.diffusion.schedule import make_schedule
+
+    cfg = {"name": "unet", "param": "v", "sigma_data": 0.5, "input_scaling": False, "clip_x0": 1.0,
+           **{k: v for k, v in DDPM_CIFAR10.items()}, "channels": 32, "num_classes": 10}
+    net = build_model(cfg)
+    assert isinstance(net, UNet) and net.num_classes == 10
+    den = build_denoiser(cfg, make_schedule("ddpm"))
+    assert den.param == "v" and den.clip_x0 == 1.0 and den.sigma_data == 0.5
+    with pytest.raises(TypeError, match=r"chanels"):
+        build_model({**cfg, "chanels": 3})
+    with pytest.raises(KeyError, match=r"model.name.*choose one of"):
+        build_model({"name": "dit"})
+    assert MODELS.names() == ["mlp", "unet"]
+
+
+# ---- EMA ------------------------------------------------------------------------------------------------------
+
+
+def test_ema_tags():
+    assert decay_tag(0.999) == "0_999" and decay_tag(0.9999) == "0_9999" and std_tag(0.05) == "std0_050"
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, [0.999], [0.05])
+    assert ema.tags == ["0_999", "std0_050"]
+    assert sorted(ema.state_dict()) == ["0_999.bias", "0_999.weight", "std0_050.bias", "std0_050.weight"]
+    with pytest.raises(KeyError, match=r"no copy"):
+        ema["0_99"]
+
+
+def test_power_ema_gamma_matches_edm2():
+    """EDM2 (arXiv 2312.02696, Sec. 3.1): sigma_rel 0.10 <-> gamma 6.94, 0.05 <-> gamma 16.97."""
+    assert std_to_gamma(0.10) == pytest.approx(6.94, abs=0.005)
+    assert std_to_gamma(0.05) == pytest.approx(16.97, abs=0.005)
+    for g in (0.5, 3.0, 40.0):
+        assert std_to_gamma(gamma_to_std(g)) == pytest.approx(g, rel=1e-9)
+    with pytest.raises(ValueError, match=r"ema.stds"):
+        std_to_gamma(0.3)
+
+
+def _scalar_net(v: float) -> torch.nn.Module:
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(v)
+    return net
+
+
+def test_fixed_decay_ema_closed_form():
+    net = _scalar_net(2.0)
+    ema = EMA(net, [0.9], start_step=2)
+    thetas = [2.0, 3.0, 5.0, 7.0, 11.0]
+    expect = 0.0
+    for step, th in enumerate(thetas, 1):
+        net.weight.data.fill_(th)
+        ema.update(net, step)
+        expect = th if step <= 2 else 0.9 * expect + 0.1 * th  # a plain copy until start_step
+        assert float(ema["0_9"].weight) == pytest.approx(expect, rel=1e-6)
+
+
+def test_power_ema_is_the_closed_form_weighted_average():
+    """beta_t = (1 - 1/t)^(g+1) gives theta_T = sum_t (1 - beta_t) (t/T)^(g+1) theta_t exactly."""
+    gamma = std_to_gamma(0.1)
+    net = _scalar_net(0.0)
+    ema = EMA(net, [], [0.1])
+    T = 200
+    theta = torch.linspace(-1.0, 3.0, T, dtype=torch.float64) ** 2
+    for t in range(1, T + 1):
+        net.weight.data.fill_(float(theta[t - 1]))
+        ema.update(net, t)
+    w = torch.tensor([(1 - power_beta(gamma, t)) * (t / T) ** (gamma + 1) for t in range(1, T + 1)],
+                     dtype=torch.float64)
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float(ema["std0_100"].weight) == pytest.approx(float((w * theta).sum()), rel=1e-5)
+    # and its profile is ~ t^gamma: the exact power average of the same sequence is close
+    tt = torch.arange(1, T + 1, dtype=torch.float64)
+    assert float(ema["std0_100"].weight) == pytest.approx(float((tt**gamma * theta).sum() / (tt**gamma).sum()),
+                                                          rel=0.02)
+
+
+def test_ema_every_and_eval_mode():
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.Dropout(0.5))
+    net[0].weight.data.fill_(1.0)
+    ema = EMA(net, [0.5], every=2)
+    ema.train()
+    assert not ema["0_5"].training  # averaged copies never train
+    ema.update(net, 1)  # skipped: not a multiple of every
+    net[0].weight.data.fill_(3.0)
+    ema.update(net, 2)  # beta = 0.5^2
+    assert float(ema["0_5"][0].weight) == pytest.approx(0.25 * 1 + 0.75 * 3)
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_ema_update_follows_foreach_lerp_on_all_float_tensors():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(net, [0.9])
+    before = {k: v.clone() for k, v in ema["0_9"].state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.add_(2.0)
+    ema.update(net, 5)
+    after, src = ema["0_9"].state_dict(), net.state_dict()
+    for k, v in before.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(after[k], 0.9 * v + 0.1 * src[k])
+        else:  # integer buffers (num_batches_tracked) are not averaged
+            assert torch.equal(after[k], v)
+
+
+def test_unet_gradcheck_small_net_is_differentiable():
+    net = tiny_unet(channels=8, num_heads=1)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    F.mse_loss(net(x, torch.tensor([3.0, 4.0]), torch.tensor([1, 2])), torch.zeros_like(x)).backward()
+    assert x.grad is not None and all(p.grad is not None for p in net.parameters() if p.requires_grad)

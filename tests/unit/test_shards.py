@@ -1,0 +1,461 @@
+"""Shard writing (dtrain.data.shards) and the shard stream (dtrain.data.wds) without a trainer.
+
+Sample labels are unique ids in most tests, so "every sample exactly once" is checked on the ids.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dtrain.data import shards as S
+from dtrain.data.wds import WdsDataModule, WdsStream, rank_batches, resolve_shards, split_batches
+
+
+def _members(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tf:
+        for ti in tf:
+            key, ext = ti.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tf.extractfile(ti).read()
+    return out
+
+
+def _ids_dataset(tmp: Path, n: int, num_shards: int, size: int = 4, channels: int = 3) -> Path:
+    """n random images whose label is their id (0..n-1), in ``num_shards`` shards; returns the folder."""
+    shape = (n, size, size, channels) if channels == 3 else (n, size, size)
+    x = np.random.default_rng(n).integers(0, 256, shape, dtype=np.uint8)
+    S.write_shards(S.from_arrays(x, np.arange(n), [str(i) for i in range(n)]), tmp, num_shards=num_shards,
+                   progress=False)
+    return tmp
+
+
+def _epoch(stream: WdsStream, workers: int, **kw) -> list[dict]:
+    return list(DataLoader(stream, batch_size=None, num_workers=workers, **kw))
+
+
+def _ids(batches: list[dict]) -> list[int]:
+    return [int(v) for b in batches for v in b["y"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def test_write_roundtrip_exact_and_reproducible(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (23, 6, 5, 3), dtype=np.uint8)
+    y = rng.integers(0, 4, 23)
+    lat = rng.standard_normal((23, 2, 3)).astype(np.float32)
+    data = S.from_arrays(x, y, ["a", "b", "c", "d"])
+    idx = S.write_shards(data, tmp_path / "a", shard_size=10, latents=lat, progress=False)
+    assert [s["count"] for s in idx["shards"]] == [8, 8, 7]  # balanced, not 10/10/3
+    assert idx["total"] == 23 and idx["image_size"] == [6, 5] and idx["channels"] == 3
+    assert idx["classes"] == ["a", "b", "c", "d"] and idx["num_classes"] == 4
+    assert idx["keys"] == ["png", "cls", "npy"] and idx["latent_shape"] == [2, 3]
+    seen = set()
+    for s in idx["shards"]:
+        path = tmp_path / "a" / s["name"]
+        assert s["sha256"] == S._sha256(path) and s["bytes"] == path.stat().st_size
+        members = _members(path)
+        assert len(members) == s["count"]
+        for key, m in members.items():
+            i = int(key)
+            seen.add(i)
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(m["png"]))), x[i])
+            assert int(m["cls"]) == y[i]
+            np.testing.assert_array_equal(np.load(io.BytesIO(m["npy"])), lat[i])
+    assert seen == set(range(23))
+    again = S.write_shards(data, tmp_path / "b", shard_size=10, latents=lat, progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in idx["shards"]]
+    unshuffled = S.write_shards(data, tmp_path / "c", shard_size=10, shuffle=False, progress=False)
+    assert list(_members(tmp_path / "c" / unshuffled["shards"][0]["name"])) == [f"{i:08d}" for i in range(8)]
+
+
+def test_balanced_counts():
+    assert S.balanced_counts(1797, 500) == [450, 449, 449, 449]
+    assert S.balanced_counts(10, num_shards=3) == [4, 3, 3]
+    assert S.balanced_counts(5, 5) == [5]
+    with pytest.raises(ValueError, match="num_shards"):
+        S.balanced_counts(3, num_shards=4)
+
+
+def test_from_arrays_layouts_and_errors():
+    chw = np.random.default_rng(1).integers(0, 256, (4, 3, 5, 6), dtype=np.uint8)
+    assert np.array_equal(S.from_arrays(chw).images, chw.transpose(0, 2, 3, 1))
+    gray = np.random.default_rng(1).random((4, 1, 5, 6))
+    assert S.from_arrays(gray).images.shape == (4, 5, 6)
+    assert S.from_arrays(gray).images.dtype == np.uint8
+    with pytest.raises(ValueError, match="uint8 or floats in"):
+        S.from_arrays(np.full((2, 4, 4), 3.0))
+    with pytest.raises(ValueError, match="labels"):
+        S.from_arrays(chw, np.array([0, 1]))
+
+
+def test_folder_source(tmp_path):
+    rng = np.random.default_rng(2)
+    imgs = {}
+    for cls in ("dog", "cat"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for j in range(3):
+            a = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(a).save(tmp_path / "img" / cls / f"{j}.png")
+            imgs[(cls, j)] = a
+    data = S.from_folder(tmp_path / "img")
+    assert data.classes == ["cat", "dog"] and list(data.labels) == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(data.images[4], imgs[("dog", 1)])
+    assert S.from_folder(tmp_path / "img", size=4, gray=True).images[0].shape == (4, 4)
+    Image.fromarray(np.zeros((5, 9, 3), np.uint8)).save(tmp_path / "img" / "dog" / "odd.png")
+    with pytest.raises(ValueError, match=r"odd\.png|shape \(5, 9, 3\)"):
+        S.write_shards(S.from_folder(tmp_path / "img"), tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        S.from_folder(tmp_path / "nowhere")
+
+
+def test_cli_npy_and_errors(tmp_path, capsys):
+    x = np.random.default_rng(3).integers(0, 256, (12, 3, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(12) % 3)
+    np.save(tmp_path / "z.npy", np.ones((12, 5), np.float16))
+    rc = S.main(["npy", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--latents",
+                 str(tmp_path / "z.npy"), "--num-shards", "2", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 0
+    idx = json.loads((tmp_path / "o" / "index.json").read_text())
+    assert idx["total"] == 12 and idx["num_classes"] == 3 and idx["latent_dtype"] == "float16"
+    assert S.main(["verify", str(tmp_path / "o" / "index.json"), "--quiet"]) == 0
+    assert S.main(["npy", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "p")]) == 2
+    assert "missing.npy" in capsys.readouterr().err
+
+
+def test_digits_source_exact():
+    from sklearn.datasets import load_digits
+
+    d, ref = S.from_digits(), load_digits()
+    assert d.images.shape == (1797, 8, 8) and d.images.dtype == np.uint8
+    np.testing.assert_array_equal(d.images, np.round(ref.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(d.labels, ref.target)
+
+
+def test_patches_are_crops_of_the_labelled_photo():
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    d = S.from_patches(6, size=16, seed=5)
+    assert d.images.shape == (6, 16, 16, 3) and len(d.classes) == 2
+    np.testing.assert_array_equal(S.from_patches(6, size=16, seed=5).images, d.images)
+    for img, k in zip(d.images, d.labels):
+        photo = photos[k]
+        rows, cols = np.nonzero((photo[:-15, :-15] == img[0, 0]).all(-1))
+        assert any(np.array_equal(photo[r:r + 16, c:c + 16], img) for r, c in zip(rows, cols))
+
+
+def test_cifar10_python_batches(tmp_path):
+    rng = np.random.default_rng(4)
+    rows = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+        rows[name] = data
+        with open(tmp_path / name, "wb") as f:  # the layout of the python-2 pickles: bytes keys
+            pickle.dump({b"data": data, b"labels": [1, 2, 3], b"batch_label": b"x"}, f, protocol=2)
+    with open(tmp_path / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
+    d = S.from_cifar10(tmp_path, "train")
+    assert d.images.shape == (15, 32, 32, 3) and d.classes[3] == "c3" and list(d.labels[:3]) == [1, 2, 3]
+    r = rows["data_batch_2"][1]  # R plane, then G, then B, each row-major 32x32
+    assert d.images[4][5, 7].tolist() == [r[5 * 32 + 7], r[1024 + 5 * 32 + 7], r[2048 + 5 * 32 + 7]]
+    assert len(S.from_cifar10(tmp_path, "test")) == 3
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        S.from_cifar10(tmp_path, "test")
+
+
+def test_verify_and_index_existing(tmp_path):
+    root = _ids_dataset(tmp_path / "d", 20, 3)
+    assert S.verify_index(root / "index.json", progress=False) == []
+    idx = S.index_existing([str(p) for p in sorted(root.glob("*.tar"))], tmp_path / "re.json", progress=False)
+    assert [s["count"] for s in idx["shards"]] == [7, 7, 6] and idx["num_classes"] == 20
+    assert resolve_shards(str(tmp_path / "re.json")).counts == [7, 7, 6]
+    shard = root / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[-1500] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert any("sha256" in p for p in S.verify_index(root / "index.json", progress=False))
+    (root / "train-000002.tar").unlink()
+    assert any("missing" in p for p in S.verify_index(root / "index.json", progress=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving shard sets: failures name the path
+
+
+def test_resolve_errors_name_the_path(tmp_path):
+    root = _ids_dataset(tmp_path / "d", 10, 2)
+    with pytest.raises(ValueError, match="expands to no shards"):
+        resolve_shards("")
+    with pytest.raises(FileNotFoundError, match=r"train-000002\.tar \(and 5 more of 8\)"):
+        resolve_shards(str(root / "train-{000000..000007}.tar"))
+    (root / "train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train-000001\.tar"):
+        resolve_shards(str(root / "index.json"))
+    with pytest.raises(ValueError, match="need a shard index"):
+        resolve_shards(f"pipe:cat {root}/train-000000.tar")
+    with pytest.raises(ValueError, match="not listed in the index"):
+        resolve_shards(f"pipe:cat {root}/other-000000.tar", str(root / "index.json"))
+
+
+def test_counts_without_index_and_pipe_urls(tmp_path):
+    root = _ids_dataset(tmp_path / "d", 15, 2)
+    (root / "index.json").rename(tmp_path / "idx.json")
+    local = resolve_shards(str(root / "train-{000000..000001}.tar"))  # counted from tar headers
+    assert local.counts == [8, 7] and local.image_size == (4, 4) and local.channels == 3
+    piped = resolve_shards(f"pipe:cat {root}/train-{{000000..000001}}.tar", str(tmp_path / "idx.json"))
+    assert piped.counts == [8, 7] and piped.num_classes == 15
+    stream = WdsStream(piped, batch_size=5, shuffle=4, drop_last=False)
+    assert sorted(_ids(_epoch(stream, 2))) == list(range(15))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting by rank and worker
+
+
+def test_layout_helpers():
+    assert rank_batches(10, 4, drop_last=False) == [4, 4, 2]
+    assert rank_batches(10, 4, drop_last=True) == [4, 4]
+    assert split_batches(5, 2) == [(0, 3), (3, 2)]
+    assert split_batches(1, 3) == [(0, 1), (1, 0), (1, 0)]
+
+
+@pytest.mark.parametrize(("n", "shards", "world", "workers"), [(48, 4, 2, 2), (50, 3, 2, 2), (47, 5, 3, 2),
+                                                               (30, 3, 4, 0)])
+def test_ranks_disjoint_equal_and_complete(tmp_path, n, shards, world, workers):
+    """Each rank gets N // W samples in the same number of batches; together all but the N mod W tail."""
+    ss = resolve_shards(str(_ids_dataset(tmp_path, n, shards) / "index.json"))
+    per_rank = []
+    for r in range(world):
+        stream = WdsStream(ss, batch_size=4, rank=r, world_size=world, seed=3, shuffle=5, drop_last=False)
+        batches = _epoch(stream, workers)
+        assert len(batches) == len(stream)
+        per_rank.append(_ids(batches))
+    assert {len(ids) for ids in per_rank} == {n // world}
+    everything = [i for ids in per_rank for i in ids]
+    assert len(set(everything)) == len(everything) == n - n % world
+    assert set(everything) <= set(range(n))
+
+
+def test_rank_comes_from_the_trainer_not_env(tmp_path, monkeypatch):
+    root = _ids_dataset(tmp_path, 16, 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ids = []
+    for r in range(2):
+        dm = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=0, seed=1)
+        dm.trainer = SimpleNamespace(global_rank=r, world_size=2, current_epoch=0, training=True)
+        dm.setup("fit")
+        assert (dm.stream.rank, dm.stream.world_size, len(dm.stream)) == (r, 2, 2)
+        ids.append(_ids(list(dm.train_dataloader())))
+    assert sorted(ids[0] + ids[1]) == list(range(16))
+
+
+def test_spawned_workers_split_correctly(tmp_path):
+    """Spawned workers inherit no rank env vars; the split rides on the pickled stream."""
+    ss = resolve_shards(str(_ids_dataset(tmp_path, 24, 3) / "index.json"))
+    rank0 = _ids(_epoch(WdsStream(ss, batch_size=3, rank=0, world_size=2, shuffle=4), 0))
+    rank1 = _ids(_epoch(WdsStream(ss, batch_size=3, rank=1, world_size=2, shuffle=4), 2,
+                        multiprocessing_context="spawn"))
+    assert len(rank1) == 12 and sorted(rank0 + rank1) == list(range(24))
+
+
+def test_epochs_reshuffle_deterministically(tmp_path):
+    ss = resolve_shards(str(_ids_dataset(tmp_path, 40, 4) / "index.json"))
+    stream = WdsStream(ss, batch_size=4, seed=7, shuffle=8)
+    e0 = _ids(_epoch(stream, 2))
+    stream.epoch = 1
+    e1 = _ids(_epoch(stream, 2))
+    assert sorted(e0) == sorted(e1) == list(range(40)) and e0 != e1
+    stream.epoch = 0
+    assert _ids(_epoch(stream, 2)) == e0
+    same_seed = WdsStream(ss, batch_size=4, seed=7, shuffle=8)
+    assert _ids(_epoch(same_seed, 2)) == e0
+    assert _ids(_epoch(WdsStream(ss, batch_size=4, seed=8, shuffle=8), 2)) != e0
+
+
+def test_resampled_epochs_continue_the_stream(tmp_path):
+    ss = resolve_shards(str(_ids_dataset(tmp_path, 30, 3) / "index.json"))
+    stream = WdsStream(ss, batch_size=4, resampled=True, epoch_size=24, world_size=2, rank=1, shuffle=6, seed=2)
+    assert len(stream) == 3
+    epochs = []
+    for e in range(4):
+        stream.epoch = e
+        epochs.append(_ids(_epoch(stream, 2)))
+    assert all(len(ids) == 12 for ids in epochs)
+    assert len(set(map(tuple, epochs))) == 4  # the stream goes on rather than repeating
+    stream.epoch = 2
+    assert _ids(_epoch(stream, 2)) == epochs[2]  # and is a pure function of the epoch
+    every = [i for ids in epochs for i in ids]
+    assert set(every) <= set(range(30)) and len(set(every)) > 20
+
+
+def test_decoding_normalisation_flip_and_latents(tmp_path):
+    x = np.random.default_rng(9).integers(0, 256, (16, 4, 5), dtype=np.uint8)  # gray
+    lat = np.random.default_rng(9).standard_normal((16, 3)).astype(np.float32)
+    S.write_shards(S.from_arrays(x, np.arange(16)), tmp_path, num_shards=2, latents=lat, progress=False)
+    ss = resolve_shards(str(tmp_path / "index.json"))
+    plain = _epoch(WdsStream(ss, batch_size=8, latents=True, shuffle=4), 0)
+    flipped = _epoch(WdsStream(ss, batch_size=8, latents=True, shuffle=4, flip=True), 0)
+    n_flipped = 0
+    for b, f in zip(plain, flipped):
+        assert b["x"].shape == (8, 1, 4, 5) and b["x"].dtype == torch.float32
+        for i, y in enumerate(b["y"].tolist()):
+            ref = torch.from_numpy(x[y]).float() / 127.5 - 1
+            torch.testing.assert_close(b["x"][i, 0], ref, rtol=0, atol=1e-6)
+            torch.testing.assert_close(b["latent"][i], torch.from_numpy(lat[y]))
+            assert f["y"][i] == y  # flips change pixels, not the order
+            same, mirrored = torch.equal(f["x"][i, 0], ref), torch.equal(f["x"][i, 0], ref.flip(-1))
+            assert same or mirrored
+            n_flipped += mirrored and not same
+    assert 3 <= n_flipped <= 13
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and bad data
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize(("workers", "consumed", "resampled"), [(2, 3, False), (2, 4, False), (3, 5, False),
+                                                                (0, 2, False), (2, 3, True)])
+def test_resume_yields_exactly_the_rest_of_the_epoch(tmp_path, workers, consumed, resampled):
+    """A datamodule restored after `consumed` trained batches yields batches consumed.. of the full run."""
+    root = _ids_dataset(tmp_path, 45, 4)
+
+    def dm():
+        m = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=workers, shuffle=6, flip=True,
+                          drop_last=False, seed=11, resampled=resampled, epoch_size=44 if resampled else None)
+        m.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=3, training=True)
+        m.setup("fit")
+        return m
+
+    full = list(dm().train_dataloader())
+    assert len(full) == 6  # 22 samples per rank in batches of 4: 5 full + 1 of 2
+    first = dm()
+    it = iter(first.train_dataloader())
+    for _ in range(consumed):
+        first.on_before_batch_transfer(next(it), 0)
+    state = first.state_dict()
+    assert state["epoch"] == 3 and state["consumed"] == consumed
+    resumed = dm()
+    resumed.load_state_dict(state)
+    rest = list(resumed.train_dataloader())
+    assert len(rest) == len(full) - consumed
+    for a, b in zip(rest, full[consumed:]):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+    later = dm()
+    later.load_state_dict(state)
+    later.trainer.current_epoch = 4  # a checkpoint of an earlier epoch does not shorten this one
+    assert len(list(later.train_dataloader())) == 6
+
+
+def test_resume_with_another_layout_keeps_the_fraction(tmp_path):
+    root = _ids_dataset(tmp_path, 40, 4)
+    a = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=2, seed=1)
+    a.setup("fit")
+    it = iter(a.train_dataloader())
+    for _ in range(5):
+        a.on_before_batch_transfer(next(it), 0)
+    b = WdsDataModule(str(root / "index.json"), batch_size=2, num_workers=0, seed=1)
+    b.setup("fit")
+    b.load_state_dict(a.state_dict())
+    with pytest.warns(UserWarning, match="another layout"):
+        assert len(list(b.train_dataloader())) == 10
+
+
+def _corrupt_png(path: Path, key: str) -> None:
+    """Rewrite ``path`` with the png of ``key`` replaced by garbage bytes of the same length."""
+    with tarfile.open(path) as tf:
+        members = [(ti, tf.extractfile(ti).read()) for ti in tf]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as out:
+        for ti, data in members:
+            if ti.name == f"{key}.png":
+                data = b"\x89PNG garbage" + bytes(len(data) - 12)
+            out.addfile(ti, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_counted_and_refilled(tmp_path, caplog):
+    root = _ids_dataset(tmp_path, 40, 4)
+    index = json.loads((root / "index.json").read_text())
+    shard0 = root / index["shards"][0]["name"]
+    keys = list(_members(shard0))
+    _corrupt_png(shard0, keys[2])
+    _corrupt_png(shard0, keys[5])
+    shard2 = root / index["shards"][2]["name"]
+    keys2 = list(_members(shard2))
+    with tarfile.open(shard2) as tf:  # cut the shard inside the 7th sample's png
+        cut = next(ti.offset_data + 20 for ti in tf if ti.name == f"{keys2[6]}.png")
+    shard2.write_bytes(shard2.read_bytes()[:cut])
+    dm = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=2, shuffle=5, seed=0)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 10 and all(b["x"].shape[0] == 4 for b in batches)
+    for b in batches:
+        dm.on_before_batch_transfer(b, 0)
+    assert dm.bad_samples == 2 + 4  # two garbage pngs, the truncated shard's last 4 samples
+    bad_ids = {int(keys[2]), int(keys[5])} | {int(k) for k in keys2[6:]}
+    ids = _ids(batches)
+    assert not bad_ids & set(ids)
+    assert set(ids) == set(range(40)) - bad_ids  # every good sample once, repeats fill the 6 slots
+    assert len(ids) == 40
+    in_process = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=0, shuffle=5, seed=0)
+    with caplog.at_level("WARNING", logger="dtrain.data.wds"):
+        list(in_process.train_dataloader())  # the log names shard and key (worker processes log to stderr)
+    assert f"skipped sample {keys[2]} of {shard0}" in caplog.text and "UnidentifiedImageError" in caplog.text
+    assert f"skipped sample #9 of {shard2}" in caplog.text
+
+
+def test_a_batch_with_nothing_decodable_is_filled_from_further_on(tmp_path):
+    root = _ids_dataset(tmp_path, 8, 1)
+    shard = root / "train-000000.tar"
+    order = list(_members(shard))
+    _corrupt_png(shard, order[0])
+    _corrupt_png(shard, order[1])
+    stream = WdsStream(resolve_shards(str(root / "index.json")), batch_size=2, shuffle=1, shuffle_shards=False)
+    batches = _epoch(stream, 0)
+    first = int(order[2])
+    assert [b["y"].tolist() for b in batches] == [[first, first]] + [[int(k) for k in order[i:i + 2]]
+                                                                     for i in (2, 4, 6)]
+    assert [b["_wds"][2] for b in batches] == [2, 0, 0, 0]
+
+
+def test_recipe_schema_validation_and_registry(tmp_path):
+    """``data.name: wds`` in a recipe: the model must match the index; build_datamodule gives the datamodule."""
+    from dtrain.config import RecipeError, load_recipe
+    from dtrain.data import build_datamodule
+
+    root = _ids_dataset(tmp_path, 12, 2)
+    model = ["model.in_channels=3", "model.resolution=4", "model.channel_mult=[1]", "model.attn_resolutions=[]"]
+    cfg = load_recipe(None, ["data.name=wds", f"data.shards={root}/index.json", "data.batch_size=3", *model])
+    dm = build_datamodule(cfg.data, seed=cfg.seed)
+    assert isinstance(dm, WdsDataModule) and dm.shape == (3, 4, 4) and dm.num_classes == 12
+    dm.setup("fit")
+    assert len(dm.stream) == 4
+    with pytest.raises(RecipeError, match=r"model\.resolution: must be 4"):
+        load_recipe(None, ["data.name=wds", f"data.shards={root}/index.json", *model, "model.resolution=8"])
+    with pytest.raises(RecipeError, match=r"model\.num_classes: .* has 12 classes"):
+        load_recipe(None, ["data.name=wds", f"data.shards={root}/index.json", *model, "model.num_classes=10"])
+    with pytest.raises(RecipeError, match=r"data\.shards: required"):
+        load_recipe(None, ["data.name=wds", *model])
+

@@ -1,0 +1,332 @@
+"""``dtrain.dist``: strategies and DeepSpeed configs from recipes, invalid combinations refused at validation,
+fsdp2 (FSDP2 on CPU) training equal to DDP with sharded EMA copies, and the SLURM helpers (topology, sbatch
+flags, the requeue callback)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from dtrain.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+GMM = ROOT / "recipes" / "teacher" / "gmm.yaml"
+SMALL = ["model.hidden=32", "model.depth=2", "data.batch_size=64", "data.num_samples=4096", "logger.mode=disabled",
+         "trainer.progress_bar=false", "trainer.cpu_threads=1"]
+
+
+def recipe(*overrides: str):
+    return load_recipe(GMM, [*SMALL, *overrides])
+
+
+# ---- strategies from recipes ------------------------------------------------------------------------------------
+def test_ddp_strategies():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from dtrain.dist.strategy import build_strategy
+
+    assert build_strategy(recipe()) == "auto"
+    s = build_strategy(recipe("strategy.name=ddp", "strategy.find_unused_parameters=true", "strategy.timeout_min=7"))
+    assert type(s) is DDPStrategy and s._ddp_kwargs == {"find_unused_parameters": True}
+    assert s._start_method == "popen" and s._timeout.total_seconds() == 420
+    assert build_strategy(recipe("strategy.name=ddp_spawn"))._start_method == "spawn"
+
+
+def test_fsdp_strategies():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from dtrain.dist.strategy import build_strategy, fsdp_unit_types
+    from dtrain.models.mlp import MLP, Block
+
+    s = build_strategy(recipe("strategy.name=fsdp", "strategy.sharding=grad_op", "strategy.sharded_checkpoint=true"))
+    assert isinstance(s, FSDPStrategy) and s.kwargs["use_orig_params"] is True
+    assert s.sharding_strategy.name == "SHARD_GRAD_OP" and s._state_dict_type == "sharded"
+    assert set(s.kwargs["auto_wrap_policy"]._module_classes) == {MLP, Block} == fsdp_unit_types(recipe().model)
+    from dtrain.models.unet import AttentionBlock, ResBlock, UNet
+
+    digits = load_recipe(ROOT / "recipes" / "teacher" / "digits.yaml")
+    assert fsdp_unit_types(digits.model) == {UNet, ResBlock, AttentionBlock}
+    s2 = build_strategy(recipe("strategy.name=fsdp2", "strategy.sharding=grad_op"))
+    assert isinstance(s2, ModelParallelStrategy) and s2.reshard_after_forward is False
+    assert s2._save_distributed_checkpoint is False
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_deepspeed_strategy_and_config(precision):
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from dtrain.dist.strategy import build_strategy, deepspeed_config
+
+    cfg = recipe("strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true",
+                 "strategy.offload_params=true", f"trainer.precision={precision}", "optim.grad_clip=0.5",
+                 "trainer.accumulate_grad_batches=4", "strategy.loss_scale=0", "strategy.initial_scale_power=12")
+    conf = deepspeed_config(cfg)
+    assert conf["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                         "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert conf["gradient_clipping"] == 0.5 and conf["train_micro_batch_size_per_gpu"] == 64
+    assert "gradient_accumulation_steps" not in conf  # Lightning sets it from the trainer
+    assert deepspeed_config(cfg, standalone=True)["gradient_accumulation_steps"] == 4
+    assert ("bf16" in conf) == (precision == "bf16-mixed") and ("fp16" in conf) == (precision == "16-mixed")
+    if precision == "16-mixed":
+        assert conf["fp16"] == {"enabled": True, "loss_scale": 0.0, "initial_scale_power": 12,
+                                "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1.0}
+    s = build_strategy(cfg)
+    assert isinstance(s, DeepSpeedStrategy) and s.config == conf
+
+
+@pytest.mark.parametrize(("overrides", "key", "match"), [
+    (["strategy.name=horovod"], "strategy.name", "unknown strategy 'horovod'"),
+    (["strategy.name=deepspeed", "strategy.zero_stage=4"], "strategy.zero_stage", "must be 1, 2 or 3"),
+    (["strategy.name=ddp", "strategy.offload_optimizer=true"], "strategy.offload_optimizer", "needs strategy.name"),
+    (["strategy.name=deepspeed", "strategy.offload_params=true"], "strategy.offload_params", "ZeRO stage 3"),
+    (["strategy.name=deepspeed", "trainer.accelerator=cpu"], "strategy.name", "CUDA GPUs only"),
+    (["strategy.name=fsdp", "trainer.accelerator=cpu"], "strategy.name", "use ddp or fsdp2"),
+    (["strategy.name=deepspeed", "trainer.precision=64-true"], "trainer.precision", "deepspeed supports"),
+    (["strategy.name=fsdp2", "trainer.precision=16-mixed"], "trainer.precision", "fsdp2"),
+    (["strategy.name=deepspeed", "strategy.loss_scale=128"], "strategy.loss_scale", "fp16 only"),
+    (["strategy.name=ddp", "strategy.min_loss_scale=0"], "strategy", "min_loss_scale > 0"),
+    (["strategy.name=fsdp2", "strategy.sharding=hybrid"], "strategy.sharding", "choose one of ['full', 'grad_op']"),
+    (["strategy.name=ddp", "strategy.sharding=grad_op"], "strategy.sharding", "applies to fsdp / fsdp2 only"),
+    (["strategy.name=deepspeed", "strategy.sharded_checkpoint=true"], "strategy.sharded_checkpoint", "fsdp"),
+    (["strategy.name=fsdp2", "trainer.sample_every_n_steps=100"], "trainer.sample_every_n_steps", "shards it"),
+    (["strategy.name=deepspeed", "strategy.zero_stage=3", "trainer.sample_every_n_steps=100"],
+     "trainer.sample_every_n_steps", "ZeRO stage 3"),
+    (["strategy.name=fsdp", "eval.every_n_steps=100", "eval.samplers=[ddim:4]", "eval.ref_stats=digits:train"],
+     "eval.every_n_steps", "FID sweep during training"),
+    (["strategy.timeout_min=0"], "strategy.timeout_min", ">= 1"),
+])
+def test_invalid_combinations_fail_at_validation(overrides, key, match):
+    with pytest.raises(RecipeError, match=re.escape(match)) as e:
+        recipe(*overrides)
+    assert e.value.key == key and e.value.source == "command line"
+
+
+def test_valid_combinations_pass():
+    recipe("strategy.name=deepspeed", "strategy.zero_stage=2", "trainer.sample_every_n_steps=100")  # replicated
+    recipe("strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_params=true",
+           "trainer.precision=16-mixed", "strategy.loss_scale=1024")
+    recipe("strategy.name=fsdp2", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed")
+
+
+def test_ema_alignment_check_names_the_tensor():
+    from dtrain.dist.strategy import check_ema_alignment
+    from dtrain.lit.teacher import TeacherModule
+
+    module = TeacherModule(recipe())
+    check_ema_alignment(module)  # full copies line up
+    module.ema.targets = lambda copy: [t.reshape(-1)[:1] for t in type(module.ema)._tensors(copy)]
+    with pytest.raises(RuntimeError, match=r"ema.0_99: its shards do not line up with net's \(tensor 0"):
+        check_ema_alignment(module)
+
+
+# ---- fsdp2 (Lightning, CPU) and FSDP1 (raw torch; Lightning's FSDPStrategy needs CUDA) on 2 ranks -----------------
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_runs(tmp_path_factory):
+    """`dtrain fit` under fsdp2 (2 CPU ranks) and the raw FSDP1 worker (2 ranks), at once."""
+    out = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    fit = [sys.executable, "-m", "dtrain.cli", "fit", str(GMM), f"out_dir={out}", *SMALL, "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=0", "name=fsdp2",
+           "strategy.name=fsdp2", "strategy.sharded_checkpoint=true"]
+    (out / "fsdp1").mkdir()
+    worker = [sys.executable, str(Path(__file__).with_name("fsdp1_worker.py")), str(out / "fsdp1"), "5"]
+    dist = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "OMP_NUM_THREADS": "1"}
+    runs = [("fsdp2", fit, {}), *((f"fsdp1 rank {r}", worker, {**dist, "RANK": str(r)}) for r in (0, 1))]
+    procs = [(name, subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)) for name, cmd, extra in runs]
+    try:
+        for name, p in procs:
+            log, _ = p.communicate(timeout=270)
+            assert p.returncode == 0, f"{name}:\n{log[-3000:]}"
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+def _single_process_reference(overrides: list[str], steps: int, seeds: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """What 2 data-parallel ranks compute, in one process: each rank's batches and noise stream (torch seeded with
+    ``seeds[r]``), gradients averaged, clipped by global norm (optim.grad_clip), AdamW + LR schedule, EMA update."""
+    from dtrain.data.memory import InMemoryBatches
+    from dtrain.data.synthetic import default_gmm
+    from dtrain.lit.teacher import TeacherModule
+
+    cfg = load_recipe(GMM, overrides)
+    torch.manual_seed(cfg.seed)
+    m = TeacherModule(cfg)
+    o = m.configure_optimizers()
+    opt, sched = o["optimizer"], o["lr_scheduler"]["scheduler"]
+    x, _ = default_gmm().sample(cfg.data.num_samples, generator=torch.Generator().manual_seed(cfg.seed))
+    data = [iter(InMemoryBatches({"x": x}, cfg.data.batch_size, seed=cfg.seed, rank=r, world_size=2)) for r in (0, 1)]
+    rng = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        rng.append(torch.get_rng_state())
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        for r in (0, 1):
+            torch.set_rng_state(rng[r])
+            (m.compute_loss(next(data[r]))[0].mean() / 2).backward()
+            rng[r] = torch.get_rng_state()
+        torch.nn.utils.clip_grad_norm_(m.net.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        m.ema.update(m.net, step)
+    return m.state_dict()
+
+
+def _assert_matches(sd: dict, ref: dict, tag: str) -> None:
+    assert sorted(sd) == sorted(ref)
+    for k, v in ref.items():
+        torch.testing.assert_close(sd[k], v, rtol=0, atol=1e-5, msg=k)
+    gap = max((ref[k] - ref[f"ema.{tag}.{k[4:]}"]).abs().max().item() for k in ref if k.startswith("net."))
+    assert gap > 1e-3  # the EMA is not the network: the tolerance above tells them apart
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread):
+    """`dtrain fit` with strategy.name=fsdp2: net and its EMA copy sharded (half per rank); the result is the
+    data-parallel one (the noise seeds are DiffusionModule.on_train_start's: seed + 7919 rank)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from dtrain.export.checkpoint import read_checkpoint
+
+    sharded = dist_runs / "fsdp2" / "checkpoints" / "last.ckpt"
+    assert sharded.is_dir()
+    meta = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    assert len(meta["state_dict.net.inp.weight"].chunks) == 2  # each rank held half of net ...
+    assert len(meta["state_dict.ema.0_99.inp.weight"].chunks) == 2  # ... and half of its EMA copy
+    ckpt = read_checkpoint(sharded)  # the directory is consolidated on the way
+    assert ckpt["global_step"] == 20 and ckpt["dtrain"]["ema_tags"] == ["0_99"]
+    _assert_matches(ckpt["state_dict"], _single_process_reference([*SMALL, "trainer.max_steps=20"], 20, (0, 7919)),
+                    "0_99")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_fsdp1_sharded_ema_matches_data_parallel_reference(dist_runs, one_thread):
+    """The wrapping of strategy.name=fsdp (net and each EMA copy separate units, original parameters kept) makes
+    every rank's EMA shard line up with its net shard; the sharded checkpoint consolidates to the full weights."""
+    from dtrain.export.zero import consolidate
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fsdp1_worker import OVERRIDES
+
+    full = torch.load(dist_runs / "fsdp1" / "full.pt", weights_only=True)
+    _assert_matches(full, _single_process_reference(OVERRIDES, 5, (1000, 1001)), "0_9")
+    ckpt = consolidate(dist_runs / "fsdp1" / "sharded")  # FSDPStrategy's sharded layout: {"model": ...} + meta.pt
+    assert ckpt["global_step"] == 5 and ckpt["dtrain"]["ema_tags"] == ["0_9"]
+    assert sorted(ckpt["state_dict"]) == sorted(full)
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in full.items())
+
+
+# ---- SLURM helpers (no cluster needed; tests/slurm runs the real thing) -----------------------------------------
+def _env(**kw: str) -> dict[str, str]:
+    base = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_ID": "1234",
+            "SLURM_PROCID": "5", "SLURM_JOB_NAME": "dtrain"}
+    return {**base, **kw}
+
+
+def test_slurm_job_and_topology():
+    from dtrain.dist.slurm import slurm_job, topology
+
+    assert slurm_job({}) is None and slurm_job(_env(SLURM_JOB_NAME="bash")) is None  # not srun / interactive
+    job = slurm_job(_env())
+    assert (job.job_id, job.num_nodes, job.tasks_per_node, job.num_tasks, job.rank) == ("1234", 2, 4, 8, 5)
+    assert slurm_job(_env(SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="3")).job_id == "77_3"
+    no_per_node = {k: v for k, v in _env().items() if k != "SLURM_NTASKS_PER_NODE"}
+    assert slurm_job({**no_per_node, "SLURM_TASKS_PER_NODE": "4(x2)"}).tasks_per_node == 4
+    assert topology("auto", 1, env={}) == ("auto", 1)  # not under SLURM: the recipe's
+    assert topology("auto", 1, env=_env()) == (4, 2)  # dtrain fit needs no flags under srun
+    assert topology(4, 2, env=_env()) == (4, 2)
+    with pytest.warns(UserWarning, match=r"trainer.devices=8, trainer.num_nodes=3: the SLURM allocation has 4"):
+        assert topology(8, 3, env=_env()) == (4, 2)
+
+
+def test_sbatch_args_from_the_recipe(capsys):
+    from dtrain.dist.slurm import sbatch_args
+
+    cpu = recipe("trainer.accelerator=cpu", "trainer.num_nodes=2")
+    assert sbatch_args(cpu) == ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0"]
+    gpu = recipe("trainer.devices=8", "trainer.num_nodes=4")
+    assert sbatch_args(gpu) == ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8"]
+    assert sbatch_args(gpu, nodes=1, gpus_per_node=2) == ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2"]
+    with pytest.raises(ValueError, match=r"trainer\.devices is 'auto'"):
+        sbatch_args(recipe())
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_submit", ROOT / "tools" / "slurm_submit.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--dry-run", "slurm/multi_node.sbatch", str(GMM), "trainer.devices=4", "trainer.num_nodes=3",
+                      "--sbatch=--time=1:00:00 -p gpu"]) == 0
+    assert capsys.readouterr().out.strip() == (f"sbatch --nodes=3 --ntasks-per-node=4 --gpus-per-node=4 "
+                                               f"--time=1:00:00 -p gpu slurm/multi_node.sbatch {GMM} "
+                                               f"trainer.devices=4 trainer.num_nodes=3")
+    assert tool.main(["--print-args", str(GMM), "trainer.accelerator=cpu"]) == 0
+    assert capsys.readouterr().out.strip() == "--nodes=1 --ntasks-per-node=1 --gpus-per-node=0"
+
+
+def test_hpc_path_numbering(tmp_path):
+    from dtrain.dist.slurm import hpc_path
+
+    assert hpc_path(tmp_path).name == "hpc_ckpt_1.ckpt"
+    (tmp_path / "hpc_ckpt_1.ckpt").mkdir()  # DeepSpeed writes directories
+    (tmp_path / "hpc_ckpt_3.ckpt").touch()
+    assert hpc_path(tmp_path).name == "hpc_ckpt_4.ckpt"
+
+
+class _Signal(L.Callback):
+    """Sends this process SIGUSR1 at the end of ``step`` (as scancel --signal=USR1 would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_requeue_saves_at_a_step_boundary_after_the_ema_and_stops(tmp_path, monkeypatch, one_thread):
+    from dtrain.data import build_datamodule
+    from dtrain.dist import slurm
+    from dtrain.lit.teacher import TeacherModule
+
+    calls = []
+    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue"))
+    cfg = recipe("trainer.max_steps=50")
+    module = TeacherModule(cfg)
+    req = slurm.Requeue()
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[req, _Signal(7)])
+    trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+    assert calls == ["requeue"] and trainer.global_step == 7  # stopped right after the save
+    assert req.saved == str(tmp_path / "hpc_ckpt_1.ckpt") and signal.getsignal(signal.SIGUSR1) == before
+    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 7
+    sd = ckpt["state_dict"]
+    for k, v in module.ema["0_99"].state_dict().items():  # the EMA of step 7, not step 6
+        assert torch.equal(sd[f"ema.0_99.{k}"], v), k

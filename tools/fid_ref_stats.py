@@ -1,0 +1,119 @@
+"""Reference statistics for FID: feature mean / covariance over a dataset, computed once, saved as .npz.
+
+    python tools/fid_ref_stats.py --digits train --out refs/digits_train.npz
+    python tools/fid_ref_stats.py --folder data/cifar_png --extractor inception \
+        --weights pt_inception-2015-12-05.pth --out refs/cifar_train.npz
+    python tools/fid_ref_stats.py --shards 'shards/train-{000000..000009}.tar' --out refs/train.npz
+
+The file records the extractor, its weights' sha256, the resolution and the count; ``dtrain eval`` and the
+training callback refuse a file whose extractor, weights or resolution differ from theirs. Images are read as
+uint8 and mapped to [-1, 1] like the training data; with torchrun, each rank reads every world-th image and
+the sums are added (the statistics do not depend on the number of ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtrain.eval.features import build_extractor, digits_split
+from dtrain.eval.fid import compute_ref_stats, dist_rank
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def to_tensor(img, channels: int | None) -> torch.Tensor:
+    """PIL image -> float [C, H, W] in [-1, 1] (uint8 / 127.5 - 1)."""
+    mode = {1: "L", 3: "RGB"}.get(channels or (1 if img.mode in ("L", "I", "1") else 3))
+    a = np.asarray(img.convert(mode), dtype=np.float32)
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return torch.from_numpy(a / 127.5 - 1.0)
+
+
+def folder_images(root: Path, channels: int | None) -> Iterator[torch.Tensor]:
+    from PIL import Image
+
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT)
+    if not files:
+        raise SystemExit(f"--folder: no images ({', '.join(IMAGE_EXT)}) under {root}")
+    for p in files:
+        with Image.open(p) as im:
+            yield to_tensor(im, channels)
+
+
+def shard_images(pattern: str, channels: int | None) -> Iterator[torch.Tensor]:
+    import webdataset as wds
+    from PIL import Image
+
+    for sample in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
+        key = next((k for k in sample if k.lower().lstrip(".") in {e[1:] for e in IMAGE_EXT}), None)
+        if key is None:
+            raise SystemExit(f"--shards: sample {sample.get('__key__')} has no image member ({sorted(sample)})")
+        with Image.open(io.BytesIO(sample[key])) as im:
+            yield to_tensor(im, channels)
+
+
+def batched(items: Iterator[torch.Tensor], batch_size: int, limit: int | None, rank: int, world: int
+            ) -> Iterator[torch.Tensor]:
+    """Every world-th item from ``rank`` (the first ``limit`` items overall), in batches."""
+    buf: list[torch.Tensor] = []
+    for i, x in enumerate(items):
+        if limit is not None and i >= limit:
+            break
+        if i % world != rank:
+            continue
+        buf.append(x)
+        if len(buf) == batch_size:
+            yield torch.stack(buf)
+            buf = []
+    if buf:
+        yield torch.stack(buf)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--digits", choices=["train", "test", "all"], help="sklearn digits split (8x8, 1 channel)")
+    src.add_argument("--folder", type=Path, help="a folder of images (searched recursively)")
+    src.add_argument("--shards", help="WebDataset shard pattern with an image member (png/jpg/webp)")
+    ap.add_argument("--out", type=Path, required=True, help="output .npz")
+    ap.add_argument("--extractor", default="digits", help="eval.feature_extractor (digits, inception, raw)")
+    ap.add_argument("--weights", default=None, help="eval.feature_extractor_weights_path")
+    ap.add_argument("--channels", type=int, choices=[1, 3], default=None, help="force grayscale or RGB")
+    ap.add_argument("--num", type=int, default=None, help="use at most this many images")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    if "RANK" in os.environ and not torch.distributed.is_initialized():  # launched by torchrun
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = dist_rank()
+    if args.digits:
+        x, _ = digits_split(args.digits)
+        items: Iterator[torch.Tensor] = iter(x)
+        source = f"sklearn digits, split {args.digits}"
+    elif args.folder:
+        items, source = folder_images(args.folder, args.channels), f"folder {args.folder}"
+    else:
+        items, source = shard_images(args.shards, args.channels), f"shards {args.shards}"
+    first = next(items)
+    items = (y for it in ([first], items) for y in it)
+    extractor = build_extractor(args.extractor, args.weights, shape=tuple(first.shape))
+    stats = compute_ref_stats(extractor, batched(items, args.batch_size, args.num, rank, world), source,
+                              device=args.device)
+    if rank == 0:
+        stats.save(args.out)
+        print(json.dumps({"out": str(args.out), **stats.meta}, indent=2), file=sys.stderr)
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

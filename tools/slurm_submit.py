@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Submit an sbatch template with the node and GPU counts of a recipe (one task per GPU).
+
+    python tools/slurm_submit.py slurm/multi_node.sbatch recipes/teacher/imagenet64.yaml trainer.num_nodes=4 \
+        --sbatch "--time=48:00:00 --partition=gpu"
+    python tools/slurm_submit.py --print-args recipes/teacher/cifar10.yaml     # the flags only
+
+Runs ``sbatch --nodes=<trainer.num_nodes> --ntasks-per-node=<trainer.devices> --gpus-per-node=<same, 0 on cpu>
+<--sbatch options> TEMPLATE RECIPE OVERRIDES``; options given later win, and the template's ``#SBATCH`` lines
+lose to all of them. Inside the job ``dtrain fit`` reads the allocation and needs no flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("template", nargs="?", help="an sbatch script, e.g. slurm/multi_node.sbatch")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides (also passed on to dtrain fit)")
+    p.add_argument("--nodes", type=int, help="instead of trainer.num_nodes")
+    p.add_argument("--gpus-per-node", type=int, help="instead of trainer.devices")
+    p.add_argument("--sbatch", default="", help='more sbatch options, e.g. "--time=4:00:00 -p gpu"')
+    p.add_argument("--print-args", action="store_true", help="print the sbatch flags for the recipe and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch command, do not run it")
+    args = p.parse_args(argv)
+    if args.print_args and args.template is not None and args.template.endswith((".yaml", ".yml")):
+        args.overrides, args.recipe, args.template = [args.recipe, *args.overrides], args.template, None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dtrain.config import RecipeError, load_recipe
+    from dtrain.dist.slurm import sbatch_args
+
+    try:
+        flags = sbatch_args(load_recipe(args.recipe, args.overrides), nodes=args.nodes,
+                            gpus_per_node=args.gpus_per_node)
+    except (RecipeError, ValueError) as e:
+        print(f"slurm_submit: {e}", file=sys.stderr)
+        return 2
+    if args.print_args:
+        print(" ".join(flags))
+        return 0
+    if args.template is None:
+        p.error("TEMPLATE is required unless --print-args")
+    cmd = ["sbatch", *flags, *shlex.split(args.sbatch), args.template, args.recipe, *args.overrides]
+    print(shlex.join(cmd), flush=True)
+    return 0 if args.dry_run else subprocess.run(cmd).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
