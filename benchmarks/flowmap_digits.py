@@ -60,6 +60,26 @@ def student(recipe: str, overrides: list[str]) -> tuple[Path, float | None]:
         return ckpt, time.perf_counter() - t0
 
 
+def reused_rows(args: argparse.Namespace, teacher_sha: str) -> list[dict] | None:
+    """The teacher's rows from ``--teacher-rows`` (the same deterministic sweep: same teacher weights, sample count,
+    batch size, seed, guidance and points), or None."""
+    try:
+        other = json.loads(args.teacher_rows.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = other.get("teacher", {}).get("rows") or []
+    points = sorted((r["sampler"], r["nfe"]) for r in rows)
+    from dtrain.eval.sweep import parse_specs
+
+    want = sorted((name, n) for name, nfes in parse_specs(args.teacher_specs.split()) for n in nfes)
+    same = (other.get("teacher", {}).get("sha256") == teacher_sha and points == want
+            and [other.get(k) for k in ("num", "batch_size", "seed", "guidance")] ==
+            [args.num, args.batch_size, args.seed, 1.0])
+    if same:
+        print(f"teacher rows reused from {args.teacher_rows}")
+    return rows if same else None
+
+
 def jvp_cost(overrides: list[str], repeats: int = 5) -> dict:
     """Seconds per MeanFlow loss + backward (batch 128) for each JVP mode, on this process's threads."""
     from dtrain.config import load_recipe
@@ -87,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher-specs", default="ddim:1,2,8,16,32,64 dpm++2m:8,16,32,64")
+    ap.add_argument("--teacher-rows", type=Path, default=RESULTS / "cm_digits.json",
+                    help="reuse the teacher's rows of another result file when teacher, samples and specs match")
     ap.add_argument("--meanflow", nargs="*", default=[], help="overrides of recipes/flowmap/meanflow_digits.yaml")
     ap.add_argument("--meanflow-teacher", action="store_true", help="MeanFlow distils the teacher's velocity")
     ap.add_argument("--ctm", nargs="*", default=[], help="overrides of recipes/flowmap/ctm_digits.yaml")
@@ -108,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     kw = dict(num=args.num, batch_size=args.batch_size, shape=shape, extractor=ext, ref=ref, num_classes=10,
               guidance=1.0, seed=args.seed, ref_source="digits:train", progress=False)
 
-    rows_t = [r.to_dict() for r in fid_sweep(teacher, args.teacher_specs.split(), **kw)]
+    reused = reused_rows(args, sha256_file(teacher_ckpt))
+    rows_t = reused or [r.to_dict() for r in fid_sweep(teacher, args.teacher_specs.split(), **kw)]
     best = min(rows_t, key=lambda r: r["fid"])
     ddim = {r["nfe"]: r["fid"] for r in rows_t if r["sampler"] == "ddim"}
     students, goals = {}, {}
@@ -137,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "ema": tinfo["ref"]["ema"], "global_step": tinfo["provenance"]["global_step"],
                     "recipe_hash": tinfo["provenance"]["recipe_hash"], "schedule": tinfo["schedule"]["name"],
                     "param": tinfo["model"]["param"], "rows": rows_t,
+                    "rows_from": str(args.teacher_rows.relative_to(ROOT)) if reused else "computed here",
                     "best": {k: best[k] for k in ("sampler", "nfe", "fid")}},
         "students": students,
         "goals": goals,

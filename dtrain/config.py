@@ -59,6 +59,7 @@ class ScheduleCfg:
     sigma_max: float | None = None
     t_min: float | None = None
     t_max: float | None = None
+    c_scale: float | None = None  # flow: the network sees c_noise = c_scale t (default 1000)
 
 
 @dataclass

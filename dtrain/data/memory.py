@@ -104,12 +104,10 @@ class InMemoryDataModule(L.LightningDataModule):
     """A LightningDataModule over ``InMemoryBatches``; rank and world size come from the trainer."""
 
     def __init__(self, tensors: dict[str, Tensor], batch_size: int, *, seed: int = 0, flip: bool = False,
-                 num_workers: int = 0, shape: tuple[int, ...] | None = None, num_classes: int = 0) -> None:
+                 num_workers: int = 0, num_classes: int = 0) -> None:
         super().__init__()
         self.tensors, self.batch_size, self.seed, self.flip = tensors, batch_size, seed, flip
-        self.num_workers = num_workers
-        self.shape = shape or tuple(tensors["x"].shape[1:])
-        self.num_classes = num_classes
+        self.num_workers, self.num_classes = num_workers, num_classes
 
     def train_dataloader(self) -> DataLoader:
         rank, world, start = 0, 1, 0

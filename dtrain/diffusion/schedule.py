@@ -180,13 +180,21 @@ class DiscreteVP(Schedule):
         self.slopes = self.knots.diff()  # knots[i + 1] - knots[i]
         self.t_min, self.t_max = 1.0 / self.T, 1.0
 
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Knots and slopes on ``device``, copied once per device (no host sync in a GPU training step)."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            cache[device] = (self.knots.to(device), self.slopes.to(device))
+        return cache[device]
+
     def _interp(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """alpha(t) by linear interpolation between knots, and the segment's slope in knot units."""
         u = t.clamp(0, 1) * self.T
         i = u.floor().clamp_(max=self.T - 1)
         k = i.long()
-        slope = self.slopes.to(t.device)[k]
-        return self.knots.to(t.device)[k] + (u - i) * slope, slope
+        knots, slopes = self._tables(t.device)
+        slope = slopes[k]
+        return knots[k] + (u - i) * slope, slope
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return self._interp(as_t(t))[0]
@@ -208,7 +216,7 @@ class DiscreteVP(Schedule):
     def t_from_lambda(self, lam: Tensor | float) -> Tensor:
         lam = as_t(lam)
         a = torch.sigmoid(2 * lam).sqrt()  # alpha^2 = sigmoid(2 lambda) on VP
-        knots = self.knots.to(lam.device)
+        knots = self._tables(lam.device)[0]
         rev = knots.flip(0)  # increasing
         j = torch.searchsorted(rev, a.clamp(float(rev[0]), 1.0)).clamp(1, self.T)
         i = self.T - j  # knot index with knots[i] >= a >= knots[i + 1]
@@ -346,12 +354,18 @@ class SigmaSchedule(Schedule):
 
 
 class FlowSchedule(Schedule):
-    """Rectified flow / flow matching: x_t = (1 - t) x_0 + t eps (arXiv 2209.03003, 2210.02747)."""
+    """Rectified flow / flow matching: x_t = (1 - t) x_0 + t eps (arXiv 2209.03003, 2210.02747).
+
+    The network sees c_noise = ``c_scale`` t (1000 by default). Students that differentiate the network in t
+    (MeanFlow's JVP) may want a smaller scale: the sinusoidal time features then oscillate less over [0, 1].
+    """
 
     name = "flow"
 
-    def __init__(self, t_min: float = 0.0, t_max: float = 1.0) -> None:
-        self.t_min, self.t_max = t_min, t_max
+    def __init__(self, t_min: float = 0.0, t_max: float = 1.0, c_scale: float = 1000.0) -> None:
+        if not c_scale > 0:
+            raise ValueError(f"schedule.c_scale: must be > 0, got {c_scale}")
+        self.t_min, self.t_max, self.c_scale = t_min, t_max, float(c_scale)
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return 1 - as_t(t)
@@ -369,10 +383,11 @@ class FlowSchedule(Schedule):
         return torch.sigmoid(-as_t(lam))
 
     def c_noise(self, t: Tensor | float) -> Tensor:
-        return as_t(t) * 1000
+        return as_t(t) * self.c_scale
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "t_min": self.t_min, "t_max": self.t_max}
+        d = {"name": self.name, "t_min": self.t_min, "t_max": self.t_max}
+        return d if self.c_scale == 1000.0 else {**d, "c_scale": self.c_scale}
 
 
 # ---------------------------------------------------------------------------------------------

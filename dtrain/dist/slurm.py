@@ -138,8 +138,8 @@ class Requeue(_requeue_base()):  # type: ignore[misc]
 
 def hpc_path(root: str | Path) -> Path:
     """``<root>/hpc_ckpt_<n>.ckpt`` with n one past the newest (the name Lightning resumes from under SLURM)."""
-    nums = [int(m.group(1)) for p in Path(root).glob("hpc_ckpt_*") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt",
-                                                                                           p.name))]
+    names = (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name) for p in Path(root).glob("hpc_ckpt_*"))
+    nums = [int(m.group(1)) for m in names if m]
     return Path(root) / f"hpc_ckpt_{max(nums, default=0) + 1}.ckpt"
 
 

@@ -32,7 +32,7 @@ checkpoint instead (``dtrain export`` / ``dtrain eval``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -198,35 +198,36 @@ def zero_ema(module: nn.Module) -> None:
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
+    def targets(copy: nn.Module) -> list[Tensor]:
+        return [q.ds_tensor if hasattr(q, "ds_tensor") else q for q in copy.parameters()] + _float_buffers(copy)
+
+    def master(p: Tensor) -> Tensor:
+        if hasattr(p, "ds_id"):  # stage 3: this rank's partition of the fp32 master weight
+            return safe_get_local_fp32_param(p)
+        if p.dtype == torch.float32:  # fp32 training: the module weight is the master weight
+            return p
+        full = safe_get_full_fp32_param(p)  # stage 1 / 2 under bf16 / fp16: gathered (an all-reduce)
+        return full if full is not None else p.float()
+
     for ema in _emas(module):
         for tag in ema.tags:
             for q in ema[tag].parameters():
-                if hasattr(q, "ds_tensor"):  # stage 3: the local fp32 partition; the placeholder follows
+                if hasattr(q, "ds_tensor"):  # stage 3: the local partition; the empty placeholder follows
                     q.ds_tensor.data = q.ds_tensor.data.float()
                 q.data = q.data.float()
             for b in _float_buffers(ema[tag]):
                 b.data = b.data.float()
+        dev = targets(ema[ema.tags[0]])[0].device  # offloaded partitions live on the CPU
 
-        def sources(net: nn.Module) -> list[Tensor]:
-            out = []
-            for p in net.parameters():
-                if hasattr(p, "ds_id"):  # stage 3: this rank's partition of the fp32 master weight
-                    out.append(safe_get_local_fp32_param(p))
-                elif p.dtype == torch.float32:  # fp32 training: the module weight is the master weight
-                    out.append(p)
-                else:  # stage 1 / 2 under bf16 / fp16: the fp32 master weight, gathered (an all-reduce)
-                    full = safe_get_full_fp32_param(p)
-                    out.append(full if full is not None else p.float())
-            return out + [b.float() for b in _float_buffers(net)]
+        def sources(net: nn.Module, dev: torch.device = dev) -> list[Tensor]:
+            out = [master(p) for p in net.parameters()] + [b.float() for b in _float_buffers(net)]
+            return [t if t.device == dev else t.to(dev, non_blocking=True) for t in out]
 
-        def targets(copy: nn.Module) -> list[Tensor]:
-            return [q.ds_tensor if hasattr(q, "ds_tensor") else q for q in copy.parameters()] + _float_buffers(copy)
-
-        ema.sources, ema.targets = _on_target_device(sources, targets), targets
+        ema.sources, ema.targets = sources, targets
         with torch.no_grad():  # the copies start as the network (DeepSpeed's cast rounded them); a resume overwrites
-            src = ema.sources(net_of(module))
+            src = sources(net_of(module))
             for tag in ema.tags:
-                torch._foreach_copy_(ema.targets(ema[tag]), src)
+                torch._foreach_copy_(targets(ema[tag]), src)
 
 
 def net_of(module: nn.Module) -> nn.Module:
@@ -235,18 +236,6 @@ def net_of(module: nn.Module) -> nn.Module:
     if not isinstance(net, nn.Module):
         raise AttributeError(f"{type(module).__name__}: no 'net' module to average into the EMA")
     return net
-
-
-def _on_target_device(sources: Callable[[nn.Module], list[Tensor]], targets: Callable[[nn.Module], list[Tensor]]
-                      ) -> Callable[[nn.Module], list[Tensor]]:
-    """Sources moved to the device of the first EMA copy's targets (offloaded partitions live on the CPU)."""
-
-    def moved(net: nn.Module) -> list[Tensor]:
-        src = sources(net)
-        dev = next((t.device for t in targets(net)), None) if src else None
-        return [s.to(dev, non_blocking=True) if dev is not None and s.device != dev else s for s in src]
-
-    return moved
 
 
 def check_ema_alignment(module: nn.Module) -> None:

@@ -248,8 +248,8 @@ def consolidate(path: str | Path) -> dict[str, Any]:
     else:
         d = _zero_dir(path)
         if d is None:
-            raise ZeroCheckpointError(path, "neither a DeepSpeed checkpoint (no 'latest' file or "
-                                      "*model_states.pt) nor a torch distributed checkpoint (no .metadata)")
+            raise ZeroCheckpointError(path, "not a sharded (DeepSpeed / FSDP) checkpoint directory: no DeepSpeed "
+                                      "'latest' file or *model_states.pt, no torch distributed checkpoint .metadata")
         sd, ckpt = _zero_state_dict(d)
         ckpt["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in sd.items()}
     info = ckpt.pop("dtrain_sharded", None) or {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -76,6 +77,7 @@ class ProgressiveModule(DiffusionModule):
         self.teacher: Any = None
         self.teacher_ref: dict[str, Any] | None = None
         self._grids: dict[int, Tensor] = {}
+        self._round_t0 = time.time()
         self._micro = (-1, 0)  # (global step, micro-batches seen in it): gradient accumulation draws fresh noise
         if model.get("param", "eps") == "eps":
             warnings.warn("model.param: an eps-predicting student cannot take few large steps: x0 = (x_t - sigma eps) "
@@ -168,6 +170,10 @@ class ProgressiveModule(DiffusionModule):
         if self._trainer is not None:
             self._load_teacher(self.round)
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._round_t0 = time.time()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # a round's last EMA update happened at the previous batch's end; a checkpoint taken there resumes here
         while self.round + 1 < len(self.rounds) and self.global_step >= self.current.end:
@@ -177,6 +183,7 @@ class ProgressiveModule(DiffusionModule):
             self._init_student()
             for opt in self.trainer.optimizers:
                 opt.state.clear()
+            self._round_t0 = time.time()
 
     def on_train_end(self) -> None:
         if self.global_step >= self.rounds[-1].end and self.round == len(self.rounds) - 1:
@@ -204,7 +211,8 @@ class ProgressiveModule(DiffusionModule):
         out = self.rounds_dir / rnd.name
         info = bundle_info(ck, source=f"{out.parent.parent} step {self.global_step} (ema {tag})", metrics=metrics)
         save_bundle(out, state, info, ema=tag, overwrite=True)
-        entry = {**asdict(rnd), "global_step": self.global_step, "ema": tag, "metrics": metrics, "bundle": str(out)}
+        entry = {**asdict(rnd), "global_step": self.global_step, "ema": tag, "metrics": metrics, "bundle": str(out),
+                 "seconds": round(time.time() - self._round_t0, 1)}  # training (+ eval) since the round (re)started
         _write_json(out / "eval.json", entry)
         index = self.rounds_dir / "rounds.json"
         done = [e for e in (json.loads(index.read_text()) if index.is_file() else []) if e["index"] != rnd.index]

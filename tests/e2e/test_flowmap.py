@@ -50,6 +50,7 @@ def test_gmm_one_step_student_exported_and_sampled(tmp_path, method, steps, extr
                                                                  f"trainer.max_steps={steps}", *extra])
     gmm = default_gmm()
     klass = MeanFlowModule if method == "meanflow" else CTMModule
+    torch.manual_seed(0)
     ckpt = fit_with(cfg, klass(cfg, teacher=gmm.denoiser(schedule_from_config(cfg.schedule))))
 
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -70,7 +71,7 @@ def test_gmm_one_step_student_exported_and_sampled(tmp_path, method, steps, extr
     err, sw = gmm.weight_error(x), sliced_wasserstein(x, exact)
     print(f"{method} GMM 1-step: weight error {err:.4f}, sliced W1 {sw:.4f}")
     assert err < 0.1
-    assert sw < 0.5  # the noise itself is at 1.0
+    assert sw < 0.25  # measured: MeanFlow 0.13, CTM 0.24; the noise itself is at 0.42
 
 
 def test_meanflow_resume_repeats_the_uninterrupted_run(tmp_path):

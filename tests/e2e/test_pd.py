@@ -64,20 +64,29 @@ def exact_run(tmp_path_factory):
 
 
 def test_four_step_student_matches_the_mixture_like_teacher_ddim64(exact_run):
+    """Sliced W1 to the mixture (mean over 4 reference sets of 10000; exact samples score 0.011-0.017) and the RMS
+    distance to the teacher's DDIM-64 sample from the same noise. Measured: student 0.019 / 0.064, teacher DDIM-64
+    0.020 / 0, DDIM-16 0.058 / 0.11, DDIM-4 0.23 / 0.40 (sampler grid: 0.34 / 0.62)."""
     out, cfg = exact_run
-    s, gmm, n = schedule_from_config(cfg.schedule), default_gmm(), 20000
+    s, gmm, n = schedule_from_config(cfg.schedule), default_gmm(), 10000
     student = load_bundle(out / "rounds" / "round03_4steps")
     assert student.info["sampler"]["nfe"] == 4 and student.info["sampler"]["grid"] == pd_grid(s, 4, 64).tolist()
-    ref, _ = gmm.sample(n, generator=torch.Generator().manual_seed(2))
+    refs = [gmm.sample(n, generator=torch.Generator().manual_seed(10 + k))[0] for k in range(4)]
+
+    def sw(x):
+        return sum(sliced_wasserstein(x, r, seed=k) for k, r in enumerate(refs)) / 4
+
     z = float(s.sigma(s.t_max)) * torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
     teacher = gmm.denoiser(s)
-    sw = {"student4": sliced_wasserstein(student.sample(n, generator=torch.Generator().manual_seed(1)), ref),
-          "teacher64": sliced_wasserstein(ddim(teacher, z, make_grid(s, 64)), ref),
-          "teacher4": min(sliced_wasserstein(ddim(teacher, z, g), ref) for g in (make_grid(s, 4), pd_grid(s, 4, 64)))}
-    print({k: round(v, 4) for k, v in sw.items()})  # measured: student4 0.0080, teacher64 0.0076, teacher4 0.227
-    assert sw["student4"] < 1.15 * sw["teacher64"], sw  # as good up to the estimate's noise (floor ~0.005 here)
-    assert sw["student4"] < sw["teacher4"] / 10, sw
-    assert gmm.weight_error(student.sample(n, generator=torch.Generator().manual_seed(3))) < 0.02
+    x = {"student4": student.sample(n, generator=torch.Generator().manual_seed(1)),  # the same z
+         "teacher64": ddim(teacher, z, make_grid(s, 64)), "teacher16": ddim(teacher, z, make_grid(s, 16))}
+    x.update({f"teacher4_{i}": ddim(teacher, z, g) for i, g in enumerate((make_grid(s, 4), pd_grid(s, 4, 64)))})
+    d = {k: sw(v) for k, v in x.items()}
+    rms = {k: float((v - x["teacher64"]).square().sum(1).mean().sqrt()) for k, v in x.items()}
+    assert d["student4"] < 1.15 * d["teacher64"], d  # as close to the mixture, up to the estimate's noise
+    assert d["student4"] < min(d["teacher4_0"], d["teacher4_1"]) / 10, d  # the teacher's own 4 steps
+    assert rms["student4"] < rms["teacher16"] < min(rms["teacher4_0"], rms["teacher4_1"]), rms
+    assert gmm.weight_error(x["student4"]) < 0.02
 
 
 def test_round_artefacts_and_teacher_chain(exact_run):

@@ -150,7 +150,7 @@ def test_gmm_teacher_matches_the_mixture(tmp_path):
     floor = sliced_wasserstein(exact, exact2)  # two exact sample sets of this size
     sw = sliced_wasserstein(x, exact)
     assert gmm.weight_error(x) < 0.05
-    assert sw < 2 * floor, (sw, floor)  # measured: 0.015 vs floor 0.017
+    assert sw < 2 * floor, (sw, floor)  # measured: 0.016 vs floor 0.017
     # the per-component spread is right too (a blurred or collapsed model fails this)
     k = gmm.assign(x)
     for j in range(3):

@@ -1,9 +1,9 @@
 """A real two-node SLURM cluster for the session (``slurm_cluster.py``), and helpers to submit and wait for jobs.
 
 Skips the SLURM tests, with the reason, only where slurm-wlm / munge are missing and cannot be installed (no
-root or no apt-get) or the daemons cannot start. Jobs run this checkout with this interpreter
-(``DTRAIN="<python> -m dtrain.cli"``), from the repository root, with ``MASTER_ADDR=127.0.0.1`` (the node names
-n1 / n2 resolve nowhere).
+root, no apt-get, or apt-get fails); a cluster that is installed but does not start fails them, with its logs.
+Jobs run this checkout with this interpreter (``DTRAIN="<python> -m dtrain.cli"``), from the repository root,
+with ``MASTER_ADDR=127.0.0.1`` (the node names n1 / n2 resolve nowhere).
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def slurm(tmp_path_factory) -> Slurm:
     try:
         cluster.start()
     except Unavailable as e:
-        cluster.stop()
         pytest.skip(f"no SLURM cluster: {e}")
+    except BaseException:
+        cluster.stop()
+        raise
     env = {k: v for k, v in cluster.env.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env.update(SLURM_CONF=str(cluster.conf), MASTER_ADDR="127.0.0.1", DTRAIN=f"{sys.executable} -m dtrain.cli",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",

@@ -22,7 +22,11 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sc
 
 
 class Unavailable(RuntimeError):
-    """SLURM cannot be installed or started here (the tests skip with this reason)."""
+    """SLURM is not installed and cannot be here (the tests skip with this reason)."""
+
+
+class ClusterError(RuntimeError):
+    """SLURM is installed but the cluster does not come up (the tests fail with the daemons' logs)."""
 
 
 def _which(name: str) -> str | None:
@@ -30,7 +34,7 @@ def _which(name: str) -> str | None:
                                       None)
 
 
-def ensure_installed(timeout: float = 600) -> None:
+def ensure_installed(timeout: float = 200) -> None:
     """apt-get install slurm-wlm munge when a binary is missing; Unavailable when that is not possible."""
     if all(_which(b) for b in BINARIES):
         return
@@ -38,11 +42,14 @@ def ensure_installed(timeout: float = 600) -> None:
         raise Unavailable("slurm-wlm / munge are not installed and cannot be: installing needs root and apt-get "
                           f"(platform {sys.platform}, uid {os.geteuid()})")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:  # stale package lists: refresh once
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = ["apt-get", "install", "-y", "-q", *PACKAGES]  # as verified in shared/ENVIRONMENT.md
+    try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:  # stale package lists: refresh once
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=timeout)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"apt-get install {' '.join(PACKAGES)} did not finish in {timeout} s") from None
     if r.returncode != 0 or not all(_which(b) for b in BINARIES):
         raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed: {(r.stderr or r.stdout)[-500:]}")
 
@@ -116,8 +123,8 @@ PartitionName=test Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
     def _run(self, *cmd: str) -> None:
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
-            raise Unavailable(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}"
-                              f"{self.logs()}")
+            raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}"
+                               f"{self.logs()}")
 
     def start(self, timeout: float = 60) -> Cluster:
         ensure_installed()
@@ -141,7 +148,7 @@ PartitionName=test Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
             if r.returncode == 0 and all(states.get(n) == "idle" for n in NODES):
                 return self
             time.sleep(0.5)
-        raise Unavailable(f"slurm nodes did not become idle in {timeout} s: {r.stdout or r.stderr}{self.logs()}")
+        raise ClusterError(f"slurm nodes did not become idle in {timeout} s: {r.stdout or r.stderr}{self.logs()}")
 
     def logs(self, tail: int = 20) -> str:
         out = []

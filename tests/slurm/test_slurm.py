@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 GMM = ROOT / "recipes" / "teacher" / "gmm.yaml"
 CPU = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "logger.mode=disabled",
-       "model.hidden=32", "model.depth=2", "data.batch_size=64", "data.num_samples=4096", "strategy.name=ddp"]
+       "model.hidden=32", "model.depth=2", "data.batch_size=64", "data.num_samples=4096", "strategy.name=ddp",
+       "ema.decays=[0.99]"]
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 

@@ -19,8 +19,8 @@ from dtrain.config import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 GMM = ROOT / "recipes" / "teacher" / "gmm.yaml"
-SMALL = ["model.hidden=32", "model.depth=2", "data.batch_size=64", "data.num_samples=4096", "logger.mode=disabled",
-         "trainer.progress_bar=false", "trainer.cpu_threads=1"]
+SMALL = ["model.hidden=32", "model.depth=2", "data.batch_size=64", "data.num_samples=4096", "ema.decays=[0.99]",
+         "logger.mode=disabled", "trainer.progress_bar=false", "trainer.cpu_threads=1"]
 
 
 def recipe(*overrides: str):
@@ -144,8 +144,8 @@ def dist_runs(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     fit = [sys.executable, "-m", "dtrain.cli", "fit", str(GMM), f"out_dir={out}", *SMALL, "trainer.accelerator=cpu",
-           "trainer.devices=2", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=0", "name=fsdp2",
-           "strategy.name=fsdp2", "strategy.sharded_checkpoint=true"]
+           "trainer.devices=2", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=0", "optim.grad_clip=0.05",
+           "name=fsdp2", "strategy.name=fsdp2", "strategy.sharded_checkpoint=true"]
     (out / "fsdp1").mkdir()
     worker = [sys.executable, str(Path(__file__).with_name("fsdp1_worker.py")), str(out / "fsdp1"), "5"]
     dist = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "OMP_NUM_THREADS": "1"}
@@ -207,7 +207,8 @@ def _assert_matches(sd: dict, ref: dict, tag: str) -> None:
 @pytest.mark.timeout(330)
 def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread):
     """`dtrain fit` with strategy.name=fsdp2: net and its EMA copy sharded (half per rank); the result is the
-    data-parallel one (the noise seeds are DiffusionModule.on_train_start's: seed + 7919 rank)."""
+    data-parallel one, gradient clipping by the global norm included (a small optim.grad_clip makes it bite; the
+    noise seeds are DiffusionModule.on_train_start's: seed + 7919 rank)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from dtrain.export.checkpoint import read_checkpoint
@@ -219,8 +220,8 @@ def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread)
     assert len(meta["state_dict.ema.0_99.inp.weight"].chunks) == 2  # ... and half of its EMA copy
     ckpt = read_checkpoint(sharded)  # the directory is consolidated on the way
     assert ckpt["global_step"] == 20 and ckpt["dtrain"]["ema_tags"] == ["0_99"]
-    _assert_matches(ckpt["state_dict"], _single_process_reference([*SMALL, "trainer.max_steps=20"], 20, (0, 7919)),
-                    "0_99")
+    ref = _single_process_reference([*SMALL, "trainer.max_steps=20", "optim.grad_clip=0.05"], 20, (0, 7919))
+    _assert_matches(ckpt["state_dict"], ref, "0_99")
 
 
 @pytest.mark.slow

@@ -151,7 +151,7 @@ def test_export_and_convert_take_the_directory(runs, tmp_path):
     assert all(torch.equal(single["state_dict"][k], v) for k, v in consolidated["state_dict"].items())
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_ckpt.py"), str(tmp_path), str(tmp_path / "y")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "neither a DeepSpeed checkpoint" in r.stderr
+    assert r.returncode == 2 and "not a sharded (DeepSpeed / FSDP) checkpoint directory" in r.stderr
 
 
 def test_unsaved_prefixes_are_dropped_and_bad_directories_named(runs, tmp_path):
