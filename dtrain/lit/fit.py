@@ -29,11 +29,19 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def build_logger(cfg: DictConfig, out: Path) -> Any:
-    """WandbLogger with the recipe's project, name, tags and mode; the resolved recipe is the run config."""
-    from lightning.pytorch.loggers import WandbLogger
+    """WandbLogger with the recipe's project, name, tags and mode; the resolved recipe is the run config.
 
+    ``logger.mode: disabled`` writes scalars to ``<run>/csv/`` instead and never imports wandb (clusters or
+    GPU images without it).
+    """
     lg = cfg.logger
     out.mkdir(parents=True, exist_ok=True)
+    if lg.mode == "disabled":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(out), name="csv", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
     return WandbLogger(project=lg.project, name=lg.name or cfg.name, tags=list(lg.tags), mode=lg.mode,
                        save_dir=str(out), config=to_container(cfg))
 
@@ -138,6 +146,6 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     finally:  # close this run's W&B run, so a later fit in the same process starts its own
         for logger in trainer.loggers:
-            if trainer.is_global_zero and getattr(logger, "_experiment", None) is not None:
+            if trainer.is_global_zero and type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
                 logger.experiment.finish()
     return out

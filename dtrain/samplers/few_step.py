@@ -224,13 +224,13 @@ def flow_map(
     ``gamma`` > 0 is CTM's gamma-sampling: jump to ``gamma_time(t_{i+1})``, then noise forward to t_{i+1} with one
     normal draw of x's shape from ``generator`` (steps landing on t = 0 are plain jumps).
     """
-    if not hasattr(model, "jump"):
-        raise TypeError(f"flow_map sampler: needs a flow-map student (MeanFlow / CTM, with .jump), got "
-                        f"{type(model).__name__}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"flow_map: gamma must be in [0, 1], got {gamma}")
     sch = model.schedule
     g, _ = on_grid(sch, grid)
+    if not hasattr(model, "jump"):
+        raise TypeError(f"flow_map sampler: needs a flow-map student (MeanFlow / CTM, with .jump), got "
+                        f"{type(model).__name__}")
     for i in range(len(g) - 1):
         t, s = g[i], g[i + 1]
         if gamma > 0 and s > 0:
@@ -245,6 +245,6 @@ def flow_map(
 
 
 __all__ += ["MeanFlowModel", "CTMModel", "gamma_time", "flow_map"]
-SAMPLERS.register("flowmap", SamplerSpec(flow_map, doc="Flow-map jumps (MeanFlow, CTM): n steps, n NFE"))
-SAMPLERS.register("flowmap_gamma", SamplerSpec(flow_map, {"gamma": 0.5},
+SAMPLERS.register("flowmap", SamplerSpec(flow_map, few_step=True, doc="Flow-map jumps (MeanFlow, CTM): n steps, n NFE"))
+SAMPLERS.register("flowmap_gamma", SamplerSpec(flow_map, {"gamma": 0.5}, few_step=True,
                                                doc="CTM gamma-sampling, gamma = 0.5 (arXiv 2310.02279)"))
