@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from dtrain.eval.features import DIGITS_WEIGHTS, build_extractor, digits_split
+from dtrain.data.digits import digits_arrays
+from dtrain.eval.features import DIGITS_WEIGHTS, build_extractor
 from dtrain.eval.fid import FID, load_ref
 from dtrain.eval.grids import save_grid
 from dtrain.eval.report import plot_fid_vs_nfe
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     scales = [float(w) for w in args.guidance.split(",")] if args.guidance else [float(info["sampler"]["guidance"])]
 
     # the floor: real test images against the train reference (450 vs 1347 images)
-    test_x, test_y = digits_split("test")
+    test_x, test_y = digits_arrays("test")
     floor = FID(ext, ref, shape=shape, device=device)
     floor.update(test_x.to(device), test_y)
     floor_res = floor.compute()

@@ -146,7 +146,7 @@ class ConsistencyCfg:
     name: str = "cd"
     init: str | None = None  # teacher | scratch: the student's first weights (cd: teacher, ct / ict: scratch)
     teacher_ema: str = "auto"  # the teacher checkpoint's EMA copy: auto | raw | a decay / std
-    solver: str = "heun"  # cd: the teacher's ODE step between adjacent times, ddim | heun
+    solver: str = "heun"  # cd: the teacher's ODE step between adjacent times, ddim | heun | dpm++2s
     guidance: float = 1.0  # cd: the teacher's CFG scale (1: none)
     curriculum: str | None = None  # N(k): fixed | ct | ict
     num_scales: int | None = None  # N of the fixed curriculum (18)

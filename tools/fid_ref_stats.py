@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtrain.eval.features import build_extractor, digits_split
+from dtrain.data.digits import digits_arrays
+from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import compute_ref_stats, dist_rank
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> Path:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     rank, world = dist_rank()
     if args.digits:
-        x, _ = digits_split(args.digits)
+        x, _ = digits_arrays(args.digits)
         items: Iterator[torch.Tensor] = iter(x)
         source = f"sklearn digits, split {args.digits}"
     elif args.folder:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dtrain.eval.features import DIGITS_WEIGHTS, DigitsNet, digits_split, file_sha256
+from dtrain.data.digits import digits_arrays
+from dtrain.eval.features import DIGITS_WEIGHTS, DigitsNet, file_sha256
 
 
 def shift(x: torch.Tensor, g: torch.Generator, pad: int = 1) -> torch.Tensor:
@@ -39,8 +40,8 @@ def accuracy(net: DigitsNet, x: torch.Tensor, y: torch.Tensor) -> float:
 def train(epochs: int, seed: int, width: int, lr: float, batch_size: int) -> tuple[DigitsNet, dict]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x, y = digits_split("train")
-    xt, yt = digits_split("test")
+    x, y = digits_arrays("train")
+    xt, yt = digits_arrays("test")
     net = DigitsNet(width=width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(y) / batch_size)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_params": sum(p.numel() for p in net.parameters()),
         "num_features": net.num_features,
         **info,
-        "data": "sklearn load_digits, stratified 75/25 split, random_state=0 (dtrain.eval.features.digits_split)",
+        "data": "sklearn load_digits, stratified 75/25 split, random_state=0 (dtrain.data.digits.digits_arrays)",
         "input": "[B, 1, 8, 8] in [-1, 1] (value / 8 - 1)",
         "seed": args.seed, "epochs": args.epochs, "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
         "torch": torch.__version__,

@@ -18,30 +18,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dtrain.data.digits import digits_arrays
 from dtrain.data.synthetic import default_gmm
 
 __all__ = ["InMemoryBatches", "InMemoryDataModule", "digits_arrays", "photo_patches", "digits", "gmm", "patches"]
-
-
-def digits_arrays(split: str = "train") -> tuple[Tensor, Tensor]:
-    """sklearn's 8x8 digits as [N, 1, 8, 8] in [-1, 1] (value / 8 - 1) and labels [N].
-
-    ``train`` / ``test``: the stratified 75 / 25 split (1347 / 450, ``random_state=0``); ``all``: all 1797.
-    (The same split and scaling as ``dtrain.eval.features.digits_split``, which the FID classifier uses.)
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
-    y = torch.from_numpy(d.target.astype(np.int64))
-    if split == "all":
-        return x, y
-    if split not in ("train", "test"):
-        raise ValueError(f"data.split: must be train, test or all, got {split!r}")
-    train, test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=d.target)
-    idx = torch.from_numpy(np.sort(train if split == "train" else test))
-    return x[idx], y[idx]
 
 
 def photo_patches(n: int, size: int = 32, seed: int = 0) -> Tensor:

@@ -44,17 +44,21 @@ class GaussianMixture:
         return (self.means[k] + self.stds[k, None] * z).float(), k
 
     def x0_mean(self, x: Tensor, alpha: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
-        """E[x0 | x_t] (float64); with ``labels`` the component is known (class-conditional)."""
+        """E[x0 | x_t] (float64); with ``labels`` the component is known (class-conditional), except where a label is
+        outside [0, K) (the CFG null class, K by convention): there the unconditional mean."""
         x = x.double()
         a, s = alpha.double().reshape(-1, 1, 1), sigma.double().reshape(-1, 1, 1)  # [B, 1, 1]
         mu, sd = self.means[None], self.stds[None, :, None]  # [1, K, D], [1, K, 1]
         var = a**2 * sd**2 + s**2
         comp = mu + a * sd**2 / var * (x[:, None] - a * mu)  # [B, K, D]
-        if labels is not None:
-            return comp[torch.arange(x.shape[0]), labels.long()]
         logp = (self.weights.log()[None] - 0.5 * ((x[:, None] - a * mu) ** 2).sum(-1) / var[..., 0]
                 - 0.5 * self.dim * torch.log(2 * math.pi * var[..., 0]))
         r = torch.softmax(logp, dim=1)
+        if labels is not None:
+            labels = labels.long().to(x.device).expand(x.shape[0])
+            known = (labels >= 0) & (labels < self.means.shape[0])
+            r = torch.where(known[:, None], nn.functional.one_hot(labels.clamp(0, self.means.shape[0] - 1),
+                                                                  self.means.shape[0]).double(), r)
         return (r[..., None] * comp).sum(1)
 
     def assign(self, x: Tensor) -> Tensor:
@@ -85,7 +89,7 @@ class ExactDenoiser(nn.Module):
         t = as_t(t).to(x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         shape = x.shape
-        out = self.gmm.x0_mean(x.reshape(shape[0], -1).cpu(), self.schedule.alpha(t).cpu(),
+        out = self.gmm.x0_mean(x.flatten(1).cpu(), self.schedule.alpha(t).cpu(),
                                self.schedule.sigma(t).cpu(), cond if self.conditional else None)
         return out.reshape(shape).to(device=x.device, dtype=x.dtype)
 

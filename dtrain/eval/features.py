@@ -31,7 +31,6 @@ __all__ = [
     "file_sha256",
     "DIGITS_WEIGHTS",
     "INCEPTION_URL",
-    "digits_split",
     "BUILTIN_REFS",
 ]
 
@@ -72,28 +71,6 @@ class FeatureExtractor(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"feature extractor {self.name!r} has no classifier head")
-
-
-def digits_split(split: str = "train") -> tuple[Tensor, Tensor]:
-    """sklearn's digits as images [N, 1, 8, 8] in [-1, 1] (value / 8 - 1) and labels [N].
-
-    ``train`` / ``test``: the stratified 75 / 25 split (1347 / 450, ``random_state=0``) the classifier
-    was trained and tested on; ``all``: the 1797 images in sklearn's order.
-    """
-    import numpy as np
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
-    y = torch.from_numpy(d.target.astype(np.int64))
-    if split == "all":
-        return x, y
-    if split not in ("train", "test"):
-        raise ValueError(f"digits split must be train, test or all, got {split!r}")
-    train, test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=d.target)
-    idx = torch.from_numpy(np.sort(train if split == "train" else test))
-    return x[idx], y[idx]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from dtrain.eval.features import BUILTIN_REFS, FeatureExtractor, digits_split
+from dtrain.data.digits import digits_arrays
+from dtrain.eval.features import BUILTIN_REFS, FeatureExtractor
 
 __all__ = ["RefStats", "RefStatsError", "FID", "ClassStats", "make_fid", "compute_ref_stats", "load_ref", "dist_rank",
            "BUILTIN_REFS"]
@@ -157,7 +158,7 @@ def load_ref(spec: str | Path, extractor: FeatureExtractor, device: str | torch.
     """``eval.ref_stats``: an .npz from tools/fid_ref_stats.py, or a built-in name (``digits:train`` ...)."""
     if str(spec) in BUILTIN_REFS:
         split = str(spec).split(":", 1)[1]
-        x, _ = digits_split(split)
+        x, _ = digits_arrays(split)
         return compute_ref_stats(extractor, x.split(512), f"sklearn digits, split {split}", device, sync=False)
     return RefStats.load(spec)
 

@@ -21,12 +21,13 @@ from torch import Tensor
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.samplers import SAMPLERS, run, steps_for_nfe
+from dtrain.samplers.base import prior_std
 
 if TYPE_CHECKING:  # torchmetrics is imported when a sweep runs, not by recipe validation
     from dtrain.eval.features import FeatureExtractor
     from dtrain.eval.fid import RefStats
 
-__all__ = ["SweepRow", "parse_specs", "fid_sweep", "global_batches", "initial_noise", "generate", "KEY"]
+__all__ = ["SweepRow", "parse_specs", "fid_sweep", "global_batches", "indexed_noise", "generate", "KEY"]
 
 KEY = "eval.samplers"
 Spec = tuple[str, list[int]]
@@ -73,7 +74,7 @@ def global_batches(num: int, batch_size: int, rank: int = 0, world_size: int = 1
     return [(b, range(b * batch_size, min(num, (b + 1) * batch_size))) for b in range(rank, n_batches, world_size)]
 
 
-def initial_noise(indices: Iterable[int], shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32
+def indexed_noise(indices: Iterable[int], shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32
                   ) -> Tensor:
     """x_T for the given global sample indices, each from its own generator (independent of batching)."""
     xs = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_seed(seed, 0, i)), dtype=dtype)
@@ -104,9 +105,9 @@ def generate(
 
     x_T = sigma(t_max) z (the samplers start at the schedule's t_max).
     """
-    sigma_max = float(denoiser.schedule.sigma(denoiser.schedule.t_max))
+    sigma_max = prior_std(denoiser.schedule)
     for b, idx in batches:
-        x_T = sigma_max * initial_noise(idx, shape, seed)
+        x_T = sigma_max * indexed_noise(idx, shape, seed)
         y = labels_for(idx, num_classes)
         g = torch.Generator().manual_seed(_seed(seed, 1, b))
         x0 = run(sampler, denoiser, x_T.to(device), nfe, cond=None if y is None else y.to(device), generator=g,

@@ -24,7 +24,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from dtrain.diffusion.param import PARAMS
 from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
 from dtrain.registry import Registry
+from dtrain.samplers.base import initial_noise
 
 __all__ = [
     "FORMAT",
@@ -264,14 +265,6 @@ def _kind(name: str, file: str) -> PipelineKind:
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline
-
-
-def initial_noise(schedule: Schedule, n: int, shape: Sequence[int], generator: torch.Generator | None = None,
-                  device: torch.device | str | None = None) -> Tensor:
-    """x_T = sigma(t_max) z, z ~ N(0, I) float32 drawn from ``generator`` (on its device), then moved."""
-    dev = generator.device if generator is not None else torch.device("cpu")
-    z = torch.randn((n, *shape), generator=generator, device=dev, dtype=torch.float32)
-    return (z * float(schedule.sigma(schedule.t_max))).to(device or dev)
 
 
 class Pipeline:

@@ -33,6 +33,7 @@ from dtrain.export.checkpoint import CKPT_FORMAT, read_checkpoint
 from dtrain.models import build_denoiser, build_model, count_params
 from dtrain.models.ema import EMA
 from dtrain.registry import Registry
+from dtrain.samplers.base import initial_noise
 
 __all__ = ["DiffusionModule", "LIT_MODULES", "module_class", "lr_factor", "time_fraction"]
 
@@ -161,9 +162,7 @@ class DiffusionModule(L.LightningModule):
         cond = labels.to(self.device) if labels is not None and self.num_classes > 0 else None
         if cond is not None and w != 1.0:
             den = self.guided(den, w)
-        g_dev = generator.device if generator is not None else self.device
-        x_T = float(self.schedule.sigma(self.schedule.t_max)) * torch.randn(
-            (n, *self.sample_shape), generator=generator, device=g_dev).to(self.device)
+        x_T = initial_noise(self.schedule, n, self.sample_shape, generator, self.device)
         opts = {"eta": s["eta"]} if s.get("eta") is not None else {}
         was_training = self.net.training
         self.net.eval()

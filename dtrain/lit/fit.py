@@ -59,10 +59,9 @@ def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callb
 
     t = cfg.trainer
     devices, num_nodes = slurm.topology(t.devices, t.num_nodes)
-    callbacks: list[L.Callback] = [
-        StepCheckpoint(out / "checkpoints", t.ckpt_every_n_steps),
-        LearningRateMonitor(logging_interval="step"),
-    ]
+    callbacks: list[L.Callback] = [StepCheckpoint(out / "checkpoints", t.ckpt_every_n_steps)]
+    if logger is not False:  # logger=False: no logging at all (benchmarks, library use)
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=t.log_every_n_steps))
     if t.sample_every_n_steps > 0:
@@ -144,8 +143,13 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     trainer = build_trainer(cfg, out, extra_callbacks=extra)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    finally:  # close this run's W&B run, so a later fit in the same process starts its own
-        for logger in trainer.loggers:
-            if trainer.is_global_zero and type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-                logger.experiment.finish()
+    finally:
+        close_loggers(trainer)
     return out
+
+
+def close_loggers(trainer: L.Trainer) -> None:
+    """Close this run's W&B run (rank 0), so a later fit in the same process starts its own."""
+    for logger in trainer.loggers:
+        if trainer.is_global_zero and type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()

@@ -38,6 +38,7 @@ from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.lit.common import DiffusionModule, lr_factor
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
+from dtrain.samplers.base import initial_noise
 
 __all__ = ["ProgressiveModule", "round_lr", "step_seed"]
 
@@ -263,7 +264,7 @@ class ProgressiveModule(DiffusionModule):
 
         gmm = default_gmm()
         g = torch.Generator().manual_seed(seed)
-        x_T = float(self.schedule.sigma(self.schedule.t_max)) * torch.randn(n, gmm.dim, generator=g)
+        x_T = initial_noise(self.schedule, n, (gmm.dim,), g)
         labels = torch.multinomial(gmm.weights, n, replacement=True, generator=g) if self.num_classes > 0 else None
         x = ddim(den, x_T.to(device), grid, cond=None if labels is None else labels.to(device)).cpu()
         ref, _ = gmm.sample(n, generator=torch.Generator().manual_seed(seed + 1))

@@ -7,8 +7,9 @@ t_min = t_1 < ... < t_N = t_max of N(k) points (``consistency_times``: Karras' r
 default, which is EDM's sigma grid on EDM's schedule). Per sample an interval (t_n, t_{n+1}) is drawn and, with
 x_{t_{n+1}} = alpha x0 + sigma z,
 
-- ``cd``: x_hat_{t_n} is one step of the teacher's probability-flow ODE from x_{t_{n+1}} (DDIM or Heun: the shared
-  samplers' steps ``ddim_coeffs`` / ``heun_step``, on the teacher's schedule, optionally with CFG);
+- ``cd``: x_hat_{t_n} is one step of the teacher's probability-flow ODE from x_{t_{n+1}} (``method.solver``: DDIM, Heun
+  or DPM-Solver++(2S): the shared samplers' steps ``ddim_coeffs`` / ``heun_step`` / ``dpm_solver_2s_step``, on the
+  teacher's schedule, optionally with CFG);
 - ``ct`` / ``ict``: x_hat_{t_n} = alpha_n x0 + sigma_n z, the same x0 and noise (no teacher);
 
 and the loss is lambda_n d(f_theta(x_{t_{n+1}}, t_{n+1}), f_{theta^-}(x_hat_{t_n}, t_n)) with the target taken without
@@ -39,6 +40,7 @@ from dtrain.diffusion.schedule import Schedule, bcast
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.methods.denoising import LossOutput
 from dtrain.samplers.ddim import ddim_coeffs
+from dtrain.samplers.dpm_solver import dpm_solver_2s_step
 from dtrain.samplers.few_step import ConsistencyModel
 from dtrain.samplers.heun import heun_step
 
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 VARIANTS = ("cd", "ct", "ict")
-SOLVERS = ("ddim", "heun")
+SOLVERS = ("ddim", "heun", "dpm++2s")
 CURRICULA = ("fixed", "ct", "ict")
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
 WEIGHTINGS = ("none", "ict")
@@ -200,6 +202,8 @@ def teacher_step(solver: str, teacher: DenoiserLike, x: Tensor, t: Tensor, s: Te
         return bcast(p, x) * x + bcast(q, x) * teacher(x, t, cond)
     if solver == "heun":
         return heun_step(teacher, x, t, s, cond)[0]
+    if solver == "dpm++2s":
+        return dpm_solver_2s_step(teacher, x, t, s, cond)[0]
     raise ValueError(f"method.solver: unknown {solver!r}; choose one of {list(SOLVERS)}")
 
 

@@ -1,7 +1,8 @@
 """Stateless samplers over a denoiser, shared by evaluation, the CLI and inference bundles.
 
 ``SAMPLERS`` maps a name to a ``SamplerSpec``; ``run`` builds the grid for a number of network
-evaluations (NFE) and calls the function. Names: ddpm, ddim, dpm++1m/2m/3m/3m_taylor, euler, heun, euler_maruyama
+evaluations (NFE) and calls the function. Names: ddpm, ddim, dpm++1m/2m/3m/3m_taylor, dpm++2s, euler, heun,
+euler_maruyama
 (few-step student samplers register themselves from ``few_step``).
 """
 
@@ -20,7 +21,7 @@ from dtrain.registry import Registry
 from dtrain.samplers.base import Callback
 from dtrain.samplers.ddim import ddim, ddim_invert, slerp
 from dtrain.samplers.ddpm import ddpm, euler_maruyama
-from dtrain.samplers.dpm_solver import dpm_solver_pp
+from dtrain.samplers.dpm_solver import dpm_solver_2s, dpm_solver_pp
 from dtrain.samplers.heun import euler, heun
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "ddpm",
     "euler_maruyama",
     "dpm_solver_pp",
+    "dpm_solver_2s",
     "euler",
     "heun",
 ]
@@ -65,6 +67,11 @@ SAMPLERS.register("dpm++3m", SamplerSpec(dpm_solver_pp, {"order": 3}, doc="DPM-S
 SAMPLERS.register(
     "dpm++3m_taylor",
     SamplerSpec(dpm_solver_pp, {"order": 3, "taylor3": True}, doc="DPM-Solver++(3M), full Taylor D2 (third order)"),
+)
+SAMPLERS.register(
+    "dpm++2s",
+    SamplerSpec(dpm_solver_2s, nfe=lambda n: 2 * n - 1, steps=lambda nfe: (nfe + 1) // 2,
+                doc="DPM-Solver++(2S), singlestep, 2n-1 NFE"),
 )
 SAMPLERS.register("euler", SamplerSpec(euler, doc="Euler on the probability-flow ODE"))
 SAMPLERS.register("euler_maruyama", SamplerSpec(euler_maruyama, doc="Euler-Maruyama on the reverse SDE"))

@@ -11,7 +11,7 @@ tensor's dtype does, without a host-side tensor per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from dtrain.diffusion.timesteps import check_grid
 
 Callback = Callable[[dict[str, Any]], None]
 
-__all__ = ["Callback", "steps", "randn_like", "scalar", "on_grid"]
+__all__ = ["Callback", "steps", "randn_like", "scalar", "on_grid", "prior_std", "initial_noise"]
 
 
 def steps(grid: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -43,6 +43,20 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal noise shaped like x, drawn from ``generator`` (on its device)."""
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def prior_std(schedule: Schedule) -> float:
+    """Standard deviation of the sampling prior x_T ~ N(0, sigma(t_max)^2 I) (the terminal marginal's, alpha -> 0)."""
+    return float(schedule.sigma(schedule.t_max))
+
+
+def initial_noise(schedule: Schedule, n: int, shape: Sequence[int], generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> Tensor:
+    """x_T = sigma(t_max) z with z ~ N(0, I) [n, *shape] float32 drawn from ``generator`` (on its device), then moved
+    to ``device``: the one draw that training-time sampling, bundles and the CLI share, so a seed means one image."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    z = torch.randn((n, *shape), generator=generator, device=dev, dtype=torch.float32)
+    return (z * prior_std(schedule)).to(device or dev)
 
 
 def scalar(v: Tensor | float, x: Tensor) -> Tensor:

@@ -5,6 +5,12 @@ Over lambda = log(alpha / sigma) with h = lambda_s - lambda_t, from the last few
 Order 1 is DDIM. Early steps use lower orders until enough history exists; a step landing on t = 0
 (lambda = +inf) is first order, and with fewer than 15 steps the one before it is at most second
 order (``lower_order_final``, as in the reference implementation).
+
+DPM-Solver++(2S) (``dpm_solver_2s_step``, the singlestep form, Alg. 1 of arXiv 2211.01095) needs no history: a
+DDIM step to the log-SNR point u = t_lambda(lambda_t + r h), then
+  x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) ((1 - 1/(2r)) D(x_t, t) + 1/(2r) D(x_u, u)),
+two evaluations per step and second order; one step between two times is what consistency distillation's
+teacher takes (``dtrain.methods.consistency``).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import torch
 from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
+from dtrain.diffusion.schedule import bcast
 from dtrain.samplers.base import Callback, on_grid
+from dtrain.samplers.ddim import ddim_coeffs
 
-__all__ = ["dpm_solver_pp"]
+__all__ = ["dpm_solver_pp", "dpm_solver_2s", "dpm_solver_2s_step"]
 
 
 @torch.no_grad()
@@ -85,6 +93,54 @@ def dpm_solver_pp(
             x = (s_s / s_t) * x + (a_s * phi1) * d
         hist.append((x0, lam_t))
         del hist[:-2]
+        if callback is not None:
+            callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
+    return x
+
+
+def dpm_solver_2s_step(
+    denoiser: DenoiserLike, x: Tensor, t: Tensor, s: Tensor, cond: Any = None, r: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2S) step t -> s < t (see the module docstring); returns (x_s, D(x_t, t)).
+
+    t, s: 0-d times or per-sample float64 [B] times (consistency distillation). Where lambda_t or lambda_s is not
+    finite (t at zero terminal SNR, s = 0) the step is DDIM's: with 0-d times it then costs one evaluation.
+    """
+    if not 0.0 < r < 1.0:
+        raise ValueError(f"dpm_solver_2s: r must be in (0, 1), got {r}")
+    sch = denoiser.schedule
+    lam_t, lam_s = sch.lambda_(t), sch.lambda_(s)
+    ok = torch.isfinite(lam_t) & torch.isfinite(lam_s)
+    x0_t = denoiser(x, t, cond)
+    p, q, _ = ddim_coeffs(sch, t, s)
+    if not bool(ok.any()):
+        return bcast(p, x) * x + bcast(q, x) * x0_t, x0_t
+    lam_u = torch.where(ok, lam_t + r * (lam_s - lam_t), torch.zeros_like(lam_t))
+    u = torch.where(ok, sch.t_from_lambda(lam_u).to(t.device), t)  # u = t where not ok: x_u = x_t, D_u = D_t
+    p_u, q_u, _ = ddim_coeffs(sch, t, u)
+    x_u = bcast(p_u, x) * x + bcast(q_u, x) * x0_t
+    d = x0_t + (denoiser(x_u, u, cond) - x0_t) * (1.0 / (2.0 * r))
+    if not bool(ok.all()):
+        d = torch.where(ok.to(x.device).reshape(-1, *[1] * (x.ndim - 1)), d, x0_t)
+    return bcast(p, x) * x + bcast(q, x) * d, x0_t
+
+
+@torch.no_grad()
+def dpm_solver_2s(
+    denoiser: DenoiserLike,
+    x: Tensor,
+    grid: Tensor,
+    *,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    r: float = 0.5,
+) -> Tensor:
+    """DPM-Solver++(2S) down the grid: two evaluations per step, one for a step that lands on t = 0."""
+    g, _ = on_grid(denoiser.schedule, grid)
+    for i in range(len(g) - 1):
+        t, s = g[i], g[i + 1]
+        x, x0 = dpm_solver_2s_step(denoiser, x, t, s, cond, r)
         if callback is not None:
             callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
     return x

@@ -18,7 +18,7 @@ from dtrain.export import bundle as B
 from dtrain.export import checkpoint as C
 from dtrain.lit.common import DiffusionModule
 from dtrain.lit.consistency import ConsistencyModule
-from dtrain.lit.fit import build_trainer
+from dtrain.lit.fit import build_trainer, close_loggers
 from dtrain.samplers.few_step import ConsistencyModel
 
 ROOT = Path(__file__).resolve().parents[2] / "recipes"
@@ -39,7 +39,7 @@ def fit_with(cfg, module, ckpt_path=None):
     try:
         trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=cfg.seed), ckpt_path=ckpt_path)
     finally:
-        trainer.logger.experiment.finish()
+        close_loggers(trainer)
     return Path(cfg.out_dir) / cfg.name / "checkpoints" / "last.ckpt"
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dtrain.data.digits import digits_arrays
 from dtrain.data.synthetic import GaussianMixture
 from dtrain.diffusion.schedule import make_schedule
-from dtrain.eval.features import build_extractor, digits_split
+from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import compute_ref_stats
 from dtrain.eval.sweep import fid_sweep
 
@@ -42,7 +43,7 @@ class NullAwareGMM(torch.nn.Module):
 
 
 def sweep(out: Path, rank: int = 0) -> None:
-    x, y = digits_split("train")
+    x, y = digits_arrays("train")
     den = NullAwareGMM(GaussianMixture(torch.stack([x[y == k].mean(0).flatten() for k in range(10)]), 0.25))
     ext = build_extractor("digits")
     ref = compute_ref_stats(ext, x[rank::2].split(100) if torch.distributed.is_initialized() else x.split(100))
@@ -75,7 +76,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     sweep(one)
     mp.spawn(worker, args=(2, free_port(), str(two)), nprocs=2, join=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert b["ref_count"] == a["ref_count"] == len(digits_split("train")[0])
+    assert b["ref_count"] == a["ref_count"] == len(digits_arrays("train")[0])
     assert torch.allclose(torch.tensor(b["ref_sigma"]), torch.tensor(a["ref_sigma"]), rtol=0, atol=1e-12)
     assert len(a["rows"]) == len(b["rows"]) == 3
     for ra, rb in zip(a["rows"], b["rows"]):

@@ -9,8 +9,10 @@ union batch computes the same loss. Checked after every one of 4 steps (AdamW, g
 - negative control: ``fused`` without the module's all-reduce leaves the ranks apart, so the check can fail and the
   module's own all-reduce is what synchronises the fused JVP.
 
-The ranks run this file as a script (Lightning's ddp launcher re-executes it per rank):
-``python tests/e2e/test_jvp_ddp.py --out DIR --jvp fused [--devices 2] [--no-sync]``.
+The test starts both ranks itself, as torchrun or srun would (``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_PORT`` in the
+environment, so Lightning launches nothing), and each rank runs the three configurations one after the other in one
+process (one import of Lightning per rank; the gloo group outlives each ``fit``), while the test process runs the
+single-process reference: ``python tests/e2e/test_jvp_ddp.py --out DIR --configs detached fused fused:nosync``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +48,8 @@ def _union_batches(steps: int = STEPS, batch: int = BATCH) -> list[dict]:
 
 
 def run(out: Path, jvp: str, devices: int, sync: bool = True) -> None:
-    """Train for STEPS steps on ``devices`` CPU processes; rank k writes its weights after every step to rank{k}.pt."""
+    """Train for STEPS steps on ``devices`` CPU ranks (this process is one of them when devices > 1); rank k writes
+    its weights after every step to ``out/rank{k}.pt``."""
     import lightning as L
     import torch
 
@@ -98,26 +102,39 @@ def run(out: Path, jvp: str, devices: int, sync: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch(tmp: Path, runs: list[tuple[str, ...]]) -> list[list[dict]]:
-    """Start the 2-rank runs (jvp mode, extra flags) side by side; each returns its ranks' records."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_ranks(tmp: Path, configs: list[str]) -> list[subprocess.Popen]:
+    """Start 2 ranks (environment as torchrun sets it), each running ``configs`` ("jvp" or "jvp:nosync") in turn."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    cmd = [sys.executable, str(Path(__file__)), "--out", str(tmp), "--configs", *configs]
+    return [subprocess.Popen(cmd, env={**env, "LOCAL_RANK": str(k), "RANK": str(k)}, cwd=tmp,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+
+
+def _collect(tmp: Path, procs: list[subprocess.Popen], configs: list[str]) -> dict[str, list[dict]]:
+    """Each configuration's records of both ranks, after both processes exit cleanly."""
     import torch
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONWARNINGS": "ignore"}
-    procs = []
-    for jvp, *extra in runs:
-        out = tmp / f"{jvp}{''.join(extra)}"
-        out.mkdir()
-        cmd = [sys.executable, str(Path(__file__)), "--out", str(out), "--jvp", jvp, "--devices", "2", *extra]
-        procs.append((out, subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True)))
-    results = []
-    for out, p in procs:
-        _, err = p.communicate(timeout=300)
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
         assert p.returncode == 0, err[-4000:]
-        ranks = [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    results = {}
+    for c in configs:
+        ranks = [torch.load(tmp / c.replace(":", "_") / f"rank{i}.pt", weights_only=True) for i in range(2)]
         assert [x["world"] for x in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
-        results.append(ranks)
+        results[c] = ranks
     return results
 
 
@@ -134,11 +151,19 @@ def _single(tmp: Path, jvp: str) -> list:
 def test_meanflow_jvp_ranks_stay_identical_and_match_the_union_batch(tmp_path):
     import torch
 
-    single = _single(tmp_path, "detached")
+    configs = ["detached", "fused", "fused:nosync"]
+    procs = _start_ranks(tmp_path, configs)  # the two ranks run while this process computes the reference
+    try:
+        single = _single(tmp_path, "detached")
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    results = _collect(tmp_path, procs, configs)
     assert len(single) == STEPS
     assert all((a - b).abs().max() > 1e-4 for a, b in itertools.pairwise(single))  # the weights move every step
-    detached, fused, unsynced = _launch(tmp_path, [("detached",), ("fused",), ("fused", "--no-sync")])
-    for jvp, ranks in (("detached", detached), ("fused", fused)):
+    for jvp in ("detached", "fused"):
+        ranks = results[jvp]
         r0, r1 = (r["history"] for r in ranks)
         assert len(r0) == len(r1) == STEPS
         for step, (a, b, ref) in enumerate(zip(r0, r1, single)):
@@ -148,17 +173,18 @@ def test_meanflow_jvp_ranks_stay_identical_and_match_the_union_batch(tmp_path):
             assert err < 1e-5, f"{jvp}: step {step + 1} differs from the single-process run by {err}"
 
     # negative control: the fused JVP without the module's all-reduce (DDP's reducer is off for the step)
-    r0, r1 = (r["history"] for r in unsynced)
+    r0, r1 = (r["history"] for r in results["fused:nosync"])
     gap = float((r0[0] - r1[0]).abs().max())
     print(f"fused without explicit sync: ranks differ by {gap:.2e} after step 1")
     assert gap > 1e-4
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # one rank, started by the test with torchrun's environment
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--jvp", default="detached")
-    ap.add_argument("--devices", type=int, default=2)
-    ap.add_argument("--no-sync", action="store_true")
+    ap.add_argument("--configs", nargs="+", default=["detached"], help='"jvp" or "jvp:nosync", run in turn')
     a = ap.parse_args()
-    run(a.out, a.jvp, a.devices, sync=not a.no_sync)
+    for c in a.configs:
+        jvp, _, flag = c.partition(":")
+        (a.out / c.replace(":", "_")).mkdir(exist_ok=True)
+        run(a.out / c.replace(":", "_"), jvp, devices=2, sync=flag != "nosync")

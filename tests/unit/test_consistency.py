@@ -20,10 +20,10 @@ from dtrain.config import RecipeError, load_recipe
 from dtrain.data.synthetic import default_gmm, sliced_wasserstein
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.param import PARAMS
-from dtrain.diffusion.schedule import make_schedule
+from dtrain.diffusion.schedule import bcast, make_schedule
 from dtrain.methods import consistency as C
 from dtrain.models import MLP, build_denoiser, build_model
-from dtrain.samplers import SAMPLERS, ddim, heun, run
+from dtrain.samplers import SAMPLERS, ddim, dpm_solver_2s, heun, run
 from dtrain.samplers.few_step import ConsistencyModel, consistency, consistency_grid
 
 SCHEDULES = {
@@ -146,6 +146,8 @@ def test_cd_loss_vanishes_for_an_exactly_consistent_student(sched):
     # steep last knots. CD on VP schedules should use the DDIM solver (an exponential integrator).
     heun_loss = C.ConsistencyLoss(sch, "cd", solver="heun")(good, good, x0, teacher=teacher).loss.max()
     assert (heun_loss < 1e-9) if sched == "edm" else (heun_loss > 1e-4)
+    # DPM-Solver++(2S) is an exponential integrator too: exact for a constant x0 on every schedule
+    assert C.ConsistencyLoss(sch, "cd", solver="dpm++2s")(good, good, x0, teacher=teacher).loss.abs().max() < 1e-9
 
 
 def test_cd_needs_a_teacher():
@@ -242,7 +244,7 @@ def test_lpips_without_the_package_is_a_clear_error(monkeypatch):
 # Teacher steps: the shared samplers' steps, per sample
 
 
-@pytest.mark.parametrize("solver", ["ddim", "heun"])
+@pytest.mark.parametrize("solver", C.SOLVERS)
 def test_teacher_step_per_sample_equals_the_shared_sampler(solver):
     sch = make_schedule("ddpm", kind="cosine")
     den = Denoiser(random_net(), sch, "v")
@@ -251,9 +253,38 @@ def test_teacher_step_per_sample_equals_the_shared_sampler(solver):
     t = torch.tensor([0.9, 0.5, 0.2, 0.05], dtype=torch.float64)
     s = torch.tensor([0.8, 0.45, 0.01, 0.001], dtype=torch.float64)
     got = C.teacher_step(solver, den, x, t, s)
-    fn = {"ddim": ddim, "heun": heun}[solver]
+    fn = {"ddim": ddim, "heun": heun, "dpm++2s": dpm_solver_2s}[solver]
     want = torch.cat([fn(den, x[i: i + 1], torch.stack([t[i], s[i]])) for i in range(4)])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+class GaussTeacher(nn.Module):
+    """The exact denoiser of N(0.7, 0.5^2) with per-sample times."""
+
+    def __init__(self, schedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+
+    def forward(self, x: Tensor, t, cond=None) -> Tensor:
+        a, sg = (bcast(v, x) for v in self.schedule.alpha_sigma(t))
+        return 0.7 + a * 0.25 / (a * a * 0.25 + sg * sg) * (x - a * 0.7)
+
+
+@pytest.mark.parametrize("sched,spacing", [("ddpm_cosine", "lambda"), ("vp_cosine", "lambda"), ("edm", "rho")])
+def test_second_order_teacher_steps_follow_the_exact_flow_closer(sched, spacing):
+    """One teacher step over each interval of an 18-point CD grid on Gaussian data, against the exact probability-flow
+    map x_u = a_u mu + sqrt((a_u^2 s^2 + sigma_u^2) / (a_t^2 s^2 + sigma_t^2)) (x_t - a_t mu). Measured max errors
+    (ddim / heun / dpm++2s): ddpm_cosine 0.141 / 0.032 / 0.026, vp_cosine 0.070 / 0.011 / 0.009, edm 0.093 / 0.046 /
+    0.014: the second-order steps are 2x (Heun on EDM) to 5x closer."""
+    sch = SCHEDULES[sched]()
+    ts = C.consistency_times(sch, 18, spacing)
+    t_hi, t_lo = ts[1:].repeat_interleave(9), ts[:-1].repeat_interleave(9)
+    z = torch.linspace(-3, 3, 9, dtype=torch.float64).repeat(17)[:, None]
+    (a_t, s_t), (a_u, s_u) = ((bcast(v, z) for v in sch.alpha_sigma(w)) for w in (t_hi, t_lo))
+    x = a_t * 0.7 + (a_t**2 * 0.25 + s_t**2).sqrt() * z
+    exact = a_u * 0.7 + ((a_u**2 * 0.25 + s_u**2) / (a_t**2 * 0.25 + s_t**2)).sqrt() * (x - a_t * 0.7)
+    err = {v: float((C.teacher_step(v, GaussTeacher(sch), x, t_hi, t_lo) - exact).abs().max()) for v in C.SOLVERS}
+    assert err["dpm++2s"] < err["ddim"] / 4 and err["heun"] < err["ddim"] / 1.9, err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dtrain.data.digits import digits_arrays
 from dtrain.data.synthetic import GaussianMixture
 from dtrain.diffusion.schedule import make_schedule
 from dtrain.eval.features import (
@@ -17,7 +18,6 @@ from dtrain.eval.features import (
     INCEPTION_URL,
     DigitsFeatures,
     build_extractor,
-    digits_split,
     file_sha256,
 )
 from dtrain.eval.fid import (
@@ -31,7 +31,7 @@ from dtrain.eval.fid import (
     make_fid,
 )
 from dtrain.eval.grids import image_grid
-from dtrain.eval.sweep import generate, global_batches, initial_noise, parse_specs
+from dtrain.eval.sweep import generate, global_batches, indexed_noise, parse_specs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +43,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def test_x():
-    return digits_split("test")[0]
+    return digits_arrays("test")[0]
 
 
 def fid_of(extractor, real, fake) -> float:
@@ -55,7 +55,7 @@ def fid_of(extractor, real, fake) -> float:
 
 def digits_gmm(std: float = 0.25) -> GaussianMixture:
     """A 64-D mixture around the class means of the digits train split (exact denoiser, labels = components)."""
-    x, y = digits_split("train")
+    x, y = digits_arrays("train")
     return GaussianMixture(torch.stack([x[y == k].mean(0).flatten() for k in range(10)]), std)
 
 
@@ -123,18 +123,11 @@ def test_digits_classifier_asset_matches_its_record(test_x):
     assert DIGITS_WEIGHTS.stat().st_size < 1_000_000
     assert file_sha256(DIGITS_WEIGHTS) == record["sha256"]
     ext = DigitsFeatures()
-    y = digits_split("test")[1]
+    y = digits_arrays("test")[1]
     acc = float((ext.logits(test_x).argmax(1) == y).double().mean())
     assert acc == pytest.approx(record["test_accuracy"], abs=1e-12)
     assert acc >= 0.97
     assert ext.weights_sha256 == record["sha256"] and ext(test_x[:3]).dtype == torch.float64
-
-
-def test_digits_split_is_the_datamodule_split():
-    memory = pytest.importorskip("dtrain.data.memory")
-    for split in ("train", "test"):
-        a, b = digits_split(split), memory.digits_arrays(split)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_digits_extractor_refuses_other_image_sizes(digits):
@@ -180,7 +173,7 @@ def test_inception_runs_from_a_local_weights_file(tmp_path, monkeypatch):
 
 
 def test_ref_stats_round_trip_and_equal_direct_features(digits, test_x, tmp_path):
-    train = digits_split("train")[0]
+    train = digits_arrays("train")[0]
     stats = compute_ref_stats(digits, train.split(100), source="digits train")
     assert stats.meta["count"] == len(train) and stats.meta["resolution"] == [1, 8, 8]
     path = stats.save(tmp_path / "ref.npz")
@@ -193,7 +186,7 @@ def test_ref_stats_round_trip_and_equal_direct_features(digits, test_x, tmp_path
 
 
 def test_ref_stats_metadata_mismatch_fails_clearly(digits, tmp_path):
-    stats = compute_ref_stats(digits, [digits_split("test")[0]], source="digits test")
+    stats = compute_ref_stats(digits, [digits_arrays("test")[0]], source="digits test")
     with pytest.raises(RefStatsError, match=r"extractor: file has 'digits', evaluation uses 'raw'.*fid_ref_stats"):
         FID(build_extractor("raw", shape=(1, 8, 8)), stats)
     other = RefStats(stats.mu, stats.sigma, {**stats.meta, "weights_sha256": "0" * 64})
@@ -245,8 +238,8 @@ def test_samples_do_not_depend_on_world_size():
 
     one, two = run(0, 1), {**run(0, 2), **run(1, 2)}
     assert sorted(one) == sorted(two) and all(torch.equal(one[b], two[b]) for b in one)
-    assert torch.equal(initial_noise(range(3, 6), (1, 8, 8), 3), initial_noise([3, 4, 5], (1, 8, 8), 3)[[0, 1, 2]])
-    assert not torch.equal(initial_noise([0], (1, 8, 8), 3), initial_noise([0], (1, 8, 8), 4))
+    assert torch.equal(indexed_noise(range(3, 6), (1, 8, 8), 3), indexed_noise([3, 4, 5], (1, 8, 8), 3)[[0, 1, 2]])
+    assert not torch.equal(indexed_noise([0], (1, 8, 8), 3), indexed_noise([0], (1, 8, 8), 4))
 
 
 def test_image_grid_layout():
@@ -262,7 +255,7 @@ def test_sweep_rows_report_and_wandb(digits, tmp_path, monkeypatch):
     from dtrain.eval.report import log_wandb, plot_fid_vs_nfe, write_json
     from dtrain.eval.sweep import fid_sweep
 
-    ref = compute_ref_stats(digits, [digits_split("train")[0]], source="digits train")
+    ref = compute_ref_stats(digits, [digits_arrays("train")[0]], source="digits train")
     den = digits_gmm().denoiser(make_schedule("ddpm"), conditional=True)
     rows = fid_sweep(den, ["ddim:1,4", "ddpm:4"], num=60, batch_size=25, shape=(1, 8, 8), extractor=digits, ref=ref,
                      num_classes=10, seed=5, grid_size=30, progress=False)
@@ -302,7 +295,7 @@ def test_fid_ref_stats_tool_reads_folders_like_tensors(digits, tmp_path):
     spec = importlib.util.spec_from_file_location("fid_ref_stats", "tools/fid_ref_stats.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    x = digits_split("test")[0][:40]
+    x = digits_arrays("test")[0][:40]
     u8 = ((x + 1) * 127.5).round().to(torch.uint8)
     for i, im in enumerate(u8):
         Image.fromarray(im[0].numpy()).save(tmp_path / f"{i:03d}.png")

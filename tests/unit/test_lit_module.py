@@ -49,7 +49,7 @@ def test_registry():
 
 
 def test_fit_lifecycle_and_checkpoint_layout(tmp_path):
-    from dtrain.lit.fit import build_trainer, run_dir
+    from dtrain.lit.fit import build_trainer, close_loggers, run_dir
 
     cfg = recipe(tmp_path)
     L.seed_everything(0, verbose=False)
@@ -71,7 +71,7 @@ def test_fit_lifecycle_and_checkpoint_layout(tmp_path):
     trainer = build_trainer(cfg, run_dir(cfg))
     trainer.callbacks.insert(0, Spy())
     trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
-    trainer.logger.experiment.finish()
+    close_loggers(trainer)
     lr = 2e-3
     assert seen["lr"][:2] == pytest.approx([lr * 0.5, lr])  # warmup over 2 steps, then cosine
     assert seen["lr"][-1] == pytest.approx(lr * lr_factor(5, warmup=2, total=6, schedule="cosine", min_ratio=0.05))

@@ -27,13 +27,6 @@ def test_digits_are_sklearns_with_the_eval_split():
     tr, te = digits_arrays("train"), digits_arrays("test")
     assert len(tr[1]) == 1347 and len(te[1]) == 450
     assert float((torch.bincount(te[1]) - 0.25 * torch.bincount(y)).abs().max()) <= 1  # stratified
-    try:  # the FID classifier's split (another area): the same images
-        from dtrain.eval.features import digits_split
-    except ImportError:
-        return
-    for split, (xa, ya) in (("train", tr), ("test", te)):
-        xb, yb = digits_split(split)
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_patches_are_photo_crops():

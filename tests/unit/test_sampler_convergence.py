@@ -65,9 +65,11 @@ CASES = [
     ("heun", "vp_linear", "lambda", 2, [32, 64, 128]),
     ("dpm++3m", "vp_linear", "lambda", 2, [64, 128, 256]),  # the reference 3M: second order
     ("dpm++3m_taylor", "vp_linear", "lambda", 3, [16, 32, 64]),
+    ("dpm++2s", "vp_linear", "lambda", 2, [16, 32, 64]),  # singlestep: consistency distillation's teacher step
     ("ddim", "edm", "rho", 1, [32, 64, 128]),
     ("heun", "edm", "rho", 2, [32, 64, 128]),
     ("dpm++2m", "edm", "rho", 2, [64, 128, 256]),
+    ("dpm++2s", "edm", "rho", 2, [32, 64, 128]),
     ("dpm++3m", "edm", "rho", 2, [128, 256, 512]),
     ("dpm++3m_taylor", "edm", "rho", 3, [64, 128, 256]),
     ("heun", "flow", "uniform", 2, [32, 64, 128]),

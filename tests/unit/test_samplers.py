@@ -379,3 +379,21 @@ def test_bad_options_raise():
     with pytest.raises(TypeError):
         run("ddim", den, x, 4, temperature=0.5)  # an option the sampler does not take
     assert den.calls == 0
+
+
+def test_exact_denoiser_null_label_is_the_unconditional_mean():
+    """The class-conditional exact GMM denoiser reads the CFG null class (K) as 'no label', per sample, so CFG
+    wrappers can drive it; an empty batch passes through."""
+    gmm, s = default_gmm(), make_schedule("vp_cosine")
+    cond, unc = gmm.denoiser(s, conditional=True), gmm.denoiser(s)
+    x, t = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), torch.tensor(0.6)
+    labels = torch.tensor([0, 3, 1, 3, 2, 0])
+    out = cond(x, t, labels)
+    torch.testing.assert_close(out[[1, 3]], unc(x, t)[[1, 3]], rtol=0, atol=0)
+    for i in (0, 2, 4, 5):
+        torch.testing.assert_close(out[i : i + 1], cond(x[i : i + 1], t, labels[i : i + 1]), rtol=0, atol=0)
+    assert not torch.allclose(out[0], unc(x, t)[0])
+    assert cond(torch.zeros(0, 2), t, torch.zeros(0, dtype=torch.long)).shape == (0, 2)
+    guided = CFGDenoiser(cond, 3.0, gmm.means.shape[0])
+    torch.testing.assert_close(guided(x, t, labels[[0, 2, 4, 5]].repeat(2)[:6]),
+                               3.0 * cond(x, t, labels[[0, 2, 4, 5]].repeat(2)[:6]) - 2.0 * unc(x, t))
