@@ -42,6 +42,36 @@ def digits_teacher(overrides: tuple[str, ...] = (), root: Path = BENCH_RUNS) -> 
     return ckpt
 
 
+def cached_fid_rows(model, key: str, specs: list[tuple[str, list[int]]], *, num: int, batch_size: int, seed: int,
+                    guidance: float, extractor, ref, ref_source: str, **kw) -> list[dict]:
+    """``dtrain.eval.sweep.fid_sweep`` rows of ``model`` per (sampler, NFE), each point cached as JSON in
+    runs/bench/fid_cache under ``key`` (e.g. the teacher checkpoint's sha256) and the sweep settings, so the digits
+    benchmarks that score the same teacher share its points. A point depends only on these settings: x_T comes from
+    (seed, sample index), not from the other points of a sweep."""
+    import hashlib
+    import json
+
+    from dtrain.eval.sweep import fid_sweep
+
+    cache = BENCH_RUNS / "fid_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, budgets in specs:
+        for nfe in budgets:
+            what = json.dumps([key, name, nfe, num, batch_size, seed, guidance, ref_source, extractor.weights_sha256])
+            f = cache / f"{hashlib.sha256(what.encode()).hexdigest()[:24]}.json"
+            if f.is_file():
+                rows.append(json.loads(f.read_text())["row"])
+                continue
+            (row,) = fid_sweep(model, [(name, [nfe])], num=num, batch_size=batch_size, seed=seed, guidance=guidance,
+                               extractor=extractor, ref=ref, ref_source=ref_source, **kw)
+            tmp = f.with_suffix(f".{os.getpid()}")
+            tmp.write_text(json.dumps({"key": json.loads(what), "row": row.to_dict()}) + "\n")
+            tmp.replace(f)
+            rows.append(row.to_dict())
+    return rows
+
+
 def machine() -> dict:
     import torch
 

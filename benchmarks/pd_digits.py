@@ -8,9 +8,10 @@ Trains ``recipes/pd/digits.yaml`` (64 -> 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps) wit
 ``runs/bench/pd-digits`` (reused when its resolved recipe is unchanged and all rounds are written), then scores with
 ``dtrain.eval.sweep.fid_sweep`` -- the same class-balanced x_T for every point, reference: FID-digits statistics of the
 train split, no guidance (w = 1) -- each round's bundle at its step count (DDIM on the distilled grid: trailing
-spacing nests, so it is the sampler's own grid), the teacher's DDIM at 1..64 steps and DPM-Solver++(2M) at 16..64.
-Writes benchmarks/results/pd_digits.json. Goal (issue 6): the 4-step student within 1.5x the teacher's best FID and
-2x better than the teacher's DDIM-4.
+spacing nests, so it is the sampler's own grid), the teacher's DDIM at every round's step count and 64, and
+DPM-Solver++(2M) at ``--teacher-dpm`` NFE (the teacher's points are cached in runs/bench/fid_cache and shared with
+benchmarks/cm_digits.py). Writes benchmarks/results/pd_digits.json. Goal (issue 6): the 4-step student within 1.5x
+the teacher's best FID and 2x better than the teacher's DDIM-4.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_RUNS, ROOT, digits_teacher, machine
+from common import BENCH_RUNS, ROOT, cached_fid_rows, digits_teacher, machine
 
 RECIPE = ROOT / "recipes" / "pd" / "digits.yaml"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    ap.add_argument("--teacher-dpm", default="16,32", help="NFE of the teacher's DPM-Solver++(2M) points")
     ap.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for the PD run")
     ap.add_argument("--out", type=Path, default=RESULTS / "pd_digits.json")
     args = ap.parse_args(argv)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dtrain.eval.fid import load_ref
     from dtrain.eval.sweep import fid_sweep
     from dtrain.export.bundle import load_bundle
-    from dtrain.export.checkpoint import load_teacher
+    from dtrain.export.checkpoint import load_teacher, sha256_file
 
     teacher_ckpt = digits_teacher()
     run, train_seconds = train(teacher_ckpt, list(args.overrides), args.threads)
@@ -87,7 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     teacher, tinfo = load_teacher(teacher_ckpt)
     steps = sorted({r["steps"] for r in rounds} | {64})
     print("teacher:", flush=True)
-    t_rows = score(teacher, [("ddim", steps), ("dpm++2m", [16, 32, 64])])
+    t0 = time.time()
+    dpm = [int(v) for v in args.teacher_dpm.split(",") if v]
+    t_rows = cached_fid_rows(teacher, sha256_file(teacher_ckpt), [("ddim", steps), ("dpm++2m", dpm)], **common)
+    print(f"  {[(r['sampler'], r['nfe'], round(r['fid'], 3)) for r in t_rows]} ({time.time() - t0:.0f} s)", flush=True)
     t_ddim = {r["nfe"]: r for r in t_rows if r["sampler"] == "ddim"}
     best = min(t_rows, key=lambda r: r["fid"])
     out_rounds = []

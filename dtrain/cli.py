@@ -22,18 +22,24 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (applied last)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and parameter count, then exit")
-    p.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file, or 'last' (<run>/checkpoints)")
+    p.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file; 'last': the run's newest readable "
+                   "checkpoint; 'auto': that, or a fresh start when there is none (use it in job scripts)")
     p.set_defaults(func=_fit)
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from dtrain.export.checkpoint import CheckpointError
     from dtrain.lit.fit import fit
+    from dtrain.lit.guard import NonFiniteError
 
     try:
         out = fit(args.recipe, args.overrides, dry_run=args.dry_run, resume=args.resume)
-    except FileNotFoundError as e:  # a missing checkpoint, shard or weights file: one line naming it
+    except (FileNotFoundError, CheckpointError) as e:  # a missing or unreadable checkpoint, shard or file
         print(f"dtrain fit: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the non-finite guard stopped the run (dtrain.lit.guard)
+        print(f"dtrain fit: {e}", file=sys.stderr)
+        return 3
     if not args.dry_run:
         print(f"run directory: {out}")
     return 0
@@ -119,9 +125,23 @@ def _shards(args: argparse.Namespace) -> int:
     return run_shards(args)
 
 
-# ---- demo (train, distill, evaluate on CPU) -- another area adds _add_demo here ---------------------------
+# ---- demo (shards -> teacher -> students -> FID per NFE -> bundles, on CPU: dtrain.demo) -----------------
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from dtrain.demo import add_demo_args
 
-SUBCOMMANDS = [_add_fit, _add_eval, _add_sample, _add_export, _add_shards]  # append _add_demo
+    p = sub.add_parser("demo", help="the whole pipeline on CPU in minutes", description="Digits shards -> teacher -> "
+                       "distilled students -> FID-digits per NFE -> bundles, sample grids, plot and table. Rerunning "
+                       "skips the stages that are up to date.")
+    add_demo_args(p).set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dtrain.demo import run_demo_cli
+
+    return run_demo_cli(args)
+
+
+SUBCOMMANDS = [_add_fit, _add_eval, _add_sample, _add_export, _add_shards, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

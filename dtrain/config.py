@@ -27,6 +27,7 @@ __all__ = [
     "SCHEMAS",
     "to_container",
     "recipe_hash",
+    "check_inputs",
 ]
 
 
@@ -298,6 +299,8 @@ class TrainerCfg:
     tf32: bool = True
     progress_bar: bool = True
     cpu_threads: int = 0  # > 0: torch.set_num_threads (CPU runs on a shared machine: 1 avoids OpenMP stalls)
+    nan_guard: bool = True  # skip optimizer steps with a non-finite loss or gradient (dtrain.lit.guard)
+    max_bad_steps: int = 10  # that many skipped steps in a row stop the run
 
 
 @dataclass
@@ -427,6 +430,8 @@ def _sources(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictCon
         if not isinstance(bases, ListConfig | list):
             raise RecipeError(str(path), "base", "must be a file path or a list of them")
         for b in bases:
+            if not (path.parent / str(b)).is_file():
+                raise RecipeError(_display(path), "base", f"file not found: {path.parent / str(b)}")
             out += _sources((path.parent / str(b)), (*seen, path))
     return [*out, (_display(path), cfg)]
 
@@ -562,6 +567,11 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("ema.decays", "each decay must be in (0, 1)"))
     if cfg.teacher is not None and not Path(cfg.teacher).exists():
         bad.append(("teacher", f"file or bundle not found: {cfg.teacher}"))
+    elif cfg.teacher is not None and Path(cfg.teacher).is_file():
+        import zipfile
+
+        if not zipfile.is_zipfile(cfg.teacher):  # torch.save's zip; a truncated file loses its central directory
+            bad.append(("teacher", f"{cfg.teacher} is not a readable torch checkpoint (truncated or not a checkpoint)"))
     return bad
 
 
@@ -636,6 +646,9 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     for key in ("ckpt_every_n_steps", "sample_every_n_steps", "cpu_threads"):
         if t[key] < 0:
             bad.append((f"trainer.{key}", "must be >= 0 (0: off)"))
+    if t.max_bad_steps < 1:
+        bad.append(("trainer.max_bad_steps", "must be >= 1 (bad steps in a row that stop the run; "
+                    "trainer.nan_guard=false turns the guard off)"))
     if cfg.sampler.guidance < 0:
         bad.append(("sampler.guidance", "must be >= 0 (1: no guidance)"))
     return bad
@@ -848,3 +861,50 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
     if not 0.0 <= m.cfg_dropout < 1.0:
         bad.append(("method.cfg_dropout", "must be in [0, 1)"))
     return bad
+
+
+@register_validator
+def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
+    """An eps (or score) network cannot give x0 = (x_t - sigma eps) / alpha where alpha(t_max) = 0: zero terminal
+    SNR schedules and the flow schedule need v, x0, velocity or edm outputs (Lin et al. 2023, arXiv 2305.08891)."""
+    if cfg.model.param not in ("eps", "score"):
+        return []
+    from dtrain.diffusion.schedule import schedule_from_config
+
+    try:
+        sch = schedule_from_config(cfg.schedule)
+        alpha_end = float(sch.alpha(sch.t_max))
+    except Exception:  # a bad schedule is reported by its own check
+        return []
+    if alpha_end > 1e-6:
+        return []
+    what = "progressive distillation's few-step student" if cfg.method.name == "pd" else "the network"
+    return [("model.param", f"{cfg.model.param!r} is undefined at zero terminal SNR: schedule {cfg.schedule.name!r} "
+             f"has alpha(t_max) = {alpha_end:.3g}, so {what} cannot recover x0 there; use v, x0, velocity or edm")]
+
+
+def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
+    """The local data files a run reads exist: ``dtrain fit`` calls this before anything starts (``load_recipe``
+    does not, so recipes may name shards made later). Raises ``RecipeError(source, key, reason)``."""
+    d = cfg.data
+    if d.name != "wds" or not d.shards or "://" in d.shards:
+        return
+    if d.shards.endswith(".json") or d.index:
+        index = d.index or d.shards
+        if not Path(index).is_file():
+            raise RecipeError(source, "data.index" if d.index else "data.shards", f"index file not found: {index}")
+        if d.shards.endswith(".json"):
+            from dtrain.data.shards import read_index
+
+            urls = list(read_index(index)["urls"])
+        else:
+            urls = []
+    else:
+        from braceexpand import braceexpand
+
+        urls = [u for part in d.shards.split("::") for u in braceexpand(part) if u.strip()]
+    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    gone = [u for u in local if not Path(u.removeprefix("file:")).is_file()]
+    if gone:
+        more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
+        raise RecipeError(source, "data.shards", f"shard file not found: {gone[0]}{more}")

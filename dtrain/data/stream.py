@@ -217,6 +217,9 @@ def _read_shard(url: str, start: int, stop: int) -> Iterator[dict[str, Any] | _B
                     obj.close()
             except Exception:  # a pipe closed early may report SIGPIPE; the samples we needed are in
                 pass
+    if max(i, start) < stop:  # one line per shard that failed (the samples are also counted one by one)
+        log.warning("shard %s: %s; skipping its samples %d..%d", url,
+                    reason or f"ended after {i} samples, the index says more", max(i, start), stop - 1)
     for j in range(max(i, start), stop):
         yield _Bad(url, f"#{j}", reason or f"shard ended after {i} samples, the index says more")
 

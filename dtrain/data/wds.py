@@ -184,6 +184,10 @@ class WdsDataModule(L.LightningDataModule):
                 self.bad_samples += int(bad)
         return batch
 
+    def callbacks(self) -> list[L.Callback]:
+        """Callbacks ``dtrain fit`` adds for this datamodule: the skipped-sample counter (``data/bad_samples``)."""
+        return [SkippedSamplesLogger()]
+
     def state_dict(self) -> dict[str, Any]:
         if self.stream is None or self._epoch is None:
             return {}

@@ -24,7 +24,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,6 +334,12 @@ class Pipeline:
 
     def guided(self, cond: Tensor | None, w: float) -> Any:
         """The model, wrapped for classifier-free guidance with scale w when it applies."""
+        w_range = ((self.info.get("provenance") or {}).get("training") or {}).get("pd", {}).get("w_range")
+        if self.kind == "guided_denoiser" and w_range and not w_range[0] <= w <= w_range[1]:
+            import warnings
+
+            warnings.warn(f"w: {w} is outside the guidance range {w_range} this student was distilled on",
+                          stacklevel=3)
         if cond is None or w == 1.0:
             return self.model
         guide = _kind(self.kind, str(self.path / INFO_FILE) if self.path else INFO_FILE).guide
@@ -355,15 +361,23 @@ class Pipeline:
         eta: float | None = None,
         clip: bool = True,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        times: Sequence[float] | None = None,
     ) -> Tensor:
         """n samples as float32 [n, *shape]; images are clamped to ``image.range`` (e.g. [-1, 1]) unless
-        ``clip=False``. Unset arguments take the bundle's defaults (``dtrain.json`` ``sampler``)."""
+        ``clip=False``. Unset arguments take the bundle's defaults (``dtrain.json`` ``sampler``). ``times``: the
+        interior times of an explicit grid [t_max, *times, 0] (e.g. multistep consistency sampling at chosen times);
+        it replaces ``nfe`` and ``spacing``."""
         from dtrain.samplers import SAMPLERS, run
 
         s = self.info["sampler"]
         name = sampler or s["name"]
         grid = None
-        if s["grid"] is not None and name == s["name"] and spacing is None:
+        if times is not None:
+            grid = torch.tensor([float(self.schedule.t_max), *(float(v) for v in times), 0.0], dtype=torch.float64)
+            if not bool((grid[1:] < grid[:-1]).all()):
+                raise ValueError(f"times: must decrease strictly inside (0, t_max = {float(self.schedule.t_max)}), "
+                                 f"got {list(times)}")
+        elif s["grid"] is not None and name == s["name"] and spacing is None:
             g = torch.tensor(s["grid"], dtype=torch.float64)
             if nfe is None or nfe == SAMPLERS.get(name, "sampler").nfe(g.numel() - 1):
                 grid = g
@@ -436,7 +450,9 @@ def save_bundle(
     check_info(json.loads(json.dumps(full)), out / INFO_FILE)  # never write what the loader would reject
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "dtrain_bundle": str(FORMAT)})
+    # one metadata key: safetensors writes its metadata map in hash order, so two keys made equal weights hash
+    # differently from file to file (dtrain.json carries the bundle format)
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS_FILE)
     full["weights"]["sha256"] = sha256_file(out / WEIGHTS_FILE)
     (out / INFO_FILE).write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")

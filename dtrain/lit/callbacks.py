@@ -19,6 +19,7 @@ class EMAUpdate(L.Callback):
 
     A callback so it runs before ``ModelCheckpoint`` (which Lightning orders last): a checkpoint of
     step N holds the EMA of step N. Works for manual optimization too (it watches ``global_step``).
+    Steps skipped by the non-finite guard (``pl_module.guard.skipped``) are not averaged in.
     """
 
     def __init__(self) -> None:
@@ -31,7 +32,9 @@ class EMAUpdate(L.Callback):
         step = trainer.global_step
         if step != self._last:
             self._last = step
-            pl_module.ema.update(pl_module.net, step)
+            guard = getattr(pl_module, "guard", None)
+            if guard is None or not guard.skipped:  # a step the non-finite guard dropped changes no weights
+                pl_module.ema.update(pl_module.net, step)
 
 
 class SampleGrid(L.Callback):

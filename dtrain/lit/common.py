@@ -3,9 +3,9 @@
 Built from a resolved recipe: the network (``net``), its EMA copies (``ema``), the schedule and the
 denoiser over them. The module owns the optimizer (AdamW, linear warmup then constant or cosine LR),
 gradient clipping (and the grad norm it measures), the EMA update (``EMAUpdate`` callback, before any
-checkpoint of the same step), logging (loss every step without a host sync, per-timestep-bucket losses
-accumulated on device and flushed every ``trainer.log_every_n_steps``), sampling with the shared
-samplers, and the format-1 checkpoint metadata ``ckpt["dtrain"]``.
+checkpoint of the same step), logging (the loss and its per-timestep-bucket means accumulated on device and
+flushed with one host sync every ``trainer.log_every_n_steps``, so ``train/loss`` is the interval's mean; the grad
+norm), sampling with the shared samplers, and the format-1 checkpoint metadata ``ckpt["dtrain"]``.
 
 A subclass sets ``kind`` and implements ``compute_loss(batch) -> (loss [B], t [B] or None)``; it may add
 ``checkpoint_info()`` (method-specific metadata) and ``unsaved_prefixes`` (state-dict prefixes left out of
@@ -15,12 +15,14 @@ checkpoints, e.g. a frozen teacher).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -30,12 +32,14 @@ from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
 from dtrain.export.checkpoint import CKPT_FORMAT, read_checkpoint
+from dtrain.lit.guard import NonFiniteGuard
 from dtrain.models import build_denoiser, build_model, count_params
 from dtrain.models.ema import EMA
 from dtrain.registry import Registry
 from dtrain.samplers.base import initial_noise
 
-__all__ = ["DiffusionModule", "LIT_MODULES", "module_class", "lr_factor", "time_fraction"]
+__all__ = ["DiffusionModule", "LIT_MODULES", "module_class", "lr_factor", "time_fraction", "step_seed",
+           "train_seed"]
 
 # method name -> "module:Class" of its LightningModule, imported on use (students register theirs here).
 LIT_MODULES: Registry[str] = Registry("method")
@@ -64,6 +68,28 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
         return 1.0
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence: nearby steps give unrelated streams)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def train_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
+    """The seed of torch's global generators for micro-batch ``micro`` of optimizer step ``step`` on ``rank``
+    (``DiffusionModule.training_step``): a resumed run draws exactly what the uninterrupted one drew."""
+    return step_seed(seed, rank, step, micro, 17)
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for the generators a training step draws from: the CPU's and, on a GPU, its
+    device's (``torch.manual_seed`` also queries and seeds every accelerator backend: ~0.2 ms a call)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                      ].manual_seed(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
 
 
 def time_fraction(schedule: Any, t: Tensor) -> Tensor:
@@ -95,7 +121,12 @@ class DiffusionModule(L.LightningModule):
         self._denoisers: dict[str | None, Denoiser] = {}  # plain dict: not registered, no duplicate state
         self._bucket: Tensor | None = None  # [2, num_buckets]: loss sums and counts, on device (not a buffer)
         self._grad_norm: Tensor | None = None
+        self._loss_sum: Tensor | None = None  # sum of micro-batch losses since the last log, on device
+        self._loss_n = 0
         self._logged_step = -1
+        self._rng_micro = (-1, 0)  # (global step, micro-batches seen in it): the key of the per-step reseed
+        t = r["trainer"]
+        self.guard = NonFiniteGuard(int(t.get("max_bad_steps", 10)), bool(t.get("nan_guard", True)))
         self.strict_loading = not self.unsaved_prefixes
 
     # ---- recipe views -------------------------------------------------------------------------------------
@@ -196,13 +227,26 @@ class DiffusionModule(L.LightningModule):
         # distinct noise on every rank; replayable from (seed, rank, step) after a resume
         seed = int(self.recipe.get("seed", 0))
         L.seed_everything((seed + 7919 * self.global_rank + 104729 * self.global_step) % 2**32, verbose=False)
+        for m in self.modules():  # tensors may have been replaced since the last fit (device, strategy, restore)
+            if isinstance(m, EMA):
+                m.reset_cache()
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        # torch's global RNG (noise, times and dropout drawn without an explicit generator) as a pure function of
+        # (seed, rank, step, micro-batch): a run resumed from any checkpoint draws what the uninterrupted one drew
+        step = self.global_step
+        self._rng_micro = (step, self._rng_micro[1] + 1 if self._rng_micro[0] == step else 0)
+        seed_generators(train_seed(int(self.recipe.get("seed", 0)), self.global_rank, step, self._rng_micro[1]),
+                        self.device)
         if self.channels_last and batch["x"].ndim == 4:
             batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
         loss_b, t = self.compute_loss(batch)
+        self.guard.observe(loss_b)
         loss = loss_b.mean()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=loss_b.shape[0])
+        if self._loss_sum is None or self._loss_sum.device != loss.device:
+            self._loss_sum, self._loss_n = torch.zeros((), dtype=torch.float64, device=loss.device), 0
+        self._loss_sum.add_(loss.detach())  # logged as the mean of the interval (on_train_batch_end): no per-step log
+        self._loss_n += 1
         if t is not None:
             self._accumulate(loss_b.detach(), t.detach())
         return loss
@@ -222,11 +266,21 @@ class DiffusionModule(L.LightningModule):
         logs: dict[str, Any] = {}
         if self._grad_norm is not None:
             logs["train/grad_norm"] = self._grad_norm
-        if self._bucket is not None and step > 0:
-            sums, counts = self._bucket.tolist()  # one host sync per log interval
-            nb = self.num_buckets
-            logs.update({f"loss_t/{i / nb:.1f}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
-            self._bucket.zero_()
+        if self.guard.enabled:
+            logs["train/bad_steps"] = float(self.guard.total)
+        buckets = self._bucket is not None and step > 0
+        if step > 0 and (self._loss_n or buckets):
+            parts = [self._loss_sum.reshape(1)] if self._loss_n else []  # type: ignore[union-attr]
+            vals = torch.cat([*parts, *([self._bucket.flatten()] if buckets else [])]).tolist()  # the one host sync
+            if self._loss_n:
+                self.log("train/loss", vals.pop(0) / self._loss_n, prog_bar=True, on_step=True, on_epoch=False)
+                self._loss_sum.zero_()  # type: ignore[union-attr]
+                self._loss_n = 0
+            if buckets:
+                nb = self.num_buckets
+                sums, counts = vals[:nb], vals[nb:]
+                logs.update({f"loss_t/{i / nb:.1f}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
+                self._bucket.zero_()  # type: ignore[union-attr]
         if logs:
             self.log_dict(logs, on_step=True, on_epoch=False)
 
@@ -234,16 +288,34 @@ class DiffusionModule(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by global norm and keep the norm (a device tensor) for logging; other strategies: Lightning's."""
+        """Clip by global norm and keep the norm (a device tensor) for logging; other strategies: Lightning's.
+
+        Runs after the backward, before the optimizer step: the non-finite guard (``dtrain.lit.guard``) judges
+        the step here and drops the gradients of a bad one."""
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-        if not isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+            norm = _local_grad_norm(params) if self.guard.enabled and params else None
+            self._guard_step(params, norm)
+            if not self.guard.skipped:
+                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
         if gradient_clip_val:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
         else:
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self._guard_step(params, self._grad_norm)
+
+    def _guard_step(self, params: list[torch.nn.Parameter], grad_norm: Tensor | None) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed: the scaler skips bad grads
+        if self.guard.check(grad_norm, world_size=self.trainer.world_size, judge_grads=scaler is None):
+            return
+        if scaler is None:
+            for p in params:
+                p.grad = None  # AdamW skips parameters without a gradient: no update, moments and step untouched
+        if self.trainer.is_global_zero or self.guard.in_a_row >= self.guard.max_bad:
+            self.guard.report(self.global_step)
 
     def lr_lambda(self) -> Any:
         """The LR multiplier as a function of the optimizer step (students with rounds override this)."""
@@ -263,11 +335,38 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- checkpoints --------------------------------------------------------------------------------------
+    def frozen_teacher(self, source: Any, *, ema: Any = "auto", same_schedule: bool = True, init_from: bool = True
+                       ) -> tuple[Any, dict[str, Any]]:
+        """The frozen teacher and its reference (kept in checkpoints as provenance): ``source`` is a denoiser object
+        (tests) or a checkpoint / bundle path (``dtrain.export.checkpoint.load_teacher``). ``same_schedule``: the
+        student learns the teacher's ODE in its own time, so the schedules must be equal. With ``init_from`` (the
+        student starts from the teacher's weights), a teacher predicting another parameterization warns."""
+        from dtrain.export.checkpoint import load_teacher
+
+        if isinstance(source, (str, Path)):
+            teacher, info = load_teacher(source, ema=ema)
+            ref = info["ref"]
+            mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
+            if init_from and mine != theirs:
+                hint = (" (the eps teacher's targets use its x0 = (x_t - sigma eps) / alpha, clipped where its "
+                        "model.clip_x0 is set; give the student more steps at first, as it re-learns its output head)"
+                        if theirs == "eps" else "")
+                warnings.warn(f"model.param: the student predicts {mine!r}, the teacher {theirs!r}; the student "
+                              f"starts from the teacher's weights read as {mine!r}{hint}", stacklevel=3)
+        else:
+            teacher, ref = source, {"path": None, "format": "object", "kind": type(source).__name__}
+        theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
+        if same_schedule and theirs != mine:
+            raise ValueError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
+                             f"({ref.get('path')})")
+        return teacher.requires_grad_(False).eval().to(self.device), ref
+
     def checkpoint_info(self) -> dict[str, Any]:
         """Method-specific entries for ``ckpt["dtrain"]`` (subclasses add theirs)."""
         return {}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nan_guard"] = self.guard.state_dict()
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(self.unsaved_prefixes)] if self.unsaved_prefixes else []:
             del sd[k]
@@ -282,6 +381,9 @@ class DiffusionModule(L.LightningModule):
             **self.checkpoint_info(),
         }
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.load_state_dict(checkpoint.get("nan_guard") or {})
+
     @classmethod
     def load_checkpoint(cls, path: str | Path) -> DiffusionModule:
         """Rebuild a module (on the CPU) from a format-1 checkpoint, read with ``weights_only=True``."""
@@ -294,3 +396,9 @@ class DiffusionModule(L.LightningModule):
 
     def num_params(self) -> int:
         return count_params(self.net)
+
+
+def _local_grad_norm(params: list[torch.nn.Parameter]) -> Tensor:
+    """Norm of this rank's gradient pieces (sharded strategies: DTensor grads read locally); finite iff they are."""
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params)]
+    return torch.nn.utils.get_total_norm(grads, foreach=True)

@@ -23,7 +23,6 @@ exact and every sampler, the eval sweep and the bundle kind "consistency" drive 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,27 +72,11 @@ class ConsistencyModule(DiffusionModule):
         return self.kind == "cd" or self.method["init"] == "teacher"
 
     def _load_teacher(self) -> None:
-        from dtrain.export.checkpoint import load_teacher
-
-        if self._given_teacher is not None:
-            teacher, ref = self._given_teacher, {"path": None, "format": "object",
-                                                 "kind": type(self._given_teacher).__name__}
-        else:
-            if self.recipe.get("teacher") is None:
-                raise ValueError(f"teacher: method {self.kind!r} with init {self.method['init']!r} needs a teacher "
-                                 f"(a checkpoint or a bundle path)")
-            teacher, info = load_teacher(self.recipe["teacher"], ema=self.method.get("teacher_ema", "auto"))
-            ref = info["ref"]
-            mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
-            if mine != theirs:
-                warnings.warn(f"model.param: the student predicts {mine!r}, the teacher {theirs!r}; the student "
-                              f"starts from the teacher's weights read as {mine!r}", stacklevel=2)
-        theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
-        if theirs != mine:
-            raise ValueError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
-                             f"({ref.get('path')})")
-        self.teacher = teacher.requires_grad_(False).eval().to(self.device)
-        self.teacher_ref = ref
+        source = self._given_teacher if self._given_teacher is not None else self.recipe.get("teacher")
+        if source is None:
+            raise ValueError(f"teacher: method {self.kind!r} with init {self.method['init']!r} needs a teacher "
+                             f"(a checkpoint or a bundle path)")
+        self.teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.method.get("teacher_ema", "auto"))
 
     def _init_from_teacher(self) -> None:
         """net, its EMA copies and the target <- the teacher's network."""

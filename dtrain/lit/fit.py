@@ -17,11 +17,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dtrain.config import load_recipe, to_container
+from dtrain.config import check_inputs, load_recipe, to_container
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
+from dtrain.lit.checkpointing import AtomicCheckpointIO, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
-__all__ = ["fit", "run_dir", "build_trainer", "build_logger", "describe"]
+__all__ = ["fit", "run_dir", "build_trainer", "build_logger", "describe", "set_cpu_threads", "set_tf32"]
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -71,7 +72,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callb
         accelerator=t.accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        plugins=slurm.plugins(),
+        plugins=[*slurm.plugins(), *([] if cfg.strategy.name == "deepspeed" else [AtomicCheckpointIO()])],
         precision=t.precision,
         strategy=build_strategy(cfg),
         max_steps=t.max_steps,
@@ -88,6 +89,24 @@ def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callb
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
+
+
+def set_cpu_threads(n: int) -> None:
+    """``trainer.cpu_threads`` > 0: torch's intra-op threads, kept under DDP too (Lightning's DDP sets
+    ``cpu_count / processes`` threads unless ``OMP_NUM_THREADS`` is set; spawned ranks inherit it)."""
+    if n > 0:
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def set_tf32(enabled: bool) -> bool:
+    """``trainer.tf32``: TF32 tensor cores for float32 matmuls and convolutions on NVIDIA GPUs (Ampere and newer);
+    returns whether it applied. Without CUDA nothing changes: CPU float32 math stays exact."""
+    if not torch.cuda.is_available():
+        return False
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    return True
 
 
 def describe(cfg: DictConfig) -> str:
@@ -107,10 +126,13 @@ def _write_recipe(cfg: DictConfig, out: Path) -> None:
 
 
 def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_run: bool = False,
-        resume: str | None = None) -> Path:
+        resume: str | None = None, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Train from a recipe file (+ ``key=value`` overrides); returns the run directory.
 
-    ``resume``: a checkpoint path, or ``last`` for ``<run>/checkpoints/last.ckpt``.
+    ``resume``: a checkpoint path; ``last``: the run's newest readable checkpoint (``<run>/checkpoints/*.ckpt``,
+    SLURM's ``hpc_ckpt_*.ckpt``; truncated files are logged and skipped); ``auto``: the same, or a fresh start
+    when the run has none (``dtrain.lit.checkpointing.resume_path``); read with ``weights_only=True``.
+    ``callbacks``: extra Lightning callbacks (e.g. the progress display of ``dtrain demo``).
     """
     cfg = recipe if isinstance(recipe, DictConfig) else load_recipe(recipe, overrides)
     out = run_dir(cfg)
@@ -120,29 +142,24 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     klass: type[DiffusionModule] = module_class(cfg.method.name)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # EMA copies, on purpose
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.trainer.cpu_threads > 0:
-        torch.set_num_threads(cfg.trainer.cpu_threads)
-    if torch.cuda.is_available():  # TF32 matmuls / convolutions on GPUs (CPU math stays exact float32)
-        torch.set_float32_matmul_precision("high" if cfg.trainer.tf32 else "highest")
-        torch.backends.cudnn.allow_tf32 = bool(cfg.trainer.tf32)
-    ckpt_path = None
-    if resume is not None:
-        ckpt_path = out / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint not found: {ckpt_path}")
+    set_cpu_threads(int(cfg.trainer.cpu_threads))
+    set_tf32(bool(cfg.trainer.tf32))
+    check_inputs(cfg, str(recipe) if not isinstance(recipe, DictConfig) else "recipe")  # before anything starts
+    ckpt_path = resume_path(out, resume)
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule
 
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     module = klass(cfg)
     extra = list(getattr(datamodule, "callbacks", list)())  # a datamodule may bring its own (e.g. data counters)
+    extra += list(callbacks)
     if cfg.eval.every_n_steps > 0:
         from dtrain.lit.eval_callback import FIDSweepCallback
 
         extra.append(FIDSweepCallback.from_recipe(cfg, out_dir=out / "eval"))
     trainer = build_trainer(cfg, out, extra_callbacks=extra)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     finally:
         close_loggers(trainer)
     return out

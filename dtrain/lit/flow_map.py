@@ -78,19 +78,15 @@ class FlowMapModule(DiffusionModule):
 
     def _load_teacher(self) -> Any:
         """The frozen teacher (or None when the recipe has none and the method does not need one)."""
-        from dtrain.export.checkpoint import load_teacher
-
-        if self._given_teacher is not None:
-            teacher = self._given_teacher
-            self.teacher_ref = {"path": None, "format": "object", "kind": type(teacher).__name__}
-        elif self.recipe.get("teacher") is not None:
-            teacher, info = load_teacher(self.recipe["teacher"], ema=self.recipe["method"].get("teacher_ema", "auto"))
-            self.teacher_ref = info["ref"]
-        elif self.needs_teacher:
-            raise ValueError(f"teacher: method {self.kind!r} distils a teacher; give a checkpoint or bundle path")
-        else:
+        source = self._given_teacher if self._given_teacher is not None else self.recipe.get("teacher")
+        if source is None:
+            if self.needs_teacher:
+                raise ValueError(f"teacher: method {self.kind!r} distils a teacher; give a checkpoint or bundle path")
             return None
-        return teacher.requires_grad_(False).eval().to(self.device)
+        ctm = self.kind == "ctm"  # CTM distils on the teacher's schedule from its weights; MeanFlow reschedules it
+        teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.recipe["method"].get("teacher_ema", "auto"),
+                                                        same_schedule=ctm, init_from=ctm)
+        return teacher
 
     def generator(self) -> torch.Generator:
         """This micro-batch's generator, seeded by (seed, rank, global step, micro-batch)."""
@@ -172,12 +168,7 @@ class CTMModule(FlowMapModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.teacher is None:
-            teacher = self._load_teacher()
-            theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
-            if theirs != mine:
-                raise ValueError(f"schedule: CTM distils on the teacher's schedule {theirs}, the recipe has {mine} "
-                                 f"({(self.teacher_ref or {}).get('path')})")
-            self.teacher = teacher
+            self.teacher = self._load_teacher()
             if self.recipe["method"].get("init", "teacher") == "teacher":  # a resumed run restores its own weights
                 self._init_from_teacher()
 

@@ -30,13 +30,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
 from dtrain.diffusion.timesteps import make_grid
-from dtrain.lit.common import DiffusionModule, lr_factor
+from dtrain.lit.common import DiffusionModule, lr_factor, step_seed
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
 from dtrain.samplers.base import initial_noise
 
@@ -47,11 +46,6 @@ def round_lr(step: int, *, bounds: tuple[tuple[int, int], ...], warmup: int, sch
     """``lr_factor`` restarted in every round ([start, end) pairs): warmup, then constant or cosine, per round."""
     start, end = next((b for b in bounds if step < b[1]), bounds[-1])
     return lr_factor(step - start, warmup=warmup, total=end - start, schedule=schedule, min_ratio=min_ratio)
-
-
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence: nearby steps give unrelated streams)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class ProgressiveModule(DiffusionModule):
@@ -111,29 +105,14 @@ class ProgressiveModule(DiffusionModule):
 
     def _load_teacher(self, index: int) -> None:
         """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle."""
-        from dtrain.export.checkpoint import load_teacher
-
-        if index == 0 and self._given_teacher is not None:
-            teacher, ref = self._given_teacher, {"path": None, "format": "object", "kind": type(self._given_teacher)
-                                                 .__name__}
-        else:
-            path = self.recipe["teacher"] if index == 0 else self.rounds_dir / self.rounds[index - 1].name
-            if path is None:
+        if index == 0:
+            source = self._given_teacher if self._given_teacher is not None else self.recipe["teacher"]
+            if source is None:
                 raise ValueError("teacher: progressive distillation needs a teacher (a checkpoint or a bundle path)")
-            ema = self.recipe["method"].get("teacher_ema", "auto") if index == 0 else "auto"
-            teacher, info = load_teacher(path, ema=ema)
-            ref = info["ref"]
-            if index == 0:
-                mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
-                if mine != theirs:
-                    warnings.warn(f"model.param: the student predicts {mine!r}, the teacher {theirs!r}; the student "
-                                  f"starts from the teacher's weights read as {mine!r}", stacklevel=2)
-        theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
-        if theirs != mine:
-            raise ValueError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
-                             f"({ref.get('path')})")
-        self.teacher = teacher.requires_grad_(False).eval().to(self.device)
-        self.teacher_ref = ref
+        else:
+            source = self.rounds_dir / self.rounds[index - 1].name
+        ema = self.recipe["method"].get("teacher_ema", "auto") if index == 0 else "auto"
+        self.teacher, self.teacher_ref = self.frozen_teacher(source, ema=ema)
 
     def _init_student(self) -> None:
         """Student and its EMA copies <- the teacher's network (a w embedding the teacher lacks stays at zero)."""
@@ -162,6 +141,7 @@ class ProgressiveModule(DiffusionModule):
             self._init_student()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         info = (checkpoint.get("dtrain") or {}).get("pd") or {}
         saved = [Round(**r) for r in info.get("rounds", [])]
         if saved and saved != self.rounds:

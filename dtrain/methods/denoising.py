@@ -66,10 +66,12 @@ def loss_weight(
 
 
 def drop_labels(cond: Tensor, p: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
-    """Replace each label by ``null_label`` with probability p (CFG training)."""
+    """Replace each label by ``null_label`` with probability p (CFG training). The draws come from ``generator``
+    on its own device (a CPU generator for GPU labels: copied over, no host sync)."""
     if p <= 0:
         return cond
-    u = torch.rand(cond.shape, device=cond.device, generator=generator)
+    dev = generator.device if generator is not None else cond.device
+    u = torch.rand(cond.shape, device=dev, generator=generator).to(cond.device, non_blocking=True)
     return torch.where(u < p, torch.full_like(cond, null_label), cond)
 
 

@@ -139,7 +139,7 @@ class _Regression:
         sees them, so teacher and student get the same condition)."""
         if labels is None or self.num_classes == 0 or self.cfg_dropout <= 0:
             return labels
-        return drop_labels(labels.cpu(), self.cfg_dropout, self.num_classes, generator).to(labels.device)
+        return drop_labels(labels, self.cfg_dropout, self.num_classes, generator)
 
     def regress(self, student: Denoiser, x_t: Tensor, x0_target: Tensor, t: Tensor, cond: Any) -> LossOutput:
         """Loss of the student at (x_t, t) against x0~; eps~ is the noise that pairs with it at x_t."""

@@ -6,13 +6,18 @@ Two kinds, each a full copy of the network updated with ``torch._foreach_lerp_``
   standard deviation sigma_rel (tag ``"std0_050"``): beta_t = (1 - 1/t)^(gamma + 1), which averages the
   weights with profile t^gamma, and sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
 State-dict keys are ``<tag>.<param>`` (a LightningModule holding it as ``ema`` gives ``ema.0_999.conv.weight``).
+The tensor lists an update reads are gathered once and reused while the network is the same object (walking a
+module tree costs as much as the averaging itself on small networks); ``reset_cache()`` drops them, and moving or
+casting the copies (``.to``, ``.float``) or the start of a fit (``EMAUpdate``) does so too.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +71,7 @@ class EMA(nn.Module):
         for tag in rates:  # submodules named by tag: state-dict keys "<tag>.<param>"
             self.add_module(tag, copy.deepcopy(net).requires_grad_(False).eval())
         self.rates, self.start_step, self.every = rates, start_step, max(1, every)
+        self._cache: tuple[Any, list[Tensor], dict[str, list[Tensor]]] | None = None  # (weakref(net), src, dst)
 
     def __getitem__(self, tag: str) -> nn.Module:
         if tag not in self.rates:
@@ -94,14 +100,34 @@ class EMA(nn.Module):
     sources = _tensors
     targets = _tensors
 
+    def reset_cache(self) -> None:
+        """Forget the tensor lists of the last update (call after replacing tensors of ``net`` or of a copy)."""
+        self._cache = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EMA:  # .to / .float / .cuda replace buffers
+        self.reset_cache()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles never carry the cache (nor its weakref)
+        return {**super().__getstate__(), "_cache": None}
+
+    def _lists(self, net: nn.Module) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        """(source tensors, target tensors per tag); cached for the default full-tensor lists only, since a
+        sharded strategy's ``sources`` may build fresh tensors on every call (``dtrain.dist.strategy.zero_ema``)."""
+        default = self.sources is EMA._tensors and self.targets is EMA._tensors
+        if default and self._cache is not None and self._cache[0]() is net:
+            return self._cache[1], self._cache[2]
+        src, dst = self.sources(net), {tag: self.targets(self[tag]) for tag in self.rates}
+        self._cache = (weakref.ref(net), src, dst) if default else None
+        return src, dst
+
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:
         """Average ``net`` in after optimizer step ``step`` (1-based); skipped unless step % every == 0."""
         if step % self.every:
             return
-        src = self.sources(net)
-        for tag in self.rates:
-            dst = self.targets(self[tag])
+        src, dsts = self._lists(net)
+        for tag, dst in dsts.items():
             b = self.beta(tag, step)
             if b == 0.0:
                 torch._foreach_copy_(dst, src)

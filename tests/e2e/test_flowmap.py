@@ -44,7 +44,7 @@ def fit_with(cfg, module, ckpt_path=None):
 
 @pytest.mark.parametrize("method,steps,extra", [("meanflow", 600, []), ("ctm", 300, ["method.init=scratch"])])
 def test_gmm_one_step_student_exported_and_sampled(tmp_path, method, steps, extra):
-    """1-step samples from the bundle get the mixture weights within 0.1 (measured: MeanFlow 0.035, CTM 0.010) and
+    """1-step samples from the bundle get the mixture weights within 0.1 (measured: MeanFlow 0.049, CTM 0.018) and
     equal the training module's own samples bit for bit at 1 and 2 steps and with gamma-sampling."""
     cfg = load_recipe(ROOT / "flowmap" / f"{method}_gmm.yaml", [f"out_dir={tmp_path}", *QUIET, *SMALL,
                                                                  f"trainer.max_steps={steps}", *extra])
@@ -71,7 +71,7 @@ def test_gmm_one_step_student_exported_and_sampled(tmp_path, method, steps, extr
     err, sw = gmm.weight_error(x), sliced_wasserstein(x, exact)
     print(f"{method} GMM 1-step: weight error {err:.4f}, sliced W1 {sw:.4f}")
     assert err < 0.1
-    assert sw < 0.25  # measured: MeanFlow 0.13, CTM 0.24; the noise itself is at 0.42
+    assert sw < 0.25  # measured: MeanFlow 0.16, CTM 0.22; the noise itself is at 0.42
 
 
 def test_meanflow_resume_repeats_the_uninterrupted_run(tmp_path):

@@ -164,6 +164,44 @@ def test_resume_mid_round_and_at_a_boundary_is_exact(small_teacher, tmp_path):
             assert a == b
 
 
+def test_teacher_given_as_a_bundle(small_teacher, tmp_path):
+    """``teacher=<bundle dir>`` (dtrain export's output) works like the checkpoint: the student starts from the bundle's
+    weights, and the run records the bundle by path and weights hash."""
+    from dtrain.lit.progressive import ProgressiveModule
+
+    bundle = tmp_path / "teacher_bundle"
+    assert main(["export", str(small_teacher), "--out", str(bundle)]) == 0
+    over = [f"teacher={bundle}", f"out_dir={tmp_path}", *QUIET, "model.hidden=16", "model.depth=1",
+            "data.batch_size=64", "method.start_steps=4", "method.end_steps=2", "method.round_steps=[2]",
+            "trainer.max_steps=2", "eval.num=64", "ema.decays=[0.9]", "name=from_bundle"]
+    module = ProgressiveModule(load_recipe(PD_GMM, over))
+    module.setup("fit")
+    teacher = load_bundle(bundle)
+    sha = teacher.info["weights"]["sha256"]
+    assert module.teacher_ref["format"] == "bundle" and module.teacher_ref["sha256"] == sha
+    for k, v in teacher.net.state_dict().items():
+        assert torch.equal(module.net.state_dict()[k], v) and torch.equal(module.ema["0_9"].state_dict()[k], v), k
+    assert main(["fit", str(PD_GMM), *over]) == 0
+    ck = torch.load(tmp_path / "from_bundle" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ck["dtrain"]["teacher"]["path"] == str(bundle.resolve()) and ck["dtrain"]["teacher"]["sha256"] == sha
+
+
+def test_eps_teacher_and_eps_student_warn(tmp_path):
+    """PD needs x0 or v students at low SNR (Salimans & Ho 2022, Sec. 4): an eps teacher read by a v student, and an
+    eps student, are both named in a warning."""
+    from dtrain.lit.progressive import ProgressiveModule
+
+    assert main(["fit", str(TEACHER_GMM), f"out_dir={tmp_path}", *QUIET, "model.hidden=16", "model.depth=1",
+                 "model.param=eps", "data.batch_size=64", "trainer.max_steps=2", "name=eps"]) == 0
+    over = [f"teacher={tmp_path / 'eps' / 'checkpoints' / 'last.ckpt'}", f"out_dir={tmp_path}", *QUIET,
+            "model.hidden=16", "model.depth=1", "method.round_steps=[1]", "trainer.max_steps=4"]
+    module = ProgressiveModule(load_recipe(PD_GMM, over))
+    with pytest.warns(UserWarning, match=r"model\.param: the student predicts 'v', the teacher 'eps'"):
+        module.setup("fit")
+    with pytest.warns(UserWarning, match=r"model\.param: an eps-predicting student"):
+        ProgressiveModule(load_recipe(PD_GMM, [*over, "model.param=eps"]))
+
+
 def test_fit_without_a_teacher_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         main(["fit", str(PD_GMM), f"out_dir={tmp_path}", *QUIET, "model.hidden=16", "trainer.max_steps=4",
@@ -191,6 +229,8 @@ def test_guided_rounds_through_fit(tmp_path):
     assert len(calls) == 4 and all(isinstance(c, GuidedCond) for c in calls)  # one call per step, w as an input
     assert [float(c.w[0]) for c in calls] == [1.5, 1.5, 2.5, 2.5]
     assert not torch.equal(x[1.5], x[2.5])  # w reaches the network (its embedding has barely trained here)
+    with pytest.warns(UserWarning, match=r"w: 5.0 is outside the guidance range \[1.0, 3.0\]"):
+        pipe.sample(3, w=5.0, labels=[0, 1, 2])
 
 
 class ExactCFGTeacher(nn.Module):

@@ -352,6 +352,22 @@ def test_bundle_kind_consistency_loads_and_samples(tmp_path):
     guided = pipe.sample(4, nfe=1, labels=[0, 1, 2, 0], w=2.0, generator=torch.Generator().manual_seed(4))
     assert guided.shape == (4, 2) and bool(guided.isfinite().all())
     assert json.loads((tmp_path / "b" / "dtrain.json").read_text())["kind"] == "consistency"
+    # chosen times: [t_max, *times, 0] through the API and `dtrain sample --times`
+    g = torch.Generator().manual_seed(4)
+    x_T = float(sch.sigma(sch.t_max)) * torch.randn(4, 2, generator=g)
+    want = run("consistency", ref, x_T, 3, cond=labels, generator=g,
+               grid=torch.tensor([sch.t_max, 0.6, 0.2, 0.0], dtype=torch.float64))
+    got = pipe.sample(4, labels=labels, times=[0.6, 0.2], generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="times: must decrease"):
+        pipe.sample(4, times=[0.2, 0.6])
+    from dtrain.cli import main
+
+    assert main(["sample", str(tmp_path / "b"), "--num", "4", "--labels", "0,1,2,3", "--times", "0.6,0.2",
+                 "--seed", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    import numpy as np
+
+    assert np.array_equal(np.load(tmp_path / "s.npz")["samples"], want.numpy())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,6 +125,67 @@ def test_meanflow_cfg_velocity_mixes_the_models_own_predictions():
     torch.testing.assert_close(got[y == 3], v[y == 3])
 
 
+def test_meanflow_adaptive_weight_is_stop_gradient(one_thread):
+    """Adaptive weighting (arXiv 2505.13447, Sec. 4.3): loss d / sg(d + c)^p per sample, so the value is d / (d + c)^p
+    and the gradient is that of d scaled by the detached weight 1 / (d + c)^p (not the gradient of d / (d + c)^p)."""
+    sch = make_schedule("flow")
+    torch.manual_seed(0)
+    net = build_model({"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "second_time": True})
+    nn.init.normal_(net.out[-1].weight, std=0.3)
+    model = MeanFlowModel(net, sch)
+    x0, _ = default_gmm().sample(32, generator=torch.Generator().manual_seed(1))
+
+    def run_loss(p: float, c: float) -> tuple[Tensor, list[Tensor]]:
+        net.zero_grad()
+        out = MeanFlowLoss(sch, adaptive_p=p, adaptive_c=c, ratio=0.5)(model, x0,
+                                                                       generator=torch.Generator().manual_seed(2))
+        out.loss.sum().backward()
+        return out.loss.detach(), [q.grad.clone() for q in net.parameters()]
+
+    d, _ = run_loss(0.0, 0.0)
+    for p, c in ((1.0, 1e-3), (0.5, 0.1)):
+        w = 1 / (d + c) ** p
+        loss, grads = run_loss(p, c)
+        torch.testing.assert_close(loss, d * w)
+        net.zero_grad()  # the same draws again, weighted by the detached w
+        plain = MeanFlowLoss(sch, adaptive_p=0.0, ratio=0.5)(model, x0, generator=torch.Generator().manual_seed(2))
+        (plain.loss * w).sum().backward()
+        for a, b in zip(grads, (q.grad for q in net.parameters())):
+            torch.testing.assert_close(a, b)
+    assert float(d.std()) > 0.1 * float(d.mean())  # the weights differ between samples, so the check has teeth
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 1.0])
+def test_meanflow_times_ratio_of_r_below_t(ratio):
+    """t >= r always; r != t for a fraction ``ratio`` of samples (binomial 3-sigma of 20k draws), r = t elsewhere."""
+    loss = MeanFlowLoss(make_schedule("flow"), ratio=ratio)
+    r, t = loss.sample_times(20_000, torch.Generator().manual_seed(0))
+    assert bool((r <= t).all()) and bool(((t > 0) & (t < 1)).all())
+    frac = float((r < t).double().mean())
+    assert abs(frac - ratio) <= 3 * (ratio * (1 - ratio) / 20_000) ** 0.5 + 1e-12, frac
+
+
+def test_ctm_dsm_term_is_the_denoising_loss_of_g_at_s_equal_t(one_thread):
+    """loss(dsm_weight = w) - loss(0) = w mean((g(x_t, t, t) - x0)^2) (param x0, weighting none), at the same x_t."""
+    sch = make_schedule("vp_cosine")
+    torch.manual_seed(0)
+    net = build_model({"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "second_time": True}).double()
+    nn.init.normal_(net.out[-1].weight, std=0.3)
+    model = CTMModel(Denoiser(net, sch, "x0"))
+    g = torch.Generator().manual_seed(0)
+    x0 = MU + S0 * torch.randn(64, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    times = CTMLoss(sch).sample_times(64, torch.Generator().manual_seed(1))
+    teacher = _gaussian_teacher(sch)
+    base, with_dsm = (CTMLoss(sch, param="x0", dsm_weight=w)(model, teacher, x0, times=times, noise=noise).loss
+                      for w in (0.0, 0.5))
+    t = times[0]
+    with torch.no_grad():
+        dsm = (model.g(sch.marginal(x0, noise, t), t, t, clip=False) - x0).square().mean(1)
+    torch.testing.assert_close(with_dsm - base, 0.5 * dsm)
+    assert float(dsm.mean()) > 1e-3
+
+
 @pytest.mark.parametrize("compare", ["zero", "s"])
 def test_ctm_loss_vanishes_for_the_exact_flow_map(compare):
     """With the exact G of Gaussian data: loss 0 when the teacher segment is empty (u = t), and the Heun teacher's

@@ -124,6 +124,29 @@ def test_grad_norm_is_the_global_norm_before_clipping(tmp_path):
     assert captured["norm_after"] == pytest.approx(1e-4, rel=1e-3)
 
 
+def test_logged_loss_is_the_mean_of_each_log_interval(tmp_path):
+    """``train/loss`` is accumulated on device and logged once per ``log_every_n_steps``: the interval's mean."""
+    import csv
+
+    from dtrain.data import build_datamodule
+    from dtrain.lit.fit import build_trainer, run_dir
+
+    cfg = recipe(tmp_path, "ema.decays=[]", "ema.stds=[]")  # max_steps 6, log every 3
+    module = TeacherModule(cfg)
+    losses: list[float] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = build_trainer(cfg, run_dir(cfg), extra_callbacks=[Spy()])
+    trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+    with open(run_dir(cfg) / "csv" / "metrics.csv") as f:
+        logged = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 6
+    assert logged == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-6)
+
+
 def test_bucket_losses_are_per_time_means(tmp_path):
     module = TeacherModule(recipe(tmp_path))
     loss = torch.tensor([1.0, 2.0, 3.0, 10.0])

@@ -218,6 +218,33 @@ def test_ema_update_follows_foreach_lerp_on_all_float_tensors():
             assert torch.equal(after[k], v)
 
 
+def test_ema_tensor_cache_follows_replaced_tensors():
+    """The update's tensor lists are reused between steps, but never stale: a cast of the module (new buffer
+    objects), a new source network, a deepcopy or a strategy's own ``sources`` all read the current tensors."""
+    import copy
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(net, [0.5])
+    ema.update(net, 1)
+    assert ema._cache is not None and ema._cache[1][0] is net[0].weight
+    parent = torch.nn.ModuleDict({"net": net, "ema": ema}).double()  # .double() replaces every buffer object
+    assert ema._cache is None
+    with torch.no_grad():
+        net[1].running_mean.fill_(4.0)
+    ema.update(net, 2)
+    assert float(ema["0_5"][1].running_mean[0]) == pytest.approx(2.0)  # 0.5 * 0 + 0.5 * 4: the new buffer
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other[1].running_mean.fill_(6.0)
+    ema.update(other, 3)  # another network: its own tensors
+    assert float(ema["0_5"][1].running_mean[0]) == pytest.approx(4.0)
+    twin = copy.deepcopy(parent)
+    assert twin["ema"]._cache is None and ema._cache is not None
+    ema.sources = lambda n: [t * 0 for t in EMA._tensors(n)]  # a strategy's fresh tensors: never cached
+    ema.update(net, 4)
+    assert ema._cache is None and float(ema["0_5"][1].running_mean[0]) == pytest.approx(2.0)
+
+
 def test_unet_gradcheck_small_net_is_differentiable():
     net = tiny_unet(channels=8, num_heads=1)
     for p in net.parameters():

@@ -164,11 +164,14 @@ def dist_runs(tmp_path_factory):
     return out
 
 
-def _single_process_reference(overrides: list[str], steps: int, seeds: tuple[int, int]) -> dict[str, torch.Tensor]:
+def _single_process_reference(overrides: list[str], steps: int, seeds: tuple[int, int] | None
+                              ) -> dict[str, torch.Tensor]:
     """What 2 data-parallel ranks compute, in one process: each rank's batches and noise stream (torch seeded with
-    ``seeds[r]``), gradients averaged, clipped by global norm (optim.grad_clip), AdamW + LR schedule, EMA update."""
+    ``seeds[r]``; None: reseeded every step as ``DiffusionModule.training_step`` does), gradients averaged, clipped
+    by global norm (optim.grad_clip), AdamW + LR schedule, EMA update."""
     from dtrain.data.memory import InMemoryBatches
     from dtrain.data.synthetic import default_gmm
+    from dtrain.lit.common import seed_generators, train_seed
     from dtrain.lit.teacher import TeacherModule
 
     cfg = load_recipe(GMM, overrides)
@@ -179,15 +182,19 @@ def _single_process_reference(overrides: list[str], steps: int, seeds: tuple[int
     x, _ = default_gmm().sample(cfg.data.num_samples, generator=torch.Generator().manual_seed(cfg.seed))
     data = [iter(InMemoryBatches({"x": x}, cfg.data.batch_size, seed=cfg.seed, rank=r, world_size=2)) for r in (0, 1)]
     rng = []
-    for seed in seeds:
+    for seed in seeds or ():
         torch.manual_seed(seed)
         rng.append(torch.get_rng_state())
     for step in range(1, steps + 1):
         opt.zero_grad()
         for r in (0, 1):
-            torch.set_rng_state(rng[r])
+            if seeds is None:
+                seed_generators(train_seed(cfg.seed, r, step - 1), torch.device("cpu"))
+            else:
+                torch.set_rng_state(rng[r])
             (m.compute_loss(next(data[r]))[0].mean() / 2).backward()
-            rng[r] = torch.get_rng_state()
+            if seeds is not None:
+                rng[r] = torch.get_rng_state()
         torch.nn.utils.clip_grad_norm_(m.net.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
@@ -208,7 +215,7 @@ def _assert_matches(sd: dict, ref: dict, tag: str) -> None:
 def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread):
     """`dtrain fit` with strategy.name=fsdp2: net and its EMA copy sharded (half per rank); the result is the
     data-parallel one, gradient clipping by the global norm included (a small optim.grad_clip makes it bite; the
-    noise seeds are DiffusionModule.on_train_start's: seed + 7919 rank)."""
+    noise seeds are DiffusionModule.training_step's per-step ones)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from dtrain.export.checkpoint import read_checkpoint
@@ -220,7 +227,7 @@ def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread)
     assert len(meta["state_dict.ema.0_99.inp.weight"].chunks) == 2  # ... and half of its EMA copy
     ckpt = read_checkpoint(sharded)  # the directory is consolidated on the way
     assert ckpt["global_step"] == 20 and ckpt["dtrain"]["ema_tags"] == ["0_99"]
-    ref = _single_process_reference([*SMALL, "trainer.max_steps=20", "optim.grad_clip=0.05"], 20, (0, 7919))
+    ref = _single_process_reference([*SMALL, "trainer.max_steps=20", "optim.grad_clip=0.05"], 20, None)
     _assert_matches(ckpt["state_dict"], ref, "0_99")
 
 

@@ -1,0 +1,159 @@
+"""Checkpoints that survive a crash: atomic writes, and the newest readable checkpoint of a run to resume from.
+
+Writes. ``AtomicCheckpointIO`` (the Trainer's checkpoint IO for single-file checkpoints: ``checkpoints/*.ckpt``
+and SLURM's ``hpc_ckpt_*.ckpt``) writes ``.<name>.tmp<pid>`` in the target's own directory, flushes and
+fsyncs it, then renames it over the target (``os.replace``, atomic on POSIX) and fsyncs the directory. A
+process killed mid-write leaves the previous file intact plus a stale temp file (removed at the next resume).
+Lightning's own writer stages the file in the system temp directory and *moves* it, which is a plain copy
+(not atomic) whenever that directory is on another filesystem than the run, the usual case on clusters.
+Sharded checkpoint directories (DeepSpeed, FSDP ``sharded_checkpoint``) are written by their strategy.
+
+Resume. ``resume_path(run_dir, "auto" | "last" | path)`` probes candidates with ``torch.load(weights_only=True,
+mmap=True)`` (the pickled structure is read, tensor data is only mapped): a truncated or unreadable file is
+named in the log and the next newest is tried (``last.ckpt``, ``step*.ckpt``, ``hpc_ckpt_*.ckpt``, newest
+modification time first). A path the user names explicitly must itself be readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtrain.export.checkpoint import CheckpointError
+
+__all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
+           "checkpoint_candidates"]
+
+log = logging.getLogger("dtrain.checkpoint")
+TMP_TAG = ".tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, rename over ``path``: readers see the old file or
+    the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_io_class() -> type:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """``TorchCheckpointIO`` whose local writes are atomic (``atomic_save``); remote URLs keep Lightning's."""
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+            if storage_options is not None or "://" in str(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            atomic_save(checkpoint, path)
+
+    AtomicCheckpointIO.__module__, AtomicCheckpointIO.__qualname__ = __name__, "AtomicCheckpointIO"
+    return AtomicCheckpointIO
+
+
+def __getattr__(name: str) -> Any:
+    """``AtomicCheckpointIO`` is built on first use, so ``atomic_save`` and the resume helpers import without
+    Lightning (job scripts, tools, a crash-test writer)."""
+    if name == "AtomicCheckpointIO":
+        cls = globals()["AtomicCheckpointIO"] = _atomic_io_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def probe_checkpoint(path: str | Path) -> int:
+    """The global step of a Lightning checkpoint, or ``CheckpointError`` naming the file when it is truncated,
+    unreadable with ``weights_only=True``, or not a training checkpoint. Sharded directories: -1 (not probed)."""
+    path = Path(path)
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise CheckpointError(path, "", "empty checkpoint directory")
+        return -1
+    if not path.is_file():
+        raise CheckpointError(path, "", "checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "", "empty file (0 bytes)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip (no central directory), bad pickle, foreign objects
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(path, "", f"unreadable (truncated or corrupt?): {type(e).__name__}: {reason}") from None
+    if not isinstance(ck, dict) or "state_dict" not in ck or not isinstance(ck.get("global_step"), int):
+        raise CheckpointError(path, "", "not a training checkpoint (no state_dict / global_step)")
+    return int(ck["global_step"])
+
+
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints to resume from, newest first: ``checkpoints/*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``."""
+    run_dir = Path(run_dir)
+    found = [p for p in (*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt"))
+             if not p.name.startswith(".")]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    for d in (run_dir / "checkpoints", run_dir):
+        for tmp in d.glob(f".*.ckpt{TMP_TAG}*"):
+            log.warning("resume: removing %s, a checkpoint write that never finished", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def resume_path(run_dir: str | Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint to resume from. ``None``: start fresh. ``"auto"``: the newest readable checkpoint of
+    ``run_dir`` (fresh when there is none). ``"last"``: the same, but one must exist. Anything else: that file
+    (or sharded directory), which must be readable. Truncated or unreadable files are logged and skipped."""
+    if resume is None:
+        return None
+    run_dir = Path(run_dir)
+    if str(resume) not in ("auto", "last"):
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+        probe_checkpoint(path)
+        return path
+    _remove_stale_temps(run_dir)
+    skipped: list[str] = []
+    for path in checkpoint_candidates(run_dir):
+        try:
+            step = probe_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("resume: skipping %s", e)
+            skipped.append(str(e))
+            continue
+        if skipped:
+            log.warning("resume: using %s (step %d) instead of %d unreadable newer checkpoint(s)", path, step,
+                        len(skipped))
+        return path
+    if resume == "auto" and not skipped:
+        return None
+    if skipped:
+        raise CheckpointError(run_dir, "--resume", f"no readable checkpoint; skipped: {'; '.join(skipped)}")
+    raise FileNotFoundError(f"--resume: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")

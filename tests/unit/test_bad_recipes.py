@@ -1,0 +1,83 @@
+"""Bad recipes fail in `dtrain fit` before anything starts (no run directory, no process, no model): the message names
+the file, the dotted key and the reason. Table-driven: each case is a small YAML file over a real recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtrain.config import RecipeError
+from dtrain.lit.fit import fit
+
+R = Path(__file__).resolve().parents[2] / "recipes"
+DIGITS, GMM, PD_GMM, PD_DIGITS = (R / "teacher" / "digits.yaml", R / "teacher" / "gmm.yaml", R / "pd" / "gmm.yaml",
+                                  R / "pd" / "digits.yaml")
+MEANFLOW = R / "flowmap" / "meanflow_gmm.yaml"
+WDS = """data: {name: wds, shards: "%(tmp)s/nowhere/train-{000000..000003}.tar", batch_size: 8}
+model: {name: unet, in_channels: 1, resolution: 8, channel_mult: [1, 2], attn_resolutions: []}
+"""
+
+# (id, base recipe, YAML body ("%(tmp)s" = the test's directory), key named, reason fragment)
+CASES = [
+    ("misspelt key", DIGITS, "model:\n  chanels: 32\n", "model.chanels", "did you mean 'channels'"),
+    ("misspelt section", DIGITS, "trainr:\n  max_steps: 5\n", "trainr", "unknown section (did you mean 'trainer'?)"),
+    ("misspelt trainer key", GMM, "trainer:\n  max_step: 5\n", "trainer.max_step", "did you mean 'max_steps'"),
+    ("wrong type int", GMM, "trainer:\n  max_steps: lots\n", "trainer.max_steps", "wrong type"),
+    ("wrong type float", GMM, "optim:\n  lr: fast\n", "optim.lr", "wrong type"),
+    ("wrong type bool", GMM, "trainer:\n  deterministic: maybe\n", "trainer.deterministic", "wrong type"),
+    ("unknown schedule", GMM, "schedule:\n  name: vp_foo\n", "schedule.name", "unknown schedule 'vp_foo'"),
+    ("unknown model", GMM, "model:\n  name: resnet\n", "model.name", "unknown model 'resnet'; choose one of"),
+    ("unknown method", GMM, "method:\n  name: dmd\n", "method.name", "unknown method 'dmd'; choose one of"),
+    ("unknown data", GMM, "data:\n  name: imagenet\n", "data.name", "unknown data 'imagenet'; choose one of"),
+    ("unknown sampler", GMM, "sampler:\n  name: euler_x\n", "sampler.name", "unknown sampler 'euler_x'"),
+    ("unknown parameterization", GMM, "model:\n  param: noise\n", "model.param", "unknown parameterization"),
+    ("unknown weighting", DIGITS, "method:\n  weighting: p2\n", "method.weighting", "unknown 'p2'; choose one of"),
+    ("unknown strategy", GMM, "strategy:\n  name: horovod\n", "strategy.name", "unknown strategy 'horovod'"),
+    ("unknown precision", GMM, "trainer:\n  precision: fp8\n", "trainer.precision", "must be one of"),
+    ("missing teacher", PD_GMM, "teacher: /nonexistent/teacher.ckpt\n", "teacher", "not found: /nonexistent"),
+    ("truncated teacher", PD_GMM, "teacher: %(tmp)s/truncated.ckpt\n", "teacher", "not a readable torch checkpoint"),
+    ("missing base file", None, "base: [no_such_base.yaml]\nname: x\n", "base", "file not found"),
+    ("missing shards", R / "_base" / "train.yaml", WDS, "data.shards", "shard file not found"),
+    ("missing FID reference", DIGITS, "eval:\n  every_n_steps: 10\n  samplers: ['ddim:4']\n  ref_stats: /nope.npz\n",
+     "eval.ref_stats", "file not found: /nope.npz"),
+    ("PD eps student at zero terminal SNR", PD_GMM,
+     "model:\n  param: eps\nschedule:\n  name: ddpm\n  kind: linear\n  T: 1000\n  zero_terminal_snr: true\n",
+     "model.param", "progressive distillation's few-step student cannot recover x0"),
+    ("flow schedule with eps", GMM, "schedule:\n  name: flow\nmodel:\n  param: eps\n", "model.param",
+     "undefined at zero terminal SNR"),
+    ("meanflow predicts eps", MEANFLOW, "model:\n  param: x0\n", "model.param", "use velocity"),
+    ("guided PD without w_cond", PD_DIGITS, "method:\n  guidance: [1.0, 3.0]\n", "model.w_cond", "w-conditioned"),
+    ("model does not fit the data", DIGITS, "model:\n  in_channels: 3\n", "model.in_channels",
+     "must be 1 for data 'digits'"),
+    ("EMA decay out of range", GMM, "ema:\n  decays: [1.5]\n", "ema.decays", "in (0, 1)"),
+    ("max_bad_steps zero", GMM, "trainer:\n  max_bad_steps: 0\n", "trainer.max_bad_steps", "must be >= 1"),
+    ("offload without deepspeed", GMM, "strategy:\n  name: ddp\n  offload_optimizer: true\n",
+     "strategy.offload_optimizer", "needs strategy.name=deepspeed"),
+]
+
+
+@pytest.mark.parametrize("name,base,body,key,reason", CASES, ids=[c[0] for c in CASES])
+def test_bad_recipe_fails_before_anything_starts(tmp_path, name, base, body, key, reason):
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip header and nothing else
+    recipe = tmp_path / "bad.yaml"
+    text = body % {"tmp": tmp_path}
+    recipe.write_text((f"base: [{base}]\n" if base is not None else "") + text + f"out_dir: {tmp_path / 'runs'}\n")
+    with pytest.raises(RecipeError) as e:
+        fit(recipe)
+    msg = str(e.value)
+    assert e.value.key == key, msg
+    assert reason in e.value.reason, msg
+    assert msg.startswith(f"{e.value.source}: {key}: ")
+    assert e.value.source.endswith("bad.yaml"), msg  # the file that set the key
+    assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+def test_at_least_fifteen_cases():
+    assert len(CASES) >= 15 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_command_line_override_is_named(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        fit(GMM, ["trainer.max_bad_steps=-2", f"out_dir={tmp_path}"])
+    assert e.value.source == "command line" and e.value.key == "trainer.max_bad_steps"

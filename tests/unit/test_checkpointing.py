@@ -1,0 +1,124 @@
+"""Atomic checkpoints and resume from the newest readable one (dtrain.lit.checkpointing): a writer SIGKILLed
+mid-write never leaves a partial file under the checkpoint's name; truncated checkpoints are named in the log and
+skipped, and `dtrain fit --resume last` continues from the previous good one to the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain.cli import main
+from dtrain.export.checkpoint import CheckpointError
+from dtrain.lit.checkpointing import AtomicCheckpointIO, atomic_save, probe_checkpoint, resume_path
+
+REPO = Path(__file__).resolve().parents[2]
+GMM = REPO / "recipes" / "teacher" / "gmm.yaml"
+SMALL = ["model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=1024", "trainer.cpu_threads=1",
+         "trainer.progress_bar=false", "logger.mode=disabled", "trainer.ckpt_every_n_steps=2"]
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from dtrain.lit.checkpointing import atomic_save
+    path, i = sys.argv[1], 0
+    while True:  # ever new versions, 8 MB each, until killed
+        i += 1
+        atomic_save({"state_dict": {"w": torch.full((2_000_000,), float(i))}, "global_step": i}, path)
+        print(i, flush=True)
+""")
+
+
+def test_sigkill_mid_write_leaves_the_previous_file(tmp_path):
+    """Kill a process that rewrites an 8 MB checkpoint in a loop at random moments: the file under the name is
+    always a complete version; the interrupted write is a hidden temp file that resume removes."""
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip()  # one full version written
+        time.sleep(random.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        ck = torch.load(path, weights_only=True)
+        assert bool((ck["state_dict"]["w"] == float(ck["global_step"])).all())
+    assert resume_path(tmp_path, "last") == path
+    assert not list(path.parent.glob(".*tmp*"))  # stale temp files removed
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.ckpt"
+    atomic_save({"v": 1}, path)
+
+    def half_then_fail(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"v": 2}, path)
+    assert torch.load(path, weights_only=True) == {"v": 1} and sorted(os.listdir(tmp_path)) == ["a.ckpt"]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_checkpoints_are_skipped_and_named(tmp_path, caplog, one_thread):
+    """Checkpoints at steps 2, 4, 6 (+ last = 6); last.ckpt and step 6 truncated: `--resume last` names both, uses
+    step 4 and ends at step 6 with the weights of the uninterrupted run."""
+    assert main(["fit", str(GMM), *SMALL, f"out_dir={tmp_path / 'a'}", "trainer.max_steps=6"]) == 0
+    run = tmp_path / "a" / "teacher-gmm"
+    ref = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not list(run.rglob(".*tmp*"))
+    _truncate(run / "checkpoints" / "last.ckpt")
+    _truncate(run / "checkpoints" / "step0000006.ckpt")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        probe_checkpoint(run / "checkpoints" / "last.ckpt")
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
+        assert resume_path(run, "last") == run / "checkpoints" / "step0000004.ckpt"
+        assert main(["fit", str(GMM), *SMALL, f"out_dir={tmp_path / 'a'}", "trainer.max_steps=6", "--resume",
+                     "last"]) == 0
+    log = caplog.text
+    assert f"skipping {run / 'checkpoints' / 'last.ckpt'}: unreadable (truncated or corrupt?)" in log
+    assert f"skipping {run / 'checkpoints' / 'step0000006.ckpt'}" in log and "step0000004.ckpt (step 4)" in log
+    out = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert out["global_step"] == 6
+    for k, v in ref["state_dict"].items():
+        assert torch.equal(v, out["state_dict"][k]), k
+
+
+def test_explicit_truncated_checkpoint_fails_naming_it(tmp_path, capsys):
+    bad = tmp_path / "x.ckpt"
+    atomic_save({"state_dict": {}, "global_step": 3}, bad)
+    assert probe_checkpoint(bad) == 3
+    _truncate(bad)
+    assert main(["fit", str(GMM), *SMALL, f"out_dir={tmp_path}", "--resume", str(bad)]) == 2
+    assert f"dtrain fit: {bad}: unreadable (truncated or corrupt?)" in capsys.readouterr().err
+
+
+def test_auto_starts_fresh_without_checkpoints(tmp_path):
+    assert resume_path(tmp_path, "auto") is None
+    with pytest.raises(FileNotFoundError, match="--resume: checkpoint not found"):
+        resume_path(tmp_path, "last")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):  # never a silent restart from scratch
+        resume_path(tmp_path, "auto")
+
+
+def test_trainer_writes_through_atomic_io(tmp_path):
+    from dtrain.config import load_recipe
+    from dtrain.lit.fit import build_trainer
+
+    trainer = build_trainer(load_recipe(GMM, [*SMALL, "trainer.max_steps=1"]), tmp_path)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -1,0 +1,93 @@
+"""The CPU-side pieces of ``benchmarks/gpu.py``: its FLOP count against a closed-form count of the UNet's layers,
+the MFU arithmetic and peak table, and the message it exits with where there is no CUDA."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu  # noqa: E402
+from dtrain.models.unet import AttentionBlock, UNet  # noqa: E402
+
+
+def closed_form_flops(net: UNet, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(forward FLOPs, FLOPs of the layers whose input needs no gradient) from each layer's shapes: a convolution
+    2 * out.numel() * C_in / groups * k_h * k_w, a linear layer 2 * out.numel() * in_features, attention
+    2 * (QK^T + AV) = 4 * B * heads * L^2 * head_dim. Counted with forward hooks."""
+    total, no_input_grad = [0], [0]
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            f = 2 * out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            f = 2 * out.numel() * mod.in_features
+        else:  # AttentionBlock
+            B, C, H, W = args[0].shape
+            f = 4 * B * mod.heads * (H * W) ** 2 * (C // mod.heads)
+        total[0] += f
+        if not args[0].requires_grad:
+            no_input_grad[0] += f
+
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear
+                                                                               | AttentionBlock)]
+    net(x, c, y)
+    for h in hooks:
+        h.remove()
+    return total[0], no_input_grad[0]
+
+
+def test_step_flops_equal_the_closed_form_count(one_thread):
+    torch.manual_seed(0)
+    net = UNet(in_channels=3, resolution=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+               num_heads=2, dropout=0.0, num_classes=10)
+    x, c, y = torch.randn(3, 3, 8, 8), torch.rand(3) * 999, torch.randint(0, 10, (3,))
+    fwd, train = gpu.step_flops(net, x, c, y)
+    expect, first = closed_form_flops(net, x, c, y)
+    assert fwd == expect
+    # backward: the gradient of every weight (1x forward) and of every input that needs one (1x forward)
+    assert train == 3 * expect - first
+    assert first > 0 and 2.9 * fwd < train < 3 * fwd
+    assert all(p.grad is None for p in net.parameters())  # the count leaves no gradients behind
+
+
+def test_cifar10_unet_flops_per_image():
+    """DDPM's CIFAR-10 network: 35.7M parameters, about 6.1 GMACs = 12.2 GFLOPs per image forward."""
+    from dtrain.config import load_recipe
+    from dtrain.models import build_model, count_params
+
+    cfg = load_recipe(gpu.RECIPE, ["out_dir=/tmp"])
+    with torch.device("meta"):
+        net = build_model(cfg.model)
+        x, c, y = torch.zeros(2, 3, 32, 32), torch.zeros(2), torch.zeros(2, dtype=torch.long)
+        fwd, train = gpu.step_flops(net, x, c, y)
+    assert count_params(net) == pytest.approx(35.7e6, rel=0.01)
+    assert fwd / 2 == pytest.approx(12.2e9, rel=0.05)
+    assert 2.9 * fwd < train < 3 * fwd
+
+
+def test_mfu_arithmetic_and_peak_table():
+    r = gpu.throughput(2.5e12, 40.0, 128, 989.0)  # 2.5 TFLOP a step, 40 steps/s
+    assert r["images_per_s"] == 5120.0 and r["achieved_tflops"] == pytest.approx(100.0)
+    assert r["mfu"] == pytest.approx(100.0 / 989.0)
+    assert gpu.throughput(1e12, 1.0, 1, None)["mfu"] is None
+    names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0,
+             "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L4": 121.0,
+             "Tesla V100-SXM2-16GB": None}
+    assert {n: gpu.peak_bf16_tflops(n) for n in names} == names
+
+
+def test_exits_with_a_message_without_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        gpu.main([])
+    assert e.value.code == 2
+    assert "no CUDA GPU here" in capsys.readouterr().err
+    assert not list((ROOT / "benchmarks" / "results").glob("gpu_cpu*.json"))  # nothing written

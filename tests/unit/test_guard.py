@@ -1,0 +1,124 @@
+"""Non-finite guard (dtrain.lit.guard): a NaN loss or an inf gradient skips the optimizer step (weights, AdamW moments
+and step counts, EMA all unchanged), is counted (`train/bad_steps`) and logged naming the step; K bad steps in a row
+stop the run with a message naming the step and the loss terms. Faults are injected into real `dtrain fit` runs."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from dtrain.lit.fit import fit
+from dtrain.lit.guard import NonFiniteError, NonFiniteGuard
+
+GMM = Path(__file__).resolve().parents[2] / "recipes" / "teacher" / "gmm.yaml"
+SMALL = ["model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=1024", "trainer.cpu_threads=1",
+         "trainer.progress_bar=false", "logger.mode=disabled", "trainer.log_every_n_steps=1",
+         "trainer.ckpt_every_n_steps=0", "optim.warmup_steps=0"]
+
+
+def test_guard_counts_and_stops_after_k_in_a_row():
+    g = NonFiniteGuard(max_bad=2)
+    g.observe(torch.tensor([1.0, 2.0]))
+    assert g.check(torch.tensor(3.0)) and not g.skipped
+    g.observe(torch.tensor([1.0, math.nan, 2.0]))
+    assert not g.check(torch.tensor(3.0)) and g.skipped and (g.total, g.in_a_row) == (1, 1)
+    assert "loss=nan (1/3 samples non-finite)" in g.describe()
+    g.report(7)  # one bad step: logged, not fatal
+    g.observe(torch.tensor([1.0]))
+    assert not g.check(torch.tensor(math.inf))  # finite loss, inf gradient
+    with pytest.raises(NonFiniteError, match=r"step 8: .*grad_norm=inf.*max_bad_steps=2"):
+        g.report(8)
+    g.observe(torch.tensor([1.0]))
+    assert g.check(torch.tensor(1.0)) and g.in_a_row == 0 and g.total == 2
+    g.load_state_dict({})
+    assert g.total == 0
+
+
+def test_guard_off_checks_nothing():
+    g = NonFiniteGuard(enabled=False)
+    g.observe(torch.tensor([math.nan]))
+    assert g.check(torch.tensor(math.nan)) and not g.skipped and g.total == 0
+
+
+class Inject(L.Callback):
+    """NaN into the batch (-> non-finite loss) or inf into a gradient at the given steps; snapshots the state
+    around each step to see what changed."""
+
+    def __init__(self, steps: set[int], where: str = "x") -> None:
+        self.steps, self.where = steps, where
+        self.changed: dict[int, dict[str, bool]] = {}
+
+    @staticmethod
+    def _state(trainer, module) -> dict[str, list[torch.Tensor]]:
+        opt = trainer.optimizers[0]
+        moments = [t.clone() for s in opt.state.values() for t in s.values()]
+        return {"net": [p.detach().clone() for p in module.net.parameters()],
+                "ema": [p.detach().clone() for p in module.ema.parameters()], "optimizer": moments}
+
+    def _compare(self, trainer, module) -> None:  # after every hook of the previous step (the EMA update included)
+        if getattr(self, "_before", None) is not None:
+            after = self._state(trainer, module)
+            self.changed[trainer.global_step - 1] = {
+                k: len(v) != len(after[k]) or any(not torch.equal(a, b) for a, b in zip(v, after[k]))
+                for k, v in self._before.items()}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._compare(trainer, module)
+        self._before = self._state(trainer, module)
+        if self.where == "x" and trainer.global_step in self.steps:
+            batch["x"][0, 0] = math.nan
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if self.where == "grad" and trainer.global_step in self.steps:
+            next(module.net.parameters()).grad[0] = math.inf
+
+    def on_train_end(self, trainer, module):
+        self._compare(trainer, module)
+
+
+def _metric(run: Path, name: str) -> list[float]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
+
+
+@pytest.mark.parametrize("where", ["x", "grad"])
+def test_bad_steps_are_skipped_counted_and_logged(tmp_path, caplog, one_thread, where):
+    inject = Inject({3, 4}, where)
+    with caplog.at_level(logging.WARNING, logger="dtrain.guard"):
+        run = fit(GMM, [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=8"], callbacks=[inject])
+    for step in range(8):
+        bad = step in (3, 4)
+        # a bad step changes nothing (step 0 creates the AdamW state, so compare its weights only)
+        assert inject.changed[step]["net"] is not bad and inject.changed[step]["ema"] is not bad, (step, inject.changed)
+        if step > 0:
+            assert inject.changed[step]["optimizer"] is not bad, step
+    msgs = [r.getMessage() for r in caplog.records if r.name == "dtrain.guard"]
+    assert len(msgs) == 2 and msgs[0].startswith("step 3: non-finite") and "(2 in a row, 2 in this run)" in msgs[1]
+    assert ("loss=nan (1/32 samples non-finite)" if where == "x" else "grad_norm=inf") in msgs[0]
+    assert _metric(run, "train/bad_steps")[-1] == 2.0
+    ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ck["global_step"] == 8 and ck["nan_guard"] == {"total": 2, "in_a_row": 0}
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_k_bad_steps_in_a_row_stop_the_run(tmp_path, one_thread):
+    with pytest.raises(NonFiniteError) as e:
+        fit(GMM, [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=20", "trainer.max_bad_steps=3"],
+            callbacks=[Inject(set(range(5, 20)))])
+    msg = str(e.value)
+    assert msg.startswith("step 7: non-finite loss or gradient (loss=nan (1/32 samples non-finite), grad_norm=nan)")
+    assert "(3 in a row, 3 in this run)" in msg and "trainer.max_bad_steps=3 reached" in msg
+
+
+def test_guard_off_lets_nan_through(tmp_path, one_thread):
+    """The control: without the guard the same fault poisons the weights (so the test above can fail)."""
+    run = fit(GMM, [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=5", "trainer.nan_guard=false"],
+              callbacks=[Inject({3})])
+    ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not all(torch.isfinite(v).all() for v in ck["state_dict"].values())

@@ -1,0 +1,169 @@
+"""Training speed options from the recipe reach what they configure: bf16 autocast (``trainer.precision``),
+``trainer.channels_last``, ``trainer.compile``, the AdamW implementation (``optim.impl``), gradient accumulation
+(``trainer.accumulate_grad_batches``) and TF32 (``trainer.tf32``). Each runs on the CPU in a few seconds; the
+compiled training run itself is in ``tests/e2e/test_compile.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from dtrain.config import RecipeError, load_recipe
+from dtrain.lit.teacher import TeacherModule
+
+ROOT = Path(__file__).resolve().parents[2]
+GMM = ROOT / "recipes" / "teacher" / "gmm.yaml"
+PATCHES = ROOT / "recipes" / "teacher" / "patches.yaml"
+FAST = ["trainer.progress_bar=false", "logger.mode=disabled", "trainer.ckpt_every_n_steps=0",
+        "trainer.sample_every_n_steps=0", "trainer.accelerator=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def gmm(tmp_path, *extra):
+    return load_recipe(GMM, [f"out_dir={tmp_path}", "model.hidden=16", "model.depth=1", "data.batch_size=16",
+                             "data.num_samples=256", "trainer.max_steps=2", *FAST, *extra])
+
+
+def patches(tmp_path, *extra):
+    """A small RGB UNet (3 input channels: NCHW and NHWC layouts differ from the first convolution on)."""
+    return load_recipe(PATCHES, [f"out_dir={tmp_path}", "model.channels=8", "model.num_heads=1", "model.resolution=8",
+                                 "model.channel_mult=[1,2]", "model.attn_resolutions=[4]", "data.size=8",
+                                 "data.num_samples=64", "data.batch_size=8", "trainer.max_steps=1", *FAST, *extra])
+
+
+def run(cfg, *callbacks):
+    """Fit ``cfg`` through ``build_trainer`` (the Trainer of ``dtrain fit``) with extra callbacks."""
+    from dtrain.data import build_datamodule
+    from dtrain.lit.fit import build_trainer, run_dir
+
+    module = TeacherModule(cfg)
+    trainer = build_trainer(cfg, run_dir(cfg), extra_callbacks=list(callbacks))
+    trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+    return module, trainer
+
+
+def test_bf16_mixed_runs_the_network_under_autocast(tmp_path):
+    seen: list[torch.dtype] = []
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.net.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+
+    module, trainer = run(gmm(tmp_path, "trainer.precision=bf16-mixed"), Spy())
+    assert trainer.precision == "bf16-mixed"
+    assert seen and set(seen) == {torch.bfloat16}  # activations in bf16 ...
+    assert all(p.dtype == torch.float32 for p in module.net.parameters())  # ... weights and updates in fp32
+    _, trainer = run(gmm(tmp_path / "fp32"), Spy())
+    assert seen[-1] == torch.float32  # the default stays exact float32
+
+
+def test_channels_last_reaches_weights_and_inputs(tmp_path):
+    seen: list[bool] = []
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.net.register_forward_pre_hook(
+                lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+
+    def weights(module):  # 3x3 convolutions over several channels: the two layouts differ
+        return [m.weight for m in module.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1
+                and m.weight.shape[-1] > 1]
+
+    module, _ = run(patches(tmp_path, "trainer.channels_last=true"), Spy())
+    assert weights(module) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights(module))
+    assert seen == [True]  # the RGB batch too
+    plain, _ = run(patches(tmp_path / "plain"), Spy())
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in weights(plain))
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize(("impl", "fused", "foreach"),
+                         [("fused", True, None), ("foreach", None, True), ("plain", None, False),
+                          ("auto", None, True)])  # auto: foreach on the CPU, fused on a GPU
+def test_optim_impl_reaches_adamw(tmp_path, impl, fused, foreach):
+    module = TeacherModule(gmm(tmp_path, f"optim.impl={impl}"))
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["fused"] == fused and opt.defaults["foreach"] == foreach
+    x = torch.randn(4, 2)
+    module.net(x, torch.rand(4) * 1000).square().mean().backward()
+    opt.step()  # every implementation steps on the CPU
+
+
+def test_optim_impl_is_validated(tmp_path):
+    with pytest.raises(RecipeError, match=r"optim\.impl: must be auto, fused, foreach or plain"):
+        gmm(tmp_path, "optim.impl=apex")
+
+
+def test_gradient_accumulation_steps_once_per_k_batches(tmp_path):
+    calls = {"batches": 0, "steps": 0}
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            calls["batches"] += 1
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            calls["steps"] += 1
+
+    _, trainer = run(gmm(tmp_path, "trainer.accumulate_grad_batches=3", "ema.decays=[]"), Spy())
+    assert trainer.accumulate_grad_batches == 3
+    assert calls == {"batches": 6, "steps": 2} and trainer.global_step == 2
+
+
+def test_compile_wraps_the_network_in_place(tmp_path):
+    module = TeacherModule(gmm(tmp_path, "trainer.compile=true"))
+    keys = list(module.state_dict())
+    assert module.net._compiled_call_impl is None
+    module.setup("fit")
+    assert module.net._compiled_call_impl is not None  # nn.Module.compile: compiled on first call
+    assert list(module.state_dict()) == keys  # checkpoints keep their keys (no _orig_mod. prefix)
+    assert module.ema is not None and all(m._compiled_call_impl is None for m in module.ema.children())
+    plain = TeacherModule(gmm(tmp_path))
+    plain.setup("fit")
+    assert plain.net._compiled_call_impl is None
+
+
+def test_tf32_flag_reaches_the_cuda_backends(tmp_path, monkeypatch):
+    from dtrain.lit import fit as fit_mod
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert fit_mod.set_tf32(True) is False and torch.get_float32_matmul_precision() == before[0]  # CPU: exact
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert fit_mod.set_tf32(True) is True
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        fit_mod.set_tf32(False)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    got: list[bool] = []
+    monkeypatch.setattr(fit_mod, "set_tf32", lambda on: got.append(on) or False)
+    fit_mod.fit(gmm(tmp_path, "trainer.tf32=false", "trainer.max_steps=1"))
+    assert got == [False]  # dtrain fit hands the recipe's value over
+
+
+def test_cpu_threads_survive_lightning_ddp(monkeypatch):
+    """Lightning's DDP sets cpu_count / processes threads unless OMP_NUM_THREADS is set: ``trainer.cpu_threads`` sets
+    it, so a one-thread recipe keeps one thread under DDP (two OpenMP threads stall on a shared 2-core machine)."""
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+    from dtrain.lit.fit import set_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("lightning.fabric.utilities.distributed._num_cpus_available", lambda: 8)
+    set_cpu_threads(1)
+    _set_num_threads_if_needed(num_processes=2)  # what DDPStrategy.setup_environment calls
+    assert torch.get_num_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    _set_num_threads_if_needed(num_processes=2)  # without it: Lightning's choice
+    assert torch.get_num_threads() == 4
