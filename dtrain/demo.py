@@ -1,7 +1,7 @@
 """``dtrain demo``: the whole product end to end on CPU, with no account, GPU or download.
 
-    dtrain demo                     # ~15 min on 2 cores: shards -> teacher -> students -> FID per NFE -> bundles
-    dtrain demo --fast              # ~2 min smoke version (what tests/e2e/test_demo.py runs)
+    dtrain demo                     # 5 min on an idle 2-core CPU: shards -> teacher -> students -> FID per NFE
+    dtrain demo --fast              # 1 min smoke version (what tests/e2e/test_demo.py runs)
     dtrain demo --stages teacher pd eval report --out runs/mine
 
 Stages (each one's outputs are listed in ``<out>/stages/<stage>.json``):
@@ -489,8 +489,7 @@ class Demo:
         self.ui.print(f"{head}: {_DESCRIBE[stage](self)}")
         t0 = time.perf_counter()
         try:
-            rec = getattr(self, f"_run_{stage}" if stage not in (s.name for s in STUDENTS) else "_run_trained")(
-                stage, key)
+            rec = (self._run_trained if stage in TRAINED else getattr(self, f"_run_{stage}"))(stage, key)
         except KeyboardInterrupt:
             self.ui.print("    [yellow]interrupted: rerun the same command to resume[/]")
             raise
@@ -542,9 +541,6 @@ class Demo:
         info = {"samples": index["total"], "shards": len(index["shards"])}
         digest = _hash([key, [s["sha256"] for s in index["shards"]]])
         return _Record(stage, key, "running", outputs, info, digest=digest)
-
-    def _run_teacher(self, stage: str, key: str) -> _Record:
-        return self._run_trained(stage, key)
 
     def _run_trained(self, stage: str, key: str) -> _Record:
         """fit (resuming an interrupted run of the same key), then export the last checkpoint as a bundle."""
@@ -861,7 +857,7 @@ def run_demo(out: str | Path | None = None, *, fast: bool = False, stages: Seque
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--fast", action="store_true", help="the ~2-minute smoke version (tiny training and sample counts)")
+    p.add_argument("--fast", action="store_true", help="the 1-minute smoke version (tiny training and sample counts)")
     p.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-fast with --fast)")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"run only these stages (others' outputs are reused): {' '.join(STAGES)}")
