@@ -26,14 +26,6 @@ QUIET = ["trainer.cpu_threads=1", "trainer.progress_bar=false", "logger.mode=dis
          "trainer.devices=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fit_with(cfg, module, ckpt_path=None):
     trainer = build_trainer(cfg, Path(cfg.out_dir) / cfg.name)
     try:

@@ -31,13 +31,6 @@ PD_GMM, TEACHER_GMM = ROOT / "recipes" / "pd" / "gmm.yaml", ROOT / "recipes" / "
 QUIET = ["trainer.cpu_threads=1", "trainer.progress_bar=false", "logger.mode=disabled"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    n = torch.get_num_threads()  # `fit` applies trainer.cpu_threads to this process
-    yield
-    torch.set_num_threads(n)
-
-
 def fit_with_teacher(cfg, teacher) -> Path:
     """``dtrain fit``'s path (datamodule, module, trainer and callbacks from the recipe) with a teacher object."""
     import lightning as L

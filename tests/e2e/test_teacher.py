@@ -72,13 +72,6 @@ def class_accuracy(module, n_per_class: int = 20, seed: int = 0, ema: str | None
     return float((clf.logits(x.clamp(-1, 1)).argmax(1) == labels).double().mean())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    n = torch.get_num_threads()  # `fit` applies trainer.cpu_threads to this process
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")

@@ -55,16 +55,6 @@ class TinyNet(nn.Module):
         return x + 0.1 * self.out(torch.nn.functional.silu(self.mid(h)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (a second OpenMP thread on a loaded 2-core machine can cost a
-    scheduler quantum per op, ~50x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def net() -> TinyNet:
     return TinyNet().eval()

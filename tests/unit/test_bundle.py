@@ -34,15 +34,6 @@ RECIPE = {"name": "t", "seed": 0, "teacher": None, "model": MODEL,
           "sampler": {"name": "ddim", "nfe": 3, "spacing": None, "eta": None, "guidance": 1.0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread (and do not fight other processes for the two cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_ckpt(path: Path, *, tags=("0_999",), model=None, kind="teacher", seed=0, **meta) -> tuple[dict, Path]:
     """A format-1 checkpoint as ``dtrain.lit`` writes it: raw net and EMA copies with different weights."""
     recipe = copy.deepcopy({**RECIPE, "model": model or MODEL})

@@ -36,14 +36,6 @@ SCHEDULES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_net(dim: int = 3, seed: int = 0) -> nn.Module:
     """An MLP whose output is not zero (the real one zero-initialises its last layer)."""
     torch.manual_seed(seed)

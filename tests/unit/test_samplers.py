@@ -41,16 +41,6 @@ def schedule(key: str):
     return make_schedule(key.removesuffix("_ztsnr"), **SCHEDULES[key])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread. On a loaded 2-core machine, OpenMP's second thread can wait a
-    scheduler quantum (~8 ms) per op on [10^4] tensors, which made these tests ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Gauss(nn.Module):
     """E[x0 | x_t] = mu + a s^2 / (a^2 s^2 + sigma^2) (x_t - a mu) for N(MU, SD^2): GAUSS.denoiser's closed
     form in a few ops (test_gauss_denoiser_matches_the_mixture_one checks they agree)."""
