@@ -104,10 +104,12 @@ class ConsistencyModule(DiffusionModule):
 
     # ---- training -----------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # theta^- <- EMA with the weights of this step, before the loss (a checkpoint of step k resumes exactly)
+        # theta^- <- EMA with the weights of this step, before the loss (a checkpoint of step k resumes exactly);
+        # not after a step the non-finite guard dropped: the weights did not move (guard state is checkpointed)
         if self.target is not None and self.global_step != self._target_step:
             self._target_step = self.global_step
-            self.target.update(self.net, self.global_step)
+            if self.global_step == 0 or self.guard.in_a_row == 0:
+                self.target.update(self.net, self.global_step)
 
     def teacher_model(self) -> Any:
         """The teacher CD steps with: CFG-guided at ``method.guidance`` for a class-conditional model."""
