@@ -14,14 +14,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.samplers import SAMPLERS, run, steps_for_nfe
-from dtrain.samplers.base import prior_std
+from dtrain.samplers.base import derive_seed, prior_std
 
 if TYPE_CHECKING:  # torchmetrics is imported when a sweep runs, not by recipe validation
     from dtrain.eval.features import FeatureExtractor
@@ -61,11 +60,6 @@ def parse_specs(specs: str | Sequence[str | Spec], key: str = KEY) -> list[Spec]
     return out
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed hashed from integers (numpy's SeedSequence), so nearby seeds give unrelated streams."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
 def global_batches(num: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, range]]:
     """(batch index, sample indices) of the global batches this rank samples: b = rank, rank + world, ..."""
     if num < 1 or batch_size < 1:
@@ -77,7 +71,7 @@ def global_batches(num: int, batch_size: int, rank: int = 0, world_size: int = 1
 def indexed_noise(indices: Iterable[int], shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32
                   ) -> Tensor:
     """x_T for the given global sample indices, each from its own generator (independent of batching)."""
-    xs = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_seed(seed, 0, i)), dtype=dtype)
+    xs = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(derive_seed(seed, 0, i)), dtype=dtype)
           for i in indices]
     return torch.stack(xs)
 
@@ -109,7 +103,7 @@ def generate(
     for b, idx in batches:
         x_T = sigma_max * indexed_noise(idx, shape, seed)
         y = labels_for(idx, num_classes)
-        g = torch.Generator().manual_seed(_seed(seed, 1, b))
+        g = torch.Generator().manual_seed(derive_seed(seed, 1, b))
         x0 = run(sampler, denoiser, x_T.to(device), nfe, cond=None if y is None else y.to(device), generator=g,
                  spacing=spacing, **opts)
         yield x0, y

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -36,10 +35,9 @@ from dtrain.lit.guard import NonFiniteGuard
 from dtrain.models import build_denoiser, build_model, count_params
 from dtrain.models.ema import EMA
 from dtrain.registry import Registry
-from dtrain.samplers.base import initial_noise
+from dtrain.samplers.base import derive_seed, initial_noise
 
-__all__ = ["DiffusionModule", "LIT_MODULES", "module_class", "lr_factor", "time_fraction", "step_seed",
-           "train_seed"]
+__all__ = ["DiffusionModule", "LIT_MODULES", "module_class", "lr_factor", "time_fraction", "train_seed"]
 
 # method name -> "module:Class" of its LightningModule, imported on use (students register theirs here).
 LIT_MODULES: Registry[str] = Registry("method")
@@ -70,15 +68,10 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence: nearby steps give unrelated streams)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def train_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
     """The seed of torch's global generators for micro-batch ``micro`` of optimizer step ``step`` on ``rank``
     (``DiffusionModule.training_step``): a resumed run draws exactly what the uninterrupted one drew."""
-    return step_seed(seed, rank, step, micro, 17)
+    return derive_seed(seed, rank, step, micro, 17)
 
 
 def seed_generators(seed: int, device: torch.device) -> None:
@@ -250,6 +243,14 @@ class DiffusionModule(L.LightningModule):
         if t is not None:
             self._accumulate(loss_b.detach(), t.detach())
         return loss
+
+    def step_generator(self) -> torch.Generator:
+        """A CPU generator for this micro-batch's draws (students' noise, times, labels), seeded by (seed, rank,
+        global step, micro-batch): independent of torch's global RNG, and replayed exactly after a resume."""
+        step, micro = self._rng_micro
+        micro = micro if step == self.global_step else 0  # compute_loss called outside training_step
+        return torch.Generator().manual_seed(derive_seed(int(self.recipe.get("seed", 0)), self.global_rank,
+                                                         self.global_step, micro))
 
     def _accumulate(self, loss_b: Tensor, t: Tensor) -> None:
         if self._bucket is None or self._bucket.device != loss_b.device:

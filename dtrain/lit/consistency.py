@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from dtrain.lit.common import DiffusionModule
-from dtrain.lit.progressive import step_seed
 from dtrain.methods.consistency import ConsistencyLoss, LPIPSDistance, resolve
 from dtrain.models import build_denoiser
 from dtrain.models.ema import EMA
@@ -61,7 +60,6 @@ class ConsistencyModule(DiffusionModule):
         self._given_teacher = teacher
         self.teacher: Any = None
         self.teacher_ref: dict[str, Any] | None = None
-        self._micro = (-1, 0)
         self._target_step = -1
         if lpips is not None:
             self.lpips = lpips
@@ -117,10 +115,7 @@ class ConsistencyModule(DiffusionModule):
         return self.guided(self.teacher, w) if self.teacher is not None and w != 1.0 else self.teacher
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        x0, step = batch["x"], self.global_step
-        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
-        g = torch.Generator().manual_seed(step_seed(int(self.recipe.get("seed", 0)), self.global_rank, step,
-                                                    self._micro[1]))
+        x0, step, g = batch["x"], self.global_step, self.step_generator()
         intervals = self.loss_fn.sample_intervals(x0.shape[0], step, g)
         noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
         cond = batch.get("y") if self.num_classes > 0 else None

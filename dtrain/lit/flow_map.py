@@ -29,7 +29,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dtrain.lit.common import DiffusionModule
-from dtrain.lit.progressive import step_seed
 from dtrain.methods.flow_map import CTMLoss, MeanFlowLoss, Rescheduled
 from dtrain.models import build_denoiser
 from dtrain.samplers.few_step import CTMModel, MeanFlowModel
@@ -65,7 +64,6 @@ class FlowMapModule(DiffusionModule):
         self._given_teacher = teacher
         self.teacher: Any = None
         self.teacher_ref: dict[str, Any] | None = None
-        self._micro = (-1, 0)
 
     def flow_map(self, net: torch.nn.Module) -> Any:
         raise NotImplementedError
@@ -87,13 +85,6 @@ class FlowMapModule(DiffusionModule):
         teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.recipe["method"].get("teacher_ema", "auto"),
                                                         same_schedule=ctm, init_from=ctm)
         return teacher
-
-    def generator(self) -> torch.Generator:
-        """This micro-batch's generator, seeded by (seed, rank, global step, micro-batch)."""
-        step = self.global_step
-        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
-        return torch.Generator().manual_seed(step_seed(int(self.recipe.get("seed", 0)), self.global_rank, step,
-                                                       self._micro[1]))
 
     def labels(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         return batch.get("y") if self.num_classes > 0 else None
@@ -129,7 +120,7 @@ class MeanFlowModule(FlowMapModule):
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = self.loss_fn(self.denoiser_for(None), batch["x"], self.labels(batch), teacher=self.teacher,
-                           generator=self.generator())
+                           generator=self.step_generator())
         return out.loss, out.t
 
     # ---- explicit gradient synchronisation of the fused JVP ---------------------------------------------------
@@ -188,5 +179,5 @@ class CTMModule(FlowMapModule):
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = self.loss_fn(self.denoiser_for(None), self.teacher, batch["x"], self.labels(batch),
-                           generator=self.generator())
+                           generator=self.step_generator())
         return out.loss, out.t

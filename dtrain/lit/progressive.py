@@ -35,11 +35,11 @@ from torch import Tensor
 
 from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
 from dtrain.diffusion.timesteps import make_grid
-from dtrain.lit.common import DiffusionModule, lr_factor, step_seed
+from dtrain.lit.common import DiffusionModule, lr_factor
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
 from dtrain.samplers.base import initial_noise
 
-__all__ = ["ProgressiveModule", "round_lr", "step_seed"]
+__all__ = ["ProgressiveModule", "round_lr"]
 
 
 def round_lr(step: int, *, bounds: tuple[tuple[int, int], ...], warmup: int, schedule: str, min_ratio: float) -> float:
@@ -73,7 +73,6 @@ class ProgressiveModule(DiffusionModule):
         self.teacher_ref: dict[str, Any] | None = None
         self._grids: dict[int, Tensor] = {}
         self._round_t0 = time.time()
-        self._micro = (-1, 0)  # (global step, micro-batches seen in it): gradient accumulation draws fresh noise
         if model.get("param", "eps") == "eps":
             warnings.warn("model.param: an eps-predicting student cannot take few large steps: x0 = (x_t - sigma eps) "
                           "/ alpha blows up at low SNR (Salimans & Ho 2022, Sec. 4); use model.param: v or x0 (the "
@@ -257,10 +256,7 @@ class ProgressiveModule(DiffusionModule):
                        warmup=int(o["warmup_steps"]), schedule=o["lr_schedule"], min_ratio=float(o["min_lr_ratio"]))
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        rnd, x0, step = self.current, batch["x"], self.global_step
-        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
-        g = torch.Generator().manual_seed(step_seed(int(self.recipe.get("seed", 0)), self.global_rank, step,
-                                                    self._micro[1]))
+        rnd, x0, g = self.current, batch["x"], self.step_generator()
         labels = batch.get("y") if self.num_classes > 0 else None
         if rnd.kind == "guide":
             return self.guide_loss(self.denoiser, self.teacher, x0, self.grid(rnd.steps), labels,  # type: ignore[misc]

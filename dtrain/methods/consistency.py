@@ -8,7 +8,7 @@ default, which is EDM's sigma grid on EDM's schedule). Per sample an interval (t
 x_{t_{n+1}} = alpha x0 + sigma z,
 
 - ``cd``: x_hat_{t_n} is one step of the teacher's probability-flow ODE from x_{t_{n+1}} (``method.solver``: DDIM, Heun
-  or DPM-Solver++(2S): the shared samplers' steps ``ddim_coeffs`` / ``heun_step`` / ``dpm_solver_2s_step``, on the
+  or DPM-Solver++(2S): the shared samplers' steps ``ddim_step`` / ``heun_step`` / ``dpm_solver_2s_step``, on the
   teacher's schedule, optionally with CFG);
 - ``ct`` / ``ict``: x_hat_{t_n} = alpha_n x0 + sigma_n z, the same x0 and noise (no teacher);
 
@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from dtrain.diffusion.denoiser import DenoiserLike
-from dtrain.diffusion.schedule import Schedule, bcast
+from dtrain.diffusion.schedule import Schedule
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.methods.denoising import LossOutput
-from dtrain.samplers.ddim import ddim_coeffs
+from dtrain.samplers.ddim import ddim_step
 from dtrain.samplers.dpm_solver import dpm_solver_2s_step
 from dtrain.samplers.few_step import ConsistencyModel
 from dtrain.samplers.heun import heun_step
@@ -198,8 +198,7 @@ class LPIPSDistance(nn.Module):
 def teacher_step(solver: str, teacher: DenoiserLike, x: Tensor, t: Tensor, s: Tensor, cond: Any = None) -> Tensor:
     """One step of the teacher's probability-flow ODE from per-sample times t to s < t ([B] float64)."""
     if solver == "ddim":
-        p, q, _ = ddim_coeffs(teacher.schedule, t, s)
-        return bcast(p, x) * x + bcast(q, x) * teacher(x, t, cond)
+        return ddim_step(teacher.schedule, x, teacher(x, t, cond), t, s)
     if solver == "heun":
         return heun_step(teacher, x, t, s, cond)[0]
     if solver == "dpm++2s":

@@ -37,9 +37,9 @@ from dtrain.diffusion.schedule import Schedule, bcast
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.methods.denoising import DenoisingLoss, LossOutput, drop_labels
 from dtrain.samplers.base import randn_like
-from dtrain.samplers.ddim import ddim_coeffs
+from dtrain.samplers.ddim import ddim_coeffs, ddim_step
 
-__all__ = ["Round", "round_plan", "pd_grid", "ddim_step", "pd_target", "sample_w", "ProgressiveLoss", "GuidanceLoss"]
+__all__ = ["Round", "round_plan", "pd_grid", "pd_target", "sample_w", "ProgressiveLoss", "GuidanceLoss"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,6 @@ def pd_grid(schedule: Schedule, steps: int, start_steps: int, spacing: str | Non
     if ratio < 1 or ratio * steps != start_steps or ratio & (ratio - 1):
         raise ValueError(f"method.start_steps: {start_steps} must be {steps} times a power of 2")
     return make_grid(schedule, start_steps, spacing)[::ratio].clone()
-
-
-def ddim_step(schedule: Schedule, x: Tensor, x0: Tensor, t: Tensor, s: Tensor) -> Tensor:
-    """One deterministic DDIM step t -> s with per-sample times t, s [B] (float64) and prediction x0."""
-    p, q, _ = ddim_coeffs(schedule, t, s)
-    return bcast(p, x) * x + bcast(q, x) * x0
 
 
 @torch.no_grad()

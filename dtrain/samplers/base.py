@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,7 +23,7 @@ from dtrain.diffusion.timesteps import check_grid
 
 Callback = Callable[[dict[str, Any]], None]
 
-__all__ = ["Callback", "steps", "randn_like", "scalar", "on_grid", "prior_std", "initial_noise"]
+__all__ = ["Callback", "steps", "randn_like", "scalar", "on_grid", "prior_std", "initial_noise", "derive_seed"]
 
 
 def steps(grid: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -43,6 +44,12 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal noise shaped like x, drawn from ``generator`` (on its device)."""
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed hashed from integers (numpy's SeedSequence: nearby parts give unrelated streams), e.g.
+    (seed, rank, step, micro-batch) of a training step or (seed, stream, index) of an evaluation sample."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def prior_std(schedule: Schedule) -> float:

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
-from dtrain.diffusion.schedule import Schedule, transition
+from dtrain.diffusion.schedule import Schedule, bcast, transition
 from dtrain.samplers.base import Callback, on_grid, randn_like
 
-__all__ = ["ddim", "ddim_coeffs", "ddim_invert", "slerp"]
+__all__ = ["ddim", "ddim_coeffs", "ddim_step", "ddim_invert", "slerp"]
 
 
 def ddim_coeffs(schedule: Schedule, t: Tensor, s: Tensor, eta: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -27,6 +27,13 @@ def ddim_coeffs(schedule: Schedule, t: Tensor, s: Tensor, eta: float = 0.0) -> t
     c = eta * s_s * var.sqrt() / s_t  # noise std of the step
     p = (s_s**2 - c**2).clamp_min(0).sqrt() / s_t  # eps_hat's weight over sigma_t
     return p, a_s - p * a_t, c
+
+
+def ddim_step(schedule: Schedule, x: Tensor, x0: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """One deterministic DDIM step t -> s with prediction x0; times 0-d or per-sample [B] (float64), as progressive
+    distillation's target and the students' teacher steps use it."""
+    p, q, _ = ddim_coeffs(schedule, t, s)
+    return bcast(p, x) * x + bcast(q, x) * x0
 
 
 @torch.no_grad()

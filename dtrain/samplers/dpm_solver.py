@@ -24,7 +24,7 @@ from torch import Tensor
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.schedule import bcast
 from dtrain.samplers.base import Callback, on_grid
-from dtrain.samplers.ddim import ddim_coeffs
+from dtrain.samplers.ddim import ddim_coeffs, ddim_step
 
 __all__ = ["dpm_solver_pp", "dpm_solver_2s", "dpm_solver_2s_step"]
 
@@ -117,8 +117,7 @@ def dpm_solver_2s_step(
         return bcast(p, x) * x + bcast(q, x) * x0_t, x0_t
     lam_u = torch.where(ok, lam_t + r * (lam_s - lam_t), torch.zeros_like(lam_t))
     u = torch.where(ok, sch.t_from_lambda(lam_u).to(t.device), t)  # u = t where not ok: x_u = x_t, D_u = D_t
-    p_u, q_u, _ = ddim_coeffs(sch, t, u)
-    x_u = bcast(p_u, x) * x + bcast(q_u, x) * x0_t
+    x_u = ddim_step(sch, x, x0_t, t, u)
     d = x0_t + (denoiser(x_u, u, cond) - x0_t) * (1.0 / (2.0 * r))
     if not bool(ok.all()):
         d = torch.where(ok.to(x.device).reshape(-1, *[1] * (x.ndim - 1)), d, x0_t)
