@@ -889,22 +889,13 @@ def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
     d = cfg.data
     if d.name != "wds" or not d.shards or "://" in d.shards:
         return
-    if d.shards.endswith(".json") or d.index:
-        index = d.index or d.shards
-        if not Path(index).is_file():
-            raise RecipeError(source, "data.index" if d.index else "data.shards", f"index file not found: {index}")
-        if d.shards.endswith(".json"):
-            from dtrain.data.shards import read_index
+    for key, index in (("data.index", d.index), ("data.shards", d.shards if d.shards.endswith(".json") else None)):
+        if index and not Path(index).is_file():
+            raise RecipeError(source, key, f"index file not found: {index}")
+    from dtrain.data.stream import missing_shards, shard_urls
 
-            urls = list(read_index(index)["urls"])
-        else:
-            urls = []
-    else:
-        from braceexpand import braceexpand
-
-        urls = [u for part in d.shards.split("::") for u in braceexpand(part) if u.strip()]
-    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
-    gone = [u for u in local if not Path(u.removeprefix("file:")).is_file()]
+    urls = shard_urls(d.shards)
+    gone = missing_shards(urls)
     if gone:
         more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
         raise RecipeError(source, "data.shards", f"shard file not found: {gone[0]}{more}")

@@ -21,7 +21,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dtrain.data.shards import INDEX_NAME, read_index, scan_shard, split_key
 
-__all__ = ["WdsStream", "ShardSet", "resolve_shards", "rank_batches", "split_batches", "META"]
+__all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "missing_shards", "rank_batches", "split_batches",
+           "META"]
 
 log = logging.getLogger("dtrain.data.wds")
 META = "_wds"  # batch key with (epoch, batch number in the rank's epoch, bad samples); stripped before the model
@@ -70,6 +71,18 @@ def _expand(pattern: str | Sequence[str]) -> list[str]:
     return [u for p in pattern for u in expand_urls(str(p))]
 
 
+def shard_urls(shards: str | Sequence[str]) -> list[str]:
+    """The shard URLs of a brace pattern, ``::``-joined list, list, or index json (the shards it lists)."""
+    if isinstance(shards, str) and shards.endswith(".json"):
+        return list(read_index(shards)["urls"])
+    return [u for u in _expand(shards) if u.strip()]
+
+
+def missing_shards(urls: Sequence[str]) -> list[str]:
+    """The local shards (``file:`` or plain paths; not ``pipe:`` or remote) of ``urls`` that are not on disk."""
+    return [u for u in urls if not _is_remote(u) and not Path(u.removeprefix("file:")).is_file()]
+
+
 def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> ShardSet:
     """Expand ``shards`` (brace pattern, ``::``-joined list, list, or an index json) and get counts.
 
@@ -81,14 +94,14 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
     if isinstance(shards, str) and shards.endswith(".json"):  # the index names the shards
         meta = read_index(shards)
         urls, counts, index = list(meta["urls"]), [s["count"] for s in meta["shards"]], shards
-        for u in urls:
-            if not _is_remote(u) and not Path(u).is_file():
-                raise FileNotFoundError(f"data.shards: shard listed in {index} not found: {u}")
+        gone = missing_shards(urls)
+        if gone:
+            raise FileNotFoundError(f"data.shards: shard listed in {index} not found: {gone[0]}")
     else:
-        urls = [u for u in _expand(shards) if u.strip()]
+        urls = shard_urls(shards)
         if not urls:
             raise ValueError(f"data.shards: pattern {shards!r} expands to no shards")
-        gone = [u for u in urls if not _is_remote(u) and not Path(u.removeprefix("file:")).is_file()]
+        gone = missing_shards(urls)
         if gone:
             more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
             raise FileNotFoundError(f"data.shards: shard not found: {gone[0]}{more}")
