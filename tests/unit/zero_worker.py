@@ -93,6 +93,9 @@ def main() -> None:
     if rank == 0:
         torch.save({"weights": weights, "samples": samples, "history": history, "restored": restored},
                    out / "inrun.pt")
+    # leave together: a rank whose peer already tore gloo down can abort at exit ("terminate called ...")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def master_weights(module) -> dict:
