@@ -18,7 +18,6 @@ Writes benchmarks/results/cm_digits.json.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_RUNS, ROOT, cached_fid_rows, digits_teacher, machine
+from common import BENCH_RUNS, ROOT, cached_fid_rows, digits_teacher, fit_once, machine
 
 from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import FID, load_ref
@@ -39,24 +38,14 @@ QUIET = ["logger.mode=disabled", "trainer.progress_bar=false", "trainer.sample_e
 
 
 def student(recipe: str, teacher: Path, overrides: list[str]) -> tuple[Path, float | None]:
-    """(last.ckpt, training seconds or None when reused) of ``recipes/cm/<recipe>.yaml`` distilled from ``teacher``."""
-    from omegaconf import OmegaConf
-
+    """(last.ckpt, training seconds) of ``recipes/cm/<recipe>.yaml`` distilled from ``teacher``
+    (``common.fit_once``: trained once per resolved recipe)."""
     from dtrain.config import load_recipe
-    from dtrain.lit.fit import fit, run_dir
 
     cfg = load_recipe(ROOT / "recipes" / "cm" / f"{recipe}.yaml",
                       [f"teacher={teacher}", f"out_dir={BENCH_RUNS}", *QUIET, *overrides])
-    out = run_dir(cfg)
-    ckpt, saved = out / "checkpoints" / "last.ckpt", out / "recipe.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if ckpt.is_file() and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg):
-            return ckpt, None
-        t0 = time.perf_counter()
-        fit(cfg)
-        return ckpt, time.perf_counter() - t0
+    out, seconds = fit_once(cfg)
+    return out / "checkpoints" / "last.ckpt", seconds
 
 
 @torch.no_grad()

@@ -20,26 +20,45 @@ TEACHER_RECIPE = ROOT / "recipes" / "teacher" / "digits.yaml"
 BENCH_RUNS = ROOT / "runs" / "bench"
 
 
-def digits_teacher(overrides: tuple[str, ...] = (), root: Path = BENCH_RUNS) -> Path:
-    """Path of a trained digits teacher checkpoint (trained on first use, minutes on 2 CPU cores)."""
+def fit_once(cfg) -> tuple[Path, float | None]:
+    """(run dir, training seconds) of the resolved recipe ``cfg`` trained by ``dtrain.lit.fit.fit`` (the code path
+    of ``dtrain fit``). A finished run of the same recipe (its recipe.yaml equal, ``train_seconds.json`` written
+    when fit returned) is reused with its recorded seconds; an unfinished one resumes from its newest checkpoint
+    (seconds: this call's); a run of another recipe is removed first, so it is never resumed from or mixed in. One
+    trainer at a time per run directory (file lock); the others wait and reuse."""
+    import fcntl
+    import json
+    import shutil
+    import time
+
     from omegaconf import OmegaConf
 
-    from dtrain.config import load_recipe
     from dtrain.lit.fit import fit, run_dir
+
+    out = run_dir(cfg)
+    saved, timing = out / "recipe.yaml", out / "train_seconds.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        same = saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg)
+        if same and timing.is_file():
+            return out, json.loads(timing.read_text())["seconds"]
+        if out.exists() and not same:
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        fit(cfg, resume="auto" if same else None)
+        seconds = time.perf_counter() - t0
+        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+        return out, seconds
+
+
+def digits_teacher(overrides: tuple[str, ...] = (), root: Path = BENCH_RUNS) -> Path:
+    """Path of a trained digits teacher checkpoint (trained on first use, minutes on 2 CPU cores)."""
+    from dtrain.config import load_recipe
 
     cfg = load_recipe(TEACHER_RECIPE, [f"out_dir={root}", "logger.mode=disabled", "trainer.progress_bar=false",
                                        *overrides])
-    import fcntl
-
-    out = run_dir(cfg)
-    ckpt = out / "checkpoints" / "last.ckpt"
-    saved = out / "recipe.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:  # one trainer at a time; others wait and reuse
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (ckpt.is_file() and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg)):
-            fit(cfg)
-    return ckpt
+    return fit_once(cfg)[0] / "checkpoints" / "last.ckpt"
 
 
 def cached_fid_rows(model, key: str, specs: list[tuple[str, list[int]]], *, num: int, batch_size: int, seed: int,

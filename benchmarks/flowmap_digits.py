@@ -22,7 +22,6 @@ accuracy per NFE of every model).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_RUNS, ROOT, digits_teacher, machine
+from common import BENCH_RUNS, ROOT, digits_teacher, fit_once, machine
 
 from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import load_ref
@@ -45,27 +44,13 @@ SPECS = {"meanflow": ["flowmap:1,2,4"], "ctm": ["flowmap:1,2,4", "flowmap_gamma:
 
 
 def student(recipe: str, overrides: list[str]) -> tuple[Path, float | None]:
-    """(last.ckpt, training seconds) of ``recipes/flowmap/<recipe>.yaml``; a reused run reports the seconds its
-    training took (kept beside its checkpoint), or None when unknown."""
-    from omegaconf import OmegaConf
-
+    """(last.ckpt, training seconds) of ``recipes/flowmap/<recipe>.yaml`` (``common.fit_once``: trained once per
+    resolved recipe; a reused run reports the seconds its training took)."""
     from dtrain.config import load_recipe
-    from dtrain.lit.fit import fit, run_dir
 
     cfg = load_recipe(ROOT / "recipes" / "flowmap" / f"{recipe}.yaml", [f"out_dir={BENCH_RUNS}", *QUIET, *overrides])
-    out = run_dir(cfg)
-    ckpt, saved = out / "checkpoints" / "last.ckpt", out / "recipe.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        timing = out / "train_seconds.json"
-        if ckpt.is_file() and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg):
-            return ckpt, json.loads(timing.read_text())["seconds"] if timing.is_file() else None
-        t0 = time.perf_counter()
-        fit(cfg)
-        seconds = time.perf_counter() - t0
-        timing.write_text(json.dumps({"seconds": seconds}))
-        return ckpt, seconds
+    out, seconds = fit_once(cfg)
+    return out / "checkpoints" / "last.ckpt", seconds
 
 
 def reused_rows(args: argparse.Namespace, teacher_sha: str) -> list[dict] | None:

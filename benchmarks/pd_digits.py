@@ -25,31 +25,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_RUNS, ROOT, cached_fid_rows, digits_teacher, machine
+from common import BENCH_RUNS, ROOT, cached_fid_rows, digits_teacher, fit_once, machine
 
 RECIPE = ROOT / "recipes" / "pd" / "digits.yaml"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train(teacher: Path, overrides: list[str], threads: int) -> tuple[Path, float | None]:
-    """The PD run directory (trained unless a finished run of the same resolved recipe is there) and its seconds."""
-    from omegaconf import OmegaConf
-
+    """The PD run directory and its training seconds (``common.fit_once``: trained once per resolved recipe)."""
     from dtrain.config import load_recipe
-    from dtrain.lit.fit import fit, run_dir
-    from dtrain.methods.progressive import round_plan
 
     cfg = load_recipe(RECIPE, [f"teacher={teacher}", f"out_dir={BENCH_RUNS}", "logger.mode=disabled",
                                "trainer.progress_bar=false", f"trainer.cpu_threads={threads}", *overrides])
-    out = run_dir(cfg)
-    index = out / "rounds" / "rounds.json"
-    plan = round_plan(cfg.method, cfg.trainer.max_steps)
-    done = index.is_file() and len(json.loads(index.read_text())) == len(plan)
-    if done and (out / "recipe.yaml").read_text() == OmegaConf.to_yaml(cfg):
-        return out, None
-    t0 = time.time()
-    fit(cfg)
-    return out, time.time() - t0
+    return fit_once(cfg)
 
 
 def main(argv: list[str] | None = None) -> dict:

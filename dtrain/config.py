@@ -135,6 +135,7 @@ class ProgressiveCfg:
     target: str | None = None  # loss space: eps | x0 | v | velocity; default: the student's param
     cfg_dropout: float = 0.0  # labels replaced by the null class for teacher and student alike
     teacher_ema: str = "auto"  # the teacher checkpoint's EMA copy: auto | raw | a decay / std
+    teacher_clip: bool = False  # targets from the teacher's x0 clipped by its model.clip_x0 (false: raw x0)
     guidance: list[float] = field(default_factory=list)  # guided PD: [w_min, w_max] (needs model.w_cond)
     eval: bool = True  # evaluate each round's student at its steps (eval.ref_stats: FID; gmm data: sliced W1)
 
@@ -147,6 +148,7 @@ class ConsistencyCfg:
     name: str = "cd"
     init: str | None = None  # teacher | scratch: the student's first weights (cd: teacher, ct / ict: scratch)
     teacher_ema: str = "auto"  # the teacher checkpoint's EMA copy: auto | raw | a decay / std
+    teacher_clip: bool = False  # targets from the teacher's x0 clipped by its model.clip_x0 (false: raw x0)
     solver: str = "heun"  # cd: the teacher's ODE step between adjacent times, ddim | heun | dpm++2s
     guidance: float = 1.0  # cd: the teacher's CFG scale (1: none)
     curriculum: str | None = None  # N(k): fixed | ct | ict
@@ -182,6 +184,7 @@ class MeanFlowCfg:
     cfg_dropout: float = 0.1  # labels replaced by the null class
     jvp: str = "detached"  # detached: no-grad JVP + ordinary forward | fused: gradient through the JVP
     teacher_ema: str = "auto"  # the teacher checkpoint's EMA copy (when ``teacher`` is set)
+    teacher_clip: bool = False  # targets from the teacher's x0 clipped by its model.clip_x0 (false: raw x0)
 
 
 @dataclass
@@ -192,6 +195,7 @@ class CTMCfg:
     name: str = "ctm"
     init: str = "teacher"  # teacher | scratch
     teacher_ema: str = "auto"
+    teacher_clip: bool = False  # targets from the teacher's x0 clipped by its model.clip_x0 (false: raw x0)
     time_sampling: str = "uniform"  # t (dtrain.diffusion.timesteps.sample_t)
     p_mean: float = -1.2
     p_std: float = 1.2
