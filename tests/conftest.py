@@ -25,3 +25,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A 4-step digits teacher checkpoint (recipes/teacher/digits.yaml, 16 channels): real weights and provenance for
+    the students' from-a-checkpoint tests, not a trained model."""
+    from pathlib import Path
+
+    from dtrain.cli import main
+
+    out = tmp_path_factory.mktemp("digits_teacher")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "teacher" / "digits.yaml"
+    assert main(["fit", str(recipe), f"out_dir={out}", "trainer.cpu_threads=1", "trainer.progress_bar=false",
+                 "logger.mode=disabled", "trainer.accelerator=cpu", "trainer.devices=1", "model.channels=16",
+                 "trainer.max_steps=4", "data.batch_size=32", "trainer.sample_every_n_steps=0", "name=t"]) == 0
+    return out / "t" / "checkpoints" / "last.ckpt"

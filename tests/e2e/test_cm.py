@@ -95,14 +95,6 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, gmm_teacher):
     assert not torch.equal(started["state_dict"]["net.out.2.weight"], a["state_dict"]["net.out.2.weight"])
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits_teacher")
-    assert main(["fit", str(ROOT / "teacher" / "digits.yaml"), f"out_dir={out}", *QUIET, "model.channels=16",
-                 "trainer.max_steps=4", "data.batch_size=32", "trainer.sample_every_n_steps=0", "name=t"]) == 0
-    return out / "t" / "checkpoints" / "last.ckpt"
-
-
 @pytest.mark.parametrize("recipe", ["cd_digits", "ict_digits"])
 def test_digits_student_from_a_teacher_checkpoint(tmp_path, digits_teacher, recipe):
     over = [f"teacher={digits_teacher}", f"out_dir={tmp_path}", *QUIET, "model.channels=16", "trainer.max_steps=3",

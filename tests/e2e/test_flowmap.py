@@ -85,14 +85,6 @@ def test_meanflow_resume_repeats_the_uninterrupted_run(tmp_path):
     assert not torch.equal(started["state_dict"]["net.out.2.weight"], a["state_dict"]["net.out.2.weight"])
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits_teacher")
-    assert main(["fit", str(ROOT / "teacher" / "digits.yaml"), f"out_dir={out}", *QUIET, "model.channels=16",
-                 "trainer.max_steps=4", "data.batch_size=32", "trainer.sample_every_n_steps=0", "name=t"]) == 0
-    return out / "t" / "checkpoints" / "last.ckpt"
-
-
 def test_ctm_digits_from_a_teacher_checkpoint(tmp_path, digits_teacher):
     """The student, and its EMA copies, start as the teacher (second-time embedding at zero: G's clean estimate is the
     teacher's x0 for every s); 2 steps of `dtrain fit`, `dtrain export`, then the bundle samples 1 and 2 steps and
