@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from dtrain.data.images import tile
 
 __all__ = ["image_grid", "save_grid"]
 
@@ -20,19 +21,10 @@ def image_grid(x: Tensor, nrow: int | None = None, pad: int = 1, upscale: int = 
     """
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"image_grid: need [N, 1 or 3, H, W] images, got {list(x.shape)}")
-    n, c, h, w = x.shape
     if upscale > 1:
         x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
-        h, w = h * upscale, w * upscale
-    cols = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
     u8 = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    out = torch.zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = u8[i]
-    arr = out.permute(1, 2, 0).numpy()
-    return arr[..., 0] if c == 1 else arr
+    return tile(u8, nrow, pad)
 
 
 def save_grid(x: Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:

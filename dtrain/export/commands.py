@@ -85,17 +85,9 @@ def save_samples(out: str | Path, x: Any, labels: Any, pipe: Any, nrow: int | No
             raise SystemExit(f"--out: {out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
         from PIL import Image
 
-        u8 = pipe.to_uint8(x).cpu()
-        n, c, h, wd = u8.shape
-        nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
-        rows = -(-n // nrow)
-        pad = 1
-        grid = np.zeros((rows * (h + pad) + pad, nrow * (wd + pad) + pad, c), dtype=np.uint8)
-        for i in range(n):
-            r, q = divmod(i, nrow)
-            grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (wd + pad): pad + q * (wd + pad) + wd] = (
-                u8[i].permute(1, 2, 0).numpy())
-        Image.fromarray(grid[..., 0] if c == 1 else grid).save(out)
+        from dtrain.data.images import tile
+
+        Image.fromarray(tile(pipe.to_uint8(x).cpu(), nrow)).save(out)
     else:
         raise SystemExit(f"--out: {out}: use a .png (grid) or .npz (arrays) file name")
     return out

@@ -248,6 +248,11 @@ def test_image_grid_layout():
     assert g.shape == (2 * 3 + 1, 2 * 3 + 1) and g.dtype == np.uint8
     assert g[1, 1] == 0 and g[1, 4] == 128 and g[4, 1] == 255 and g[4, 4] == 0 and g[0].max() == 0
     assert image_grid(torch.zeros(5, 3, 4, 4), upscale=2).shape == (2 * 9 + 1, 3 * 9 + 1, 3)
+    from dtrain.data.images import tile  # the layout `dtrain sample --out grid.png` shares
+
+    assert tile(torch.zeros(7, 2, 3, 3, dtype=torch.uint8), nrow=4).shape == (2 * 4 + 1, 4 * 4 + 1, 2)
+    with pytest.raises(ValueError, match=r"tile: need uint8 images"):
+        tile(torch.zeros(1, 1, 2, 2))
 
 
 def test_sweep_rows_report_and_wandb(digits, tmp_path, monkeypatch):
