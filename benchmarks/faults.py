@@ -57,6 +57,9 @@ GMM_ARGS = ["model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_
             "trainer.ckpt_every_n_steps=10", "trainer.max_steps=120", "optim.warmup_steps=10"]
 
 
+# the shared tiny digits teacher on shards (also in tests/e2e/test_crash_resume.py, test_data_faults.py)
+TINY_BASES = f"[{ROOT / 'recipes' / '_base' / 'train.yaml'}, {ROOT / 'recipes' / '_base' / 'tiny_wds_digits.yaml'}]"
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -151,13 +154,11 @@ def wds_recipe(tmp: Path) -> tuple[Path, int]:
     if not (shards / "index.json").is_file():
         assert main(["shards", "digits", "--out", str(shards), "--num-shards", "6", "--quiet"]) == 0
     p = tmp / "wds_digits.yaml"
-    p.write_text(f"""base: [{ROOT / 'recipes' / '_base' / 'train.yaml'}]
+    p.write_text(f"""base: {TINY_BASES}
 name: wds-digits
 data: {{name: wds, shards: {shards / 'index.json'}, batch_size: 32, num_workers: 2, shuffle: 64, flip: true}}
-model: {{name: unet, param: v, in_channels: 1, resolution: 8, num_classes: 10, channels: 8, channel_mult: [1, 2],
-        num_res_blocks: 1, attn_resolutions: [], dropout: 0.1}}
-schedule: {{name: ddpm, kind: cosine, T: 1000}}
-method: {{name: denoising, time_sampling: uniform_discrete, cfg_dropout: 0.1}}
+model: {{dropout: 0.1}}
+method: {{cfg_dropout: 0.1}}
 optim: {{lr: 1.0e-3, warmup_steps: 5, lr_schedule: cosine}}
 ema: {{decays: [0.99], stds: [0.1]}}
 trainer: {{max_steps: 80, ckpt_every_n_steps: 10, sample_every_n_steps: 0}}
@@ -320,14 +321,10 @@ def bench_nonfinite(tmp: Path, trials: int, rng: random.Random) -> dict[str, Any
 def _data_recipe(tmp: Path, shards: Path, workers: int) -> Path:
     p = tmp / f"wds_{workers}.yaml"
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(f"""base: [{ROOT / 'recipes' / '_base' / 'train.yaml'}]
+    p.write_text(f"""base: {TINY_BASES}
 name: faults
 out_dir: {tmp / 'runs'}
 data: {{name: wds, shards: "{shards}/train-{{000000..000003}}.tar", batch_size: 8, num_workers: {workers}}}
-model: {{name: unet, param: v, in_channels: 1, resolution: 8, num_classes: 10, channels: 8, channel_mult: [1, 2],
-        num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}}
-schedule: {{name: ddpm, kind: cosine, T: 1000}}
-method: {{name: denoising, time_sampling: uniform_discrete}}
 trainer: {{max_steps: 16, ckpt_every_n_steps: 0, log_every_n_steps: 1, cpu_threads: 1, progress_bar: false}}
 logger: {{mode: disabled}}
 """)

@@ -111,13 +111,11 @@ def digit_shards(tmp_path_factory) -> Path:
 def wds_recipe(tmp: Path, index: Path) -> Path:
     """The digits teacher on shards: 1797 samples, batches of 32, an epoch of 56 steps."""
     p = tmp / "wds_digits.yaml"
-    p.write_text(f"""base: [{RECIPES / '_base' / 'train.yaml'}]
+    p.write_text(f"""base: [{RECIPES / '_base' / 'train.yaml'}, {RECIPES / '_base' / 'tiny_wds_digits.yaml'}]
 name: wds-digits
 data: {{name: wds, shards: {index}, batch_size: 32, num_workers: 2, shuffle: 64, flip: true}}
-model: {{name: unet, param: v, in_channels: 1, resolution: 8, num_classes: 10, channels: 8, channel_mult: [1, 2],
-        num_res_blocks: 1, attn_resolutions: [], dropout: 0.1}}
-schedule: {{name: ddpm, kind: cosine, T: 1000}}
-method: {{name: denoising, time_sampling: uniform_discrete, cfg_dropout: 0.1}}
+model: {{dropout: 0.1}}
+method: {{cfg_dropout: 0.1}}
 optim: {{lr: 1.0e-3, warmup_steps: 5, lr_schedule: cosine}}
 ema: {{decays: [0.99], stds: [0.1]}}
 trainer: {{max_steps: 80, ckpt_every_n_steps: 10, sample_every_n_steps: 0}}

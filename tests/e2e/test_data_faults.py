@@ -17,6 +17,7 @@ from dtrain.data.shards import from_digits, write_shards
 from dtrain.lit.fit import fit
 
 BASE = Path(__file__).resolve().parents[2] / "recipes" / "_base" / "train.yaml"
+TINY = BASE.with_name("tiny_wds_digits.yaml")  # the tiny UNet teacher on shards
 
 
 @pytest.fixture
@@ -30,15 +31,11 @@ def shards(tmp_path) -> Path:
 
 def recipe(tmp: Path, shards: Path, workers: int) -> Path:
     p = tmp / "wds.yaml"
-    p.write_text(f"""base: [{BASE}]
+    p.write_text(f"""base: [{BASE}, {TINY}]
 name: faults
 out_dir: {tmp / 'runs'}
 data: {{name: wds, shards: "{shards}/train-{{000000..000003}}.tar", batch_size: 8, num_workers: {workers},
        shuffle: 1, shuffle_shards: false}}
-model: {{name: unet, param: v, in_channels: 1, resolution: 8, num_classes: 10, channels: 8, channel_mult: [1, 2],
-        num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}}
-schedule: {{name: ddpm, kind: cosine, T: 1000}}
-method: {{name: denoising, time_sampling: uniform_discrete}}
 trainer: {{max_steps: 16, ckpt_every_n_steps: 0, log_every_n_steps: 1, cpu_threads: 1, progress_bar: false}}
 logger: {{mode: disabled}}
 """)
