@@ -356,8 +356,8 @@ class DiffusionModule(L.LightningModule):
             ref = info["ref"]
             mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
             if init_from and mine != theirs:
-                hint = (" (the eps teacher's targets use its x0 = (x_t - sigma eps) / alpha, clipped where its "
-                        "model.clip_x0 is set; give the student more steps at first, as it re-learns its output head)"
+                hint = (" (the eps teacher's targets use its x0 = (x_t - sigma eps) / alpha, clipped only with "
+                        "method.teacher_clip; give the student more steps at first, as it re-learns its output head)"
                         if theirs == "eps" else "")
                 warnings.warn(f"model.param: the student predicts {mine!r}, the teacher {theirs!r}; the student "
                               f"starts from the teacher's weights read as {mine!r}{hint}", stacklevel=3)
