@@ -4,7 +4,8 @@ Song et al. 2023 (arXiv 2303.01469) and Song & Dhariwal 2023 (arXiv 2310.14189).
 ``dtrain.samplers.few_step.ConsistencyModel`` f_theta over a network in any parameterization and schedule; its
 boundary f(x, t_min) = x is exact by construction (the derivation is in that module). Training times are a grid
 t_min = t_1 < ... < t_N = t_max of N(k) points (``consistency_times``: Karras' rho = 7 spacing in sigma / alpha by
-default, which is EDM's sigma grid on EDM's schedule). Per sample an interval (t_n, t_{n+1}) is drawn and, with
+default, which is EDM's sigma grid on EDM's schedule; ``target_bias`` measures how far CD's chained teacher steps
+on a grid end from the teacher's ODE, before training). Per sample an interval (t_n, t_{n+1}) is drawn and, with
 x_{t_{n+1}} = alpha x0 + sigma z,
 
 - ``cd``: x_hat_{t_n} is one step of the teacher's probability-flow ODE from x_{t_{n+1}} (``method.solver``: DDIM, Heun
@@ -28,6 +29,7 @@ iCT), ``lpips`` needs the ``lpips`` package and its backbone weights available o
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -60,6 +62,7 @@ __all__ = [
     "distance",
     "pseudo_huber_c",
     "teacher_step",
+    "target_bias",
     "LPIPSDistance",
     "ConsistencyLoss",
 ]
@@ -204,6 +207,28 @@ def teacher_step(solver: str, teacher: DenoiserLike, x: Tensor, t: Tensor, s: Te
     if solver == "dpm++2s":
         return dpm_solver_2s_step(teacher, x, t, s, cond)[0]
     raise ValueError(f"method.solver: unknown {solver!r}; choose one of {list(SOLVERS)}")
+
+
+@torch.no_grad()
+def target_bias(teacher: DenoiserLike, ts: Tensor, x: Tensor, cond: Any = None, *, solver: str = "dpm++2s",
+                refine: int = 8) -> float:
+    """RMS distance at t_min between CD's composite target down the grid ``ts`` (increasing; one ``solver`` step of the
+    teacher per interval, from x at ``ts[-1]``) and the same ODE solved with ``refine`` steps per interval.
+
+    A CD student can be no closer to the teacher's ODE than this chain; it measures a grid before training (the
+    recipes' grids were chosen with it: ``tools/cd_grid.py``).
+    """
+    if refine < 2:
+        raise ValueError(f"target_bias: refine must be >= 2 steps per interval, got {refine}")
+    b = x.shape[0]
+    coarse, fine = x, x
+    for i in range(ts.numel() - 1, 0, -1):
+        hi, lo = ts[i].expand(b), ts[i - 1].expand(b)
+        coarse = teacher_step(solver, teacher, coarse, hi, lo, cond)
+        sub = torch.linspace(float(ts[i]), float(ts[i - 1]), refine + 1, dtype=torch.float64)
+        for a, c in itertools.pairwise(sub):
+            fine = teacher_step(solver, teacher, fine, a.expand(b), c.expand(b), cond)
+    return float((coarse - fine).double().square().mean().sqrt())
 
 
 class ConsistencyLoss:

@@ -119,3 +119,28 @@ def test_digits_student_from_a_teacher_checkpoint(tmp_path, digits_teacher, reci
     assert pipe.kind == "consistency" and pipe.info["provenance"]["kind"] == kind
     x = pipe.sample(20, nfe=2, labels=list(range(10)) * 2, generator=torch.Generator().manual_seed(0))
     assert x.shape == (20, 1, 8, 8) and bool(x.isfinite().all())
+
+
+def test_cd_grid_tool_tables_a_real_teacher(digits_teacher, capsys, tmp_path):
+    """tools/cd_grid.py on a teacher checkpoint: one row per (spacing, N), each the ``target_bias`` of that grid, and a
+    clear exit 2 naming the field for a bad spacing or a missing file."""
+    import importlib.util
+
+    from dtrain.methods.consistency import consistency_times, target_bias
+    from dtrain.samplers.base import initial_noise
+
+    spec = importlib.util.spec_from_file_location("cd_grid", ROOT.parent / "tools" / "cd_grid.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(digits_teacher), "--num-scales", "4,6", "--spacings", "lambda,uniform", "--num", "20",
+                      "--refine", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("lambda", "4"), ("lambda", "6"), ("uniform", "4"), ("uniform", "6")]
+    teacher, _ = C.load_teacher(digits_teacher)
+    x = initial_noise(teacher.schedule, 20, (1, 8, 8), torch.Generator().manual_seed(0))
+    want = target_bias(teacher, consistency_times(teacher.schedule, 6, "uniform"), x, torch.arange(20) % 10, refine=2)
+    assert float(rows[3][2]) == pytest.approx(want, abs=1e-4) and want > 0
+    assert tool.main([str(digits_teacher), "--spacings", "trailing", "--num", "4"]) == 2
+    assert "method.spacing" in capsys.readouterr().err
+    assert tool.main([str(tmp_path / "none.ckpt")]) == 2
+    assert "none.ckpt" in capsys.readouterr().err

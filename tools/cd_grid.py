@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Pick a consistency-distillation grid before training: the teacher's composite target error per grid.
+
+    python tools/cd_grid.py runs/teacher-digits/checkpoints/last.ckpt --num-scales 6,8,12,18 \
+        --spacings lambda,uniform,rho --solver dpm++2s
+
+For each grid (``method.num_scales`` points of ``method.spacing``) it prints the RMS distance at t_min between one
+teacher step per interval, chained from x_T (the targets CD trains on) and the same ODE solved ``--refine`` times
+finer (``dtrain.methods.consistency.target_bias``). A CD student is at best this far from the teacher's ODE; fewer
+points mean fewer links for the student to propagate through, so take the smallest grid whose bias is small. The
+digits recipe's choice (``recipes/cm/cd_digits.yaml``) came from this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("teacher", help="teacher checkpoint or bundle")
+    p.add_argument("--num-scales", default="6,8,12,18", help="comma-separated grid sizes N (points incl. t_min)")
+    p.add_argument("--spacings", default="lambda,uniform,rho", help="comma-separated method.spacing values")
+    p.add_argument("--solver", default="dpm++2s", help="method.solver: ddim, heun or dpm++2s")
+    p.add_argument("--num", type=int, default=256, help="trajectories (classes cycle for a conditional teacher)")
+    p.add_argument("--refine", type=int, default=8, help="steps per interval of the reference solve")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from dtrain.export.checkpoint import CheckpointError, load_teacher
+    from dtrain.methods.consistency import consistency_times, target_bias
+    from dtrain.samplers.base import initial_noise
+
+    try:
+        sizes = [int(v) for v in args.num_scales.split(",")]
+    except ValueError:
+        print(f"cd_grid: --num-scales: need comma-separated integers, got {args.num_scales!r}", file=sys.stderr)
+        return 2
+    try:
+        teacher, info = load_teacher(args.teacher)
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"cd_grid: {e}", file=sys.stderr)
+        return 2
+    sch = teacher.schedule
+    x = initial_noise(sch, args.num, info["image"]["shape"], torch.Generator().manual_seed(args.seed))
+    k = info["model"].get("num_classes") or 0
+    cond = torch.arange(args.num) % k if k else None
+    print(f"{'spacing':10s} {'N':>3s} {'bias':>8s}   log-SNR of the grid (t_max first)")
+    for spacing in args.spacings.split(","):
+        for n in sizes:
+            try:
+                ts = consistency_times(sch, n, spacing)
+                bias = target_bias(teacher, ts, x, cond, solver=args.solver, refine=args.refine)
+            except ValueError as e:
+                print(f"cd_grid: {e}", file=sys.stderr)
+                return 2
+            lam = " ".join(f"{float(v):+.1f}" for v in sch.lambda_(ts).flip(0))
+            print(f"{spacing:10s} {n:3d} {bias:8.4f}   {lam}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
