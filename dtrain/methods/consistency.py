@@ -215,17 +215,18 @@ def target_bias(teacher: DenoiserLike, ts: Tensor, x: Tensor, cond: Any = None, 
     """RMS distance at t_min between CD's composite target down the grid ``ts`` (increasing; one ``solver`` step of the
     teacher per interval, from x at ``ts[-1]``) and the same ODE solved with ``refine`` steps per interval.
 
-    A CD student can be no closer to the teacher's ODE than this chain; it measures a grid before training (the
-    recipes' grids were chosen with it: ``tools/cd_grid.py``).
+    A CD student is trained toward the chain's end, so this error is the floor of how well it can follow the
+    teacher's ODE; it measures a grid before training (``tools/cd_grid.py``; recipes/cm/cd_digits.yaml's grid was
+    chosen with it).
     """
     if refine < 2:
         raise ValueError(f"target_bias: refine must be >= 2 steps per interval, got {refine}")
-    b = x.shape[0]
+    b, ts = x.shape[0], ts.to(x.device)
     coarse, fine = x, x
     for i in range(ts.numel() - 1, 0, -1):
         hi, lo = ts[i].expand(b), ts[i - 1].expand(b)
         coarse = teacher_step(solver, teacher, coarse, hi, lo, cond)
-        sub = torch.linspace(float(ts[i]), float(ts[i - 1]), refine + 1, dtype=torch.float64)
+        sub = torch.linspace(float(ts[i]), float(ts[i - 1]), refine + 1, dtype=torch.float64, device=x.device)
         for a, c in itertools.pairwise(sub):
             fine = teacher_step(solver, teacher, fine, a.expand(b), c.expand(b), cond)
     return float((coarse - fine).double().square().mean().sqrt())
