@@ -60,6 +60,7 @@ GMM_ARGS = ["model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_
 # the shared tiny digits teacher on shards (also in tests/e2e/test_crash_resume.py, test_data_faults.py)
 TINY_BASES = f"[{ROOT / 'recipes' / '_base' / 'train.yaml'}, {ROOT / 'recipes' / '_base' / 'tiny_wds_digits.yaml'}]"
 
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
