@@ -3,20 +3,21 @@ to the teacher's DDIM at the same NFE and the teacher's best (its lowest FID ove
 of MeanFlow's two JVP modes.
 
     python benchmarks/flowmap_digits.py [--num 2000] [--meanflow-teacher] [--meanflow key=value ...]
-        [--ctm key=value ...]
+        [--meanflow-init key=value ...] [--ctm key=value ...]
 
 The teacher is ``benchmarks/common.py: digits_teacher()`` (recipes/teacher/digits.yaml, cached in runs/bench); the
 students are ``recipes/flowmap/meanflow_digits.yaml`` and ``recipes/flowmap/ctm_digits.yaml`` trained through
 ``dtrain.lit.fit.fit`` (the code path of ``dtrain fit``) into runs/bench/{meanflow,ctm}-digits, reused while their
-resolved recipe is unchanged. ``--meanflow-teacher`` gives MeanFlow the teacher's velocity (read on the flow
-schedule) instead of eps - x0. Every point scores ``--num`` class-balanced samples without guidance (w = 1) against
-the FID-digits statistics of the 1347-image train split, from the same x_T (``dtrain.eval.sweep``); the class
-accuracy is the FID-digits classifier's agreement with the requested label. Students sample with ``flowmap`` (n jumps)
-and CTM also with ``flowmap_gamma`` (gamma = 0.5). Goals (the consistency issue's): 1-step FID <= 2x the teacher's
-best, and <= 1/2 of the teacher's DDIM at the same NFE. ``jvp_cost``: seconds per MeanFlow loss + backward on one
-process (batch 128, the recipe's network), ``detached`` (no-grad JVP + forward) against ``fused``. Everything runs on
-``--threads`` torch threads (default 1). Writes benchmarks/results/flowmap_digits.json (``summary``: FID and class
-accuracy per NFE of every model).
+resolved recipe is unchanged. ``--meanflow-teacher`` gives MeanFlow the teacher's velocity (read on the flow schedule)
+instead of eps - x0. ``meanflow_init`` is MeanFlow from the teacher's weights and velocity
+(``recipes/flowmap/meanflow_teacher_digits.yaml``, runs/bench/meanflow-teacher-digits). Every point scores ``--num``
+class-balanced samples without guidance (w = 1) against the FID-digits statistics of the 1347-image train split, from
+the same x_T (``dtrain.eval.sweep``); the class accuracy is the FID-digits classifier's agreement with the requested
+label. Students sample with ``flowmap`` (n jumps) and CTM also with ``flowmap_gamma`` (gamma = 0.5). Goals (the
+consistency issue's): 1-step FID <= 2x the teacher's best, and <= 1/2 of the teacher's DDIM at the same NFE.
+``jvp_cost``: seconds per MeanFlow loss + backward on one process (batch 128, the recipe's network), ``detached``
+(no-grad JVP + forward) against ``fused``. Everything runs on ``--threads`` torch threads (default 1). Writes
+benchmarks/results/flowmap_digits.json (``summary``: FID and class accuracy per NFE of every model).
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_RUNS, ROOT, digits_teacher, fit_once, machine
+from common import BENCH_RUNS, ROOT, cached_fid_rows, digits_teacher, fit_once, machine
 
 from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import load_ref
-from dtrain.eval.sweep import fid_sweep
+from dtrain.eval.sweep import fid_sweep, parse_specs
 from dtrain.export.checkpoint import load_teacher, sha256_file
 
 RESULTS = ROOT / "benchmarks" / "results"
 QUIET = ["logger.mode=disabled", "trainer.progress_bar=false", "trainer.sample_every_n_steps=0"]
 NFES = (1, 2, 4)
-SPECS = {"meanflow": ["flowmap:1,2,4"], "ctm": ["flowmap:1,2,4", "flowmap_gamma:2,4"]}
+SPECS = {"meanflow": ["flowmap:1,2,4"], "meanflow_init": ["flowmap:1,2,4"],
+         "ctm": ["flowmap:1,2,4", "flowmap_gamma:2,4"]}
 
 
 def student(recipe: str, overrides: list[str]) -> tuple[Path, float | None]:
@@ -51,26 +53,6 @@ def student(recipe: str, overrides: list[str]) -> tuple[Path, float | None]:
     cfg = load_recipe(ROOT / "recipes" / "flowmap" / f"{recipe}.yaml", [f"out_dir={BENCH_RUNS}", *QUIET, *overrides])
     out, seconds = fit_once(cfg)
     return out / "checkpoints" / "last.ckpt", seconds
-
-
-def reused_rows(args: argparse.Namespace, teacher_sha: str) -> list[dict] | None:
-    """The teacher's rows from ``--teacher-rows`` (the same deterministic sweep: same teacher weights, sample count,
-    batch size, seed, guidance and points), or None."""
-    try:
-        other = json.loads(args.teacher_rows.read_text())
-    except (OSError, ValueError):
-        return None
-    rows = other.get("teacher", {}).get("rows") or []
-    points = sorted((r["sampler"], r["nfe"]) for r in rows)
-    from dtrain.eval.sweep import parse_specs
-
-    want = sorted((name, n) for name, nfes in parse_specs(args.teacher_specs.split()) for n in nfes)
-    same = (other.get("teacher", {}).get("sha256") == teacher_sha and points == want
-            and [other.get(k) for k in ("num", "batch_size", "seed", "guidance")] ==
-            [args.num, args.batch_size, args.seed, 1.0])
-    if same:
-        print(f"teacher rows reused from {args.teacher_rows}")
-    return rows if same else None
 
 
 def jvp_cost(overrides: list[str], repeats: int = 5) -> dict:
@@ -100,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher-specs", default="ddim:1,2,4 dpm++2m:4,16")
-    ap.add_argument("--teacher-rows", type=Path, default=RESULTS / "cm_digits.json",
-                    help="reuse the teacher's rows of another result file when teacher, samples and specs match")
     ap.add_argument("--meanflow", nargs="*", default=[], help="overrides of recipes/flowmap/meanflow_digits.yaml")
     ap.add_argument("--meanflow-teacher", action="store_true", help="MeanFlow distils the teacher's velocity")
+    ap.add_argument("--meanflow-init", nargs="*", default=[],
+                    help="overrides of recipes/flowmap/meanflow_teacher_digits.yaml (MeanFlow from the teacher)")
     ap.add_argument("--ctm", nargs="*", default=[], help="overrides of recipes/flowmap/ctm_digits.yaml")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training runs on the recipe's cpu_threads)")
     ap.add_argument("--out", type=Path, default=RESULTS / "flowmap_digits.json")
@@ -112,24 +94,32 @@ def main(argv: list[str] | None = None) -> dict:
     t_start, machine_start = time.time(), machine()
 
     teacher_ckpt = digits_teacher()
+    flow_ckpt = digits_teacher(recipe=ROOT / "recipes" / "teacher" / "digits_flow.yaml")
     mf_over = [*args.meanflow, *([f"teacher={teacher_ckpt}"] if args.meanflow_teacher else [])]
-    trained = {"meanflow": (student("meanflow_digits", mf_over), mf_over),
-               "ctm": (student("ctm_digits", [f"teacher={teacher_ckpt}", *args.ctm]), args.ctm)}
+    trained = {"meanflow": (student("meanflow_digits", mf_over), mf_over, "vp"),
+               "meanflow_init": (student("meanflow_teacher_digits", [f"teacher={flow_ckpt}", *args.meanflow_init]),
+                                 args.meanflow_init, "flow"),
+               "ctm": (student("ctm_digits", [f"teacher={teacher_ckpt}", *args.ctm]), args.ctm, "vp")}
     ext = build_extractor("digits")
     ref = load_ref("digits:train", ext)
-    teacher, tinfo = load_teacher(teacher_ckpt)
-    shape = tuple(tinfo["image"]["shape"])
-    kw = dict(num=args.num, batch_size=args.batch_size, shape=shape, extractor=ext, ref=ref, num_classes=10,
+    kw = dict(num=args.num, batch_size=args.batch_size, shape=(1, 8, 8), extractor=ext, ref=ref, num_classes=10,
               guidance=1.0, seed=args.seed, ref_source="digits:train", progress=False)
 
-    reused = reused_rows(args, sha256_file(teacher_ckpt))
-    rows_t = reused or [r.to_dict() for r in fid_sweep(teacher, args.teacher_specs.split(), **kw)]
-    best = min(rows_t, key=lambda r: r["fid"])
-    ddim = {r["nfe"]: r["fid"] for r in rows_t if r["sampler"] == "ddim"}
-    students, goals = {}, {}
-    summary = {"teacher_ddim": {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in rows_t
-                                if r["sampler"] == "ddim" and r["nfe"] in NFES}}
-    for name, ((ckpt, seconds), over) in trained.items():
+    teachers = {}
+    for tag, ckpt in (("vp", teacher_ckpt), ("flow", flow_ckpt)):
+        model, info = load_teacher(ckpt)
+        rows = cached_fid_rows(model, sha256_file(ckpt), parse_specs(args.teacher_specs.split()), **kw)
+        teachers[tag] = {
+            "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha256_file(ckpt), "ema": info["ref"]["ema"],
+            "global_step": info["provenance"]["global_step"], "recipe_hash": info["provenance"]["recipe_hash"],
+            "schedule": info["schedule"]["name"], "param": info["model"]["param"], "rows": rows,
+            "best": {k: min(rows, key=lambda r: r["fid"])[k] for k in ("sampler", "nfe", "fid")},
+            "ddim": {r["nfe"]: r["fid"] for r in rows if r["sampler"] == "ddim"}}
+    students, goals, summary = {}, {}, {}
+    for tag, t in teachers.items():
+        summary[f"teacher_ddim_{tag}"] = {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in t["rows"]
+                                          if r["sampler"] == "ddim" and r["nfe"] in NFES}
+    for name, ((ckpt, seconds), over, tag) in trained.items():
         model, info = load_teacher(ckpt)
         rows = [r.to_dict() for r in fid_sweep(model, SPECS[name], **kw)]
         fid = {r["nfe"]: r["fid"] for r in rows if r["sampler"] == "flowmap"}
@@ -139,29 +129,27 @@ def main(argv: list[str] | None = None) -> dict:
             summary["ctm_gamma0.5"] = {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in rows
                                        if r["sampler"] == "flowmap_gamma"}
         students[name] = {
-            "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha256_file(ckpt),
+            "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha256_file(ckpt), "teacher": tag,
             "global_step": info["provenance"]["global_step"], "recipe_hash": info["provenance"]["recipe_hash"],
             "overrides": over, "train_seconds": None if seconds is None else round(seconds, 1), "rows": rows,
         }
+        best, ddim = teachers[tag]["best"]["fid"], teachers[tag]["ddim"]
         goals[name] = {
-            "1-step <= 2x teacher best": fid[1] <= 2 * best["fid"],
+            "1-step <= 2x teacher best": fid[1] <= 2 * best,
             "1-step <= teacher DDIM-1 / 2": fid[1] <= ddim[1] / 2,
             "2-step <= teacher DDIM-2 / 2": fid[2] <= ddim[2] / 2,
             "4-step <= teacher DDIM-4": fid[4] <= ddim[4],
         }
-        print(f"{name}: FID " + ", ".join(f"{n}-step {fid[n]:.3f}" for n in NFES))
-    print("teacher: " + ", ".join(f"DDIM-{n} {ddim[n]:.3f}" for n in NFES) + f", best {best['fid']:.3f} "
-          f"({best['sampler']}@{best['nfe']})")
+        print(f"{name} ({tag} teacher): FID " + ", ".join(f"{n}-step {fid[n]:.3f}" for n in NFES))
+    for tag, t in teachers.items():
+        print(f"{tag} teacher: " + ", ".join(f"DDIM-{n} {t['ddim'][n]:.3f}" for n in NFES)
+              + f", best {t['best']['fid']:.3f} ({t['best']['sampler']}@{t['best']['nfe']})")
 
     record = {
         "benchmark": "FID-digits of flow-map students (MeanFlow, CTM) vs the digits teacher",
         "command": "python benchmarks/flowmap_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "teacher": {"checkpoint": str(teacher_ckpt.relative_to(ROOT)), "sha256": sha256_file(teacher_ckpt),
-                    "ema": tinfo["ref"]["ema"], "global_step": tinfo["provenance"]["global_step"],
-                    "recipe_hash": tinfo["provenance"]["recipe_hash"], "schedule": tinfo["schedule"]["name"],
-                    "param": tinfo["model"]["param"], "rows": rows_t,
-                    "rows_from": str(args.teacher_rows.relative_to(ROOT)) if reused else "computed here",
-                    "best": {k: best[k] for k in ("sampler", "nfe", "fid")}},
+        "teacher": teachers["vp"],  # MeanFlow's and CTM's (the other digits benchmarks' teacher)
+        "teachers": teachers,  # vp, and flow: MeanFlow from a teacher's weights (meanflow_init)
         "summary": summary,
         "students": students,
         "goals": goals,

@@ -173,10 +173,12 @@ class MeanFlowCfg:
     ``teacher`` its velocity replaces eps - x0 in the target (distillation); without one it trains from scratch."""
 
     name: str = "meanflow"
+    init: str = "scratch"  # scratch | teacher: the teacher's network (its model and schedule), read on the flow
     time_sampling: str = "logit_normal"  # (r, t): two draws, t the larger; uniform | logit_normal
     p_mean: float = -0.4  # logit-normal mean and std (the paper's ImageNet setting)
     p_std: float = 1.0
     ratio: float = 0.25  # fraction of samples with r != t (the rest is plain flow matching)
+    r_zero: float = 0.0  # fraction of those with r = 0: the 1-step map trained directly
     adaptive_p: float = 1.0  # adaptive weight sg(1 / (d + c)^p); 0: plain squared error
     adaptive_c: float = 1.0e-3
     cfg_omega: float = 1.0  # CFG in training: v~ = omega v + kappa u_c + (1 - omega - kappa) u_null (1: off)
@@ -209,6 +211,7 @@ class CTMCfg:
     dsm_weight: float = 1.0  # weight of the denoising (DSM) loss on g(x_t, t, t)
     dsm_weighting: str = "none"  # its weighting (dtrain.methods.denoising.WEIGHTINGS)
     cfg_dropout: float = 0.0  # labels replaced by the null class (teacher and student alike)
+    target_ema: float = 0.0  # decay of the target network theta^- (0: the student itself without gradient)
 
 
 @dataclass
@@ -837,10 +840,13 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
     if not cfg.model.second_time:
         bad.append(("model.second_time", f"must be true for method {m.name!r} (the network embeds the target time)"))
     if m.name == "meanflow":
-        if cfg.schedule.name != "flow":
+        if m.init not in ("teacher", "scratch"):
+            bad.append(("method.init", f"unknown {m.init!r}; choose one of ['teacher', 'scratch']"))
+        elif cfg.schedule.name != "flow" and m.init != "teacher":
             bad.append(("schedule.name", f"meanflow runs on the flow schedule (alpha = 1 - t, sigma = t), not "
-                        f"{cfg.schedule.name!r}; a teacher on another schedule is read through it"))
-        if cfg.model.param != "velocity":
+                        f"{cfg.schedule.name!r}; a teacher on another schedule is read through it, and with "
+                        f"method.init: teacher the student keeps the teacher's network and schedule"))
+        if cfg.schedule.name == "flow" and cfg.model.param != "velocity":
             bad.append(("model.param", f"meanflow's network predicts an (average) velocity: use velocity, not "
                         f"{cfg.model.param!r}"))
         for key, choices in (("time_sampling", F.MEANFLOW_TIMES), ("jvp", F.JVP_MODES)):
@@ -849,8 +855,9 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
         if m.jvp == "fused" and cfg.strategy.name not in ("auto", "ddp", "ddp_spawn"):
             bad.append(("method.jvp", f"'fused' synchronises gradients by hand under DDP only; use 'detached' with "
                         f"strategy {cfg.strategy.name!r}"))
-        if not 0.0 <= m.ratio <= 1.0 or m.adaptive_p < 0 or m.adaptive_c <= 0 or m.p_std <= 0:
-            bad.append(("method", "need ratio in [0, 1], adaptive_p >= 0, adaptive_c > 0 and p_std > 0"))
+        if (not 0.0 <= m.ratio <= 1.0 or not 0.0 <= m.r_zero <= 1.0 or m.adaptive_p < 0 or m.adaptive_c <= 0
+                or m.p_std <= 0):
+            bad.append(("method", "need ratio and r_zero in [0, 1], adaptive_p >= 0, adaptive_c > 0 and p_std > 0"))
         if (m.cfg_omega != 1.0 or m.cfg_kappa != 0.0) and cfg.model.num_classes == 0:
             bad.append(("method.cfg_omega", "CFG in training needs a class-conditional model (model.num_classes > 0)"))
     else:
@@ -862,6 +869,8 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
             bad.append(("method", "need teacher_steps >= 1, max_span > 0 (or null) and s_zero_prob in [0, 1]"))
         if m.dsm_weight < 0 or (m.huber_c is not None and m.huber_c <= 0):
             bad.append(("method.dsm_weight", "dsm_weight must be >= 0 and huber_c > 0"))
+        if not 0.0 <= m.target_ema < 1.0:
+            bad.append(("method.target_ema", "must be in [0, 1) (0: the stop-grad student itself)"))
     if not 0.0 <= m.cfg_dropout < 1.0:
         bad.append(("method.cfg_dropout", "must be in [0, 1)"))
     return bad

@@ -27,17 +27,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def digits_teacher(tmp_path_factory):
-    """A 4-step digits teacher checkpoint (recipes/teacher/digits.yaml, 16 channels): real weights and provenance for
-    the students' from-a-checkpoint tests, not a trained model."""
+def _tiny_digits_teacher(tmp_path_factory, recipe: str):
+    """A 4-step digits teacher checkpoint of ``recipes/teacher/<recipe>.yaml`` (16 channels): real weights and
+    provenance for the students' from-a-checkpoint tests, not a trained model."""
     from pathlib import Path
 
     from dtrain.cli import main
 
-    out = tmp_path_factory.mktemp("digits_teacher")
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "teacher" / "digits.yaml"
-    assert main(["fit", str(recipe), f"out_dir={out}", "trainer.cpu_threads=1", "trainer.progress_bar=false",
+    out = tmp_path_factory.mktemp(recipe)
+    path = Path(__file__).resolve().parents[1] / "recipes" / "teacher" / f"{recipe}.yaml"
+    assert main(["fit", str(path), f"out_dir={out}", "trainer.cpu_threads=1", "trainer.progress_bar=false",
                  "logger.mode=disabled", "trainer.accelerator=cpu", "trainer.devices=1", "model.channels=16",
                  "trainer.max_steps=4", "data.batch_size=32", "trainer.sample_every_n_steps=0", "name=t"]) == 0
     return out / "t" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """recipes/teacher/digits.yaml: discrete VP cosine, v-prediction."""
+    return _tiny_digits_teacher(tmp_path_factory, "digits")
+
+
+@pytest.fixture(scope="session")
+def digits_flow_teacher(tmp_path_factory):
+    """recipes/teacher/digits_flow.yaml: the flow schedule, velocity output, time input t."""
+    return _tiny_digits_teacher(tmp_path_factory, "digits_flow")

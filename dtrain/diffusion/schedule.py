@@ -29,6 +29,7 @@ __all__ = [
     "SigmaSchedule",
     "FlowSchedule",
     "transition",
+    "matched_time",
     "linear_betas",
     "cosine_betas",
     "rescale_zero_terminal_snr",
@@ -112,6 +113,17 @@ def transition(schedule: Schedule, t: Tensor | float, s: Tensor | float) -> tupl
     a_ts = schedule.alpha(t) / schedule.alpha(s)
     var = schedule.sigma(t) ** 2 - a_ts**2 * schedule.sigma(s) ** 2
     return a_ts, var.clamp_min(0.0)
+
+
+def matched_time(src: Schedule, dst: Schedule, t: Tensor | float) -> tuple[Tensor, Tensor]:
+    """(tau, k): the time tau on ``dst`` with the log-SNR of t on ``src`` (clamped to dst's [t_min, t_max]) and the
+    factor k = sqrt((alpha_dst^2 + sigma_dst^2)(tau) / (alpha_src^2 + sigma_src^2)(t)) with x_dst = k x_src: where the
+    log-SNRs match, k = alpha_dst / alpha_src = sigma_dst / sigma_src, as x / alpha = x0 + (sigma / alpha) eps is the
+    same variable on both. Differentiable in t, forward-mode AD included."""
+    t = as_t(t)
+    tau = dst.t_from_lambda(src.lambda_(t)).clamp(dst.t_min, dst.t_max)
+    (a, s), (a_d, s_d) = src.alpha_sigma(t), dst.alpha_sigma(tau)
+    return tau, ((a_d**2 + s_d**2) / (a**2 + s**2)).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,9 +228,13 @@ KINDS.register("consistency", PipelineKind(
 
 
 def _build_meanflow(net: nn.Module, schedule: Schedule, model_cfg: Mapping[str, Any]) -> Any:
+    """On the flow schedule the network predicts u itself; on another (a teacher's) it is read as a denoiser there."""
+    from dtrain.diffusion.schedule import FlowSchedule
     from dtrain.samplers.few_step import MeanFlowModel
 
-    return MeanFlowModel(net, schedule)
+    if isinstance(schedule, FlowSchedule):
+        return MeanFlowModel(net, schedule)
+    return MeanFlowModel(net, FlowSchedule(), _build_denoiser(net, schedule, model_cfg))
 
 
 def _build_ctm(net: nn.Module, schedule: Schedule, model_cfg: Mapping[str, Any]) -> Any:
@@ -392,7 +396,7 @@ class Pipeline:
         if cond is not None:
             cond = cond.to(self.device)
         model = self.guided(cond, float(s["guidance"] if w is None else w))
-        x = initial_noise(self.schedule, n, self.shape, generator, self.device)
+        x = initial_noise(model.schedule, n, self.shape, generator, self.device)  # the schedule the sampler runs on
         x = run(name, model, x, nfe, cond=cond, generator=generator, callback=callback,
                 spacing=spacing or s["spacing"], grid=grid, **opts)
         rng = self.info["image"]["range"]

@@ -122,6 +122,8 @@ class DiffusionModule(L.LightningModule):
         t = r["trainer"]
         self.guard = NonFiniteGuard(int(t.get("max_bad_steps", 10)), bool(t.get("nan_guard", True)))
         self.strict_loading = not self.unsaved_prefixes
+        self.target: EMA | None = None  # theta^- of consistency-style targets (``make_target``)
+        self._target_step = -1
 
     # ---- recipe views -------------------------------------------------------------------------------------
     @property
@@ -187,7 +189,7 @@ class DiffusionModule(L.LightningModule):
         cond = labels.to(self.device) if labels is not None and self.num_classes > 0 else None
         if cond is not None and w != 1.0:
             den = self.guided(den, w)
-        x_T = initial_noise(self.schedule, n, self.sample_shape, generator, self.device)
+        x_T = initial_noise(den.schedule, n, self.sample_shape, generator, self.device)  # the schedule sampled on
         opts = {"eta": s["eta"]} if s.get("eta") is not None else {}
         was_training = self.net.training
         self.net.eval()
@@ -244,6 +246,25 @@ class DiffusionModule(L.LightningModule):
         if t is not None:
             self._accumulate(loss_b.detach(), t.detach())
         return loss
+
+    def make_target(self, mu: float) -> None:
+        """The target network theta^- of consistency-style losses (CD / CT, CTM): with ``mu`` > 0 an EMA copy
+        ``target.<tag>.*`` of ``net`` in the checkpoint, updated at the start of each optimizer step with the current
+        weights (so a checkpoint taken after step k resumes exactly); with 0 the student itself without gradient."""
+        self.target = EMA(self.net, [mu]) if mu > 0 else None
+
+    @property
+    def target_net(self) -> torch.nn.Module:
+        """theta^-: the target's EMA copy, or ``net`` (read it without gradient)."""
+        return self.net if self.target is None else self.target[self.target.tags[0]]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # theta^- <- EMA with the weights of this step, before the loss; not after a step the non-finite guard
+        # dropped: the weights did not move (the guard's state is checkpointed)
+        if self.target is not None and self.global_step != self._target_step:
+            self._target_step = self.global_step
+            if self.global_step == 0 or self.guard.in_a_row == 0:
+                self.target.update(self.net, self.global_step)
 
     def step_generator(self) -> torch.Generator:
         """A CPU generator for this micro-batch's draws (students' noise, times, labels), seeded by (seed, rank,
@@ -351,9 +372,10 @@ class DiffusionModule(L.LightningModule):
         with clipped targets, 0.227 without, the teacher's own DDIM-32 0.217)."""
         from dtrain.export.checkpoint import load_teacher
 
+        self.teacher_recipe: dict[str, Any] | None = None  # the teacher's training recipe, when a file gave it
         if isinstance(source, (str, Path)):
             teacher, info = load_teacher(source, ema=ema)
-            ref = info["ref"]
+            ref, self.teacher_recipe = info["ref"], (info.get("provenance") or {}).get("recipe")
             mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
             if init_from and mine != theirs:
                 hint = (" (the eps teacher's targets use its x0 = (x_t - sigma eps) / alpha, clipped only with "

@@ -9,9 +9,9 @@ exact and every sampler, the eval sweep and the bundle kind "consistency" drive 
   never checkpointed; CD takes ODE steps with it (with CFG when ``method.guidance`` != 1); with ``method.init:
   teacher`` the student, its EMA copies and the target start from the teacher's weights (CT / iCT then drop the
   teacher). The student's network must be the teacher's and its schedule the teacher's.
-- the target network theta^-: ``method.target_ema`` > 0 keeps an EMA copy ``target.<tag>.*`` in the checkpoint,
-  updated at the start of each optimizer step with the current weights (so a checkpoint taken after step k resumes
-  exactly); 0 uses the student itself without gradient (iCT).
+- the target network theta^- (``DiffusionModule.make_target``): ``method.target_ema`` > 0 keeps an EMA copy
+  ``target.<tag>.*`` in the checkpoint, updated at the start of each optimizer step with the current weights (so a
+  checkpoint taken after step k resumes exactly); 0 uses the student itself without gradient (iCT).
 - per-step randomness (intervals, noise) comes from a generator seeded by (seed, rank, global step, micro-batch), so
   a resumed run repeats the uninterrupted one; N(k) follows the global step.
 - the training forward pass reads the network without ``model.clip_x0`` (no dead gradients); sampling, evaluation
@@ -32,7 +32,6 @@ from torch import Tensor
 from dtrain.lit.common import DiffusionModule
 from dtrain.methods.consistency import ConsistencyLoss, LPIPSDistance, resolve
 from dtrain.models import build_denoiser
-from dtrain.models.ema import EMA
 from dtrain.samplers.few_step import ConsistencyModel
 
 __all__ = ["ConsistencyModule"]
@@ -52,15 +51,13 @@ class ConsistencyModule(DiffusionModule):
         lpips = LPIPSDistance() if self.method["distance"] == "lpips" else None
         self.loss_fn = ConsistencyLoss.from_config(self.method, self.schedule, int(self.recipe["trainer"]["max_steps"]),
                                                    lpips=lpips)
-        mu = float(self.method["target_ema"])
-        self.target = EMA(self.net, [mu]) if mu > 0 else None
+        self.make_target(float(self.method["target_ema"]))
         plain = {**dict(self.recipe["model"]), "clip_x0": None}
-        nets = {"student": self.net, "target": self.target[self.target.tags[0]] if self.target else self.net}
+        nets = {"student": self.net, "target": self.target_net}
         self._cm = {k: ConsistencyModel(build_denoiser(plain, self.schedule, net=v)) for k, v in nets.items()}
         self._given_teacher = teacher
         self.teacher: Any = None
         self.teacher_ref: dict[str, Any] | None = None
-        self._target_step = -1
         if lpips is not None:
             self.lpips = lpips
 
@@ -101,14 +98,6 @@ class ConsistencyModule(DiffusionModule):
                 self.teacher = None  # CT / iCT: the teacher only gave the first weights
 
     # ---- training -----------------------------------------------------------------------------------------
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # theta^- <- EMA with the weights of this step, before the loss (a checkpoint of step k resumes exactly);
-        # not after a step the non-finite guard dropped: the weights did not move (guard state is checkpointed)
-        if self.target is not None and self.global_step != self._target_step:
-            self._target_step = self.global_step
-            if self.global_step == 0 or self.guard.in_a_row == 0:
-                self.target.update(self.net, self.global_step)
-
     def teacher_model(self) -> Any:
         """The teacher CD steps with: CFG-guided at ``method.guidance`` for a class-conditional model."""
         w = float(self.method.get("guidance", 1.0))

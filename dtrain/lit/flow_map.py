@@ -9,7 +9,9 @@
   denoiser in tests) is loaded in ``setup`` and never checkpointed. CTM needs it on its own schedule and starts the
   student, and its EMA copies, from the teacher's weights (the second-time embedding starts at zero, so the student
   begins as the teacher's one-time denoiser). MeanFlow takes it optionally, as the velocity of its target (read
-  through ``Rescheduled`` when the teacher's schedule is not the flow schedule), and trains from scratch;
+  through ``Rescheduled`` when the teacher's schedule is not the flow schedule); it trains from scratch, or with
+  ``method.init: teacher`` from the teacher's weights: its network and schedule are then the teacher's, read on the
+  flow schedule at the same log-SNR (``MeanFlowModel``'s ``denoiser``), so it starts as the teacher's DDIM;
 - per-step randomness (times, noise, dropped labels) comes from a generator seeded by (seed, rank, global step,
   micro-batch), so a resumed run repeats the uninterrupted one;
 - MeanFlow's JVP under DDP: ``method.jvp: detached`` (default) takes the gradient through an ordinary forward, which
@@ -17,10 +19,13 @@
   is outside DDP's contract (pytorch#102197: it fires the reducer's hooks only when the JVP happens to run inside the
   DDP-wrapped forward, never for ``model.module``), so this module switches DDP's reducer off for the step and
   all-reduces the network's gradients itself after backward, on every DDP setup alike.
+- CTM's target network theta^- (``method.target_ema``, ``DiffusionModule.make_target``): an EMA copy of the student
+  (checkpointed, started from the teacher's weights), or the student itself without gradient (0).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,8 +35,6 @@ from torch import Tensor
 
 from dtrain.lit.common import DiffusionModule
 from dtrain.methods.flow_map import CTMLoss, MeanFlowLoss, Rescheduled
-from dtrain.models import build_denoiser
-from dtrain.samplers.few_step import CTMModel, MeanFlowModel
 
 __all__ = ["FlowMapModule", "MeanFlowModule", "CTMModule", "all_reduce_grads"]
 
@@ -66,7 +69,14 @@ class FlowMapModule(DiffusionModule):
         self.teacher_ref: dict[str, Any] | None = None
 
     def flow_map(self, net: torch.nn.Module) -> Any:
-        raise NotImplementedError
+        """``net`` read as this student's flow map: the bundle kind's builder (training, sampling and bundles agree)."""
+        from dtrain.export.bundle import KINDS
+
+        return KINDS.get(self.kind, "bundle kind").build(net, self.schedule, self.recipe["model"])
+
+    @property
+    def init_teacher(self) -> bool:
+        return self.recipe["method"].get("init", "teacher" if self.needs_teacher else "scratch") == "teacher"
 
     def denoiser_for(self, ema: str | None = None) -> Any:
         """The flow map over the raw network (None) or the EMA copy with that tag."""
@@ -81,10 +91,30 @@ class FlowMapModule(DiffusionModule):
             if self.needs_teacher:
                 raise ValueError(f"teacher: method {self.kind!r} distils a teacher; give a checkpoint or bundle path")
             return None
-        ctm = self.kind == "ctm"  # CTM distils on the teacher's schedule from its weights; MeanFlow reschedules it
+        if source is None and self.init_teacher:
+            raise ValueError(f"teacher: method.init teacher starts {self.kind!r} from a teacher's weights; give a "
+                             f"checkpoint or bundle path (or method.init: scratch)")
+        init = self.init_teacher  # the student is the teacher's network, on the teacher's schedule
         teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.recipe["method"].get("teacher_ema", "auto"),
-                                                        same_schedule=ctm, init_from=ctm)
+                                                        same_schedule=init or self.kind == "ctm", init_from=init)
         return teacher
+
+    def _init_from_teacher(self, teacher: Any) -> None:
+        """net, its EMA copies (and a target network) <- the teacher's network; only the second-time embedding
+        (zero) is new, so the student starts as the teacher: G's clean estimate is the teacher's x0 for every s."""
+        net = getattr(teacher, "net", None)
+        if net is None:
+            raise ValueError(f"method.init: the teacher ({type(teacher).__name__}) has no network to copy; "
+                             f"use method.init: scratch")
+        missing, unexpected = self.net.load_state_dict(net.state_dict(), strict=False)
+        wrong = [k for k in missing if not k.startswith("s_emb.")] + list(unexpected)
+        if wrong:
+            raise ValueError(f"model: the student network is not the teacher's plus model.second_time "
+                             f"({(self.teacher_ref or {}).get('path')}): mismatched tensors {wrong[:5]}")
+        for tag in self.ema_tags:
+            self.ema[tag].load_state_dict(self.net.state_dict())  # type: ignore[index]
+        if self.target is not None:
+            self.target_net.load_state_dict(self.net.state_dict())
 
     def labels(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         return batch.get("y") if self.num_classes > 0 else None
@@ -101,22 +131,34 @@ class MeanFlowModule(FlowMapModule):
 
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
         super().__init__(recipe, teacher)
-        self.loss_fn = MeanFlowLoss.from_config(self.recipe["method"], self.recipe["model"], self.schedule)
+        self.flow = self.flow_map(self.net).schedule  # the flow schedule u lives on (self.schedule: the network's)
+        self.loss_fn = MeanFlowLoss.from_config(self.recipe["method"], self.recipe["model"], self.flow)
         self._ddp_off = False
-
-    def flow_map(self, net: torch.nn.Module) -> MeanFlowModel:
-        return MeanFlowModel(net, self.schedule)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.teacher is None:
             teacher = self._load_teacher()
-            if teacher is not None and teacher.schedule.to_dict() != self.schedule.to_dict():
-                teacher = Rescheduled(teacher, self.schedule)
+            if teacher is not None and self.init_teacher:
+                self._warn_discrete_teacher()
+                self._init_from_teacher(teacher)  # a resumed run restores its own weights over these
+            if teacher is not None and teacher.schedule.to_dict() != self.flow.to_dict():
+                teacher = Rescheduled(teacher, self.flow)
             w = float(self.recipe["method"].get("cfg_omega", 1.0))
             if teacher is not None and w != 1.0 and self.num_classes > 0:
                 teacher = self.guided(teacher, w)  # distillation: CFG on the teacher's velocity
             self.teacher = teacher
+
+    def _warn_discrete_teacher(self) -> None:
+        """MeanFlow's target differentiates the student's network in t; one copied from a teacher trained only at its
+        T timesteps wiggles between them (the time embedding's top frequency is one radian a step): on the digits
+        teacher, du/dt by the JVP errs 9x more (mean squared) than a finite difference over 3 steps."""
+        method = (self.teacher_recipe or {}).get("method") or {}
+        if method.get("time_sampling") == "uniform_discrete":
+            warnings.warn(f"teacher: trained at discrete timesteps (method.time_sampling: uniform_discrete, "
+                          f"{(self.teacher_ref or {}).get('path')}); MeanFlow from its weights differentiates its "
+                          f"network between them, where it wiggles: train the teacher with continuous times "
+                          f"(method.time_sampling: uniform or logit_normal)", stacklevel=2)
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = self.loss_fn(self.denoiser_for(None), batch["x"], self.labels(batch), teacher=self.teacher,
@@ -152,32 +194,17 @@ class CTMModule(FlowMapModule):
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
         super().__init__(recipe, teacher)
         self.loss_fn = CTMLoss.from_config(self.recipe["method"], self.recipe["model"], self.schedule)
-
-    def flow_map(self, net: torch.nn.Module) -> CTMModel:
-        return CTMModel(build_denoiser(self.recipe["model"], self.schedule, net=net))
+        self.make_target(float(self.recipe["method"].get("target_ema", 0.0) or 0.0))
+        self._target_map = self.flow_map(self.target_net) if self.target is not None else None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.teacher is None:
             self.teacher = self._load_teacher()
-            if self.recipe["method"].get("init", "teacher") == "teacher":  # a resumed run restores its own weights
-                self._init_from_teacher()
-
-    def _init_from_teacher(self) -> None:
-        """net and its EMA copies <- the teacher's network; only the second-time embedding (zero) is new."""
-        net = getattr(self.teacher, "net", None)
-        if net is None:
-            raise ValueError(f"method.init: the teacher ({type(self.teacher).__name__}) has no network to copy; "
-                             f"use method.init: scratch")
-        missing, unexpected = self.net.load_state_dict(net.state_dict(), strict=False)
-        wrong = [k for k in missing if not k.startswith("s_emb.")] + list(unexpected)
-        if wrong:
-            raise ValueError(f"model: the student network is not the teacher's plus model.second_time "
-                             f"({(self.teacher_ref or {}).get('path')}): mismatched tensors {wrong[:5]}")
-        for tag in self.ema_tags:
-            self.ema[tag].load_state_dict(self.net.state_dict())  # type: ignore[index]
+            if self.init_teacher:  # a resumed run restores its own weights over these
+                self._init_from_teacher(self.teacher)
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = self.loss_fn(self.denoiser_for(None), self.teacher, batch["x"], self.labels(batch),
-                           generator=self.step_generator())
+                           target=self._target_map, generator=self.step_generator())
         return out.loss, out.t

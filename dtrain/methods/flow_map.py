@@ -7,7 +7,8 @@ in t), with the total derivative du/dt = v d_z u + d_t u along the trajectory. T
 stop-gradient target v - (t - r) du_theta/dt, du_theta/dt by ``torch.func.jvp`` with tangents (v, 0, 1) on (z, r, t):
 - v is the conditional velocity eps - x0 (training from scratch, as the paper), or a teacher's velocity at z_t
   (distillation: lower variance; a teacher on another schedule is read through ``Rescheduled``);
-- (r, t): two ``time_sampling`` draws, t the larger; r = t (plain flow matching) except for a fraction ``ratio``;
+- (r, t): two ``time_sampling`` draws, t the larger; r = t (plain flow matching) except for a fraction ``ratio``,
+  of which a fraction ``r_zero`` jumps to r = 0 (the 1-step map, trained directly; as CTM's ``s_zero_prob``);
 - adaptive weighting: the per-sample squared error d is weighted by sg(1 / (d + c)^p) (the paper's Sec. 4.3);
 - CFG in training (Sec. 4.2): v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) for labelled
   samples (the network's own predictions, no gradient), labels dropped to the null class with ``cfg_dropout``; with a
@@ -19,8 +20,9 @@ stop-gradient target v - (t - r) du_theta/dt, du_theta/dt by ``torch.func.jvp`` 
 Attention inside the JVP runs on the math SDPA kernel (forward AD is not implemented for the flash kernels).
 
 CTM (Kim et al. 2023, arXiv 2310.02279), on the teacher's schedule. For t > s, u in [s, t):
-  x_est = G_theta(x_t, t, s),   x_target = G_sg(theta)(Solver_teacher(x_t, t -> u), u, s),
-both carried to time 0 by G_sg(theta)(., s, 0) (``compare="zero"``, the paper's choice; ``"s"`` compares at s), loss
+  x_est = G_theta(x_t, t, s),   x_target = G_theta^-(Solver_teacher(x_t, t -> u), u, s),
+theta^- the student without gradient or an EMA of it (the caller's ``target``), both carried to time 0 by
+G_sg(theta)(., s, 0) (``compare="zero"``, the paper's choice; ``"s"`` compares at s), loss
 d(x_est, x_target) plus ``dsm_weight`` times the denoising loss of g_theta(x_t, t, t) (the DSM auxiliary loss). The
 teacher solves t -> u in ``teacher_steps`` uniform steps of the shared ``ddim`` / ``heun`` step
 (``consistency.teacher_step``); ``max_span`` bounds t - u so a few steps stay accurate (CTM draws u anywhere in
@@ -38,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.param import Coeffs, from_x0_eps, velocity_ode
-from dtrain.diffusion.schedule import Schedule, as_t, bcast
+from dtrain.diffusion.schedule import Schedule, bcast, matched_time
 from dtrain.diffusion.timesteps import sample_t
 from dtrain.methods.consistency import SOLVERS, distance, teacher_step
 from dtrain.methods.denoising import DenoisingLoss, LossOutput
@@ -75,20 +77,15 @@ def _noise_and_labels(x0: Tensor, cond: Tensor | None, p_drop: float, null: int,
 
 
 class Rescheduled(nn.Module):
-    """A denoiser on another schedule: D'(x, t) = D(k x, tau), tau with the same log-SNR as t (clamped to D's
-    [t_min, t_max]) and k = sqrt((alpha_D^2 + sigma_D^2)(tau) / (alpha^2 + sigma^2)(t)), which equals alpha_D / alpha =
-    sigma_D / sigma where the log-SNRs match: x / alpha = x0 + (sigma / alpha) eps is the same variable on both."""
+    """A denoiser on another schedule: D'(x, t) = D(k x, tau), (tau, k) = ``matched_time(schedule, D.schedule, t)``,
+    tau with the same log-SNR as t (clamped to D's [t_min, t_max]) and k = alpha_D / alpha = sigma_D / sigma."""
 
     def __init__(self, inner: DenoiserLike, schedule: Schedule) -> None:
         super().__init__()
         self.inner, self.schedule = inner, schedule
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
-        t = as_t(t)
-        own, sch = self.inner.schedule, self.schedule
-        tau = own.t_from_lambda(sch.lambda_(t)).clamp(own.t_min, own.t_max)
-        (a, s), (a_d, s_d) = sch.alpha_sigma(t), own.alpha_sigma(tau)
-        k = ((a_d**2 + s_d**2) / (a**2 + s**2)).sqrt()
+        tau, k = matched_time(self.schedule, self.inner.schedule, t)
         return self.inner(x * bcast(k, x), tau, cond)
 
 
@@ -125,6 +122,7 @@ class MeanFlowLoss:
         p_mean: float = -0.4,
         p_std: float = 1.0,
         ratio: float = 0.25,
+        r_zero: float = 0.0,
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
         cfg_omega: float = 1.0,
@@ -139,25 +137,30 @@ class MeanFlowLoss:
             raise ValueError(f"method.jvp: {jvp!r}; choose one of {list(JVP_MODES)}")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"method.ratio: the fraction of r != t samples must be in [0, 1], got {ratio}")
+        if not 0.0 <= r_zero <= 1.0:
+            raise ValueError(f"method.r_zero: the fraction of r = 0 among r != t must be in [0, 1], got {r_zero}")
         self.schedule, self.time_sampling, self.p_mean, self.p_std = schedule, time_sampling, p_mean, p_std
-        self.ratio, self.adaptive_p, self.adaptive_c, self.jvp = ratio, adaptive_p, adaptive_c, jvp
+        self.ratio, self.r_zero, self.adaptive_p, self.adaptive_c, self.jvp = ratio, r_zero, adaptive_p, adaptive_c, jvp
         self.cfg_omega, self.cfg_kappa = cfg_omega, cfg_kappa
         self.cfg_dropout, self.num_classes = cfg_dropout, num_classes
 
     @classmethod
     def from_config(cls, method: Mapping[str, Any], model: Mapping[str, Any], schedule: Schedule) -> MeanFlowLoss:
         """From a recipe's ``method`` (meanflow) and ``model`` sections."""
-        keys = ("time_sampling", "p_mean", "p_std", "ratio", "adaptive_p", "adaptive_c", "cfg_omega", "cfg_kappa",
-                "cfg_dropout", "jvp")
+        keys = ("time_sampling", "p_mean", "p_std", "ratio", "r_zero", "adaptive_p", "adaptive_c", "cfg_omega",
+                "cfg_kappa", "cfg_dropout", "jvp")
         return cls(schedule, num_classes=int(model.get("num_classes", 0) or 0),
                    **{k: method[k] for k in keys if k in method})
 
     def sample_times(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(r, t), float64 [n] on the CPU: two draws, t the larger, r = t except for a fraction ``ratio``."""
+        """(r, t), float64 [n] on the CPU: two draws, t the larger, r = t except for a fraction ``ratio`` (r the
+        smaller draw, or 0 for a fraction ``r_zero`` of them)."""
         a, b = (sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=self.p_mean,
                          p_std=self.p_std) for _ in range(2))
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         apart = torch.rand(n, generator=generator, dtype=torch.float64) < self.ratio
+        if self.r_zero > 0:  # drawn only then: runs without it keep their random stream
+            r = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < self.r_zero, 0.0, r)
         return torch.where(apart, r, t), t
 
     def __call__(
@@ -215,7 +218,7 @@ class _SgJump(nn.Module):
 
 
 class CTMLoss:
-    """Callable ``(model, teacher, x0, cond) -> LossOutput(loss [B], t [B])``; see the module docstring."""
+    """Callable ``(model, teacher, x0, cond, target=) -> LossOutput(loss [B], t [B])``; see the module docstring."""
 
     def __init__(
         self,
@@ -279,11 +282,13 @@ class CTMLoss:
         x0: Tensor,
         cond: Tensor | None = None,
         *,
+        target: CTMModel | None = None,
         times: tuple[Tensor, Tensor, Tensor] | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> LossOutput:
-        """Per-sample loss at times (t, u, s) and noise ``noise``, drawn (from ``generator``) when None."""
+        """Per-sample loss at times (t, u, s) and noise ``noise``, drawn (from ``generator``) when None; the jump
+        u -> s of the target by ``target`` (theta^-, e.g. an EMA copy; None: ``model`` without gradient)."""
         t, u, s = self.sample_times(x0.shape[0], generator) if times is None else times
         t, u, s = (v.to(x0.device, torch.float64) for v in (t, u, s))
         eps, labels = _noise_and_labels(x0, cond if self.num_classes > 0 else None, self.cfg_dropout,
@@ -295,14 +300,14 @@ class CTMLoss:
             for i in range(k):  # uniform sub-steps t -> u
                 a, b = t + (u - t) * (i / k), t + (u - t) * ((i + 1) / k)
                 x_u = teacher_step(self.solver, teacher, x_u, a, b, labels)
-            target = model.jump(x_u, u, s, labels, clip=False)
+            x_target = (model if target is None else target).jump(x_u, u, s, labels, clip=False)
             if self.compare == "zero":
-                target = model.jump(target, s, zero, labels, clip=False)
+                x_target = model.jump(x_target, s, zero, labels, clip=False)
         est = model.jump(x_t, t, s, labels, clip=False)
         if self.compare == "zero":  # G_sg(theta)(est, s, 0): gradient to est, none to the weights
             sg = {k: v.detach() for k, v in model.named_parameters(prefix="model")}
             est = torch.func.functional_call(_SgJump(model), sg, (est, s, zero, labels), strict=False)
-        loss = distance(self.distance, est.float(), target.float(), huber_c=self.huber_c)
+        loss = distance(self.distance, est.float(), x_target.float(), huber_c=self.huber_c)
         if self.dsm_weight > 0:
             loss = loss + self.dsm_weight * self.dsm(model.denoiser, x0, labels, t=t, noise=eps).loss
         return LossOutput(loss, t)

@@ -31,7 +31,8 @@ called as ``net(x, c_noise(t), cond, c_noise(s))``, s = t when the fourth argume
 
 - ``MeanFlowModel`` (Geng et al. 2025, arXiv 2505.13447), on the flow schedule x_t = (1 - t) x0 + t eps: the
   network predicts the average velocity u(z_t, r, t) = (z_t - z_r) / (t - r), so a jump is z_r = z_t - (t - r) u;
-  at r = t, u is the instantaneous velocity (a flow-matching model).
+  at r = t, u is the instantaneous velocity (a flow-matching model). Or the network is a two-time denoiser on
+  another schedule (a teacher's), read at the same log-SNR: u = (z_t - x0_hat) / t.
 - ``CTMModel`` (Kim et al. 2023, arXiv 2310.02279), on any schedule: G(x_t, t, s) is the DDIM step t -> s taken
   with the network's clean estimate g(x_t, t, s), G = p x_t + q g (``ddim_coeffs``; on VE, G = (s/t) x_t +
   (1 - s/t) g, the paper's eq. 4); at s = t, g is an ordinary denoiser and G(x, t, t) = x.
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 
 from dtrain.diffusion.denoiser import Denoiser, DenoiserLike, time_batch
 from dtrain.diffusion.param import Coeffs, to_x0_eps
-from dtrain.diffusion.schedule import FlowSchedule, Schedule, bcast, transition
+from dtrain.diffusion.schedule import FlowSchedule, Schedule, bcast, matched_time, transition
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.samplers import SAMPLERS, SamplerSpec
 from dtrain.samplers.base import Callback, on_grid, randn_like
@@ -140,29 +141,44 @@ SAMPLERS.register("consistency", SamplerSpec(consistency, grid=consistency_grid,
 
 class MeanFlowModel(nn.Module):
     """MeanFlow's u(z, r, t) (Geng et al. 2025, arXiv 2505.13447) on the flow schedule, from a two-time network
-    (``second_time``) predicting the average velocity (z_t - z_r) / (t - r); see the module docstring."""
+    (``second_time``) predicting the average velocity (z_t - z_r) / (t - r); see the module docstring.
 
-    def __init__(self, net: nn.Module, schedule: Schedule) -> None:
+    ``denoiser``: the network read instead as a two-time ``Denoiser`` on its own schedule and parameterization (a
+    teacher's, e.g. discrete VP and v): at the flow time's log-SNR (``matched_time``), its clean estimate
+    x0_hat = g(k z, tau(t), tau(r)) gives u = (z - x0_hat) / t, so every jump is the flow's DDIM step with x0_hat (the
+    CTM student's G read on the flow schedule), and a network copied from a teacher starts as the teacher's DDIM.
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, denoiser: Denoiser | None = None) -> None:
         super().__init__()
         if not isinstance(schedule, FlowSchedule):
             raise ValueError(f"meanflow: needs the flow schedule (schedule.name: flow), not {schedule.name!r}")
+        if denoiser is not None and denoiser.net is not net:
+            raise ValueError("meanflow: the denoiser must wrap the model's own network")
         self.net, self.schedule = net, schedule
+        self._clean = CTMModel(denoiser) if denoiser is not None else None
 
-    def u(self, z: Tensor, r: Tensor | float, t: Tensor | float, cond: Any = None) -> Tensor:
-        """The average velocity over [r, t]; differentiable in (z, r, t), forward-mode AD included."""
+    def u(self, z: Tensor, r: Tensor | float, t: Tensor | float, cond: Any = None, clip: bool = False) -> Tensor:
+        """The average velocity over [r, t]; differentiable in (z, r, t), forward-mode AD included. ``clip``: clip
+        the denoiser's x0_hat (``model.clip_x0``; sampling only, as for CTM)."""
         r, t = time_batch(r, z), time_batch(t, z)
-        c = self.schedule.c_noise
-        return self.net(z, c(t).float(), cond, c(r).float()).to(z.dtype)
+        if self._clean is None:
+            c = self.schedule.c_noise
+            return self.net(z, c(t).float(), cond, c(r).float()).to(z.dtype)
+        own, eps = self._clean.schedule, 1e-9  # the flow's log-SNR is infinite at 0 and 1 (a JVP would give 0 * inf)
+        (tau_t, k), (tau_r, _) = (matched_time(self.schedule, own, v.clamp(eps, 1 - eps)) for v in (t, r))
+        x0 = self._clean.g(z * bcast(k, z), tau_t, tau_r, cond, clip=clip)
+        return (z - x0) / bcast(t, z)
 
     def jump(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Any = None) -> Tensor:
         """z_s = z_t - (t - s) u(z_t, s, t)."""
         t, s = time_batch(t, x), time_batch(s, x)
-        return x - bcast(t - s, x) * self.u(x, s, t, cond)
+        return x - bcast(t - s, x) * self.u(x, s, t, cond, clip=True)
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
         """The clean estimate of the instantaneous velocity u(z, t, t) (the denoiser view)."""
         t = time_batch(t, x)
-        return to_x0_eps("velocity", self.u(x, t, t, cond), x, Coeffs.at(self.schedule, t, x))[0]
+        return to_x0_eps("velocity", self.u(x, t, t, cond, clip=True), x, Coeffs.at(self.schedule, t, x))[0]
 
 
 class CTMModel(nn.Module):

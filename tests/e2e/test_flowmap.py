@@ -86,16 +86,20 @@ def test_meanflow_resume_repeats_the_uninterrupted_run(tmp_path):
 
 
 def test_ctm_digits_from_a_teacher_checkpoint(tmp_path, digits_teacher):
-    """The student, and its EMA copies, start as the teacher (second-time embedding at zero: G's clean estimate is the
-    teacher's x0 for every s); 2 steps of `dtrain fit`, `dtrain export`, then the bundle samples 1 and 2 steps and
-    gamma-sampling; `dtrain sample` writes a grid."""
+    """The student, its EMA copies and its target network start as the teacher (second-time embedding at zero: G's
+    clean estimate is the teacher's x0 for every s); 2 steps of `dtrain fit` checkpoint the target (an EMA: between
+    the teacher and the student), `dtrain export`, then the bundle samples 1 and 2 steps and gamma-sampling;
+    `dtrain sample` writes a grid."""
     over = [f"teacher={digits_teacher}", f"out_dir={tmp_path}", *QUIET, "model.channels=16", "trainer.max_steps=2",
-            "data.batch_size=16", "trainer.sample_every_n_steps=0", "trainer.ckpt_every_n_steps=0", "name=s"]
+            "data.batch_size=16", "trainer.sample_every_n_steps=0", "trainer.ckpt_every_n_steps=0", "name=s",
+            "method.target_ema=0.5"]
     cfg = load_recipe(ROOT / "flowmap" / "ctm_digits.yaml", over)
     teacher, _ = C.load_teacher(digits_teacher)
     module = CTMModule(cfg)
     module.setup("fit")
-    for name, net in [("net", module.net), *((f"ema {t}", module.ema[t]) for t in module.ema.tags)]:
+    copies = [("net", module.net), ("target", module.target_net), *((f"ema {t}", module.ema[t])
+                                                                     for t in module.ema.tags)]
+    for name, net in copies:
         for k, v in teacher.net.state_dict().items():
             assert torch.equal(net.state_dict()[k], v), (name, k)
     x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
@@ -105,6 +109,11 @@ def test_ctm_digits_from_a_teacher_checkpoint(tmp_path, digits_teacher):
 
     assert main(["fit", str(ROOT / "flowmap" / "ctm_digits.yaml"), *over]) == 0
     ckpt = tmp_path / "s" / "checkpoints" / "last.ckpt"
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    k = "net.out.2.weight"
+    old, new, tgt = teacher.net.state_dict()[k[4:]], sd[k], sd["target.0_5." + k[4:]]
+    assert not torch.equal(tgt, old) and not torch.equal(tgt, new)  # theta^- = EMA of theta: it moved, less than theta
+    assert float((tgt - old).norm()) < float((new - old).norm())
     assert main(["export", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
     pipe = B.load_bundle(tmp_path / "bundle")
     assert pipe.kind == "ctm" and pipe.info["provenance"]["teacher"]["sha256"] == C.sha256_file(digits_teacher)
@@ -114,3 +123,43 @@ def test_ctm_digits_from_a_teacher_checkpoint(tmp_path, digits_teacher):
     assert main(["sample", str(tmp_path / "bundle"), "--num", "20", "--nfe", "1", "--out",
                  str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["flow", "ddpm"])
+def test_meanflow_from_a_digits_teacher_checkpoint(tmp_path, kind, request):
+    """method.init teacher: the student is the teacher's network on the teacher's schedule, read on the flow schedule
+    (the recipe's flow teacher, c_noise = t: directly; the discrete VP v-teacher: at the same log-SNR). It starts with
+    u(z, r, t) = the teacher's flow velocity for every r (its 1-step jump is the teacher's DDIM-1); the VP teacher,
+    trained at discrete steps, warns naming its time sampling. 2 steps of `dtrain fit`, `dtrain export`; the bundle
+    samples like the training module, bit for bit, at 1 and 2 steps."""
+    teacher_ckpt = request.getfixturevalue("digits_flow_teacher" if kind == "flow" else "digits_teacher")
+    vp = ["schedule.name=ddpm", "schedule.kind=cosine", "schedule.T=1000", "schedule.c_scale=null", "model.param=v"]
+    over = [f"teacher={teacher_ckpt}", f"out_dir={tmp_path}", *QUIET, "model.channels=16", "trainer.max_steps=2",
+            "data.batch_size=16", "trainer.sample_every_n_steps=0", "trainer.ckpt_every_n_steps=0", "name=m",
+            *(vp if kind == "ddpm" else [])]
+    recipe = ROOT / "flowmap" / "meanflow_teacher_digits.yaml"
+    module = MeanFlowModule(load_recipe(recipe, over))
+    if kind == "ddpm":
+        with pytest.warns(UserWarning, match=r"method.time_sampling: uniform_discrete"):
+            module.setup("fit")
+    else:
+        module.setup("fit")
+    student, teacher = module.denoiser_for(None), module.teacher  # the teacher read on the flow schedule
+    assert isinstance(student, MeanFlowModel) and student.schedule.name == "flow"
+    x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    with torch.no_grad():
+        for t, r in ((0.7, 0.2), (0.9, 0.0), (0.4, 0.4)):
+            torch.testing.assert_close(student.u(x, r, t, y), (x - teacher(x, t, y)) / t, atol=2e-5, rtol=1e-4)
+
+    assert main(["fit", str(recipe), *over]) == 0
+    ckpt = tmp_path / "m" / "checkpoints" / "last.ckpt"
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
+    pipe = B.load_bundle(tmp_path / "bundle")
+    assert pipe.kind == "meanflow" and isinstance(pipe.denoiser, MeanFlowModel)
+    restored = DiffusionModule.load_checkpoint(ckpt).eval()
+    labels = torch.arange(6) % 10
+    for nfe in (1, 2):
+        ref = restored.sample(labels=labels, nfe=nfe, generator=torch.Generator().manual_seed(3))
+        got = pipe.sample(6, labels=labels, nfe=nfe, generator=torch.Generator().manual_seed(3), clip=False)
+        assert torch.equal(got, ref), nfe
+        assert bool(got.isfinite().all())
