@@ -90,10 +90,10 @@ class FlowMapModule(DiffusionModule):
         if source is None:
             if self.needs_teacher:
                 raise ValueError(f"teacher: method {self.kind!r} distils a teacher; give a checkpoint or bundle path")
+            if self.init_teacher:
+                raise ValueError(f"teacher: method.init teacher starts {self.kind!r} from a teacher's weights; give "
+                                 f"a checkpoint or bundle path (or method.init: scratch)")
             return None
-        if source is None and self.init_teacher:
-            raise ValueError(f"teacher: method.init teacher starts {self.kind!r} from a teacher's weights; give a "
-                             f"checkpoint or bundle path (or method.init: scratch)")
         init = self.init_teacher  # the student is the teacher's network, on the teacher's schedule
         teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.recipe["method"].get("teacher_ema", "auto"),
                                                         same_schedule=init or self.kind == "ctm", init_from=init)

@@ -138,6 +138,8 @@ def test_meanflow_from_a_digits_teacher_checkpoint(tmp_path, kind, request):
             "data.batch_size=16", "trainer.sample_every_n_steps=0", "trainer.ckpt_every_n_steps=0", "name=m",
             *(vp if kind == "ddpm" else [])]
     recipe = ROOT / "flowmap" / "meanflow_teacher_digits.yaml"
+    with pytest.raises(ValueError, match=r"teacher: method\.init teacher"):
+        MeanFlowModule(load_recipe(recipe, [o for o in over if not o.startswith("teacher=")])).setup("fit")
     module = MeanFlowModule(load_recipe(recipe, over))
     if kind == "ddpm":
         with pytest.warns(UserWarning, match=r"method.time_sampling: uniform_discrete"):
