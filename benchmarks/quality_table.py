@@ -2,8 +2,8 @@
 
     python benchmarks/quality_table.py [--run]      # -> benchmarks/results/quality_table.md
 
-Rows teacher-DDIM / teacher-DPM++ / PD / CD / iCT / MeanFlow / CTM, columns NFE 1, 2, 4, 8, 64, cells
-"FID-digits (class accuracy)", '-' where not measured. Read from benchmarks/results/:
+Rows teacher-DDIM / teacher-DPM++ / PD / CD / iCT / MeanFlow / MeanFlow (flow teacher) / CTM, columns NFE 1, 2, 4, 8,
+64, cells "FID-digits (class accuracy)", '-' where not measured. Read from benchmarks/results/:
 ``pd_digits.json`` (PD rounds), ``cm_digits.json`` (CD, iCT on the default sampling grid), ``flowmap_digits.json``
 (MeanFlow, CTM with n flow-map jumps) and the teacher rows they carry; ``fid_vs_nfe_digits.json`` gives the teacher rows
 only when no student benchmark has run (it scores another teacher checkpoint at another sample count). Values are
@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 NFES = (1, 2, 4, 8, 64)
-ROWS = ("teacher-DDIM", "teacher-DPM++", "PD", "CD", "iCT", "MeanFlow", "CTM")
+ROWS = ("teacher-DDIM", "teacher-DPM++", "PD", "CD", "iCT", "MeanFlow", "MeanFlow (flow teacher)", "CTM")
 SOURCES = {"pd": "pd_digits.json", "cm": "cm_digits.json", "flowmap": "flowmap_digits.json",
            "fid_vs_nfe": "fid_vs_nfe_digits.json", "teacher": "quality_table_teacher.json"}
 Cell = dict[str, Any]  # {"fid": float, "class_acc": float | None, "source": str}
@@ -94,7 +94,8 @@ def collect(results: Path = RESULTS) -> tuple[dict[str, dict[int, Cell]], dict[s
                             table[row][int(r["nfe"])] = c
             else:
                 summary = rec.get("summary") or {}
-                for key, row in (("meanflow", "MeanFlow"), ("ctm", "CTM")):
+                keys = (("meanflow", "MeanFlow"), ("meanflow_init", "MeanFlow (flow teacher)"), ("ctm", "CTM"))
+                for key, row in keys:
                     for nfe, v in (summary.get(key) or {}).items():
                         if (c := _cell(v.get("fid"), v.get("class_acc"), SOURCES[name])) is not None:
                             table[row][int(nfe)] = c
@@ -162,7 +163,8 @@ def render(table: dict[str, dict[int, Cell]], used: dict[str, dict[str, Any]], n
         lines.append("")
     lines.append("Samplers: teacher-DDIM `ddim`, teacher-DPM++ `dpm++2m` (DPM-Solver++(2M)), PD the round's student "
                  "with DDIM on its own grid, CD / iCT `consistency` (default grid), MeanFlow / CTM `flowmap` "
-                 "(n jumps).")
+                 "(n jumps). MeanFlow (flow teacher) starts from the weights of another teacher, "
+                 "recipes/teacher/digits_flow.yaml (its rows are in flowmap_digits.json under teachers.flow).")
     lines.append("")
     lines.append("Settings (teacher checkpoint sha256 prefix and training step, samples per point, seed):")
     lines.append("")

@@ -32,6 +32,7 @@ def test_reads_every_format_and_flags_mixed_settings(tmp_path):
         "ict": {"rows": [{"sampler": "consistency", "nfe": 2, "fid": 2.5, "class_acc": None}]}}})
     write(tmp_path, "flowmap_digits.json", {"teacher": {**TEACHER, "rows": []}, "num": 500, "seed": 0, "guidance": 1.0,
                                             "summary": {"meanflow": {"1": {"fid": 4.0, "class_acc": 0.8}},
+                                                        "meanflow_init": {"2": {"fid": 0.3, "class_acc": 0.99}},
                                                         "ctm": {"2": {"fid": 1.25, "class_acc": 0.95}}}})
     write(tmp_path, "fid_vs_nfe_digits.json", {"runs": [{"guidance": 1.0, "rows": [{"sampler": "ddim", "nfe": 2,
                                                                                     "fid": 9.9}]}]})
@@ -41,6 +42,7 @@ def test_reads_every_format_and_flags_mixed_settings(tmp_path):
     assert table["CD"][1]["fid"] == 1.5 and table["iCT"][2] == {"fid": 2.5, "class_acc": None,
                                                                 "source": "cm_digits.json"}
     assert table["MeanFlow"][1]["fid"] == 4.0 and table["CTM"][2]["class_acc"] == 0.95
+    assert table["MeanFlow (flow teacher)"] == {2: {"fid": 0.3, "class_acc": 0.99, "source": "flowmap_digits.json"}}
     assert set(table["teacher-DDIM"]) == {1, 64} and set(table["teacher-DPM++"]) == {8}  # no ddpm, no fid_vs_nfe
     assert set(used) == {"pd", "cm", "flowmap"}
     assert any("differ" in n for n in notes)  # flowmap scored 500 samples, the others 2000
