@@ -152,7 +152,7 @@ class MeanFlowModule(FlowMapModule):
     def _warn_discrete_teacher(self) -> None:
         """MeanFlow's target differentiates the student's network in t; one copied from a teacher trained only at its
         T timesteps wiggles between them (the time embedding's top frequency is one radian a step): on the digits
-        teacher, du/dt by the JVP errs 9x more (mean squared) than a finite difference over 3 steps."""
+        teacher, du/dt by the JVP errs 9x more (mean squared) than a central difference over +-3 steps."""
         method = (self.teacher_recipe or {}).get("method") or {}
         if method.get("time_sampling") == "uniform_discrete":
             warnings.warn(f"teacher: trained at discrete timesteps (method.time_sampling: uniform_discrete, "
