@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     teachers = {}
     for tag, ckpt in (("vp", teacher_ckpt), ("flow", flow_ckpt)):
         model, info = load_teacher(ckpt)
-        rows = cached_fid_rows(model, sha256_file(ckpt), parse_specs(args.teacher_specs.split()), **kw)
+        sha = sha256_file(ckpt)
+        rows = cached_fid_rows(model, sha, parse_specs(args.teacher_specs.split()), **kw)
         teachers[tag] = {
-            "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha256_file(ckpt), "ema": info["ref"]["ema"],
+            "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha, "ema": info["ref"]["ema"],
             "global_step": info["provenance"]["global_step"], "recipe_hash": info["provenance"]["recipe_hash"],
             "schedule": info["schedule"]["name"], "param": info["model"]["param"], "rows": rows,
             "best": {k: min(rows, key=lambda r: r["fid"])[k] for k in ("sampler", "nfe", "fid")},

@@ -839,10 +839,10 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
 
     if not cfg.model.second_time:
         bad.append(("model.second_time", f"must be true for method {m.name!r} (the network embeds the target time)"))
+    if m.init not in ("teacher", "scratch"):
+        bad.append(("method.init", f"unknown {m.init!r}; choose one of ['teacher', 'scratch']"))
     if m.name == "meanflow":
-        if m.init not in ("teacher", "scratch"):
-            bad.append(("method.init", f"unknown {m.init!r}; choose one of ['teacher', 'scratch']"))
-        elif cfg.schedule.name != "flow" and m.init != "teacher":
+        if cfg.schedule.name != "flow" and m.init == "scratch":
             bad.append(("schedule.name", f"meanflow runs on the flow schedule (alpha = 1 - t, sigma = t), not "
                         f"{cfg.schedule.name!r}; a teacher on another schedule is read through it, and with "
                         f"method.init: teacher the student keeps the teacher's network and schedule"))
@@ -861,8 +861,8 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
         if (m.cfg_omega != 1.0 or m.cfg_kappa != 0.0) and cfg.model.num_classes == 0:
             bad.append(("method.cfg_omega", "CFG in training needs a class-conditional model (model.num_classes > 0)"))
     else:
-        for key, choices in (("init", ("teacher", "scratch")), ("solver", SOLVERS), ("compare", F.CTM_COMPARE),
-                             ("distance", F.CTM_DISTANCES), ("dsm_weighting", WEIGHTINGS)):
+        for key, choices in (("solver", SOLVERS), ("compare", F.CTM_COMPARE), ("distance", F.CTM_DISTANCES),
+                             ("dsm_weighting", WEIGHTINGS)):
             if m[key] not in choices:
                 bad.append((f"method.{key}", f"unknown {m[key]!r}; choose one of {list(choices)}"))
         if m.teacher_steps < 1 or (m.max_span is not None and m.max_span <= 0) or not 0 <= m.s_zero_prob <= 1:

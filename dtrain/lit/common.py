@@ -124,6 +124,7 @@ class DiffusionModule(L.LightningModule):
         self.strict_loading = not self.unsaved_prefixes
         self.target: EMA | None = None  # theta^- of consistency-style targets (``make_target``)
         self._target_step = -1
+        self.teacher_recipe: dict[str, Any] | None = None  # the teacher's training recipe (``frozen_teacher``)
 
     # ---- recipe views -------------------------------------------------------------------------------------
     @property
@@ -372,7 +373,7 @@ class DiffusionModule(L.LightningModule):
         with clipped targets, 0.227 without, the teacher's own DDIM-32 0.217)."""
         from dtrain.export.checkpoint import load_teacher
 
-        self.teacher_recipe: dict[str, Any] | None = None  # the teacher's training recipe, when a file gave it
+        self.teacher_recipe = None  # known when a file gave the teacher
         if isinstance(source, (str, Path)):
             teacher, info = load_teacher(source, ema=ema)
             ref, self.teacher_recipe = info["ref"], (info.get("provenance") or {}).get("recipe")

@@ -131,7 +131,7 @@ class MeanFlowModule(FlowMapModule):
 
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
         super().__init__(recipe, teacher)
-        self.flow = self.flow_map(self.net).schedule  # the flow schedule u lives on (self.schedule: the network's)
+        self.flow = self.denoiser_for(None).schedule  # the flow schedule u lives on (self.schedule: the network's)
         self.loss_fn = MeanFlowLoss.from_config(self.recipe["method"], self.recipe["model"], self.flow)
         self._ddp_off = False
 

@@ -155,6 +155,7 @@ class ProgressiveModule(DiffusionModule):
         self._round_t0 = time.time()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         # a round's last EMA update happened at the previous batch's end; a checkpoint taken there resumes here
         while self.round + 1 < len(self.rounds) and self.global_step >= self.current.end:
             self._finish_round(self.current)
