@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training runs on the recipe's cpu_threads)")
     ap.add_argument("--out", type=Path, default=RESULTS / "flowmap_digits.json")
     args = ap.parse_args(argv)
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
     torch.set_num_threads(args.threads)
     t_start, machine_start = time.time(), machine()
 
@@ -127,7 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
         model, info = load_teacher(ckpt)
         rows = [r.to_dict() for r in fid_sweep(model, SPECS[name], **kw)]
         fid = {r["nfe"]: r["fid"] for r in rows if r["sampler"] == "flowmap"}
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
         one = [fid[1] if seed == args.seed else fid_sweep(model, ["flowmap:1"], **{**kw, "seed": seed})[0].fid
                for seed in seeds]
         summary[name] = {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in rows
