@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         fid = {r["nfe"]: r["fid"] for r in rows if r["sampler"] == "flowmap"}
         one = [fid[1] if seed == args.seed else fid_sweep(model, ["flowmap:1"], **{**kw, "seed": seed})[0].fid
                for seed in seeds]
+        one_mean = sum(one) / len(one) if one else None
         summary[name] = {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in rows
                          if r["sampler"] == "flowmap"}
         if name == "ctm":
@@ -142,18 +143,18 @@ def main(argv: list[str] | None = None) -> dict:
             "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha256_file(ckpt), "teacher": tag,
             "global_step": info["provenance"]["global_step"], "recipe_hash": info["provenance"]["recipe_hash"],
             "overrides": over, "train_seconds": None if seconds is None else round(seconds, 1), "rows": rows,
-            "one_step_seeds": {"seeds": seeds, "fid": one, "mean": sum(one) / len(one) if one else None},
+            "one_step_seeds": {"seeds": seeds, "fid": one, "mean": one_mean},
         }
         best, ddim = teachers[tag]["best"]["fid"], teachers[tag]["ddim"]
         goals[name] = {
             "1-step <= 2x teacher best": fid[1] <= 2 * best,
-            "1-step mean over seeds <= 2x teacher best": bool(one) and sum(one) / len(one) <= 2 * best,
+            "1-step mean over seeds <= 2x teacher best": one_mean is not None and one_mean <= 2 * best,
             "1-step <= teacher DDIM-1 / 2": fid[1] <= ddim[1] / 2,
             "2-step <= teacher DDIM-2 / 2": fid[2] <= ddim[2] / 2,
             "4-step <= teacher DDIM-4": fid[4] <= ddim[4],
         }
         print(f"{name} ({tag} teacher): FID " + ", ".join(f"{n}-step {fid[n]:.3f}" for n in NFES)
-              + (f"; 1-step over seeds {args.seeds}: mean {sum(one) / len(one):.3f}" if one else ""))
+              + (f"; 1-step over seeds {args.seeds}: mean {one_mean:.3f}" if one else ""))
     for tag, t in teachers.items():
         print(f"{tag} teacher: " + ", ".join(f"DDIM-{n} {t['ddim'][n]:.3f}" for n in NFES)
               + f", best {t['best']['fid']:.3f} ({t['best']['sampler']}@{t['best']['nfe']})")
