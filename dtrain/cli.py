@@ -129,9 +129,9 @@ def _shards(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from dtrain.demo import add_demo_args
 
-    p = sub.add_parser("demo", help="the whole pipeline on CPU in minutes", description="Digits shards -> teacher -> "
-                       "distilled students -> FID-digits per NFE -> bundles, sample grids, plot and table. Rerunning "
-                       "skips the stages that are up to date.")
+    p = sub.add_parser("demo", help="the whole pipeline on CPU in minutes",
+                       description="Digits shards -> teachers (VP, flow) -> distilled students -> FID-digits per NFE "
+                       "-> bundles, sample grids, plot and table. Rerunning skips the stages that are up to date.")
     add_demo_args(p).set_defaults(func=_demo)
 
 

@@ -1,17 +1,19 @@
 """``dtrain demo``: the whole product end to end on CPU, with no account, GPU or download.
 
-    dtrain demo                     # 5 min on an idle 2-core CPU: shards -> teacher -> students -> FID per NFE
-    dtrain demo --fast              # 1 min smoke version (what tests/e2e/test_demo.py runs)
+    dtrain demo                     # 8 min on an idle 2-core CPU: shards -> teachers -> students -> FID per NFE
+    dtrain demo --fast              # 2 min smoke version (what tests/e2e/test_demo.py runs)
     dtrain demo --stages teacher pd eval report --out runs/mine
 
 Stages (each one's outputs are listed in ``<out>/stages/<stage>.json``):
 
 - ``shards``: sklearn's digits (the train split the FID-digits classifier was fit on) as WebDataset shards.
 - ``teacher``: a class-conditional UNet (``recipes/teacher/digits.yaml``) trained on the shards, exported as a bundle.
+- ``flow_teacher``: the same UNet on the rectified-flow schedule (``recipes/teacher/digits_flow.yaml``), the
+  teacher whose weights MeanFlow starts from.
 - ``pd``, ``cd``, ``meanflow``, ``ctm``: each student that exists (progressive distillation, arXiv 2202.00512;
   consistency distillation, arXiv 2303.01469; MeanFlow, arXiv 2505.13447; CTM, arXiv 2310.02279), from its
-  recipe with the teacher *bundle* as ``teacher:``, exported as a bundle.
-- ``eval``: FID-digits and class accuracy per NFE of every bundle (teacher: DDIM and DPM-Solver++(2M) at several
+  recipe with its teacher's *bundle* as ``teacher:``, exported as a bundle.
+- ``eval``: FID-digits and class accuracy per NFE of every bundle (teachers: DDIM and DPM-Solver++(2M) at several
   NFE; students: their own samplers), plus the real test split as the floor, and a 10 x 10 sample grid per model.
 - ``report``: the FID-vs-NFE plot, ``results.md`` / ``results.json`` (the table and where every artefact is),
   an offline W&B run of the table, and the final table on the terminal.
@@ -52,25 +54,31 @@ REF = "digits:train"  # FID-digits reference: the split the shards hold
 
 @dataclass(frozen=True)
 class Student:
-    """A student stage: its recipe (under ``recipes/``), the sampler it is scored with and its paper."""
+    """A student stage: its recipe (under ``recipes/``), the sampler it is scored with, its paper and the teacher
+    stage whose bundle it distils."""
 
     name: str
     recipe: str
     sampler: str
     title: str
+    teacher: str = "teacher"
 
 
 STUDENTS: tuple[Student, ...] = (
     Student("pd", "pd/digits.yaml", "ddim", "progressive distillation (arXiv 2202.00512)"),
     Student("cd", "cm/cd_digits.yaml", "consistency", "consistency distillation (arXiv 2303.01469)"),
-    Student("meanflow", "flowmap/meanflow_digits.yaml", "flowmap", "MeanFlow (arXiv 2505.13447)"),
+    Student("meanflow", "flowmap/meanflow_teacher_digits.yaml", "flowmap",
+            "MeanFlow from the flow teacher's weights (arXiv 2505.13447)", teacher="flow_teacher"),
     Student("ctm", "flowmap/ctm_digits.yaml", "flowmap", "consistency trajectory model (arXiv 2310.02279)"),
 )
+TEACHERS = {"teacher": "teacher/digits.yaml", "flow_teacher": "teacher/digits_flow.yaml"}  # stage -> recipe
 TITLES = {"data": "real digits: the test split against the train split (the floor)",
-          "teacher": "class-conditional UNet teacher (DDIM, DPM-Solver++(2M))", **{s.name: s.title for s in STUDENTS}}
-TEACHER_RECIPE = "teacher/digits.yaml"
-STAGES: tuple[str, ...] = ("shards", "teacher", *(s.name for s in STUDENTS), "eval", "report")
-TRAINED = ("teacher", *(s.name for s in STUDENTS))
+          "teacher": "class-conditional UNet teacher, VP cosine (DDIM, DPM-Solver++(2M))",
+          "flow_teacher": "the same UNet on the rectified-flow schedule (DDIM = Euler, DPM-Solver++(2M))",
+          **{s.name: s.title for s in STUDENTS}}
+STAGES: tuple[str, ...] = ("shards", *TEACHERS, *(s.name for s in STUDENTS), "eval", "report")
+TRAINED = (*TEACHERS, *(s.name for s in STUDENTS))
+OPTIONAL = TRAINED[1:]  # the demo goes on when one of these fails; eval scores each one that is up to date
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class Sizes:
     teacher_steps: int
     teacher_batch: int
     teacher_warmup: int
+    flow_teacher_steps: int  # batch and warmup: the teacher's
     pd_start: int  # the teacher's DDIM steps the first PD round halves
     pd_end: int  # the last round's student steps
     pd_round_steps: int  # optimizer steps per PD round
@@ -109,12 +118,13 @@ class Sizes:
         return out
 
 
-FULL = Sizes(teacher_steps=600, teacher_batch=128, teacher_warmup=50, pd_start=16, pd_end=2, pd_round_steps=80,
-             cd_steps=150, meanflow_steps=300, ctm_steps=120, student_batch=64, eval_num=500, eval_batch=250,
-             teacher_samplers=("ddim:2,4,8,16", "dpm++2m:4,8"), student_nfe=(1, 2, 4), ckpt_every=100)
-FAST = Sizes(teacher_steps=300, teacher_batch=64, teacher_warmup=20, pd_start=8, pd_end=4, pd_round_steps=20,
-             cd_steps=20, meanflow_steps=20, ctm_steps=20, student_batch=32, eval_num=200, eval_batch=200,
-             teacher_samplers=("ddim:4,16", "dpm++2m:4,8"), student_nfe=(1, 2), ckpt_every=50, grid_rows=4)
+FULL = Sizes(teacher_steps=600, teacher_batch=128, teacher_warmup=50, flow_teacher_steps=600, pd_start=16, pd_end=2,
+             pd_round_steps=80, cd_steps=150, meanflow_steps=300, ctm_steps=120, student_batch=64, eval_num=500,
+             eval_batch=250, teacher_samplers=("ddim:2,4,8,16", "dpm++2m:4,8"), student_nfe=(1, 2, 4), ckpt_every=100)
+FAST = Sizes(teacher_steps=300, teacher_batch=64, teacher_warmup=20, flow_teacher_steps=300, pd_start=8, pd_end=4,
+             pd_round_steps=20, cd_steps=20, meanflow_steps=20, ctm_steps=20, student_batch=32, eval_num=200,
+             eval_batch=200, teacher_samplers=("ddim:4,16", "dpm++2m:4,8"), student_nfe=(1, 2), ckpt_every=50,
+             grid_rows=4)
 
 
 def _hash(obj: Any) -> str:
@@ -351,9 +361,13 @@ class Demo:
 
     @staticmethod
     def needs(stage: str) -> list[str]:
-        """The stages whose outputs ``stage`` reads (eval also reads every student that is up to date)."""
-        return {"shards": [], "teacher": ["shards"], "eval": ["teacher"], "report": ["eval"]}.get(
-            stage, ["shards", "teacher"])
+        """The stages whose outputs ``stage`` reads (eval also reads every optional model that is up to date)."""
+        if stage in TEACHERS:
+            return ["shards"]
+        student = next((s for s in STUDENTS if s.name == stage), None)
+        if student is not None:
+            return ["shards", student.teacher]
+        return {"shards": [], "eval": ["teacher"], "report": ["eval"]}[stage]
 
     def _missing(self, stage: str) -> list[str]:
         """The stages, upstream of ``stage``, that are not up to date (in pipeline order)."""
@@ -370,12 +384,16 @@ class Demo:
             if rec is None:
                 return None
             out[up] = rec.digest
-        if stage == "eval":  # every student that finished is scored; its digest is part of the key
-            for s in STUDENTS:
-                rec = self.valid(s.name, self.key(s.name)) if self.key(s.name) is not None else None
+        if stage == "eval":  # every model that finished is scored; its digest is part of the key
+            for name in OPTIONAL:
+                rec = self._up_to_date(name)
                 if rec is not None:
-                    out[s.name] = rec.digest
+                    out[name] = rec.digest
         return out
+
+    def _up_to_date(self, stage: str) -> _Record | None:
+        key = self.key(stage)
+        return None if key is None else self.valid(stage, key)
 
     def _settings(self, stage: str) -> dict[str, Any]:
         z = self.sizes
@@ -387,14 +405,14 @@ class Demo:
     # ---- recipes ------------------------------------------------------------------------------
     def _recipe_overrides(self, stage: str) -> tuple[str, list[str], int]:
         z = self.sizes
-        if stage == "teacher":
-            return TEACHER_RECIPE, [f"trainer.max_steps={z.teacher_steps}", f"optim.warmup_steps={z.teacher_warmup}"], \
+        if stage in TEACHERS:
+            return TEACHERS[stage], [f"trainer.max_steps={z.steps(stage)}", f"optim.warmup_steps={z.teacher_warmup}"], \
                 z.teacher_batch
-        ov = [f"teacher={self.out / 'bundles' / 'teacher'}", f"trainer.max_steps={z.steps(stage)}"]
+        student = next(s for s in STUDENTS if s.name == stage)
+        ov = [f"teacher={self.out / 'bundles' / student.teacher}", f"trainer.max_steps={z.steps(stage)}"]
         if stage == "pd":
             ov += [f"method.start_steps={z.pd_start}", f"method.end_steps={z.pd_end}",
                    f"method.round_steps=[{z.pd_round_steps}]", "method.eval=false"]
-        student = next(s for s in STUDENTS if s.name == stage)
         return student.recipe, ov, z.student_batch
 
     def _recipe_container(self, stage: str) -> dict[str, Any]:
@@ -444,9 +462,9 @@ class Demo:
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         z = self.sizes
-        self.ui.print(f"[bold]dtrain demo[/] -> {self.out}  (teacher {z.teacher_steps} steps, students "
-                      f"{', '.join(s.name for s in STUDENTS)}; W&B {self.wandb}; torch threads {self.threads}; "
-                      f"details in {self.out / 'demo.log'})")
+        self.ui.print(f"[bold]dtrain demo[/] -> {self.out}  (teachers {z.teacher_steps} and {z.flow_teacher_steps} "
+                      f"steps, students {', '.join(s.name for s in STUDENTS)}; W&B {self.wandb}; torch threads "
+                      f"{self.threads}; details in {self.out / 'demo.log'})")
         try:
             with _quiet_logs(self.out / "demo.log"):
                 for i, stage in enumerate(STAGES):
@@ -475,7 +493,7 @@ class Demo:
             fast = " --fast" if self.sizes == FAST else ""
             msg = (f"stage {stage} needs the outputs of {', '.join(missing)}: run `dtrain demo{fast} --out {self.out} "
                    f"--stages {' '.join(missing)} {stage}`")
-            if stage in (s.name for s in STUDENTS):
+            if stage in OPTIONAL:
                 self.status[stage] = "failed"
                 self.errors[stage] = msg
                 self.ui.print(f"{head}: [red]{msg}[/]")
@@ -494,7 +512,7 @@ class Demo:
             self.ui.print("    [yellow]interrupted: rerun the same command to resume[/]")
             raise
         except Exception as e:
-            if stage not in (s.name for s in STUDENTS):
+            if stage not in OPTIONAL:
                 raise
             logging.getLogger("dtrain.demo").error("stage %s failed:\n%s", stage, traceback.format_exc())
             self.status[stage] = "failed"
@@ -582,10 +600,13 @@ class Demo:
     def _eval_plan(self) -> list[dict[str, Any]]:
         """(model, bundle, sampler specs, spacing) for every bundle to score."""
         z = self.sizes
-        plan = [{"model": "teacher", "bundle": self.out / "bundles" / "teacher", "specs": list(z.teacher_samplers),
-                 "title": TITLES["teacher"]}]
+        plan = []
+        for t in TEACHERS:
+            if t == "teacher" or self._up_to_date(t) is not None:  # eval needs the teacher
+                plan.append({"model": t, "bundle": self.out / "bundles" / t, "specs": list(z.teacher_samplers),
+                             "title": TITLES[t]})
         for s in STUDENTS:
-            rec = self.valid(s.name, self.key(s.name)) if self.key(s.name) is not None else None
+            rec = self._up_to_date(s.name)
             if rec is None:
                 continue
             if s.name == "pd":
@@ -776,8 +797,10 @@ class Demo:
         self.ui.print("class acc: the FID-digits classifier's accuracy on class-conditional samples (chance 0.10)")
         if any(m.get("resumed_from_step") is not None for m in results["models"].values()):
             self.ui.print("train s*: an interrupted run, resumed: the seconds of the resumed part")
-        for name in ("data", *results["models"]):
-            self.ui.print(f"  {name:9s} {TITLES[name]}")
+        names = ("data", *results["models"])
+        width = max(map(len, names))
+        for name in names:
+            self.ui.print(f"  {name:{width}s}  {TITLES[name]}")
         self.ui.print("\n[bold]artefacts[/]")
         for line in self._artefacts():
             self.ui.print(line)
@@ -794,7 +817,9 @@ class Demo:
 
 
 def _label(r: dict[str, Any]) -> str:
-    return f"teacher {r['sampler']}" if r["model"] == "teacher" else r["model"]
+    if r["model"] in TEACHERS:
+        return f"{r['model'].replace('_', ' ')} {r['sampler']}"
+    return str(r["model"])
 
 
 def _table(rows: list[dict[str, Any]], models: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -837,10 +862,12 @@ def _wandb_mode(mode: str | None) -> str:
 _DESCRIBE: dict[str, Callable[[Demo], str]] = {
     "shards": lambda d: f"sklearn digits (train split) -> WebDataset shards in {d.out / 'shards'}",
     "teacher": lambda d: f"class-conditional UNet, {d.sizes.teacher_steps} steps of batch {d.sizes.teacher_batch}",
+    "flow_teacher": lambda d: (f"the same UNet on the flow schedule, {d.sizes.flow_teacher_steps} steps of batch "
+                               f"{d.sizes.teacher_batch}"),
     "pd": lambda d: (f"progressive distillation {d.sizes.pd_start} -> {' -> '.join(map(str, d.sizes.pd_rounds()))} "
                      f"steps, {d.sizes.pd_round_steps} steps per round"),
     "cd": lambda d: f"consistency distillation, {d.sizes.cd_steps} steps",
-    "meanflow": lambda d: f"MeanFlow (teacher velocity as target), {d.sizes.meanflow_steps} steps",
+    "meanflow": lambda d: f"MeanFlow from the flow teacher's weights, {d.sizes.meanflow_steps} steps",
     "ctm": lambda d: f"consistency trajectory model, {d.sizes.ctm_steps} steps",
     "eval": lambda d: f"FID-digits and class accuracy per NFE, {d.sizes.eval_num} samples per point",
     "report": lambda d: "plot, tables, W&B",
@@ -857,7 +884,7 @@ def run_demo(out: str | Path | None = None, *, fast: bool = False, stages: Seque
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--fast", action="store_true", help="the 1-minute smoke version (tiny training and sample counts)")
+    p.add_argument("--fast", action="store_true", help="the 2-minute smoke version (tiny training and sample counts)")
     p.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-fast with --fast)")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"run only these stages (others' outputs are reused): {' '.join(STAGES)}")

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.demo import FAST, STAGES, STUDENTS, Demo
+from dtrain.demo import FAST, STAGES, STUDENTS, TEACHERS, Demo
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("teacher", *(s.name for s in STUDENTS))
+MODELS = (*TEACHERS, *(s.name for s in STUDENTS))
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -59,8 +59,12 @@ def test_every_artefact_exists_and_loads(demo):
         assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
         grid = Image.open(out / "grids" / f"{m}.png")
         assert grid.size[0] == 10 * (8 * 4 + 1) + 1  # one column per class, 8x8 digits shown 4x
-    teacher = json.loads((out / "bundles" / "pd" / "dtrain.json").read_text())["provenance"]["teacher"]
-    assert teacher["format"] == "bundle" and Path(teacher["path"]) == (out / "bundles" / "teacher").resolve()
+    for student in STUDENTS:  # each student distils its teacher's bundle (MeanFlow: the flow teacher's)
+        teacher = json.loads((out / "bundles" / student.name / "dtrain.json").read_text())["provenance"]["teacher"]
+        assert teacher["format"] == "bundle", student.name
+        assert Path(teacher["path"]) == (out / "bundles" / student.teacher).resolve(), student.name
+    assert load_recipe(out / "recipes" / "meanflow.yaml").method.init == "teacher"
+    assert load_recipe(out / "recipes" / "flow_teacher.yaml").schedule.name == "flow"
     assert list((out / "report" / "wandb").glob("offline-run-*"))
     assert Image.open(out / "fid_vs_nfe.png").size[0] > 200
     md = (out / "results.md").read_text()
@@ -81,8 +85,9 @@ def test_numbers_are_sane(demo):
     for r in rows:
         assert math.isfinite(r["fid"]) and r["fid"] >= 0, r
         assert 0.0 <= r["class_acc"] <= 1.0, r
-    samplers = {(r["sampler"], r["nfe"]) for r in rows if r["model"] == "teacher"}
-    assert samplers == {("ddim", 4), ("ddim", 16), ("dpm++2m", 4), ("dpm++2m", 8)}
+    for t in TEACHERS:
+        samplers = {(r["sampler"], r["nfe"]) for r in rows if r["model"] == t}
+        assert samplers == {("ddim", 4), ("ddim", 16), ("dpm++2m", 4), ("dpm++2m", 8)}, t
     assert {r["nfe"] for r in rows if r["model"] == "pd"} == {FAST.pd_end}
     # what a sampler that does nothing scores: its starting noise, clipped to the image range (same count, reference)
     ext = build_extractor("digits")
@@ -90,17 +95,18 @@ def test_numbers_are_sane(demo):
     metric.update(torch.randn(FAST.eval_num, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
     noise = metric.compute()["fid"]  # measured: 52.3
     floor = next(r for r in rows if r["model"] == "data")
-    teacher = [r for r in rows if r["model"] == "teacher"]
-    best = min(r["fid"] for r in teacher)
-    print(f"noise FID {noise:.1f}, real floor {floor['fid']:.3f}, teacher best {best:.2f}, "
-          f"teacher class acc {[r['class_acc'] for r in teacher]}")
     assert floor["fid"] < 1.0 and floor["class_acc"] > 0.95  # real held-out digits: the scale's floor
-    assert floor["fid"] < best < noise / 3  # measured: 13.2 (300 steps)
-    assert min(r["class_acc"] for r in teacher) > 0.4  # chance is 0.1; measured 0.77-0.89
-    # the students that start from the teacher's weights are far from noise after a few steps (measured: pd 16,
-    # cd 29, ctm 22); MeanFlow trains from scratch, and --fast's 20 steps leave it at its starting noise (~50)
-    for m in ("pd", "cd", "ctm"):
-        assert min(r["fid"] for r in rows if r["model"] == m) < noise * 0.75, m
+    for t in TEACHERS:
+        teacher = [r for r in rows if r["model"] == t]
+        best = min(r["fid"] for r in teacher)
+        print(f"noise FID {noise:.1f}, real floor {floor['fid']:.3f}, {t} best {best:.2f}, "
+              f"class acc {[r['class_acc'] for r in teacher]}")
+        assert floor["fid"] < best < noise / 3, t  # measured: teacher 13.2, flow_teacher 14.3 (300 steps)
+        assert min(r["class_acc"] for r in teacher) > 0.4, t  # chance is 0.1; measured 0.71-0.89
+    # every student starts from its teacher's weights and is far from noise after a few steps (measured: pd 15,
+    # cd 29, meanflow 16, ctm 21)
+    for s in STUDENTS:
+        assert min(r["fid"] for r in rows if r["model"] == s.name) < noise * 0.75, s.name
 
 
 def test_rerun_skips_every_stage(demo):
@@ -130,6 +136,10 @@ def test_validity_follows_keys_and_weights(demo):
     assert d2.key("cd") != keys["cd"] and d2.valid("cd", d2.key("cd")) is None
     assert d2.key("teacher") == keys["teacher"] and d2.key("pd") == keys["pd"]
     assert d2.key("eval") is not None and d2.key("eval") != keys["eval"]  # eval scores the students that are valid
+    d4 = Demo(out, sizes=replace(FAST, flow_teacher_steps=FAST.flow_teacher_steps + 1), quiet=True)
+    assert d4.valid("flow_teacher", d4.key("flow_teacher")) is None and d4.key("meanflow") is None  # input outdated
+    assert all(d4.key(s) == keys[s] for s in ("teacher", "pd", "cd", "ctm"))
+    assert d4.key("eval") is not None and d4.key("eval") != keys["eval"]  # scored without flow_teacher and meanflow
     weights = out / "bundles" / "teacher" / "model.safetensors"
     blob = weights.read_bytes()
     try:
@@ -137,6 +147,7 @@ def test_validity_follows_keys_and_weights(demo):
         d3 = Demo(out, sizes=FAST, quiet=True)
         assert d3.valid("teacher", keys["teacher"]) is None
         assert d3.key("pd") is None and d3.key("eval") is None  # their input is gone
+        assert d3.key("meanflow") == keys["meanflow"]  # it reads the flow teacher, not this one
     finally:
         weights.write_bytes(blob)
     assert Demo(out, sizes=FAST, quiet=True).valid("teacher", keys["teacher"]) is not None
