@@ -125,7 +125,7 @@ def _shards(args: argparse.Namespace) -> int:
     return run_shards(args)
 
 
-# ---- demo (shards -> teacher -> students -> FID per NFE -> bundles, on CPU: dtrain.demo) -----------------
+# ---- demo (shards -> teachers -> students -> FID per NFE -> bundles, on CPU: dtrain.demo) ----------------
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from dtrain.demo import add_demo_args
 

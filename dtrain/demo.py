@@ -78,7 +78,8 @@ TITLES = {"data": "real digits: the test split against the train split (the floo
           **{s.name: s.title for s in STUDENTS}}
 STAGES: tuple[str, ...] = ("shards", *TEACHERS, *(s.name for s in STUDENTS), "eval", "report")
 TRAINED = (*TEACHERS, *(s.name for s in STUDENTS))
-OPTIONAL = TRAINED[1:]  # the demo goes on when one of these fails; eval scores each one that is up to date
+# the demo goes on when one of these fails; eval scores each one that is up to date (and needs the teacher)
+OPTIONAL = tuple(s for s in TRAINED if s != "teacher")
 
 
 @dataclass(frozen=True)
@@ -373,14 +374,14 @@ class Demo:
         """The stages, upstream of ``stage``, that are not up to date (in pipeline order)."""
         out: set[str] = set()
         for up in self.needs(stage):
-            if self.key(up) is None or self.valid(up, self.key(up)) is None:
+            if self._up_to_date(up) is None:
                 out |= {up, *self._missing(up)}
         return [s for s in STAGES if s in out]
 
     def _inputs(self, stage: str) -> dict[str, str] | None:
         out = {}
         for up in self.needs(stage):
-            rec = self.valid(up, self.key(up))
+            rec = self._up_to_date(up)
             if rec is None:
                 return None
             out[up] = rec.digest
@@ -392,7 +393,12 @@ class Demo:
         return out
 
     def _up_to_date(self, stage: str) -> _Record | None:
-        key = self.key(stage)
+        try:
+            key = self.key(stage)
+        except Exception:  # an optional model whose recipe does not load: its own stage reports why
+            if stage not in OPTIONAL:
+                raise
+            return None
         return None if key is None else self.valid(stage, key)
 
     def _settings(self, stage: str) -> dict[str, Any]:
@@ -487,16 +493,23 @@ class Demo:
             self.status[stage] = "unavailable"
             self.ui.print(f"{head}: not available in this dtrain (no recipe or training module); skipped")
             return
-        key = self.key(stage)
+        try:
+            key = self.key(stage)
+        except Exception as e:  # its recipe does not load (missing, or invalid after an edit)
+            if stage not in OPTIONAL:
+                raise
+            logging.getLogger("dtrain.demo").error("stage %s failed:\n%s", stage, traceback.format_exc())
+            self._failed(stage, f"{head}: ", f"{type(e).__name__}: {e}")
+            return
         if key is None:
             missing = self._missing(stage)
+            failed = [m for m in missing if self.status.get(m) == "failed"]
             fast = " --fast" if self.sizes == FAST else ""
-            msg = (f"stage {stage} needs the outputs of {', '.join(missing)}: run `dtrain demo{fast} --out {self.out} "
-                   f"--stages {' '.join(missing)} {stage}`")
+            msg = (f"stage {stage} needs the outputs of {', '.join(missing)}"
+                   + (f" ({', '.join(failed)} failed above)" if failed else "")
+                   + f": run `dtrain demo{fast} --out {self.out} --stages {' '.join(missing)} {stage}`")
             if stage in OPTIONAL:
-                self.status[stage] = "failed"
-                self.errors[stage] = msg
-                self.ui.print(f"{head}: [red]{msg}[/]")
+                self._failed(stage, f"{head}: ", msg)
                 return
             raise StageError(msg)
         rec = None if self.force else self.valid(stage, key)
@@ -515,9 +528,7 @@ class Demo:
             if stage not in OPTIONAL:
                 raise
             logging.getLogger("dtrain.demo").error("stage %s failed:\n%s", stage, traceback.format_exc())
-            self.status[stage] = "failed"
-            self.errors[stage] = f"{type(e).__name__}: {e}"
-            self.ui.print(f"    [red]failed: {type(e).__name__}: {str(e)[:300]}[/]")
+            self._failed(stage, "    ", f"{type(e).__name__}: {e}")
             return
         rec.seconds = round(time.perf_counter() - t0, 1)
         rec.status = "done"
@@ -525,6 +536,12 @@ class Demo:
         self.status[stage] = "ran"
         self.timings[stage] = rec.seconds
         self.ui.print(f"    done in {rec.seconds:.0f} s ({_where(rec, self.out)})")
+
+    def _failed(self, stage: str, prefix: str, msg: str) -> None:
+        """An optional stage that cannot run: reported, and the demo goes on (its exit code is then 1)."""
+        self.status[stage] = "failed"
+        self.errors[stage] = msg
+        self.ui.print(f"{prefix}[red]failed: {msg[:600]}[/]")
 
     def _available(self, stage: str) -> bool:
         from dtrain.lit.common import LIT_MODULES

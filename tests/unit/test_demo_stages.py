@@ -1,0 +1,86 @@
+"""``dtrain demo``'s stage graph without training: fake, valid records for the upstream stages, then the keys, the
+eval plan and the failure paths of the optional stages (the flow teacher and the students)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from dtrain import demo as demo_mod
+from dtrain.demo import FAST, OPTIONAL, STAGES, Demo, _Record
+from dtrain.export.bundle import INFO_FILE, WEIGHTS_FILE
+
+
+def _fake(d: Demo, stage: str) -> str:
+    """A done record for ``stage`` whose outputs check out (a bundle with matching weights, or a file)."""
+    key = d.key(stage)
+    assert key is not None, stage
+    if stage == "shards":
+        p = d.out / "shards" / "index.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("{}")
+        outputs = {"index": "shards/index.json"}
+    else:
+        b = d.out / "bundles" / stage
+        b.mkdir(parents=True, exist_ok=True)
+        (b / WEIGHTS_FILE).write_bytes(stage.encode())
+        (b / INFO_FILE).write_text(json.dumps({"weights": {"sha256": hashlib.sha256(stage.encode()).hexdigest()}}))
+        outputs = {"bundle": f"bundles/{stage}"}
+    d._write_record(_Record(stage, key, "done", outputs, {}, 1.0, digest=f"{key}:{stage}"))
+    return key
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    d = Demo(tmp_path, sizes=FAST, quiet=True)
+    _fake(d, "shards")
+    _fake(d, "teacher")
+    return tmp_path
+
+
+def test_each_student_waits_for_its_own_teacher(out: Path) -> None:
+    d = Demo(out, sizes=FAST, quiet=True)
+    assert all(d.key(s) is not None for s in ("pd", "cd", "ctm", "flow_teacher", "eval"))
+    assert d.key("meanflow") is None and d._missing("meanflow") == ["flow_teacher"]
+    assert [p["model"] for p in d._eval_plan()] == ["teacher"]
+    eval_key = d.key("eval")
+    _fake(d, "flow_teacher")
+    assert d.key("meanflow") is not None and d.key("eval") != eval_key  # eval now scores the flow teacher
+    _fake(d, "cd")
+    _fake(d, "meanflow")
+    assert [p["model"] for p in d._eval_plan()] == ["teacher", "flow_teacher", "cd", "meanflow"]
+    assert set(d._inputs("eval")) == {"teacher", "flow_teacher", "cd", "meanflow"}
+    assert set(OPTIONAL) == set(STAGES) - {"shards", "teacher", "eval", "report"}
+
+
+def test_a_flow_teacher_that_does_not_load_fails_alone(out: Path, monkeypatch) -> None:
+    """Its recipe missing: the flow teacher fails with the file's name, MeanFlow says its teacher failed, the
+    summary is written and eval can still score the rest; exit code 1."""
+    monkeypatch.setitem(demo_mod.TEACHERS, "flow_teacher", "teacher/no_such_recipe.yaml")
+    d = Demo(out, sizes=FAST, stages=["flow_teacher", "meanflow"], quiet=True)
+    assert d.run() == 1
+    assert d.status["flow_teacher"] == "failed" and "no_such_recipe.yaml" in d.errors["flow_teacher"]
+    assert d.status["meanflow"] == "failed"
+    assert "needs the outputs of flow_teacher (flow_teacher failed above)" in d.errors["meanflow"]
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["stages"]["flow_teacher"] == "failed" and summary["stages"]["pd"] == "not selected"
+    assert Demo(out, sizes=FAST, quiet=True).key("eval") is not None  # eval goes on without the flow models
+
+
+def test_missing_teacher_of_a_selected_student_names_the_command(out: Path) -> None:
+    d = Demo(out, sizes=FAST, stages=["meanflow"], quiet=True)
+    assert d.run() == 1
+    msg = d.errors["meanflow"]
+    assert "needs the outputs of flow_teacher:" in msg and "failed above" not in msg
+    assert f"dtrain demo --fast --out {out} --stages flow_teacher meanflow" in msg
+
+
+def test_the_teacher_is_required(tmp_path: Path) -> None:
+    """Unlike the optional stages, a missing teacher stops the demo with the command that makes it."""
+    d = Demo(tmp_path, sizes=FAST, quiet=True)
+    _fake(d, "shards")
+    with pytest.raises(demo_mod.StageError, match="stage eval needs the outputs of teacher"):
+        Demo(tmp_path, sizes=FAST, stages=["eval"], quiet=True).run()
