@@ -84,3 +84,14 @@ def test_the_teacher_is_required(tmp_path: Path) -> None:
     _fake(d, "shards")
     with pytest.raises(demo_mod.StageError, match="stage eval needs the outputs of teacher"):
         Demo(tmp_path, sizes=FAST, stages=["eval"], quiet=True).run()
+
+
+def test_an_out_of_date_input_invalidates_everything_below(out: Path) -> None:
+    """The shards gone: the teacher's record is done but its input is not, so no student (nor eval) has a key."""
+    d = Demo(out, sizes=FAST, quiet=True)
+    assert d.key("pd") is not None
+    (out / "shards" / "index.json").unlink()
+    d = Demo(out, sizes=FAST, quiet=True)
+    assert d.key("teacher") is None and d.record("teacher").status == "done"
+    assert d.key("pd") is None and d.key("eval") is None
+    assert d._missing("pd") == ["shards", "teacher"]
