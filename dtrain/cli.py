@@ -154,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dtrain.config import RecipeError
+    from dtrain.errors import InputError
 
     try:
         return int(args.func(args) or 0)
-    except RecipeError as e:  # a bad recipe: one clear line, no traceback
+    except InputError as e:  # a bad recipe, flag or file (dtrain.errors): one clear line, no traceback
         print(f"dtrain {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from dtrain.errors import InputError
+
 __all__ = [
     "RecipeError",
     "Recipe",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe problem: ``file: key: reason``."""
 
     def __init__(self, source: str, key: str, reason: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
+from dtrain.errors import UnknownNameError
+
 T = TypeVar("T")
 
 __all__ = ["Registry"]
@@ -29,7 +31,7 @@ class Registry(Generic[T]):
     def get(self, name: str, field: str | None = None) -> T:
         if name not in self._items:
             where = f"{field}: " if field else ""
-            raise KeyError(f"{where}unknown {self.kind} {name!r}; choose one of {sorted(self._items)}")
+            raise UnknownNameError(f"{where}unknown {self.kind} {name!r}; choose one of {sorted(self._items)}")
         return self._items[name]
 
     def __contains__(self, name: object) -> bool:

@@ -24,6 +24,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from dtrain.data.digits import digits_arrays
+from dtrain.errors import InputError
 from dtrain.eval.features import BUILTIN_REFS, FeatureExtractor
 
 __all__ = ["RefStats", "RefStatsError", "FID", "ClassStats", "make_fid", "compute_ref_stats", "load_ref", "dist_rank",
@@ -32,7 +33,7 @@ __all__ = ["RefStats", "RefStatsError", "FID", "ClassStats", "make_fid", "comput
 REF_FORMAT = 1
 
 
-class RefStatsError(ValueError):
+class RefStatsError(InputError):
     """Reference statistics that do not fit the evaluation (or are not a valid file)."""
 
 

@@ -36,6 +36,7 @@ from dtrain.diffusion.guidance import CFGDenoiser, WCondDenoiser
 from dtrain.diffusion.param import PARAMS
 from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
+from dtrain.errors import InputError
 from dtrain.registry import Registry
 from dtrain.samplers.base import initial_noise
 
@@ -64,7 +65,7 @@ WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bad bundle: ``file: field: reason``."""
 
     def __init__(self, file: str | Path, field: str, reason: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dtrain.errors import InputError
 from dtrain.export.bundle import INFO_FILE, BundleError, assemble, load_bundle, save_bundle, sha256_file
 
 __all__ = [
@@ -47,7 +48,7 @@ _KNOWN_META = {"format", "recipe", "ema_tags", "kind", "bundle_kind", "default_e
                "class_names", "git_commit", "recipe_hash", "metrics", "teacher"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint problem: ``file: field: reason``."""
 
     def __init__(self, file: str | Path, field: str, reason: str) -> None:
