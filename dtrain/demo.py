@@ -284,6 +284,10 @@ class Demo:
     def __init__(self, out: str | Path = "runs/demo", *, sizes: Sizes = FULL, stages: Sequence[str] | None = None,
                  threads: int = 1, wandb: str | None = None, force: bool = False, quiet: bool = False) -> None:
         self.out = Path(out).absolute()
+        if self.out.exists() and not self.out.is_dir():
+            raise StageError(f"--out: {self.out} exists and is not a directory")
+        if threads < 1:
+            raise StageError(f"--threads: must be >= 1, not {threads}")
         self.sizes = sizes
         bad = [s for s in (stages or ()) if s not in STAGES]
         if bad:

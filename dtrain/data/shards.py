@@ -158,7 +158,7 @@ def from_npy(path: str | Path, labels: str | Path | None = None) -> ImageSet:
         raise FileNotFoundError(f"array file not found: {path}")
     y = None
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        with _np_load(path) as z:
             xk = next((k for k in ("images", "x") if k in z), None)
             if xk is None:
                 raise ValueError(f"{path}: a .npz needs an 'images' (or 'x') array; it has {sorted(z.files)}")
@@ -166,12 +166,20 @@ def from_npy(path: str | Path, labels: str | Path | None = None) -> ImageSet:
             yk = next((k for k in ("labels", "y") if k in z), None)
             y = z[yk] if yk else None
     else:
-        x = np.load(path, allow_pickle=False)
+        x = _np_load(path)
     if labels is not None:
         if not Path(labels).is_file():
             raise FileNotFoundError(f"labels file not found: {labels}")
-        y = np.load(labels, allow_pickle=False)
+        y = _np_load(labels)
     return from_arrays(x, y, source=f"npy:{path}")
+
+
+def _np_load(path: str | Path, **kw: Any) -> Any:
+    """``np.load`` without pickles; a file numpy cannot read fails with its name."""
+    try:
+        return np.load(path, allow_pickle=False, **kw)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a numpy .npy / .npz array file ({e})") from e
 
 
 def from_digits() -> ImageSet:
@@ -552,12 +560,14 @@ def run_shards(a: argparse.Namespace) -> int:
                 print(b, file=sys.stderr)
             print(f"{a.index}: {'OK' if not bad else f'{len(bad)} problem(s)'}")
             return 1 if bad else 0
+        if Path(a.out).exists() and not Path(a.out).is_dir():
+            raise ValueError(f"--out: {a.out} exists and is not a directory")
         data = _SOURCES[a.source](a)
         latents = None
         if a.latents:
             if not Path(a.latents).is_file():
                 raise FileNotFoundError(f"latents file not found: {a.latents}")
-            latents = np.load(a.latents, mmap_mode="r", allow_pickle=False)
+            latents = _np_load(a.latents, mmap_mode="r")
         idx = write_shards(data, a.out, prefix=a.prefix, shard_size=a.shard_size, num_shards=a.num_shards,
                            latents=latents, shuffle=not a.no_shuffle, seed=a.seed, progress=not a.quiet)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
