@@ -423,6 +423,9 @@ def _read_yaml(path: Path, source: str) -> DictConfig:
         raise RecipeError(source, "", f"not valid YAML: {e}") from None
     if not isinstance(cfg, DictConfig):
         raise RecipeError(source, "", "a recipe must be a mapping of sections")
+    if len(cfg) == 0:
+        raise RecipeError(source, "", "the recipe file is empty (a recipe sets sections such as model, method and "
+                          "data, or names a base: recipe)")
     return cfg
 
 
@@ -482,6 +485,9 @@ def _key_error(e: OmegaConfBaseException, source: str) -> RecipeError:
 def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
     """Load, merge and validate a recipe; returns a resolved, read-only DictConfig."""
     sources = _sources(Path(path)) if path is not None else []
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError("command line", item, "an override is key=value, e.g. trainer.max_steps=1000")
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
     except Exception as e:
@@ -581,6 +587,14 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
 
         if not zipfile.is_zipfile(cfg.teacher):  # torch.save's zip; a truncated file loses its central directory
             bad.append(("teacher", f"{cfg.teacher} is not a readable torch checkpoint (truncated or not a checkpoint)"))
+    elif cfg.teacher is not None:
+        from dtrain.export.bundle import INFO_FILE
+        from dtrain.export.zero import is_sharded_checkpoint
+
+        if not (Path(cfg.teacher, INFO_FILE).is_file() or is_sharded_checkpoint(cfg.teacher)):
+            bad.append(("teacher", f"{cfg.teacher} is a directory but neither an inference bundle (no {INFO_FILE}) "
+                        f"nor a sharded (DeepSpeed / FSDP) checkpoint; give a checkpoint file, a bundle directory "
+                        f"(dtrain export) or a sharded checkpoint directory"))
     return bad
 
 
@@ -739,7 +753,7 @@ def _check_wds(cfg: DictConfig) -> list[tuple[str, str]]:
 @register_validator
 def _check_pd(cfg: DictConfig) -> list[tuple[str, str]]:
     """Progressive distillation: a round plan that fits trainer.max_steps, guidance vs model.w_cond, the grid.
-    (``teacher`` may stay unset in a recipe file: ``dtrain fit ... teacher=<path>`` gives it, and fit fails without.)"""
+    (``teacher`` may stay unset in a recipe file: ``dtrain fit ... teacher=<path>`` gives it; ``fit`` checks it.)"""
     from dtrain.diffusion.param import PARAMS
     from dtrain.methods.denoising import WEIGHTINGS
 
@@ -787,7 +801,7 @@ def _check_pd(cfg: DictConfig) -> list[tuple[str, str]]:
 @register_validator
 def _check_consistency(cfg: DictConfig) -> list[tuple[str, str]]:
     """Consistency models: option names, ranges, the training grid, sampling times inside the schedule. (A missing
-    ``teacher`` fails when training starts, so recipes can leave it to the command line.)"""
+    ``teacher`` fails in ``fit``, so recipes can leave it to the command line.)"""
     from dtrain.methods import consistency as C
 
     if cfg.method.name not in C.VARIANTS:
@@ -829,7 +843,7 @@ def _check_consistency(cfg: DictConfig) -> list[tuple[str, str]]:
 @register_validator
 def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
     """MeanFlow and CTM: the two-time network, MeanFlow's flow schedule and velocity output, option names and ranges;
-    the few-step flow-map samplers only for these students. (CTM's missing ``teacher`` fails when training starts.)"""
+    the few-step flow-map samplers only for these students. (CTM's missing ``teacher`` fails in ``fit``.)"""
     m, bad = cfg.method, []
     if m.name not in ("meanflow", "ctm"):
         if cfg.sampler.name in ("flowmap", "flowmap_gamma"):
@@ -899,8 +913,15 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
 
 
 def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
-    """The local data files a run reads exist: ``dtrain fit`` calls this before anything starts (``load_recipe``
-    does not, so recipes may name shards made later). Raises ``RecipeError(source, key, reason)``."""
+    """The local data files a run reads exist and the accelerator it asks for is here: ``dtrain fit`` calls this
+    before anything starts (``load_recipe`` does not, so recipes may name shards made later, and a CPU login node
+    validates GPU recipes). Raises ``RecipeError(source, key, reason)``."""
+    if cfg.trainer.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError(source, "trainer.accelerator", f"{cfg.trainer.accelerator!r} but no CUDA GPU is "
+                              f"available here; use cpu or auto")
     d = cfg.data
     if d.name != "wds" or not d.shards or "://" in d.shards:
         return

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dtrain.export.bundle import INFO_FILE
 from dtrain.export.checkpoint import CheckpointError
+from dtrain.export.zero import is_sharded_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
-           "checkpoint_candidates"]
+           "checkpoint_candidates", "check_model"]
 
 log = logging.getLogger("dtrain.checkpoint")
 TMP_TAG = ".tmp"
@@ -92,8 +95,8 @@ def probe_checkpoint(path: str | Path) -> int:
     unreadable with ``weights_only=True``, or not a training checkpoint. Sharded directories: -1 (not probed)."""
     path = Path(path)
     if path.is_dir():
-        if not any(path.iterdir()):
-            raise CheckpointError(path, "", "empty checkpoint directory")
+        if not is_sharded_checkpoint(path):
+            raise CheckpointError(path, "", _not_sharded(path))
         return -1
     if not path.is_file():
         raise CheckpointError(path, "", "checkpoint not found")
@@ -107,6 +110,33 @@ def probe_checkpoint(path: str | Path) -> int:
     if not isinstance(ck, dict) or "state_dict" not in ck or not isinstance(ck.get("global_step"), int):
         raise CheckpointError(path, "", "not a training checkpoint (no state_dict / global_step)")
     return int(ck["global_step"])
+
+
+def _not_sharded(path: Path) -> str:
+    """Why a directory is not a checkpoint to resume from."""
+    if not any(path.iterdir()):
+        return "empty checkpoint directory"
+    if (path / INFO_FILE).is_file():
+        return "an inference bundle (dtrain export), not a training checkpoint"
+    if (path / "checkpoints").is_dir():
+        return "a run directory, not a checkpoint: give one of its checkpoints/*.ckpt, or 'last' with its recipe"
+    return ("a directory, but not a sharded (DeepSpeed / FSDP) checkpoint (no DeepSpeed 'latest' or "
+            "*model_states.pt, no .metadata): give a .ckpt file or a sharded checkpoint directory")
+
+
+def check_model(path: str | Path, model: Mapping[str, Any]) -> None:
+    """The checkpoint file ``path`` was trained with this ``model`` section (keys that only affect training noise or
+    sampling aside), else ``CheckpointError`` naming the keys that differ. Sharded directories are not checked."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    theirs = ((ck.get("dtrain") or {}).get("recipe") or {}).get("model") or {}
+    diff = [f"model.{k} {theirs[k]!r} (now {model[k]!r})" for k in theirs
+            if k in model and k not in ("dropout", "clip_x0") and theirs[k] != model[k]]
+    if diff:
+        raise CheckpointError(path, "--resume", f"the checkpoint's network differs from the recipe's: "
+                              f"{', '.join(diff)}; resume with the checkpoint's model section, or start a new run")
 
 
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
@@ -137,7 +167,10 @@ def resume_path(run_dir: str | Path, resume: str | Path | None) -> Path | None:
         path = Path(resume)
         if not path.exists():
             raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
-        probe_checkpoint(path)
+        try:
+            probe_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(e.file, "--resume", e.reason) from None
         return path
     _remove_stale_temps(run_dir)
     skipped: list[str] = []

@@ -31,6 +31,7 @@ from dtrain.config import recipe_hash, to_container
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
+from dtrain.errors import InputError
 from dtrain.export.checkpoint import CKPT_FORMAT, read_checkpoint
 from dtrain.lit.guard import NonFiniteGuard
 from dtrain.models import build_denoiser, build_model, count_params
@@ -127,6 +128,12 @@ class DiffusionModule(L.LightningModule):
         self.teacher_recipe: dict[str, Any] | None = None  # the teacher's training recipe (``frozen_teacher``)
 
     # ---- recipe views -------------------------------------------------------------------------------------
+    @classmethod
+    def teacher_needed(cls, recipe: Any) -> str:
+        """Why training this recipe needs its ``teacher`` (a checkpoint or bundle), or "" when it does not: ``fit``
+        checks it before anything starts; a ``teacher`` object passed to the module stands in for it."""
+        return ""
+
     @property
     def num_classes(self) -> int:
         return int(self.recipe["model"].get("num_classes", 0) or 0)
@@ -391,7 +398,7 @@ class DiffusionModule(L.LightningModule):
             teacher.clip_x0 = None
         theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
         if same_schedule and theirs != mine:
-            raise ValueError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
+            raise InputError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
                              f"({ref.get('path')})")
         return teacher.requires_grad_(False).eval().to(self.device), ref
 

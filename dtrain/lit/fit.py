@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dtrain.config import check_inputs, load_recipe, to_container
+from dtrain.config import RecipeError, check_inputs, load_recipe, to_container
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
-from dtrain.lit.checkpointing import AtomicCheckpointIO, resume_path
+from dtrain.lit.checkpointing import AtomicCheckpointIO, check_model, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
 __all__ = ["fit", "run_dir", "build_trainer", "build_logger", "describe", "set_cpu_threads", "set_tf32"]
@@ -135,17 +135,23 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     ``callbacks``: extra Lightning callbacks (e.g. the progress display of ``dtrain demo``).
     """
     cfg = recipe if isinstance(recipe, DictConfig) else load_recipe(recipe, overrides)
+    source = str(recipe) if not isinstance(recipe, DictConfig) else "recipe"
     out = run_dir(cfg)
+    klass: type[DiffusionModule] = module_class(cfg.method.name)
+    if cfg.teacher is None and (why := klass.teacher_needed(cfg)):
+        raise RecipeError(source, "teacher", f"{why}: give its checkpoint or bundle, e.g. teacher=runs/<name>/"
+                          f"checkpoints/last.ckpt on the command line")
     if dry_run:
         print(describe(cfg), end="")
         return out
-    klass: type[DiffusionModule] = module_class(cfg.method.name)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # EMA copies, on purpose
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
-    check_inputs(cfg, str(recipe) if not isinstance(recipe, DictConfig) else "recipe")  # before anything starts
+    check_inputs(cfg, source)  # before anything starts
     ckpt_path = resume_path(out, resume)
+    if ckpt_path is not None:
+        check_model(ckpt_path, to_container(cfg.model))
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule
 

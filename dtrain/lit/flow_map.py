@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dtrain.errors import InputError
 from dtrain.lit.common import DiffusionModule
 from dtrain.methods.flow_map import CTMLoss, MeanFlowLoss, Rescheduled
 
@@ -62,7 +63,7 @@ class FlowMapModule(DiffusionModule):
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
         super().__init__(recipe)
         if not self.recipe["model"].get("second_time"):
-            raise ValueError(f"model.second_time: must be true for method {self.recipe['method']['name']!r} "
+            raise InputError(f"model.second_time: must be true for method {self.recipe['method']['name']!r} "
                              f"(the network embeds the target time of a jump)")
         self._given_teacher = teacher
         self.teacher: Any = None
@@ -74,9 +75,20 @@ class FlowMapModule(DiffusionModule):
 
         return KINDS.get(self.kind, "bundle kind").build(net, self.schedule, self.recipe["model"])
 
+    @classmethod
+    def teacher_needed(cls, recipe: Any) -> str:
+        if cls.needs_teacher:
+            return f"method {cls.kind!r} distils a teacher"
+        return f"method.init teacher starts {cls.kind!r} from a teacher's weights (or use method.init: scratch)" \
+            if cls._init_teacher(recipe) else ""
+
+    @classmethod
+    def _init_teacher(cls, recipe: Any) -> bool:
+        return recipe["method"].get("init", "teacher" if cls.needs_teacher else "scratch") == "teacher"
+
     @property
     def init_teacher(self) -> bool:
-        return self.recipe["method"].get("init", "teacher" if self.needs_teacher else "scratch") == "teacher"
+        return self._init_teacher(self.recipe)
 
     def denoiser_for(self, ema: str | None = None) -> Any:
         """The flow map over the raw network (None) or the EMA copy with that tag."""
@@ -88,11 +100,8 @@ class FlowMapModule(DiffusionModule):
         """The frozen teacher (or None when the recipe has none and the method does not need one)."""
         source = self._given_teacher if self._given_teacher is not None else self.recipe.get("teacher")
         if source is None:
-            if self.needs_teacher:
-                raise ValueError(f"teacher: method {self.kind!r} distils a teacher; give a checkpoint or bundle path")
-            if self.init_teacher:
-                raise ValueError(f"teacher: method.init teacher starts {self.kind!r} from a teacher's weights; give "
-                                 f"a checkpoint or bundle path (or method.init: scratch)")
+            if why := self.teacher_needed(self.recipe):
+                raise InputError(f"teacher: {why}; give a checkpoint or bundle path")
             return None
         init = self.init_teacher  # the student is the teacher's network, on the teacher's schedule
         teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.recipe["method"].get("teacher_ema", "auto"),
@@ -104,12 +113,16 @@ class FlowMapModule(DiffusionModule):
         (zero) is new, so the student starts as the teacher: G's clean estimate is the teacher's x0 for every s."""
         net = getattr(teacher, "net", None)
         if net is None:
-            raise ValueError(f"method.init: the teacher ({type(teacher).__name__}) has no network to copy; "
+            raise InputError(f"method.init: the teacher ({type(teacher).__name__}) has no network to copy; "
                              f"use method.init: scratch")
-        missing, unexpected = self.net.load_state_dict(net.state_dict(), strict=False)
+        try:
+            missing, unexpected = self.net.load_state_dict(net.state_dict(), strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise InputError(f"model: the student network is not the teacher's plus model.second_time "
+                             f"({(self.teacher_ref or {}).get('path')}): {str(e).splitlines()[-1].strip()}") from None
         wrong = [k for k in missing if not k.startswith("s_emb.")] + list(unexpected)
         if wrong:
-            raise ValueError(f"model: the student network is not the teacher's plus model.second_time "
+            raise InputError(f"model: the student network is not the teacher's plus model.second_time "
                              f"({(self.teacher_ref or {}).get('path')}): mismatched tensors {wrong[:5]}")
         for tag in self.ema_tags:
             self.ema[tag].load_state_dict(self.net.state_dict())  # type: ignore[index]

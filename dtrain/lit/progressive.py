@@ -35,6 +35,7 @@ from torch import Tensor
 
 from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
 from dtrain.diffusion.timesteps import make_grid
+from dtrain.errors import InputError
 from dtrain.lit.common import DiffusionModule, lr_factor
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
 from dtrain.samplers.base import initial_noise
@@ -102,12 +103,16 @@ class ProgressiveModule(DiffusionModule):
             self.recipe["name"]
         return Path(root) / "rounds"
 
+    @classmethod
+    def teacher_needed(cls, recipe: Any) -> str:
+        return "progressive distillation (method 'pd') distils a teacher"
+
     def _load_teacher(self, index: int) -> None:
         """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle."""
         if index == 0:
             source = self._given_teacher if self._given_teacher is not None else self.recipe["teacher"]
             if source is None:
-                raise ValueError("teacher: progressive distillation needs a teacher (a checkpoint or a bundle path)")
+                raise InputError(f"teacher: {self.teacher_needed(self.recipe)}; give a checkpoint or a bundle path")
         else:
             source = self.rounds_dir / self.rounds[index - 1].name
         ema = self.recipe["method"].get("teacher_ema", "auto") if index == 0 else "auto"
@@ -123,11 +128,11 @@ class ProgressiveModule(DiffusionModule):
             try:
                 missing, extra = self.net.load_state_dict(net.state_dict(), strict=False)
             except RuntimeError as e:
-                raise ValueError(f"model: the student network does not fit the teacher's weights ({where}): "
+                raise InputError(f"model: the student network does not fit the teacher's weights ({where}): "
                                  f"{str(e).splitlines()[-1].strip()}") from None
             missing = [k for k in missing if not k.startswith("w_emb.")]
             if missing or extra:
-                raise ValueError(f"model: the student network is not the teacher's ({where}): missing {missing[:4]}, "
+                raise InputError(f"model: the student network is not the teacher's ({where}): missing {missing[:4]}, "
                                  f"unexpected {extra[:4]}; copy the teacher's model section")
         if self.ema is not None:
             for tag in self.ema.tags:
@@ -144,7 +149,7 @@ class ProgressiveModule(DiffusionModule):
         info = (checkpoint.get("dtrain") or {}).get("pd") or {}
         saved = [Round(**r) for r in info.get("rounds", [])]
         if saved and saved != self.rounds:
-            raise ValueError(f"method.round_steps: the checkpoint's rounds {[asdict(r) for r in saved]} are not this "
+            raise InputError(f"method.round_steps: the checkpoint's rounds {[asdict(r) for r in saved]} are not this "
                              f"recipe's {[asdict(r) for r in self.rounds]}")
         self.round = int(info.get("round", 0))
         if self._trainer is not None:

@@ -103,7 +103,7 @@ def test_explicit_truncated_checkpoint_fails_naming_it(tmp_path, capsys):
     assert probe_checkpoint(bad) == 3
     _truncate(bad)
     assert main(["fit", str(GMM), *SMALL, f"out_dir={tmp_path}", "--resume", str(bad)]) == 2
-    assert f"dtrain fit: {bad}: unreadable (truncated or corrupt?)" in capsys.readouterr().err
+    assert f"dtrain fit: {bad}: --resume: unreadable (truncated or corrupt?)" in capsys.readouterr().err
 
 
 def test_auto_starts_fresh_without_checkpoints(tmp_path):

@@ -1,0 +1,98 @@
+"""Bad input to ``dtrain fit`` gives one line naming the field, flag or file (exit code 2), never a traceback, and
+where it can, before the run directory exists: a missing or mistaken teacher, a directory or another network to
+resume from, a GPU that is not there, an override without '=', an empty recipe file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain.cli import main
+
+R = Path(__file__).resolve().parents[2] / "recipes"
+DIGITS = R / "teacher" / "digits.yaml"
+QUIET = ["logger.mode=disabled", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.accelerator=cpu",
+         "trainer.devices=1"]
+STEPS = "trainer.max_steps=2"  # should a check miss, no run trains long
+
+
+@pytest.fixture(scope="module")
+def bundle(digits_teacher, tmp_path_factory):
+    """The inference bundle of the 16-channel digits teacher checkpoint (``digits_teacher``, tests/conftest.py)."""
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    assert main(["export", str(digits_teacher), "--out", str(out)]) == 0
+    return out
+
+
+def fit_error(capsys, *argv: str) -> str:
+    """``dtrain fit argv``: exit code 2 and a one-line message (returned)."""
+    capsys.readouterr()
+    assert main(["fit", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dtrain fit: ") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("recipe", ["cm/cd_digits.yaml", "pd/digits.yaml", "flowmap/ctm_digits.yaml",
+                                    "cm/ict_digits.yaml"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_missing_teacher_fails_at_validation(capsys, tmp_path, recipe, dry_run):
+    steps = [] if recipe.startswith("pd/") else [STEPS]  # pd's round plan fixes max_steps
+    err = fit_error(capsys, str(R / recipe), f"out_dir={tmp_path}", *QUIET, *steps, *(["--dry-run"] if dry_run else []))
+    assert f"{recipe}: teacher: " in err and "checkpoint or bundle" in err
+    assert not any(tmp_path.iterdir())  # no run directory
+
+
+def test_optional_teacher_stays_optional(capsys, tmp_path):
+    """MeanFlow from scratch and ict from scratch take no teacher."""
+    assert main(["fit", str(R / "flowmap" / "meanflow_digits.yaml"), f"out_dir={tmp_path}", "--dry-run"]) == 0
+    assert main(["fit", str(R / "cm" / "ict_digits.yaml"), "method.init=scratch", "--dry-run"]) == 0
+
+
+def test_student_network_not_the_teachers(capsys, tmp_path, bundle):
+    err = fit_error(capsys, str(R / "cm" / "cd_digits.yaml"), f"teacher={bundle}", "model.channels=32",
+                    f"out_dir={tmp_path}", *QUIET, STEPS)
+    assert "model: the student network is not the teacher's" in err and str(bundle) in err
+
+
+@pytest.mark.parametrize("what", ["bundle", "plain", "run"])
+def test_resume_from_a_directory_that_is_no_checkpoint(capsys, tmp_path, digits_teacher, bundle, what):
+    path = {"bundle": bundle, "plain": tmp_path / "plain", "run": digits_teacher.parents[1]}[what]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("x")
+    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path / 'runs'}", *QUIET, STEPS, "--resume", str(path))
+    assert f"{path}: --resume: " in err
+    assert {"bundle": "inference bundle", "plain": "not a sharded", "run": "run directory"}[what] in err
+
+
+def test_resume_with_another_network(capsys, tmp_path, digits_teacher):
+    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path}", "model.channels=8", *QUIET, STEPS, "--resume",
+                    str(digits_teacher))
+    assert f"{digits_teacher}: --resume: " in err and "model.channels 16 (now 8)" in err
+
+
+def test_gpu_accelerator_without_cuda(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path}", *QUIET, STEPS, "trainer.accelerator=gpu")
+    assert "trainer.accelerator: 'gpu'" in err and "no CUDA GPU" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_override_without_equals(capsys, tmp_path):
+    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path}", "trainer.max_steps", "--dry-run")
+    assert "command line: trainer.max_steps: an override is key=value" in err
+
+
+def test_empty_recipe_file(capsys, tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    err = fit_error(capsys, str(tmp_path / "empty.yaml"), "--dry-run")
+    assert "empty.yaml: the recipe file is empty" in err
+
+
+def test_teacher_directory_neither_bundle_nor_sharded(capsys, tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "weights.bin").write_bytes(b"0")
+    err = fit_error(capsys, str(R / "cm" / "cd_digits.yaml"), f"teacher={tmp_path / 't'}", "--dry-run")
+    assert f"teacher: {tmp_path / 't'} is a directory but neither an inference bundle" in err
