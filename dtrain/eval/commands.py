@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dtrain.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -53,10 +56,29 @@ def _default(flag: Any, recipe_eval: dict[str, Any], key: str, fallback: Any) ->
     return fallback if v is None or v == [] else v
 
 
+def _check_out_dir(out: Path) -> Path:
+    """Fail before the sweep when the output directory cannot be made or written (``--out``)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} is a file; give a directory (for fid_vs_nfe.json, the plot and sample grids)")
+    top = out.absolute()
+    base = next(p for p in (top, *top.parents) if p.exists())
+    if not base.is_dir():
+        raise InputError(f"--out: cannot create {out}: {base} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as e:
+        raise InputError(f"--out: cannot create {out}: cannot write in {base} ({e.strerror})") from None
+    return out
+
+
 def _init_dist(device: str | None) -> torch.device:
-    """Join torchrun's process group when launched by it; the device of this rank."""
+    """Join torchrun's process group when launched by it; the device of this rank (``--device`` checked first)."""
     import torch
 
+    from dtrain.samplers.base import check_device
+
+    if device is not None:
+        check_device(device, "--device")
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     dev = torch.device(f"cuda:{local}" if cuda and device in (None, "cuda") else (device or "cpu"))
@@ -69,40 +91,52 @@ def _init_dist(device: str | None) -> torch.device:
 
 def run_eval(args: argparse.Namespace, load: Loader) -> list[Any]:
     """The sweep; returns the rows (every rank)."""
-    from dtrain.eval.features import build_extractor
+    from dtrain.diffusion.timesteps import SPACINGS
+    from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS, build_extractor
     from dtrain.eval.fid import dist_rank, load_ref
     from dtrain.eval.grids import save_grid
     from dtrain.eval.report import log_wandb, plot_fid_vs_nfe, write_json
     from dtrain.eval.sweep import fid_sweep, parse_specs
+    from dtrain.samplers import check_sampler
 
+    if args.num is not None and args.num < 2:
+        raise InputError(f"--num: must be >= 2 (FID needs at least 2 samples), got {args.num}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.spacing is not None and args.spacing not in SPACINGS:
+        raise InputError(f"--spacing: unknown spacing {args.spacing!r}; choose one of {list(SPACINGS)}")
+    name = Path(str(args.model).rstrip("/")).stem
+    out = _check_out_dir(Path(args.out or Path("runs") / "eval" / name))
     device = _init_dist(args.device)
     rank, world = dist_rank()
     denoiser, info = load(args.model, ema=args.ema, device=device)
     recipe = (info.get("provenance") or {}).get("recipe") or {}
     ev = dict(recipe.get("eval") or {})
-    try:
-        specs = parse_specs(_default(args.samplers, ev, "samplers", None) or ["ddim:1,2,4,8,16,32"], "--samplers")
-    except ValueError as e:
-        raise SystemExit(f"dtrain eval: {e}") from None
+    specs = parse_specs(_default(args.samplers, ev, "samplers", None) or ["ddim:1,2,4,8,16,32"],
+                        "--samplers" if args.samplers else "eval.samplers")
+    for sampler, _ in specs:
+        check_sampler(sampler, denoiser, "--samplers" if args.samplers else "eval.samplers",
+                      what=f"this model (kind {info.get('kind')!r})")
     shape = tuple(int(s) for s in info["image"]["shape"])
     num_classes = len(info.get("class_names") or [])
     extractor_name = _default(args.extractor, ev, "feature_extractor", "digits")
+    EXTRACTORS.get(extractor_name, "--extractor" if args.extractor else "eval.feature_extractor")
     ref_spec = _default(args.ref_stats, ev, "ref_stats", "digits:train" if extractor_name == "digits" else None)
     if ref_spec is None:
-        raise SystemExit("dtrain eval: --ref-stats is required for this extractor (make the file with "
-                         "tools/fid_ref_stats.py)")
+        raise InputError(f"--ref-stats: required for the {extractor_name!r} extractor: a .npz made with "
+                         f"tools/fid_ref_stats.py (the built-in {', '.join(BUILTIN_REFS)} are for 'digits')")
     guidance = _default(args.guidance, ev, "guidance", info["sampler"].get("guidance", 1.0))
     seed = int(_default(args.seed, ev, "seed", 0))
     num, batch = int(_default(args.num, ev, "num", 1000)), int(_default(args.batch_size, ev, "batch_size", 250))
+    if num < 2 or batch < 1:  # from the recipe
+        raise InputError(f"eval.num / eval.batch_size: need num >= 2 and batch_size >= 1, got {num}, {batch}")
     extractor = build_extractor(extractor_name, _default(args.weights, ev, "feature_extractor_weights_path", None),
                                 shape=shape).to(device)
-    ref = load_ref(ref_spec, extractor)
+    ref = load_ref(ref_spec, extractor, key="--ref-stats" if args.ref_stats else "eval.ref_stats")
     rows = fid_sweep(denoiser, specs, num=num, batch_size=batch, shape=shape, extractor=extractor, ref=ref,
                      num_classes=num_classes, guidance=float(guidance), seed=seed, device=device,
                      spacing=args.spacing, ref_source=str(ref_spec))
     if rank == 0:
-        name = Path(str(args.model).rstrip("/")).stem
-        out = Path(args.out or Path("runs") / "eval" / name)
         run_info = {"model": str(args.model), "kind": info.get("kind"), "ema": (info.get("ref") or {}).get("ema"),
                     "num": num, "batch_size": batch, "seed": seed, "guidance": float(guidance), "world_size": world,
                     "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256,

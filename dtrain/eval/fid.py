@@ -99,7 +99,8 @@ class RefStats:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{key}: reference statistics not found: {path} (make them with "
-                                    f"`python tools/fid_ref_stats.py --out {path} ...`)")
+                                    f"`python tools/fid_ref_stats.py --out {path} ...`, or use a built-in: "
+                                    f"{', '.join(BUILTIN_REFS)})")
         try:
             with np.load(path, allow_pickle=False) as z:
                 mu, sigma, meta = z["mu"], z["sigma"], json.loads(str(z["meta"]))
@@ -155,13 +156,18 @@ def compute_ref_stats(extractor: FeatureExtractor, batches: Iterable[Tensor], so
     return RefStats(mu, sigma, ref_meta(extractor, shape, n, source))
 
 
-def load_ref(spec: str | Path, extractor: FeatureExtractor, device: str | torch.device = "cpu") -> RefStats:
-    """``eval.ref_stats``: an .npz from tools/fid_ref_stats.py, or a built-in name (``digits:train`` ...)."""
+def load_ref(spec: str | Path, extractor: FeatureExtractor, device: str | torch.device = "cpu",
+             key: str = "eval.ref_stats") -> RefStats:
+    """``eval.ref_stats``: an .npz from tools/fid_ref_stats.py, or a built-in name (``digits:train`` ...); errors name
+    ``key`` (the field, or a flag: ``--ref-stats``)."""
     if str(spec) in BUILTIN_REFS:
         split = str(spec).split(":", 1)[1]
         x, _ = digits_arrays(split)
         return compute_ref_stats(extractor, x.split(512), f"sklearn digits, split {split}", device, sync=False)
-    return RefStats.load(spec)
+    if str(spec).startswith("digits:"):
+        raise RefStatsError(f"{key}: unknown built-in reference statistics {str(spec)!r}; choose one of "
+                            f"{list(BUILTIN_REFS)} or give a .npz file from tools/fid_ref_stats.py")
+    return RefStats.load(spec, key)
 
 
 # ---------------------------------------------------------------------------------------------

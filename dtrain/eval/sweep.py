@@ -19,7 +19,8 @@ from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.guidance import CFGDenoiser
-from dtrain.samplers import SAMPLERS, run, steps_for_nfe
+from dtrain.errors import InputError
+from dtrain.samplers import SAMPLERS, check_sampler, run, steps_for_nfe
 from dtrain.samplers.base import derive_seed, prior_std
 
 if TYPE_CHECKING:  # torchmetrics is imported when a sweep runs, not by recipe validation
@@ -44,18 +45,18 @@ def parse_specs(specs: str | Sequence[str | Spec], key: str = KEY) -> list[Spec]
         if isinstance(spec, str):
             name, sep, nfes = spec.partition(":")
             if not sep or not nfes:
-                raise ValueError(f"{key}: {spec!r} must be 'sampler:nfe,nfe,...' (e.g. 'ddim:1,2,4')")
+                raise InputError(f"{key}: {spec!r} must be 'sampler:nfe,nfe,...' (e.g. 'ddim:1,2,4')")
             try:
                 budgets = [int(n) for n in nfes.split(",")]
             except ValueError:
-                raise ValueError(f"{key}: {spec!r}: NFE values must be integers") from None
+                raise InputError(f"{key}: {spec!r}: NFE values must be integers") from None
         else:
             name, budgets = spec[0], [int(n) for n in spec[1]]
         name = name.strip()
         if name not in SAMPLERS:
-            raise ValueError(f"{key}: unknown sampler {name!r}; choose one of {SAMPLERS.names()}")
+            raise InputError(f"{key}: unknown sampler {name!r}; choose one of {SAMPLERS.names()}")
         if not budgets or min(budgets) < 1:
-            raise ValueError(f"{key}: {name}: NFE values must be >= 1, got {budgets}")
+            raise InputError(f"{key}: {name}: NFE values must be >= 1, got {budgets}")
         out.append((name, budgets))
     return out
 
@@ -63,7 +64,7 @@ def parse_specs(specs: str | Sequence[str | Spec], key: str = KEY) -> list[Spec]
 def global_batches(num: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, range]]:
     """(batch index, sample indices) of the global batches this rank samples: b = rank, rank + world, ..."""
     if num < 1 or batch_size < 1:
-        raise ValueError(f"eval: num and batch_size must be >= 1, got {num}, {batch_size}")
+        raise InputError(f"eval: num and batch_size must be >= 1, got {num}, {batch_size}")
     n_batches = -(-num // batch_size)
     return [(b, range(b * batch_size, min(num, (b + 1) * batch_size))) for b in range(rank, n_batches, world_size)]
 
@@ -157,6 +158,8 @@ def fid_sweep(
     from dtrain.eval.fid import FID, dist_rank
 
     plan = parse_specs(specs)
+    for name, _ in plan:
+        check_sampler(name, denoiser, KEY)
     rank, world = dist_rank()
     device = torch.device(device) if device is not None else _device_of(denoiser)
     if num_classes > 0 and guidance != 1.0:

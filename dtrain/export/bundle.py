@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import re
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ __all__ = [
     "register_kind",
     "Pipeline",
     "check_info",
+    "check_out",
+    "check_writable",
     "read_info",
     "save_bundle",
     "load_bundle",
@@ -311,13 +314,14 @@ class Pipeline:
         self.net.to(device)
         return self
 
-    def labels(self, labels: Any, n: int) -> Tensor | None:
+    def labels(self, labels: Any, n: int, key: str = "labels") -> Tensor | None:
         """Labels as a LongTensor [n]: None cycles through the classes 0..K-1; an int or a class name repeats;
-        a sequence gives one per sample. The null label K (= number of classes) means unconditional."""
+        a sequence gives one per sample. The null label K (= number of classes) means unconditional. Bad labels
+        raise ``InputError`` naming ``key`` (the argument, or a flag: ``--labels``)."""
         k = self.num_classes
         if k == 0:
             if labels is not None:
-                raise ValueError("labels: this bundle's model is unconditional (no class_names)")
+                raise InputError(f"{key}: this bundle's model is unconditional (no class_names)")
             return None
         if labels is None:
             return torch.arange(n) % k
@@ -331,10 +335,11 @@ class Pipeline:
             elif hasattr(v, "__index__") and not isinstance(v, bool):
                 v = v.__index__()  # numpy integers
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= k:
-                raise ValueError(f"labels: need ints in [0, {k}] or names from {self.class_names[:10]}, got {v!r}")
+                raise InputError(f"{key}: need ints in [0, {k}] ({k}: unconditional) or names from "
+                                 f"{self.class_names[:10]}, got {v!r}")
             out.append(v)
         if len(out) != n:
-            raise ValueError(f"labels: need {n} labels, got {len(out)}")
+            raise InputError(f"{key}: need {n} labels, got {len(out)}")
         return torch.tensor(out, dtype=torch.long)
 
     def guided(self, cond: Tensor | None, w: float) -> Any:
@@ -349,8 +354,26 @@ class Pipeline:
             return self.model
         guide = _kind(self.kind, str(self.path / INFO_FILE) if self.path else INFO_FILE).guide
         if guide is None:
-            raise ValueError(f"w: bundle kind {self.kind!r} does not support guidance")
+            raise InputError(f"w: bundle kind {self.kind!r} does not support guidance")
         return guide(self.model, w, self.num_classes)
+
+    def check_sampler(self, name: str | None = None, key: str = "sampler") -> str:
+        """The sampler name (None: the bundle's default) if it is registered and this bundle's model can run it; else
+        an ``InputError`` naming ``key`` (the argument, or a flag: ``--sampler``) and the samplers this bundle runs."""
+        from dtrain.samplers import check_sampler
+
+        name = name or self.info["sampler"]["name"]
+        check_sampler(name, self.model, key, what=f"this bundle (kind {self.kind!r})")
+        return name
+
+    def times_grid(self, times: Sequence[float], key: str = "times") -> Tensor:
+        """The explicit grid [t_max, *times, 0] (float64) of ``sample(times=...)``; ``InputError`` naming ``key``
+        unless it decreases strictly."""
+        t_max = float(self.schedule.t_max)
+        grid = torch.tensor([t_max, *(float(v) for v in times), 0.0], dtype=torch.float64)
+        if not bool((grid[1:] < grid[:-1]).all()):
+            raise InputError(f"{key}: must decrease strictly inside (0, t_max = {t_max}), got {list(times)}")
+        return grid
 
     @torch.no_grad()
     def sample(
@@ -375,13 +398,12 @@ class Pipeline:
         from dtrain.samplers import SAMPLERS, run
 
         s = self.info["sampler"]
-        name = sampler or s["name"]
+        name = self.check_sampler(sampler)
+        if nfe is not None and nfe < 1:
+            raise InputError(f"nfe: must be >= 1 (network evaluations per sample), got {nfe}")
         grid = None
         if times is not None:
-            grid = torch.tensor([float(self.schedule.t_max), *(float(v) for v in times), 0.0], dtype=torch.float64)
-            if not bool((grid[1:] < grid[:-1]).all()):
-                raise ValueError(f"times: must decrease strictly inside (0, t_max = {float(self.schedule.t_max)}), "
-                                 f"got {list(times)}")
+            grid = self.times_grid(times)
         elif s["grid"] is not None and name == s["name"] and spacing is None:
             g = torch.tensor(s["grid"], dtype=torch.float64)
             if nfe is None or nfe == SAMPLERS.get(name, "sampler").nfe(g.numel() - 1):
@@ -392,7 +414,7 @@ class Pipeline:
         if eta is not None:
             opts["eta"] = eta
         if w is not None and self.num_classes == 0 and w != 1.0:
-            raise ValueError("w: guidance needs a class-conditional model; this bundle has no classes")
+            raise InputError("w: guidance needs a class-conditional model; this bundle has no classes")
         cond = self.labels(labels, n)
         if cond is not None:
             cond = cond.to(self.device)
@@ -430,6 +452,36 @@ def _weights_dtype_name(dtype: str | torch.dtype) -> str:
     return aliases[dtype]
 
 
+def check_writable(path: str | Path, key: str, *, directory: bool = False) -> Path:
+    """Fail before any work when ``path`` (a file, or with ``directory`` a folder) cannot be written there:
+    ``InputError`` naming ``key`` (a flag: ``--out``). Missing parent folders are fine (they are created)."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{key}: {path} is a file, not a directory")
+    if not directory and path.is_dir():
+        raise InputError(f"{key}: {path} is a directory; give a file name")
+    top = (path if directory else path.parent).absolute()
+    base = next(p for p in (top, *top.parents) if p.exists())
+    if not base.is_dir():
+        raise InputError(f"{key}: cannot create {path}: {base} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as e:
+        raise InputError(f"{key}: cannot create {path}: cannot write in {base} ({e.strerror})") from None
+    return path
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """A bundle directory that ``save_bundle`` may write: new or empty (with ``overwrite``, any directory)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} is a file, not a bundle directory" + (" (--force only writes into an "
+                              "existing directory)" if overwrite else ""))
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out: {out} exists and is not an empty directory (pass overwrite / --force)")
+    return check_writable(out, "--out", directory=True)
+
+
 def save_bundle(
     out: str | Path,
     state: Mapping[str, Tensor],
@@ -443,9 +495,7 @@ def save_bundle(
     and ``format``) as a bundle; ``dtrain.json`` is written last so a bundle with it is complete."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise FileExistsError(f"--out: {out} exists and is not an empty directory (pass overwrite / --force)")
+    out = check_out(out, overwrite)
     dname = _weights_dtype_name(dtype)
     tensors = {k: (v.detach().to("cpu", DTYPES[dname]) if v.is_floating_point() else v.detach().cpu()).contiguous()
                for k, v in state.items()}
@@ -506,7 +556,7 @@ def assemble(info: dict[str, Any], state: Mapping[str, Tensor], *, file: str = W
              device: torch.device | str = "cpu", path: Path | None = None) -> Pipeline:
     """Build the network from ``info['model']``, load ``state`` and wrap it per ``info['kind']``."""
     from dtrain.models import build_model
-    from dtrain.samplers import SAMPLERS
+    from dtrain.samplers import SAMPLERS, supported, unmet
 
     jf = str(path / INFO_FILE) if path is not None else INFO_FILE
     kind = _kind(info["kind"], jf)
@@ -535,6 +585,9 @@ def assemble(info: dict[str, Any], state: Mapping[str, Tensor], *, file: str = W
         raise BundleError(jf, "model", f"cannot build the {info['kind']!r} model: {type(e).__name__}: {e}") from None
     if isinstance(model, nn.Module):
         model.eval().requires_grad_(False)
+    if (need := unmet(s["name"], model)) is not None:
+        raise BundleError(jf, "sampler.name", f"sampler {s['name']!r} needs {need}; a {info['kind']!r} bundle runs "
+                          f"{supported(model)}")
     return Pipeline(model, net, info, path)
 
 

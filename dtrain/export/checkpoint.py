@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dtrain.errors import InputError
-from dtrain.export.bundle import INFO_FILE, BundleError, assemble, load_bundle, save_bundle, sha256_file
+from dtrain.export.bundle import INFO_FILE, BundleError, assemble, check_out, load_bundle, save_bundle, sha256_file
 
 __all__ = [
     "CKPT_FORMAT",
@@ -81,6 +81,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     elif not path.is_file():
         raise CheckpointError(path, "", "checkpoint not found")
     else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy: a pickle)
+            raise CheckpointError(path, "", "not a torch checkpoint (torch.save writes a zip archive; this file "
+                                  f"starts with {head!r}): pass the .ckpt file of a dtrain training run")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -268,7 +273,8 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """``dtrain export``: checkpoint -> bundle. The weights are loaded into the rebuilt network first, so a
-    bundle is only written when the loader will accept it."""
+    bundle is only written when the loader will accept it; a bad ``out`` fails before the checkpoint is read."""
+    check_out(out, overwrite)
     ckpt = read_checkpoint(ckpt_path)
     state, tag = select_weights(ckpt, ema, ckpt_path)
     info = bundle_info(ckpt, source=ckpt_path, sampler=sampler, metrics=metrics)

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtrain.errors import InputError
+
 __all__ = ["add_export_args", "run_export", "add_sample_args", "run_sample", "save_samples"]
 
 
@@ -29,7 +31,12 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> Path:
     from dtrain.export.checkpoint import export_checkpoint
+    from dtrain.samplers import SAMPLERS
 
+    if args.sampler is not None:
+        SAMPLERS.get(args.sampler, "--sampler")
+    if args.nfe is not None and args.nfe < 1:
+        raise InputError(f"--nfe: must be >= 1 (network evaluations per sample), got {args.nfe}")
     sampler = {k: v for k, v in (("name", args.sampler), ("nfe", args.nfe), ("guidance", args.guidance))
                if v is not None}
     metrics = None
@@ -37,9 +44,9 @@ def run_export(args: argparse.Namespace) -> Path:
         try:
             metrics = json.loads(Path(args.metrics).read_text())
         except (OSError, ValueError) as e:
-            raise SystemExit(f"--metrics: cannot read {args.metrics}: {e}") from None
+            raise InputError(f"--metrics: cannot read {args.metrics}: {e}") from None
         if not isinstance(metrics, dict):
-            raise SystemExit(f"--metrics: {args.metrics} must hold a JSON object")
+            raise InputError(f"--metrics: {args.metrics} must hold a JSON object")
     out = export_checkpoint(args.ckpt, args.out, ema=args.ema, dtype=args.dtype, sampler=sampler,
                             metrics=metrics, overwrite=args.force)
     info = json.loads((out / "dtrain.json").read_text())
@@ -82,38 +89,50 @@ def save_samples(out: str | Path, x: Any, labels: Any, pipe: Any, nrow: int | No
         np.savez(out, **arrays)
     elif out.suffix == ".png":
         if pipe.info["image"]["range"] is None or x.ndim != 4:
-            raise SystemExit(f"--out: {out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
+            raise InputError(f"--out: {out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
         from PIL import Image
 
         from dtrain.data.images import tile
 
         Image.fromarray(tile(pipe.to_uint8(x).cpu(), nrow)).save(out)
     else:
-        raise SystemExit(f"--out: {out}: use a .png (grid) or .npz (arrays) file name")
+        raise InputError(f"--out: {out}: use a .png (grid) or .npz (arrays) file name")
     return out
 
 
 def run_sample(args: argparse.Namespace) -> Path:
+    """Every flag is checked (the output path and device first, then against the bundle) before sampling starts."""
     import torch
 
-    from dtrain.export.bundle import load_bundle
+    from dtrain.export.bundle import check_writable, load_bundle
+    from dtrain.samplers.base import check_device
 
-    if args.num < 1 or args.batch_size < 1:
-        raise SystemExit("--num and --batch-size must be >= 1")
-    pipe = load_bundle(args.bundle, device=args.device)
-    labels = None
-    if args.labels is not None:
-        vals = [v.strip() for v in args.labels.split(",") if v.strip()]
-        parsed = [v if v in pipe.class_names else int(v) if v.lstrip("-").isdigit() else v for v in vals]
-        labels = (parsed * args.num)[: args.num]
-    cond = pipe.labels(labels, args.num)
+    for flag, v in (("--num", args.num), ("--batch-size", args.batch_size), ("--nfe", args.nfe), ("--nrow", args.nrow)):
+        if v is not None and v < 1:
+            raise InputError(f"{flag}: must be >= 1, got {v}")
     times = None
     if getattr(args, "times", None):
         try:
             times = [float(v) for v in args.times.split(",") if v.strip()]
         except ValueError:
-            raise SystemExit(f"--times: need comma-separated numbers, got {args.times!r}") from None
-    g = torch.Generator(args.device).manual_seed(args.seed)
+            raise InputError(f"--times: need comma-separated numbers, got {args.times!r}") from None
+    if Path(args.out).suffix not in (".png", ".npz"):
+        raise InputError(f"--out: {args.out}: use a .png (grid) or .npz (arrays) file name")
+    check_writable(args.out, "--out")
+    device = check_device(args.device, "--device")
+    pipe = load_bundle(args.bundle, device=device)
+    sampler = pipe.check_sampler(args.sampler, "--sampler")
+    if Path(args.out).suffix == ".png" and (pipe.info["image"]["range"] is None or len(pipe.shape) != 3):
+        raise InputError(f"--out: {args.out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
+    labels = None
+    if args.labels is not None:
+        vals = [v.strip() for v in args.labels.split(",") if v.strip()]
+        parsed = [v if v in pipe.class_names else int(v) if v.lstrip("-").isdigit() else v for v in vals]
+        labels = (parsed * args.num)[: args.num]
+    cond = pipe.labels(labels, args.num, "--labels")
+    if times is not None:
+        pipe.times_grid(times, "--times")
+    g = torch.Generator(device).manual_seed(args.seed)
     xs = []
     for i in range(0, args.num, args.batch_size):
         b = min(args.batch_size, args.num - i)
@@ -121,6 +140,6 @@ def run_sample(args: argparse.Namespace) -> Path:
                               generator=g, sampler=args.sampler, times=times).cpu())
     out = save_samples(args.out, torch.cat(xs), cond, pipe, args.nrow)
     s = pipe.info["sampler"]
-    steps = f"times={times}" if times else f"nfe={args.nfe or s['nfe']}"
-    print(f"wrote {out}: {args.num} samples, sampler={args.sampler or s['name']} {steps} seed={args.seed}")
+    steps = f"times={times}" if times else f"nfe={s['nfe'] if args.nfe is None else args.nfe}"
+    print(f"wrote {out}: {args.num} samples, sampler={sampler} {steps} seed={args.seed}")
     return out

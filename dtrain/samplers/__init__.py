@@ -17,6 +17,7 @@ from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.timesteps import make_grid
+from dtrain.errors import InputError
 from dtrain.registry import Registry
 from dtrain.samplers.base import Callback
 from dtrain.samplers.ddim import ddim, ddim_invert, slerp
@@ -29,6 +30,9 @@ __all__ = [
     "SamplerSpec",
     "run",
     "steps_for_nfe",
+    "unmet",
+    "supported",
+    "check_sampler",
     "ddim",
     "ddim_invert",
     "slerp",
@@ -44,7 +48,8 @@ __all__ = [
 @dataclass(frozen=True)
 class SamplerSpec:
     """A sampler function, its fixed options, how many network evaluations a grid of n steps costs, (optionally) its
-    own default grid ``grid(schedule, n, spacing)`` (None: ``make_grid``), and whether it is a few-step student's."""
+    own default grid ``grid(schedule, n, spacing)`` (None: ``make_grid``), whether it is a few-step student's, and what
+    it needs of the model beyond a denoiser's ``model(x, t, cond)``: ``needs`` = {method: what has it}."""
 
     fn: Callable[..., Tensor]
     opts: dict[str, Any] = field(default_factory=dict)
@@ -54,6 +59,7 @@ class SamplerSpec:
     grid: Callable[[Any, int, str | None], Tensor] | None = None
     few_step: bool = False  # a student's sampler (consistency, flow maps): not a solver that converges to the data
     # with a diffusion teacher as its steps grow (the sampler tests' convergence checks skip it)
+    needs: dict[str, str] = field(default_factory=dict)  # e.g. {"jump": "a flow-map student (MeanFlow, CTM)"}
 
 
 SAMPLERS: Registry[SamplerSpec] = Registry("sampler")
@@ -82,8 +88,33 @@ SAMPLERS.register(
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
-    """Grid steps a sampler takes for a budget of ``nfe`` network evaluations."""
-    return max(1, SAMPLERS.get(name, "sampler").steps(nfe))
+    """Grid steps a sampler takes for a budget of ``nfe`` network evaluations (>= 1)."""
+    spec = SAMPLERS.get(name, "sampler")
+    if nfe < 1:
+        raise InputError(f"nfe: must be >= 1 (network evaluations per sample), got {nfe}")
+    return max(1, spec.steps(nfe))
+
+
+def unmet(name: str, model: Any) -> str | None:
+    """What registered sampler ``name`` needs that ``model`` lacks (e.g. "a flow-map student (MeanFlow, CTM)"), or
+    None when the model can run it."""
+    return next((what for attr, what in SAMPLERS.get(name, "sampler").needs.items() if not hasattr(model, attr)), None)
+
+
+def supported(model: Any) -> list[str]:
+    """The registered samplers that can drive ``model``."""
+    return [n for n in SAMPLERS.names() if unmet(n, model) is None]
+
+
+def check_sampler(name: str, model: Any, key: str = "sampler", what: str | None = None) -> SamplerSpec:
+    """The spec of sampler ``name`` if ``model`` can run it; else an ``InputError`` naming ``key`` (a flag or field)
+    and the samplers this model runs. ``what``: how the message calls the model (default: its class)."""
+    spec = SAMPLERS.get(name, key)
+    need = unmet(name, model)
+    if need is not None:
+        what = what or f"this model ({type(model).__name__})"
+        raise InputError(f"{key}: sampler {name!r} needs {need}; {what} is not one: choose one of {supported(model)}")
+    return spec
 
 
 def run(

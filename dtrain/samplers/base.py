@@ -20,10 +20,12 @@ from torch import Tensor
 
 from dtrain.diffusion.schedule import Schedule
 from dtrain.diffusion.timesteps import check_grid
+from dtrain.errors import InputError
 
 Callback = Callable[[dict[str, Any]], None]
 
-__all__ = ["Callback", "steps", "randn_like", "scalar", "on_grid", "prior_std", "initial_noise", "derive_seed"]
+__all__ = ["Callback", "steps", "randn_like", "scalar", "on_grid", "prior_std", "initial_noise", "derive_seed",
+           "check_device"]
 
 
 def steps(grid: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -69,3 +71,24 @@ def initial_noise(schedule: Schedule, n: int, shape: Sequence[int], generator: t
 def scalar(v: Tensor | float, x: Tensor) -> Tensor:
     """A float64 coefficient as a 0-d tensor in x's dtype and device."""
     return torch.as_tensor(v, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+
+
+def check_device(name: str, key: str = "device") -> torch.device:
+    """The device a user named (``--device``), checked before anything loads: cpu, cuda, cuda:<index> (or mps) that
+    this machine has; else an ``InputError`` naming ``key``."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{key}: unknown device {name!r}; use cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"{key}: {name!r}, but this machine has no usable CUDA GPU; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"{key}: {name!r}, but this machine has {count} CUDA GPU(s): cuda:0 .. cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"{key}: {name!r}, but MPS is not available here; use cpu")
+    elif dev.type != "cpu":
+        raise InputError(f"{key}: unsupported device {name!r}; use cpu, cuda or cuda:<index>")
+    return dev

@@ -261,6 +261,8 @@ def flow_map(
 
 
 __all__ += ["MeanFlowModel", "CTMModel", "gamma_time", "flow_map"]
-SAMPLERS.register("flowmap", SamplerSpec(flow_map, few_step=True, doc="Flow-map jumps (MeanFlow, CTM): n steps, n NFE"))
-SAMPLERS.register("flowmap_gamma", SamplerSpec(flow_map, {"gamma": 0.5}, few_step=True,
+_FLOW_MAP = {"jump": "a flow-map student (MeanFlow, CTM: a model with .jump)"}
+SAMPLERS.register("flowmap", SamplerSpec(flow_map, few_step=True, needs=_FLOW_MAP,
+                                         doc="Flow-map jumps (MeanFlow, CTM): n steps, n NFE"))
+SAMPLERS.register("flowmap_gamma", SamplerSpec(flow_map, {"gamma": 0.5}, few_step=True, needs=_FLOW_MAP,
                                                doc="CTM gamma-sampling, gamma = 0.5 (arXiv 2310.02279)"))

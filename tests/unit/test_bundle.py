@@ -19,6 +19,7 @@ from torch import nn
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import schedule_from_config
+from dtrain.errors import InputError
 from dtrain.export import bundle as B
 from dtrain.export import checkpoint as C
 from dtrain.export import commands
@@ -186,7 +187,7 @@ def test_mlp_bundle_holds_vectors(tmp_path):
         pipe.sample(2, labels=[0, 1])
     with pytest.raises(ValueError, match="w: guidance needs a class-conditional model"):
         pipe.sample(2, w=2.0)
-    with pytest.raises(SystemExit, match=r"use \.npz"):
+    with pytest.raises(InputError, match=r"use \.npz"):
         commands.save_samples(tmp_path / "g.png", x, None, pipe)
 
 
@@ -479,7 +480,7 @@ def test_cli_export_and_sample(tmp_path, capsys):
     assert im.shape == (2 * 5 + 1, 3 * 5 + 1) and im.dtype == np.uint8  # 3 columns x 2 rows of 4x4, 1px gaps
     u8 = pipe.to_uint8(pipe.sample(5, nfe=1, generator=torch.Generator().manual_seed(0)))
     assert np.array_equal(im[6:10, 1:5], u8[3, 0].numpy())  # sample 3 sits in row 1, column 0
-    with pytest.raises(SystemExit, match=r"\.png \(grid\) or \.npz"):
+    with pytest.raises(InputError, match=r"\.png \(grid\) or \.npz"):
         commands.run_sample(ps.parse_args([str(out), "--num", "2", "--out", str(tmp_path / "x.jpg")]))
 
 

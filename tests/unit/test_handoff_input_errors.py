@@ -1,0 +1,156 @@
+"""Bad input to ``dtrain sample``, ``dtrain eval`` and ``dtrain export`` gives one line naming the flag or file (exit
+code 2), never a traceback, and where it can before any sampling: a sampler, labels, times, NFE or device that do not
+fit, an output path that cannot be written, an unknown extractor, spacing or built-in reference, a file that is not
+a torch checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain.cli import main
+
+EVAL = ["--num", "4", "--batch-size", "4", "--samplers", "ddim:1", "--extractor", "digits", "--ref-stats",
+        "digits:train"]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder nothing is written in)")
+
+
+@pytest.fixture(scope="module")
+def ckpt_bundle(digits_teacher, tmp_path_factory) -> tuple[Path, Path]:
+    """(C, B): the 4-step digits teacher checkpoint (``digits_teacher``, tests/conftest.py) and its bundle."""
+    out = tmp_path_factory.mktemp("handoff") / "bundle"
+    assert main(["export", str(digits_teacher), "--out", str(out)]) == 0
+    return digits_teacher, out
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """``dtrain argv``: exit code 2 and a one-line message, which is returned."""
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dtrain {argv[0]}: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def sample_error(capsys, bundle: Path, out: Path, *flags: str) -> str:
+    err = cli_error(capsys, "sample", str(bundle), "--num", "2", "--out", str(out), *flags)
+    assert not out.is_file()
+    return err
+
+
+def test_sample_unknown_sampler(ckpt_bundle, tmp_path, capsys) -> None:  # 1
+    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--sampler", "ddimm")
+    assert "--sampler: unknown sampler 'ddimm'; choose one of" in err and "'ddim'" in err
+
+
+@pytest.mark.parametrize("label", ["12", "-1", "cat"])
+def test_sample_bad_labels(ckpt_bundle, tmp_path, capsys, label: str) -> None:  # 2
+    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--labels", label)
+    assert "--labels: need ints in [0, 10]" in err and err.endswith(f"got {label if label != 'cat' else repr(label)}")
+
+
+def test_sample_times_must_decrease(ckpt_bundle, tmp_path, capsys) -> None:  # 3
+    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--times", "0.2,0.5")
+    assert "--times: must decrease strictly inside (0, t_max" in err
+
+
+def test_sample_flow_map_sampler_on_a_denoiser(ckpt_bundle, tmp_path, capsys) -> None:  # 4
+    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--sampler", "flowmap", "--nfe", "1")
+    assert "--sampler: sampler 'flowmap' needs a flow-map student" in err
+    assert "this bundle (kind 'denoiser')" in err and "'ddim'" in err.split("choose one of")[1]
+    assert "'flowmap'" not in err.split("choose one of")[1]
+
+
+def test_eval_flow_map_sampler_on_a_denoiser(ckpt_bundle, tmp_path, capsys) -> None:  # 4
+    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--samplers", "flowmap:1", "--out", str(tmp_path / "e"))
+    assert "--samplers: sampler 'flowmap' needs a flow-map student" in err and "choose one of" in err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("where", ["dir", pytest.param("proc", marks=PROC)])
+def test_sample_out_not_writable(ckpt_bundle, tmp_path, capsys, where: str) -> None:  # 5
+    out = tmp_path / "grid.png" if where == "dir" else Path("/proc/dtrain_handoff_x.png")
+    if where == "dir":
+        out.mkdir()
+    err = cli_error(capsys, "sample", str(ckpt_bundle[1]), "--num", "2", "--nfe", "1", "--out", str(out))
+    assert f"--out: {out} is a directory; give a file name" in err if where == "dir" else \
+        f"--out: cannot create {out}: cannot write in /proc" in err
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval"])
+@pytest.mark.parametrize("device", ["gpu", pytest.param("cuda", marks=NO_GPU)])
+def test_bad_device(ckpt_bundle, tmp_path, capsys, cmd: str, device: str) -> None:  # 6
+    flags = ["--num", "2", "--nfe", "1", "--out", str(tmp_path / "g.png")] if cmd == "sample" else \
+        [*EVAL, "--out", str(tmp_path / "e")]
+    err = cli_error(capsys, cmd, str(ckpt_bundle[1]), *flags, "--device", device)
+    assert "--device: unknown device 'gpu'; use cpu, cuda" in err if device == "gpu" else \
+        "--device: 'cuda', but this machine has no usable CUDA GPU; use cpu" in err
+
+
+@pytest.mark.parametrize(("flag", "value", "least"), [("--num", "0", 2), ("--num", "1", 2), ("--batch-size", "0", 1)])
+def test_eval_num_and_batch_size(ckpt_bundle, tmp_path, capsys, flag: str, value: str, least: int) -> None:  # 7
+    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, flag, value, "--out", str(tmp_path / "e"))
+    assert f"{flag}: must be >= {least}" in err and err.endswith(f"got {value}")
+
+
+def test_eval_unknown_spacing(ckpt_bundle, tmp_path, capsys) -> None:  # 8
+    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--spacing", "trailng", "--out", str(tmp_path / "e"))
+    assert "--spacing: unknown spacing 'trailng'; choose one of" in err and "'trailing'" in err
+
+
+@pytest.mark.parametrize("ref", [False, True])
+def test_eval_unknown_extractor(ckpt_bundle, tmp_path, capsys, ref: bool) -> None:  # 9
+    flags = ["--num", "4", "--batch-size", "4", "--samplers", "ddim:1", *(["--ref-stats", "digits:train"] * ref)]
+    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *flags, "--extractor", "incpetion", "--out",
+                    str(tmp_path / "e"))
+    assert "--extractor: unknown feature extractor 'incpetion'; choose one of ['digits', 'inception', 'raw']" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_export_out_cannot_be_created(ckpt_bundle, capsys) -> None:  # 10
+    err = cli_error(capsys, "export", str(ckpt_bundle[0]), "--out", "/proc/dtrain_handoff_x")
+    assert "--out: cannot create /proc/dtrain_handoff_x: cannot write in /proc" in err
+
+
+@pytest.mark.parametrize("nfe", ["0", "-2"])
+def test_sample_nfe_below_one(ckpt_bundle, tmp_path, capsys, nfe: str) -> None:  # 11
+    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--nfe", nfe)
+    assert f"--nfe: must be >= 1, got {nfe}" in err
+
+
+def test_export_nfe_below_one(ckpt_bundle, tmp_path, capsys) -> None:  # 11
+    err = cli_error(capsys, "export", str(ckpt_bundle[0]), "--out", str(tmp_path / "b"), "--nfe", "0")
+    assert "--nfe: must be >= 1" in err and "dtrain.json" not in err and not (tmp_path / "b").exists()
+
+
+def test_eval_unknown_builtin_ref_stats(ckpt_bundle, tmp_path, capsys) -> None:  # 12
+    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--ref-stats", "digits:trian", "--out",
+                    str(tmp_path / "e"))
+    assert "--ref-stats: unknown built-in reference statistics 'digits:trian'" in err
+    assert "['digits:train', 'digits:test', 'digits:all']" in err
+
+
+def test_eval_out_is_a_file(ckpt_bundle, tmp_path, capsys) -> None:  # 13
+    out = tmp_path / "afile.txt"
+    out.write_text("x")
+    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--out", str(out))
+    assert f"--out: {out} is a file; give a directory" in err
+    assert capsys.readouterr().out == ""  # refused before the sweep (no table)
+
+
+def test_export_out_is_a_file_with_force(ckpt_bundle, tmp_path, capsys) -> None:  # 14
+    out = tmp_path / "afile.txt"
+    out.write_text("x")
+    err = cli_error(capsys, "export", str(ckpt_bundle[0]), "--out", str(out), "--force")
+    assert f"--out: {out} is a file, not a bundle directory" in err and "pass overwrite / --force" not in err
+    assert out.read_text() == "x"
+
+
+def test_export_not_a_torch_file(tmp_path, capsys) -> None:  # 15
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_text("hello!!\n")
+    err = cli_error(capsys, "export", str(bad), "--out", str(tmp_path / "b"))
+    assert f"{bad}: not a torch checkpoint" in err and "objects other than tensors" not in err
