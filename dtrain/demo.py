@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dtrain.errors import check_writable
+
 __all__ = ["STAGES", "STUDENTS", "Student", "Sizes", "FULL", "FAST", "Demo", "run_demo", "add_demo_args",
            "run_demo_cli"]
 
@@ -284,8 +286,7 @@ class Demo:
     def __init__(self, out: str | Path = "runs/demo", *, sizes: Sizes = FULL, stages: Sequence[str] | None = None,
                  threads: int = 1, wandb: str | None = None, force: bool = False, quiet: bool = False) -> None:
         self.out = Path(out).absolute()
-        if self.out.exists() and not self.out.is_dir():
-            raise StageError(f"--out: {self.out} exists and is not a directory")
+        check_writable(self.out, "--out", directory=True)
         if threads < 1:
             raise StageError(f"--threads: must be >= 1, not {threads}")
         self.sizes = sizes

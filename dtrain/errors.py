@@ -1,10 +1,13 @@
 """The error of bad user input: a recipe field, a command-line flag, a file. ``dtrain``'s commands print it as one
 line naming what is wrong (exit code 2), never a traceback; the library's own checks raise it (or a subclass:
-``RecipeError``, ``CheckpointError``, ``BundleError``, ``RefStatsError``)."""
+``RecipeError``, ``CheckpointError``, ``BundleError``, ``RefStatsError``). Also the checks shared by the commands."""
 
 from __future__ import annotations
 
-__all__ = ["InputError", "UnknownNameError"]
+import tempfile
+from pathlib import Path
+
+__all__ = ["InputError", "UnknownNameError", "check_writable"]
 
 
 class InputError(ValueError):
@@ -16,3 +19,22 @@ class UnknownNameError(InputError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; this one is read by people
         return str(self.args[0]) if self.args else ""
+
+
+def check_writable(path: str | Path, key: str, *, directory: bool = False) -> Path:
+    """Fail before any work when ``path`` (a file, or with ``directory`` a folder) cannot be written there:
+    ``InputError`` naming ``key`` (a flag: ``--out``). Missing parent folders are fine (they are created)."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{key}: {path} is a file, not a directory")
+    if not directory and path.is_dir():
+        raise InputError(f"{key}: {path} is a directory; give a file name")
+    top = (path if directory else path.parent).absolute()
+    base = next(p for p in (top, *top.parents) if p.exists())
+    if not base.is_dir():
+        raise InputError(f"{key}: cannot create {path}: {base} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as e:
+        raise InputError(f"{key}: cannot create {path}: cannot write in {base} ({e.strerror})") from None
+    return path

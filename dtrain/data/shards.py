@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dtrain.errors import check_writable
+
 __all__ = [
     "INDEX_NAME",
     "ImageSet",
@@ -560,8 +562,7 @@ def run_shards(a: argparse.Namespace) -> int:
                 print(b, file=sys.stderr)
             print(f"{a.index}: {'OK' if not bad else f'{len(bad)} problem(s)'}")
             return 1 if bad else 0
-        if Path(a.out).exists() and not Path(a.out).is_dir():
-            raise ValueError(f"--out: {a.out} exists and is not a directory")
+        check_writable(a.out, "--out", directory=True)
         data = _SOURCES[a.source](a)
         latents = None
         if a.latents:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtrain.errors import InputError
+from dtrain.errors import InputError, check_writable
 
 if TYPE_CHECKING:
     import torch
@@ -56,21 +55,6 @@ def _default(flag: Any, recipe_eval: dict[str, Any], key: str, fallback: Any) ->
     return fallback if v is None or v == [] else v
 
 
-def _check_out_dir(out: Path) -> Path:
-    """Fail before the sweep when the output directory cannot be made or written (``--out``)."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} is a file; give a directory (for fid_vs_nfe.json, the plot and sample grids)")
-    top = out.absolute()
-    base = next(p for p in (top, *top.parents) if p.exists())
-    if not base.is_dir():
-        raise InputError(f"--out: cannot create {out}: {base} is not a directory")
-    try:
-        tempfile.TemporaryFile(dir=base).close()
-    except OSError as e:
-        raise InputError(f"--out: cannot create {out}: cannot write in {base} ({e.strerror})") from None
-    return out
-
-
 def _init_dist(device: str | None) -> torch.device:
     """Join torchrun's process group when launched by it; the device of this rank (``--device`` checked first)."""
     import torch
@@ -106,7 +90,7 @@ def run_eval(args: argparse.Namespace, load: Loader) -> list[Any]:
     if args.spacing is not None and args.spacing not in SPACINGS:
         raise InputError(f"--spacing: unknown spacing {args.spacing!r}; choose one of {list(SPACINGS)}")
     name = Path(str(args.model).rstrip("/")).stem
-    out = _check_out_dir(Path(args.out or Path("runs") / "eval" / name))
+    out = check_writable(Path(args.out or Path("runs") / "eval" / name), "--out", directory=True)
     device = _init_dist(args.device)
     rank, world = dist_rank()
     denoiser, info = load(args.model, ema=args.ema, device=device)

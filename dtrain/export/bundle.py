@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from dtrain.diffusion.guidance import CFGDenoiser, WCondDenoiser
 from dtrain.diffusion.param import PARAMS
 from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
-from dtrain.errors import InputError
+from dtrain.errors import InputError, check_writable
 from dtrain.registry import Registry
 from dtrain.samplers.base import initial_noise
 
@@ -53,7 +52,6 @@ __all__ = [
     "Pipeline",
     "check_info",
     "check_out",
-    "check_writable",
     "read_info",
     "save_bundle",
     "load_bundle",
@@ -450,25 +448,6 @@ def _weights_dtype_name(dtype: str | torch.dtype) -> str:
     if dtype not in aliases:
         raise ValueError(f"dtype: must be fp32, bf16 or fp16, got {dtype!r}")
     return aliases[dtype]
-
-
-def check_writable(path: str | Path, key: str, *, directory: bool = False) -> Path:
-    """Fail before any work when ``path`` (a file, or with ``directory`` a folder) cannot be written there:
-    ``InputError`` naming ``key`` (a flag: ``--out``). Missing parent folders are fine (they are created)."""
-    path = Path(path)
-    if directory and path.exists() and not path.is_dir():
-        raise InputError(f"{key}: {path} is a file, not a directory")
-    if not directory and path.is_dir():
-        raise InputError(f"{key}: {path} is a directory; give a file name")
-    top = (path if directory else path.parent).absolute()
-    base = next(p for p in (top, *top.parents) if p.exists())
-    if not base.is_dir():
-        raise InputError(f"{key}: cannot create {path}: {base} is not a directory")
-    try:
-        tempfile.TemporaryFile(dir=base).close()
-    except OSError as e:
-        raise InputError(f"{key}: cannot create {path}: cannot write in {base} ({e.strerror})") from None
-    return path
 
 
 def check_out(out: str | Path, overwrite: bool = False) -> Path:

@@ -104,7 +104,8 @@ def run_sample(args: argparse.Namespace) -> Path:
     """Every flag is checked (the output path and device first, then against the bundle) before sampling starts."""
     import torch
 
-    from dtrain.export.bundle import check_writable, load_bundle
+    from dtrain.errors import check_writable
+    from dtrain.export.bundle import load_bundle
     from dtrain.samplers.base import check_device
 
     for flag, v in (("--num", args.num), ("--batch-size", args.batch_size), ("--nfe", args.nfe), ("--nrow", args.nrow)):

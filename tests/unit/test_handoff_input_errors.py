@@ -137,7 +137,7 @@ def test_eval_out_is_a_file(ckpt_bundle, tmp_path, capsys) -> None:  # 13
     out = tmp_path / "afile.txt"
     out.write_text("x")
     err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--out", str(out))
-    assert f"--out: {out} is a file; give a directory" in err
+    assert f"--out: {out} is a file, not a directory" in err
     assert capsys.readouterr().out == ""  # refused before the sweep (no table)
 
 

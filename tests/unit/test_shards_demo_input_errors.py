@@ -21,7 +21,7 @@ def test_shards_out_is_a_file(tmp_path: Path, a_file: Path, capsys) -> None:
     np.save(tmp_path / "x.npy", np.zeros((4, 8, 8), np.uint8))
     assert main(["shards", "npy", str(tmp_path / "x.npy"), "--out", str(a_file), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"--out: {a_file} exists and is not a directory" in err and "Traceback" not in err
+    assert f"--out: {a_file} is a file, not a directory" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("content", ["pickled", "text"])
@@ -37,7 +37,7 @@ def test_shards_unreadable_array_names_the_file(tmp_path: Path, content: str, ca
 
 def test_demo_out_is_a_file(a_file: Path, capsys) -> None:
     assert main(["demo", "--fast", "--out", str(a_file), "--stages", "shards"]) == 2
-    assert f"--out: {a_file} exists and is not a directory" in capsys.readouterr().err
+    assert f"--out: {a_file} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_demo_threads(tmp_path: Path, capsys) -> None:
