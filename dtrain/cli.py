@@ -57,10 +57,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from dtrain.eval.commands import run_eval
     from dtrain.eval.fid import RefStatsError
+    from dtrain.export.bundle import kind_guide
     from dtrain.export.checkpoint import load_teacher
 
     try:
-        return _handoff(lambda a: run_eval(a, load_teacher), args)
+        return _handoff(lambda a: run_eval(a, load_teacher, kind_guide), args)
     except (RefStatsError, FileNotFoundError) as e:  # bad reference stats, missing weights or files
         print(f"dtrain eval: {e}", file=sys.stderr)
         return 2

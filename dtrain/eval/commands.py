@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["add_eval_args", "run_eval", "Loader"]
 
 Loader = Callable[..., "tuple[Any, dict[str, Any]]"]  # (path, ema=, device=) -> (denoiser, bundle info)
+GuideFor = Callable[[str], "Callable[[Any, float, int], Any] | None"]  # bundle kind -> guide(model, w, null) or None
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -73,8 +74,9 @@ def _init_dist(device: str | None) -> torch.device:
     return dev
 
 
-def run_eval(args: argparse.Namespace, load: Loader) -> list[Any]:
-    """The sweep; returns the rows (every rank)."""
+def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None = None) -> list[Any]:
+    """The sweep; returns the rows (every rank). ``guide_for(kind)``: how the model's bundle kind applies guidance
+    (``dtrain.export.bundle.kind_guide``; None: classifier-free guidance)."""
     from dtrain.diffusion.timesteps import SPACINGS
     from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS, build_extractor
     from dtrain.eval.fid import dist_rank, load_ref
@@ -109,7 +111,15 @@ def run_eval(args: argparse.Namespace, load: Loader) -> list[Any]:
     if ref_spec is None:
         raise InputError(f"--ref-stats: required for the {extractor_name!r} extractor: a .npz made with "
                          f"tools/fid_ref_stats.py (the built-in {', '.join(BUILTIN_REFS)} are for 'digits')")
+    if args.guidance is not None and args.guidance != 1.0 and num_classes == 0:
+        raise InputError(f"--guidance: guidance needs a class-conditional model; this model (kind "
+                         f"{info.get('kind')!r}) has no classes")
     guidance = _default(args.guidance, ev, "guidance", info["sampler"].get("guidance", 1.0))
+    guide = guide_for(str(info.get("kind"))) if guide_for is not None else None
+    if guide_for is not None and guide is None and float(guidance) != 1.0 and num_classes > 0:
+        key = "--guidance" if args.guidance is not None else "eval.guidance / sampler.guidance"
+        raise InputError(f"{key}: {guidance}, but bundle kind {info.get('kind')!r} does not support guidance "
+                         f"(use 1)")
     seed = int(_default(args.seed, ev, "seed", 0))
     num, batch = int(_default(args.num, ev, "num", 1000)), int(_default(args.batch_size, ev, "batch_size", 250))
     if num < 2 or batch < 1:  # from the recipe
@@ -119,7 +129,7 @@ def run_eval(args: argparse.Namespace, load: Loader) -> list[Any]:
     ref = load_ref(ref_spec, extractor, key="--ref-stats" if args.ref_stats else "eval.ref_stats")
     rows = fid_sweep(denoiser, specs, num=num, batch_size=batch, shape=shape, extractor=extractor, ref=ref,
                      num_classes=num_classes, guidance=float(guidance), seed=seed, device=device,
-                     spacing=args.spacing, ref_source=str(ref_spec))
+                     spacing=args.spacing, ref_source=str(ref_spec), guide=guide)
     if rank == 0:
         run_info = {"model": str(args.model), "kind": info.get("kind"), "ema": (info.get("ref") or {}).get("ema"),
                     "num": num, "batch_size": batch, "seed": seed, "guidance": float(guidance), "world_size": world,

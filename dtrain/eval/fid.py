@@ -76,11 +76,13 @@ def _set_stats(metric: FrechetInceptionDistance, side: str, mu: np.ndarray, sigm
 
 @dataclass
 class RefStats:
-    """Feature mean and covariance of a reference set, with what they were computed with."""
+    """Feature mean and covariance of a reference set, with what they were computed with. ``key``: where they were
+    named (the field ``eval.ref_stats``, or a flag: ``--ref-stats``), for the errors of ``check``; not saved."""
 
     mu: np.ndarray
     sigma: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    key: str = field(default="eval.ref_stats", compare=False, repr=False)
 
     @property
     def count(self) -> int:
@@ -110,7 +112,7 @@ class RefStats:
         if meta.get("format") != REF_FORMAT or mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
             raise RefStatsError(f"{key}: {path}: unsupported format {meta.get('format')} or shapes "
                                 f"mu {mu.shape}, sigma {sigma.shape}")
-        return cls(mu.astype(np.float64), sigma.astype(np.float64), meta)
+        return cls(mu.astype(np.float64), sigma.astype(np.float64), meta, key)
 
     def check(self, extractor: FeatureExtractor, shape: Sequence[int] | None = None, source: str = "") -> None:
         """Refuse statistics made with another extractor, other weights or another resolution."""
@@ -122,10 +124,11 @@ class RefStats:
                if self.meta.get(k) != v]
         if bad:
             where = f" {source}" if source else ""
+            same = "feature extractor" if self.key.startswith("--") else "eval.feature_extractor"
             raise RefStatsError(
-                f"eval.ref_stats: reference statistics{where} do not match this evaluation ("
+                f"{self.key}: reference statistics{where} do not match this evaluation ("
                 + "; ".join(bad)
-                + "); recompute them with tools/fid_ref_stats.py using the same eval.feature_extractor and weights"
+                + f"); recompute them with tools/fid_ref_stats.py using the same {same} and weights"
             )
 
 
@@ -163,7 +166,9 @@ def load_ref(spec: str | Path, extractor: FeatureExtractor, device: str | torch.
     if str(spec) in BUILTIN_REFS:
         split = str(spec).split(":", 1)[1]
         x, _ = digits_arrays(split)
-        return compute_ref_stats(extractor, x.split(512), f"sklearn digits, split {split}", device, sync=False)
+        ref = compute_ref_stats(extractor, x.split(512), f"sklearn digits, split {split}", device, sync=False)
+        ref.key = key
+        return ref
     if str(spec).startswith("digits:"):
         raise RefStatsError(f"{key}: unknown built-in reference statistics {str(spec)!r}; choose one of "
                             f"{list(BUILTIN_REFS)} or give a .npz file from tools/fid_ref_stats.py")
@@ -180,7 +185,7 @@ def make_fid(extractor: FeatureExtractor, ref: RefStats | None = None) -> Freche
     metric.orig_dtype = torch.float64  # compute() casts to the features' dtype; a rank without samples has none
     if ref is not None:
         if ref.mu.size != extractor.num_features:
-            raise RefStatsError(f"eval.ref_stats: {ref.mu.size} features, extractor {extractor.name!r} gives "
+            raise RefStatsError(f"{ref.key}: {ref.mu.size} features, extractor {extractor.name!r} gives "
                                 f"{extractor.num_features}")
         _set_stats(metric, "real", ref.mu, ref.sigma, ref.count, here=dist_rank()[0] == 0)
     return metric

@@ -10,7 +10,7 @@ summed across ranks, so each point scores exactly ``num`` samples.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -148,12 +148,15 @@ def fid_sweep(
     progress: bool = True,
     ref_source: str = "",
     console: Any = None,
+    guide: Callable[[Any, float, int], Any] | None = None,
 ) -> list[SweepRow]:
     """FID (and class accuracy / IS) at each (sampler, NFE); call on every rank, rank 0 prints the table.
 
-    ``num_classes > 0``: class-conditional with balanced labels and classifier-free guidance ``guidance``
-    (label ``num_classes`` is the null class); the class accuracy is scored when the extractor classifies
-    the same ``num_classes`` labels (FID-digits). Returns the same rows on every rank (grids: rank 0 only).
+    ``num_classes > 0``: class-conditional with balanced labels (label ``num_classes`` is the null class) and
+    guidance ``guidance`` applied by ``guide(model, w, null_label)`` (default: classifier-free guidance; a bundle
+    kind's own, e.g. w as an input of a guided PD student: ``dtrain.export.bundle.kind_guide``); the class accuracy
+    is scored when the extractor classifies the same ``num_classes`` labels (FID-digits). Returns the same rows on
+    every rank (grids: rank 0 only).
     """
     from dtrain.eval.fid import FID, dist_rank
 
@@ -163,7 +166,7 @@ def fid_sweep(
     rank, world = dist_rank()
     device = torch.device(device) if device is not None else _device_of(denoiser)
     if num_classes > 0 and guidance != 1.0:
-        denoiser = CFGDenoiser(denoiser, guidance, null_label=num_classes)
+        denoiser = (guide or CFGDenoiser)(denoiser, guidance, num_classes)
     metric = FID(extractor, ref, shape=shape, device=device, ref_source=ref_source)
     batches = global_batches(num, batch_size, rank, world)
     score_labels = num_classes > 0 and extractor.num_classes == num_classes  # the classifier knows these labels

@@ -49,6 +49,7 @@ __all__ = [
     "KINDS",
     "KIND_MODULES",
     "register_kind",
+    "kind_guide",
     "Pipeline",
     "check_info",
     "check_out",
@@ -258,6 +259,12 @@ def register_kind(name: str, kind: PipelineKind) -> PipelineKind:
     return KINDS.register(name, kind)
 
 
+def kind_guide(kind: str, file: str = INFO_FILE) -> Callable[[Any, float, int], Any] | None:
+    """How bundle kind ``kind`` applies guidance w: ``guide(model, w, null_label)`` (CFG for denoisers, w as an input
+    for guided PD students), or None where the kind has no guidance."""
+    return _kind(kind, file).guide
+
+
 def _kind(name: str, file: str) -> PipelineKind:
     if name not in KINDS and name in KIND_MODULES:
         import importlib
@@ -340,20 +347,31 @@ class Pipeline:
             raise InputError(f"{key}: need {n} labels, got {len(out)}")
         return torch.tensor(out, dtype=torch.long)
 
-    def guided(self, cond: Tensor | None, w: float) -> Any:
-        """The model, wrapped for classifier-free guidance with scale w when it applies."""
+    def check_guidance(self, w: float | None, key: str = "w") -> None:
+        """A guidance scale w (None or 1: none) this bundle's model can take, else ``InputError`` naming ``key`` (the
+        argument, or a flag: ``--w``): guidance needs classes, and a kind that guides."""
+        if w is None or w == 1.0:
+            return
+        if self.num_classes == 0:
+            raise InputError(f"{key}: guidance needs a class-conditional model; this bundle has no classes")
+        if self._guide() is None:
+            raise InputError(f"{key}: bundle kind {self.kind!r} does not support guidance")
+
+    def _guide(self) -> Callable[[Any, float, int], Any] | None:
+        return kind_guide(self.kind, str(self.path / INFO_FILE) if self.path else INFO_FILE)
+
+    def guided(self, cond: Tensor | None, w: float, key: str = "w") -> Any:
+        """The model, wrapped for classifier-free guidance with scale w when it applies (errors name ``key``)."""
         w_range = ((self.info.get("provenance") or {}).get("training") or {}).get("pd", {}).get("w_range")
         if self.kind == "guided_denoiser" and w_range and not w_range[0] <= w <= w_range[1]:
             import warnings
 
-            warnings.warn(f"w: {w} is outside the guidance range {w_range} this student was distilled on",
+            warnings.warn(f"{key}: {w} is outside the guidance range {w_range} this student was distilled on",
                           stacklevel=3)
         if cond is None or w == 1.0:
             return self.model
-        guide = _kind(self.kind, str(self.path / INFO_FILE) if self.path else INFO_FILE).guide
-        if guide is None:
-            raise InputError(f"w: bundle kind {self.kind!r} does not support guidance")
-        return guide(self.model, w, self.num_classes)
+        self.check_guidance(w, key)
+        return self._guide()(self.model, w, self.num_classes)  # type: ignore[misc]
 
     def check_sampler(self, name: str | None = None, key: str = "sampler") -> str:
         """The sampler name (None: the bundle's default) if it is registered and this bundle's model can run it; else
@@ -411,8 +429,7 @@ class Pipeline:
         eta = eta if eta is not None else (s["eta"] if name == s["name"] else None)
         if eta is not None:
             opts["eta"] = eta
-        if w is not None and self.num_classes == 0 and w != 1.0:
-            raise InputError("w: guidance needs a class-conditional model; this bundle has no classes")
+        self.check_guidance(w)
         cond = self.labels(labels, n)
         if cond is not None:
             cond = cond.to(self.device)

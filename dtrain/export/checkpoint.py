@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,24 @@ import torch
 from torch import Tensor
 
 from dtrain.errors import InputError
-from dtrain.export.bundle import INFO_FILE, BundleError, assemble, check_out, load_bundle, save_bundle, sha256_file
+from dtrain.export.bundle import (
+    INFO_FILE,
+    BundleError,
+    assemble,
+    check_out,
+    load_bundle,
+    read_info,
+    save_bundle,
+    sha256_file,
+)
 
 __all__ = [
     "CKPT_FORMAT",
     "BUNDLE_KINDS",
     "CheckpointError",
     "read_checkpoint",
+    "read_model_section",
+    "model_differences",
     "ema_tag",
     "select_weights",
     "bundle_info",
@@ -81,20 +92,46 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     elif not path.is_file():
         raise CheckpointError(path, "", "checkpoint not found")
     else:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy: a pickle)
-            raise CheckpointError(path, "", "not a torch checkpoint (torch.save writes a zip archive; this file "
-                                  f"starts with {head!r}): pass the .ckpt file of a dtrain training run")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[-1][:300]
-            raise CheckpointError(path, "", f"cannot be read with torch.load(weights_only=True) (it holds objects "
-                                  f"other than tensors and plain containers): {first}") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(path, "", f"not a readable torch checkpoint: {str(e)[:300]}") from None
+        ckpt = _load_file(path)
     return _check_ckpt(ckpt, path)
+
+
+def _load_file(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint file, or ``CheckpointError`` saying why it cannot be read.
+    ``mmap``: the pickled structure is read, tensor data only mapped (metadata without the weights)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy: a pickle)
+        raise CheckpointError(path, "", "not a torch checkpoint (torch.save writes a zip archive; this file "
+                              f"starts with {head!r}): pass the .ckpt file of a dtrain training run")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head == b"PK")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:300]
+        raise CheckpointError(path, "", f"cannot be read with torch.load(weights_only=True) (it holds objects "
+                              f"other than tensors and plain containers): {first}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(path, "", f"not a readable torch checkpoint: {str(e)[:300]}") from None
+
+
+def read_model_section(path: str | Path) -> dict[str, Any] | None:
+    """The ``model`` section a checkpoint or bundle was trained with, from its metadata only (a bundle's
+    dtrain.json; a checkpoint's ``dtrain.recipe.model``, its tensors mapped, never read); None for a sharded
+    checkpoint directory (its metadata needs consolidating)."""
+    path = Path(path)
+    if is_bundle(path):
+        return dict(read_info(path)["model"])
+    if path.is_dir():
+        return None
+    if not path.is_file():
+        raise CheckpointError(path, "", "checkpoint not found")
+    return dict(_check_ckpt(_load_file(path, mmap=True), path)["dtrain"]["recipe"]["model"])
+
+
+def model_differences(theirs: Mapping[str, Any], ours: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """The keys of two ``model`` sections whose values differ (keys only one of them has, and ``ignore``, aside)."""
+    skip = set(ignore)
+    return [k for k in theirs if k in ours and k not in skip and theirs[k] != ours[k]]
 
 
 def _check_ckpt(ckpt: Any, path: Path) -> dict[str, Any]:

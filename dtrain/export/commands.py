@@ -131,6 +131,7 @@ def run_sample(args: argparse.Namespace) -> Path:
         parsed = [v if v in pipe.class_names else int(v) if v.lstrip("-").isdigit() else v for v in vals]
         labels = (parsed * args.num)[: args.num]
     cond = pipe.labels(labels, args.num, "--labels")
+    pipe.check_guidance(args.w, "--w")
     if times is not None:
         pipe.times_grid(times, "--times")
     g = torch.Generator(device).manual_seed(args.seed)

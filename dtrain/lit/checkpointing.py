@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dtrain.export.bundle import INFO_FILE
-from dtrain.export.checkpoint import CheckpointError
+from dtrain.export.checkpoint import CheckpointError, model_differences, read_model_section
 from dtrain.export.zero import is_sharded_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
@@ -124,16 +124,16 @@ def _not_sharded(path: Path) -> str:
             "*model_states.pt, no .metadata): give a .ckpt file or a sharded checkpoint directory")
 
 
+RESUME_MAY_CHANGE = ("dropout", "clip_x0")  # model keys a resumed run may change: training noise, sampling
+
+
 def check_model(path: str | Path, model: Mapping[str, Any]) -> None:
     """The checkpoint file ``path`` was trained with this ``model`` section (keys that only affect training noise or
     sampling aside), else ``CheckpointError`` naming the keys that differ. Sharded directories are not checked."""
-    path = Path(path)
-    if path.is_dir():
+    theirs = read_model_section(path)  # metadata only; None: a sharded directory
+    if theirs is None:
         return
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    theirs = ((ck.get("dtrain") or {}).get("recipe") or {}).get("model") or {}
-    diff = [f"model.{k} {theirs[k]!r} (now {model[k]!r})" for k in theirs
-            if k in model and k not in ("dropout", "clip_x0") and theirs[k] != model[k]]
+    diff = [f"model.{k} {theirs[k]!r} (now {model[k]!r})" for k in model_differences(theirs, model, RESUME_MAY_CHANGE)]
     if diff:
         raise CheckpointError(path, "--resume", f"the checkpoint's network differs from the recipe's: "
                               f"{', '.join(diff)}; resume with the checkpoint's model section, or start a new run")

@@ -27,14 +27,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from dtrain.config import recipe_hash, to_container
+from dtrain.config import RecipeError, recipe_hash, to_container
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
 from dtrain.errors import InputError
-from dtrain.export.checkpoint import CKPT_FORMAT, read_checkpoint
+from dtrain.export.checkpoint import CKPT_FORMAT, model_differences, read_checkpoint, read_model_section
 from dtrain.lit.guard import NonFiniteGuard
-from dtrain.models import build_denoiser, build_model, count_params
+from dtrain.models import DENOISER_FIELDS, build_denoiser, build_model, count_params
 from dtrain.models.ema import EMA
 from dtrain.registry import Registry
 from dtrain.samplers.base import derive_seed, initial_noise
@@ -133,6 +133,33 @@ class DiffusionModule(L.LightningModule):
         """Why training this recipe needs its ``teacher`` (a checkpoint or bundle), or "" when it does not: ``fit``
         checks it before anything starts; a ``teacher`` object passed to the module stands in for it."""
         return ""
+
+    @classmethod
+    def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
+        """None when the student does not start from its teacher's network; else the ``model`` keys the student may
+        turn on that the teacher lacks (a zero-initialised embedding: ``second_time``, ``w_cond``)."""
+        return None
+
+    @classmethod
+    def check_teacher_network(cls, recipe: Any, source: str = "recipe") -> None:
+        """Before a run starts: a student that starts from its teacher's weights (``copies_teacher``) has the network
+        its ``teacher`` file records (the ``model`` section of the teacher's metadata; no weights are read), else
+        ``RecipeError`` naming the keys that differ. The denoiser's fields (``param`` ...) and ``dropout`` may
+        differ; a sharded checkpoint directory is not checked (the weights' load in ``setup`` still is)."""
+        added, teacher = cls.copies_teacher(recipe), recipe.get("teacher")
+        if added is None or teacher is None or not Path(teacher).exists():
+            return  # a missing file is named by the recipe checks
+        theirs = read_model_section(teacher)
+        if theirs is None:
+            return
+        mine = to_container(recipe["model"]) if isinstance(recipe["model"], DictConfig) else dict(recipe["model"])
+        skip = {*DENOISER_FIELDS, "dropout"} - {"name"}
+        diff = [k for k in model_differences(theirs, mine, skip) if not (k in added and mine[k])]
+        if diff:
+            may = f" (model.{', model.'.join(added)} may be set)" if added else ""
+            raise RecipeError(source, "model", f"the student network is not the teacher's ({teacher}): "
+                              + ", ".join(f"model.{k} {mine[k]!r} (the teacher's {theirs[k]!r})" for k in diff)
+                              + f"; copy the teacher's model section{may}, or use another teacher")
 
     @property
     def num_classes(self) -> int:

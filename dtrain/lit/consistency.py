@@ -71,6 +71,10 @@ class ConsistencyModule(DiffusionModule):
         return f"method {m['name']!r} with method.init teacher starts from a teacher's weights" \
             if m["init"] == "teacher" else ""
 
+    @classmethod
+    def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
+        return () if resolve(recipe["method"])["init"] == "teacher" else None  # the teacher's network exactly
+
     @property
     def uses_teacher(self) -> bool:
         return bool(self.teacher_needed(self.recipe))

@@ -141,6 +141,7 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     if cfg.teacher is None and (why := klass.teacher_needed(cfg)):
         raise RecipeError(source, "teacher", f"{why}: give its checkpoint or bundle, e.g. teacher=runs/<name>/"
                           f"checkpoints/last.ckpt on the command line")
+    klass.check_teacher_network(cfg, source)  # a student starting from the teacher's weights: the same network
     if dry_run:
         print(describe(cfg), end="")
         return out

@@ -83,6 +83,10 @@ class FlowMapModule(DiffusionModule):
             if cls._init_teacher(recipe) else ""
 
     @classmethod
+    def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
+        return ("second_time",) if cls._init_teacher(recipe) else None  # the teacher's network plus the s embedding
+
+    @classmethod
     def _init_teacher(cls, recipe: Any) -> bool:
         return recipe["method"].get("init", "teacher" if cls.needs_teacher else "scratch") == "teacher"
 

@@ -107,6 +107,10 @@ class ProgressiveModule(DiffusionModule):
     def teacher_needed(cls, recipe: Any) -> str:
         return "progressive distillation (method 'pd') distils a teacher"
 
+    @classmethod
+    def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
+        return ("w_cond",)  # round 0's student is the teacher's network, plus a w embedding when w-conditioned
+
     def _load_teacher(self, index: int) -> None:
         """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle."""
         if index == 0:

@@ -67,7 +67,7 @@ def test_dtrain_eval_refuses_mismatched_stats_and_bad_specs(ckpt, tmp_path, caps
     assert main(["eval", str(path), "--samplers", "ddim:1", "--num", "4", "--ref-stats", str(tmp_path / "raw.npz"),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "dtrain eval: eval.ref_stats: reference statistics" in err and "extractor: file has 'raw'" in err
+    assert "dtrain eval: --ref-stats: reference statistics" in err and "extractor: file has 'raw'" in err
     assert "Traceback" not in err
     assert main(["eval", str(path), "--samplers", "nope:1", "--num", "4"]) == 2
     assert "dtrain eval: --samplers: unknown sampler 'nope'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ guided PD (a w-conditioned student sampled at any w of its range)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -226,6 +227,29 @@ def test_guided_rounds_through_fit(tmp_path):
     assert not torch.equal(x[1.5], x[2.5])  # w reaches the network (its embedding has barely trained here)
     with pytest.warns(UserWarning, match=r"w: 5.0 is outside the guidance range \[1.0, 3.0\]"):
         pipe.sample(3, w=5.0, labels=[0, 1, 2])
+    # dtrain eval guides it the same way (the bundle kind's guide: w as an input), not by classifier-free guidance,
+    # which would call the network twice per step with bare labels
+    from dtrain.eval.commands import add_eval_args, run_eval
+    from dtrain.eval.features import build_extractor
+    from dtrain.eval.fid import compute_ref_stats
+    from dtrain.export.bundle import kind_guide
+    from dtrain.export.checkpoint import load_teacher
+
+    compute_ref_stats(build_extractor("raw", shape=(2,)), torch.randn(200, 2).split(100), "test",
+                      sync=False).save(tmp_path / "ref.npz")
+    seen = []
+
+    def load(path, **kw):
+        model, info = load_teacher(path, **kw)
+        model.net.register_forward_hook(lambda m, args, out: seen.append(args[2]))
+        return model, info
+
+    args = add_eval_args(argparse.ArgumentParser()).parse_args(
+        [str(rounds / "round01_2steps"), "--samplers", "ddim:2", "--num", "8", "--batch-size", "8", "--guidance", "2.5",
+         "--extractor", "raw", "--ref-stats", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "eval"),
+         "--wandb", "disabled"])
+    run_eval(args, load, kind_guide)
+    assert len(seen) == 2 and all(isinstance(c, GuidedCond) and float(c.w[0]) == 2.5 for c in seen)
 
 
 class ExactCFGTeacher(nn.Module):

@@ -57,6 +57,68 @@ def test_student_network_not_the_teachers(capsys, tmp_path, bundle):
     assert "model: the student network is not the teacher's" in err and str(bundle) in err
 
 
+# students that start from the teacher's weights (the 16-channel digits teacher; the recipes' students have 32)
+COPIES = {"cd": ("cm/cd_digits.yaml", []), "ict": ("cm/ict_digits.yaml", ["method.init=teacher"]),
+          "pd": ("pd/digits.yaml", []), "ctm": ("flowmap/ctm_digits.yaml", []),
+          "meanflow": ("flowmap/meanflow_digits.yaml", ["method.init=teacher"])}
+
+
+@pytest.mark.parametrize("method", list(COPIES))
+@pytest.mark.parametrize("source", ["checkpoint", "bundle"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_student_network_not_the_teachers_before_the_run(capsys, tmp_path, digits_teacher, bundle, method, source,
+                                                         dry_run):
+    """Read from the teacher's metadata (its recipe's model section, or the bundle's dtrain.json) in ``fit`` itself:
+    no run directory, and --dry-run fails too."""
+    recipe, over = COPIES[method]
+    teacher = digits_teacher if source == "checkpoint" else bundle
+    steps = [] if method == "pd" else [STEPS]
+    err = fit_error(capsys, str(R / recipe), f"teacher={teacher}", *over, f"out_dir={tmp_path}", *QUIET, *steps,
+                    *(["--dry-run"] if dry_run else []))
+    assert f"{recipe}: model: the student network is not the teacher's ({teacher}): model.channels 32 (the " \
+           f"teacher's 16)" in err
+    assert ("model.second_time may be set" in err) == (method in ("ctm", "meanflow"))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("override", "named"), [("model.num_heads=2", "model.num_heads 2 (the teacher's 4)"),
+                                                 ("model.second_time=true", "model.second_time True (the teacher's "
+                                                                            "False)"),
+                                                 ("model.attn_resolutions=[]", "model.attn_resolutions [] (the "
+                                                                               "teacher's [4])")])
+def test_student_network_names_every_key_that_differs(capsys, digits_teacher, override, named):
+    """Keys the weights' load would miss (the attention heads) too; a consistency student is the teacher exactly."""
+    err = fit_error(capsys, str(R / "cm" / "cd_digits.yaml"), f"teacher={digits_teacher}", "model.channels=8",
+                    override, "--dry-run")
+    assert "model.channels 8 (the teacher's 16)" in err and named in err and err.count("(the teacher's ") == 2
+
+
+def test_student_network_that_may_differ(capsys, tmp_path, digits_teacher, bundle, monkeypatch):
+    """The denoiser's fields and dropout, CTM's second time, guided PD's w embedding may differ; students that do not
+    start from the teacher's weights and sharded teachers are not checked; no weights are read."""
+    import dtrain.export.checkpoint as C
+
+    def no_weights(*a, **k):
+        raise AssertionError("the check read the teacher's weights")
+
+    monkeypatch.setattr(C, "read_checkpoint", no_weights)
+    monkeypatch.setattr(C, "load_bundle", no_weights)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")
+    for recipe, over in [
+        ("cm/cd_digits.yaml", [f"teacher={digits_teacher}", "model.channels=16", "model.dropout=0.2", "model.param=eps",
+                               "model.clip_x0=null", "model.sigma_data=1.0", "model.input_scaling=true"]),
+        ("flowmap/ctm_digits.yaml", [f"teacher={bundle}", "model.channels=16"]),
+        ("pd/digits_guided.yaml", [f"teacher={digits_teacher}", "model.channels=16"]),
+        ("cm/ict_digits.yaml", [f"teacher={digits_teacher}", "method.init=scratch"]),
+        ("flowmap/meanflow_digits.yaml", [f"teacher={digits_teacher}"]),
+        ("cm/cd_digits.yaml", [f"teacher={sharded}"]),
+    ]:
+        assert main(["fit", str(R / recipe), *over, f"out_dir={tmp_path / 'runs'}", "--dry-run"]) == 0, (recipe, over)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("what", ["bundle", "plain", "run"])
 def test_resume_from_a_directory_that_is_no_checkpoint(capsys, tmp_path, digits_teacher, bundle, what):
     path = {"bundle": bundle, "plain": tmp_path / "plain", "run": digits_teacher.parents[1]}[what]

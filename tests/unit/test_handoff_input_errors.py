@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,86 @@ def test_export_not_a_torch_file(tmp_path, capsys) -> None:  # 15
     bad.write_text("hello!!\n")
     err = cli_error(capsys, "export", str(bad), "--out", str(tmp_path / "b"))
     assert f"{bad}: not a torch checkpoint" in err and "objects other than tensors" not in err
+
+
+@pytest.fixture(scope="module")
+def uncond_bundle(tmp_path_factory) -> Path:
+    """The bundle of an untrained unconditional 8-channel digits UNet (a checkpoint written by hand: no training)."""
+    from dtrain.config import load_recipe, to_container
+    from dtrain.models import build_model
+
+    cfg = to_container(load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "teacher" / "digits.yaml",
+                                   ["model.num_classes=0", "model.channels=8", "sampler.guidance=1.0"]))
+    net = build_model(cfg["model"])
+    root = tmp_path_factory.mktemp("uncond")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "global_step": 0,
+                "dtrain": {"format": 1, "recipe": cfg, "ema_tags": [], "kind": "teacher"}}, root / "u.ckpt")
+    assert main(["export", str(root / "u.ckpt"), "--out", str(root / "bundle")]) == 0
+    return root / "bundle"
+
+
+def test_sample_guidance_of_an_unconditional_model(uncond_bundle, tmp_path, capsys) -> None:  # 16
+    err = sample_error(capsys, uncond_bundle, tmp_path / "g.png", "--w", "2")
+    assert err.startswith("dtrain sample: --w: guidance needs a class-conditional model; this bundle has no classes")
+
+
+def test_sample_guidance_of_a_kind_without_it(ckpt_bundle, tmp_path, capsys, monkeypatch) -> None:  # 16
+    import json
+    import shutil
+
+    from dtrain.export import bundle as B
+    from dtrain.models import build_denoiser
+
+    monkeypatch.setattr(B.KINDS, "_items", dict(B.KINDS._items))
+    B.register_kind("unguided", B.PipelineKind(lambda net, s, cfg: build_denoiser(cfg, s, net), guide=None))
+    bundle = Path(shutil.copytree(ckpt_bundle[1], tmp_path / "b"))
+    info = json.loads((bundle / "dtrain.json").read_text())
+    (bundle / "dtrain.json").write_text(json.dumps({**info, "kind": "unguided"}))
+    err = sample_error(capsys, bundle, tmp_path / "g.png", "--w", "2")
+    assert err.startswith("dtrain sample: --w: bundle kind 'unguided' does not support guidance")
+    assert main(["sample", str(bundle), "--num", "2", "--nfe", "1", "--w", "1", "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_eval_guidance_of_an_unconditional_model(uncond_bundle, tmp_path, capsys) -> None:  # 16
+    err = cli_error(capsys, "eval", str(uncond_bundle), *EVAL, "--guidance", "2", "--out", str(tmp_path / "e"))
+    assert err.startswith("dtrain eval: --guidance: guidance needs a class-conditional model; this model (kind "
+                          "'denoiser') has no classes")
+    assert capsys.readouterr().out == "" and not (tmp_path / "e").exists()  # refused before the sweep
+
+
+def _ref_file(path: Path, **meta) -> Path:
+    """Reference statistics of the digits extractor's 64 features at 1 x 8 x 8, with ``meta`` over its metadata."""
+    from dtrain.eval.features import build_extractor
+    from dtrain.eval.fid import RefStats
+
+    ext = build_extractor("digits")
+    n = meta.pop("features", ext.num_features)
+    base = {"extractor": ext.name, "weights_sha256": ext.weights_sha256, "num_features": ext.num_features,
+            "resolution": [1, 8, 8], "count": 20}
+    return RefStats(np.zeros(n), np.eye(n), {**base, **meta}).save(path)
+
+
+@pytest.mark.parametrize("bad", ["extractor", "features"])
+def test_eval_ref_stats_that_do_not_fit_name_the_flag(ckpt_bundle, tmp_path, capsys, bad: str) -> None:  # 17
+    """--ref-stats, not the recipe field eval.ref_stats: the metadata check and the feature count alike."""
+    ref = _ref_file(tmp_path / "ref.npz", **({"extractor": "raw"} if bad == "extractor" else {"features": 3}))
+    flags = ["--num", "4", "--batch-size", "4", "--samplers", "ddim:1", "--extractor", "digits"]
+    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *flags, "--ref-stats", str(ref), "--out", str(tmp_path / "e"))
+    assert err.startswith("dtrain eval: --ref-stats: ") and "eval.ref_stats" not in err
+    assert ("reference statistics" in err and "extractor: file has 'raw', evaluation uses 'digits'" in err
+            and "the same feature extractor and weights" in err) if bad == "extractor" else \
+        "--ref-stats: 3 features, extractor 'digits' gives 64" in err
+
+
+@pytest.mark.parametrize("key", ["eval.ref_stats", "--ref-stats"])
+def test_ref_stats_mismatch_names_the_key_it_was_loaded_with(tmp_path, key: str) -> None:  # 17
+    from dtrain.eval.features import build_extractor
+    from dtrain.eval.fid import FID, RefStatsError, load_ref
+
+    ext = build_extractor("digits")
+    ref = load_ref(_ref_file(tmp_path / "ref.npz", resolution=[1, 16, 16]), ext, key=key)
+    with pytest.raises(RefStatsError, match=rf"^{key}: reference statistics .*resolution: file has \[1, 16, 16\]"):
+        FID(ext, ref, shape=(1, 8, 8))
+    builtin = load_ref("digits:train", ext, key=key)
+    with pytest.raises(RefStatsError, match=rf"^{key}: reference statistics .*resolution"):
+        FID(ext, builtin, shape=(1, 16, 16))
