@@ -23,8 +23,9 @@ import inspect
 import itertools
 import json
 import math
+import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
 from dtrain.errors import InputError, check_writable
 from dtrain.registry import Registry
-from dtrain.samplers.base import initial_noise
+from dtrain.samplers.base import check_device, initial_noise
 
 __all__ = [
     "FORMAT",
@@ -122,6 +123,31 @@ def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _real(v: Any) -> bool:
+    """A finite real number (numpy's too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: Any, key: str, what: str) -> int:
+    """A whole number >= 1 (Python, numpy or an integral float), else ``InputError`` naming ``key``."""
+    if not (_real(v) and float(v).is_integer() and v >= 1):
+        raise InputError(f"{key}: must be an int >= 1 ({what}), got {v!r}")
+    return int(v)
+
+
+def _check_shape(model: Mapping[str, Any], shape: list[int], f: str) -> None:
+    """image.shape against the network the model section builds: [dim] for vectors, [in_channels, res, res]."""
+    if "dim" in model:
+        want = [model["dim"]]
+    elif "in_channels" in model:
+        want = [model["in_channels"], *([model["resolution"]] * 2 if "resolution" in model else shape[1:3])]
+    else:
+        return
+    if shape != want:
+        raise BundleError(f, "image.shape", f"{shape} does not match the {model['name']!r} network in 'model' "
+                          f"(needs {want})")
+
+
 def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
     """Validate a parsed ``dtrain.json``: types, required keys, format version and value ranges."""
     f = str(file)
@@ -148,8 +174,13 @@ def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
         raise BundleError(f, "sampler.nfe", f"must be >= 1, got {sampler['nfe']}")
     if sampler["spacing"] is not None and sampler["spacing"] not in SPACINGS:
         raise BundleError(f, "sampler.spacing", f"unknown spacing {sampler['spacing']!r}; choose one of {SPACINGS}")
-    if not _finite(sampler["guidance"]) or (sampler["eta"] is not None and not _finite(sampler["eta"])):
-        raise BundleError(f, "sampler.guidance", "guidance and eta must be finite numbers")
+    if not _finite(sampler["guidance"]):
+        raise BundleError(f, "sampler.guidance", f"must be a finite number, got {sampler['guidance']!r}")
+    if sampler["eta"] is not None and not (_finite(sampler["eta"]) and 0 <= sampler["eta"] <= 1):
+        raise BundleError(f, "sampler.eta", f"must be null or a number in [0, 1], got {sampler['eta']!r}")
+    clip = model.get("clip_x0")
+    if clip is not None and not (_finite(clip) and clip > 0):
+        raise BundleError(f, "model.clip_x0", f"must be null or a number > 0, got {clip!r}")
     grid = sampler["grid"]
     if grid is not None and (len(grid) < 2 or not all(_finite(t) for t in grid) or grid[-1] != 0
                              or any(a <= b for a, b in itertools.pairwise(grid))):
@@ -157,6 +188,7 @@ def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
     shape = image["shape"]
     if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise BundleError(f, "image.shape", f"must be a non-empty list of positive ints, got {shape!r}")
+    _check_shape(model, shape, f)
     rng = image["range"]
     if rng is not None and (len(rng) != 2 or not all(_finite(v) for v in rng) or not rng[0] < rng[1]):
         raise BundleError(f, "image.range", f"must be [low, high] with low < high, got {rng!r}")
@@ -316,7 +348,7 @@ class Pipeline:
         return p.device if p is not None else torch.device("cpu")
 
     def to(self, device: torch.device | str) -> Pipeline:
-        self.net.to(device)
+        self.net.to(check_device(device, "device"))
         return self
 
     def labels(self, labels: Any, n: int, key: str = "labels") -> Tensor | None:
@@ -330,8 +362,12 @@ class Pipeline:
             return None
         if labels is None:
             return torch.arange(n) % k
-        if isinstance(labels, int | str):
+        if getattr(labels, "ndim", None) == 0:  # a numpy or torch scalar
+            labels = labels.item()
+        if isinstance(labels, int | float | str):
             labels = [labels] * n
+        if not isinstance(labels, Iterable):
+            raise InputError(f"{key}: need an int, a class name or one per sample, got {labels!r:.80}")
         vals = labels.tolist() if isinstance(labels, Tensor) else list(labels)
         out = []
         for v in vals:
@@ -386,7 +422,10 @@ class Pipeline:
         """The explicit grid [t_max, *times, 0] (float64) of ``sample(times=...)``; ``InputError`` naming ``key``
         unless it decreases strictly."""
         t_max = float(self.schedule.t_max)
-        grid = torch.tensor([t_max, *(float(v) for v in times), 0.0], dtype=torch.float64)
+        vals = times.tolist() if isinstance(times, Tensor) else times
+        if not isinstance(vals, Iterable) or isinstance(vals, str) or not all(_real(v) for v in vals):
+            raise InputError(f"{key}: must be a sequence of numbers inside (0, t_max = {t_max}), got {times!r:.80}")
+        grid = torch.tensor([t_max, *(float(v) for v in vals), 0.0], dtype=torch.float64)
         if not bool((grid[1:] < grid[:-1]).all()):
             raise InputError(f"{key}: must decrease strictly inside (0, t_max = {t_max}), got {list(times)}")
         return grid
@@ -411,12 +450,19 @@ class Pipeline:
         ``clip=False``. Unset arguments take the bundle's defaults (``dtrain.json`` ``sampler``). ``times``: the
         interior times of an explicit grid [t_max, *times, 0] (e.g. multistep consistency sampling at chosen times);
         it replaces ``nfe`` and ``spacing``."""
-        from dtrain.samplers import SAMPLERS, run
+        from dtrain.samplers import SAMPLERS, check_eta, run
 
         s = self.info["sampler"]
+        n = _count(n, "n", "the number of samples")
         name = self.check_sampler(sampler)
-        if nfe is not None and nfe < 1:
-            raise InputError(f"nfe: must be >= 1 (network evaluations per sample), got {nfe}")
+        nfe = None if nfe is None else _count(nfe, "nfe", "network evaluations per sample")
+        if spacing is not None and spacing not in SPACINGS:
+            raise InputError(f"spacing: unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
+        if w is not None and not _real(w):
+            raise InputError(f"w: the guidance scale must be a finite number (1: no guidance), got {w!r:.80}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InputError(f"generator: must be a torch.Generator (e.g. torch.Generator({str(self.device)!r})"
+                             f".manual_seed(0)) or None, got {type(generator).__name__}")
         grid = None
         if times is not None:
             grid = self.times_grid(times)
@@ -428,15 +474,16 @@ class Pipeline:
         opts = dict(s["options"]) if name == s["name"] else {}
         eta = eta if eta is not None else (s["eta"] if name == s["name"] else None)
         if eta is not None:
-            opts["eta"] = eta
+            opts["eta"] = check_eta(name, eta)
         self.check_guidance(w)
         cond = self.labels(labels, n)
         if cond is not None:
             cond = cond.to(self.device)
         model = self.guided(cond, float(s["guidance"] if w is None else w))
+        if grid is None:
+            grid = _default_grid(model.schedule, name, nfe, spacing or s["spacing"], "nfe")
         x = initial_noise(model.schedule, n, self.shape, generator, self.device)  # the schedule the sampler runs on
-        x = run(name, model, x, nfe, cond=cond, generator=generator, callback=callback,
-                spacing=spacing or s["spacing"], grid=grid, **opts)
+        x = run(name, model, x, nfe, cond=cond, generator=generator, callback=callback, grid=grid, **opts)
         rng = self.info["image"]["range"]
         return x.clamp(*rng) if clip and rng is not None else x
 
@@ -452,6 +499,21 @@ class Pipeline:
         s = self.info["sampler"]
         return (f"Pipeline(kind={self.kind!r}, model={self.info['model']['name']!r}, shape={self.shape}, "
                 f"classes={self.num_classes}, sampler={s['name']!r}@{s['nfe']}, path={str(self.path)!r})")
+
+
+def _default_grid(schedule: Schedule, name: str, nfe: int, spacing: str | None, key: str) -> Tensor:
+    """The grid sampler ``name`` runs for ``nfe`` evaluations; ``InputError`` naming ``key`` (and the most NFE a
+    discrete schedule allows) where there is none."""
+    from dtrain.diffusion.timesteps import make_grid
+    from dtrain.samplers import SAMPLERS, steps_for_nfe
+
+    spec, steps = SAMPLERS.get(name, "sampler"), steps_for_nfe(name, nfe)
+    try:
+        return (spec.grid or make_grid)(schedule, steps, spacing)
+    except ValueError as e:
+        T = schedule.discrete_steps
+        most = f"; at most {spec.nfe(T)} for sampler {name!r} on this {T}-step schedule" if T and steps > T else ""
+        raise InputError(f"{key}: {nfe} with spacing {spacing!r} gives no grid{most} ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,6 +646,14 @@ def assemble(info: dict[str, Any], state: Mapping[str, Tensor], *, file: str = W
     if (need := unmet(s["name"], model)) is not None:
         raise BundleError(jf, "sampler.name", f"sampler {s['name']!r} needs {need}; a {info['kind']!r} bundle runs "
                           f"{supported(model)}")
+    if s["grid"] is not None and s["grid"][0] > float(model.schedule.t_max):
+        raise BundleError(jf, "sampler.grid", f"must lie inside (0, t_max = {float(model.schedule.t_max)}], "
+                          f"starts at {s['grid'][0]}")
+    if s["grid"] is None:
+        try:
+            _default_grid(model.schedule, s["name"], s["nfe"], s["spacing"], "sampler.nfe")
+        except InputError as e:
+            raise BundleError(jf, "sampler.nfe", str(e).removeprefix("sampler.nfe: ")) from None
     return Pipeline(model, net, info, path)
 
 
@@ -593,7 +663,7 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu", verify:
     The network is float32 (bf16 bundles upcast exactly); for mixed precision sample under
     ``torch.autocast(device_type, torch.bfloat16)`` (the sampler state stays float32). Never unpickles.
     """
-    path = Path(path)
+    path, device = Path(path), check_device(device, "device")
     if not path.is_dir():
         raise BundleError(path, "", "not a bundle directory (expected dtrain.json and model.safetensors)")
     info = read_info(path)

@@ -8,6 +8,8 @@ euler_maruyama
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = [
     "unmet",
     "supported",
     "check_sampler",
+    "check_eta",
     "ddim",
     "ddim_invert",
     "slerp",
@@ -115,6 +118,21 @@ def check_sampler(name: str, model: Any, key: str = "sampler", what: str | None 
         what = what or f"this model ({type(model).__name__})"
         raise InputError(f"{key}: sampler {name!r} needs {need}; {what} is not one: choose one of {supported(model)}")
     return spec
+
+
+def _takes_eta(name: str) -> bool:
+    return "eta" in inspect.signature(SAMPLERS.get(name, "sampler").fn).parameters
+
+
+def check_eta(name: str, eta: Any, key: str = "eta") -> float:
+    """The DDIM noise level ``eta`` for sampler ``name``: a number in [0, 1] for a sampler that takes one; else an
+    ``InputError`` naming ``key`` (the argument, a flag or field) and what is valid."""
+    if not _takes_eta(name):
+        raise InputError(f"{key}: sampler {name!r} takes no eta; samplers that do: "
+                         f"{[n for n in SAMPLERS.names() if _takes_eta(n)]}")
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
+        raise InputError(f"{key}: must be a number in [0, 1] (0: deterministic, 1: ancestral), got {eta!r}")
+    return float(eta)
 
 
 def run(

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.schedule import Schedule, bcast, transition
+from dtrain.errors import InputError
 from dtrain.samplers.base import Callback, on_grid, randn_like
 
 __all__ = ["ddim", "ddim_coeffs", "ddim_step", "ddim_invert", "slerp"]
@@ -53,7 +54,7 @@ def ddim(
     denoiser call (the last step's draw is multiplied by 0), as in diffusers' ``DDIMScheduler``.
     """
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"ddim: eta must be in [0, 1], got {eta}")
+        raise InputError(f"ddim: eta must be in [0, 1], got {eta}")
     g, _ = on_grid(denoiser.schedule, grid)
     p, q, c = (v.tolist() for v in ddim_coeffs(denoiser.schedule, g[:-1], g[1:], eta))
     for i in range(len(p)):

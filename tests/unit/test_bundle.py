@@ -319,8 +319,8 @@ def test_missing_key_is_named(exported, key):
     (lambda i: i["model"].update(channels=16), r"model\.safetensors: tensor '[^']+': shape \(\d+, \d+\), the "
                                                r"network built from dtrain\.json 'model' needs \(\d+, \d+\)"),
     (lambda i: i["model"].update(num_classes=4), r"class_names: need 4 strings"),
-    (lambda i: i["model"].update(resolution=5), r"dtrain\.json: model: cannot build the network: ValueError: "
-                                                r"model\.resolution 5 is not divisible"),
+    (lambda i: (i["model"].update(resolution=5), i["image"].update(shape=[i["image"]["shape"][0], 5, 5])),
+     r"dtrain\.json: model: cannot build the network: ValueError: model\.resolution 5 is not divisible"),
     (lambda i: i["model"].update(chanels=8), r"dtrain\.json: model: cannot build the network: .*chanels"),
     (lambda i: i["model"].update(name="dit"), r"dtrain\.json: model: cannot build the network: .*unknown model"),
     (lambda i: i["schedule"].update(T=-5), r"dtrain\.json: schedule: cannot rebuild the schedule"),
