@@ -607,6 +607,36 @@ _DATA_SHAPES: dict[str, Callable[[DictConfig], tuple[str, dict[str, int], int]]]
 }
 
 
+DIGITS_SPLITS = {"train": 1347, "test": 450, "all": 1797}  # samples of each split (dtrain.data.digits)
+PHOTO_SIZE = 427  # the smaller side of sklearn's sample photos, the largest patch (dtrain.data.memory.photo_patches)
+MEMORY_BYTES = 8 << 30  # the most float32 pixels in-memory data may hold
+
+
+@register_validator
+def _check_memory_data(cfg: DictConfig) -> list[tuple[str, str]]:
+    """In-memory data (digits, gmm, patches): split, sizes and worker counts, before the model is compared."""
+    d, bad = cfg.data, []
+    if d.name not in _DATA_SHAPES:
+        return bad
+    if d.name == "digits" and d.split not in DIGITS_SPLITS:
+        return [("data.split", f"must be one of {list(DIGITS_SPLITS)}, not {d.split!r}")]
+    if d.name == "patches" and not 1 <= d.size <= PHOTO_SIZE:
+        return [("data.size", f"must be in [1, {PHOTO_SIZE}] (the patches are crops of {PHOTO_SIZE}x640 photos), "
+                 f"not {d.size}")]
+    if "num_samples" in d and d.num_samples < 1:
+        return [("data.num_samples", f"must be >= 1, not {d.num_samples}")]
+    if "num_workers" in d and d.num_workers < 0:
+        return [("data.num_workers", f"must be >= 0 (0: load in the main process), not {d.num_workers}")]
+    n = DIGITS_SPLITS[d.split] if d.name == "digits" else d.num_samples
+    if d.name == "patches" and n * 3 * d.size**2 * 4 > MEMORY_BYTES:
+        bad.append(("data.num_samples", f"{n} patches of {d.size}x{d.size} take "
+                    f"{n * 3 * d.size**2 * 4 / 2**30:.0f} GiB; use at most {MEMORY_BYTES // (12 * d.size**2)}"))
+    if d.batch_size > n:
+        bad.append(("data.batch_size", f"{d.batch_size} is more than the {n} samples of data {d.name!r}"
+                    + (f" (split {d.split!r})" if d.name == "digits" else "") + f"; use at most {n}"))
+    return bad
+
+
 @register_validator
 def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     """Teacher training: network geometry, model vs data, loss weighting, EMA, optimizer and trainer fields."""
@@ -738,15 +768,22 @@ def _check_wds(cfg: DictConfig) -> list[tuple[str, str]]:
     except (OSError, ValueError) as e:
         return [*bad, ("data.index" if d.index else "data.shards", str(e))]
     (h, w), c, k = info["image_size"], info["channels"], info.get("num_classes", 0)
-    if m.name == "unet":
-        if h != w or m.resolution != h:
-            bad.append(("model.resolution", f"must be {h} for the {h}x{w} images of {index}, not {m.resolution}"))
-        if m.in_channels != c:
-            bad.append(("model.in_channels", f"must be {c} for the images of {index}, not {m.in_channels}"))
+    bad += _image_fit(m, (h, w), c, index)
     if m.num_classes not in (0, k):
         bad.append(("model.num_classes", f"{index} has {k or 'no'} classes: use 0" + (f" or {k}" if k else "")))
     if m.num_classes and not d.labels:
         bad.append(("data.labels", "a class-conditional model (model.num_classes > 0) needs labels"))
+    return bad
+
+
+def _image_fit(m: DictConfig, size: Sequence[int], channels: int, where: str) -> list[tuple[str, str]]:
+    """A UNet's resolution and in_channels against the images of ``where`` (an index or a shard)."""
+    (h, w), bad = size, []
+    if m.name == "unet":
+        if h != w or m.resolution != h:
+            bad.append(("model.resolution", f"must be {h} for the {h}x{w} images of {where}, not {m.resolution}"))
+        if m.in_channels != channels:
+            bad.append(("model.in_channels", f"must be {channels} for the images of {where}, not {m.in_channels}"))
     return bad
 
 
@@ -935,3 +972,18 @@ def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
     if gone:
         more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
         raise RecipeError(source, "data.shards", f"shard file not found: {gone[0]}{more}")
+    if not urls or any(u.startswith("pipe:") or "://" in u for u in urls):
+        return
+    from dtrain.data.stream import peek_meta, resolve_shards
+
+    first = urls[0].removeprefix("file:")
+    try:
+        if d.index or d.shards.endswith(".json") or (Path(first).parent / "index.json").is_file():
+            resolve_shards(d.shards, d.index)  # reads the index only: shards it does not list fail here
+            return  # the model was compared with the index when the recipe loaded (_check_wds)
+        meta = peek_meta(first)  # no index: the first image of the first shard
+    except InputError as e:
+        key, _, reason = str(e).partition(": ")
+        raise RecipeError(source, key, reason) from None
+    for key, reason in _image_fit(cfg.model, meta["image_size"], meta["channels"], f"shard {first}"):
+        raise RecipeError(source, key, reason)

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dtrain.errors import InputError
+
 __all__ = ["digits_arrays"]
 
 
@@ -20,7 +22,7 @@ def digits_arrays(split: str = "train") -> tuple[Tensor, Tensor]:
     from sklearn.model_selection import train_test_split
 
     if split not in ("train", "test", "all"):
-        raise ValueError(f"digits split (data.split): must be train, test or all, got {split!r}")
+        raise InputError(f"digits split (data.split): must be train, test or all, got {split!r}")
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
     y = torch.from_numpy(d.target.astype(np.int64))

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dtrain.data.digits import digits_arrays
 from dtrain.data.synthetic import default_gmm
+from dtrain.errors import InputError
 
 __all__ = ["InMemoryBatches", "InMemoryDataModule", "digits_arrays", "photo_patches", "digits", "gmm", "patches"]
 
@@ -51,7 +52,7 @@ class InMemoryBatches(IterableDataset):
         n = len(next(iter(tensors.values())))
         per_rank = n // world_size
         if per_rank < batch_size:
-            raise ValueError(f"data.batch_size: {batch_size} exceeds the {per_rank} samples each of "
+            raise InputError(f"data.batch_size: {batch_size} exceeds the {per_rank} samples each of "
                              f"{world_size} rank(s) holds ({n} in all)")
         self.tensors, self.batch_size, self.seed = tensors, batch_size, seed
         self.rank, self.world_size, self.flip, self.start_batch = rank, world_size, flip, start_batch

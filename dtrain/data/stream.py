@@ -20,9 +20,10 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dtrain.data.shards import INDEX_NAME, read_index, scan_shard, split_key
+from dtrain.errors import InputError
 
 __all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "missing_shards", "rank_batches", "split_batches",
-           "META"]
+           "META", "peek_meta"]
 
 log = logging.getLogger("dtrain.data.wds")
 META = "_wds"  # batch key with (epoch, batch number in the rank's epoch, bad samples); stripped before the model
@@ -100,7 +101,7 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
     else:
         urls = shard_urls(shards)
         if not urls:
-            raise ValueError(f"data.shards: pattern {shards!r} expands to no shards")
+            raise InputError(f"data.shards: pattern {shards!r} expands to no shards")
         gone = missing_shards(urls)
         if gone:
             more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
@@ -112,36 +113,57 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
             by_name = {Path(s["name"]).name: s["count"] for s in meta["shards"]}
             missing = [u for u in urls if _shard_name(u) not in by_name]
             if missing:
-                raise ValueError(f"data.shards: {missing[0]} is not listed in the index {index}"
-                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                raise InputError(f"data.shards: {missing[0]} is not listed in the index {index}"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                 + "; narrow the pattern to the indexed shards or re-index them with "
+                                 "`dtrain shards index`")
             counts = [by_name[_shard_name(u)] for u in urls]
         elif any(_is_remote(u) for u in urls):
-            raise ValueError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
+            raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
                              "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")
         else:
-            scans = [scan_shard(u.removeprefix("file:")) for u in urls]
+            scans = [_scan(u.removeprefix("file:")) for u in urls]
             counts = [n for n, _ in scans]
-            meta = {**_peek_meta(urls[0].removeprefix("file:")), "keys": sorted({e for _, ex in scans for e in ex})}
+            meta = {**peek_meta(urls[0].removeprefix("file:")), "keys": sorted({e for _, ex in scans for e in ex})}
     if any(c < 1 for c in counts):
-        raise ValueError(f"data.shards: shard {urls[counts.index(min(counts))]} holds no samples")
+        raise InputError(f"data.shards: shard {urls[counts.index(min(counts))]} holds no samples (an empty or "
+                         "unfinished tar); remove it or narrow the pattern")
     h, w = meta["image_size"]
     return ShardSet(urls, counts, (int(h), int(w)), int(meta["channels"]), int(meta.get("num_classes", 0)),
                     list(meta.get("classes", [])), list(meta.get("keys", [])), meta.get("latent_shape"), index)
 
 
-def _peek_meta(url: str) -> dict[str, Any]:
+def _not_tar(url: str, e: Exception) -> InputError:
+    return InputError(f"data.shards: {url} is not a tar shard ({type(e).__name__}); give .tar files written by "
+                      "`dtrain shards` or a shard index json")
+
+
+def _scan(url: str) -> tuple[int, list[str]]:
+    """``scan_shard``, failing with ``InputError`` naming the file when it is not a tar."""
+    import tarfile
+
+    try:
+        return scan_shard(url)
+    except tarfile.TarError as e:
+        raise _not_tar(url, e) from None
+
+
+def peek_meta(url: str) -> dict[str, Any]:
     """Image size and channels from the first image of a local shard (when there is no index)."""
     import tarfile
 
     from PIL import Image
 
-    with tarfile.open(url, "r:*") as tf:
-        for ti in tf:
-            key, ext = split_key(ti.name)
-            if key is not None and ti.isreg() and ext in _IMAGE_EXTS:
-                arr = np.asarray(Image.open(io.BytesIO(tf.extractfile(ti).read())))
-                return {"image_size": arr.shape[:2], "channels": 1 if arr.ndim == 2 else arr.shape[2]}
-    raise ValueError(f"data.shards: {url} holds no image member ({', '.join(_IMAGE_EXTS)})")
+    try:
+        with tarfile.open(url, "r:*") as tf:
+            for ti in tf:
+                key, ext = split_key(ti.name)
+                if key is not None and ti.isreg() and ext in _IMAGE_EXTS:
+                    arr = np.asarray(Image.open(io.BytesIO(tf.extractfile(ti).read())))
+                    return {"image_size": arr.shape[:2], "channels": 1 if arr.ndim == 2 else arr.shape[2]}
+    except tarfile.TarError as e:
+        raise _not_tar(url, e) from None
+    raise InputError(f"data.shards: {url} holds no image member ({', '.join(_IMAGE_EXTS)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,13 +289,13 @@ class WdsStream(IterableDataset):
         self.drop_last, self.flip, self.labels, self.latents = drop_last, flip, labels, latents
         total = shards.total if epoch_size is None else epoch_size
         if not resampled and total > shards.total:
-            raise ValueError(f"data.epoch_size: {total} exceeds the {shards.total} samples of the shards; "
+            raise InputError(f"data.epoch_size: {total} exceeds the {shards.total} samples of the shards; "
                              "set data.resampled=true to draw more")
         self.per_rank = total // world_size
         self.sizes = rank_batches(self.per_rank, batch_size, drop_last)
         if not self.sizes:
-            raise ValueError(f"data: {total} samples over {world_size} rank(s) leave {self.per_rank} per rank, "
-                             f"less than one batch of {batch_size}")
+            raise InputError(f"data.batch_size: {batch_size} is more than the {self.per_rank} samples per rank "
+                             f"({total} over {world_size} rank(s)); use data.batch_size <= {self.per_rank}")
         # (epoch, batches of it already consumed) in shared memory: persistent workers, forked or spawned,
         # read the values set in the main process each time a new epoch's iterator starts
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -352,8 +374,15 @@ class WdsStream(IterableDataset):
                 if "cls" not in item:
                     return _Bad(url, key, "no .cls label")
                 y = int(item["cls"])
+                if self.shards.num_classes and not 0 <= y < self.shards.num_classes:
+                    raise InputError(f"data.shards: sample {key} of {url} has label {y}, outside the "
+                                     f"{self.shards.num_classes} classes (0..{self.shards.num_classes - 1}) of "
+                                     f"{self.shards.index} that model.num_classes matches; fix the .cls labels or "
+                                     f"re-index the shards (`dtrain shards index`)")
             lat = np.load(io.BytesIO(item["npy"]), allow_pickle=False) if self.latents else None
             return _Decoded(np.ascontiguousarray(arr), y, lat)
+        except InputError:
+            raise
         except Exception as e:
             return _Bad(url, key, f"{type(e).__name__}: {e}")
 
@@ -370,6 +399,14 @@ class WdsStream(IterableDataset):
     # -- iteration ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._iter()
+        except InputError as e:  # bad data: in a worker, hand the one-line message to the main process (wds.py)
+            if get_worker_info() is None:
+                raise
+            yield {META: (self.epoch, -1, 0, str(e))}
+
+    def _iter(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, start = self.epoch, self.start

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from dtrain.data import DATAMODULES
 from dtrain.data.stream import META, ShardSet, WdsStream, rank_batches, resolve_shards, split_batches
+from dtrain.errors import InputError
 
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact (the
 # batches of one rank, split across workers by construction).
@@ -123,10 +124,11 @@ class WdsDataModule(L.LightningDataModule):
         if self.shards is None:
             self.shards = resolve_shards(self.spec, self.index)
             if self.opts["labels"] and self.shards.keys and "cls" not in self.shards.keys:
-                raise ValueError(f"data.labels: the shards have no .cls labels ({self.shards.index}); "
+                raise InputError(f"data.labels: the shards have no .cls labels ({self.shards.index}); "
                                  "set data.labels=false")
             if self.opts["latents"] and "npy" not in self.shards.keys:
-                raise ValueError(f"data.latents: the shards have no .npy latents ({self.shards.index or self.spec})")
+                raise InputError(f"data.latents: the shards have no .npy latents ({self.shards.index or self.spec}); "
+                                 "set data.latents=false or write shards with latents")
         return self.shards
 
     def setup(self, stage: str | None = None) -> None:
@@ -176,7 +178,9 @@ class WdsDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and META in batch:
-            epoch, seq, bad = batch.pop(META)
+            epoch, seq, bad, *error = batch.pop(META)
+            if error:  # a worker found bad data (dtrain.data.stream.WdsStream.__iter__)
+                raise InputError(error[0])
             trainer = getattr(self, "trainer", None)
             if trainer is None or trainer.training:
                 if epoch == self._epoch:

@@ -1,0 +1,118 @@
+"""Bad data input gives one line naming the recipe field or file and what is valid (``InputError``, exit code 2 from
+``dtrain fit``), before the run starts where it can be known then: shards that do not fit the model, labels outside
+the classes, shards the index does not list, files that are not shards, batches larger than the data, bad in-memory
+data fields."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dtrain.cli import main
+from dtrain.config import RecipeError, load_recipe
+from dtrain.data.stream import WdsStream, resolve_shards
+from dtrain.data.wds import WdsDataModule
+from dtrain.errors import InputError
+
+R = Path(__file__).resolve().parents[2] / "recipes"
+QUIET = ["logger.mode=disabled", "trainer.progress_bar=false", "trainer.cpu_threads=1", "trainer.accelerator=cpu",
+         "trainer.devices=1", "trainer.max_steps=2", "data.num_workers=0", "data.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """The digits as shards (3 of them, labels 0..9) with their index.json."""
+    out = tmp_path_factory.mktemp("digits")
+    assert main(["shards", "digits", "--out", str(out), "--num-shards", "3", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("recipe") / "wds.yaml"
+    p.write_text(f"base: [{R / '_base' / 'train.yaml'}, {R / '_base' / 'tiny_wds_digits.yaml'}]\n")
+    return p
+
+
+def fit_error(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    assert main(["fit", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dtrain fit: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_shards_without_index_that_do_not_fit_the_model(capsys, tmp_path, recipe):
+    """RGB 16x16 images, no index: fails before the run starts, naming the model field and the shard."""
+    np.save(tmp_path / "x.npy", np.zeros((8, 16, 16, 3), np.uint8))
+    assert main(["shards", "npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    (tmp_path / "s" / "index.json").unlink()
+    shard = next((tmp_path / "s").glob("*.tar"))
+    err = fit_error(capsys, str(recipe), f"data.shards={shard}", "model.num_classes=0", "data.labels=false",
+                    f"out_dir={tmp_path / 'run'}", *QUIET)
+    assert "model.resolution: must be 16" in err and str(shard) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_labels_outside_the_index_classes(capsys, tmp_path, digits, recipe):
+    """The index says 5 classes, the labels go up to 9: the first batch stops the run naming the sample and field,
+    in the main process and from a DataLoader worker alike."""
+    root = tmp_path / "d"
+    shutil.copytree(digits, root)
+    index = json.loads((root / "index.json").read_text())
+    index.update(num_classes=5, classes=index.get("classes", [])[:5])
+    (root / "index.json").write_text(json.dumps(index))
+    for workers in (0, 1):
+        err = fit_error(capsys, str(recipe), f"data.shards={root / 'index.json'}", "model.num_classes=5",
+                        f"out_dir={tmp_path / f'run{workers}'}", *QUIET, f"data.num_workers={workers}")
+        assert "data.shards: sample" in err and "outside the 5 classes" in err and "model.num_classes" in err
+
+
+def test_shard_not_in_the_index(capsys, tmp_path, digits, recipe):
+    root = tmp_path / "d"
+    shutil.copytree(digits, root)
+    shards = sorted(root.glob("*.tar"))
+    stale = shutil.copy(shards[0], root / "train-000099.tar")
+    err = fit_error(capsys, str(recipe), f"data.shards={shards[0]}::{stale}", f"out_dir={tmp_path / 'run'}", *QUIET)
+    assert f"data.shards: {stale} is not listed in the index" in err and "dtrain shards index" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_not_a_shard(capsys, tmp_path, recipe):
+    png = tmp_path / "some.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    err = fit_error(capsys, str(recipe), f"data.shards={png}", f"out_dir={tmp_path / 'run'}", *QUIET)
+    assert f"data.shards: {png} is not a tar shard" in err
+
+
+def test_setup_errors_are_input_errors(tmp_path, digits):
+    shards = sorted(digits.glob("*.tar"))
+    with pytest.raises(InputError, match=r"data.latents: the shards have no \.npy latents"):
+        WdsDataModule(str(digits / "index.json"), latents=True).setup()
+    empty, first = tmp_path / "empty.tar", shutil.copy(shards[0], tmp_path / "first.tar")  # no index beside
+    tarfile.open(empty, "w").close()
+    with pytest.raises(InputError, match=f"data.shards: shard {empty} holds no samples"):
+        resolve_shards([str(first), str(empty)])
+    with pytest.raises(InputError, match=r"data.batch_size: 5000 is more than the \d+ samples per rank"):
+        WdsStream(resolve_shards(str(digits / "index.json")), batch_size=5000)
+
+
+@pytest.mark.parametrize(("recipe", "override", "key", "valid"), [
+    ("teacher/digits.yaml", "data.split=bogus", "data.split", "['train', 'test', 'all']"),
+    ("teacher/digits.yaml", "data.num_workers=-1", "data.num_workers", "must be >= 0"),
+    ("teacher/digits.yaml", "data.batch_size=2000", "data.batch_size", "at most 1347"),
+    ("teacher/patches.yaml", "data.num_samples=-1", "data.num_samples", "must be >= 1"),
+    ("teacher/patches.yaml", "data.size=512", "data.size", "in [1, 427]"),
+    ("teacher/patches.yaml", "data.size=0", "data.size", "in [1, 427]"),
+    ("teacher/patches.yaml", "data.size=400", "data.num_samples", "use at most"),
+    ("teacher/gmm.yaml", "data.num_samples=0", "data.num_samples", "must be >= 1"),
+])
+def test_memory_data_fields(recipe, override, key, valid):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(R / recipe, [override])
+    assert e.value.key == key and valid in e.value.reason
