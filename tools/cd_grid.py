@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from dtrain.export.checkpoint import CheckpointError, load_teacher
-    from dtrain.methods.consistency import consistency_times, target_bias
+    from dtrain.errors import InputError
+    from dtrain.export.checkpoint import load_teacher
+    from dtrain.methods.consistency import GRID_SPACINGS, consistency_times, target_bias
     from dtrain.samplers.base import initial_noise
 
     try:
@@ -40,9 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"cd_grid: --num-scales: need comma-separated integers, got {args.num_scales!r}", file=sys.stderr)
         return 2
+    bad = [v for v in args.spacings.split(",") if v not in GRID_SPACINGS]
+    problems = [f"--num-scales: need integers >= 2, got {args.num_scales!r}" * (min(sizes) < 2),
+                f"--spacings: unknown {','.join(bad)!r}; choose from {', '.join(GRID_SPACINGS)}" * bool(bad),
+                f"--num: need an integer >= 1, got {args.num}" * (args.num < 1),
+                f"--refine: need an integer >= 1, got {args.refine}" * (args.refine < 1)]
+    if any(problems):
+        print(f"cd_grid: {next(m for m in problems if m)}", file=sys.stderr)
+        return 2
     try:
         teacher, info = load_teacher(args.teacher)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, InputError) as e:
         print(f"cd_grid: {e}", file=sys.stderr)
         return 2
     sch = teacher.schedule

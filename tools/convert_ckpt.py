@@ -25,18 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from dtrain.export.checkpoint import CheckpointError, read_checkpoint
+    from dtrain.errors import InputError, check_writable
+    from dtrain.export.checkpoint import read_checkpoint
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        print(f"convert_ckpt: {out} exists (--overwrite replaces it)", file=sys.stderr)
-        return 2
-    if not Path(args.checkpoint).is_dir():
-        print(f"convert_ckpt: {args.checkpoint}: not a sharded checkpoint directory", file=sys.stderr)
-        return 2
     try:
+        if not Path(args.checkpoint).exists():
+            raise InputError(f"checkpoint: {args.checkpoint} not found")
+        if not Path(args.checkpoint).is_dir():
+            raise InputError(f"checkpoint: {args.checkpoint}: not a sharded checkpoint directory")
+        check_writable(out, "out")
+        if out.exists() and not args.overwrite:
+            raise InputError(f"out: {out} exists (--overwrite replaces it)")
         ckpt = read_checkpoint(args.checkpoint)  # consolidates, then checks the format-1 fields
-    except CheckpointError as e:  # ZeroCheckpointError included
+    except InputError as e:  # CheckpointError, ZeroCheckpointError included
         print(f"convert_ckpt: {e}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dtrain.data.digits import digits_arrays
+from dtrain.errors import InputError, check_writable
 from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import compute_ref_stats, dist_rank
 
@@ -39,27 +40,61 @@ def to_tensor(img, channels: int | None) -> torch.Tensor:
     return torch.from_numpy(a / 127.5 - 1.0)
 
 
-def folder_images(root: Path, channels: int | None) -> Iterator[torch.Tensor]:
-    from PIL import Image
+def same_size(x: torch.Tensor, shape: tuple[int, ...] | None, key: str, name: object) -> tuple[int, ...]:
+    if shape is not None and tuple(x.shape) != shape:
+        raise InputError(f"{key}: {name} is {list(x.shape)} (C, H, W), the first image {list(shape)}; all images "
+                         f"need one size and channel count (--channels forces the channels)")
+    return tuple(x.shape)
 
+
+def folder_images(root: Path, channels: int | None) -> Iterator[torch.Tensor]:
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise InputError(f"--folder: {root} is not a directory")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT)
     if not files:
-        raise SystemExit(f"--folder: no images ({', '.join(IMAGE_EXT)}) under {root}")
+        raise InputError(f"--folder: no images ({', '.join(IMAGE_EXT)}) under {root}")
+    shape = None
     for p in files:
-        with Image.open(p) as im:
-            yield to_tensor(im, channels)
+        try:
+            with Image.open(p) as im:
+                x = to_tensor(im, channels)
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"--folder: {p} is not a readable image ({e})") from None
+        shape = same_size(x, shape, "--folder", p)
+        yield x
 
 
 def shard_images(pattern: str, channels: int | None) -> Iterator[torch.Tensor]:
-    import webdataset as wds
-    from PIL import Image
+    import tarfile
 
-    for sample in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
-        key = next((k for k in sample if k.lower().lstrip(".") in {e[1:] for e in IMAGE_EXT}), None)
-        if key is None:
-            raise SystemExit(f"--shards: sample {sample.get('__key__')} has no image member ({sorted(sample)})")
-        with Image.open(io.BytesIO(sample[key])) as im:
-            yield to_tensor(im, channels)
+    import webdataset as wds
+    from PIL import Image, UnidentifiedImageError
+
+    if pattern.endswith(".json"):
+        raise InputError(f"--shards: {pattern} is an index file; give the shard pattern, e.g. "
+                         f"'shards/train-{{000000..000009}}.tar'")
+    shape, n = None, 0
+    try:
+        for sample in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
+            key = next((k for k in sample if k.lower().lstrip(".") in {e[1:] for e in IMAGE_EXT}), None)
+            if key is None:
+                raise InputError(f"--shards: sample {sample.get('__key__')} has no image member ({sorted(sample)})")
+            name = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+            try:
+                with Image.open(io.BytesIO(sample[key])) as im:
+                    x = to_tensor(im, channels)
+            except (UnidentifiedImageError, OSError) as e:
+                raise InputError(f"--shards: {name}: not a readable image ({e})") from None
+            shape, n = same_size(x, shape, "--shards", name), n + 1
+            yield x
+    except (OSError, ValueError, tarfile.TarError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"--shards: cannot read {pattern}: {e}") from None
+    if n == 0:
+        raise InputError(f"--shards: no samples in {pattern}")
 
 
 def batched(items: Iterator[torch.Tensor], batch_size: int, limit: int | None, rank: int, world: int
@@ -79,7 +114,7 @@ def batched(items: Iterator[torch.Tensor], batch_size: int, limit: int | None, r
         yield torch.stack(buf)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--digits", choices=["train", "test", "all"], help="sklearn digits split (8x8, 1 channel)")
@@ -93,9 +128,29 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    try:
+        run(args)
+    except (InputError, FileNotFoundError) as e:
+        print(f"fid_ref_stats: {str(e).replace('eval.feature_extractor:', '--extractor (eval.feature_extractor):')}",
+              file=sys.stderr)
+        return 2
+    return 0
 
+
+def run(args: argparse.Namespace) -> None:
+    if args.num is not None and args.num < 2:
+        raise InputError(f"--num: FID statistics need at least 2 images, got {args.num}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size: need an integer >= 1, got {args.batch_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"--device: unknown device {args.device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: {args.device} but no CUDA GPU is available; use --device cpu")
+    check_writable(args.out, "--out")
     if "RANK" in os.environ and not torch.distributed.is_initialized():  # launched by torchrun
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist_rank()
     if args.digits:
         x, _ = digits_arrays(args.digits)
@@ -108,13 +163,17 @@ def main(argv: list[str] | None = None) -> Path:
     first = next(items)
     items = (y for it in ([first], items) for y in it)
     extractor = build_extractor(args.extractor, args.weights, shape=tuple(first.shape))
-    stats = compute_ref_stats(extractor, batched(items, args.batch_size, args.num, rank, world), source,
-                              device=args.device)
+    try:
+        stats = compute_ref_stats(extractor, batched(items, args.batch_size, args.num, rank, world), source,
+                                  device=device)
+    except InputError:
+        raise
+    except ValueError as e:  # fewer than 2 images; images the extractor does not take
+        raise InputError(f"{source}: {e}") from None
     if rank == 0:
         stats.save(args.out)
         print(json.dumps({"out": str(args.out), **stats.meta}, indent=2), file=sys.stderr)
-    return args.out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

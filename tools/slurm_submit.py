@@ -19,6 +19,11 @@ import sys
 from pathlib import Path
 
 
+def _fail(msg: str) -> int:
+    print(f"slurm_submit: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("template", nargs="?", help="an sbatch script, e.g. slurm/multi_node.sbatch")
@@ -32,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.print_args and args.template is not None and args.template.endswith((".yaml", ".yml")):
         args.overrides, args.recipe, args.template = [args.recipe, *args.overrides], args.template, None
+    if "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
+        return _fail(f"RECIPE: {args.recipe!r} is an override, not a recipe file; the arguments are "
+                     f"TEMPLATE RECIPE [key=value ...] (TEMPLATE is left out only with --print-args)")
+    try:
+        extra = shlex.split(args.sbatch)
+    except ValueError as e:
+        return _fail(f"--sbatch: cannot split {args.sbatch!r} into options: {e}")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dtrain.config import RecipeError, load_recipe
     from dtrain.dist.slurm import sbatch_args
@@ -40,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         flags = sbatch_args(load_recipe(args.recipe, args.overrides), nodes=args.nodes,
                             gpus_per_node=args.gpus_per_node)
     except (RecipeError, ValueError) as e:
-        print(f"slurm_submit: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     if args.print_args:
         print(" ".join(flags))
         return 0
     if args.template is None:
         p.error("TEMPLATE is required unless --print-args")
-    cmd = ["sbatch", *flags, *shlex.split(args.sbatch), args.template, args.recipe, *args.overrides]
+    cmd = ["sbatch", *flags, *extra, args.template, args.recipe, *args.overrides]
     print(shlex.join(cmd), flush=True)
     return 0 if args.dry_run else subprocess.run(cmd).returncode
 

@@ -1,6 +1,7 @@
 """Train the FID-digits feature extractor once: a small CNN on sklearn's digits (train split, fixed seed).
 
-    python tools/train_digits_classifier.py            # writes dtrain/assets/digits_classifier.{safetensors,json}
+    python tools/train_digits_classifier.py --overwrite-shipped  # dtrain/assets/digits_classifier.{safetensors,json}
+    python tools/train_digits_classifier.py --out my/digits.safetensors
 
 The json records the test accuracy (the held-out 25% split) and the sha256 that reference statistics
 carry (``dtrain.eval.fid``). Augmentation: random shifts of up to one pixel. CPU, about 20 s.
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dtrain.data.digits import digits_arrays
+from dtrain.errors import InputError, check_writable
 from dtrain.eval.features import DIGITS_WEIGHTS, DigitsNet, file_sha256
 
 
@@ -65,15 +67,21 @@ def train(epochs: int, seed: int, width: int, lr: float, batch_size: int) -> tup
     return net, info
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DIGITS_WEIGHTS)
+    ap.add_argument("--out", type=Path, default=None, help="output .safetensors (and .json beside it)")
+    ap.add_argument("--overwrite-shipped", action="store_true", help=f"replace the shipped {DIGITS_WEIGHTS.name}")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
+    try:
+        check_args(args)
+    except InputError as e:
+        print(f"train_digits_classifier: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)  # tiny convolutions: threads only add overhead (and results stay bitwise stable)
     t0 = time.time()
     net, info = train(args.epochs, args.seed, args.width, args.lr, args.batch_size)
@@ -99,8 +107,21 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
-    return record
+    return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for key in ("epochs", "width", "batch_size"):
+        if getattr(args, key) < 1:
+            raise InputError(f"--{key.replace('_', '-')}: need an integer >= 1, got {getattr(args, key)}")
+    if not args.lr > 0:
+        raise InputError(f"--lr: need a number > 0, got {args.lr}")
+    shipped = args.out is None or args.out.resolve() == DIGITS_WEIGHTS.resolve()
+    if shipped and not args.overwrite_shipped:
+        raise InputError(f"--out: give the output .safetensors file, or pass --overwrite-shipped to replace the "
+                         f"shipped {DIGITS_WEIGHTS} (reference statistics made with it stop matching)")
+    args.out = check_writable(args.out or DIGITS_WEIGHTS, "--out")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dtrain.errors import InputError
+
 __all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Requeue", "hpc_path", "sbatch_args"]
 
 
@@ -159,13 +161,28 @@ def sbatch_args(cfg: Any, *, nodes: int | None = None, gpus_per_node: int | None
     ``trainer.num_nodes``); GPUs unless ``trainer.accelerator`` is cpu. Arguments override the recipe."""
     t = cfg.trainer
     cpu = t.accelerator == "cpu"
+    key = "--gpus-per-node" if gpus_per_node is not None else "trainer.devices"
     per_node = gpus_per_node if gpus_per_node is not None else t.devices
+    if isinstance(per_node, str) and "," in per_node:  # Lightning's "0,1": device ids
+        per_node = [d for d in per_node.split(",") if d.strip()]
     if not isinstance(per_node, int | str):  # a list of device ids
         per_node = len(per_node)
-    if per_node in ("auto", -1):
+    if per_node in ("auto", -1, "-1") and key == "trainer.devices":
         if not cpu:
-            raise ValueError("trainer.devices is 'auto': set it to the GPUs per node (or pass --gpus-per-node)")
+            raise InputError(f"trainer.devices is {per_node!r} (all GPUs): set it to the GPUs per node "
+                             f"(or pass --gpus-per-node)")
         per_node = 1
-    per_node = int(per_node)
-    return [f"--nodes={nodes or int(t.num_nodes)}", f"--ntasks-per-node={per_node}",
-            f"--gpus-per-node={0 if cpu else per_node}"]
+    per_node = _count(per_node, key, " (or 'auto', or device ids '0,1')" if key == "trainer.devices" else "")
+    nodes = _count(nodes if nodes is not None else t.num_nodes, "--nodes" if nodes is not None else "trainer.num_nodes")
+    return [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--gpus-per-node={0 if cpu else per_node}"]
+
+
+def _count(value: Any, key: str, alt: str = "") -> int:
+    """``value`` as an integer >= 1, else ``InputError`` naming ``key``."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(value, bool) or (isinstance(value, float) and value != n):
+        raise InputError(f"{key}: need a count >= 1{alt}, got {value!r}")
+    return n

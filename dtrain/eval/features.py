@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dtrain.errors import InputError
 from dtrain.registry import Registry
 
 __all__ = [
@@ -110,20 +111,26 @@ class DigitsFeatures(FeatureExtractor):
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
         path = Path(weights_path) if weights_path is not None else DIGITS_WEIGHTS
+        if path.is_dir():
+            raise InputError(f"{WEIGHTS_KEY}: {path} is a directory; give the digits classifier .safetensors file")
         if not path.is_file():
             raise FileNotFoundError(
                 f"{WEIGHTS_KEY}: digits classifier weights not found at {path}; they ship with dtrain "
                 f"(dtrain/assets/digits_classifier.safetensors) and are rebuilt by "
-                f"`python tools/train_digits_classifier.py`"
+                f"`python tools/train_digits_classifier.py --overwrite-shipped`"
             )
         from safetensors import safe_open
 
         self.weights_sha256 = file_sha256(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        self.net = DigitsNet(width=int(meta.get("width", 32)))
-        self.net.load_state_dict(state)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            self.net = DigitsNet(width=int(meta.get("width", 32)))
+            self.net.load_state_dict(state)
+        except Exception as e:  # not safetensors (SafetensorError), or another network's tensors (RuntimeError)
+            raise InputError(f"{WEIGHTS_KEY}: {path} is not a digits classifier .safetensors file (from "
+                             f"tools/train_digits_classifier.py): {_first_line(e)}") from None
         self.net.requires_grad_(False).eval()
         self.num_features, self.num_classes = self.net.num_features, self.net.num_classes
 
@@ -153,6 +160,9 @@ class InceptionFeatures(FeatureExtractor):
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
+        if weights_path is not None and Path(weights_path).is_dir():
+            raise InputError(f"{WEIGHTS_KEY}: {weights_path} is a directory; give the FID Inception weights file "
+                             f"(pt_inception-2015-12-05.pth from {INCEPTION_URL})")
         if weights_path is None or not Path(weights_path).is_file():
             where = "is not set" if weights_path is None else f"points to a missing file: {weights_path}"
             raise FileNotFoundError(
@@ -165,9 +175,13 @@ class InceptionFeatures(FeatureExtractor):
         except ModuleNotFoundError as e:  # pragma: no cover - torch-fidelity is a dependency
             raise ModuleNotFoundError("the 'inception' feature extractor needs torch-fidelity: pip install "
                                       "torch-fidelity") from e
-        torch.load(weights_path, map_location="cpu", weights_only=True)  # refuse pickled code before the real load
+        try:
+            torch.load(weights_path, map_location="cpu", weights_only=True)  # refuse pickled code before the real load
+            self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(weights_path))
+        except Exception as e:  # pickled code (UnpicklingError), another network's weights (RuntimeError), ...
+            raise InputError(f"{WEIGHTS_KEY}: {weights_path} is not the FID Inception weights file "
+                             f"(pt_inception-2015-12-05.pth from {INCEPTION_URL}): {_first_line(e)}") from None
         self.weights_sha256 = file_sha256(weights_path)
-        self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(weights_path))
         self.num_features, self.num_classes = 2048, 1008
 
     def _both(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,6 +218,11 @@ class RawFeatures(FeatureExtractor):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return x.flatten(1).double()
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("feature extractor")

@@ -212,14 +212,18 @@ def _dcp_checkpoint(path: Path) -> dict[str, Any]:
     """A torch distributed checkpoint (Lightning FSDP sharded / ModelParallel) as one dict, on CPU."""
     import tempfile
 
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
         try:
             dcp_to_torch_save(str(path), str(out))
-        except Exception as e:
-            raise ZeroCheckpointError(path, f"cannot read the distributed checkpoint: {str(e)[:300]}") from None
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            if isinstance(e, CheckpointException):  # its str holds each rank's traceback: keep the first error
+                e = next((f[0] for f in e.failures.values()), e)
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ZeroCheckpointError(path, f"cannot read the distributed checkpoint: {reason}") from None
         ckpt = _load(out)
     if (path / LIGHTNING_META).is_file():
         ckpt = {**_load(path / LIGHTNING_META), **ckpt}

@@ -304,8 +304,8 @@ def test_fid_ref_stats_tool_reads_folders_like_tensors(digits, tmp_path):
     u8 = ((x + 1) * 127.5).round().to(torch.uint8)
     for i, im in enumerate(u8):
         Image.fromarray(im[0].numpy()).save(tmp_path / f"{i:03d}.png")
-    out = tool.main(["--folder", str(tmp_path), "--out", str(tmp_path / "ref.npz"), "--batch-size", "16",
-                     "--device", "cpu"])
+    out = tmp_path / "ref.npz"
+    assert tool.main(["--folder", str(tmp_path), "--out", str(out), "--batch-size", "16", "--device", "cpu"]) == 0
     got = RefStats.load(out)
     want = compute_ref_stats(digits, [u8.float() / 127.5 - 1.0])
     np.testing.assert_allclose(got.mu, want.mu, rtol=0, atol=1e-12)
