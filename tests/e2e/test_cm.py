@@ -141,6 +141,6 @@ def test_cd_grid_tool_tables_a_real_teacher(digits_teacher, capsys, tmp_path):
     want = target_bias(teacher, consistency_times(teacher.schedule, 6, "uniform"), x, torch.arange(20) % 10, refine=2)
     assert float(rows[3][2]) == pytest.approx(want, abs=1e-4) and want > 0
     assert tool.main([str(digits_teacher), "--spacings", "trailing", "--num", "4"]) == 2
-    assert "method.spacing" in capsys.readouterr().err
+    assert "--spacings: unknown 'trailing'; choose from rho" in capsys.readouterr().err
     assert tool.main([str(tmp_path / "none.ckpt")]) == 2
     assert "none.ckpt" in capsys.readouterr().err
