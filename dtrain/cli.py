@@ -28,13 +28,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from dtrain.export.checkpoint import CheckpointError
     from dtrain.lit.fit import fit
     from dtrain.lit.guard import NonFiniteError
 
     try:
         out = fit(args.recipe, args.overrides, dry_run=args.dry_run, resume=args.resume)
-    except (FileNotFoundError, CheckpointError) as e:  # a missing or unreadable checkpoint, shard or file
+    except FileNotFoundError as e:  # a missing checkpoint, shard or file (bad input at large: main)
         print(f"dtrain fit: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:  # the non-finite guard stopped the run (dtrain.lit.guard)
@@ -56,13 +55,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from dtrain.eval.commands import run_eval
-    from dtrain.eval.fid import RefStatsError
     from dtrain.export.bundle import kind_guide
     from dtrain.export.checkpoint import load_teacher
 
     try:
         return _handoff(lambda a: run_eval(a, load_teacher, kind_guide), args)
-    except (RefStatsError, FileNotFoundError) as e:  # bad reference stats, missing weights or files
+    except FileNotFoundError as e:  # missing weights or files (bad input at large: main)
         print(f"dtrain eval: {e}", file=sys.stderr)
         return 2
 
@@ -83,13 +81,11 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _handoff(fn: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
-    """Run an export/sample body; a bad bundle or checkpoint is one clear line, no traceback."""
-    from dtrain.export.bundle import BundleError
-    from dtrain.export.checkpoint import CheckpointError
-
+    """Run an export/sample body; an existing output is one clear line, no traceback (a bad bundle, checkpoint or
+    flag is an ``InputError``: ``main`` prints it)."""
     try:
         fn(args)
-    except (BundleError, CheckpointError, FileExistsError) as e:
+    except FileExistsError as e:
         print(f"dtrain {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -589,9 +589,10 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
             bad.append(("teacher", f"{cfg.teacher} is not a readable torch checkpoint (truncated or not a checkpoint)"))
     elif cfg.teacher is not None:
         from dtrain.export.bundle import INFO_FILE
+        from dtrain.export.checkpoint import is_bundle
         from dtrain.export.zero import is_sharded_checkpoint
 
-        if not (Path(cfg.teacher, INFO_FILE).is_file() or is_sharded_checkpoint(cfg.teacher)):
+        if not (is_bundle(cfg.teacher) or is_sharded_checkpoint(cfg.teacher)):
             bad.append(("teacher", f"{cfg.teacher} is a directory but neither an inference bundle (no {INFO_FILE}) "
                         f"nor a sharded (DeepSpeed / FSDP) checkpoint; give a checkpoint file, a bundle directory "
                         f"(dtrain export) or a sharded checkpoint directory"))

@@ -120,17 +120,13 @@ def _check_keys(d: Mapping[str, Any], spec: Mapping[str, Any], prefix: str, file
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _real(v: Any) -> bool:
     """A finite real number (numpy's too), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _count(v: Any, key: str, what: str) -> int:
     """A whole number >= 1 (Python, numpy or an integral float), else ``InputError`` naming ``key``."""
-    if not (_real(v) and float(v).is_integer() and v >= 1):
+    if not (_finite(v) and float(v).is_integer() and v >= 1):
         raise InputError(f"{key}: must be an int >= 1 ({what}), got {v!r}")
     return int(v)
 
@@ -423,7 +419,7 @@ class Pipeline:
         unless it decreases strictly."""
         t_max = float(self.schedule.t_max)
         vals = times.tolist() if isinstance(times, Tensor) else times
-        if not isinstance(vals, Iterable) or isinstance(vals, str) or not all(_real(v) for v in vals):
+        if not isinstance(vals, Iterable) or isinstance(vals, str) or not all(_finite(v) for v in vals):
             raise InputError(f"{key}: must be a sequence of numbers inside (0, t_max = {t_max}), got {times!r:.80}")
         grid = torch.tensor([t_max, *(float(v) for v in vals), 0.0], dtype=torch.float64)
         if not bool((grid[1:] < grid[:-1]).all()):
@@ -458,7 +454,7 @@ class Pipeline:
         nfe = None if nfe is None else _count(nfe, "nfe", "network evaluations per sample")
         if spacing is not None and spacing not in SPACINGS:
             raise InputError(f"spacing: unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
-        if w is not None and not _real(w):
+        if w is not None and not _finite(w):
             raise InputError(f"w: the guidance scale must be a finite number (1: no guidance), got {w!r:.80}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InputError(f"generator: must be a torch.Generator (e.g. torch.Generator({str(self.device)!r})"
@@ -504,12 +500,11 @@ class Pipeline:
 def _default_grid(schedule: Schedule, name: str, nfe: int, spacing: str | None, key: str) -> Tensor:
     """The grid sampler ``name`` runs for ``nfe`` evaluations; ``InputError`` naming ``key`` (and the most NFE a
     discrete schedule allows) where there is none."""
-    from dtrain.diffusion.timesteps import make_grid
-    from dtrain.samplers import SAMPLERS, steps_for_nfe
+    from dtrain.samplers import SAMPLERS, default_grid, steps_for_nfe
 
     spec, steps = SAMPLERS.get(name, "sampler"), steps_for_nfe(name, nfe)
     try:
-        return (spec.grid or make_grid)(schedule, steps, spacing)
+        return default_grid(name, schedule, nfe, spacing)
     except ValueError as e:
         T = schedule.discrete_steps
         most = f"; at most {spec.nfe(T)} for sampler {name!r} on this {T}-step schedule" if T and steps > T else ""

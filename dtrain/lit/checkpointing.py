@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from dtrain.export.bundle import INFO_FILE
-from dtrain.export.checkpoint import CheckpointError, model_differences, read_model_section
+from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, read_model_section
 from dtrain.export.zero import is_sharded_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
@@ -116,7 +115,7 @@ def _not_sharded(path: Path) -> str:
     """Why a directory is not a checkpoint to resume from."""
     if not any(path.iterdir()):
         return "empty checkpoint directory"
-    if (path / INFO_FILE).is_file():
+    if is_bundle(path):
         return "an inference bundle (dtrain export), not a training checkpoint"
     if (path / "checkpoints").is_dir():
         return "a run directory, not a checkpoint: give one of its checkpoints/*.ckpt, or 'last' with its recipe"

@@ -32,6 +32,7 @@ __all__ = [
     "SamplerSpec",
     "run",
     "steps_for_nfe",
+    "default_grid",
     "unmet",
     "supported",
     "check_sampler",
@@ -98,6 +99,11 @@ def steps_for_nfe(name: str, nfe: int) -> int:
     return max(1, spec.steps(nfe))
 
 
+def default_grid(name: str, schedule: Any, nfe: int, spacing: str | None = None) -> Tensor:
+    """The time grid sampler ``name`` runs for a budget of ``nfe`` evaluations: its own grid or ``make_grid``."""
+    return (SAMPLERS.get(name, "sampler").grid or make_grid)(schedule, steps_for_nfe(name, nfe), spacing)
+
+
 def unmet(name: str, model: Any) -> str | None:
     """What registered sampler ``name`` needs that ``model`` lacks (e.g. "a flow-map student (MeanFlow, CTM)"), or
     None when the model can run it."""
@@ -151,7 +157,7 @@ def run(
     """Sample with a registered sampler at a given NFE (or on an explicit grid)."""
     spec = SAMPLERS.get(name, "sampler")
     if grid is None:
-        grid = (spec.grid or make_grid)(denoiser.schedule, steps_for_nfe(name, nfe), spacing)
+        grid = default_grid(name, denoiser.schedule, nfe, spacing)
     return spec.fn(denoiser, x_T, grid, cond=cond, generator=generator, callback=callback, **{**spec.opts, **opts})
 
 
