@@ -89,9 +89,9 @@ def shard_images(pattern: str, channels: int | None) -> Iterator[torch.Tensor]:
                 raise InputError(f"--shards: {name}: not a readable image ({e})") from None
             shape, n = same_size(x, shape, "--shards", name), n + 1
             yield x
+    except InputError:
+        raise
     except (OSError, ValueError, tarfile.TarError) as e:
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"--shards: cannot read {pattern}: {e}") from None
     if n == 0:
         raise InputError(f"--shards: no samples in {pattern}")

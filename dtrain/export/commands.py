@@ -13,7 +13,7 @@ from typing import Any
 
 from dtrain.errors import InputError
 
-__all__ = ["add_export_args", "run_export", "add_sample_args", "run_sample", "save_samples"]
+__all__ = ["add_export_args", "run_export", "add_sample_args", "run_sample", "save_samples", "check_samples_out"]
 
 
 def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -73,12 +73,23 @@ def add_sample_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def check_samples_out(out: str | Path, pipe: Any = None) -> Path:
+    """``--out`` of samples: a .png grid (of a bundle with images; checked when ``pipe`` is given) or an .npz of
+    arrays, else ``InputError``."""
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise InputError(f"--out: {out}: use a .png (grid) or .npz (arrays) file name")
+    if pipe is not None and out.suffix == ".png" and (pipe.info["image"]["range"] is None or len(pipe.shape) != 3):
+        raise InputError(f"--out: {out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
+    return out
+
+
 def save_samples(out: str | Path, x: Any, labels: Any, pipe: Any, nrow: int | None = None) -> Path:
     """.png: an image grid; .npz: ``samples`` (float32, as returned), ``labels``, and for images ``images``
     (uint8, N H W C)."""
     import numpy as np
 
-    out = Path(out)
+    out = check_samples_out(out, pipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         arrays = {"samples": x.float().cpu().numpy()}
@@ -87,16 +98,12 @@ def save_samples(out: str | Path, x: Any, labels: Any, pipe: Any, nrow: int | No
         if pipe.info["image"]["range"] is not None and x.ndim == 4:
             arrays["images"] = pipe.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         np.savez(out, **arrays)
-    elif out.suffix == ".png":
-        if pipe.info["image"]["range"] is None or x.ndim != 4:
-            raise InputError(f"--out: {out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
+    else:  # .png
         from PIL import Image
 
         from dtrain.data.images import tile
 
         Image.fromarray(tile(pipe.to_uint8(x).cpu(), nrow)).save(out)
-    else:
-        raise InputError(f"--out: {out}: use a .png (grid) or .npz (arrays) file name")
     return out
 
 
@@ -117,14 +124,11 @@ def run_sample(args: argparse.Namespace) -> Path:
             times = [float(v) for v in args.times.split(",") if v.strip()]
         except ValueError:
             raise InputError(f"--times: need comma-separated numbers, got {args.times!r}") from None
-    if Path(args.out).suffix not in (".png", ".npz"):
-        raise InputError(f"--out: {args.out}: use a .png (grid) or .npz (arrays) file name")
-    check_writable(args.out, "--out")
+    check_writable(check_samples_out(args.out), "--out")
     device = check_device(args.device, "--device")
     pipe = load_bundle(args.bundle, device=device)
     sampler = pipe.check_sampler(args.sampler, "--sampler")
-    if Path(args.out).suffix == ".png" and (pipe.info["image"]["range"] is None or len(pipe.shape) != 3):
-        raise InputError(f"--out: {args.out}: a .png grid needs image samples; use .npz for shape {pipe.shape}")
+    check_samples_out(args.out, pipe)
     labels = None
     if args.labels is not None:
         vals = [v.strip() for v in args.labels.split(",") if v.strip()]
