@@ -754,16 +754,11 @@ def _check_wds(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("data", "need batch_size >= 1, num_workers >= 0, shuffle >= 1 and epoch_size >= 1"))
     if d.mp_context not in (None, "fork", "spawn", "forkserver"):
         bad.append(("data.mp_context", f"must be fork, spawn or forkserver, not {d.mp_context!r}"))
-    index = d.index or (d.shards if d.shards.endswith(".json") else None)
-    if index is None and "://" not in d.shards and not d.shards.startswith("pipe:"):
-        from braceexpand import braceexpand
+    from dtrain.data.shards import find_index, is_remote, read_index
 
-        first = next(iter(braceexpand(d.shards.split("::")[0])), "")
-        index = str(Path(first).parent / "index.json") if (Path(first).parent / "index.json").is_file() else None
-    if index is None or "://" in index or index.startswith("pipe:"):
+    index = find_index(d.shards, d.index)
+    if index is None or is_remote(index):
         return bad
-    from dtrain.data.shards import read_index
-
     try:
         info = read_index(index)
     except (OSError, ValueError) as e:
@@ -966,24 +961,19 @@ def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
     for key, index in (("data.index", d.index), ("data.shards", d.shards if d.shards.endswith(".json") else None)):
         if index and not Path(index).is_file():
             raise RecipeError(source, key, f"index file not found: {index}")
-    from dtrain.data.stream import missing_shards, shard_urls
+    from dtrain.data.shards import find_index, is_remote
+    from dtrain.data.stream import check_local_shards, peek_meta, resolve_shards, shard_urls
 
-    urls = shard_urls(d.shards)
-    gone = missing_shards(urls)
-    if gone:
-        more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
-        raise RecipeError(source, "data.shards", f"shard file not found: {gone[0]}{more}")
-    if not urls or any(u.startswith("pipe:") or "://" in u for u in urls):
-        return
-    from dtrain.data.stream import peek_meta, resolve_shards
-
-    first = urls[0].removeprefix("file:")
     try:
-        if d.index or d.shards.endswith(".json") or (Path(first).parent / "index.json").is_file():
-            resolve_shards(d.shards, d.index)  # reads the index only: shards it does not list fail here
-            return  # the model was compared with the index when the recipe loaded (_check_wds)
-        meta = peek_meta(first)  # no index: the first image of the first shard
-    except InputError as e:
+        if find_index(d.shards, d.index) is not None:  # the model was compared with the index at load (_check_wds)
+            resolve_shards(d.shards, d.index)  # reads the index only: shards missing or not listed in it fail here
+            return
+        urls = shard_urls(d.shards)
+        check_local_shards(urls)
+        if not urls or any(is_remote(u) for u in urls):
+            return
+        meta = peek_meta(first := urls[0].removeprefix("file:"))  # no index: the first image of the first shard
+    except (InputError, FileNotFoundError) as e:
         key, _, reason = str(e).partition(": ")
         raise RecipeError(source, key, reason) from None
     for key, reason in _image_fit(cfg.model, meta["image_size"], meta["channels"], f"shard {first}"):

@@ -301,7 +301,9 @@ class Demo:
         self.status: dict[str, str] = {}  # stage -> ran | skipped | failed | unavailable | not selected
         self.timings: dict[str, float] = {}
         self.errors: dict[str, str] = {}
-        self._keys: dict[str, str | None] = {}  # cleared whenever a record is written
+        self._keys: dict[str, str | None] = {}  # these three memos are cleared whenever a record is written
+        self._fresh: dict[str, _Record | None] = {}  # _up_to_date's answers
+        self._broken: dict[str, tuple[str, str]] = {}  # optional stage whose recipe does not load -> (error, traceback)
 
     # ---- records ----------------------------------------------------------------------------
     def _record_path(self, stage: str) -> Path:
@@ -320,7 +322,7 @@ class Demo:
         tmp = p.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
         tmp.replace(p)
-        self._keys.clear()
+        self._keys, self._fresh, self._broken = {}, {}, {}
 
     def valid(self, stage: str, key: str | None = None) -> _Record | None:
         """The stage's record when it finished, its key matches (``key``; None: any) and its outputs check out."""
@@ -398,13 +400,16 @@ class Demo:
         return out
 
     def _up_to_date(self, stage: str) -> _Record | None:
-        try:
-            key = self.key(stage)
-        except Exception:  # an optional model whose recipe does not load: its own stage reports why
-            if stage not in OPTIONAL:
-                raise
-            return None
-        return None if key is None else self.valid(stage, key)
+        """The stage's valid record for its key now (memoised); None too for an optional stage that does not load."""
+        if stage not in self._fresh:
+            try:
+                key = self.key(stage)
+            except Exception as e:
+                if stage not in OPTIONAL:
+                    raise
+                self._broken[stage], key = (f"{type(e).__name__}: {e}", traceback.format_exc()), None
+            self._fresh[stage] = None if key is None else self.valid(stage, key)
+        return self._fresh[stage]
 
     def _settings(self, stage: str) -> dict[str, Any]:
         z = self.sizes
@@ -498,14 +503,11 @@ class Demo:
             self.status[stage] = "unavailable"
             self.ui.print(f"{head}: not available in this dtrain (no recipe or training module); skipped")
             return
-        try:
-            key = self.key(stage)
-        except Exception as e:  # its recipe does not load (missing, or invalid after an edit)
-            if stage not in OPTIONAL:
-                raise
-            logging.getLogger("dtrain.demo").error("stage %s failed:\n%s", stage, traceback.format_exc())
-            self._failed(stage, f"{head}: ", f"{type(e).__name__}: {e}")
+        rec = self._up_to_date(stage)
+        if stage in self._broken:
+            self._failed(stage, f"{head}: ", *self._broken[stage])
             return
+        key = self.key(stage)
         if key is None:
             missing = self._missing(stage)
             failed = [m for m in missing if self.status.get(m) == "failed"]
@@ -517,8 +519,7 @@ class Demo:
                 self._failed(stage, f"{head}: ", msg)
                 return
             raise StageError(msg)
-        rec = None if self.force else self.valid(stage, key)
-        if rec is not None:
+        if rec is not None and not self.force:
             self.status[stage] = "skipped"
             self.ui.print(f"{head}: up to date, skipped ({_where(rec, self.out)})")
             return
@@ -532,8 +533,7 @@ class Demo:
         except Exception as e:
             if stage not in OPTIONAL:
                 raise
-            logging.getLogger("dtrain.demo").error("stage %s failed:\n%s", stage, traceback.format_exc())
-            self._failed(stage, "    ", f"{type(e).__name__}: {e}")
+            self._failed(stage, "    ", f"{type(e).__name__}: {e}", traceback.format_exc())
             return
         rec.seconds = round(time.perf_counter() - t0, 1)
         rec.status = "done"
@@ -542,8 +542,10 @@ class Demo:
         self.timings[stage] = rec.seconds
         self.ui.print(f"    done in {rec.seconds:.0f} s ({_where(rec, self.out)})")
 
-    def _failed(self, stage: str, prefix: str, msg: str) -> None:
-        """An optional stage that cannot run: reported, and the demo goes on (its exit code is then 1)."""
+    def _failed(self, stage: str, prefix: str, msg: str, tb: str | None = None) -> None:
+        """An optional stage that cannot run: reported (``tb`` in the log), and the demo goes on (its exit code: 1)."""
+        if tb is not None:
+            logging.getLogger("dtrain.demo").error("stage %s failed:\n%s", stage, tb)
         self.status[stage] = "failed"
         self.errors[stage] = msg
         self.ui.print(f"{prefix}[red]failed: {msg[:600]}[/]")
@@ -709,7 +711,7 @@ class Demo:
 
     # ---- report -----------------------------------------------------------------------------------
     def _run_report(self, stage: str, key: str) -> _Record:
-        ev = self.valid("eval", self.key("eval"))
+        ev = self._up_to_date("eval")
         assert ev is not None  # the report's key exists only when eval is up to date
         rows = ev.info["rows"]
         out = self.out
@@ -804,7 +806,7 @@ class Demo:
         return [f"- {what}: `{p}`" if md else f"  {what:48s} {p}" for what, p in items if p.exists()]
 
     def _write_summary(self, total: float) -> None:
-        rep = self.valid("report", self.key("report")) if self.key("report") is not None else None
+        rep = self._up_to_date("report")
         summary = {"out": str(self.out), "seconds": round(total, 1), "stages": self.status, "timings": self.timings,
                    "errors": self.errors, "sizes": asdict(self.sizes), "threads": self.threads,
                    "machine": {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg")

@@ -28,6 +28,7 @@ from dtrain.data.digits import digits_arrays
 from dtrain.errors import InputError, check_writable
 from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import compute_ref_stats, dist_rank
+from dtrain.samplers.base import check_device
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (InputError, FileNotFoundError) as e:
-        print(f"fid_ref_stats: {str(e).replace('eval.feature_extractor:', '--extractor (eval.feature_extractor):')}",
-              file=sys.stderr)
+        print(f"fid_ref_stats: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -142,12 +142,7 @@ def run(args: argparse.Namespace) -> None:
         raise InputError(f"--num: FID statistics need at least 2 images, got {args.num}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size: need an integer >= 1, got {args.batch_size}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise InputError(f"--device: unknown device {args.device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device: {args.device} but no CUDA GPU is available; use --device cpu")
+    device = check_device(args.device, "--device")
     check_writable(args.out, "--out")
     if "RANK" in os.environ and not torch.distributed.is_initialized():  # launched by torchrun
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -162,7 +157,9 @@ def run(args: argparse.Namespace) -> None:
         items, source = shard_images(args.shards, args.channels), f"shards {args.shards}"
     first = next(items)
     items = (y for it in ([first], items) for y in it)
-    extractor = build_extractor(args.extractor, args.weights, shape=tuple(first.shape))
+    extractor = build_extractor(args.extractor, args.weights, shape=tuple(first.shape),
+                                key="--extractor (eval.feature_extractor)",
+                                weights_key="--weights (eval.feature_extractor_weights_path)")
     try:
         stats = compute_ref_stats(extractor, batched(items, args.batch_size, args.num, rank, world), source,
                                   device=device)

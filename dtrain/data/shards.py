@@ -35,6 +35,8 @@ __all__ = [
     "ImageSet",
     "write_shards",
     "read_index",
+    "is_remote",
+    "find_index",
     "scan_shard",
     "split_key",
     "index_existing",
@@ -394,9 +396,25 @@ def read_index(path: str | Path) -> dict[str, Any]:
     for s in index["shards"]:
         if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("count"), int):
             raise ValueError(f"{path}: every shard entry needs 'name' (str) and 'count' (int), got {s!r}")
-    index["urls"] = [s["name"] if "://" in s["name"] or s["name"].startswith("pipe:")
-                     else str(path.parent / s["name"]) for s in index["shards"]]
+    index["urls"] = [s["name"] if is_remote(s["name"]) else str(path.parent / s["name"]) for s in index["shards"]]
     return index
+
+
+def is_remote(url: str) -> bool:
+    """A ``pipe:`` command or a URL (``http://``, ``s3://``): not a local file."""
+    return url.startswith("pipe:") or "://" in url
+
+
+def find_index(shards: str | Sequence[str], index: str | None = None) -> str | None:
+    """The index json of ``shards`` (brace pattern, ``::``-joined patterns, list of URLs, or an index json): ``index``,
+    else ``shards`` when it is a json, else the ``index.json`` beside the first shard when that is local; or None."""
+    if index or (isinstance(shards, str) and shards.endswith(".json")):
+        return index or str(shards)
+    from braceexpand import braceexpand
+
+    first = next(iter(braceexpand(shards.split("::")[0]) if isinstance(shards, str) else shards), "")
+    beside = Path(first.removeprefix("file:")).parent / INDEX_NAME
+    return str(beside) if first and not is_remote(first) and beside.is_file() else None
 
 
 def split_key(name: str) -> tuple[str | None, str]:

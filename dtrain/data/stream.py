@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dtrain.data.shards import INDEX_NAME, read_index, scan_shard, split_key
+from dtrain.data.shards import find_index, is_remote, read_index, scan_shard, split_key
 from dtrain.errors import InputError
 
-__all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "missing_shards", "rank_batches", "split_batches",
-           "META", "peek_meta"]
+__all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "check_local_shards", "rank_batches",
+           "split_batches", "META", "peek_meta"]
 
 log = logging.getLogger("dtrain.data.wds")
 META = "_wds"  # batch key with (epoch, batch number in the rank's epoch, bad samples); stripped before the model
@@ -54,10 +54,6 @@ class ShardSet:
         return sum(self.counts)
 
 
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
 def _shard_name(url: str) -> str:
     """The tar file name inside a path or a ``pipe:`` command (to look counts up in the index)."""
     found = re.findall(r"[^/\s:'\"]+\.(?:tar|tgz|tar\.gz)\b", url)
@@ -79,9 +75,13 @@ def shard_urls(shards: str | Sequence[str]) -> list[str]:
     return [u for u in _expand(shards) if u.strip()]
 
 
-def missing_shards(urls: Sequence[str]) -> list[str]:
-    """The local shards (``file:`` or plain paths; not ``pipe:`` or remote) of ``urls`` that are not on disk."""
-    return [u for u in urls if not _is_remote(u) and not Path(u.removeprefix("file:")).is_file()]
+def check_local_shards(urls: Sequence[str], index: str | None = None) -> None:
+    """Fail naming the first local shard (``file:`` or plain path) of ``urls`` not on disk (``index``: their index)."""
+    gone = [u for u in urls if not is_remote(u) and not Path(u.removeprefix("file:")).is_file()]
+    if gone:
+        more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
+        where = f" listed in {index}" if index else ""
+        raise FileNotFoundError(f"data.shards: shard file{where} not found: {gone[0]}{more}")
 
 
 def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> ShardSet:
@@ -95,19 +95,13 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
     if isinstance(shards, str) and shards.endswith(".json"):  # the index names the shards
         meta = read_index(shards)
         urls, counts, index = list(meta["urls"]), [s["count"] for s in meta["shards"]], shards
-        gone = missing_shards(urls)
-        if gone:
-            raise FileNotFoundError(f"data.shards: shard listed in {index} not found: {gone[0]}")
+        check_local_shards(urls, index)
     else:
         urls = shard_urls(shards)
         if not urls:
             raise InputError(f"data.shards: pattern {shards!r} expands to no shards")
-        gone = missing_shards(urls)
-        if gone:
-            more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
-            raise FileNotFoundError(f"data.shards: shard not found: {gone[0]}{more}")
-        if index is None and not _is_remote(urls[0]) and (Path(urls[0]).parent / INDEX_NAME).is_file():
-            index = str(Path(urls[0]).parent / INDEX_NAME)
+        check_local_shards(urls)
+        index = find_index(urls, index)
         if index is not None:
             meta = read_index(index)
             by_name = {Path(s["name"]).name: s["count"] for s in meta["shards"]}
@@ -118,7 +112,7 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
                                  + "; narrow the pattern to the indexed shards or re-index them with "
                                  "`dtrain shards index`")
             counts = [by_name[_shard_name(u)] for u in urls]
-        elif any(_is_remote(u) for u in urls):
+        elif any(is_remote(u) for u in urls):
             raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
                              "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")
         else:
@@ -208,7 +202,7 @@ def _open_tar(url: str):
 
     from webdataset.gopen import gopen
 
-    if _is_remote(url):
+    if is_remote(url):
         stream = gopen(url, "rb")
         return tarfile.open(fileobj=stream, mode="r|*"), stream
     return tarfile.open(url.removeprefix("file:"), mode="r:*"), None

@@ -58,12 +58,13 @@ class FeatureExtractor(nn.Module):
     num_classes: int = 0
     weights_sha256: str = ""
     input_shape: tuple[int, ...] | None = None  # (C, H, W) the extractor accepts; None: any
+    key: str = "eval.feature_extractor"  # what named it (a flag): errors about its input name this
 
     def check_input(self, x: Tensor) -> None:
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             want = "x".join(map(str, self.input_shape))
             raise ValueError(
-                f"eval.feature_extractor: {self.name!r} takes images [B, {', '.join(map(str, self.input_shape))}] "
+                f"{self.key}: {self.name!r} takes images [B, {', '.join(map(str, self.input_shape))}] "
                 f"({want}) in [-1, 1], got {list(x.shape)}; use 'inception' (any size) for other data"
             )
 
@@ -108,14 +109,14 @@ class DigitsFeatures(FeatureExtractor):
     name = "digits"
     input_shape = (1, 8, 8)
 
-    def __init__(self, weights_path: str | Path | None = None) -> None:
+    def __init__(self, weights_path: str | Path | None = None, weights_key: str = WEIGHTS_KEY) -> None:
         super().__init__()
         path = Path(weights_path) if weights_path is not None else DIGITS_WEIGHTS
         if path.is_dir():
-            raise InputError(f"{WEIGHTS_KEY}: {path} is a directory; give the digits classifier .safetensors file")
+            raise InputError(f"{weights_key}: {path} is a directory; give the digits classifier .safetensors file")
         if not path.is_file():
             raise FileNotFoundError(
-                f"{WEIGHTS_KEY}: digits classifier weights not found at {path}; they ship with dtrain "
+                f"{weights_key}: digits classifier weights not found at {path}; they ship with dtrain "
                 f"(dtrain/assets/digits_classifier.safetensors) and are rebuilt by "
                 f"`python tools/train_digits_classifier.py --overwrite-shipped`"
             )
@@ -129,7 +130,7 @@ class DigitsFeatures(FeatureExtractor):
             self.net = DigitsNet(width=int(meta.get("width", 32)))
             self.net.load_state_dict(state)
         except Exception as e:  # not safetensors (SafetensorError), or another network's tensors (RuntimeError)
-            raise InputError(f"{WEIGHTS_KEY}: {path} is not a digits classifier .safetensors file (from "
+            raise InputError(f"{weights_key}: {path} is not a digits classifier .safetensors file (from "
                              f"tools/train_digits_classifier.py): {_first_line(e)}") from None
         self.net.requires_grad_(False).eval()
         self.num_features, self.num_classes = self.net.num_features, self.net.num_classes
@@ -158,15 +159,15 @@ class InceptionFeatures(FeatureExtractor):
 
     name = "inception"
 
-    def __init__(self, weights_path: str | Path | None = None) -> None:
+    def __init__(self, weights_path: str | Path | None = None, weights_key: str = WEIGHTS_KEY) -> None:
         super().__init__()
         if weights_path is not None and Path(weights_path).is_dir():
-            raise InputError(f"{WEIGHTS_KEY}: {weights_path} is a directory; give the FID Inception weights file "
+            raise InputError(f"{weights_key}: {weights_path} is a directory; give the FID Inception weights file "
                              f"(pt_inception-2015-12-05.pth from {INCEPTION_URL})")
         if weights_path is None or not Path(weights_path).is_file():
             where = "is not set" if weights_path is None else f"points to a missing file: {weights_path}"
             raise FileNotFoundError(
-                f"{WEIGHTS_KEY} {where}. The 'inception' feature extractor never downloads at run time: "
+                f"{weights_key} {where}. The 'inception' feature extractor never downloads at run time: "
                 f"fetch the FID Inception weights once (curl -L -o pt_inception-2015-12-05.pth {INCEPTION_URL}) "
                 f"and set {WEIGHTS_KEY}=<that file> (or --weights on the command line)"
             )
@@ -179,14 +180,14 @@ class InceptionFeatures(FeatureExtractor):
             torch.load(weights_path, map_location="cpu", weights_only=True)  # refuse pickled code before the real load
             self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(weights_path))
         except Exception as e:  # pickled code (UnpicklingError), another network's weights (RuntimeError), ...
-            raise InputError(f"{WEIGHTS_KEY}: {weights_path} is not the FID Inception weights file "
+            raise InputError(f"{weights_key}: {weights_path} is not the FID Inception weights file "
                              f"(pt_inception-2015-12-05.pth from {INCEPTION_URL}): {_first_line(e)}") from None
         self.weights_sha256 = file_sha256(weights_path)
         self.num_features, self.num_classes = 2048, 1008
 
     def _both(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"eval.feature_extractor: 'inception' takes images [B, 1 or 3, H, W], got {list(x.shape)}")
+            raise ValueError(f"{self.key}: 'inception' takes images [B, 1 or 3, H, W], got {list(x.shape)}")
         u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
         feats, logits = self.net._torch_fidelity_forward(u8)
         return feats.double(), logits.double()
@@ -226,13 +227,14 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 
 EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("feature extractor")
-EXTRACTORS.register("digits", lambda weights_path=None, shape=None: DigitsFeatures(weights_path))
-EXTRACTORS.register("inception", lambda weights_path=None, shape=None: InceptionFeatures(weights_path))
-EXTRACTORS.register("raw", lambda weights_path=None, shape=None: RawFeatures(weights_path, shape))
+EXTRACTORS.register("digits", lambda weights_path, shape, weights_key: DigitsFeatures(weights_path, weights_key))
+EXTRACTORS.register("inception", lambda weights_path, shape, weights_key: InceptionFeatures(weights_path, weights_key))
+EXTRACTORS.register("raw", lambda weights_path, shape, weights_key: RawFeatures(weights_path, shape))
 
 
-def build_extractor(
-    name: str, weights_path: str | Path | None = None, shape: Sequence[int] | None = None
-) -> FeatureExtractor:
-    """A feature extractor by registry name (``eval.feature_extractor``)."""
-    return EXTRACTORS.get(name, "eval.feature_extractor")(weights_path=weights_path, shape=shape)
+def build_extractor(name: str, weights_path: str | Path | None = None, shape: Sequence[int] | None = None, *,
+                    key: str = "eval.feature_extractor", weights_key: str = WEIGHTS_KEY) -> FeatureExtractor:
+    """A feature extractor by registry name; errors name ``key`` (its flag or recipe key) or ``weights_key``."""
+    extractor = EXTRACTORS.get(name, key)(weights_path, shape, weights_key)
+    extractor.key = key
+    return extractor

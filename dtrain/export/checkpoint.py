@@ -125,7 +125,12 @@ def read_model_section(path: str | Path) -> dict[str, Any] | None:
         return None
     if not path.is_file():
         raise CheckpointError(path, "", "checkpoint not found")
-    return dict(_check_ckpt(_load_file(path, mmap=True), path)["dtrain"]["recipe"]["model"])
+    return model_section(_load_file(path, mmap=True), path)
+
+
+def model_section(ckpt: Any, path: str | Path) -> dict[str, Any]:
+    """The ``model`` section of a checkpoint already loaded from ``path`` (its metadata validated)."""
+    return dict(_check_ckpt(ckpt, Path(path))["dtrain"]["recipe"]["model"])
 
 
 def model_differences(theirs: Mapping[str, Any], ours: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:

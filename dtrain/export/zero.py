@@ -91,7 +91,7 @@ def _load(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(e).__name__)[:300]
 
@@ -222,8 +222,7 @@ def _dcp_checkpoint(path: Path) -> dict[str, Any]:
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             if isinstance(e, CheckpointException):  # its str holds each rank's traceback: keep the first error
                 e = next((f[0] for f in e.failures.values()), e)
-            reason = " ".join(str(e).split())[:300] or type(e).__name__
-            raise ZeroCheckpointError(path, f"cannot read the distributed checkpoint: {reason}") from None
+            raise ZeroCheckpointError(path, f"cannot read the distributed checkpoint: {_reason(e)}") from None
         ckpt = _load(out)
     if (path / LIGHTNING_META).is_file():
         ckpt = {**_load(path / LIGHTNING_META), **ckpt}

@@ -11,7 +11,8 @@ Sharded checkpoint directories (DeepSpeed, FSDP ``sharded_checkpoint``) are writ
 Resume. ``resume_path(run_dir, "auto" | "last" | path)`` probes candidates with ``torch.load(weights_only=True,
 mmap=True)`` (the pickled structure is read, tensor data is only mapped): a truncated or unreadable file is
 named in the log and the next newest is tried (``last.ckpt``, ``step*.ckpt``, ``hpc_ckpt_*.ckpt``, newest
-modification time first). A path the user names explicitly must itself be readable.
+modification time first). A path the user names explicitly must itself be readable. The same read checks the
+checkpoint's ``model`` section against the recipe's (``model=``); Lightning's restore is the only other read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, read_model_section
+from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, model_section
 from dtrain.export.zero import is_sharded_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
@@ -89,26 +90,33 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def probe_checkpoint(path: str | Path) -> int:
-    """The global step of a Lightning checkpoint, or ``CheckpointError`` naming the file when it is truncated,
-    unreadable with ``weights_only=True``, or not a training checkpoint. Sharded directories: -1 (not probed)."""
-    path = Path(path)
+def probe_checkpoint(path: str | Path, field: str = "") -> int:
+    """The global step of a Lightning checkpoint, or ``CheckpointError`` naming the file (and ``field``, the recipe
+    field or flag that gave it) when it is truncated, unreadable with ``weights_only=True``, or not a training
+    checkpoint. Sharded directories: -1 (not probed)."""
+    ck = _probe(Path(path), field)
+    return -1 if ck is None else int(ck["global_step"])
+
+
+def _probe(path: Path, field: str) -> dict[str, Any] | None:
+    """``probe_checkpoint``'s read: the checkpoint, its tensors mapped, never read; None for a sharded directory."""
     if path.is_dir():
         if not is_sharded_checkpoint(path):
-            raise CheckpointError(path, "", _not_sharded(path))
-        return -1
+            raise CheckpointError(path, field, _not_sharded(path))
+        return None
     if not path.is_file():
-        raise CheckpointError(path, "", "checkpoint not found")
+        raise CheckpointError(path, field, "checkpoint not found")
     if path.stat().st_size == 0:
-        raise CheckpointError(path, "", "empty file (0 bytes)")
+        raise CheckpointError(path, field, "empty file (0 bytes)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip (no central directory), bad pickle, foreign objects
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, "", f"unreadable (truncated or corrupt?): {type(e).__name__}: {reason}") from None
+        raise CheckpointError(path, field, f"unreadable (truncated or corrupt?): {type(e).__name__}: {reason}") \
+            from None
     if not isinstance(ck, dict) or "state_dict" not in ck or not isinstance(ck.get("global_step"), int):
-        raise CheckpointError(path, "", "not a training checkpoint (no state_dict / global_step)")
-    return int(ck["global_step"])
+        raise CheckpointError(path, field, "not a training checkpoint (no state_dict / global_step)")
+    return ck
 
 
 def _not_sharded(path: Path) -> str:
@@ -126,15 +134,14 @@ def _not_sharded(path: Path) -> str:
 RESUME_MAY_CHANGE = ("dropout", "clip_x0")  # model keys a resumed run may change: training noise, sampling
 
 
-def check_model(path: str | Path, model: Mapping[str, Any]) -> None:
-    """The checkpoint file ``path`` was trained with this ``model`` section (keys that only affect training noise or
-    sampling aside), else ``CheckpointError`` naming the keys that differ. Sharded directories are not checked."""
-    theirs = read_model_section(path)  # metadata only; None: a sharded directory
-    if theirs is None:
-        return
+def check_model(path: str | Path, ckpt: Mapping[str, Any], model: Mapping[str, Any], field: str = "--resume"
+                ) -> None:
+    """The checkpoint ``ckpt`` (read from ``path`` by ``probe_checkpoint``) was trained with this ``model`` section
+    (keys that only affect training noise or sampling aside), else ``CheckpointError`` naming the keys that differ."""
+    theirs = model_section(ckpt, path)
     diff = [f"model.{k} {theirs[k]!r} (now {model[k]!r})" for k in model_differences(theirs, model, RESUME_MAY_CHANGE)]
     if diff:
-        raise CheckpointError(path, "--resume", f"the checkpoint's network differs from the recipe's: "
+        raise CheckpointError(path, field, f"the checkpoint's network differs from the recipe's: "
                               f"{', '.join(diff)}; resume with the checkpoint's model section, or start a new run")
 
 
@@ -155,37 +162,41 @@ def _remove_stale_temps(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def resume_path(run_dir: str | Path, resume: str | Path | None) -> Path | None:
+def resume_path(run_dir: str | Path, resume: str | Path | None, *, model: Mapping[str, Any] | None = None,
+                field: str = "--resume") -> Path | None:
     """The checkpoint to resume from. ``None``: start fresh. ``"auto"``: the newest readable checkpoint of
     ``run_dir`` (fresh when there is none). ``"last"``: the same, but one must exist. Anything else: that file
-    (or sharded directory), which must be readable. Truncated or unreadable files are logged and skipped."""
+    (or sharded directory), which must be readable. Truncated or unreadable files are logged and skipped. With
+    ``model`` (the recipe's section), the checkpoint file must have been trained with it (``check_model``; sharded
+    directories are not checked). Errors name ``field``, the flag or recipe field that gave ``resume``."""
     if resume is None:
         return None
     run_dir = Path(run_dir)
     if str(resume) not in ("auto", "last"):
         path = Path(resume)
         if not path.exists():
-            raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
-        try:
-            probe_checkpoint(path)
-        except CheckpointError as e:
-            raise CheckpointError(e.file, "--resume", e.reason) from None
-        return path
-    _remove_stale_temps(run_dir)
-    skipped: list[str] = []
-    for path in checkpoint_candidates(run_dir):
-        try:
-            step = probe_checkpoint(path)
-        except CheckpointError as e:
-            log.warning("resume: skipping %s", e)
-            skipped.append(str(e))
-            continue
-        if skipped:
-            log.warning("resume: using %s (step %d) instead of %d unreadable newer checkpoint(s)", path, step,
-                        len(skipped))
-        return path
-    if resume == "auto" and not skipped:
-        return None
-    if skipped:
-        raise CheckpointError(run_dir, "--resume", f"no readable checkpoint; skipped: {'; '.join(skipped)}")
-    raise FileNotFoundError(f"--resume: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")
+            raise FileNotFoundError(f"{field}: checkpoint not found: {path}")
+        ck = _probe(path, field)
+    else:
+        _remove_stale_temps(run_dir)
+        skipped: list[str] = []
+        for path in checkpoint_candidates(run_dir):
+            try:
+                ck = _probe(path, "")
+            except CheckpointError as e:
+                log.warning("resume: skipping %s", e)
+                skipped.append(str(e))
+                continue
+            if skipped:
+                log.warning("resume: using %s (step %d) instead of %d unreadable newer checkpoint(s)", path,
+                            -1 if ck is None else ck["global_step"], len(skipped))
+            break
+        else:
+            if resume == "auto" and not skipped:
+                return None
+            if skipped:
+                raise CheckpointError(run_dir, field, f"no readable checkpoint; skipped: {'; '.join(skipped)}")
+            raise FileNotFoundError(f"{field}: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")
+    if model is not None and ck is not None:  # a sharded directory is not checked
+        check_model(path, ck, model, field)
+    return path

@@ -34,7 +34,7 @@ from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
 from dtrain.errors import InputError
 from dtrain.export.checkpoint import CKPT_FORMAT, model_differences, read_checkpoint, read_model_section
 from dtrain.lit.guard import NonFiniteGuard
-from dtrain.models import DENOISER_FIELDS, build_denoiser, build_model, count_params
+from dtrain.models import ADDED_EMBEDDINGS, DENOISER_FIELDS, build_denoiser, build_model, count_params
 from dtrain.models.ema import EMA
 from dtrain.registry import Registry
 from dtrain.samplers.base import derive_seed, initial_noise
@@ -58,6 +58,10 @@ def module_class(method: str) -> type[DiffusionModule]:
 
     mod, _, cls = LIT_MODULES.get(method, "method.name").partition(":")
     return getattr(importlib.import_module(mod), cls)
+
+
+def _may_set(added: tuple[str, ...]) -> str:
+    return f" (model.{', model.'.join(added)} may be set)" if added else ""
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -130,9 +134,20 @@ class DiffusionModule(L.LightningModule):
     # ---- recipe views -------------------------------------------------------------------------------------
     @classmethod
     def teacher_needed(cls, recipe: Any) -> str:
-        """Why training this recipe needs its ``teacher`` (a checkpoint or bundle), or "" when it does not: ``fit``
-        checks it before anything starts; a ``teacher`` object passed to the module stands in for it."""
+        """Why training this recipe needs its ``teacher`` (a checkpoint or bundle), or "" when it does not: the method
+        distils one (``distils``), or the student starts from its weights (``copies_teacher``). ``fit`` checks it
+        before anything starts; a ``teacher`` object passed to the module stands in for it."""
+        name = recipe["method"]["name"]
+        if cls.distils(recipe):
+            return f"method {name!r} distils a teacher"
+        if cls.copies_teacher(recipe) is not None:
+            return f"method.init teacher starts method {name!r} from a teacher's weights (or use method.init: scratch)"
         return ""
+
+    @classmethod
+    def distils(cls, recipe: Any) -> bool:
+        """Whether the method's loss reads a teacher."""
+        return False
 
     @classmethod
     def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
@@ -156,10 +171,9 @@ class DiffusionModule(L.LightningModule):
         skip = {*DENOISER_FIELDS, "dropout"} - {"name"}
         diff = [k for k in model_differences(theirs, mine, skip) if not (k in added and mine[k])]
         if diff:
-            may = f" (model.{', model.'.join(added)} may be set)" if added else ""
             raise RecipeError(source, "model", f"the student network is not the teacher's ({teacher}): "
                               + ", ".join(f"model.{k} {mine[k]!r} (the teacher's {theirs[k]!r})" for k in diff)
-                              + f"; copy the teacher's model section{may}, or use another teacher")
+                              + f"; copy the teacher's model section{_may_set(added)}, or use another teacher")
 
     @property
     def num_classes(self) -> int:
@@ -428,6 +442,41 @@ class DiffusionModule(L.LightningModule):
             raise InputError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
                              f"({ref.get('path')})")
         return teacher.requires_grad_(False).eval().to(self.device), ref
+
+    def teacher_source(self, given: Any = None) -> Any:
+        """The teacher to load: ``given`` (an object passed to the module), else the recipe's ``teacher``; None when
+        there is none and the recipe needs none, else ``InputError`` naming the field and why (``teacher_needed``)."""
+        source = given if given is not None else self.recipe.get("teacher")
+        if source is None and (why := self.teacher_needed(self.recipe)):
+            raise InputError(f"teacher: {why}; give a checkpoint or bundle path")
+        return source
+
+    def init_from_teacher(self, teacher: Any, *, keep_own: bool = False) -> None:
+        """net, its EMA copies and the target network <- the teacher's network; the embeddings of the ``model`` keys
+        ``copies_teacher`` names, which the teacher lacks, stay at their zero initialisation. A teacher without a
+        network (an object passed in): ``InputError``, or with ``keep_own`` a warning and the student's own weights."""
+        added = self.copies_teacher(self.recipe) or ()
+        net, where = getattr(teacher, "net", None), (self.teacher_ref or {}).get("path")
+        if net is None and not keep_own:
+            raise InputError(f"method.init: the teacher ({type(teacher).__name__}) has no network to copy; "
+                             f"use method.init: scratch")
+        if net is None:
+            warnings.warn("teacher: it has no network to copy; the student starts from its own initialisation",
+                          stacklevel=2)
+        else:
+            bad, fix = f"model: the student network is not the teacher's ({where})", \
+                f"copy the teacher's model section{_may_set(added)}"
+            try:
+                missing, unexpected = self.net.load_state_dict(net.state_dict(), strict=False)
+            except RuntimeError as e:  # a tensor of another shape
+                raise InputError(f"{bad}: {str(e).splitlines()[-1].strip().rstrip('.')}; {fix}") from None
+            new = tuple(ADDED_EMBEDDINGS[k] for k in added)
+            missing = [k for k in missing if not k.startswith(new)]
+            if missing or unexpected:
+                raise InputError(f"{bad}: missing {missing[:5]}, unexpected {unexpected[:5]}; {fix}")
+        for ema in (self.ema, self.target):
+            for tag in ema.tags if ema is not None else []:
+                ema[tag].load_state_dict(self.net.state_dict())
 
     def checkpoint_info(self) -> dict[str, Any]:
         """Method-specific entries for ``ckpt["dtrain"]`` (subclasses add theirs)."""

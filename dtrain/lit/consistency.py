@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dtrain.errors import InputError
 from dtrain.lit.common import DiffusionModule
 from dtrain.methods.consistency import ConsistencyLoss, LPIPSDistance, resolve
 from dtrain.models import build_denoiser
@@ -64,12 +63,8 @@ class ConsistencyModule(DiffusionModule):
 
     # ---- teacher and initialisation ---------------------------------------------------------------------------
     @classmethod
-    def teacher_needed(cls, recipe: Any) -> str:
-        m = resolve(recipe["method"])
-        if m["name"] == "cd":
-            return "method 'cd' distils a teacher"
-        return f"method {m['name']!r} with method.init teacher starts from a teacher's weights" \
-            if m["init"] == "teacher" else ""
+    def distils(cls, recipe: Any) -> bool:
+        return resolve(recipe["method"])["name"] == "cd"
 
     @classmethod
     def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
@@ -79,33 +74,13 @@ class ConsistencyModule(DiffusionModule):
     def uses_teacher(self) -> bool:
         return bool(self.teacher_needed(self.recipe))
 
-    def _load_teacher(self) -> None:
-        source = self._given_teacher if self._given_teacher is not None else self.recipe.get("teacher")
-        if source is None:
-            raise InputError(f"teacher: {self.teacher_needed(self.recipe)}; give a checkpoint or a bundle path")
-        self.teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.method.get("teacher_ema", "auto"))
-
-    def _init_from_teacher(self) -> None:
-        """net, its EMA copies and the target <- the teacher's network."""
-        net, where = getattr(self.teacher, "net", None), (self.teacher_ref or {}).get("path")
-        if net is None:
-            raise InputError(f"method.init: the teacher ({type(self.teacher).__name__}) has no network to copy; "
-                             f"use method.init: scratch")
-        try:
-            self.net.load_state_dict(net.state_dict())
-        except RuntimeError as e:
-            raise InputError(f"model: the student network is not the teacher's ({where}); copy the teacher's model "
-                             f"section: {str(e).splitlines()[-1].strip()}") from None
-        for ema in (self.ema, self.target):
-            for tag in ema.tags if ema is not None else []:
-                ema[tag].load_state_dict(self.net.state_dict())
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.teacher is None and self.uses_teacher:
-            self._load_teacher()
+            self.teacher, self.teacher_ref = self.frozen_teacher(self.teacher_source(self._given_teacher),
+                                                                 ema=self.method.get("teacher_ema", "auto"))
             if self.method["init"] == "teacher":  # a resumed run then restores its own weights over these
-                self._init_from_teacher()
+                self.init_from_teacher(self.teacher)
             if self.kind != "cd":
                 self.teacher = None  # CT / iCT: the teacher only gave the first weights
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import RecipeError, check_inputs, load_recipe, to_container
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
-from dtrain.lit.checkpointing import AtomicCheckpointIO, check_model, resume_path
+from dtrain.lit.checkpointing import AtomicCheckpointIO, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
 __all__ = ["fit", "run_dir", "build_trainer", "build_logger", "describe", "set_cpu_threads", "set_tf32"]
@@ -150,9 +150,7 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
     check_inputs(cfg, source)  # before anything starts
-    ckpt_path = resume_path(out, resume)
-    if ckpt_path is not None:
-        check_model(ckpt_path, to_container(cfg.model))
+    ckpt_path = resume_path(out, resume, model=to_container(cfg.model))  # Lightning's restore reads it once more
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule
 

@@ -76,11 +76,8 @@ class FlowMapModule(DiffusionModule):
         return KINDS.get(self.kind, "bundle kind").build(net, self.schedule, self.recipe["model"])
 
     @classmethod
-    def teacher_needed(cls, recipe: Any) -> str:
-        if cls.needs_teacher:
-            return f"method {cls.kind!r} distils a teacher"
-        return f"method.init teacher starts {cls.kind!r} from a teacher's weights (or use method.init: scratch)" \
-            if cls._init_teacher(recipe) else ""
+    def distils(cls, recipe: Any) -> bool:
+        return cls.needs_teacher
 
     @classmethod
     def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
@@ -102,36 +99,12 @@ class FlowMapModule(DiffusionModule):
 
     def _load_teacher(self) -> Any:
         """The frozen teacher (or None when the recipe has none and the method does not need one)."""
-        source = self._given_teacher if self._given_teacher is not None else self.recipe.get("teacher")
-        if source is None:
-            if why := self.teacher_needed(self.recipe):
-                raise InputError(f"teacher: {why}; give a checkpoint or bundle path")
+        if (source := self.teacher_source(self._given_teacher)) is None:
             return None
         init = self.init_teacher  # the student is the teacher's network, on the teacher's schedule
         teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.recipe["method"].get("teacher_ema", "auto"),
                                                         same_schedule=init or self.kind == "ctm", init_from=init)
         return teacher
-
-    def _init_from_teacher(self, teacher: Any) -> None:
-        """net, its EMA copies (and a target network) <- the teacher's network; only the second-time embedding
-        (zero) is new, so the student starts as the teacher: G's clean estimate is the teacher's x0 for every s."""
-        net = getattr(teacher, "net", None)
-        if net is None:
-            raise InputError(f"method.init: the teacher ({type(teacher).__name__}) has no network to copy; "
-                             f"use method.init: scratch")
-        try:
-            missing, unexpected = self.net.load_state_dict(net.state_dict(), strict=False)
-        except RuntimeError as e:  # a tensor of another shape
-            raise InputError(f"model: the student network is not the teacher's plus model.second_time "
-                             f"({(self.teacher_ref or {}).get('path')}): {str(e).splitlines()[-1].strip()}") from None
-        wrong = [k for k in missing if not k.startswith("s_emb.")] + list(unexpected)
-        if wrong:
-            raise InputError(f"model: the student network is not the teacher's plus model.second_time "
-                             f"({(self.teacher_ref or {}).get('path')}): mismatched tensors {wrong[:5]}")
-        for tag in self.ema_tags:
-            self.ema[tag].load_state_dict(self.net.state_dict())  # type: ignore[index]
-        if self.target is not None:
-            self.target_net.load_state_dict(self.net.state_dict())
 
     def labels(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         return batch.get("y") if self.num_classes > 0 else None
@@ -158,7 +131,7 @@ class MeanFlowModule(FlowMapModule):
             teacher = self._load_teacher()
             if teacher is not None and self.init_teacher:
                 self._warn_discrete_teacher()
-                self._init_from_teacher(teacher)  # a resumed run restores its own weights over these
+                self.init_from_teacher(teacher)  # a resumed run restores its own weights over these
             if teacher is not None and teacher.schedule.to_dict() != self.flow.to_dict():
                 teacher = Rescheduled(teacher, self.flow)
             w = float(self.recipe["method"].get("cfg_omega", 1.0))
@@ -219,7 +192,7 @@ class CTMModule(FlowMapModule):
         if stage == "fit" and self.teacher is None:
             self.teacher = self._load_teacher()
             if self.init_teacher:  # a resumed run restores its own weights over these
-                self._init_from_teacher(self.teacher)
+                self.init_from_teacher(self.teacher)
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = self.loss_fn(self.denoiser_for(None), self.teacher, batch["x"], self.labels(batch),

@@ -104,8 +104,8 @@ class ProgressiveModule(DiffusionModule):
         return Path(root) / "rounds"
 
     @classmethod
-    def teacher_needed(cls, recipe: Any) -> str:
-        return "progressive distillation (method 'pd') distils a teacher"
+    def distils(cls, recipe: Any) -> bool:
+        return True
 
     @classmethod
     def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
@@ -114,39 +114,16 @@ class ProgressiveModule(DiffusionModule):
     def _load_teacher(self, index: int) -> None:
         """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle."""
         if index == 0:
-            source = self._given_teacher if self._given_teacher is not None else self.recipe["teacher"]
-            if source is None:
-                raise InputError(f"teacher: {self.teacher_needed(self.recipe)}; give a checkpoint or a bundle path")
+            source, ema = self.teacher_source(self._given_teacher), self.recipe["method"].get("teacher_ema", "auto")
         else:
-            source = self.rounds_dir / self.rounds[index - 1].name
-        ema = self.recipe["method"].get("teacher_ema", "auto") if index == 0 else "auto"
+            source, ema = self.rounds_dir / self.rounds[index - 1].name, "auto"
         self.teacher, self.teacher_ref = self.frozen_teacher(source, ema=ema)
-
-    def _init_student(self) -> None:
-        """Student and its EMA copies <- the teacher's network (a w embedding the teacher lacks stays at zero)."""
-        net, where = getattr(self.teacher, "net", None), (self.teacher_ref or {}).get("path")
-        if net is None:
-            warnings.warn("teacher: it has no network to copy; the student starts from its own initialisation",
-                          stacklevel=2)
-        else:
-            try:
-                missing, extra = self.net.load_state_dict(net.state_dict(), strict=False)
-            except RuntimeError as e:
-                raise InputError(f"model: the student network does not fit the teacher's weights ({where}): "
-                                 f"{str(e).splitlines()[-1].strip()}") from None
-            missing = [k for k in missing if not k.startswith("w_emb.")]
-            if missing or extra:
-                raise InputError(f"model: the student network is not the teacher's ({where}): missing {missing[:4]}, "
-                                 f"unexpected {extra[:4]}; copy the teacher's model section")
-        if self.ema is not None:
-            for tag in self.ema.tags:
-                self.ema[tag].load_state_dict(self.net.state_dict())
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.teacher is None:
             self._load_teacher(0)
-            self._init_student()
+            self.init_from_teacher(self.teacher, keep_own=True)  # a denoiser object without a network: warns
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -170,7 +147,7 @@ class ProgressiveModule(DiffusionModule):
             self._finish_round(self.current)
             self.round += 1
             self._load_teacher(self.round)
-            self._init_student()
+            self.init_from_teacher(self.teacher, keep_own=True)
             for opt in self.trainer.optimizers:
                 opt.state.clear()
             self._round_t0 = time.time()

@@ -95,3 +95,21 @@ def test_an_out_of_date_input_invalidates_everything_below(out: Path) -> None:
     assert d.key("teacher") is None and d.record("teacher").status == "done"
     assert d.key("pd") is None and d.key("eval") is None
     assert d._missing("pd") == ["shards", "teacher"]
+
+
+def test_up_to_date_is_memoised_until_a_record_is_written(out: Path, monkeypatch) -> None:
+    """A broken optional recipe is loaded, and a bundle's weights hashed, once per record written, not per look."""
+    import dtrain.export.bundle as bundle
+
+    monkeypatch.setitem(demo_mod.TEACHERS, "flow_teacher", "teacher/no_such_recipe.yaml")
+    loads, hashes = [], []
+    container, sha = Demo._recipe_container, bundle.sha256_file
+    monkeypatch.setattr(Demo, "_recipe_container", lambda self, s: loads.append(s) or container(self, s))
+    monkeypatch.setattr(bundle, "sha256_file", lambda p: hashes.append(p) or sha(p))
+    d = Demo(out, sizes=FAST, quiet=True)
+    for _ in range(3):
+        assert [p["model"] for p in d._eval_plan()] == ["teacher"] and d.key("eval") is not None
+    assert loads.count("flow_teacher") == 1 and len(hashes) == 1  # the teacher's bundle
+    assert "no_such_recipe.yaml" in d._broken["flow_teacher"][0]
+    _fake(d, "cd")  # a record written: everything is looked at afresh
+    assert [p["model"] for p in d._eval_plan()] == ["teacher", "cd"] and loads.count("flow_teacher") == 2

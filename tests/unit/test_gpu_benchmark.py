@@ -91,3 +91,38 @@ def test_exits_with_a_message_without_cuda(monkeypatch, capsys):
     assert e.value.code == 2
     assert "no CUDA GPU here" in capsys.readouterr().err
     assert not list((ROOT / "benchmarks" / "results").glob("gpu_cpu*.json"))  # nothing written
+
+
+SCRIPT = ROOT / "tools" / "gpu_offline.sh"
+
+
+def _script(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def test_offline_script_runs_the_gpu_tests_and_benchmark_into_out(tmp_path):
+    """``tools/gpu_offline.sh run`` without wheels or CUDA: the environment report, the GPU tests (all skipped here),
+    their summaries, and the benchmark's no-CUDA message, each in OUT."""
+    out = tmp_path / "out"
+    r = _script("run", str(out), "all", str(tmp_path / "no_wheels"), env={"TMPDIR": str(tmp_path)})
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bench.log", "env.txt", "gpu_tests.json", "gpu_tests.log", "gpu_tests.xml"], r.stdout + r.stderr
+    env = (out / "env.txt").read_text()
+    assert f"dtrain 0.1.0 {ROOT / 'dtrain' / '__init__.py'}" in env and "torch " in env
+    assert "8 skipped" in (out / "gpu_tests.log").read_text()
+    assert (out / "gpu_tests.json").read_text().strip() == "{}"
+    assert "no CUDA GPU here" in (out / "bench.log").read_text()
+    assert r.returncode == 1  # the benchmark measured nothing
+
+
+def test_offline_script_names_bad_arguments(tmp_path):
+    r = _script("run", str(tmp_path), "everything")
+    assert r.returncode == 2 and "WHAT must be tests, bench or all, not 'everything'" in r.stderr
+    r = _script("run")
+    assert r.returncode == 2 and "run needs OUT" in r.stderr
+    r = _script()
+    assert r.returncode == 2 and "tools/gpu_offline.sh wheels [DIR] [PYVER]" in r.stdout
