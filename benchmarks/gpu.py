@@ -41,12 +41,12 @@ if str(ROOT) not in sys.path:
 
 RECIPE = ROOT / "recipes" / "teacher" / "cifar10.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
-CASES = {
+CASES = {  # in this order: the compiled cases (the slowest to start) last
     "bare": ["trainer.compile=false"],
     "dtrain": ["trainer.compile=false"],
+    "dtrain_deepspeed_zero2": ["trainer.compile=false", "strategy.name=deepspeed", "strategy.zero_stage=2"],
     "bare_compile": ["trainer.compile=true"],
     "dtrain_compile": ["trainer.compile=true"],
-    "dtrain_deepspeed_zero2": ["trainer.compile=false", "strategy.name=deepspeed", "strategy.zero_stage=2"],
 }
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets; first match of the device name wins.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
@@ -183,7 +183,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     name = "cpu-smoke" if a.smoke else torch.cuda.get_device_name(0)
     peak = None if a.smoke else peak_bf16_tflops(name)
     flops = count_flops(a, device)
+    from benchmarks.common import machine
+
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    path = a.out or RESULTS / f"gpu_{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+
+    def ratio(num: str, den: str, key: str = "images_per_s") -> float | None:
+        n, d = results.get(num, {}).get(key), results.get(den, {}).get(key)
+        return n / d if n and d else None
+
+    def write() -> dict[str, Any]:  # after every case: a run stopped from outside keeps the cases it finished
+        res = {
+            "benchmark": "CIFAR-10 teacher (DDPM UNet) throughput: bare PyTorch loop vs dtrain, eager vs "
+                         "torch.compile; DDP vs DeepSpeed ZeRO-2 peak memory on one GPU",
+            "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "gpu": name, "peak_bf16_tflops": peak, "recipe": str(RECIPE.relative_to(ROOT)),
+            "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, **flops,
+            "cases": results, "cases_pending": [c for c in cases if c not in results],
+            "dtrain_vs_bare": {"eager": ratio("dtrain", "bare"), "compiled": ratio("dtrain_compile", "bare_compile")},
+            "compile_speedup": {"bare": ratio("bare_compile", "bare"), "dtrain": ratio("dtrain_compile", "dtrain")},
+            "peak_mem_gib": {"ddp": results.get("dtrain", {}).get("peak_mem_gib"),
+                             "deepspeed_zero2": results.get("dtrain_deepspeed_zero2", {}).get("peak_mem_gib")},
+            "anchors": "MFU of EDM's ImageNet-64 ADM training on A100 ~15%, fast-DiT ~24%",
+            "machine": machine(),
+        }
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        return res
+
     for case in cases:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "case.json"
@@ -205,30 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             r["process_wall_s"] = time.perf_counter() - t0
             results[case] = r
             print(json.dumps({k: v for k, v in r.items() if k != "error"} if ok else r), flush=True)
-    from benchmarks.common import machine
-
-    def ratio(num: str, den: str, key: str = "images_per_s") -> float | None:
-        n, d = results.get(num, {}).get(key), results.get(den, {}).get(key)
-        return n / d if n and d else None
-
-    res = {
-        "benchmark": "CIFAR-10 teacher (DDPM UNet) throughput: bare PyTorch loop vs dtrain, eager vs torch.compile; "
-                     "DDP vs DeepSpeed ZeRO-2 peak memory on one GPU",
-        "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "gpu": name, "peak_bf16_tflops": peak, "recipe": str(RECIPE.relative_to(ROOT)),
-        "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, **flops,
-        "cases": results,
-        "dtrain_vs_bare": {"eager": ratio("dtrain", "bare"), "compiled": ratio("dtrain_compile", "bare_compile")},
-        "compile_speedup": {"bare": ratio("bare_compile", "bare"), "dtrain": ratio("dtrain_compile", "dtrain")},
-        "peak_mem_gib": {"ddp": results.get("dtrain", {}).get("peak_mem_gib"),
-                         "deepspeed_zero2": results.get("dtrain_deepspeed_zero2", {}).get("peak_mem_gib")},
-        "anchors": "MFU of EDM's ImageNet-64 ADM training on A100 ~15%, fast-DiT ~24%",
-        "machine": machine(),
-    }
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    path = a.out or RESULTS / f"gpu_{slug}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1) + "\n")
+            write()
+    res = write()
     print(f"wrote {path}")
     return res
 

@@ -949,12 +949,15 @@ def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
     """The local data files a run reads exist and the accelerator it asks for is here: ``dtrain fit`` calls this
     before anything starts (``load_recipe`` does not, so recipes may name shards made later, and a CPU login node
     validates GPU recipes). Raises ``RecipeError(source, key, reason)``."""
-    if cfg.trainer.accelerator in ("gpu", "cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise RecipeError(source, "trainer.accelerator", f"{cfg.trainer.accelerator!r} but no CUDA GPU is "
-                              f"available here; use cpu or auto")
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RecipeError(source, "trainer.accelerator", f"{cfg.trainer.accelerator!r} but no CUDA GPU is "
+                          f"available here; use cpu or auto")
+    on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+    if cfg.strategy.name == "fsdp2" and on_cpu and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 7):
+        raise RecipeError(source, "strategy.name", f"fsdp2 on the CPU needs torch >= 2.7 (torch {torch.__version__}'s "
+                          f"FSDP2 records CUDA stream events); use ddp here, or fsdp2 on GPUs")
     d = cfg.data
     if d.name != "wds" or not d.shards or "://" in d.shards:
         return

@@ -11,19 +11,25 @@
 # every test, keyed by test), gpu_tests.xml (junit), bench.log and gpu_<gpu name>.json; the runs themselves
 # (checkpoints) stay under $TMPDIR. Each step has its own time limit (TESTS_S, BENCH_S seconds; CASE_S per benchmark
 # case; BENCH_ARGS go to benchmarks/gpu.py, e.g. "--steps 30 --cases bare,dtrain") so one that hangs still leaves
-# the other's results. Copy gpu_<gpu name>.json into benchmarks/results/ and commit it.
+# the other's results; the defaults (230 + 330 s, the compiled benchmark cases last) fit `run OUT all` into one
+# 10-minute command. Copy gpu_<gpu name>.json into benchmarks/results/ and commit it.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-# The stack's packages that a CUDA image with torch, torchvision, lightning, numpy, scipy, sklearn, matplotlib,
-# safetensors, rich, tqdm, pyyaml, psutil, msgpack, ninja, einops and py-cpuinfo may lack, with what they need.
-# Versions: the ones CI installs (pyproject.toml's ranges; ../shared/ENVIRONMENT.md). deepspeed has no wheel on
-# PyPI: `pip wheel` builds a pure one (no ops; DeepSpeed compiles the ones it needs at run time with ninja).
-# wandb and webdataset are not needed (the GPU runs log to CSV and read in-memory or sklearn data).
+# IMAGE: the distributions the GPU paths import that the target image is expected to have (a CUDA PyTorch image;
+# tests/unit/test_gpu_benchmark.py checks that the paths import nothing beyond IMAGE and PACKAGES).
+IMAGE=(torch torchvision triton cuda-bindings cuda-pathfinder lightning lightning-utilities torchmetrics numpy scipy
+       scikit-learn joblib threadpoolctl matplotlib cycler fonttools kiwisolver pyparsing python-dateutil six pillow
+       narwhals sympy mpmath fsspec regex rich pygments colorama tqdm pyyaml psutil msgpack einops packaging
+       setuptools attrs cloudpickle certifi charset-normalizer pytest pluggy iniconfig)
+# PACKAGES: what such an image may lack, carried as wheels, with what they need. Versions: the ones CI installs
+# (pyproject.toml's ranges; ../shared/ENVIRONMENT.md). deepspeed has no wheel on PyPI: `pip wheel` builds a pure
+# one (no ops; DeepSpeed compiles the ones it needs at run time with ninja). wandb and webdataset are not needed
+# (the GPU runs log to CSV and read in-memory or sklearn data).
 PACKAGES=(deepspeed==0.19.8 hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0
           typing-inspection==0.4.2 typing-extensions==4.16.0 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2
-          torch-fidelity==0.4.0)
+          torch-fidelity==0.4.0 braceexpand==0.1.7)
 MODULES=(deepspeed hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions omegaconf
-         antlr4 torch_fidelity)
+         antlr4 torch_fidelity braceexpand)
 PY="${PYTHON:-python3}"
 
 die() { echo "tools/gpu_offline.sh: $*" >&2; exit 2; }
@@ -86,7 +92,7 @@ EOF
     cat "$out/env.txt"
     if [[ $what != bench ]]; then
         rm -rf "$runs"
-        DTRAIN_GPU_OUT="$runs" timeout "${TESTS_S:-300}" "$PY" -m pytest -q -p no:cacheprovider tests/gpu \
+        DTRAIN_GPU_OUT="$runs" timeout "${TESTS_S:-230}" "$PY" -m pytest -q -p no:cacheprovider tests/gpu \
             --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || rc=1
         "$PY" - "$runs" "$out/gpu_tests.json" <<'EOF'
 import json, pathlib, sys
@@ -98,7 +104,7 @@ EOF
     fi
     if [[ $what != tests ]]; then
         # shellcheck disable=SC2086  # BENCH_ARGS: several words
-        timeout "${BENCH_S:-480}" "$PY" benchmarks/gpu.py --timeout "${CASE_S:-150}" ${BENCH_ARGS:-} 2>&1 \
+        timeout "${BENCH_S:-330}" "$PY" benchmarks/gpu.py --timeout "${CASE_S:-150}" ${BENCH_ARGS:-} 2>&1 \
             | tee "$out/bench.log" || rc=1
         find benchmarks/results -name 'gpu_*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
     fi
@@ -109,5 +115,5 @@ case "${1:-}" in
     wheels) wheels "${2:-.whl}" "${3:-3.12}" ;;
     check) check "${2:-.whl}" ;;
     run) run "${2:-}" "${3:-all}" "${4:-.whl}" ;;
-    *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 __all__ = [
     "NAMES",
     "check_strategy",
+    "fused_clip_conflict",
     "shards_parameters",
     "deepspeed_config",
     "build_strategy",
@@ -62,6 +63,19 @@ def shards_parameters(strategy: Mapping[str, Any]) -> bool:
     """Whether no rank holds the whole network during training (fsdp, fsdp2, deepspeed stage 3)."""
     name = strategy.get("name", "auto")
     return name in ("fsdp", "fsdp2") or (name == "deepspeed" and int(strategy.get("zero_stage", 2)) == 3)
+
+
+def fused_clip_conflict(strategy: str, precision: str, grad_clip: float) -> str:
+    """Why a fused AdamW cannot run with norm clipping here ("" when it can): it unscales 16-mixed gradients inside
+    its step, after clipping would have seen them scaled; Lightning's mixed-precision plugin under fsdp2 refuses to
+    clip for it. ``optim.impl: auto`` then picks foreach."""
+    if grad_clip <= 0 or strategy == "deepspeed":  # DeepSpeed clips inside its engine
+        return ""
+    if precision == "16-mixed":
+        return "under 16-mixed the fused AdamW unscales gradients inside its step, after clipping saw them scaled"
+    if strategy == "fsdp2" and precision == "bf16-mixed":
+        return "Lightning's mixed-precision plugin under fsdp2 refuses norm clipping with a fused optimizer"
+    return ""
 
 
 def check_strategy(cfg: Any) -> list[tuple[str, str]]:
@@ -102,6 +116,9 @@ def check_strategy(cfg: Any) -> list[tuple[str, str]]:
     if s.sharded_checkpoint and s.name not in ("fsdp", "fsdp2"):
         bad.append(("strategy.sharded_checkpoint", "applies to fsdp / fsdp2 (deepspeed always writes a sharded "
                     "directory, ddp one file)"))
+    if cfg.optim.impl == "fused" and (why := fused_clip_conflict(s.name, t.precision, cfg.optim.grad_clip)):
+        bad.append(("optim.impl", f"fused with optim.grad_clip={cfg.optim.grad_clip}: {why}; use optim.impl=auto "
+                    f"(foreach here) or optim.grad_clip=0"))
     if s.timeout_min < 1:
         bad.append(("strategy.timeout_min", "must be >= 1"))
     if shards_parameters(s):

@@ -336,6 +336,8 @@ class DiffusionModule(L.LightningModule):
             return
         self._logged_step = step
         logs: dict[str, Any] = {}
+        if (engine := getattr(self.trainer.strategy, "deepspeed_engine", None)) is not None:
+            self._grad_norm = engine.get_global_grad_norm()  # the norm DeepSpeed clipped by (None: not computed)
         if self._grad_norm is not None:
             logs["train/grad_norm"] = self._grad_norm
         if self.guard.enabled:
@@ -364,8 +366,11 @@ class DiffusionModule(L.LightningModule):
 
         Runs after the backward, before the optimizer step: the non-finite guard (``dtrain.lit.guard``) judges
         the step here and drops the gradients of a bad one."""
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # a DDPStrategy, but the engine owns the gradients:
+            self._guard_step([], None)  # it clips them (config gradient_clipping); the guard judges the loss only
+            return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
             norm = _local_grad_norm(params) if self.guard.enabled and params else None
@@ -398,8 +403,13 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         o = self.recipe["optim"]
         impl = o.get("impl", "auto")
-        if impl == "auto":
-            impl = "fused" if self.device.type == "cuda" else "foreach"
+        if impl == "auto":  # fused: on CUDA, where clipping can run with it (``fused_clip_conflict``)
+            from dtrain.dist.strategy import fused_clip_conflict
+
+            t = self.recipe["trainer"]
+            conflict = fused_clip_conflict(self.recipe.get("strategy", {}).get("name", "auto"), t["precision"],
+                                           float(o["grad_clip"] or 0))
+            impl = "fused" if self.device.type == "cuda" and not conflict else "foreach"
         kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[impl]
         opt = torch.optim.AdamW(self.net.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
                                 weight_decay=o["weight_decay"], **kw)

@@ -126,3 +126,75 @@ def test_offline_script_names_bad_arguments(tmp_path):
     assert r.returncode == 2 and "run needs OUT" in r.stderr
     r = _script()
     assert r.returncode == 2 and "tools/gpu_offline.sh wheels [DIR] [PYVER]" in r.stdout
+
+
+AUDIT_SITE = '''
+import atexit, os, sys
+
+def _dump():
+    with open(os.path.join(os.environ["DTRAIN_IMPORT_AUDIT"], f"{os.getpid()}.txt"), "w") as f:
+        f.write("\\n".join(sorted({m.split(".")[0] for m in list(sys.modules)})))
+
+atexit.register(_dump)
+'''
+AUDIT_GPU_TESTS = '''
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, "tests/gpu")
+import test_strategies_gpu as t
+from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: F401
+from deepspeed.ops.op_builder import CPUAdamBuilder  # noqa: F401
+from dtrain.dist.strategy import deepspeed_config  # noqa: F401
+t.STEPS = 3
+for recipe, extra in ((t.GMM, []), (t.DIGITS, ["data.batch_size=8", "trainer.sample_every_n_steps=3"])):
+    with tempfile.TemporaryDirectory() as out:
+        _, module, _, run = t._fit(recipe, ["trainer.accelerator=cpu", "trainer.precision=32-true",
+                                            "trainer.log_every_n_steps=1", *extra], Path(out),
+                                   {})
+        loaded, tag = t._check_checkpoint(run, {})
+        t._samples(loaded, tag)
+'''
+
+
+def _bash_array(name: str) -> list[str]:
+    import re
+
+    body = re.search(rf"^{name}=\(([^)]*)\)", SCRIPT.read_text(), re.M)
+    assert body, name
+    return [w.split("==")[0] for w in body.group(1).split()]
+
+
+def test_the_gpu_paths_import_only_the_image_and_the_carried_packages(tmp_path):
+    """What ``tools/gpu_offline.sh`` assumes: the GPU tests' code path (their ``_fit``, checkpoint and sampling
+    helpers, on the CPU) and ``benchmarks/gpu.py`` (``--smoke``, its case subprocesses too) import no distribution
+    beyond the image's (``IMAGE``) and the carried wheels (``PACKAGES``), or the device run fails on an import."""
+    import importlib.metadata as md
+    import json
+    import os
+    import re
+    import subprocess
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(AUDIT_SITE)
+    (tmp_path / "mods").mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}", "DTRAIN_IMPORT_AUDIT":
+           str(tmp_path / "mods"), "WANDB_MODE": "offline"}
+    for cmd in ([sys.executable, "-c", AUDIT_GPU_TESTS],
+                [sys.executable, "benchmarks/gpu.py", "--smoke", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+                 "--out", str(tmp_path / "smoke.json")]):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    smoke = json.loads((tmp_path / "smoke.json").read_text())  # written after each case; both finished
+    assert list(smoke["cases"]) == ["bare", "dtrain"] and smoke["cases_pending"] == []
+    assert smoke["dtrain_vs_bare"]["eager"] > 0 and "error" not in smoke["cases"]["dtrain"]
+    assert len(list((tmp_path / "mods").iterdir())) >= 4  # the audit script, gpu.py and its two case processes
+    modules = {m for f in (tmp_path / "mods").iterdir() for m in f.read_text().split()}
+    owners = md.packages_distributions()
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    used = {norm(d) for m in modules if m not in sys.stdlib_module_names for d in owners.get(m, [])} - {"dtrain"}
+    allowed = {norm(d) for d in [*_bash_array("IMAGE"), *_bash_array("PACKAGES")]}
+    assert "torch" in used and "deepspeed" in used and "omegaconf" in used  # the audit saw the paths
+    assert used <= allowed, f"imported, but neither on the image nor carried: {sorted(used - allowed)}"

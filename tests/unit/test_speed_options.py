@@ -167,3 +167,56 @@ def test_cpu_threads_survive_lightning_ddp(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     _set_num_threads_if_needed(num_processes=2)  # without it: Lightning's choice
     assert torch.get_num_threads() == 4
+
+
+@pytest.mark.parametrize(("overrides", "fused"), [
+    (["strategy.name=ddp", "trainer.precision=bf16-mixed"], True),
+    (["strategy.name=ddp", "trainer.precision=16-mixed"], False),  # clipping must see unscaled gradients
+    (["strategy.name=ddp", "trainer.precision=16-mixed", "optim.grad_clip=0"], True),
+    (["strategy.name=fsdp2", "trainer.precision=bf16-mixed"], False),  # Lightning's plugin refuses to clip for it
+    (["strategy.name=fsdp2", "trainer.precision=32-true"], True),
+])
+def test_auto_impl_on_a_gpu_is_fused_where_clipping_can_run_with_it(tmp_path, overrides, fused):
+    module = TeacherModule(gmm(tmp_path, *overrides))
+    module._device = torch.device("cuda", 0)  # what configure_optimizers sees on a GPU (the parameters stay here)
+    opt = module.configure_optimizers()["optimizer"]
+    assert bool(opt.defaults["fused"]) is fused and bool(opt.defaults["foreach"]) is not fused
+
+
+@pytest.mark.parametrize("overrides", [["trainer.precision=16-mixed"],
+                                       ["strategy.name=fsdp2", "trainer.precision=bf16-mixed"]])
+def test_fused_adamw_with_clipping_is_refused_where_it_cannot_clip(tmp_path, overrides):
+    with pytest.raises(RecipeError, match=r"optim\.impl: fused with optim\.grad_clip=1\.0: .*use optim\.impl=auto"):
+        gmm(tmp_path, "optim.impl=fused", *overrides)
+    gmm(tmp_path, "optim.impl=fused", "optim.grad_clip=0", *overrides)  # nothing to clip: fine
+
+
+def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path):
+    """Lightning's DeepSpeedStrategy is a DDPStrategy, but the engine holds the gradients and clips them itself:
+    the module neither clips nor drops them (a bad step is counted, as the guard documents), and it logs the norm
+    the engine computed."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    module = TeacherModule(gmm(tmp_path))
+    strategy = DeepSpeedStrategy(config={"train_micro_batch_size_per_gpu": 1})
+    strategy.model = SimpleNamespace(get_global_grad_norm=lambda: 2.5)  # the engine after its step
+    logged = {}
+    module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace(), world_size=1,
+                                      is_global_zero=True, log_every_n_steps=1, max_steps=10, global_step=1)
+    module.log_dict = lambda d, **kw: logged.update(d)
+    opt = module.configure_optimizers()["optimizer"]
+    grads = [torch.full_like(p, 100.0) for p in module.net.parameters()]
+    for p, g in zip(module.net.parameters(), grads):
+        p.grad = g.clone()
+    module.guard.observe(torch.tensor([float("nan")]))
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    assert all(torch.equal(p.grad, g) for p, g in zip(module.net.parameters(), grads))  # not clipped, not dropped
+    assert module.guard.total == 1  # the non-finite loss is counted
+    type(module).global_step = property(lambda self: 1)
+    try:
+        module.on_train_batch_end(None, None, 0)
+    finally:
+        del type(module).global_step
+    assert logged["train/grad_norm"] == 2.5

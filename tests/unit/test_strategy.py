@@ -110,6 +110,21 @@ def test_invalid_combinations_fail_at_validation(overrides, key, match):
     assert e.value.key == key and e.value.source == "command line"
 
 
+def test_fsdp2_on_the_cpu_needs_torch_2_7(monkeypatch):
+    """torch 2.6's FSDP2 records CUDA stream events on the CPU too (the fsdp2 run below fails there; 2.7.1 passes):
+    ``check_inputs`` (``dtrain fit``, before anything starts) says so; recipe validation does not (a CPU login node
+    validates GPU recipes)."""
+    from dtrain.config import check_inputs
+
+    cfg = recipe("strategy.name=fsdp2", "trainer.accelerator=cpu")
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cpu")
+    with pytest.raises(RecipeError, match=r"fsdp2 on the CPU needs torch >= 2\.7 \(torch 2\.6\.0\+cpu's") as e:
+        check_inputs(cfg)
+    assert e.value.key == "strategy.name"
+    monkeypatch.setattr(torch, "__version__", "2.7.1")
+    check_inputs(cfg)
+
+
 def test_valid_combinations_pass():
     recipe("strategy.name=deepspeed", "strategy.zero_stage=2", "trainer.sample_every_n_steps=100")  # replicated
     recipe("strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_params=true",
@@ -140,6 +155,8 @@ def _port() -> int:
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory):
     """`dtrain fit` under fsdp2 (2 CPU ranks) and the raw FSDP1 worker (2 ranks), at once."""
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7):
+        pytest.skip(f"fsdp2 on the CPU needs torch >= 2.7 (this is {torch.__version__})")
     out = tmp_path_factory.mktemp("dist")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
