@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "anchors": "MFU of EDM's ImageNet-64 ADM training on A100 ~15%, fast-DiT ~24%",
             "machine": machine(),
         }
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        tmp.replace(path)  # a run killed mid-write leaves the previous complete file
         return res
 
     for case in cases:

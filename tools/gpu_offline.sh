@@ -6,9 +6,10 @@
 #   tools/gpu_offline.sh check [DIR]            # there: which packages are missing (installs nothing)
 #   tools/gpu_offline.sh run OUT [tests|bench|all] [DIR]   # there: install DIR, run, results -> OUT
 #
-# DIR defaults to .whl (git-ignored), PYVER to 3.12 (the target's Python), OUT must be writable. `run` writes at
-# most 6 files into OUT, each a few KiB to a few MiB: env.txt, gpu_tests.log, gpu_tests.json (the summary.json of
-# every test, keyed by test), gpu_tests.xml (junit), bench.log and gpu_<gpu name>.json; the runs themselves
+# DIR defaults to the repository's .whl (git-ignored), PYVER to 3.12 (the target's Python: `check` there prints it
+# with the toolchain DeepSpeed's op builds need), OUT must be writable. `run` writes at most 6 files into OUT:
+# env.txt, gpu_tests.log, gpu_tests.json (the summary.json of every test, keyed by test), gpu_tests.xml (junit),
+# bench.log and gpu_<gpu name>.json; the runs themselves
 # (checkpoints) stay under $TMPDIR. Each step has its own time limit (TESTS_S, BENCH_S seconds; CASE_S per benchmark
 # case; BENCH_ARGS go to benchmarks/gpu.py, e.g. "--steps 30 --cases bare,dtrain") so one that hangs still leaves
 # the other's results; the defaults (230 + 330 s, the compiled benchmark cases last) fit `run OUT all` into one
@@ -35,8 +36,9 @@ PY="${PYTHON:-python3}"
 die() { echo "tools/gpu_offline.sh: $*" >&2; exit 2; }
 
 wheels() {  # DIR PYVER
-    local dir="${1:-.whl}" pyver="${2:-3.12}" pure=() bin=() p
+    local dir="${1:-$ROOT/.whl}" pyver="${2:-3.12}" pure=() bin=() p
     mkdir -p "$dir" || die "cannot create $dir"
+    rm -f "$dir"/*.whl  # one version of each (pydantic-core is built per Python version): pip refuses two
     for p in "${PACKAGES[@]}"; do [[ $p == deepspeed* ]] && pure+=("$p") || bin+=("$p"); done
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -48,34 +50,46 @@ wheels() {  # DIR PYVER
 }
 
 check() {  # DIR: the modules the target cannot import (nothing installed)
-    local m missing=()
+    local m missing=() dir="${1:-$ROOT/.whl}"
+    "$PY" -V
     for m in "${MODULES[@]}"; do "$PY" -c "import $m" 2>/dev/null || missing+=("$m"); done
     echo "missing here: ${missing[*]:-none}"
-    [[ -d "${1:-.whl}" ]] && echo "carried wheels: $(ls "${1:-.whl}" | tr '\n' ' ')"
+    [[ -d "$dir" ]] && echo "carried wheels: $(ls "$dir" | tr '\n' ' ')"
+    toolchain
     return 0
 }
 
+toolchain() {  # what DeepSpeed's run-time op builds (cpu_adam for optimizer offload) need
+    echo "ninja: $(ninja --version 2>&1 | head -1)"
+    echo "c++: $(c++ --version 2>&1 | head -1)"
+    "$PY" -c 'import pathlib, sysconfig; h = pathlib.Path(sysconfig.get_paths()["include"], "Python.h")
+print("Python.h:", h, "found" if h.is_file() else "MISSING")'
+}
+
 install() {  # DIR: into $SITE, first on PYTHONPATH (only packages this image lacks are carried)
-    local dir="${1:-.whl}"
+    local dir="${1:-$ROOT/.whl}"
     SITE="${SITE:-${TMPDIR:-/tmp}/dtrain_site}"
     if compgen -G "$dir/*.whl" >/dev/null; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             "$dir"/*.whl || die "installing the wheels in $dir failed"
+    else
+        echo "tools/gpu_offline.sh: no wheels in $dir: using this machine's packages only" >&2
     fi
-    export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
 }
 
 run() {  # OUT WHAT DIR
-    local out="$1" what="${2:-all}" dir="${3:-.whl}" runs rc=0
+    local out="$1" what="${2:-all}" dir="${3:-$ROOT/.whl}" runs rc=0
     [[ -n "$out" ]] || die "run needs OUT, a folder for the results"
     [[ $what =~ ^(tests|bench|all)$ ]] || die "run: WHAT must be tests, bench or all, not '$what'"
     mkdir -p "$out" && [[ -w "$out" ]] || die "OUT '$out' is not a writable folder"
+    out="$(cd "$out" && pwd)"  # absolute: the steps run in the repository root
     install "$dir"
     cd "$ROOT" || exit 2
     export WANDB_MODE=offline PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_ext}"
     runs="${TMPDIR:-/tmp}/dtrain_gpu_runs"
     {
-        date -u; nvidia-smi 2>&1 | head -20
+        date -u; nvidia-smi 2>&1 | head -20; toolchain
         "$PY" - <<'EOF'
 import importlib, sys
 print("python", sys.version.split()[0])
@@ -92,7 +106,7 @@ EOF
     cat "$out/env.txt"
     if [[ $what != bench ]]; then
         rm -rf "$runs"
-        DTRAIN_GPU_OUT="$runs" timeout "${TESTS_S:-230}" "$PY" -m pytest -q -p no:cacheprovider tests/gpu \
+        DTRAIN_GPU_OUT="$runs" timeout -k 15 "${TESTS_S:-230}" "$PY" -m pytest -q -p no:cacheprovider tests/gpu \
             --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || rc=1
         "$PY" - "$runs" "$out/gpu_tests.json" <<'EOF'
 import json, pathlib, sys
@@ -104,7 +118,7 @@ EOF
     fi
     if [[ $what != tests ]]; then
         # shellcheck disable=SC2086  # BENCH_ARGS: several words
-        timeout "${BENCH_S:-330}" "$PY" benchmarks/gpu.py --timeout "${CASE_S:-150}" ${BENCH_ARGS:-} 2>&1 \
+        timeout -k 15 "${BENCH_S:-330}" "$PY" benchmarks/gpu.py --timeout "${CASE_S:-150}" ${BENCH_ARGS:-} 2>&1 \
             | tee "$out/bench.log" || rc=1
         find benchmarks/results -name 'gpu_*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
     fi
@@ -112,8 +126,8 @@ EOF
 }
 
 case "${1:-}" in
-    wheels) wheels "${2:-.whl}" "${3:-3.12}" ;;
-    check) check "${2:-.whl}" ;;
-    run) run "${2:-}" "${3:-all}" "${4:-.whl}" ;;
-    *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    wheels) wheels "${2:-$ROOT/.whl}" "${3:-3.12}" ;;
+    check) check "${2:-$ROOT/.whl}" ;;
+    run) run "${2:-}" "${3:-all}" "${4:-$ROOT/.whl}" ;;
+    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

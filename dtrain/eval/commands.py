@@ -78,7 +78,7 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     """The sweep; returns the rows (every rank). ``guide_for(kind)``: how the model's bundle kind applies guidance
     (``dtrain.export.bundle.kind_guide``; None: classifier-free guidance)."""
     from dtrain.diffusion.timesteps import SPACINGS
-    from dtrain.eval.features import BUILTIN_REFS, WEIGHTS_KEY, build_extractor
+    from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS, WEIGHTS_KEY, build_extractor
     from dtrain.eval.fid import dist_rank, load_ref
     from dtrain.eval.grids import save_grid
     from dtrain.eval.report import log_wandb, plot_fid_vs_nfe, write_json
@@ -106,9 +106,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     shape = tuple(int(s) for s in info["image"]["shape"])
     num_classes = len(info.get("class_names") or [])
     extractor_name = _default(args.extractor, ev, "feature_extractor", "digits")
-    extractor = build_extractor(extractor_name, _default(args.weights, ev, "feature_extractor_weights_path", None),
-                                shape=shape, key="--extractor" if args.extractor else "eval.feature_extractor",
-                                weights_key="--weights" if args.weights else WEIGHTS_KEY).to(device)
+    extractor_key = "--extractor" if args.extractor else "eval.feature_extractor"
+    EXTRACTORS.get(extractor_name, extractor_key)  # the name now; its weights load after the cheaper checks
     ref_spec = _default(args.ref_stats, ev, "ref_stats", "digits:train" if extractor_name == "digits" else None)
     if ref_spec is None:
         raise InputError(f"--ref-stats: required for the {extractor_name!r} extractor: a .npz made with "
@@ -126,6 +125,9 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     num, batch = int(_default(args.num, ev, "num", 1000)), int(_default(args.batch_size, ev, "batch_size", 250))
     if num < 2 or batch < 1:  # from the recipe
         raise InputError(f"eval.num / eval.batch_size: need num >= 2 and batch_size >= 1, got {num}, {batch}")
+    extractor = build_extractor(extractor_name, _default(args.weights, ev, "feature_extractor_weights_path", None),
+                                shape=shape, key=extractor_key,
+                                weights_key="--weights" if args.weights else WEIGHTS_KEY).to(device)
     ref = load_ref(ref_spec, extractor, key="--ref-stats" if args.ref_stats else "eval.ref_stats")
     rows = fid_sweep(denoiser, specs, num=num, batch_size=batch, shape=shape, extractor=extractor, ref=ref,
                      num_classes=num_classes, guidance=float(guidance), seed=seed, device=device,

@@ -211,7 +211,7 @@ class RawFeatures(FeatureExtractor):
     def __init__(self, weights_path: str | Path | None = None, shape: Sequence[int] | None = None) -> None:
         super().__init__()
         if shape is None:
-            raise ValueError("eval.feature_extractor: 'raw' needs the sample shape")
+            raise ValueError(f"{self.key}: 'raw' needs the sample shape")
         self.input_shape = tuple(int(s) for s in shape)
         self.num_features = math.prod(self.input_shape)
         self.weights_sha256 = hashlib.sha256(json.dumps(["raw", *self.input_shape]).encode()).hexdigest()

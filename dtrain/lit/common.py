@@ -369,8 +369,8 @@ class DiffusionModule(L.LightningModule):
         from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # a DDPStrategy, but the engine owns the gradients:
-            self._guard_step([], None)  # it clips them (config gradient_clipping); the guard judges the loss only
-            return
+            self._guard_step([], None, dropped=False)  # it clips them (config gradient_clipping); the guard judges
+            return  # the loss only
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
             norm = _local_grad_norm(params) if self.guard.enabled and params else None
@@ -384,7 +384,7 @@ class DiffusionModule(L.LightningModule):
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         self._guard_step(params, self._grad_norm)
 
-    def _guard_step(self, params: list[torch.nn.Parameter], grad_norm: Tensor | None) -> None:
+    def _guard_step(self, params: list[torch.nn.Parameter], grad_norm: Tensor | None, dropped: bool = True) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed: the scaler skips bad grads
         if self.guard.check(grad_norm, world_size=self.trainer.world_size, judge_grads=scaler is None):
             return
@@ -392,7 +392,7 @@ class DiffusionModule(L.LightningModule):
             for p in params:
                 p.grad = None  # AdamW skips parameters without a gradient: no update, moments and step untouched
         if self.trainer.is_global_zero or self.guard.in_a_row >= self.guard.max_bad:
-            self.guard.report(self.global_step)
+            self.guard.report(self.global_step, dropped=dropped)
 
     def lr_lambda(self) -> Any:
         """The LR multiplier as a function of the optimizer step (students with rounds override this)."""

@@ -91,10 +91,12 @@ class NonFiniteGuard:
             parts.append(f"grad_norm={float(g):.4g}")
         return ", ".join(parts) or "no loss recorded"
 
-    def report(self, step: int) -> None:
-        """Log a skipped step; raise ``NonFiniteError`` after ``max_bad`` in a row."""
-        msg = (f"step {step}: non-finite loss or gradient ({self.describe()}); optimizer and EMA update skipped "
-               f"({self.in_a_row} in a row, {self.total} in this run)")
+    def report(self, step: int, *, dropped: bool = True) -> None:
+        """Log a bad step; raise ``NonFiniteError`` after ``max_bad`` in a row. ``dropped=False``: the optimizer
+        stepped anyway (DeepSpeed's engine owns the gradients), only the EMA update was skipped."""
+        what = "optimizer and EMA update skipped" if dropped else "EMA update skipped (DeepSpeed's optimizer stepped)"
+        msg = f"step {step}: non-finite loss or gradient ({self.describe()}); {what} " \
+              f"({self.in_a_row} in a row, {self.total} in this run)"
         if self.in_a_row >= self.max_bad:
             raise NonFiniteError(f"{msg}; stopping: trainer.max_bad_steps={self.max_bad} reached. Lower optim.lr, "
                                  f"check the data (non-finite inputs?) or resume from an earlier checkpoint")

@@ -113,7 +113,8 @@ def test_deepspeed_offload_optimizer_uses_cpu_adam(out_dir, summary):
     try:  # DeepSpeed compiles the op on first use (ninja, a C++ compiler, Python.h); ~30-60 s
         CPUAdamBuilder().load()
     except Exception as e:  # an incomplete toolchain on this machine, not a dtrain failure
-        pytest.skip(f"DeepSpeed's cpu_adam op cannot be built here: {type(e).__name__}: {str(e)[:300]}")
+        summary["skipped"] = f"DeepSpeed's cpu_adam op cannot be built here: {type(e).__name__}: {str(e)[:300]}"
+        pytest.skip(summary["skipped"])
 
     _, _, trainer, run = _fit(GMM, ["strategy.name=deepspeed", "strategy.zero_stage=2",
                                     "strategy.offload_optimizer=true", "trainer.precision=bf16-mixed"],

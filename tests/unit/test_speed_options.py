@@ -191,7 +191,7 @@ def test_fused_adamw_with_clipping_is_refused_where_it_cannot_clip(tmp_path, ove
     gmm(tmp_path, "optim.impl=fused", "optim.grad_clip=0", *overrides)  # nothing to clip: fine
 
 
-def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path):
+def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path, caplog):
     """Lightning's DeepSpeedStrategy is a DDPStrategy, but the engine holds the gradients and clips them itself:
     the module neither clips nor drops them (a bad step is counted, as the guard documents), and it logs the norm
     the engine computed."""
@@ -211,9 +211,11 @@ def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path):
     for p, g in zip(module.net.parameters(), grads):
         p.grad = g.clone()
     module.guard.observe(torch.tensor([float("nan")]))
-    module.configure_gradient_clipping(opt, 1.0, "norm")
+    with caplog.at_level("WARNING", logger="dtrain.guard"):
+        module.configure_gradient_clipping(opt, 1.0, "norm")
     assert all(torch.equal(p.grad, g) for p, g in zip(module.net.parameters(), grads))  # not clipped, not dropped
-    assert module.guard.total == 1  # the non-finite loss is counted
+    assert module.guard.total == 1  # the non-finite loss is counted, and the log says what happened
+    assert "EMA update skipped (DeepSpeed's optimizer stepped)" in caplog.text
     type(module).global_step = property(lambda self: 1)
     try:
         module.on_train_batch_end(None, None, 0)

@@ -51,3 +51,52 @@ def test_targets_use_the_raw_teacher_unless_teacher_clip(method, clip, tmp_path)
 def test_every_distillation_recipe_section_has_teacher_clip_off():
     for rel in RECIPES.values():
         assert load_recipe(ROOT / "recipes" / rel, ["teacher=null"]).method.teacher_clip is False, rel
+
+
+def _student(method: str, tmp_path, *extra: str):
+    cfg = load_recipe(ROOT / "recipes" / RECIPES[method], [f"out_dir={tmp_path}", *QUIET, *extra])
+    return module_class(cfg.method.name)(cfg)
+
+
+@pytest.mark.parametrize("method", ["ctm", "cd"])
+def test_init_from_teacher_copies_the_network_into_net_ema_and_target(method, tmp_path):
+    """CTM's student is the teacher's network plus a zero second-time embedding (``ADDED_EMBEDDINGS``), CD's the
+    teacher's network: every tensor of the teacher is in net, its EMA copies and CD's target network."""
+    from dtrain.models import build_model
+
+    student = _student(method, tmp_path)
+    model = {**student.recipe["model"], "second_time": False}
+    teacher = type("T", (), {"net": build_model(model)})()
+    student.init_from_teacher(teacher)
+    theirs = teacher.net.state_dict()
+    target = student.target  # CD's target network (CTM's gmm recipe keeps none)
+    copies = [student.net, *(student.ema[t] for t in student.ema.tags),
+              *(target[t] for t in (target.tags if target is not None else []))]
+    assert len(copies) == (3 if method == "cd" else 2)
+    for net in copies:
+        mine = net.state_dict()
+        assert {k.split(".")[0] for k in set(mine) - set(theirs)} == ({"s_emb"} if method == "ctm" else set())
+        assert all(torch.equal(mine[k], v) for k, v in theirs.items())
+    if method == "ctm":
+        assert not student.net.s_emb.mlp[-1].weight.any()  # the new embedding is still a no-op
+
+
+def test_init_from_teacher_names_what_does_not_fit(tmp_path):
+    from dtrain.errors import InputError
+    from dtrain.models import build_model
+
+    student = _student("ctm", tmp_path)
+    other = type("T", (), {"net": build_model({**student.recipe["model"], "second_time": False,
+                                               "hidden": int(student.recipe["model"]["hidden"]) * 2})})()
+    with pytest.raises(InputError, match=r"^model: the student network is not the teacher's \(None\): .*size "
+                                         r"mismatch.*; copy the teacher's model section \(model\.second_time may be "
+                                         r"set\)$"):
+        student.init_from_teacher(other)
+    with pytest.raises(InputError, match=r"^method\.init: the teacher \(object\) has no network to copy; use "
+                                         r"method\.init: scratch$"):
+        student.init_from_teacher(object())
+    pd = _student("pd", tmp_path)  # PD keeps its own weights for a teacher that is only a function
+    before = {k: v.clone() for k, v in pd.net.state_dict().items()}
+    with pytest.warns(UserWarning, match="has no network to copy; the student starts from its own initialisation"):
+        pd.init_from_teacher(object(), keep_own=True)
+    assert all(torch.equal(v, before[k]) for k, v in pd.net.state_dict().items())
