@@ -976,7 +976,7 @@ def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
         if not urls or any(is_remote(u) for u in urls):
             return
         meta = peek_meta(first := urls[0].removeprefix("file:"))  # no index: the first image of the first shard
-    except (InputError, FileNotFoundError) as e:
+    except InputError as e:  # data.* errors of the data code (MissingFileError: a shard that is not there)
         key, _, reason = str(e).partition(": ")
         raise RecipeError(source, key, reason) from None
     for key, reason in _image_fit(cfg.model, meta["image_size"], meta["channels"], f"shard {first}"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-__all__ = ["InputError", "UnknownNameError", "check_writable"]
+__all__ = ["InputError", "UnknownNameError", "MissingFileError", "check_writable"]
 
 
 class InputError(ValueError):
@@ -19,6 +19,10 @@ class UnknownNameError(InputError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; this one is read by people
         return str(self.args[0]) if self.args else ""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A file the input names is not there; also a ``FileNotFoundError`` for callers that catch that."""
 
 
 def check_writable(path: str | Path, key: str, *, directory: bool = False) -> Path:

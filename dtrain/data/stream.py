@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dtrain.data.shards import find_index, is_remote, read_index, scan_shard, split_key
-from dtrain.errors import InputError
+from dtrain.errors import InputError, MissingFileError
 
 __all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "check_local_shards", "rank_batches",
            "split_batches", "META", "peek_meta"]
@@ -81,7 +81,7 @@ def check_local_shards(urls: Sequence[str], index: str | None = None) -> None:
     if gone:
         more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
         where = f" listed in {index}" if index else ""
-        raise FileNotFoundError(f"data.shards: shard file{where} not found: {gone[0]}{more}")
+        raise MissingFileError(f"data.shards: shard file{where} not found: {gone[0]}{more}")
 
 
 def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> ShardSet:
