@@ -282,7 +282,7 @@ class DiffusionModule(L.LightningModule):
         step = self.global_step
         self._rng_micro = (step, self._rng_micro[1] + 1 if self._rng_micro[0] == step else 0)
         seed_generators(train_seed(int(self.recipe.get("seed", 0)), self.global_rank, step, self._rng_micro[1]),
-                        self.device)
+                        batch["x"].device)  # where the step draws (under FSDP1 self.device can still say cpu)
         if self.channels_last and batch["x"].ndim == 4:
             batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
         loss_b, t = self.compute_loss(batch)

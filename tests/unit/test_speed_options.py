@@ -222,3 +222,16 @@ def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path, caplog)
     finally:
         del type(module).global_step
     assert logged["train/grad_norm"] == 2.5
+
+
+def test_the_step_seeds_the_generators_of_the_device_its_batch_is_on(tmp_path, monkeypatch):
+    """Under FSDP1 Lightning leaves ``module.device`` at cpu while the step runs on the GPU: the step seeds the
+    generators of the device the batch lives on, so noise drawn there replays exactly after a resume."""
+    import dtrain.lit.common as common
+
+    seen = []
+    monkeypatch.setattr(common, "seed_generators", lambda seed, device: seen.append(device))
+    module = TeacherModule(gmm(tmp_path))
+    module._device = torch.device("cuda", 0)  # what the module may claim; the batch below is on the CPU
+    module.training_step({"x": torch.randn(4, 2)}, 0)
+    assert seen == [torch.device("cpu")]
