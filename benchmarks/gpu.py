@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         tmp.replace(path)  # a run killed mid-write leaves the previous complete file
         return res
 
+    res = write()  # the FLOP count and every case pending; then after every case
     for case in cases:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "case.json"
@@ -235,8 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             r["process_wall_s"] = time.perf_counter() - t0
             results[case] = r
             print(json.dumps({k: v for k, v in r.items() if k != "error"} if ok else r), flush=True)
-            write()
-    res = write()
+            res = write()
     print(f"wrote {path}")
     return res
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-__all__ = ["InputError", "UnknownNameError", "MissingFileError", "check_writable"]
+__all__ = ["InputError", "UnknownNameError", "MissingFileError", "check_writable", "first_line"]
 
 
 class InputError(ValueError):
@@ -42,3 +42,9 @@ def check_writable(path: str | Path, key: str, *, directory: bool = False) -> Pa
     except OSError as e:
         raise InputError(f"{key}: cannot create {path}: cannot write in {base} ({e.strerror})") from None
     return path
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for a one-line error."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + " ..."

@@ -49,6 +49,16 @@ def digits_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def digits_bundle(digits_teacher, tmp_path_factory):
+    """The inference bundle of ``digits_teacher`` (dtrain export); a test that changes it works on a copy."""
+    from dtrain.cli import main
+
+    out = tmp_path_factory.mktemp("digits_bundle") / "b"
+    assert main(["export", str(digits_teacher), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def digits_flow_teacher(tmp_path_factory):
     """recipes/teacher/digits_flow.yaml: the flow schedule, velocity output, time input t."""
     return _tiny_digits_teacher(tmp_path_factory, "digits_flow")

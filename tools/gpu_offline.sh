@@ -79,7 +79,7 @@ install() {  # DIR: into $SITE, first on PYTHONPATH (only packages this image la
 }
 
 run() {  # OUT WHAT DIR
-    local out="$1" what="${2:-all}" dir="${3:-$ROOT/.whl}" runs rc=0
+    local out="${1:-}" what="${2:-all}" dir="${3:-$ROOT/.whl}" runs rc=0
     [[ -n "$out" ]] || die "run needs OUT, a folder for the results"
     [[ $what =~ ^(tests|bench|all)$ ]] || die "run: WHAT must be tests, bench or all, not '$what'"
     mkdir -p "$out" && [[ -w "$out" ]] || die "OUT '$out' is not a writable folder"
@@ -126,8 +126,6 @@ EOF
 }
 
 case "${1:-}" in
-    wheels) wheels "${2:-$ROOT/.whl}" "${3:-3.12}" ;;
-    check) check "${2:-$ROOT/.whl}" ;;
-    run) run "${2:-}" "${3:-all}" "${4:-$ROOT/.whl}" ;;
+    wheels | check | run) "$@" ;;  # each takes its arguments' defaults
     *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

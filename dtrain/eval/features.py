@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dtrain.errors import InputError
+from dtrain.errors import InputError, first_line
 from dtrain.registry import Registry
 
 __all__ = [
@@ -131,7 +131,7 @@ class DigitsFeatures(FeatureExtractor):
             self.net.load_state_dict(state)
         except Exception as e:  # not safetensors (SafetensorError), or another network's tensors (RuntimeError)
             raise InputError(f"{weights_key}: {path} is not a digits classifier .safetensors file (from "
-                             f"tools/train_digits_classifier.py): {_first_line(e)}") from None
+                             f"tools/train_digits_classifier.py): {first_line(e)}") from None
         self.net.requires_grad_(False).eval()
         self.num_features, self.num_classes = self.net.num_features, self.net.num_classes
 
@@ -181,7 +181,7 @@ class InceptionFeatures(FeatureExtractor):
             self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(weights_path))
         except Exception as e:  # pickled code (UnpicklingError), another network's weights (RuntimeError), ...
             raise InputError(f"{weights_key}: {weights_path} is not the FID Inception weights file "
-                             f"(pt_inception-2015-12-05.pth from {INCEPTION_URL}): {_first_line(e)}") from None
+                             f"(pt_inception-2015-12-05.pth from {INCEPTION_URL}): {first_line(e)}") from None
         self.weights_sha256 = file_sha256(weights_path)
         self.num_features, self.num_classes = 2048, 1008
 
@@ -219,11 +219,6 @@ class RawFeatures(FeatureExtractor):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return x.flatten(1).double()
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("feature extractor")

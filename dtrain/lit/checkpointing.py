@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dtrain.errors import first_line
 from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, model_section
 from dtrain.export.zero import is_sharded_checkpoint
 
@@ -111,9 +112,8 @@ def _probe(path: Path, field: str) -> dict[str, Any] | None:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip (no central directory), bad pickle, foreign objects
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, field, f"unreadable (truncated or corrupt?): {type(e).__name__}: {reason}") \
-            from None
+        raise CheckpointError(path, field, f"unreadable (truncated or corrupt?): {type(e).__name__}: "
+                              f"{first_line(e)}") from None
     if not isinstance(ck, dict) or "state_dict" not in ck or not isinstance(ck.get("global_step"), int):
         raise CheckpointError(path, field, "not a training checkpoint (no state_dict / global_step)")
     return ck

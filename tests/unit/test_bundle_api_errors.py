@@ -17,12 +17,8 @@ from dtrain.export.bundle import INFO_FILE, BundleError, load_bundle
 
 
 @pytest.fixture(scope="module")
-def bundle(digits_teacher, tmp_path_factory):
-    from dtrain.cli import main
-
-    out = tmp_path_factory.mktemp("api_errors") / "b"
-    assert main(["export", str(digits_teacher), "--out", str(out)]) == 0
-    return out
+def bundle(digits_bundle):
+    return digits_bundle  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,6 @@ def test_a_missing_shard_is_bad_input_and_a_missing_file(tmp_path):
     """``check_inputs`` turns InputErrors of the data code into RecipeErrors naming the key, and only those (an OS
     error is not a data.* message); callers that catch FileNotFoundError still catch a missing shard."""
     from dtrain.data.stream import check_local_shards
-    from dtrain.errors import InputError
 
     (tmp_path / "a.tar").write_bytes(b"")
     with pytest.raises(InputError, match=r"^data\.shards: shard file not found: .*b\.tar \(and 1 more of 3\)$") as e:

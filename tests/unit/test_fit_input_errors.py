@@ -18,12 +18,10 @@ QUIET = ["logger.mode=disabled", "trainer.progress_bar=false", "trainer.cpu_thre
 STEPS = "trainer.max_steps=2"  # should a check miss, no run trains long
 
 
-@pytest.fixture(scope="module")
-def bundle(digits_teacher, tmp_path_factory):
-    """The inference bundle of the 16-channel digits teacher checkpoint (``digits_teacher``, tests/conftest.py)."""
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    assert main(["export", str(digits_teacher), "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def bundle(digits_bundle):
+    """The inference bundle of the 16-channel digits teacher checkpoint (``digits_bundle``, tests/conftest.py)."""
+    return digits_bundle
 
 
 def fit_error(capsys, *argv: str) -> str:
@@ -102,6 +100,7 @@ def test_student_network_that_may_differ(capsys, tmp_path, digits_teacher, bundl
         raise AssertionError("the check read the teacher's weights")
 
     monkeypatch.setattr(C, "read_checkpoint", no_weights)
+    monkeypatch.setattr("dtrain.lit.common.read_checkpoint", no_weights)  # imported there by name
     monkeypatch.setattr(C, "load_bundle", no_weights)
     sharded = tmp_path / "sharded"
     sharded.mkdir()

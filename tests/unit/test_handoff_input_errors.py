@@ -19,12 +19,11 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messag
 PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder nothing is written in)")
 
 
-@pytest.fixture(scope="module")
-def ckpt_bundle(digits_teacher, tmp_path_factory) -> tuple[Path, Path]:
-    """(C, B): the 4-step digits teacher checkpoint (``digits_teacher``, tests/conftest.py) and its bundle."""
-    out = tmp_path_factory.mktemp("handoff") / "bundle"
-    assert main(["export", str(digits_teacher), "--out", str(out)]) == 0
-    return digits_teacher, out
+@pytest.fixture
+def ckpt_bundle(digits_teacher, digits_bundle) -> tuple[Path, Path]:
+    """(C, B): the 4-step digits teacher checkpoint and its bundle (``digits_teacher``, ``digits_bundle``:
+    tests/conftest.py)."""
+    return digits_teacher, digits_bundle
 
 
 def cli_error(capsys, *argv: str) -> str:

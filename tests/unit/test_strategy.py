@@ -155,8 +155,12 @@ def _port() -> int:
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory):
     """`dtrain fit` under fsdp2 (2 CPU ranks) and the raw FSDP1 worker (2 ranks), at once."""
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7):
-        pytest.skip(f"fsdp2 on the CPU needs torch >= 2.7 (this is {torch.__version__})")
+    from dtrain.config import check_inputs
+
+    try:  # fsdp2 on the CPU needs torch >= 2.7 (dtrain fit says so before the run)
+        check_inputs(recipe("strategy.name=fsdp2", "trainer.accelerator=cpu"))
+    except RecipeError as e:
+        pytest.skip(str(e))
     out = tmp_path_factory.mktemp("dist")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
