@@ -42,6 +42,37 @@ def _tiny_digits_teacher(tmp_path_factory, recipe: str):
     return out / "t" / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(*argv)``: ``dtrain argv`` exits 2 with one stderr line ``dtrain <command>: ...``, returned."""
+    from dtrain.cli import main
+
+    def run(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"dtrain {argv[0]}: ") and "Traceback" not in err[0], err
+        return err[0]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """``load_tool(name)``: tools/<name>.py as a module (tools/ holds scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
     """recipes/teacher/digits.yaml: discrete VP cosine, v-prediction."""

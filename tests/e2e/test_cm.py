@@ -121,17 +121,13 @@ def test_digits_student_from_a_teacher_checkpoint(tmp_path, digits_teacher, reci
     assert x.shape == (20, 1, 8, 8) and bool(x.isfinite().all())
 
 
-def test_cd_grid_tool_tables_a_real_teacher(digits_teacher, capsys, tmp_path):
+def test_cd_grid_tool_tables_a_real_teacher(digits_teacher, capsys, tmp_path, load_tool):
     """tools/cd_grid.py on a teacher checkpoint: one row per (spacing, N), each the ``target_bias`` of that grid, and a
     clear exit 2 naming the field for a bad spacing or a missing file."""
-    import importlib.util
-
     from dtrain.methods.consistency import consistency_times, target_bias
     from dtrain.samplers.base import initial_noise
 
-    spec = importlib.util.spec_from_file_location("cd_grid", ROOT.parent / "tools" / "cd_grid.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("cd_grid")
     assert tool.main([str(digits_teacher), "--num-scales", "4,6", "--spacings", "lambda,uniform", "--num", "20",
                       "--refine", "2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]

@@ -39,27 +39,25 @@ def recipe(tmp_path_factory) -> Path:
     return p
 
 
-def fit_error(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    assert main(["fit", *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dtrain fit: ") and "Traceback" not in err[0], err
-    return err[0]
+@pytest.fixture
+def fit_error(cli_error):
+    """``fit_error(*argv)``: ``dtrain fit argv`` fails with one line (``cli_error``, tests/conftest.py)."""
+    return lambda *argv: cli_error("fit", *argv)
 
 
-def test_shards_without_index_that_do_not_fit_the_model(capsys, tmp_path, recipe):
+def test_shards_without_index_that_do_not_fit_the_model(tmp_path, recipe, fit_error):
     """RGB 16x16 images, no index: fails before the run starts, naming the model field and the shard."""
     np.save(tmp_path / "x.npy", np.zeros((8, 16, 16, 3), np.uint8))
     assert main(["shards", "npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s"), "--quiet"]) == 0
     (tmp_path / "s" / "index.json").unlink()
     shard = next((tmp_path / "s").glob("*.tar"))
-    err = fit_error(capsys, str(recipe), f"data.shards={shard}", "model.num_classes=0", "data.labels=false",
+    err = fit_error(str(recipe), f"data.shards={shard}", "model.num_classes=0", "data.labels=false",
                     f"out_dir={tmp_path / 'run'}", *QUIET)
     assert "model.resolution: must be 16" in err and str(shard) in err
     assert not (tmp_path / "run").exists()
 
 
-def test_labels_outside_the_index_classes(capsys, tmp_path, digits, recipe):
+def test_labels_outside_the_index_classes(tmp_path, digits, recipe, fit_error):
     """The index says 5 classes, the labels go up to 9: the first batch stops the run naming the sample and field,
     in the main process and from a DataLoader worker alike."""
     root = tmp_path / "d"
@@ -68,25 +66,25 @@ def test_labels_outside_the_index_classes(capsys, tmp_path, digits, recipe):
     index.update(num_classes=5, classes=index.get("classes", [])[:5])
     (root / "index.json").write_text(json.dumps(index))
     for workers in (0, 1):
-        err = fit_error(capsys, str(recipe), f"data.shards={root / 'index.json'}", "model.num_classes=5",
+        err = fit_error(str(recipe), f"data.shards={root / 'index.json'}", "model.num_classes=5",
                         f"out_dir={tmp_path / f'run{workers}'}", *QUIET, f"data.num_workers={workers}")
         assert "data.shards: sample" in err and "outside the 5 classes" in err and "model.num_classes" in err
 
 
-def test_shard_not_in_the_index(capsys, tmp_path, digits, recipe):
+def test_shard_not_in_the_index(tmp_path, digits, recipe, fit_error):
     root = tmp_path / "d"
     shutil.copytree(digits, root)
     shards = sorted(root.glob("*.tar"))
     stale = shutil.copy(shards[0], root / "train-000099.tar")
-    err = fit_error(capsys, str(recipe), f"data.shards={shards[0]}::{stale}", f"out_dir={tmp_path / 'run'}", *QUIET)
+    err = fit_error(str(recipe), f"data.shards={shards[0]}::{stale}", f"out_dir={tmp_path / 'run'}", *QUIET)
     assert f"data.shards: {stale} is not listed in the index" in err and "dtrain shards index" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_not_a_shard(capsys, tmp_path, recipe):
+def test_not_a_shard(tmp_path, recipe, fit_error):
     png = tmp_path / "some.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    err = fit_error(capsys, str(recipe), f"data.shards={png}", f"out_dir={tmp_path / 'run'}", *QUIET)
+    err = fit_error(str(recipe), f"data.shards={png}", f"out_dir={tmp_path / 'run'}", *QUIET)
     assert f"data.shards: {png} is not a tar shard" in err
 
 

@@ -291,15 +291,11 @@ def test_sweep_rows_report_and_wandb(digits, tmp_path, monkeypatch):
     assert run_dir
 
 
-def test_fid_ref_stats_tool_reads_folders_like_tensors(digits, tmp_path):
+def test_fid_ref_stats_tool_reads_folders_like_tensors(digits, tmp_path, load_tool):
     """tools/fid_ref_stats.py on a folder of PNGs equals the statistics of the same uint8 images in memory."""
-    import importlib.util
-
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("fid_ref_stats", "tools/fid_ref_stats.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("fid_ref_stats")
     x = digits_arrays("test")[0][:40]
     u8 = ((x + 1) * 127.5).round().to(torch.uint8)
     for i, im in enumerate(u8):

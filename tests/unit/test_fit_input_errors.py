@@ -24,33 +24,30 @@ def bundle(digits_bundle):
     return digits_bundle
 
 
-def fit_error(capsys, *argv: str) -> str:
-    """``dtrain fit argv``: exit code 2 and a one-line message (returned)."""
-    capsys.readouterr()
-    assert main(["fit", *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("dtrain fit: ") and "Traceback" not in err
-    return err
+@pytest.fixture
+def fit_error(cli_error):
+    """``fit_error(*argv)``: ``dtrain fit argv`` fails with one line (``cli_error``, tests/conftest.py)."""
+    return lambda *argv: cli_error("fit", *argv)
 
 
 @pytest.mark.parametrize("recipe", ["cm/cd_digits.yaml", "pd/digits.yaml", "flowmap/ctm_digits.yaml",
                                     "cm/ict_digits.yaml"])
 @pytest.mark.parametrize("dry_run", [True, False])
-def test_missing_teacher_fails_at_validation(capsys, tmp_path, recipe, dry_run):
+def test_missing_teacher_fails_at_validation(tmp_path, recipe, dry_run, fit_error):
     steps = [] if recipe.startswith("pd/") else [STEPS]  # pd's round plan fixes max_steps
-    err = fit_error(capsys, str(R / recipe), f"out_dir={tmp_path}", *QUIET, *steps, *(["--dry-run"] if dry_run else []))
+    err = fit_error(str(R / recipe), f"out_dir={tmp_path}", *QUIET, *steps, *(["--dry-run"] if dry_run else []))
     assert f"{recipe}: teacher: " in err and "checkpoint or bundle" in err
     assert not any(tmp_path.iterdir())  # no run directory
 
 
-def test_optional_teacher_stays_optional(capsys, tmp_path):
+def test_optional_teacher_stays_optional(tmp_path):
     """MeanFlow from scratch and ict from scratch take no teacher."""
     assert main(["fit", str(R / "flowmap" / "meanflow_digits.yaml"), f"out_dir={tmp_path}", "--dry-run"]) == 0
     assert main(["fit", str(R / "cm" / "ict_digits.yaml"), "method.init=scratch", "--dry-run"]) == 0
 
 
-def test_student_network_not_the_teachers(capsys, tmp_path, bundle):
-    err = fit_error(capsys, str(R / "cm" / "cd_digits.yaml"), f"teacher={bundle}", "model.channels=32",
+def test_student_network_not_the_teachers(tmp_path, bundle, fit_error):
+    err = fit_error(str(R / "cm" / "cd_digits.yaml"), f"teacher={bundle}", "model.channels=32",
                     f"out_dir={tmp_path}", *QUIET, STEPS)
     assert "model: the student network is not the teacher's" in err and str(bundle) in err
 
@@ -64,14 +61,14 @@ COPIES = {"cd": ("cm/cd_digits.yaml", []), "ict": ("cm/ict_digits.yaml", ["metho
 @pytest.mark.parametrize("method", list(COPIES))
 @pytest.mark.parametrize("source", ["checkpoint", "bundle"])
 @pytest.mark.parametrize("dry_run", [True, False])
-def test_student_network_not_the_teachers_before_the_run(capsys, tmp_path, digits_teacher, bundle, method, source,
-                                                         dry_run):
+def test_student_network_not_the_teachers_before_the_run(tmp_path, digits_teacher, bundle, method, source, dry_run,
+                                                         fit_error):
     """Read from the teacher's metadata (its recipe's model section, or the bundle's dtrain.json) in ``fit`` itself:
     no run directory, and --dry-run fails too."""
     recipe, over = COPIES[method]
     teacher = digits_teacher if source == "checkpoint" else bundle
     steps = [] if method == "pd" else [STEPS]
-    err = fit_error(capsys, str(R / recipe), f"teacher={teacher}", *over, f"out_dir={tmp_path}", *QUIET, *steps,
+    err = fit_error(str(R / recipe), f"teacher={teacher}", *over, f"out_dir={tmp_path}", *QUIET, *steps,
                     *(["--dry-run"] if dry_run else []))
     assert f"{recipe}: model: the student network is not the teacher's ({teacher}): model.channels 32 (the " \
            f"teacher's 16)" in err
@@ -84,14 +81,14 @@ def test_student_network_not_the_teachers_before_the_run(capsys, tmp_path, digit
                                                                             "False)"),
                                                  ("model.attn_resolutions=[]", "model.attn_resolutions [] (the "
                                                                                "teacher's [4])")])
-def test_student_network_names_every_key_that_differs(capsys, digits_teacher, override, named):
+def test_student_network_names_every_key_that_differs(digits_teacher, override, named, fit_error):
     """Keys the weights' load would miss (the attention heads) too; a consistency student is the teacher exactly."""
-    err = fit_error(capsys, str(R / "cm" / "cd_digits.yaml"), f"teacher={digits_teacher}", "model.channels=8",
+    err = fit_error(str(R / "cm" / "cd_digits.yaml"), f"teacher={digits_teacher}", "model.channels=8",
                     override, "--dry-run")
     assert "model.channels 8 (the teacher's 16)" in err and named in err and err.count("(the teacher's ") == 2
 
 
-def test_student_network_that_may_differ(capsys, tmp_path, digits_teacher, bundle, monkeypatch):
+def test_student_network_that_may_differ(tmp_path, digits_teacher, bundle, monkeypatch):
     """The denoiser's fields and dropout, CTM's second time, guided PD's w embedding may differ; students that do not
     start from the teacher's weights and sharded teachers are not checked; no weights are read."""
     import dtrain.export.checkpoint as C
@@ -119,41 +116,41 @@ def test_student_network_that_may_differ(capsys, tmp_path, digits_teacher, bundl
 
 
 @pytest.mark.parametrize("what", ["bundle", "plain", "run"])
-def test_resume_from_a_directory_that_is_no_checkpoint(capsys, tmp_path, digits_teacher, bundle, what):
+def test_resume_from_a_directory_that_is_no_checkpoint(tmp_path, digits_teacher, bundle, what, fit_error):
     path = {"bundle": bundle, "plain": tmp_path / "plain", "run": digits_teacher.parents[1]}[what]
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("x")
-    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path / 'runs'}", *QUIET, STEPS, "--resume", str(path))
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path / 'runs'}", *QUIET, STEPS, "--resume", str(path))
     assert f"{path}: --resume: " in err
     assert {"bundle": "inference bundle", "plain": "not a sharded", "run": "run directory"}[what] in err
 
 
-def test_resume_with_another_network(capsys, tmp_path, digits_teacher):
-    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path}", "model.channels=8", *QUIET, STEPS, "--resume",
+def test_resume_with_another_network(tmp_path, digits_teacher, fit_error):
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path}", "model.channels=8", *QUIET, STEPS, "--resume",
                     str(digits_teacher))
     assert f"{digits_teacher}: --resume: " in err and "model.channels 16 (now 8)" in err
 
 
-def test_gpu_accelerator_without_cuda(capsys, tmp_path, monkeypatch):
+def test_gpu_accelerator_without_cuda(tmp_path, monkeypatch, fit_error):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path}", *QUIET, STEPS, "trainer.accelerator=gpu")
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path}", *QUIET, STEPS, "trainer.accelerator=gpu")
     assert "trainer.accelerator: 'gpu'" in err and "no CUDA GPU" in err
     assert not any(tmp_path.iterdir())
 
 
-def test_override_without_equals(capsys, tmp_path):
-    err = fit_error(capsys, str(DIGITS), f"out_dir={tmp_path}", "trainer.max_steps", "--dry-run")
+def test_override_without_equals(tmp_path, fit_error):
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path}", "trainer.max_steps", "--dry-run")
     assert "command line: trainer.max_steps: an override is key=value" in err
 
 
-def test_empty_recipe_file(capsys, tmp_path):
+def test_empty_recipe_file(tmp_path, fit_error):
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
-    err = fit_error(capsys, str(tmp_path / "empty.yaml"), "--dry-run")
+    err = fit_error(str(tmp_path / "empty.yaml"), "--dry-run")
     assert "empty.yaml: the recipe file is empty" in err
 
 
-def test_teacher_directory_neither_bundle_nor_sharded(capsys, tmp_path):
+def test_teacher_directory_neither_bundle_nor_sharded(tmp_path, fit_error):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "weights.bin").write_bytes(b"0")
-    err = fit_error(capsys, str(R / "cm" / "cd_digits.yaml"), f"teacher={tmp_path / 't'}", "--dry-run")
+    err = fit_error(str(R / "cm" / "cd_digits.yaml"), f"teacher={tmp_path / 't'}", "--dry-run")
     assert f"teacher: {tmp_path / 't'} is a directory but neither an inference bundle" in err

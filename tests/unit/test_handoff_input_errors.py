@@ -26,133 +26,130 @@ def ckpt_bundle(digits_teacher, digits_bundle) -> tuple[Path, Path]:
     return digits_teacher, digits_bundle
 
 
-def cli_error(capsys, *argv: str) -> str:
-    """``dtrain argv``: exit code 2 and a one-line message, which is returned."""
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"dtrain {argv[0]}: ") and "\n" not in err and "Traceback" not in err
-    return err
+@pytest.fixture
+def sample_error(cli_error):
+    """``sample_error(bundle, out, *flags)``: ``dtrain sample`` fails with one line and writes no ``out``."""
+
+    def run(bundle: Path, out: Path, *flags: str) -> str:
+        err = cli_error("sample", str(bundle), "--num", "2", "--out", str(out), *flags)
+        assert not out.is_file()
+        return err
+
+    return run
 
 
-def sample_error(capsys, bundle: Path, out: Path, *flags: str) -> str:
-    err = cli_error(capsys, "sample", str(bundle), "--num", "2", "--out", str(out), *flags)
-    assert not out.is_file()
-    return err
-
-
-def test_sample_unknown_sampler(ckpt_bundle, tmp_path, capsys) -> None:  # 1
-    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--sampler", "ddimm")
+def test_sample_unknown_sampler(ckpt_bundle, tmp_path, sample_error) -> None:  # 1
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--sampler", "ddimm")
     assert "--sampler: unknown sampler 'ddimm'; choose one of" in err and "'ddim'" in err
 
 
 @pytest.mark.parametrize("label", ["12", "-1", "cat"])
-def test_sample_bad_labels(ckpt_bundle, tmp_path, capsys, label: str) -> None:  # 2
-    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--labels", label)
+def test_sample_bad_labels(ckpt_bundle, tmp_path, label: str, sample_error) -> None:  # 2
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--labels", label)
     assert "--labels: need ints in [0, 10]" in err and err.endswith(f"got {label if label != 'cat' else repr(label)}")
 
 
-def test_sample_times_must_decrease(ckpt_bundle, tmp_path, capsys) -> None:  # 3
-    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--times", "0.2,0.5")
+def test_sample_times_must_decrease(ckpt_bundle, tmp_path, sample_error) -> None:  # 3
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--times", "0.2,0.5")
     assert "--times: must decrease strictly inside (0, t_max" in err
 
 
-def test_sample_flow_map_sampler_on_a_denoiser(ckpt_bundle, tmp_path, capsys) -> None:  # 4
-    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--sampler", "flowmap", "--nfe", "1")
+def test_sample_flow_map_sampler_on_a_denoiser(ckpt_bundle, tmp_path, sample_error) -> None:  # 4
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--sampler", "flowmap", "--nfe", "1")
     assert "--sampler: sampler 'flowmap' needs a flow-map student" in err
     assert "this bundle (kind 'denoiser')" in err and "'ddim'" in err.split("choose one of")[1]
     assert "'flowmap'" not in err.split("choose one of")[1]
 
 
-def test_eval_flow_map_sampler_on_a_denoiser(ckpt_bundle, tmp_path, capsys) -> None:  # 4
-    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--samplers", "flowmap:1", "--out", str(tmp_path / "e"))
+def test_eval_flow_map_sampler_on_a_denoiser(ckpt_bundle, tmp_path, cli_error) -> None:  # 4
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--samplers", "flowmap:1", "--out", str(tmp_path / "e"))
     assert "--samplers: sampler 'flowmap' needs a flow-map student" in err and "choose one of" in err
     assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("where", ["dir", pytest.param("proc", marks=PROC)])
-def test_sample_out_not_writable(ckpt_bundle, tmp_path, capsys, where: str) -> None:  # 5
+def test_sample_out_not_writable(ckpt_bundle, tmp_path, where: str, cli_error) -> None:  # 5
     out = tmp_path / "grid.png" if where == "dir" else Path("/proc/dtrain_handoff_x.png")
     if where == "dir":
         out.mkdir()
-    err = cli_error(capsys, "sample", str(ckpt_bundle[1]), "--num", "2", "--nfe", "1", "--out", str(out))
+    err = cli_error("sample", str(ckpt_bundle[1]), "--num", "2", "--nfe", "1", "--out", str(out))
     assert f"--out: {out} is a directory; give a file name" in err if where == "dir" else \
         f"--out: cannot create {out}: cannot write in /proc" in err
 
 
 @pytest.mark.parametrize("cmd", ["sample", "eval"])
 @pytest.mark.parametrize("device", ["gpu", pytest.param("cuda", marks=NO_GPU)])
-def test_bad_device(ckpt_bundle, tmp_path, capsys, cmd: str, device: str) -> None:  # 6
+def test_bad_device(ckpt_bundle, tmp_path, cmd: str, device: str, cli_error) -> None:  # 6
     flags = ["--num", "2", "--nfe", "1", "--out", str(tmp_path / "g.png")] if cmd == "sample" else \
         [*EVAL, "--out", str(tmp_path / "e")]
-    err = cli_error(capsys, cmd, str(ckpt_bundle[1]), *flags, "--device", device)
+    err = cli_error(cmd, str(ckpt_bundle[1]), *flags, "--device", device)
     assert "--device: unknown device 'gpu'; use cpu, cuda" in err if device == "gpu" else \
         "--device: 'cuda', but this machine has no usable CUDA GPU; use cpu" in err
 
 
 @pytest.mark.parametrize(("flag", "value", "least"), [("--num", "0", 2), ("--num", "1", 2), ("--batch-size", "0", 1)])
-def test_eval_num_and_batch_size(ckpt_bundle, tmp_path, capsys, flag: str, value: str, least: int) -> None:  # 7
-    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, flag, value, "--out", str(tmp_path / "e"))
+def test_eval_num_and_batch_size(ckpt_bundle, tmp_path, flag: str, value: str, least: int, cli_error) -> None:  # 7
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, flag, value, "--out", str(tmp_path / "e"))
     assert f"{flag}: must be >= {least}" in err and err.endswith(f"got {value}")
 
 
-def test_eval_unknown_spacing(ckpt_bundle, tmp_path, capsys) -> None:  # 8
-    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--spacing", "trailng", "--out", str(tmp_path / "e"))
+def test_eval_unknown_spacing(ckpt_bundle, tmp_path, cli_error) -> None:  # 8
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--spacing", "trailng", "--out", str(tmp_path / "e"))
     assert "--spacing: unknown spacing 'trailng'; choose one of" in err and "'trailing'" in err
 
 
 @pytest.mark.parametrize("ref", [False, True])
-def test_eval_unknown_extractor(ckpt_bundle, tmp_path, capsys, ref: bool) -> None:  # 9
+def test_eval_unknown_extractor(ckpt_bundle, tmp_path, ref: bool, cli_error) -> None:  # 9
     flags = ["--num", "4", "--batch-size", "4", "--samplers", "ddim:1", *(["--ref-stats", "digits:train"] * ref)]
-    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *flags, "--extractor", "incpetion", "--out",
+    err = cli_error("eval", str(ckpt_bundle[1]), *flags, "--extractor", "incpetion", "--out",
                     str(tmp_path / "e"))
     assert "--extractor: unknown feature extractor 'incpetion'; choose one of ['digits', 'inception', 'raw']" in err
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
-def test_export_out_cannot_be_created(ckpt_bundle, capsys) -> None:  # 10
-    err = cli_error(capsys, "export", str(ckpt_bundle[0]), "--out", "/proc/dtrain_handoff_x")
+def test_export_out_cannot_be_created(ckpt_bundle, cli_error) -> None:  # 10
+    err = cli_error("export", str(ckpt_bundle[0]), "--out", "/proc/dtrain_handoff_x")
     assert "--out: cannot create /proc/dtrain_handoff_x: cannot write in /proc" in err
 
 
 @pytest.mark.parametrize("nfe", ["0", "-2"])
-def test_sample_nfe_below_one(ckpt_bundle, tmp_path, capsys, nfe: str) -> None:  # 11
-    err = sample_error(capsys, ckpt_bundle[1], tmp_path / "g.png", "--nfe", nfe)
+def test_sample_nfe_below_one(ckpt_bundle, tmp_path, nfe: str, sample_error) -> None:  # 11
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--nfe", nfe)
     assert f"--nfe: must be >= 1, got {nfe}" in err
 
 
-def test_export_nfe_below_one(ckpt_bundle, tmp_path, capsys) -> None:  # 11
-    err = cli_error(capsys, "export", str(ckpt_bundle[0]), "--out", str(tmp_path / "b"), "--nfe", "0")
+def test_export_nfe_below_one(ckpt_bundle, tmp_path, cli_error) -> None:  # 11
+    err = cli_error("export", str(ckpt_bundle[0]), "--out", str(tmp_path / "b"), "--nfe", "0")
     assert "--nfe: must be >= 1" in err and "dtrain.json" not in err and not (tmp_path / "b").exists()
 
 
-def test_eval_unknown_builtin_ref_stats(ckpt_bundle, tmp_path, capsys) -> None:  # 12
-    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--ref-stats", "digits:trian", "--out",
+def test_eval_unknown_builtin_ref_stats(ckpt_bundle, tmp_path, cli_error) -> None:  # 12
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--ref-stats", "digits:trian", "--out",
                     str(tmp_path / "e"))
     assert "--ref-stats: unknown built-in reference statistics 'digits:trian'" in err
     assert "['digits:train', 'digits:test', 'digits:all']" in err
 
 
-def test_eval_out_is_a_file(ckpt_bundle, tmp_path, capsys) -> None:  # 13
+def test_eval_out_is_a_file(ckpt_bundle, tmp_path, capsys, cli_error) -> None:  # 13
     out = tmp_path / "afile.txt"
     out.write_text("x")
-    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *EVAL, "--out", str(out))
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--out", str(out))
     assert f"--out: {out} is a file, not a directory" in err
     assert capsys.readouterr().out == ""  # refused before the sweep (no table)
 
 
-def test_export_out_is_a_file_with_force(ckpt_bundle, tmp_path, capsys) -> None:  # 14
+def test_export_out_is_a_file_with_force(ckpt_bundle, tmp_path, cli_error) -> None:  # 14
     out = tmp_path / "afile.txt"
     out.write_text("x")
-    err = cli_error(capsys, "export", str(ckpt_bundle[0]), "--out", str(out), "--force")
+    err = cli_error("export", str(ckpt_bundle[0]), "--out", str(out), "--force")
     assert f"--out: {out} is a file, not a bundle directory" in err and "pass overwrite / --force" not in err
     assert out.read_text() == "x"
 
 
-def test_export_not_a_torch_file(tmp_path, capsys) -> None:  # 15
+def test_export_not_a_torch_file(tmp_path, cli_error) -> None:  # 15
     bad = tmp_path / "garbage.ckpt"
     bad.write_text("hello!!\n")
-    err = cli_error(capsys, "export", str(bad), "--out", str(tmp_path / "b"))
+    err = cli_error("export", str(bad), "--out", str(tmp_path / "b"))
     assert f"{bad}: not a torch checkpoint" in err and "objects other than tensors" not in err
 
 
@@ -172,12 +169,12 @@ def uncond_bundle(tmp_path_factory) -> Path:
     return root / "bundle"
 
 
-def test_sample_guidance_of_an_unconditional_model(uncond_bundle, tmp_path, capsys) -> None:  # 16
-    err = sample_error(capsys, uncond_bundle, tmp_path / "g.png", "--w", "2")
+def test_sample_guidance_of_an_unconditional_model(uncond_bundle, tmp_path, sample_error) -> None:  # 16
+    err = sample_error(uncond_bundle, tmp_path / "g.png", "--w", "2")
     assert err.startswith("dtrain sample: --w: guidance needs a class-conditional model; this bundle has no classes")
 
 
-def test_sample_guidance_of_a_kind_without_it(ckpt_bundle, tmp_path, capsys, monkeypatch) -> None:  # 16
+def test_sample_guidance_of_a_kind_without_it(ckpt_bundle, tmp_path, monkeypatch, sample_error) -> None:  # 16
     import json
     import shutil
 
@@ -189,13 +186,13 @@ def test_sample_guidance_of_a_kind_without_it(ckpt_bundle, tmp_path, capsys, mon
     bundle = Path(shutil.copytree(ckpt_bundle[1], tmp_path / "b"))
     info = json.loads((bundle / "dtrain.json").read_text())
     (bundle / "dtrain.json").write_text(json.dumps({**info, "kind": "unguided"}))
-    err = sample_error(capsys, bundle, tmp_path / "g.png", "--w", "2")
+    err = sample_error(bundle, tmp_path / "g.png", "--w", "2")
     assert err.startswith("dtrain sample: --w: bundle kind 'unguided' does not support guidance")
     assert main(["sample", str(bundle), "--num", "2", "--nfe", "1", "--w", "1", "--out", str(tmp_path / "g.png")]) == 0
 
 
-def test_eval_guidance_of_an_unconditional_model(uncond_bundle, tmp_path, capsys) -> None:  # 16
-    err = cli_error(capsys, "eval", str(uncond_bundle), *EVAL, "--guidance", "2", "--out", str(tmp_path / "e"))
+def test_eval_guidance_of_an_unconditional_model(uncond_bundle, tmp_path, capsys, cli_error) -> None:  # 16
+    err = cli_error("eval", str(uncond_bundle), *EVAL, "--guidance", "2", "--out", str(tmp_path / "e"))
     assert err.startswith("dtrain eval: --guidance: guidance needs a class-conditional model; this model (kind "
                           "'denoiser') has no classes")
     assert capsys.readouterr().out == "" and not (tmp_path / "e").exists()  # refused before the sweep
@@ -214,11 +211,11 @@ def _ref_file(path: Path, **meta) -> Path:
 
 
 @pytest.mark.parametrize("bad", ["extractor", "features"])
-def test_eval_ref_stats_that_do_not_fit_name_the_flag(ckpt_bundle, tmp_path, capsys, bad: str) -> None:  # 17
+def test_eval_ref_stats_that_do_not_fit_name_the_flag(ckpt_bundle, tmp_path, bad: str, cli_error) -> None:  # 17
     """--ref-stats, not the recipe field eval.ref_stats: the metadata check and the feature count alike."""
     ref = _ref_file(tmp_path / "ref.npz", **({"extractor": "raw"} if bad == "extractor" else {"features": 3}))
     flags = ["--num", "4", "--batch-size", "4", "--samplers", "ddim:1", "--extractor", "digits"]
-    err = cli_error(capsys, "eval", str(ckpt_bundle[1]), *flags, "--ref-stats", str(ref), "--out", str(tmp_path / "e"))
+    err = cli_error("eval", str(ckpt_bundle[1]), *flags, "--ref-stats", str(ref), "--out", str(tmp_path / "e"))
     assert err.startswith("dtrain eval: --ref-stats: ") and "eval.ref_stats" not in err
     assert ("reference statistics" in err and "extractor: file has 'raw', evaluation uses 'digits'" in err
             and "the same feature extractor and weights" in err) if bad == "extractor" else \

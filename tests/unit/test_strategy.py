@@ -293,7 +293,7 @@ def test_slurm_job_and_topology():
         assert topology(8, 3, env=_env()) == (4, 2)
 
 
-def test_sbatch_args_from_the_recipe(capsys):
+def test_sbatch_args_from_the_recipe(capsys, load_tool):
     from dtrain.dist.slurm import sbatch_args
 
     cpu = recipe("trainer.accelerator=cpu", "trainer.num_nodes=2")
@@ -303,11 +303,7 @@ def test_sbatch_args_from_the_recipe(capsys):
     assert sbatch_args(gpu, nodes=1, gpus_per_node=2) == ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2"]
     with pytest.raises(ValueError, match=r"trainer\.devices is 'auto'"):
         sbatch_args(recipe())
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("slurm_submit", ROOT / "tools" / "slurm_submit.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("slurm_submit")
     assert tool.main(["--dry-run", "slurm/multi_node.sbatch", str(GMM), "trainer.devices=4", "trainer.num_nodes=3",
                       "--sbatch=--time=1:00:00 -p gpu"]) == 0
     assert capsys.readouterr().out.strip() == (f"sbatch --nodes=3 --ntasks-per-node=4 --gpus-per-node=4 "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,19 @@ ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "recipes" / "teacher" / "digits.yaml")
 
 
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def fails(capsys, load_tool):
+    """``fails(name, argv, *words)``: tools/<name>.py exits 2 with one line ``<name>: ...`` holding every word."""
 
+    def check(name: str, argv: list[str], *words: str) -> str:
+        assert load_tool(name).main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"{name}: ") and "\n" not in err and "Traceback" not in err, err
+        for w in words:
+            assert w in err, err
+        return err
 
-def fails(capsys, name: str, argv: list[str], *words: str) -> str:
-    assert tool(name).main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"{name}: ") and "\n" not in err and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +62,8 @@ def images(tmp_path_factory) -> Path:
     (["--digits", "test", "--weights", "{d}/bundle"], ["weights_path", "bundle is a directory"]),
     (["--digits", "test", "--extractor", "inception", "--weights", "{d}/bundle"], ["weights_path", "is a directory"]),
 ])
-def test_fid_ref_stats(capsys, images, args, words):
-    err = fails(capsys, "fid_ref_stats", [a.format(d=images) for a in args] + ["--out", str(images / "o.npz")]
+def test_fid_ref_stats(fails, images, args, words):
+    err = fails("fid_ref_stats", [a.format(d=images) for a in args] + ["--out", str(images / "o.npz")]
                 + ["--device", "cpu"] * ("--device" not in args), *words)
     assert len(err) < 500, err
 
@@ -81,22 +79,22 @@ def dcp_dir(tmp_path_factory) -> Path:
     return d
 
 
-def test_convert_ckpt(capsys, tmp_path, dcp_dir):
-    fails(capsys, "convert_ckpt", [str(tmp_path / "nope"), str(tmp_path / "o.ckpt")], "nope", "not found")
-    fails(capsys, "convert_ckpt", [str(dcp_dir), str(tmp_path / "o.ckpt")], "last.ckpt", "distributed checkpoint")
+def test_convert_ckpt(fails, tmp_path, dcp_dir):
+    fails("convert_ckpt", [str(tmp_path / "nope"), str(tmp_path / "o.ckpt")], "nope", "not found")
+    fails("convert_ckpt", [str(dcp_dir), str(tmp_path / "o.ckpt")], "last.ckpt", "distributed checkpoint")
     (tmp_path / "dir").mkdir()
-    fails(capsys, "convert_ckpt", [str(dcp_dir), str(tmp_path / "dir"), "--overwrite"], "out", "is a directory")
+    fails("convert_ckpt", [str(dcp_dir), str(tmp_path / "dir"), "--overwrite"], "out", "is a directory")
     assert not (tmp_path / "dir.tmp").exists()
     (tmp_path / "file").write_text("x")
-    fails(capsys, "convert_ckpt", [str(dcp_dir), str(tmp_path / "file" / "o.ckpt")], "out", "not a directory")
+    fails("convert_ckpt", [str(dcp_dir), str(tmp_path / "file" / "o.ckpt")], "out", "not a directory")
 
 
-def test_cd_grid(capsys, dcp_dir):
-    fails(capsys, "cd_grid", [str(dcp_dir)], "last.ckpt", "distributed checkpoint")
-    fails(capsys, "cd_grid", [str(dcp_dir), "--num", "-1"], "--num", ">= 1")
-    fails(capsys, "cd_grid", [str(dcp_dir), "--num", "0"], "--num", ">= 1")
-    fails(capsys, "cd_grid", [str(dcp_dir), "--spacings", "foo"], "--spacings", "'foo'", "lambda")
-    fails(capsys, "cd_grid", [str(dcp_dir), "--num-scales", "1"], "--num-scales", ">= 2")
+def test_cd_grid(fails, dcp_dir):
+    fails("cd_grid", [str(dcp_dir)], "last.ckpt", "distributed checkpoint")
+    fails("cd_grid", [str(dcp_dir), "--num", "-1"], "--num", ">= 1")
+    fails("cd_grid", [str(dcp_dir), "--num", "0"], "--num", ">= 1")
+    fails("cd_grid", [str(dcp_dir), "--spacings", "foo"], "--spacings", "'foo'", "lambda")
+    fails("cd_grid", [str(dcp_dir), "--num-scales", "1"], "--num-scales", ">= 2")
 
 
 @pytest.mark.parametrize("args, words", [
@@ -108,12 +106,12 @@ def test_cd_grid(capsys, dcp_dir):
     (["--print-args", DIGITS, "trainer.devices=-3"], ["trainer.devices", ">= 1", "'auto'", "got -3"]),
     (["--print-args", DIGITS, "trainer.devices=0"], ["trainer.devices", ">= 1", "got 0"]),
 ])
-def test_slurm_submit(capsys, args, words):
-    fails(capsys, "slurm_submit", args, *words)
+def test_slurm_submit(fails, args, words):
+    fails("slurm_submit", args, *words)
 
 
-def test_slurm_submit_device_ids(capsys):
-    assert tool("slurm_submit").main(["--print-args", DIGITS, "trainer.devices='0,1'"]) == 0
+def test_slurm_submit_device_ids(capsys, load_tool):
+    assert load_tool("slurm_submit").main(["--print-args", DIGITS, "trainer.devices='0,1'"]) == 0
     assert capsys.readouterr().out.split() == ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2"]
 
 
@@ -124,8 +122,8 @@ def test_slurm_submit_device_ids(capsys):
     (["--out", "x.safetensors", "--batch-size", "0"], ["--batch-size", ">= 1"]),
     (["--out", "x.safetensors", "--width", "0"], ["--width", ">= 1"]),
 ])
-def test_train_digits_classifier(capsys, monkeypatch, args, words):
+def test_train_digits_classifier(fails, monkeypatch, args, words):
     monkeypatch.chdir(ROOT)
     before = (ROOT / "dtrain" / "assets" / "digits_classifier.safetensors").stat().st_mtime_ns
-    fails(capsys, "train_digits_classifier", args, *words)
+    fails("train_digits_classifier", args, *words)
     assert (ROOT / "dtrain" / "assets" / "digits_classifier.safetensors").stat().st_mtime_ns == before
