@@ -118,8 +118,8 @@ class DenoisingCfg:
     name: str = "denoising"
     target: str | None = None  # loss space: eps | x0 | v | velocity; default: the model's param
     time_sampling: str = "uniform"  # uniform_discrete | uniform | lognormal | logit_normal
-    p_mean: float = -1.2
-    p_std: float = 1.2
+    p_mean: float | None = None  # unset: lognormal -1.2, 1.2 (EDM); logit_normal 0, 1 (SD3)
+    p_std: float | None = None
     weighting: str = "none"  # none | min_snr | edm | snr_trunc
     snr_gamma: float = 5.0
     cfg_dropout: float = 0.1  # probability of replacing the label with the null class
@@ -165,7 +165,7 @@ class ConsistencyCfg:
     distance: str | None = None  # l2 | l1 | pseudo_huber | lpips
     huber_c: float | None = None  # pseudo-Huber c (default 0.00054 sqrt(dim))
     weighting: str | None = None  # none | ict: 1 / (s_{n+1} - s_n), s = sigma / alpha
-    target_ema: float | None = None  # decay of the target network theta^- (0: stop-grad theta, iCT)
+    target_ema: float | None = None  # decay of theta^- (0: stop-grad theta, iCT; ct curriculum: mu0 of CM's mu(k))
     sample_times: list[float] = field(default_factory=list)  # interior times of the default multistep grid
 
 
@@ -182,7 +182,7 @@ class MeanFlowCfg:
     ratio: float = 0.25  # fraction of samples with r != t (the rest is plain flow matching)
     r_zero: float = 0.0  # fraction of those with r = 0: the 1-step map trained directly
     adaptive_p: float = 1.0  # adaptive weight sg(1 / (d + c)^p); 0: plain squared error
-    adaptive_c: float = 1.0e-3
+    adaptive_c: float = 1.0e-3  # per element: the paper's c (on the squared L2 norm) divided by the data dimension
     cfg_omega: float = 1.0  # CFG in training: v~ = omega v + kappa u_c + (1 - omega - kappa) u_null (1: off)
     cfg_kappa: float = 0.0
     cfg_dropout: float = 0.1  # labels replaced by the null class
@@ -201,8 +201,8 @@ class CTMCfg:
     teacher_ema: str = "auto"
     teacher_clip: bool = False  # targets from the teacher's x0 clipped by its model.clip_x0 (false: raw x0)
     time_sampling: str = "uniform"  # t (dtrain.diffusion.timesteps.sample_t)
-    p_mean: float = -1.2
-    p_std: float = 1.2
+    p_mean: float | None = None  # unset: lognormal -1.2, 1.2 (EDM); logit_normal 0, 1 (SD3)
+    p_std: float | None = None
     solver: str = "heun"  # the teacher's ODE step t -> u: ddim | heun
     teacher_steps: int = 1  # uniform teacher steps from t to u
     max_span: float | None = None  # bound on t - u in schedule time (null: u anywhere in [s, t), the paper's)
@@ -556,6 +556,14 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
     bad: list[tuple[str, str]] = []
     if cfg.schedule.name not in SCHEDULES:
         bad.append(("schedule.name", f"unknown schedule {cfg.schedule.name!r}; choose one of {sorted(SCHEDULES)}"))
+    else:  # the constructors check their ranges (schedule.T, t_min / t_max, betas, ...)
+        from dtrain.diffusion.schedule import schedule_from_config
+
+        try:
+            schedule_from_config(cfg.schedule)
+        except (ValueError, TypeError) as e:
+            where, _, reason = str(e).partition(": ")
+            bad.append((where, reason) if where.startswith("schedule") and reason else ("schedule", str(e)))
     if cfg.model.param not in PARAMS:
         bad.append(("model.param", f"unknown parameterization {cfg.model.param!r}; choose one of {list(PARAMS)}"))
     if cfg.sampler.name not in SAMPLERS:
@@ -570,6 +578,8 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
             bad.append(("method.target", f"unknown {m.target!r}; choose one of {list(PARAMS)}"))
         if not 0.0 <= m.cfg_dropout < 1.0:
             bad.append(("method.cfg_dropout", "must be in [0, 1)"))
+        if m.p_std is not None and m.p_std <= 0:
+            bad.append(("method.p_std", "must be > 0"))
     if cfg.logger.mode not in ("online", "offline", "disabled"):
         bad.append(("logger.mode", f"must be online, offline or disabled, not {cfg.logger.mode!r}"))
     if cfg.optim.lr_schedule not in ("constant", "cosine"):
@@ -864,7 +874,8 @@ def _check_consistency(cfg: DictConfig) -> list[tuple[str, str]]:
         C.consistency_times(sch, C.num_scales(m["curriculum"], 0, 1, n=m["num_scales"], s0=m["scales_start"],
                                               s1=m["scales_end"]), m["spacing"], m["rho"])
     except (ValueError, KeyError, TypeError) as e:
-        return [("method.spacing", str(e).split(": ", 1)[-1])]
+        where, _, reason = str(e).partition(": ")
+        return [("method.rho" if where == "grid.rho" else "method.spacing", reason or str(e))]
     import itertools
 
     ts = list(m["sample_times"])
@@ -918,6 +929,8 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
             bad.append(("method", "need teacher_steps >= 1, max_span > 0 (or null) and s_zero_prob in [0, 1]"))
         if m.dsm_weight < 0 or (m.huber_c is not None and m.huber_c <= 0):
             bad.append(("method.dsm_weight", "dsm_weight must be >= 0 and huber_c > 0"))
+        if m.p_std is not None and m.p_std <= 0:
+            bad.append(("method.p_std", "must be > 0"))
         if not 0.0 <= m.target_ema < 1.0:
             bad.append(("method.target_ema", "must be in [0, 1) (0: the stop-grad student itself)"))
     if not 0.0 <= m.cfg_dropout < 1.0:
@@ -955,6 +968,10 @@ def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
         raise RecipeError(source, "trainer.accelerator", f"{cfg.trainer.accelerator!r} but no CUDA GPU is "
                           f"available here; use cpu or auto")
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+    if cfg.strategy.name in ("deepspeed", "fsdp") and on_cpu:  # accelerator auto on a machine without CUDA
+        which = "DeepSpeed" if cfg.strategy.name == "deepspeed" else "FSDP"
+        raise RecipeError(source, "strategy.name", f"Lightning's {which} strategy runs on CUDA GPUs only, and no CUDA "
+                          f"GPU is available here; use ddp or fsdp2")
     if cfg.strategy.name == "fsdp2" and on_cpu and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 7):
         raise RecipeError(source, "strategy.name", f"fsdp2 on the CPU needs torch >= 2.7 (torch {torch.__version__}'s "
                           f"FSDP2 records CUDA stream events); use ddp here, or fsdp2 on GPUs")

@@ -69,7 +69,7 @@ class InMemoryBatches(IterableDataset):
             perm = torch.randperm(n, generator=g)[self.rank * per_rank : (self.rank + 1) * per_rank]
             for i in range(first, per_epoch):
                 b = epoch * per_epoch + i
-                if b % workers != worker:
+                if (b - self.start_batch) % workers != worker:  # the DataLoader polls worker 0 first, also on resume
                     continue
                 idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
                 batch = {k: v[idx] for k, v in self.tensors.items()}

@@ -157,15 +157,20 @@ class WdsDataModule(L.LightningDataModule):
                 "resampled": self.stream.resampled, "samples": self._shardset().total, "seed": self.seed}
 
     def _before_iter(self) -> None:
+        """The data epoch and position of a new pass: the restored ones, the trainer's epoch on a fresh start, and
+        the next epoch once one is used up. The datamodule keeps its own count: after a resume from an epoch's last
+        batch Lightning makes an empty pass and its epoch counter runs one ahead of the data."""
         assert self.stream is not None
         epoch = self._current_epoch()
         self._iters += 1
         if self._loaded is not None:
             self._epoch, self._consumed = self._restore(self._loaded)
             self._loaded = None
-        if self._epoch != epoch:
+        elif self._epoch is None or getattr(self, "trainer", None) is None:  # no trainer: each pass a new epoch
             self._epoch, self._consumed = epoch, 0
-        self.stream.epoch, self.stream.start = epoch, min(self._consumed, len(self.stream))
+        if self._consumed >= len(self.stream):
+            self._epoch, self._consumed = self._epoch + 1, 0
+        self.stream.epoch, self.stream.start = self._epoch, self._consumed
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
         if state.get("layout") == self._layout():

@@ -92,17 +92,19 @@ class Denoiser(nn.Module):
             c_noise = c_noise.expand(x.shape[0]).contiguous() if c_noise.ndim == 0 else c_noise
         return self.net(x_in, c_noise, cond, **net_kw)
 
-    def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None, **net_kw: Any) -> tuple[Tensor, Tensor]:
+    def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None, clip: bool = True, **net_kw: Any
+               ) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) at x_t; ``clip=False`` skips ``clip_x0`` (a guided wrapper clips the combination)."""
         c = self.coeffs(t, x, derivatives=self.param == "velocity")
         out = self.raw(x, t, cond, c, **net_kw).to(x.dtype)
         x0, eps = to_x0_eps(self.param, out, x, c)
-        if self.clip_x0 is not None:
+        if self.clip_x0 is not None and clip:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             eps = (x - c.alpha * x0) / c.sigma
         return x0, eps
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
-        return self.x0_eps(x, t, cond)[0]
+    def forward(self, x: Tensor, t: Tensor | float, cond: Any = None, clip: bool = True) -> Tensor:
+        return self.x0_eps(x, t, cond, clip)[0]
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None, kind: str = "x0") -> Tensor:
         """The prediction in any parameterization (eps, x0, v, velocity, score, edm)."""

@@ -3,7 +3,8 @@
 D_w = D(x, t, null) + w (D(x, t, cond) - D(x, t, null)): w = 1 is the plain conditional model,
 w = 0 the unconditional one (diffusers' ``guidance_scale`` convention). Guidance in x0 equals
 guidance in eps at fixed x_t, so every sampler works with it unchanged. w may be one number or one per
-sample ([B], as guided distillation draws it).
+sample ([B], as guided distillation draws it). A ``Denoiser`` with ``clip_x0`` is read unclipped and the guided x0
+clipped once (guide, then clip, as GLIDE / diffusers: clipping each branch first lets w > 1 leave the range).
 
 Guided distillation (Meng et al. 2023, arXiv 2210.03142) gives a student w as an input instead: its network
 takes ``GuidedCond(labels, w)`` as ``cond`` (``model.w_cond``), and ``WCondDenoiser`` drives it at a fixed w
@@ -12,12 +13,13 @@ with one evaluation per step.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from dtrain.diffusion.denoiser import DenoiserLike
+from dtrain.diffusion.denoiser import Denoiser, DenoiserLike
 from dtrain.diffusion.schedule import bcast
 
 __all__ = ["CFGDenoiser", "GuidedCond", "WCondDenoiser"]
@@ -36,7 +38,10 @@ class CFGDenoiser(nn.Module):
         return self.inner.schedule
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
-        return self._guide(self.inner, x, (t,), cond)
+        clip = self.inner.clip_x0 if isinstance(self.inner, Denoiser) else None
+        if clip is None:
+            return self._guide(self.inner, x, (t,), cond)
+        return self._guide(partial(self.inner, clip=False), x, (t,), cond).clamp(-clip, clip)
 
     def jump(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Any = None) -> Tensor:
         """The guided jump t -> s of a flow-map student (``dtrain.diffusion.flow_map``): a jump is affine in the

@@ -100,6 +100,15 @@ class Schedule(ABC):
         return f"{type(self).__name__}({self.to_dict()})"
 
 
+def _check_range(t_min: float, t_max: float, *, low_open: bool = False, high: float = 1.0,
+                 high_open: bool = False) -> None:
+    """``schedule.t_min`` / ``t_max``: 0 <= t_min < t_max <= ``high`` (strict where open)."""
+    ok = (t_min > 0 if low_open else t_min >= 0) and t_min < t_max and (t_max < high if high_open else t_max <= high)
+    if not ok:
+        lo, hi = "0 <" if low_open else "0 <=", "<" if high_open else "<="
+        raise ValueError(f"schedule.t_min / t_max: need {lo} t_min < t_max {hi} {high}, got {t_min}, {t_max}")
+
+
 def bcast(v: Tensor, like: Tensor) -> Tensor:
     """A scalar or [B] coefficient shaped to multiply ``like`` ([B, ...]), in ``like``'s dtype."""
     v = v.to(device=like.device, dtype=like.dtype)
@@ -171,6 +180,11 @@ class DiscreteVP(Schedule):
     ) -> None:
         self.kind, self.beta_start, self.beta_end = kind, beta_start, beta_end
         self.zero_terminal_snr = zero_terminal_snr
+        if alphas_cumprod is None and (not isinstance(T, int) or T < 1):
+            raise ValueError(f"schedule.T: must be an int >= 1, got {T!r}")
+        if alphas_cumprod is None and kind == "linear" and not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"schedule.beta_start / beta_end: need 0 < beta_start <= beta_end < 1, got {beta_start}, "
+                             f"{beta_end}")
         if alphas_cumprod is None:
             if kind == "linear":
                 betas = linear_betas(T, beta_start, beta_end)
@@ -252,6 +266,9 @@ class VPLinear(Schedule):
     name = "vp_linear"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> None:
+        if not 0 < beta_min <= beta_max:
+            raise ValueError(f"schedule.beta_min / beta_max: need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
+        _check_range(t_min, 1.0, low_open=True)
         self.b0, self.b1, self.t_min, self.t_max = beta_min, beta_max, t_min, 1.0
 
     def _log_ab(self, t: Tensor) -> Tensor:
@@ -297,6 +314,9 @@ class VPCosine(Schedule):
     name = "vp_cosine"
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946) -> None:
+        if not s > 0:
+            raise ValueError(f"schedule.s: the cosine offset must be > 0, got {s}")
+        _check_range(t_min, t_max, low_open=True, high=1.0, high_open=True)
         self.s, self.t_min, self.t_max = s, t_min, t_max
         self._f0 = math.cos(s / (1 + s) * math.pi / 2)
 
@@ -377,6 +397,7 @@ class FlowSchedule(Schedule):
     def __init__(self, t_min: float = 0.0, t_max: float = 1.0, c_scale: float = 1000.0) -> None:
         if not c_scale > 0:
             raise ValueError(f"schedule.c_scale: must be > 0, got {c_scale}")
+        _check_range(t_min, t_max)
         self.t_min, self.t_max, self.c_scale = t_min, t_max, float(c_scale)
 
     def alpha(self, t: Tensor | float) -> Tensor:
@@ -430,7 +451,8 @@ def make_schedule(name: str, **kwargs: Any) -> Schedule:
     try:
         return SCHEDULES[name](**kwargs)
     except TypeError as e:
-        raise TypeError(f"schedule {name!r}: bad options {sorted(kwargs)}: {e}") from None
+        bad = [k for k in kwargs if f"argument '{k}'" in str(e)] or sorted(kwargs)
+        raise TypeError(f"schedule {name!r}: bad options {bad}: {e}") from None
 
 
 def schedule_from_config(cfg: Any) -> Schedule:

@@ -26,6 +26,7 @@ from dtrain.diffusion.schedule import Schedule
 __all__ = [
     "SPACINGS",
     "TIME_SAMPLERS",
+    "TIME_SAMPLER_PARAMS",
     "make_grid",
     "grid_from_indices",
     "default_spacing",
@@ -92,6 +93,8 @@ def make_grid(
     spacing = spacing or default_spacing(schedule)
     if spacing not in SPACINGS:
         raise ValueError(f"grid.spacing: unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    if spacing == "rho" and not rho > 0:
+        raise ValueError(f"grid.rho: must be > 0, got {rho}")
     T = schedule.discrete_steps
     if spacing in DISCRETE_SPACINGS:
         if not T:
@@ -141,6 +144,8 @@ def check_grid(grid: Tensor) -> Tensor:
 # Training-time sampling
 
 TIME_SAMPLERS = ("uniform_discrete", "uniform", "lognormal", "logit_normal")
+# (p_mean, p_std) where a recipe leaves them unset: EDM's (arXiv 2206.00364) and SD3's (arXiv 2403.03206)
+TIME_SAMPLER_PARAMS = {"lognormal": (-1.2, 1.2), "logit_normal": (0.0, 1.0)}
 
 
 def sample_t(
@@ -150,11 +155,11 @@ def sample_t(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
+    p_mean: float | None = None,
+    p_std: float | None = None,
     t_min: float | None = None,
 ) -> Tensor:
-    """Draw n training times (float64).
+    """Draw n training times (float64); unset ``p_mean`` / ``p_std`` take ``TIME_SAMPLER_PARAMS[kind]``.
 
     - ``uniform_discrete``: t = (i + 1) / T, i uniform in 0..T-1 (Ho et al. 2020);
     - ``uniform``: uniform in [t_min, t_max];
@@ -163,6 +168,8 @@ def sample_t(
     """
     lo = float(schedule.t_min if t_min is None else t_min)
     hi = float(schedule.t_max)
+    mean, std = TIME_SAMPLER_PARAMS.get(kind, (0.0, 1.0))
+    p_mean, p_std = mean if p_mean is None else p_mean, std if p_std is None else p_std
     if kind == "uniform_discrete":
         T = schedule.discrete_steps
         if not T:

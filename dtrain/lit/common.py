@@ -302,6 +302,10 @@ class DiffusionModule(L.LightningModule):
         weights (so a checkpoint taken after step k resumes exactly); with 0 the student itself without gradient."""
         self.target = EMA(self.net, [mu]) if mu > 0 else None
 
+    def target_decay(self, step: int) -> float | None:
+        """theta^-'s decay at training step ``step``, where a method schedules it (None: ``make_target``'s mu)."""
+        return None
+
     @property
     def target_net(self) -> torch.nn.Module:
         """theta^-: the target's EMA copy, or ``net`` (read it without gradient)."""
@@ -313,7 +317,7 @@ class DiffusionModule(L.LightningModule):
         if self.target is not None and self.global_step != self._target_step:
             self._target_step = self.global_step
             if self.global_step == 0 or self.guard.in_a_row == 0:
-                self.target.update(self.net, self.global_step)
+                self.target.update(self.net, self.global_step, beta=self.target_decay(self.global_step))
 
     def step_generator(self) -> torch.Generator:
         """A CPU generator for this micro-batch's draws (students' noise, times, labels), seeded by (seed, rank,

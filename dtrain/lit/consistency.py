@@ -11,7 +11,8 @@ exact and every sampler, the eval sweep and the bundle kind "consistency" drive 
   teacher). The student's network must be the teacher's and its schedule the teacher's.
 - the target network theta^- (``DiffusionModule.make_target``): ``method.target_ema`` > 0 keeps an EMA copy
   ``target.<tag>.*`` in the checkpoint, updated at the start of each optimizer step with the current weights (so a
-  checkpoint taken after step k resumes exactly); 0 uses the student itself without gradient (iCT).
+  checkpoint taken after step k resumes exactly), its decay CM's mu(k) under the ``ct`` curriculum
+  (``ConsistencyLoss.target_decay``); 0 uses the student itself without gradient (iCT).
 - per-step randomness (intervals, noise) comes from a generator seeded by (seed, rank, global step, micro-batch), so
   a resumed run repeats the uninterrupted one; N(k) follows the global step.
 - the training forward pass reads the network without ``model.clip_x0`` (no dead gradients); sampling, evaluation
@@ -89,6 +90,9 @@ class ConsistencyModule(DiffusionModule):
         """The teacher CD steps with: CFG-guided at ``method.guidance`` for a class-conditional model."""
         w = float(self.method.get("guidance", 1.0))
         return self.guided(self.teacher, w) if self.teacher is not None and w != 1.0 else self.teacher
+
+    def target_decay(self, step: int) -> float | None:
+        return self.loss_fn.target_decay(float(self.method["target_ema"]), step)  # CT's mu(k)
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         x0, step, g = batch["x"], self.global_step, self.step_generator()

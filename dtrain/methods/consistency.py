@@ -14,11 +14,15 @@ x_{t_{n+1}} = alpha x0 + sigma z,
 - ``ct`` / ``ict``: x_hat_{t_n} = alpha_n x0 + sigma_n z, the same x0 and noise (no teacher);
 
 and the loss is lambda_n d(f_theta(x_{t_{n+1}}, t_{n+1}), f_{theta^-}(x_hat_{t_n}, t_n)) with the target taken without
-gradient from theta^- (an EMA of theta, or theta itself: iCT's stop-grad, ``target_ema = 0``).
+gradient from theta^- (an EMA of theta, or theta itself: iCT's stop-grad, ``target_ema = 0``). The target runs with the
+student's dropout masks and train / eval mode (``dtrain.methods.denoising.same_dropout``), as the reference
+implementations replay the dropout RNG: theta^- = sg(theta) is then the student's own function.
 
 Variant defaults (``DEFAULTS``; a recipe's null fields take them):
 - cd: teacher init, N = 18 fixed, uniform intervals, l2, lambda = 1, target EMA 0.95 (CM's CIFAR-10 CD);
-- ct: CM's curriculum N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1, s0 = 2, s1 = 150, l2, EMA 0.9;
+- ct: CM's curriculum N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1, s0 = 2, s1 = 150, l2, and the target
+  EMA's decay mu(k) = exp(s0 ln mu0 / N(k)) with mu0 = ``target_ema`` = 0.9 (under the ``ct`` curriculum, for any
+  variant; ``ConsistencyLoss.target_decay``);
 - ict: N(k) = min(s0 2^floor(k/K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0) + 1)), s0 = 10, s1 = 1280;
   intervals drawn with p(n) ~ erf((ln s_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((ln s_n - P_mean) / (sqrt 2 P_std)),
   P_mean = -1.1, P_std = 2 (s = sigma / alpha); pseudo-Huber d = sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(dim);
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.schedule import Schedule
 from dtrain.diffusion.timesteps import make_grid
-from dtrain.methods.denoising import LossOutput
+from dtrain.methods.denoising import LossOutput, same_dropout
 from dtrain.samplers.ddim import ddim_step
 from dtrain.samplers.dpm_solver import dpm_solver_2s_step
 from dtrain.samplers.few_step import ConsistencyModel
@@ -287,6 +291,13 @@ class ConsistencyLoss:
         """N at training step ``step``."""
         return num_scales(self.curriculum, step, self.total_steps, n=self.n, s0=self.s0, s1=self.s1)
 
+    def target_decay(self, mu0: float, step: int) -> float | None:
+        """theta^-'s EMA decay at training step ``step``: CM's mu(k) = exp(s0 ln mu0 / N(k)) under the ``ct``
+        curriculum (arXiv 2303.01469, App. C: mu0 at k = 0, towards 1 as N grows); None (the fixed ``mu0``) else."""
+        if self.curriculum != "ct" or not mu0 > 0:
+            return None
+        return math.exp(self.s0 * math.log(mu0) / self.scales(step))
+
     def grid(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """(times [n] increasing, interval probabilities [n - 1], interval weights lambda [n - 1]), float64, cached."""
         if n not in self._grids:
@@ -328,7 +339,8 @@ class ConsistencyLoss:
                 x_lo = teacher_step(self.solver, teacher, x_hi, t_hi, t_lo, cond)
             else:
                 x_lo = self.schedule.marginal(x0, z, t_lo)
-            tgt = target.consistency(x_lo, t_lo, cond)
+            with same_dropout(target, student, x0.device):  # the student's masks (iCT's theta^- = sg(theta))
+                tgt = target.consistency(x_lo, t_lo, cond)
         pred = student.consistency(x_hi, t_hi, cond)
         loss = distance(self.distance, pred.float(), tgt.float(), huber_c=self.huber_c, lpips=self.lpips)
         return LossOutput(loss * w.to(loss.dtype), t_hi)

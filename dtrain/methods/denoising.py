@@ -20,20 +20,44 @@ arXiv 2207.12598).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.param import Coeffs, check_param, convert, edm_skip_out, from_x0_eps
 from dtrain.diffusion.schedule import Schedule
 from dtrain.diffusion.timesteps import sample_t
 
-__all__ = ["WEIGHTINGS", "LossOutput", "DenoisingLoss", "loss_weight", "drop_labels"]
+__all__ = ["WEIGHTINGS", "LossOutput", "DenoisingLoss", "loss_weight", "drop_labels", "same_dropout"]
 
 WEIGHTINGS = ("none", "min_snr", "snr_trunc", "snr_plus_one", "edm")
+
+
+@contextmanager
+def same_dropout(net: nn.Module, like: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run the block (a forward of ``net`` without gradient) with the dropout masks that the next forward of ``like``
+    after it draws: torch's RNG (the CPU's and ``device``'s) is forked and restored, and each module of ``net`` runs
+    in the train / eval mode of its counterpart in ``like`` (the same architecture; e.g. an EMA copy, which is kept
+    in eval mode, then drops what the student drops). A stop-gradient target theta^- = sg(theta) is so the student's
+    own function (iCT, arXiv 2310.14189; the consistency models' reference code replays the dropout RNG the same
+    way), and MeanFlow's detached JVP differentiates the network its loss reads."""
+    mods, ref = list(net.modules()), list(like.modules())
+    modes = [m.training for m in mods]
+    if len(mods) == len(ref):
+        for m, r in zip(mods, ref, strict=True):
+            m.training = r.training
+    accel = {} if device.type == "cpu" else {"device_type": device.type}  # the CPU's RNG is always forked
+    index = device.index if device.index is not None or not accel else getattr(torch, device.type).current_device()
+    try:
+        with torch.random.fork_rng(devices=[index] if accel else [], **accel):
+            yield
+    finally:
+        for m, mode in zip(mods, modes, strict=True):
+            m.training = mode
 
 
 class LossOutput(NamedTuple):
@@ -85,8 +109,8 @@ class DenoisingLoss:
         *,
         target: str | None = None,
         time_sampling: str = "uniform",
-        p_mean: float = -1.2,
-        p_std: float = 1.2,
+        p_mean: float | None = None,
+        p_std: float | None = None,
         weighting: str = "none",
         snr_gamma: float = 5.0,
         cfg_dropout: float = 0.0,
@@ -106,8 +130,8 @@ class DenoisingLoss:
         """From a recipe's ``method`` (denoising) and ``model`` sections."""
         return cls(
             schedule, model.get("param", "eps"), target=method.get("target"),
-            time_sampling=method.get("time_sampling", "uniform"), p_mean=method.get("p_mean", -1.2),
-            p_std=method.get("p_std", 1.2), weighting=method.get("weighting", "none"),
+            time_sampling=method.get("time_sampling", "uniform"), p_mean=method.get("p_mean"),
+            p_std=method.get("p_std"), weighting=method.get("weighting", "none"),
             snr_gamma=method.get("snr_gamma", 5.0), cfg_dropout=method.get("cfg_dropout", 0.0),
             num_classes=model.get("num_classes", 0), sigma_data=model.get("sigma_data", 0.5),
         )  # fmt: skip

@@ -9,7 +9,9 @@ stop-gradient target v - (t - r) du_theta/dt, du_theta/dt by ``torch.func.jvp`` 
   (distillation: lower variance; a teacher on another schedule is read through ``Rescheduled``);
 - (r, t): two ``time_sampling`` draws, t the larger; r = t (plain flow matching) except for a fraction ``ratio``,
   of which a fraction ``r_zero`` jumps to r = 0 (the 1-step map, trained directly; as CTM's ``s_zero_prob``);
-- adaptive weighting: the per-sample squared error d is weighted by sg(1 / (d + c)^p) (the paper's Sec. 4.3);
+- adaptive weighting: the per-sample squared error d is weighted by sg(1 / (d + c)^p) (the paper's Sec. 4.3); d is
+  the mean over the D elements where the paper takes the squared L2 norm (their sum), so ``adaptive_c`` is the
+  paper's c / D: the weights then agree up to the constant factor D^(1 - p);
 - CFG in training (Sec. 4.2): v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) for labelled
   samples (the network's own predictions, no gradient), labels dropped to the null class with ``cfg_dropout``; with a
   teacher, the teacher is guided with scale omega instead;
@@ -22,11 +24,13 @@ Attention inside the JVP runs on the math SDPA kernel (forward AD is not impleme
 CTM (Kim et al. 2023, arXiv 2310.02279), on the teacher's schedule. For t > s, u in [s, t):
   x_est = G_theta(x_t, t, s),   x_target = G_theta^-(Solver_teacher(x_t, t -> u), u, s),
 theta^- the student without gradient or an EMA of it (the caller's ``target``), both carried to time 0 by
-G_sg(theta)(., s, 0) (``compare="zero"``, the paper's choice; ``"s"`` compares at s), loss
+G_sg(theta)(., s, 0) (``compare="zero"``, the paper's choice; ``"s"`` compares at s; these outer jumps use the
+current weights without gradient also where ``target`` is an EMA), loss
 d(x_est, x_target) plus ``dsm_weight`` times the denoising loss of g_theta(x_t, t, t) (the DSM auxiliary loss). The
 teacher solves t -> u in ``teacher_steps`` uniform steps of the shared ``ddim`` / ``heun`` step
 (``consistency.teacher_step``); ``max_span`` bounds t - u so a few steps stay accurate (CTM draws u anywhere in
-[s, t); null keeps that). s is drawn uniformly in [0, t], or is 0 with probability ``s_zero_prob``.
+[s, t); null keeps that). s is drawn uniformly in [0, t] (continuous times, where CTM draws on its discretised
+EDM grid), or is 0 with probability ``s_zero_prob``. CTM's optional GAN term is not implemented.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from dtrain.diffusion.param import Coeffs, from_x0_eps, velocity_ode
 from dtrain.diffusion.schedule import Schedule, bcast, matched_time
 from dtrain.diffusion.timesteps import sample_t
 from dtrain.methods.consistency import SOLVERS, distance, teacher_step
-from dtrain.methods.denoising import DenoisingLoss, LossOutput
+from dtrain.methods.denoising import DenoisingLoss, LossOutput, same_dropout
 from dtrain.samplers.few_step import CTMModel, MeanFlowModel
 
 __all__ = [
@@ -103,8 +107,8 @@ def meanflow_target(model: MeanFlowModel, z: Tensor, r: Tensor, t: Tensor, v: Te
     with sdpa_kernel(SDPBackend.MATH):
         if fused:
             u, dudt = torch.func.jvp(fn, primals, tangents)
-        else:
-            with torch.no_grad():
+        else:  # with the masks of the forward below: u and du/dt of one network
+            with torch.no_grad(), same_dropout(model, model, z.device):
                 dudt = torch.func.jvp(fn, primals, tangents)[1]
     if not fused:
         u = fn(z, r, t)
@@ -227,8 +231,8 @@ class CTMLoss:
         param: str = "v",
         sigma_data: float = 0.5,
         time_sampling: str = "uniform",
-        p_mean: float = -1.2,
-        p_std: float = 1.2,
+        p_mean: float | None = None,
+        p_std: float | None = None,
         solver: str = "heun",
         teacher_steps: int = 1,
         max_span: float | None = None,

@@ -122,13 +122,15 @@ class EMA(nn.Module):
         return src, dst
 
     @torch.no_grad()
-    def update(self, net: nn.Module, step: int) -> None:
-        """Average ``net`` in after optimizer step ``step`` (1-based); skipped unless step % every == 0."""
+    def update(self, net: nn.Module, step: int, beta: float | None = None) -> None:
+        """Average ``net`` in after optimizer step ``step`` (1-based); skipped unless step % every == 0. ``beta``:
+        this update's decay for every copy instead of their own (a schedule the caller owns; a plain copy up to
+        ``start_step`` still)."""
         if step % self.every:
             return
         src, dsts = self._lists(net)
         for tag, dst in dsts.items():
-            b = self.beta(tag, step)
+            b = self.beta(tag, step) if beta is None or step <= self.start_step else beta
             if b == 0.0:
                 torch._foreach_copy_(dst, src)
             else:

@@ -39,6 +39,9 @@ def on_grid(schedule: Schedule, grid: Tensor, *quantities: str) -> tuple[Tensor,
     """The validated grid and, for each named schedule quantity (alpha, sigma, lambda_, alpha_dot,
     sigma_dot), its float64 values at every grid point as a list of Python floats."""
     g = check_grid(grid)
+    if float(g[0]) > float(schedule.t_max) * (1 + 1e-12):
+        raise ValueError(f"grid: times must lie in [0, t_max = {float(schedule.t_max)}] of the {schedule.name!r} "
+                         f"schedule, got {float(g[0])}")
     return g, [getattr(schedule, q)(g).tolist() for q in quantities]
 
 

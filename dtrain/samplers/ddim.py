@@ -114,11 +114,13 @@ def ddim_invert(
 
 
 def slerp(z0: Tensor, z1: Tensor, alpha: float | Tensor) -> Tensor:
-    """Spherical interpolation between two Gaussian latents (Shoemake 1985; used in arXiv 2010.02502)."""
+    """Spherical interpolation between two Gaussian latents (Shoemake 1985; used in arXiv 2010.02502); ``alpha`` one
+    number or one per sample [B]."""
     a, b = z0.flatten(1).double(), z1.flatten(1).double()
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     theta = torch.acos(cos.clamp(-1, 1)).reshape(-1, *([1] * (z0.ndim - 1)))
-    alpha = torch.as_tensor(alpha, dtype=torch.float64)
+    alpha = torch.as_tensor(alpha, dtype=torch.float64, device=theta.device)
+    alpha = alpha.reshape(theta.shape) if alpha.ndim == 1 else alpha  # one per sample: [B] -> [B, 1, ...]
     sin = torch.sin(theta)
     w0 = torch.where(sin.abs() > 1e-6, torch.sin((1 - alpha) * theta) / sin, 1 - alpha)
     w1 = torch.where(sin.abs() > 1e-6, torch.sin(alpha * theta) / sin, alpha)

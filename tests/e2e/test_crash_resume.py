@@ -129,3 +129,22 @@ def test_sigkill_shard_stream_resumes_exactly(tmp_path, digit_shards):
     80 steps cross the epoch end at 56; killed past step 20, the resumed run continues at the exact data position."""
     recipe = wds_recipe(tmp_path, digit_shards)
     crash_and_resume(tmp_path, recipe, [], "wds-digits", 10, 80)
+
+
+@pytest.mark.timeout(300)
+def test_resume_from_an_epochs_last_batch_is_exact(tmp_path, digit_shards):
+    """A checkpoint on the last batch of a data epoch (step 56 of 56; a requeue can land there): the resumed run
+    trains on epoch 1's data next, as the uninterrupted run does (Lightning's epoch counter runs one ahead there)."""
+    recipe = wds_recipe(tmp_path, digit_shards)
+    args = ["trainer.max_steps=60", "trainer.ckpt_every_n_steps=56"]
+    ref, res = tmp_path / "ref", tmp_path / "res"
+    r = subprocess.run(_cmd(recipe, ref, *args), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    at_end = ref / "wds-digits" / "checkpoints" / "step0000056.ckpt"
+    r = subprocess.run(_cmd(recipe, res, *args, "--resume", str(at_end)), env=_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(d / "wds-digits" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+            for d in (ref, res))
+    assert a["global_step"] == 60
+    assert_same_state(a, b)

@@ -52,6 +52,11 @@ CASES = [
      "must be 1 for data 'digits'"),
     ("EMA decay out of range", GMM, "ema:\n  decays: [1.5]\n", "ema.decays", "in (0, 1)"),
     ("max_bad_steps zero", GMM, "trainer:\n  max_bad_steps: 0\n", "trainer.max_bad_steps", "must be >= 1"),
+    ("schedule without steps", DIGITS, "schedule:\n  T: 0\n", "schedule.T", "must be an int >= 1"),
+    ("flow schedule past t = 1", MEANFLOW, "schedule:\n  t_max: 1.5\n", "schedule.t_min / t_max",
+     "need 0 <= t_min < t_max <= 1.0"),
+    ("consistency grid rho", R / "cm" / "ict_cifar10.yaml", "method:\n  rho: 0\n", "method.rho", "must be > 0"),
+    ("teacher p_std", GMM, "method:\n  time_sampling: lognormal\n  p_std: 0\n", "method.p_std", "must be > 0"),
     ("offload without deepspeed", GMM, "strategy:\n  name: ddp\n  offload_optimizer: true\n",
      "strategy.offload_optimizer", "needs strategy.name=deepspeed"),
 ]

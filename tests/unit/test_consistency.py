@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +23,11 @@ from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.param import PARAMS
 from dtrain.diffusion.schedule import bcast, make_schedule
 from dtrain.methods import consistency as C
-from dtrain.models import MLP, build_denoiser, build_model
+from dtrain.models import EMA, MLP, build_denoiser, build_model
 from dtrain.samplers import SAMPLERS, ddim, dpm_solver_2s, heun, run
 from dtrain.samplers.few_step import ConsistencyModel, consistency, consistency_grid
 
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SCHEDULES = {
     "ddpm_cosine": lambda: make_schedule("ddpm", kind="cosine"),
     "vp_linear": lambda: make_schedule("vp_linear"),
@@ -36,10 +38,10 @@ SCHEDULES = {
 }
 
 
-def random_net(dim: int = 3, seed: int = 0) -> nn.Module:
+def random_net(dim: int = 3, seed: int = 0, dropout: float = 0.0) -> nn.Module:
     """An MLP whose output is not zero (the real one zero-initialises its last layer)."""
     torch.manual_seed(seed)
-    net = MLP(dim, 32, 1)
+    net = MLP(dim, 32, 1, dropout=dropout)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -168,6 +170,26 @@ def test_ct_loss_vanishes_on_a_point_mass_with_shared_noise(variant):
     assert (pred - other).square().mean() > 1e-8
 
 
+@pytest.mark.parametrize("target_ema", [0.0, 0.9])
+def test_the_target_reads_the_students_dropout_masks(target_ema):
+    """theta^- drops what the student drops (iCT's theta^- = sg(theta) is the student's own function): with dropout
+    0.3 the loss at t_n = t_{n+1} is exactly 0, for the stop-gradient target and for an EMA copy of the same
+    weights (kept in eval mode; run in the student's mode for the call, and back in eval mode after)."""
+    sch = make_schedule("edm")
+    net = random_net(dropout=0.3).train()
+    student = ConsistencyModel(Denoiser(net, sch, "edm"))
+    ema = EMA(net, [target_ema]) if target_ema else None
+    target = student if ema is None else ConsistencyModel(Denoiser(ema[ema.tags[0]], sch, "edm"))
+    x0, t = torch.randn(32, 3), torch.full((32,), 0.7, dtype=torch.float64)
+    for variant in ("ict", "ct"):
+        loss = C.ConsistencyLoss(sch, variant, total_steps=10)
+        assert float(loss(student, target, x0, intervals=(t, t, torch.ones_like(t))).loss.abs().max()) == 0.0
+    assert ema is None or not any(m.training for m in ema[ema.tags[0]].modules())
+    x = sch.marginal(x0, torch.randn_like(x0), t)
+    with torch.no_grad():  # two forwards with their own masks differ clearly
+        assert float((student.consistency(x, t) - student.consistency(x, t)).abs().max()) > 1e-2
+
+
 # ---------------------------------------------------------------------------------------------
 # Curricula, grids, interval law, weighting, distances
 
@@ -231,6 +253,53 @@ def test_lpips_without_the_package_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="needs the `lpips` package"):
         C.LPIPSDistance()
 
+
+
+def test_ct_target_decay_is_cms_mu_of_k():
+    """CM's App. C: mu(k) = exp(s0 ln mu0 / N(k)) under the ct curriculum (mu0 at k = 0, N = s0); fixed elsewhere."""
+    sch = make_schedule("edm")
+    ct = C.ConsistencyLoss(sch, "ct", total_steps=800_000)
+    assert ct.target_decay(0.9, 0) == pytest.approx(0.9, abs=1e-15)
+    for k in (1000, 50_000, 799_999):
+        assert ct.target_decay(0.9, k) == pytest.approx(0.9 ** (2 / C.num_scales("ct", k, 800_000)), rel=1e-12)
+    assert ct.target_decay(0.9, 799_999) == pytest.approx(0.99860, abs=1e-5)  # N = 151
+    assert ct.target_decay(0.0, 10) is None
+    assert C.ConsistencyLoss(sch, "cd").target_decay(0.95, 10) is None
+    assert C.ConsistencyLoss(sch, "ict", total_steps=100).target_decay(0.0, 10) is None
+
+
+def test_ct_run_averages_its_target_with_mu_of_k(tmp_path, one_thread):
+    """In ``dtrain fit`` (ct on the GMM, the ct curriculum over 6 steps) theta^- after step k's update is
+    mu(k) theta^- + (1 - mu(k)) theta_k, mu(k) = exp(s0 ln mu0 / N(k)), not the fixed mu0."""
+    import lightning as L
+
+    from dtrain.data import build_datamodule
+    from dtrain.lit.consistency import ConsistencyModule
+    from dtrain.lit.fit import build_trainer, close_loggers
+
+    cfg = load_recipe(RECIPES / "cm" / "cd_gmm.yaml", [
+        "method.name=ct", "method.target_ema=0.9", "model.hidden=16", "model.depth=1", "data.batch_size=32",
+        "data.num_samples=256", "trainer.max_steps=6", "trainer.cpu_threads=1", "trainer.progress_bar=false",
+        "logger.mode=disabled", "trainer.accelerator=cpu", "trainer.devices=1", f"out_dir={tmp_path}"])
+    module = ConsistencyModule(cfg)
+    seen: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+
+    class Spy(L.Callback):  # runs before the module's hook: theta^- before step k's update, and theta_k
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[trainer.global_step] = ([p.detach().clone() for p in pl_module.target.parameters()],
+                                         [p.detach().clone() for p in pl_module.net.parameters()])
+
+    trainer = build_trainer(cfg, tmp_path / cfg.name)
+    trainer.callbacks[:0] = [Spy()]
+    try:
+        trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+    finally:
+        close_loggers(trainer)
+    mus = [0.9 ** (2 / C.num_scales("ct", k, 6)) for k in range(1, 5)]
+    assert len(set(mus)) > 2 and all(m > 0.9 for m in mus[1:])
+    for k, mu in zip(range(1, 5), mus):
+        for before, net, after in zip(seen[k][0], seen[k][1], seen[k + 1][0]):
+            torch.testing.assert_close(after, mu * before + (1 - mu) * net, rtol=1e-5, atol=1e-6)
 
 # ---------------------------------------------------------------------------------------------
 # Teacher steps: the shared samplers' steps, per sample
@@ -398,9 +467,7 @@ def test_bundle_kind_consistency_loads_and_samples(tmp_path):
     (["method.num_scales=1"], "method.num_scales", ">= 2"),
 ])
 def test_bad_consistency_recipes_name_the_key(override, key, needle):
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "recipes" / "cm" / "cd_digits.yaml"
+    path = RECIPES / "cm" / "cd_digits.yaml"
     with pytest.raises(RecipeError) as e:
         load_recipe(path, override)
     assert e.value.key == key and needle in e.value.reason, str(e.value)

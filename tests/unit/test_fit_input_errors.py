@@ -138,6 +138,15 @@ def test_gpu_accelerator_without_cuda(tmp_path, monkeypatch, fit_error):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_gpu_only_strategy_with_auto_accelerator_without_cuda(tmp_path, monkeypatch, fit_error, strategy):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path}", "logger.mode=disabled", "trainer.progress_bar=false", STEPS,
+                    "trainer.accelerator=auto", "trainer.sample_every_n_steps=0", f"strategy.name={strategy}")
+    assert "strategy.name: Lightning's" in err and "no CUDA GPU is available here; use ddp or fsdp2" in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_override_without_equals(tmp_path, fit_error):
     err = fit_error(str(DIGITS), f"out_dir={tmp_path}", "trainer.max_steps", "--dry-run")
     assert "command line: trainer.max_steps: an override is key=value" in err

@@ -103,10 +103,13 @@ def test_meanflow_target_equals_the_exact_average_velocity(read):
     assert float((flow_matching - target).square().sum(1).mean()) > 1e-2
 
 
-def test_meanflow_fused_and_detached_give_the_same_loss_and_gradients(one_thread):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_meanflow_fused_and_detached_give_the_same_loss_and_gradients(one_thread, dropout):
+    """Also with dropout: the detached JVP runs with the masks of the forward the loss reads (one network)."""
     sch = make_schedule("flow")
     torch.manual_seed(0)
-    net = build_model({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2, "num_classes": 3, "second_time": True})
+    net = build_model({"name": "mlp", "dim": 2, "hidden": 32, "depth": 2, "num_classes": 3, "second_time": True,
+                       "dropout": dropout})
     nn.init.normal_(net.out[-1].weight, std=0.1)  # a non-trivial output layer
     model = MeanFlowModel(net, sch)
     x0, y = default_gmm().sample(64, generator=torch.Generator().manual_seed(1))
@@ -114,6 +117,7 @@ def test_meanflow_fused_and_detached_give_the_same_loss_and_gradients(one_thread
     for jvp in ("detached", "fused"):
         loss = MeanFlowLoss(sch, num_classes=3, cfg_omega=2.0, cfg_kappa=0.3, cfg_dropout=0.2, ratio=0.5, jvp=jvp)
         net.zero_grad()
+        torch.manual_seed(3)  # the dropout masks
         out = loss(model, x0, y, generator=torch.Generator().manual_seed(2))
         out.loss.mean().backward()
         grads.append((out.loss.detach(), [p.grad.clone() for p in net.parameters()]))

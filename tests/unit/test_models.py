@@ -167,6 +167,18 @@ def test_fixed_decay_ema_closed_form():
         assert float(ema["0_9"].weight) == pytest.approx(expect, rel=1e-6)
 
 
+def test_ema_update_with_the_callers_decay():
+    """``update(beta=)``: that decay for every copy after ``start_step`` (a plain copy up to it still)."""
+    net = _scalar_net(2.0)
+    ema = EMA(net, [0.9], stds=[0.1], start_step=1)
+    expect = 0.0
+    for step, (th, beta) in enumerate([(2.0, 0.3), (3.0, 0.5), (5.0, 0.8)], 1):
+        net.weight.data.fill_(th)
+        ema.update(net, step, beta=beta)
+        expect = th if step <= 1 else beta * expect + (1 - beta) * th
+        assert [float(ema[t].weight) for t in ema.tags] == pytest.approx([expect] * 2, rel=1e-6)
+
+
 def test_power_ema_is_the_closed_form_weighted_average():
     """beta_t = (1 - 1/t)^(g+1) gives theta_T = sum_t (1 - beta_t) (t/T)^(g+1) theta_t exactly."""
     gamma = std_to_gamma(0.1)

@@ -335,6 +335,40 @@ def test_cfg_with_every_sampler(name):
     assert bool(((freq - gmm.weights).abs() < 4 * (gmm.weights * (1 - gmm.weights) / N).sqrt()).all()), freq
 
 
+class TwoValued(nn.Module):
+    """x0-network: +3 for label 0, -3 for the null label 1."""
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor) -> Tensor:
+        return torch.where(cond == 1, -3.0, 3.0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))).expand_as(x)
+
+
+@pytest.mark.parametrize(("w", "want"), [(0.6, 0.6), (1.5, 1.0), (0.25, -1.0), (1.0, 1.0)])
+def test_cfg_clips_the_guided_x0_once(w, want):
+    """With ``clip_x0`` the branches are combined unclipped and the guided x0 clipped (guide, then clip): clipping
+    each branch first would give -1 + w * 2 (0.2 for w = 0.6, 2.0 for w = 1.5, outside the range)."""
+    from dtrain.diffusion.denoiser import Denoiser
+
+    den = Denoiser(TwoValued(), make_schedule("vp_linear"), "x0", clip_x0=1.0)
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    torch.testing.assert_close(CFGDenoiser(den, w, 1)(x, 0.5, y), torch.full_like(x, want), rtol=0, atol=1e-12)
+
+
+def test_slerp_with_one_alpha_per_sample():
+    from dtrain.samplers.ddim import slerp
+
+    z0, z1 = torch.randn(2, 3, 4, 2), torch.randn(2, 3, 4, 2)  # last dim = batch: a broadcast slip would run
+    out = slerp(z0, z1, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out[0], z0[0])
+    torch.testing.assert_close(out[1], z1[1])
+    torch.testing.assert_close(slerp(z0, z1, torch.tensor([0.3, 0.3])), slerp(z0, z1, 0.3))
+
+
+def test_grid_beyond_the_schedule_is_refused():
+    s = make_schedule("flow")
+    with pytest.raises(ValueError, match=r"grid: times must lie in \[0, t_max = 1.0\] of the 'flow' schedule, got 2.0"):
+        ddim(Gauss(s), torch.zeros(2, 1, dtype=torch.float64), torch.tensor([2.0, 0.5, 0.0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 

@@ -23,6 +23,7 @@ from dtrain.diffusion.schedule import (
     schedule_from_config,
     transition,
 )
+from dtrain.diffusion.timesteps import make_grid
 
 # Every registered name, with the DDPM variants spelled out; test_every_registered_schedule_is_covered
 # fails when a schedule is registered without being added here.
@@ -244,4 +245,16 @@ def test_errors_are_clear():
         DiscreteVP(alphas_cumprod=torch.tensor([0.5, 0.9]))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         DiscreteVP(alphas_cumprod=torch.tensor([1.5, 0.9]))
+    for make, match in [(lambda: DiscreteVP(T=0), r"schedule\.T: must be an int >= 1, got 0"),
+                        (lambda: DiscreteVP(beta_start=0.1, beta_end=0.01), r"schedule\.beta_start / beta_end"),
+                        (lambda: make_schedule("vp_linear", beta_min=0.0), r"schedule\.beta_min / beta_max"),
+                        (lambda: make_schedule("vp_linear", t_min=0.0), r"need 0 < t_min < t_max <= 1\.0"),
+                        (lambda: make_schedule("vp_cosine", s=-1.0), r"schedule\.s: the cosine offset must be > 0"),
+                        (lambda: make_schedule("vp_cosine", t_max=1.0), r"need 0 < t_min < t_max < 1\.0"),
+                        (lambda: make_schedule("flow", t_max=1.5), r"need 0 <= t_min < t_max <= 1\.0, got 0\.0, 1\.5"),
+                        (lambda: make_grid(make_schedule("edm"), 4, "rho", rho=0.0), r"grid\.rho: must be > 0")]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(TypeError, match=r"schedule 'ddpm': bad options \['t_max'\]"):
+        make_schedule("ddpm", T=10, t_max=0.5)
     assert isinstance(SigmaSchedule(), SigmaSchedule)
