@@ -590,6 +590,11 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("trainer.max_steps", "must be >= 1"))
     if any(not 0 < d < 1 for d in cfg.ema.decays):
         bad.append(("ema.decays", "each decay must be in (0, 1)"))
+    from dtrain.models.ema import decay_tag, std_tag
+
+    tags = [decay_tag(d) for d in cfg.ema.decays] + [std_tag(x) for x in cfg.ema.stds]
+    if len(set(tags)) < len(tags):
+        bad.append(("ema", f"two entries of ema.decays / ema.stds name the same copy: {tags}; drop one"))
     if cfg.teacher is not None and not Path(cfg.teacher).exists():
         bad.append(("teacher", f"file or bundle not found: {cfg.teacher}"))
     elif cfg.teacher is not None and Path(cfg.teacher).is_file():

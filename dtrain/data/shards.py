@@ -396,6 +396,11 @@ def read_index(path: str | Path) -> dict[str, Any]:
     for s in index["shards"]:
         if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("count"), int):
             raise ValueError(f"{path}: every shard entry needs 'name' (str) and 'count' (int), got {s!r}")
+    size = index["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ValueError(f"{path}: 'image_size' must be [height, width] (positive ints), got {size!r}")
+    if not isinstance(index["channels"], int) or isinstance(index["channels"], bool) or index["channels"] < 1:
+        raise ValueError(f"{path}: 'channels' must be a positive int, got {index['channels']!r}")
     index["urls"] = [s["name"] if is_remote(s["name"]) else str(path.parent / s["name"]) for s in index["shards"]]
     return index
 

@@ -56,7 +56,7 @@ class ShardSet:
 
 def _shard_name(url: str) -> str:
     """The tar file name inside a path or a ``pipe:`` command (to look counts up in the index)."""
-    found = re.findall(r"[^/\s:'\"]+\.(?:tar|tgz|tar\.gz)\b", url)
+    found = re.findall(r"[^/\s:'\"]+\.(?:tar\.gz|tgz|tar)\b", url)
     return found[-1] if found else url
 
 
@@ -285,6 +285,10 @@ class WdsStream(IterableDataset):
         if not resampled and total > shards.total:
             raise InputError(f"data.epoch_size: {total} exceeds the {shards.total} samples of the shards; "
                              "set data.resampled=true to draw more")
+        if not resampled and not shuffle_shards and total < shards.total:  # each epoch reads from position 0
+            raise InputError(f"data.epoch_size: {total} of the {shards.total} samples with shuffle_shards=false "
+                             f"reads the same first {total} every epoch; set data.shuffle_shards=true or "
+                             f"data.resampled=true")
         self.per_rank = total // world_size
         self.sizes = rank_batches(self.per_rank, batch_size, drop_last)
         if not self.sizes:

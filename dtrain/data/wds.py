@@ -154,7 +154,9 @@ class WdsDataModule(L.LightningDataModule):
         assert self.stream is not None
         return {"world_size": self.stream.world_size, "num_workers": max(1, self.num_workers),
                 "batches": len(self.stream), "batch_size": self.stream.batch_size,
-                "resampled": self.stream.resampled, "samples": self._shardset().total, "seed": self.seed}
+                "resampled": self.stream.resampled, "samples": self._shardset().total, "seed": self.seed,
+                "shuffle": self.stream.shuffle, "shuffle_shards": self.stream.shuffle_shards,
+                "shards": len(self._shardset().counts)}
 
     def _before_iter(self) -> None:
         """The data epoch and position of a new pass: the restored ones, the trainer's epoch on a fresh start, and
@@ -173,7 +175,8 @@ class WdsDataModule(L.LightningDataModule):
         self.stream.epoch, self.stream.start = self._epoch, self._consumed
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
-        if state.get("layout") == self._layout():
+        saved, now = state.get("layout") or {}, self._layout()
+        if saved and all(saved.get(k, v) == v for k, v in now.items()):  # (keys older checkpoints lack: equal)
             return int(state["epoch"]), int(state["consumed"])
         # another world size / worker count / batch size: keep the fraction of the epoch already seen
         frac = int(state["consumed"]) / max(1, int(state.get("layout", {}).get("batches", len(self.stream))))

@@ -69,6 +69,10 @@ def topology(devices: Any, num_nodes: int, env: dict[str, str] | None = None) ->
     job = slurm_job(env)
     if job is None:
         return devices, num_nodes
+    if job.tasks_per_node * job.num_nodes != job.num_tasks:  # e.g. SLURM_TASKS_PER_NODE "3,1"
+        raise InputError(f"SLURM: {job.num_tasks} task(s) spread unevenly over {job.num_nodes} node(s) "
+                         f"({(env or os.environ).get('SLURM_TASKS_PER_NODE', '?')} per node); Lightning needs the same "
+                         f"count on every node: submit with --ntasks-per-node (tools/slurm_submit.py does)")
     asked_devices = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | tuple) else None
     if asked_devices not in (None, -1, job.tasks_per_node) or num_nodes not in (1, job.num_nodes):
         warnings.warn(f"trainer.devices={devices}, trainer.num_nodes={num_nodes}: the SLURM allocation has "
@@ -115,6 +119,9 @@ class Requeue(_requeue_base()):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.signum, self._handler)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_step = trainer.global_step  # a (re)start's first micro-batch is no step boundary
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._previous is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differenc
 from dtrain.export.zero import is_sharded_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
-           "checkpoint_candidates", "check_model"]
+           "checkpoint_candidates", "check_model", "check_resume"]
 
 log = logging.getLogger("dtrain.checkpoint")
 TMP_TAG = ".tmp"
@@ -145,6 +146,53 @@ def check_model(path: str | Path, ckpt: Mapping[str, Any], model: Mapping[str, A
                               f"{', '.join(diff)}; resume with the checkpoint's model section, or start a new run")
 
 
+# optimizer settings Lightning restores from the checkpoint's optimizer state (param_groups, the scheduler's base
+# LRs): a changed value would be silently ignored, so a resume refuses it (warmup_steps, lr_schedule, min_lr_ratio
+# and grad_clip are read from the recipe and may change)
+RESTORED_OPTIM = ("lr", "betas", "weight_decay", "eps")
+
+
+def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str, Any], field: str = "--resume"
+                 ) -> None:
+    """The checkpoint fits the recipe a run resumes with: the network (``check_model``), the EMA copies it keeps
+    (``ema.decays`` / ``ema.stds``) and the optimizer settings restored from it (``RESTORED_OPTIM``); else
+    ``CheckpointError`` naming the keys."""
+    from dtrain.models.ema import decay_tag, std_tag
+
+    check_model(path, ckpt, recipe["model"], field)
+    meta = ckpt.get("dtrain") or {}
+    ema = recipe.get("ema") or {}
+    want = sorted([decay_tag(d) for d in ema.get("decays") or []] + [std_tag(x) for x in ema.get("stds") or []])
+    have = sorted(str(t) for t in meta.get("ema_tags") or [])
+    if "ema_tags" in meta and have != want:
+        raise CheckpointError(path, field, f"the checkpoint keeps EMA copies {have}, the recipe asks for {want} "
+                              f"(ema.decays / ema.stds); resume with the checkpoint's ema section, or start a new run")
+    theirs, ours = (meta.get("recipe") or {}).get("optim") or {}, recipe.get("optim") or {}
+    diff = [f"optim.{k} {theirs[k]!r} (now {ours[k]!r})" for k in RESTORED_OPTIM
+            if k in theirs and k in ours and theirs[k] != ours[k]]
+    if diff:
+        raise CheckpointError(path, field, f"{', '.join(diff)}: a resumed run keeps the optimizer state and settings "
+                              f"of its checkpoint, so the new value would be ignored; resume with the checkpoint's "
+                              f"values, or start a new run")
+    before = meta.get("recipe") or {}
+    if (recipe.get("data") or {}).get("name") != "wds" and before:  # shard streams check their own layout
+        moved = [f"{'.'.join(k)} {_get(before, k)!r} -> {_get(recipe, k)!r}" for k in _IN_MEMORY_POSITION
+                 if _get(before, k) != _get(recipe, k)]
+        if moved:
+            warnings.warn(f"resume: {', '.join(moved)}: in-memory data restarts after global_step x "
+                          f"accumulate_grad_batches batches of the new size and order, so the position in the epoch "
+                          f"is approximate", stacklevel=2)
+
+
+_IN_MEMORY_POSITION = (("data", "batch_size"), ("seed",), ("trainer", "accumulate_grad_batches"))
+
+
+def _get(tree: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        tree = tree.get(k) if isinstance(tree, Mapping) else None
+    return tree
+
+
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
     """A run's checkpoints to resume from, newest first: ``checkpoints/*.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``."""
     run_dir = Path(run_dir)
@@ -162,13 +210,13 @@ def _remove_stale_temps(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def resume_path(run_dir: str | Path, resume: str | Path | None, *, model: Mapping[str, Any] | None = None,
+def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mapping[str, Any] | None = None,
                 field: str = "--resume") -> Path | None:
     """The checkpoint to resume from. ``None``: start fresh. ``"auto"``: the newest readable checkpoint of
     ``run_dir`` (fresh when there is none). ``"last"``: the same, but one must exist. Anything else: that file
     (or sharded directory), which must be readable. Truncated or unreadable files are logged and skipped. With
-    ``model`` (the recipe's section), the checkpoint file must have been trained with it (``check_model``; sharded
-    directories are not checked). Errors name ``field``, the flag or recipe field that gave ``resume``."""
+    ``recipe`` (the resolved recipe), the checkpoint file must fit it (``check_resume``; sharded directories are not
+    checked). Errors name ``field``, the flag or recipe field that gave ``resume``."""
     if resume is None:
         return None
     run_dir = Path(run_dir)
@@ -197,6 +245,6 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, model: Mappin
             if skipped:
                 raise CheckpointError(run_dir, field, f"no readable checkpoint; skipped: {'; '.join(skipped)}")
             raise FileNotFoundError(f"{field}: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")
-    if model is not None and ck is not None:  # a sharded directory is not checked
-        check_model(path, ck, model, field)
+    if recipe is not None and ck is not None:  # a sharded directory is not checked
+        check_resume(path, ck, recipe, field)
     return path

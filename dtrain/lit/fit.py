@@ -150,7 +150,7 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
     check_inputs(cfg, source)  # before anything starts
-    ckpt_path = resume_path(out, resume, model=to_container(cfg.model))  # Lightning's restore reads it once more
+    ckpt_path = resume_path(out, resume, recipe=to_container(cfg))  # Lightning's restore reads it once more
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule
 

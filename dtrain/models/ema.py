@@ -61,12 +61,14 @@ class EMA(nn.Module):
         start_step: int = 0, every: int = 1,
     ) -> None:
         rates: dict[str, tuple[str, float]] = {}
-        for d in decays:
-            if not 0 < d < 1:
-                raise ValueError(f"ema.decays: each decay must be in (0, 1), got {d}")
-            rates[decay_tag(d)] = ("decay", float(d))
-        for s in stds:
-            rates[std_tag(s)] = ("power", std_to_gamma(float(s)))
+        for key, values in (("ema.decays", decays), ("ema.stds", stds)):
+            for v in values:
+                if key == "ema.decays" and not 0 < v < 1:
+                    raise ValueError(f"ema.decays: each decay must be in (0, 1), got {v}")
+                tag = decay_tag(v) if key == "ema.decays" else std_tag(v)
+                if tag in rates:  # the tag names the copy in checkpoints and bundles
+                    raise ValueError(f"{key}: {v} gives the copy name {tag!r} of another entry; drop one")
+                rates[tag] = ("decay", float(v)) if key == "ema.decays" else ("power", std_to_gamma(float(v)))
         super().__init__()
         for tag in rates:  # submodules named by tag: state-dict keys "<tag>.<param>"
             self.add_module(tag, copy.deepcopy(net).requires_grad_(False).eval())

@@ -51,6 +51,7 @@ CASES = [
     ("model does not fit the data", DIGITS, "model:\n  in_channels: 3\n", "model.in_channels",
      "must be 1 for data 'digits'"),
     ("EMA decay out of range", GMM, "ema:\n  decays: [1.5]\n", "ema.decays", "in (0, 1)"),
+    ("EMA copies of one name", GMM, "ema:\n  stds: [0.05, 0.0504]\n", "ema", "name the same copy"),
     ("max_bad_steps zero", GMM, "trainer:\n  max_bad_steps: 0\n", "trainer.max_bad_steps", "must be >= 1"),
     ("schedule without steps", DIGITS, "schedule:\n  T: 0\n", "schedule.T", "must be an int >= 1"),
     ("flow schedule past t = 1", MEANFLOW, "schedule:\n  t_max: 1.5\n", "schedule.t_min / t_max",

@@ -122,3 +122,20 @@ def test_trainer_writes_through_atomic_io(tmp_path):
 
     trainer = build_trainer(load_recipe(GMM, [*SMALL, "trainer.max_steps=1"]), tmp_path)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_resume_warns_where_in_memory_data_cannot_find_its_place(digits_teacher):
+    """In-memory data resumes at global_step x accumulate batches of the recipe's size and order: a change of batch
+    size, seed or accumulation is named in a warning; the same recipe resumes silently."""
+    import warnings
+
+    from dtrain.lit.checkpointing import check_resume
+
+    ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+    recipe = ck["dtrain"]["recipe"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_resume(digits_teacher, ck, recipe)
+    changed = {**recipe, "seed": 7, "data": {**recipe["data"], "batch_size": 8}}
+    with pytest.warns(UserWarning, match=r"resume: data\.batch_size 32 -> 8, seed 0 -> 7: in-memory data restarts"):
+        check_resume(digits_teacher, ck, changed)

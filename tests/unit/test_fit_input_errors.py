@@ -131,6 +131,21 @@ def test_resume_with_another_network(tmp_path, digits_teacher, fit_error):
     assert f"{digits_teacher}: --resume: " in err and "model.channels 16 (now 8)" in err
 
 
+@pytest.mark.parametrize(("override", "words"), [
+    ("ema.decays=[0.9]", ["EMA copies ['0_995', 'std0_100']", "asks for ['0_9', 'std0_100'] (ema.decays / ema.stds)"]),
+    ("ema.stds=[0.2]", ["EMA copies ['0_995', 'std0_100']", "asks for ['0_995', 'std0_200']"]),
+    ("optim.lr=1e-5", ["optim.lr 0.002 (now 1e-05)", "keeps the optimizer state and settings of its checkpoint"]),
+    ("optim.weight_decay=0.5", ["optim.weight_decay 0.0 (now 0.5)"]),
+])
+def test_resume_with_settings_the_checkpoint_fixes(tmp_path, digits_teacher, fit_error, override, words):
+    """EMA copies and the optimizer's restored settings: a changed value fails before the run (Lightning would
+    raise on hundreds of missing EMA keys, or silently keep the checkpoint's learning rate); recipe.yaml stays."""
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path}", "model.channels=16", override, *QUIET, STEPS, "--resume",
+                    str(digits_teacher))
+    assert f"{digits_teacher}: --resume: " in err and all(w in err for w in words), err
+    assert not any(tmp_path.iterdir())
+
+
 def test_gpu_accelerator_without_cuda(tmp_path, monkeypatch, fit_error):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     err = fit_error(str(DIGITS), f"out_dir={tmp_path}", *QUIET, STEPS, "trainer.accelerator=gpu")

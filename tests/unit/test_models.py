@@ -137,6 +137,10 @@ def test_ema_tags():
     assert sorted(ema.state_dict()) == ["0_999.bias", "0_999.weight", "std0_050.bias", "std0_050.weight"]
     with pytest.raises(KeyError, match=r"no copy"):
         ema["0_99"]
+    with pytest.raises(ValueError, match=r"ema\.stds: 0\.0504 gives the copy name 'std0_050' of another entry"):
+        EMA(net, [], [0.05, 0.0504])  # one copy would silently take the second rate
+    with pytest.raises(ValueError, match=r"ema\.decays: 0\.999 gives the copy name '0_999'"):
+        EMA(net, [0.999, 0.999])
 
 
 def test_power_ema_gamma_matches_edm2():

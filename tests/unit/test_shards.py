@@ -230,6 +230,40 @@ def test_counts_without_index_and_pipe_urls(tmp_path):
     assert sorted(_ids(_epoch(stream, 2))) == list(range(15))
 
 
+def test_shard_names_in_urls_and_index_fields(tmp_path):
+    """Index lookups name .tar.gz shards in full (the pattern's names are looked up in the index); index fields
+    of the wrong shape fail naming the field and the file."""
+    from dtrain.data.stream import _shard_name
+
+    assert _shard_name("gz/train-000001.tar.gz") == "train-000001.tar.gz"
+    assert _shard_name("pipe:curl -s s3://b/train-000002.tgz") == "train-000002.tgz"
+    assert _shard_name("pipe:cat /d/train-000003.tar") == "train-000003.tar"
+    root = _ids_dataset(tmp_path / "d", 8, 2)
+    good = json.loads((root / "index.json").read_text())
+    for field, value, words in [("image_size", 8, "'image_size' must be [height, width]"),
+                                ("image_size", [4, 0], "'image_size' must be [height, width]"),
+                                ("channels", "1", "'channels' must be a positive int, got '1'")]:
+        (root / "index.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(ValueError, match=r"index\.json: " + words.replace("[", r"\[")):
+            S.read_index(root / "index.json")
+
+
+def test_a_shorter_epoch_without_shard_shuffling_is_refused(tmp_path):
+    """epoch_size below the sample count reads from the start of the shard order each epoch: without shuffled
+    shards (or resampling) the same samples every epoch, so it is refused naming both fields."""
+    from dtrain.errors import InputError
+
+    ss = resolve_shards(str(_ids_dataset(tmp_path / "d", 20, 2) / "index.json"))
+    with pytest.raises(InputError, match=r"data\.epoch_size: 10 of the 20 samples with shuffle_shards=false"):
+        WdsStream(ss, batch_size=2, epoch_size=10, shuffle_shards=False)
+    seen = set()
+    for epoch in range(6):  # shuffled shard order: the short epochs cover all the data
+        stream = WdsStream(ss, batch_size=2, epoch_size=10, shuffle=4)
+        stream.epoch = epoch
+        seen |= set(_ids(_epoch(stream, 0)))
+    assert seen == set(range(20))
+
+
 # ---------------------------------------------------------------------------------------------
 # Splitting by rank and worker
 
@@ -369,6 +403,36 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(tmp_path, workers, consumed
     nxt = list(done.train_dataloader())
     assert len(nxt) == 6 and done.state_dict()["epoch"] == 4
     assert not all(torch.equal(a["y"], b["y"]) for a, b in zip(nxt, full))
+
+
+def test_resume_layout_covers_the_shuffle_and_reads_older_checkpoints(tmp_path):
+    """Another shuffle buffer (or shard shuffling, or shard count) changes the order: the resume warns and skips the
+    fraction; a layout saved before these keys existed restores the exact position."""
+    import warnings
+
+    root = _ids_dataset(tmp_path, 40, 4)
+
+    def dm(shuffle):
+        m = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=0, seed=1, shuffle=shuffle)
+        m.setup("fit")
+        return m
+
+    a = dm(8)
+    it = iter(a.train_dataloader())
+    for _ in range(3):
+        a.on_before_batch_transfer(next(it), 0)
+    state = a.state_dict()
+    b = dm(16)
+    b.load_state_dict(state)
+    with pytest.warns(UserWarning, match="another layout"):
+        list(b.train_dataloader())
+    old = {**state, "layout": {k: v for k, v in state["layout"].items()
+                               if k not in ("shuffle", "shuffle_shards", "shards")}}
+    c = dm(8)
+    c.load_state_dict(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(c.train_dataloader())) == len(list(dm(8).train_dataloader())) - 3
 
 
 def test_resume_with_another_layout_keeps_the_fraction(tmp_path):

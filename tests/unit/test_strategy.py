@@ -291,6 +291,11 @@ def test_slurm_job_and_topology():
     assert topology(4, 2, env=_env()) == (4, 2)
     with pytest.warns(UserWarning, match=r"trainer.devices=8, trainer.num_nodes=3: the SLURM allocation has 4"):
         assert topology(8, 3, env=_env()) == (4, 2)
+    from dtrain.errors import InputError
+
+    uneven = {**no_per_node, "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "3,1"}  # 3 + 1, not 3 per node
+    with pytest.raises(InputError, match=r"SLURM: 4 task\(s\) spread unevenly over 2 node\(s\) \(3,1 per node\)"):
+        topology("auto", 1, env=uneven)
 
 
 def test_sbatch_args_from_the_recipe(capsys, load_tool):
@@ -355,3 +360,33 @@ def test_requeue_saves_at_a_step_boundary_after_the_ema_and_stops(tmp_path, monk
     sd = ckpt["state_dict"]
     for k, v in module.ema["0_99"].state_dict().items():  # the EMA of step 7, not step 6
         assert torch.equal(sd[f"ema.0_99.{k}"], v), k
+
+
+def test_requeue_pending_at_the_start_waits_for_a_step_boundary(tmp_path, monkeypatch, one_thread):
+    """A signal already pending when training (re)starts under gradient accumulation: the checkpoint is written
+    after the first optimizer step, not after the first micro-batch (mid-accumulation)."""
+    from dtrain.data import build_datamodule
+    from dtrain.dist import slurm
+    from dtrain.lit.teacher import TeacherModule
+
+    monkeypatch.setattr(slurm, "_requeue", lambda: None)
+
+    class Early(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    cfg = recipe("trainer.max_steps=5")
+    seen = []
+
+    class Micro(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(batch_idx)
+
+    req = slurm.Requeue()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path), accumulate_grad_batches=2,
+                        callbacks=[req, Early(), Micro()])
+    trainer.fit(TeacherModule(cfg), datamodule=build_datamodule(cfg.data, seed=0))
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 1
+    assert seen == [0, 1] and trainer.global_step == 1
