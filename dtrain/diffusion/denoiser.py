@@ -26,9 +26,9 @@ class DenoiserLike(Protocol):
 
 
 def time_batch(t: Tensor | float, x: Tensor) -> Tensor:
-    """t (a scalar or [B]) as a float64 [B] tensor on x's device."""
+    """t (a scalar, [1] or [B]) as a float64 [B] tensor on x's device."""
     t = as_t(t).to(x.device)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
+    return t.reshape(1).expand(x.shape[0]) if t.numel() == 1 else t
 
 
 class Denoiser(nn.Module):
@@ -89,7 +89,7 @@ class Denoiser(nn.Module):
             c_noise = torch.full((x.shape[0],), self._scalar(t, False)[1], dtype=torch.float32, device=x.device)
         else:
             c_noise = self.schedule.c_noise(t.to(x.device)).to(torch.float32)
-            c_noise = c_noise.expand(x.shape[0]).contiguous() if c_noise.ndim == 0 else c_noise
+            c_noise = c_noise.reshape(1).expand(x.shape[0]).contiguous() if c_noise.numel() == 1 else c_noise
         return self.net(x_in, c_noise, cond, **net_kw)
 
     def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None, clip: bool = True, **net_kw: Any

@@ -53,6 +53,11 @@ class CFGDenoiser(nn.Module):
     def _guide(self, fn: Any, x: Tensor, times: tuple, cond: Any) -> Tensor:
         if cond is None or (not isinstance(self.scale, Tensor) and self.scale == 1.0):
             return fn(x, *times, cond)
+        if not isinstance(cond, Tensor):
+            raise TypeError(f"guidance: cond must be a LongTensor of labels, got {type(cond).__name__}")
+        if isinstance(self.scale, Tensor) and self.scale.numel() not in (1, x.shape[0]):
+            raise ValueError(f"guidance: {self.scale.numel()} scales for a batch of {x.shape[0]} (give one, or one "
+                             f"per sample)")
         null = torch.full_like(cond, self.null_label)
         tb = [t if not isinstance(t, Tensor) or t.ndim == 0 else torch.cat([t, t]) for t in times]
         both = fn(torch.cat([x, x]), *tb, torch.cat([cond, null]))

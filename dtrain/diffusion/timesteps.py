@@ -15,6 +15,7 @@ Spacings:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,8 +89,9 @@ def make_grid(
     offset: int = 0,
 ) -> Tensor:
     """A grid of ``n`` steps (n + 1 points, the last 0) for ``schedule``."""
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
         raise ValueError(f"grid: number of steps must be a positive int, got {n!r}")
+    n = int(n)
     spacing = spacing or default_spacing(schedule)
     if spacing not in SPACINGS:
         raise ValueError(f"grid.spacing: unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")

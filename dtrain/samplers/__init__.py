@@ -94,9 +94,9 @@ SAMPLERS.register(
 def steps_for_nfe(name: str, nfe: int) -> int:
     """Grid steps a sampler takes for a budget of ``nfe`` network evaluations (>= 1)."""
     spec = SAMPLERS.get(name, "sampler")
-    if nfe < 1:
-        raise InputError(f"nfe: must be >= 1 (network evaluations per sample), got {nfe}")
-    return max(1, spec.steps(nfe))
+    if not isinstance(nfe, numbers.Integral) or isinstance(nfe, bool) or nfe < 1:
+        raise InputError(f"nfe: must be an int >= 1 (network evaluations per sample), got {nfe!r}")
+    return max(1, spec.steps(int(nfe)))
 
 
 def default_grid(name: str, schedule: Any, nfe: int, spacing: str | None = None) -> Tensor:

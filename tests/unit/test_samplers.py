@@ -310,6 +310,10 @@ def test_cfg_wrapper_formula():
         torch.testing.assert_close(CFGDenoiser(den, 2.5, 3)(x, t, y), d_u + 2.5 * (d_c - d_u), rtol=0, atol=1e-12)
         assert torch.equal(CFGDenoiser(den, 2.5, 3)(x, t, None), den(x, t, None))
     assert CFGDenoiser(den, 2.0, 3).schedule is s
+    with pytest.raises(ValueError, match=r"guidance: 2 scales for a batch of 6"):
+        CFGDenoiser(den, torch.tensor([1.0, 2.0]), 3)(x, t, y)
+    with pytest.raises(TypeError, match=r"guidance: cond must be a LongTensor of labels, got list"):
+        CFGDenoiser(den, 2.0, 3)(x, t, [0, 1])
 
 
 @pytest.mark.parametrize("name", SOLVERS)
@@ -384,6 +388,33 @@ def test_bad_grids_raise(name):
         with pytest.raises(ValueError, match="grid: must be a 1-D tensor of at least 2 times"):
             spec.fn(den, x, grid, **spec.opts)
     assert den.calls == 0
+
+
+def test_numpy_step_counts_and_one_element_times():
+    """numpy ints count as step counts (a sweep over np.arange); a [1] time with a batch of 3 reaches the network
+    as c_noise [3]; a step count that is no int is an InputError naming nfe."""
+    import numpy as np
+
+    from dtrain.diffusion.denoiser import Denoiser, time_batch
+    from dtrain.errors import InputError
+
+    s = make_schedule("vp_linear")
+    torch.testing.assert_close(make_grid(s, np.int64(3)), make_grid(s, 3))
+    den, x = Gauss(s), torch.zeros(2, 1, dtype=torch.float64)
+    torch.testing.assert_close(run("ddim", den, x, np.int64(4)), run("ddim", den, x, 4))
+    for bad in ("10", 2.5, True):
+        with pytest.raises(InputError, match=r"nfe: must be an int >= 1"):
+            run("ddim", den, x, bad)
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x, c_noise, cond):
+            seen.append(c_noise.shape)
+            return torch.zeros_like(x)
+
+    assert time_batch(torch.tensor([0.5]), torch.zeros(3, 2)).shape == (3,)
+    Denoiser(Spy(), s, "eps")(torch.zeros(3, 2), torch.tensor([0.5]))
+    assert seen == [torch.Size([3])]
 
 
 def test_bad_options_raise():
