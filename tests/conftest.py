@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,8 +32,6 @@ def one_thread():
 def _tiny_digits_teacher(tmp_path_factory, recipe: str):
     """A 4-step digits teacher checkpoint of ``recipes/teacher/<recipe>.yaml`` (16 channels): real weights and
     provenance for the students' from-a-checkpoint tests, not a trained model."""
-    from pathlib import Path
-
     from dtrain.cli import main
 
     out = tmp_path_factory.mktemp(recipe)
@@ -58,10 +58,30 @@ def cli_error(capsys):
 
 
 @pytest.fixture(scope="session")
+def fit_spied():
+    """``fit_spied(cfg, module, spy)``: ``dtrain fit``'s trainer for the recipe ``cfg`` with the callback ``spy``
+    running before its own callbacks (so its hooks see a step before the module's hooks do), fitted on the recipe's
+    data; returns the trainer."""
+
+    def run(cfg, module, spy):
+        from dtrain.data import build_datamodule
+        from dtrain.lit.fit import build_trainer, close_loggers
+
+        trainer = build_trainer(cfg, Path(cfg.out_dir) / cfg.name)
+        trainer.callbacks[:0] = [spy]
+        try:
+            trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+        finally:
+            close_loggers(trainer)
+        return trainer
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def load_tool():
     """``load_tool(name)``: tools/<name>.py as a module (tools/ holds scripts, not a package)."""
     import importlib.util
-    from pathlib import Path
 
     def load(name: str):
         path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"

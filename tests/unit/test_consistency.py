@@ -268,14 +268,12 @@ def test_ct_target_decay_is_cms_mu_of_k():
     assert C.ConsistencyLoss(sch, "ict", total_steps=100).target_decay(0.0, 10) is None
 
 
-def test_ct_run_averages_its_target_with_mu_of_k(tmp_path, one_thread):
+def test_ct_run_averages_its_target_with_mu_of_k(tmp_path, one_thread, fit_spied):
     """In ``dtrain fit`` (ct on the GMM, the ct curriculum over 6 steps) theta^- after step k's update is
     mu(k) theta^- + (1 - mu(k)) theta_k, mu(k) = exp(s0 ln mu0 / N(k)), not the fixed mu0."""
     import lightning as L
 
-    from dtrain.data import build_datamodule
     from dtrain.lit.consistency import ConsistencyModule
-    from dtrain.lit.fit import build_trainer, close_loggers
 
     cfg = load_recipe(RECIPES / "cm" / "cd_gmm.yaml", [
         "method.name=ct", "method.target_ema=0.9", "model.hidden=16", "model.depth=1", "data.batch_size=32",
@@ -289,12 +287,7 @@ def test_ct_run_averages_its_target_with_mu_of_k(tmp_path, one_thread):
             seen[trainer.global_step] = ([p.detach().clone() for p in pl_module.target.parameters()],
                                          [p.detach().clone() for p in pl_module.net.parameters()])
 
-    trainer = build_trainer(cfg, tmp_path / cfg.name)
-    trainer.callbacks[:0] = [Spy()]
-    try:
-        trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
-    finally:
-        close_loggers(trainer)
+    fit_spied(cfg, module, Spy())
     mus = [0.9 ** (2 / C.num_scales("ct", k, 6)) for k in range(1, 5)]
     assert len(set(mus)) > 2 and all(m > 0.9 for m in mus[1:])
     for k, mu in zip(range(1, 5), mus):

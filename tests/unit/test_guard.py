@@ -124,15 +124,13 @@ def test_guard_off_lets_nan_through(tmp_path, one_thread):
     assert not all(torch.isfinite(v).all() for v in ck["state_dict"].values())
 
 
-def test_consistency_target_does_not_move_after_a_dropped_step(tmp_path, one_thread):
+def test_consistency_target_does_not_move_after_a_dropped_step(tmp_path, one_thread, fit_spied):
     """CD's target network theta^- averages in the weights at each step's start; after a step the guard dropped the
     weights did not move, so neither does theta^- (it moves again after the next good step)."""
     from dtrain.config import load_recipe
-    from dtrain.data import build_datamodule
     from dtrain.data.synthetic import default_gmm
     from dtrain.diffusion.schedule import schedule_from_config
     from dtrain.lit.consistency import ConsistencyModule
-    from dtrain.lit.fit import build_trainer, close_loggers
 
     cfg = load_recipe(GMM.parents[1] / "cm" / "cd_gmm.yaml", [
         *SMALL, f"out_dir={tmp_path}", "trainer.max_steps=8", "trainer.accelerator=cpu", "trainer.devices=1"])
@@ -145,12 +143,7 @@ def test_consistency_target_does_not_move_after_a_dropped_step(tmp_path, one_thr
             if trainer.global_step == 3:
                 batch["x"][0, 0] = math.nan
 
-    trainer = build_trainer(cfg, tmp_path / cfg.name)
-    trainer.callbacks[:0] = [Spy()]
-    try:
-        trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
-    finally:
-        close_loggers(trainer)
+    fit_spied(cfg, module, Spy())
     assert module.guard.total == 1
     moved = {k: any(not torch.equal(a, b) for a, b in zip(targets[k], targets[k + 1])) for k in range(7)}
     assert moved == {0: False, 1: True, 2: True, 3: True, 4: False, 5: True, 6: True}, moved  # 0: theta^- = net
