@@ -91,7 +91,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.spacing is not None and args.spacing not in SPACINGS:
         raise InputError(f"--spacing: unknown spacing {args.spacing!r}; choose one of {list(SPACINGS)}")
-    name = Path(str(args.model).rstrip("/")).stem
+    model = Path(str(args.model).rstrip("/"))  # runs/<run>/checkpoints/last.ckpt -> <run>-last, a bundle by name
+    name = f"{model.parent.parent.name}-{model.stem}" if model.parent.name == "checkpoints" else model.stem
     out = check_writable(Path(args.out or Path("runs") / "eval" / name), "--out", directory=True)
     device = _init_dist(args.device)
     rank, world = dist_rank()
@@ -122,6 +123,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
         raise InputError(f"{key}: {guidance}, but bundle kind {info.get('kind')!r} does not support guidance "
                          f"(use 1)")
     seed = int(_default(args.seed, ev, "seed", 0))
+    if seed < 0:
+        raise InputError(f"{'--seed' if args.seed is not None else 'eval.seed'}: must be >= 0, got {seed}")
     num, batch = int(_default(args.num, ev, "num", 1000)), int(_default(args.batch_size, ev, "batch_size", 250))
     if num < 2 or batch < 1:  # from the recipe
         raise InputError(f"eval.num / eval.batch_size: need num >= 2 and batch_size >= 1, got {num}, {batch}")

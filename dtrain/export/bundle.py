@@ -144,6 +144,14 @@ def _check_shape(model: Mapping[str, Any], shape: list[int], f: str) -> None:
                           f"(needs {want})")
 
 
+def grid_nfe(name: str, grid: Any) -> int | None:
+    """Network evaluations sampler ``name`` spends on the time grid ``grid`` (its points, ending at 0); None for a
+    sampler of another name than the registered ones (``check_info`` leaves its name to the sampling call)."""
+    from dtrain.samplers import SAMPLERS
+
+    return SAMPLERS.get(name, "sampler").nfe(len(grid) - 1) if name in SAMPLERS else None
+
+
 def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
     """Validate a parsed ``dtrain.json``: types, required keys, format version and value ranges."""
     f = str(file)
@@ -181,6 +189,9 @@ def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
     if grid is not None and (len(grid) < 2 or not all(_finite(t) for t in grid) or grid[-1] != 0
                              or any(a <= b for a, b in itertools.pairwise(grid))):
         raise BundleError(f, "sampler.grid", "must be strictly decreasing finite times ending in 0")
+    if grid is not None and (cost := grid_nfe(sampler["name"], grid)) not in (None, sampler["nfe"]):
+        raise BundleError(f, "sampler.grid", f"{len(grid) - 1} steps of {sampler['name']!r} cost {cost} NFE, but "
+                          f"sampler.nfe is {sampler['nfe']}")
     shape = image["shape"]
     if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise BundleError(f, "image.shape", f"must be a non-empty list of positive ints, got {shape!r}")
@@ -446,7 +457,7 @@ class Pipeline:
         ``clip=False``. Unset arguments take the bundle's defaults (``dtrain.json`` ``sampler``). ``times``: the
         interior times of an explicit grid [t_max, *times, 0] (e.g. multistep consistency sampling at chosen times);
         it replaces ``nfe`` and ``spacing``."""
-        from dtrain.samplers import SAMPLERS, check_eta, run
+        from dtrain.samplers import check_eta, run
 
         s = self.info["sampler"]
         n = _count(n, "n", "the number of samples")
@@ -463,9 +474,8 @@ class Pipeline:
         if times is not None:
             grid = self.times_grid(times)
         elif s["grid"] is not None and name == s["name"] and spacing is None:
-            g = torch.tensor(s["grid"], dtype=torch.float64)
-            if nfe is None or nfe == SAMPLERS.get(name, "sampler").nfe(g.numel() - 1):
-                grid = g
+            if nfe is None or nfe == grid_nfe(name, s["grid"]):
+                grid = torch.tensor(s["grid"], dtype=torch.float64)
         nfe = s["nfe"] if nfe is None else nfe
         opts = dict(s["options"]) if name == s["name"] else {}
         eta = eta if eta is not None else (s["eta"] if name == s["name"] else None)

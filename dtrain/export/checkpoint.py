@@ -13,6 +13,7 @@ Sharded DeepSpeed / FSDP checkpoint directories are consolidated by ``dtrain.exp
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import subprocess
@@ -30,6 +31,7 @@ from dtrain.export.bundle import (
     BundleError,
     assemble,
     check_out,
+    grid_nfe,
     load_bundle,
     read_info,
     save_bundle,
@@ -235,13 +237,21 @@ def _image_from_model(model: Mapping[str, Any], path: Path) -> dict[str, Any]:
                           f"{model.get('name')!r}; the training module should record it")
 
 
-def _git_head() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the dtrain source that runs (``<sha>-dirty`` with uncommitted changes to tracked files), or
+    None outside a git checkout; asked once per process."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if not head:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return f"{head}-dirty" if git("status", "--porcelain", "--untracked-files=no") else head
 
 
 def bundle_info(
@@ -274,6 +284,9 @@ def bundle_info(
             if k not in samp:
                 raise CheckpointError(path, f"sampler.{k}", f"unknown sampler field; expected {sorted(samp)}")
             samp[k] = v
+    if (samp["grid"] is not None and "grid" not in (sampler or {})
+            and grid_nfe(samp["name"], samp["grid"]) not in (None, samp["nfe"])):
+        samp["grid"] = None  # another sampler or NFE than the checkpoint's grid was made for: the default grid
     ncls = int(model.get("num_classes", 0) or 0)
     names = meta.get("class_names")
     class_names = [str(c) for c in names] if names is not None else [str(i) for i in range(ncls)]
@@ -291,7 +304,7 @@ def bundle_info(
         "teacher": _jsonable(teacher),
         "metrics": {**_jsonable(meta.get("metrics") or {}), **_jsonable(dict(metrics or {}))},
         "training": _jsonable({k: v for k, v in meta.items() if k not in _KNOWN_META}),
-        "exported": {"by": _dtrain_version(), "git_commit": _git_head(),
+        "exported": {"by": _dtrain_version(), "git_commit": git_commit(),
                      "at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
     return {"kind": kind, "model": model, "schedule": schedule, "sampler": samp, "image": image,
@@ -327,8 +340,8 @@ def export_checkpoint(
     return save_bundle(out, state, info, dtype=dtype, ema=tag, overwrite=overwrite)
 
 
-def load_teacher(path: str | Path, *, ema: str | float | None = "auto",
-                 device: torch.device | str = "cpu") -> tuple[Any, dict[str, Any]]:
+def load_teacher(path: str | Path, *, ema: str | float | None = "auto", device: torch.device | str = "cpu",
+                 field: str = "--ema") -> tuple[Any, dict[str, Any]]:
     """A frozen teacher (the object samplers drive; a ``Denoiser`` for kind "denoiser") and its info.
 
     ``path`` is a bundle directory or a training checkpoint. ``info`` is the bundle's dtrain.json contents
@@ -339,6 +352,10 @@ def load_teacher(path: str | Path, *, ema: str | float | None = "auto",
     if is_bundle(path):
         pipe = load_bundle(path, device=device)
         info = dict(pipe.info)
+        held = info["weights"]["ema"]
+        if ema not in ("auto", None) and ema_tag(ema) != held:  # a bundle holds one set of weights
+            raise InputError(f"{field}: {path} is a bundle of the {held or 'raw'} weights only, not {ema!r}; export "
+                             f"the one you want with dtrain export --ema, or use auto")
         ref = {"path": str(path.resolve()), "format": "bundle", "sha256": info["weights"]["sha256"],
                "ema": info["weights"]["ema"]}
     else:

@@ -32,7 +32,13 @@ from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
 from dtrain.errors import InputError
-from dtrain.export.checkpoint import CKPT_FORMAT, model_differences, read_checkpoint, read_model_section
+from dtrain.export.checkpoint import (
+    CKPT_FORMAT,
+    git_commit,
+    model_differences,
+    read_checkpoint,
+    read_model_section,
+)
 from dtrain.lit.guard import NonFiniteGuard
 from dtrain.models import ADDED_EMBEDDINGS, DENOISER_FIELDS, build_denoiser, build_model, count_params
 from dtrain.models.ema import EMA
@@ -437,7 +443,7 @@ class DiffusionModule(L.LightningModule):
 
         self.teacher_recipe = None  # known when a file gave the teacher
         if isinstance(source, (str, Path)):
-            teacher, info = load_teacher(source, ema=ema)
+            teacher, info = load_teacher(source, ema=ema, field="method.teacher_ema")
             ref, self.teacher_recipe = info["ref"], (info.get("provenance") or {}).get("recipe")
             mine, theirs = self.recipe["model"].get("param"), info["model"].get("param")
             if init_from and mine != theirs:
@@ -505,6 +511,7 @@ class DiffusionModule(L.LightningModule):
             "format": CKPT_FORMAT,
             "recipe": self.recipe,
             "recipe_hash": recipe_hash(OmegaConf.create(self.recipe)),
+            "git_commit": git_commit(),
             "ema_tags": self.ema_tags,
             "default_ema": self.default_ema,
             "kind": self.kind,

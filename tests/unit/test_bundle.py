@@ -154,6 +154,22 @@ def test_export_overrides_and_refuses_nonempty(tmp_path):
         C.export_checkpoint(path, tmp_path / "c", sampler={"steps": 3})
 
 
+def test_a_stored_grid_follows_the_sampler_and_nfe(tmp_path):
+    """A checkpoint's grid (a PD student's, 4 DDIM steps) goes into the bundle with its sampler and NFE; an export
+    asking for another NFE or sampler gets the default grid instead of a grid of another cost, and a dtrain.json
+    whose grid and sampler.nfe disagree is refused naming sampler.grid."""
+    grid = [1.0, 0.7, 0.4, 0.1, 0.0]
+    _, path = make_ckpt(tmp_path / "t.ckpt", sampler={"name": "ddim", "nfe": 4, "grid": grid})
+    for i, (override, want) in enumerate([(None, grid), ({"nfe": 8}, None), ({"name": "heun"}, None),
+                                          ({"name": "ddim", "nfe": 4}, grid)]):
+        out = C.export_checkpoint(path, tmp_path / f"b{i}", sampler=override)
+        assert json.loads((out / "dtrain.json").read_text())["sampler"]["grid"] == want, override
+    info = json.loads((tmp_path / "b0" / "dtrain.json").read_text())
+    info["sampler"]["nfe"] = 8
+    with pytest.raises(B.BundleError, match=r"sampler\.grid: 4 steps of 'ddim' cost 4 NFE, but sampler\.nfe is 8"):
+        B.check_info(info)
+
+
 def test_export_validates_weights_against_the_network(tmp_path):
     ckpt, path = make_ckpt(tmp_path / "t.ckpt")
     ckpt["dtrain"]["recipe"]["model"]["channels"] = 16  # the recipe no longer matches the weights

@@ -139,3 +139,23 @@ def test_resume_warns_where_in_memory_data_cannot_find_its_place(digits_teacher)
     changed = {**recipe, "seed": 7, "data": {**recipe["data"], "batch_size": 8}}
     with pytest.warns(UserWarning, match=r"resume: data\.batch_size 32 -> 8, seed 0 -> 7: in-memory data restarts"):
         check_resume(digits_teacher, ck, changed)
+
+
+def test_checkpoints_and_bundles_record_the_source_commit(digits_teacher, digits_bundle):
+    """provenance.git_commit: the commit of the dtrain source that trained (``-dirty`` with uncommitted changes),
+    in the checkpoint and in its bundle."""
+    import json
+
+    import dtrain
+    from dtrain.export.checkpoint import git_commit
+
+    src = Path(dtrain.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("dtrain does not run from a git checkout here")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True,
+                           text=True).stdout.strip()
+    assert git_commit() == head.stdout.strip() + ("-dirty" if dirty else "")
+    ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+    info = json.loads((digits_bundle / "dtrain.json").read_text())
+    assert ck["dtrain"]["git_commit"] == info["provenance"]["git_commit"] == git_commit()

@@ -130,6 +130,26 @@ def test_eval_unknown_builtin_ref_stats(ckpt_bundle, tmp_path, cli_error) -> Non
     assert "['digits:train', 'digits:test', 'digits:all']" in err
 
 
+def test_eval_negative_seed(ckpt_bundle, tmp_path, cli_error) -> None:
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--seed", "-1", "--out", str(tmp_path / "e"))
+    assert err.endswith("--seed: must be >= 0, got -1")
+
+
+@pytest.mark.parametrize("ema", ["0.99", "raw", "nonsense"])
+def test_eval_ema_a_bundle_does_not_hold(ckpt_bundle, tmp_path, cli_error, ema) -> None:
+    """A bundle holds one set of weights: another --ema was silently evaluated as the bundle's own."""
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--ema", ema, "--out", str(tmp_path / "e"))
+    assert f"--ema: {ckpt_bundle[1]} is a bundle of the 0_995 weights only, not {ema!r}" in err
+
+
+def test_eval_default_out_names_the_run(ckpt_bundle, tmp_path, monkeypatch, capsys) -> None:
+    """runs/<run>/checkpoints/last.ckpt evaluates into runs/eval/<run>-last (every run's last.ckpt had one folder)."""
+    ckpt = ckpt_bundle[0]
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(ckpt), *EVAL]) == 0
+    assert (tmp_path / "runs" / "eval" / f"{ckpt.parent.parent.name}-last" / "fid_vs_nfe.json").is_file()
+
+
 def test_eval_out_is_a_file(ckpt_bundle, tmp_path, capsys, cli_error) -> None:  # 13
     out = tmp_path / "afile.txt"
     out.write_text("x")
