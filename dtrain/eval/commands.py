@@ -2,7 +2,7 @@
 loads the model (``dtrain.export``) and calls ``run_eval``.
 
     dtrain eval runs/x/checkpoints/last.ckpt --samplers ddim:1,2,4,8,16,32,64 dpm++2m:4,8 --num 10000
-    torchrun --nproc-per-node 8 -m dtrain.cli eval bundles/x --samplers student:1,2 --num 50000
+    torchrun --nproc-per-node 8 -m dtrain.cli eval bundles/x --samplers consistency:1,2 --num 50000
 
 Defaults come from the recipe's ``eval`` section stored with the model, then from these flags. Rank 0 prints
 the table and writes ``<out>/fid_vs_nfe.{json,png}`` and ``<out>/samples/<sampler>_nfe<n>.png``; with W&B
@@ -77,6 +77,8 @@ def _init_dist(device: str | None) -> torch.device:
 def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None = None) -> list[Any]:
     """The sweep; returns the rows (every rank). ``guide_for(kind)``: how the model's bundle kind applies guidance
     (``dtrain.export.bundle.kind_guide``; None: classifier-free guidance)."""
+    import torch
+
     from dtrain.diffusion.timesteps import SPACINGS
     from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS, WEIGHTS_KEY, build_extractor
     from dtrain.eval.fid import dist_rank, load_ref
@@ -132,9 +134,12 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                                 shape=shape, key=extractor_key,
                                 weights_key="--weights" if args.weights else WEIGHTS_KEY).to(device)
     ref = load_ref(ref_spec, extractor, key="--ref-stats" if args.ref_stats else "eval.ref_stats")
+    stored = info["sampler"]  # a bundle's own grid (a PD student's, consistency sample times) at its sampler and NFE
+    grids = ({(stored["name"], int(stored["nfe"])): torch.tensor(stored["grid"], dtype=torch.float64)}
+             if stored.get("grid") is not None and args.spacing is None else {})
     rows = fid_sweep(denoiser, specs, num=num, batch_size=batch, shape=shape, extractor=extractor, ref=ref,
                      num_classes=num_classes, guidance=float(guidance), seed=seed, device=device,
-                     spacing=args.spacing, ref_source=str(ref_spec), guide=guide)
+                     spacing=args.spacing, ref_source=str(ref_spec), guide=guide, grids=grids)
     if rank == 0:
         run_info = {"model": str(args.model), "kind": info.get("kind"), "ema": (info.get("ref") or {}).get("ema"),
                     "num": num, "batch_size": batch, "seed": seed, "guidance": float(guidance), "world_size": world,

@@ -57,6 +57,7 @@ class FeatureExtractor(nn.Module):
     num_features: int = 0
     num_classes: int = 0
     weights_sha256: str = ""
+    preprocess: str = ""  # how inputs are resized etc., where that is a choice (recorded with reference stats)
     input_shape: tuple[int, ...] | None = None  # (C, H, W) the extractor accepts; None: any
     key: str = "eval.feature_extractor"  # what named it (a flag): errors about its input name this
 
@@ -178,7 +179,11 @@ class InceptionFeatures(FeatureExtractor):
                                       "torch-fidelity") from e
         try:
             torch.load(weights_path, map_location="cpu", weights_only=True)  # refuse pickled code before the real load
-            self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(weights_path))
+            # antialias=False: torch-fidelity's TF1-style bilinear resize to 299, as the reference TF FID (torch's
+            # half-pixel resize moved a smooth 32x32 image's pixels by 12 grey levels on average)
+            self.net = NoTrainInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(weights_path),
+                                          antialias=False)
+            self.preprocess = "tf1-bilinear-299"
         except Exception as e:  # pickled code (UnpicklingError), another network's weights (RuntimeError), ...
             raise InputError(f"{weights_key}: {weights_path} is not the FID Inception weights file "
                              f"(pt_inception-2015-12-05.pth from {INCEPTION_URL}): {first_line(e)}") from None

@@ -11,6 +11,7 @@ not match the evaluation.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,8 @@ class RefStats:
         """Refuse statistics made with another extractor, other weights or another resolution."""
         want = {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256,
                 "num_features": extractor.num_features}
+        if extractor.preprocess:  # files made before it was recorded: refused (another resize)
+            want["preprocess"] = extractor.preprocess
         if shape is not None:
             want["resolution"] = [int(s) for s in shape]
         bad = [f"{k}: file has {self.meta.get(k)!r}, evaluation uses {v!r}" for k, v in want.items()
@@ -135,7 +138,8 @@ class RefStats:
 def ref_meta(extractor: FeatureExtractor, shape: Sequence[int], count: int, source: str) -> dict[str, Any]:
     return {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256,
             "num_features": extractor.num_features, "resolution": [int(s) for s in shape],
-            "count": int(count), "source": source}
+            "count": int(count), "source": source, **({"preprocess": extractor.preprocess} if extractor.preprocess
+                                                       else {})}
 
 
 @torch.no_grad()
@@ -238,10 +242,16 @@ class FID:
         self.extractor = extractor
         self.fid = make_fid(extractor, ref).to(device)
         self.classes = ClassStats(extractor.num_classes).to(device) if extractor.num_classes else None
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)  # samples with a NaN / inf value
 
     @torch.no_grad()
     def update(self, x: Tensor, labels: Tensor | None = None) -> None:
+        """Score a batch of samples; non-finite ones (a diverged model) are counted, scored as zeros, and make
+        ``compute``'s FID nan (quantised to uint8 they would look like black images and give a finite FID)."""
         x = x.to(self.fid.device)
+        bad = ~torch.isfinite(x.flatten(1)).all(1)
+        self.nonfinite += bad.sum()
+        x = torch.where(bad.reshape(-1, *[1] * (x.ndim - 1)), torch.zeros_like(x), x)
         self.fid.update(x, real=False)
         if self.classes is not None:
             self.classes.update(self.extractor.logits(x), labels)
@@ -249,18 +259,25 @@ class FID:
     def compute(self) -> dict[str, float]:
         with warnings.catch_warnings():  # a rank may hold no samples of its own (num < world_size x batch)
             warnings.filterwarnings("ignore", message=".*called before the ``update`` method.*")
-            out = {"fid": float(self.fid.compute()), "count": int(self._synced_count())}
+            out = {"fid": float(self.fid.compute()), "count": int(self._synced(self.fid.fake_features_num_samples))}
         if self.classes is not None:
             out.update(self.classes.compute())
+        if (bad := self._synced(self.nonfinite)) > 0:
+            warnings.warn(f"FID: {bad} of {out['count']} samples are not finite (NaN / inf); FID reported as nan",
+                          stacklevel=2)
+            out["fid"], out["nonfinite"] = math.nan, bad
         return out
 
-    def _synced_count(self) -> int:
-        n = self.fid.fake_features_num_samples.clone()
+    @staticmethod
+    def _synced(n: Tensor) -> int:
+        """A count summed over ranks."""
+        n = n.clone()
         if dist_rank()[1] > 1:
             torch.distributed.all_reduce(n)
         return int(n)
 
     def reset(self) -> None:
+        self.nonfinite.zero_()
         self.fid.reset()
         if self.classes is not None:
             self.classes.reset()

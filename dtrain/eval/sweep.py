@@ -10,7 +10,8 @@ summed across ranks, so each point scores exactly ``num`` samples.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -149,14 +150,17 @@ def fid_sweep(
     ref_source: str = "",
     console: Any = None,
     guide: Callable[[Any, float, int], Any] | None = None,
+    grids: Mapping[tuple[str, int], Tensor] | None = None,
 ) -> list[SweepRow]:
     """FID (and class accuracy / IS) at each (sampler, NFE); call on every rank, rank 0 prints the table.
 
     ``num_classes > 0``: class-conditional with balanced labels (label ``num_classes`` is the null class) and
     guidance ``guidance`` applied by ``guide(model, w, null_label)`` (default: classifier-free guidance; a bundle
     kind's own, e.g. w as an input of a guided PD student: ``dtrain.export.bundle.kind_guide``); the class accuracy
-    is scored when the extractor classifies the same ``num_classes`` labels (FID-digits). Returns the same rows on
-    every rank (grids: rank 0 only).
+    is scored when the extractor classifies the same ``num_classes`` labels (FID-digits). ``grids``: the time grid
+    of a (sampler, NFE) point where it is not the default one (a bundle's stored grid, e.g. a PD student's). Budgets
+    that come to the step count of an earlier point of the same sampler are skipped with a warning. Returns the same
+    rows on every rank (grids: rank 0 only).
     """
     from dtrain.eval.fid import FID, dist_rank
 
@@ -170,7 +174,15 @@ def fid_sweep(
     metric = FID(extractor, ref, shape=shape, device=device, ref_source=ref_source)
     batches = global_batches(num, batch_size, rank, world)
     score_labels = num_classes > 0 and extractor.num_classes == num_classes  # the classifier knows these labels
-    points = [(name, n) for name, budgets in plan for n in budgets]
+    points, seen = [], set()
+    for name, budgets in plan:
+        for n in budgets:
+            key = (name, steps_for_nfe(name, n))
+            if key in seen:
+                warnings.warn(f"{KEY}: {name}:{n} runs the {key[1]} step(s) of an earlier point; skipped", stacklevel=2)
+                continue
+            seen.add(key)
+            points.append((name, n))
     bar = _progress(progress and rank == 0, console)
     rows: list[SweepRow] = []
     with bar:
@@ -182,7 +194,7 @@ def fid_sweep(
             grid: list[Tensor] = []
             t0 = time.perf_counter()
             for x0, y in generate(denoiser, name, budget, batches, shape=shape, num_classes=num_classes, seed=seed,
-                                  device=device, spacing=spacing):
+                                  device=device, spacing=spacing, grid=(grids or {}).get((name, budget))):
                 metric.update(x0, y if score_labels else None)
                 if rank == 0 and sum(len(g) for g in grid) < grid_size:
                     grid.append(x0[: grid_size - sum(len(g) for g in grid)].float().cpu())

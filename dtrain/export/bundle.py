@@ -25,6 +25,7 @@ import json
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,6 +500,9 @@ class Pipeline:
         if rng is None:
             raise ValueError("to_uint8: this bundle's samples are not images (image.range is null)")
         lo, hi = rng
+        if x.ndim and (bad := int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())):
+            warnings.warn(f"to_uint8: {bad} of {len(x)} samples are not finite (NaN / inf): the model diverged? "
+                          f"Their NaNs become 0 and infinities the range's ends", stacklevel=2)
         return ((x.float().clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
 
     def __repr__(self) -> str:
@@ -555,7 +559,8 @@ def save_bundle(
     overwrite: bool = False,
 ) -> Path:
     """Write ``state`` (floating tensors cast to ``dtype``) and ``info`` (all of dtrain.json but ``weights``
-    and ``format``) as a bundle; ``dtrain.json`` is written last so a bundle with it is complete."""
+    and ``format``) as a bundle. Both files are written to temporary names and renamed into place back to back,
+    ``dtrain.json`` last: a crash leaves the previous bundle (or none) whole, never a half-written one."""
     from safetensors.torch import save_file
 
     out = check_out(out, overwrite)
@@ -571,9 +576,11 @@ def save_bundle(
     # one metadata key: safetensors writes its metadata map in hash order, so two keys made equal weights hash
     # differently from file to file (dtrain.json carries the bundle format)
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    full["weights"]["sha256"] = sha256_file(tmp)
+    tmp_info = out / (INFO_FILE + ".tmp")
+    tmp_info.write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
     tmp.replace(out / WEIGHTS_FILE)
-    full["weights"]["sha256"] = sha256_file(out / WEIGHTS_FILE)
-    (out / INFO_FILE).write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
+    tmp_info.replace(out / INFO_FILE)
     return out
 
 

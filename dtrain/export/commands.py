@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ def run_export(args: argparse.Namespace) -> Path:
         SAMPLERS.get(args.sampler, "--sampler")
     if args.nfe is not None and args.nfe < 1:
         raise InputError(f"--nfe: must be >= 1 (network evaluations per sample), got {args.nfe}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise InputError(f"--guidance: must be a finite number (1: no guidance), got {args.guidance}")
     sampler = {k: v for k, v in (("name", args.sampler), ("nfe", args.nfe), ("guidance", args.guidance))
                if v is not None}
     metrics = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import pickle
 import random
 import re
@@ -154,6 +155,36 @@ def test_export_overrides_and_refuses_nonempty(tmp_path):
         C.export_checkpoint(path, tmp_path / "c", sampler={"steps": 3})
 
 
+@pytest.mark.parametrize("fails", ["weights", "dtrain.json"])
+def test_an_overwrite_that_crashes_keeps_the_previous_bundle(tmp_path, monkeypatch, fails):
+    """dtrain export --force (and every PD round's bundle) over a good bundle: a crash while writing either file
+    leaves the old bundle loading with its checksum verified."""
+    import safetensors.torch
+
+    _, path = make_ckpt(tmp_path / "t.ckpt")
+    out = C.export_checkpoint(path, tmp_path / "b")
+    before = (out / "dtrain.json").read_text()
+    _, other = make_ckpt(tmp_path / "u.ckpt", seed=1)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    if fails == "weights":
+        monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    else:
+        real = Path.write_text
+
+        def write_text(self, *a, **k):
+            return crash() if self.name.startswith("dtrain.json") else real(self, *a, **k)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(KeyboardInterrupt):
+        C.export_checkpoint(other, out, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "dtrain.json").read_text() == before
+    B.load_bundle(out, verify=True).sample(1, nfe=1)
+
+
 def test_a_stored_grid_follows_the_sampler_and_nfe(tmp_path):
     """A checkpoint's grid (a PD student's, 4 DDIM steps) goes into the bundle with its sampler and NFE; an export
     asking for another NFE or sampler gets the default grid instead of a grid of another cost, and a dtrain.json
@@ -230,6 +261,8 @@ def test_labels_guidance_and_uint8(exported):
     assert not torch.allclose(got, plain)
     u8 = pipe.to_uint8(torch.tensor([-1.0, -2.0, 0.0, 1.0, 1.5, 0.5]))
     assert u8.tolist() == [0, 0, 128, 255, 255, 191] and u8.dtype == torch.uint8
+    with pytest.warns(UserWarning, match=r"to_uint8: 2 of 3 samples are not finite"):
+        pipe.to_uint8(torch.tensor([[0.0, math.nan], [0.0, 0.0], [math.inf, 0.0]]))
 
 
 def test_default_grid_and_eta_from_bundle(tmp_path):

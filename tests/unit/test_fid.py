@@ -29,6 +29,7 @@ from dtrain.eval.fid import (
     _set_stats,
     compute_ref_stats,
     make_fid,
+    ref_meta,
 )
 from dtrain.eval.grids import image_grid
 from dtrain.eval.sweep import generate, global_batches, indexed_noise, parse_specs
@@ -166,6 +167,15 @@ def test_inception_runs_from_a_local_weights_file(tmp_path, monkeypatch):
     assert torch.equal(ext(x.expand(-1, 3, -1, -1)), f)
     with pytest.raises(ValueError, match="inception"):
         ext(torch.zeros(2, 4, 8, 8))
+    # the reference FID's TF1-style resize (torch-fidelity's), recorded with reference statistics: files made
+    # without the record (the earlier antialiased torch resize) are refused
+    assert ext.net.use_antialias is False and ext.preprocess == "tf1-bilinear-299"
+    meta = ref_meta(ext, (1, 8, 8), 2, "test")
+    assert meta["preprocess"] == "tf1-bilinear-299"
+    RefStats(np.zeros(2048), np.eye(2048), meta).check(ext, (1, 8, 8))
+    old = {k: v for k, v in meta.items() if k != "preprocess"}
+    with pytest.raises(RefStatsError, match=r"preprocess: file has None, evaluation uses 'tf1-bilinear-299'"):
+        RefStats(np.zeros(2048), np.eye(2048), old).check(ext, (1, 8, 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +299,44 @@ def test_sweep_rows_report_and_wandb(digits, tmp_path, monkeypatch):
     assert len(media) == 3, media
     assert any((tmp_path / "wandb").rglob("*.table.json")), "the W&B table was not written"
     assert run_dir
+
+
+def test_non_finite_samples_make_the_fid_nan(digits):
+    """A diverged model's NaN / inf samples are counted and give FID nan with a warning (as uint8 they were black
+    images with a finite FID); the count stays exact and reset clears them."""
+    ref = compute_ref_stats(digits, [digits_arrays("train")[0]], source="digits train")
+    m = FID(digits, ref)
+    x = digits_arrays("test")[0][:20].clone()
+    x[3, 0, 2, 2], x[7, 0, 0, 0] = math.nan, math.inf
+    m.update(x)
+    with pytest.warns(UserWarning, match=r"FID: 2 of 20 samples are not finite"):
+        out = m.compute()
+    assert math.isnan(out["fid"]) and out["nonfinite"] == 2 and out["count"] == 20
+    m.reset()
+    m.update(digits_arrays("test")[0][:20])
+    assert math.isfinite(m.compute()["fid"])
+
+
+def test_sweep_uses_given_grids_and_skips_repeated_step_counts(digits):
+    """``grids``: a (sampler, NFE) point samples on the given grid (a bundle's PD grid) and gives the FID of the
+    same samples drawn on it directly; heun:1,2 both come to 1 step, so the second is skipped with a warning."""
+    from dtrain.diffusion.timesteps import make_grid
+    from dtrain.eval.sweep import fid_sweep
+
+    ref = compute_ref_stats(digits, [digits_arrays("train")[0]], source="digits train")
+    den = digits_gmm().denoiser(make_schedule("vp_cosine"), conditional=True)
+    grid = torch.tensor([0.9946, 0.9347, 0.4283, 0.0355, 0.0], dtype=torch.float64)
+    kw = dict(num=40, batch_size=20, shape=(1, 8, 8), extractor=digits, ref=ref, num_classes=10, seed=2,
+              progress=False)
+    with pytest.warns(UserWarning, match=r"eval.samplers: heun:2 runs the 1 step\(s\) of an earlier point; skipped"):
+        rows = fid_sweep(den, ["ddim:4", "heun:1,2"], grids={("ddim", 4): grid}, **kw)
+    assert [(r.sampler, r.nfe) for r in rows] == [("ddim", 4), ("heun", 1)]
+    m = FID(digits, ref)
+    for x, y in generate(den, "ddim", 4, global_batches(40, 20), shape=(1, 8, 8), num_classes=10, seed=2, grid=grid):
+        m.update(x, y)
+    assert rows[0].fid == pytest.approx(m.compute()["fid"], rel=1e-12)
+    assert grid.tolist() != make_grid(den.schedule, 4).tolist()
+    assert rows[0].fid != pytest.approx(fid_sweep(den, ["ddim:4"], **kw)[0].fid, rel=1e-6)
 
 
 def test_fid_ref_stats_tool_reads_folders_like_tensors(digits, tmp_path, load_tool):

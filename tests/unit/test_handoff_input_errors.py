@@ -123,6 +123,12 @@ def test_export_nfe_below_one(ckpt_bundle, tmp_path, cli_error) -> None:  # 11
     assert "--nfe: must be >= 1" in err and "dtrain.json" not in err and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("w", ["nan", "inf"])
+def test_export_guidance_not_finite(ckpt_bundle, tmp_path, cli_error, w) -> None:
+    err = cli_error("export", str(ckpt_bundle[0]), "--out", str(tmp_path / "b"), "--guidance", w)
+    assert f"--guidance: must be a finite number (1: no guidance), got {w}" in err and not (tmp_path / "b").exists()
+
+
 def test_eval_unknown_builtin_ref_stats(ckpt_bundle, tmp_path, cli_error) -> None:  # 12
     err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--ref-stats", "digits:trian", "--out",
                     str(tmp_path / "e"))
@@ -148,6 +154,27 @@ def test_eval_default_out_names_the_run(ckpt_bundle, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     assert main(["eval", str(ckpt), *EVAL]) == 0
     assert (tmp_path / "runs" / "eval" / f"{ckpt.parent.parent.name}-last" / "fid_vs_nfe.json").is_file()
+
+
+@pytest.mark.parametrize("spacing", [None, "trailing"])
+def test_eval_samples_a_bundles_grid_at_its_sampler_and_nfe(ckpt_bundle, tmp_path, monkeypatch, spacing) -> None:
+    """dtrain eval hands the bundle's stored grid (a PD student's) to the sweep for its sampler and NFE, as
+    dtrain sample uses it; --spacing asks for the default grids instead."""
+    import json
+    import shutil
+
+    import dtrain.eval.sweep as sweep
+
+    b = tmp_path / "b"
+    shutil.copytree(ckpt_bundle[1], b)
+    info = json.loads((b / "dtrain.json").read_text())
+    info["sampler"].update(name="ddim", nfe=2, grid=[float(info["schedule"].get("t_max", 1.0) or 1.0), 0.3, 0.0])
+    (b / "dtrain.json").write_text(json.dumps(info))
+    seen = {}
+    monkeypatch.setattr(sweep, "fid_sweep", lambda *a, **kw: seen.update(kw["grids"]) or [])
+    flags = ["--spacing", spacing] if spacing else []
+    assert main(["eval", str(b), *EVAL, "--out", str(tmp_path / "e"), *flags]) == 0
+    assert {k: v.tolist() for k, v in seen.items()} == ({} if spacing else {("ddim", 2): info["sampler"]["grid"]})
 
 
 def test_eval_out_is_a_file(ckpt_bundle, tmp_path, capsys, cli_error) -> None:  # 13
