@@ -515,7 +515,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
         raise _key_error(e, sources[-1][0] if sources else "recipe") from None
     if validate:
         where = sources[-2][0] if len(sources) > 1 else "recipe"
-        for fn in VALIDATORS:
+        for fn in [*VALIDATORS, _check_schedule_build]:  # the schedule last: the other checks say more
             for key, reason in fn(merged):
                 raise RecipeError(_source_of(key, sources, where), key, reason)
     OmegaConf.set_readonly(merged, True)
@@ -546,6 +546,20 @@ def recipe_hash(cfg: DictConfig) -> str:
 # Built-in checks (registry names and cross-field rules). More live beside the code they guard.
 
 
+def _check_schedule_build(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The schedule builds: its constructor checks its ranges (schedule.T, t_min / t_max, betas, ...) and options."""
+    from dtrain.diffusion.schedule import SCHEDULES, schedule_from_config
+
+    if cfg.schedule.name not in SCHEDULES:
+        return []
+    try:
+        schedule_from_config(cfg.schedule)
+    except (ValueError, TypeError) as e:
+        where, _, reason = str(e).partition(": ")
+        return [(where, reason) if where.startswith("schedule") and reason else ("schedule", str(e))]
+    return []
+
+
 @register_validator
 def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
     from dtrain.diffusion.param import PARAMS
@@ -556,14 +570,6 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
     bad: list[tuple[str, str]] = []
     if cfg.schedule.name not in SCHEDULES:
         bad.append(("schedule.name", f"unknown schedule {cfg.schedule.name!r}; choose one of {sorted(SCHEDULES)}"))
-    else:  # the constructors check their ranges (schedule.T, t_min / t_max, betas, ...)
-        from dtrain.diffusion.schedule import schedule_from_config
-
-        try:
-            schedule_from_config(cfg.schedule)
-        except (ValueError, TypeError) as e:
-            where, _, reason = str(e).partition(": ")
-            bad.append((where, reason) if where.startswith("schedule") and reason else ("schedule", str(e)))
     if cfg.model.param not in PARAMS:
         bad.append(("model.param", f"unknown parameterization {cfg.model.param!r}; choose one of {list(PARAMS)}"))
     if cfg.sampler.name not in SAMPLERS:

@@ -100,13 +100,11 @@ class Schedule(ABC):
         return f"{type(self).__name__}({self.to_dict()})"
 
 
-def _check_range(t_min: float, t_max: float, *, low_open: bool = False, high: float = 1.0,
-                 high_open: bool = False) -> None:
-    """``schedule.t_min`` / ``t_max``: 0 <= t_min < t_max <= ``high`` (strict where open)."""
-    ok = (t_min > 0 if low_open else t_min >= 0) and t_min < t_max and (t_max < high if high_open else t_max <= high)
-    if not ok:
-        lo, hi = "0 <" if low_open else "0 <=", "<" if high_open else "<="
-        raise ValueError(f"schedule.t_min / t_max: need {lo} t_min < t_max {hi} {high}, got {t_min}, {t_max}")
+def _check_range(t_min: float, t_max: float, *, high: float = 1.0, high_open: bool = False) -> None:
+    """``schedule.t_min`` / ``t_max``: 0 <= t_min < t_max <= ``high`` (< where open)."""
+    if not (0 <= t_min < t_max and (t_max < high if high_open else t_max <= high)):
+        hi = "<" if high_open else "<="
+        raise ValueError(f"schedule.t_min / t_max: need 0 <= t_min < t_max {hi} {high}, got {t_min}, {t_max}")
 
 
 def bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -268,7 +266,7 @@ class VPLinear(Schedule):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> None:
         if not 0 < beta_min <= beta_max:
             raise ValueError(f"schedule.beta_min / beta_max: need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
-        _check_range(t_min, 1.0, low_open=True)
+        _check_range(t_min, 1.0)
         self.b0, self.b1, self.t_min, self.t_max = beta_min, beta_max, t_min, 1.0
 
     def _log_ab(self, t: Tensor) -> Tensor:
@@ -316,7 +314,7 @@ class VPCosine(Schedule):
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946) -> None:
         if not s > 0:
             raise ValueError(f"schedule.s: the cosine offset must be > 0, got {s}")
-        _check_range(t_min, t_max, low_open=True, high=1.0, high_open=True)
+        _check_range(t_min, t_max, high=1.0, high_open=True)
         self.s, self.t_min, self.t_max = s, t_min, t_max
         self._f0 = math.cos(s / (1 + s) * math.pi / 2)
 

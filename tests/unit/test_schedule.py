@@ -248,9 +248,9 @@ def test_errors_are_clear():
     for make, match in [(lambda: DiscreteVP(T=0), r"schedule\.T: must be an int >= 1, got 0"),
                         (lambda: DiscreteVP(beta_start=0.1, beta_end=0.01), r"schedule\.beta_start / beta_end"),
                         (lambda: make_schedule("vp_linear", beta_min=0.0), r"schedule\.beta_min / beta_max"),
-                        (lambda: make_schedule("vp_linear", t_min=0.0), r"need 0 < t_min < t_max <= 1\.0"),
+                        (lambda: make_schedule("vp_linear", t_min=1.5), r"need 0 <= t_min < t_max <= 1\.0"),
                         (lambda: make_schedule("vp_cosine", s=-1.0), r"schedule\.s: the cosine offset must be > 0"),
-                        (lambda: make_schedule("vp_cosine", t_max=1.0), r"need 0 < t_min < t_max < 1\.0"),
+                        (lambda: make_schedule("vp_cosine", t_max=1.0), r"need 0 <= t_min < t_max < 1\.0"),
                         (lambda: make_schedule("flow", t_max=1.5), r"need 0 <= t_min < t_max <= 1\.0, got 0\.0, 1\.5"),
                         (lambda: make_grid(make_schedule("edm"), 4, "rho", rho=0.0), r"grid\.rho: must be > 0")]:
         with pytest.raises(ValueError, match=match):
