@@ -84,7 +84,10 @@ class Denoiser(nn.Module):
         c = c or self.coeffs(t, x, derivatives=False)
         x_in = x
         if self.input_scaling:
-            x_in = x * ((c.alpha * self.sigma_data) ** 2 + c.sigma**2) ** -0.5
+            a, s = (v.float() if isinstance(v, Tensor) and v.element_size() < 4 else v  # float16 overflows
+                    for v in (c.alpha, c.sigma))
+            scale = ((a * self.sigma_data) ** 2 + s**2) ** -0.5
+            x_in = x * (scale.to(x.dtype) if isinstance(scale, Tensor) else scale)
         if t.ndim == 0 and t.device.type == "cpu":
             c_noise = torch.full((x.shape[0],), self._scalar(t, False)[1], dtype=torch.float32, device=x.device)
         else:

@@ -60,9 +60,14 @@ def check_param(kind: str) -> str:
 
 
 def edm_skip_out(alpha: Tensor | float, sigma: Tensor | float, sigma_data: float) -> tuple[Tensor, Tensor]:
-    """c_skip, c_out of EDM generalised to x_t = alpha x0 + sigma eps (arXiv 2206.00364, Table 1)."""
-    d2 = (alpha * sigma_data) ** 2 + sigma**2
-    return alpha * sigma_data**2 / d2, sigma * sigma_data / d2**0.5
+    """c_skip, c_out of EDM generalised to x_t = alpha x0 + sigma eps (arXiv 2206.00364, Table 1); in float32 at
+    least and returned in the inputs' dtype (sigma^2 overflows float16 above sigma = 256)."""
+    tensors = [v for v in (alpha, sigma) if isinstance(v, Tensor)]
+    dtype = tensors[0].dtype if tensors else None
+    a, s = (v.float() if isinstance(v, Tensor) and v.element_size() < 4 else v for v in (alpha, sigma))
+    d2 = (a * sigma_data) ** 2 + s**2
+    skip, out = a * sigma_data**2 / d2, s * sigma_data / d2**0.5
+    return (skip.to(dtype), out.to(dtype)) if dtype is not None else (skip, out)
 
 
 def to_x0_eps(kind: str, pred: Tensor, x_t: Tensor, c: Coeffs) -> tuple[Tensor, Tensor]:

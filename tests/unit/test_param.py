@@ -167,3 +167,22 @@ def test_denoiser_recovers_x0_in_every_param(key, param, scaling):
             c = den.coeffs(t, x)
             torch.testing.assert_close(den.predict(x, t, kind=kind), convert(want, "x0", kind, x, c), rtol=1e-8,
                                        atol=1e-10)
+
+
+def test_float16_edm_coefficients_past_sigma_256():
+    """sigma^2 overflows float16 above 256: c_skip, c_out and the input scaling are formed in float32 and returned in
+    the inputs' dtype, so a float16 VE denoiser at sigma = 300 matches the float32 one (it returned x0 = 0)."""
+    sch = make_schedule("ve", sigma_max=348.0)
+    skip, out = edm_skip_out(torch.tensor([1.0]).half(), torch.tensor([300.0]).half(), 0.5)
+    assert skip.dtype == torch.float16 and float(out) == pytest.approx(0.5, rel=1e-3)
+    assert float(skip) == pytest.approx(0.25 / (0.25 + 300.0**2), rel=1e-2) and float(skip) > 0
+
+    class Half(nn.Module):
+        def forward(self, x, c_noise, cond):
+            return torch.full_like(x, 0.5)
+
+    x, t = (torch.randn(2, 3) * 300).half(), torch.full((2,), 300.0, dtype=torch.float64)
+    den = Denoiser(Half(), sch, "edm", sigma_data=0.5, input_scaling=True)
+    got, ref = den(x, t), den(x.float(), t)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), ref, atol=2e-3, rtol=2e-3)
