@@ -88,8 +88,8 @@ def ddim_invert(
     x_t <- (a_t / a_s)(x_s - (s_s - a_s s_t / a_t) eps_hat(x_t)), or x_t <- (s_t / s_s)(x_s - a_s D(x_t))
     where alpha_t = 0. A grid of one step from clean data to alpha = 0 is not invertible (D is constant there).
     """
-    if fixed_point_iters < 0:
-        raise ValueError(f"ddim_invert: fixed_point_iters must be >= 0, got {fixed_point_iters}")
+    if not isinstance(fixed_point_iters, int) or isinstance(fixed_point_iters, bool) or fixed_point_iters < 0:
+        raise ValueError(f"ddim_invert: fixed_point_iters must be an int >= 0, got {fixed_point_iters!r}")
     sch = denoiser.schedule
     g, (a, sg) = on_grid(sch, grid, "alpha", "sigma")
     g, a, sg = g.flip(0), a[::-1], sg[::-1]  # increasing: g[0] (usually 0) < g[1] < ...

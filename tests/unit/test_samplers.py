@@ -271,8 +271,9 @@ def test_ddim_inversion_gmm():
     xT = ddim_invert(den, x0, grid, fixed_point_iters=10)
     assert float((ddim(den, xT, grid) - x0).abs().max()) < 1e-3
     assert abs(float(xT.std()) - 1) < 0.1  # the inverted latents look like noise
-    with pytest.raises(ValueError, match="fixed_point_iters must be >= 0"):
-        ddim_invert(den, x0, grid, fixed_point_iters=-1)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match=f"fixed_point_iters must be an int >= 0, got {bad}"):
+            ddim_invert(den, x0, grid, fixed_point_iters=bad)
 
 
 # ---------------------------------------------------------------------------------------------
