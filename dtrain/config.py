@@ -678,11 +678,10 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
             reached = [m.resolution // 2**i for i in range(levels)]
             if extra := [r for r in m.attn_resolutions if r not in reached]:
                 bad.append(("model.attn_resolutions", f"{extra} not among the resolutions {reached}"))
-            widths = {m.channels * c for c in m.channel_mult}
-            if m.head_channels > 0 and any(w % m.head_channels for w in widths):
-                bad.append(("model.head_channels", f"must divide every level's width {sorted(widths)}"))
-            elif m.head_channels <= 0 and any(w % m.num_heads for w in widths):
-                bad.append(("model.num_heads", f"must divide every level's width {sorted(widths)}"))
+            from dtrain.models.unet import head_split_error
+
+            if split := head_split_error(m.channels, m.channel_mult, m.num_heads, m.head_channels):
+                bad.append(split)
         if not 0 <= m.dropout < 1:
             bad.append(("model.dropout", "must be in [0, 1)"))
     if d.name in _DATA_SHAPES:

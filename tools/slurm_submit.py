@@ -2,8 +2,8 @@
 """Submit an sbatch template with the node and GPU counts of a recipe (one task per GPU).
 
     python tools/slurm_submit.py slurm/multi_node.sbatch recipes/teacher/imagenet64.yaml trainer.num_nodes=4 \
-        --sbatch "--time=48:00:00 --partition=gpu"
-    python tools/slurm_submit.py --print-args recipes/teacher/cifar10.yaml     # the flags only
+        trainer.devices=8 --sbatch "--time=48:00:00 --partition=gpu"
+    python tools/slurm_submit.py --print-args recipes/teacher/cifar10.yaml trainer.devices=4   # the flags only
 
 Runs ``sbatch --nodes=<trainer.num_nodes> --ntasks-per-node=<trainer.devices> --gpus-per-node=<same, 0 on cpu>
 <--sbatch options> TEMPLATE RECIPE OVERRIDES``; options given later win, and the template's ``#SBATCH`` lines

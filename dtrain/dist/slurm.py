@@ -2,14 +2,16 @@
 
 Under ``srun`` (one task per GPU), ``dtrain fit`` needs no flags: Lightning's ``SLURMEnvironment`` reads the
 ranks, ``topology`` takes devices (tasks per node) and nodes from the allocation, and ``Requeue`` handles the
-signal ``sbatch --signal=USR1@90`` sends 90 s before the time limit (or a preemption notice): at the next
+signal ``sbatch --signal=USR1@90`` sends 90 s before the time limit (and on preemption where slurm.conf sets
+``SlurmctldParameters=preempt_send_user_signal``; otherwise a preempted job gets SIGTERM only): at the next
 optimizer step every rank agrees, an HPC checkpoint ``<run>/hpc_ckpt_<n>.ckpt`` is written (after that step's
 EMA update), rank 0 runs ``scontrol requeue``, and the requeued job resumes from it (Lightning picks the newest
 ``hpc_ckpt_*`` in the run directory when it runs under SLURM): step, EMA, optimizer, LR schedule and data position.
 It replaces Lightning's own handler, which saves from inside the signal handler, mid-step, on each rank at
 whatever point it has reached (a collective out of step with the others can hang, and the EMA can lag a step).
 
-    python tools/slurm_submit.py slurm/multi_node.sbatch recipes/teacher/cifar10.yaml trainer.num_nodes=4
+    python tools/slurm_submit.py slurm/multi_node.sbatch recipes/teacher/cifar10.yaml trainer.num_nodes=4 \
+        trainer.devices=8
 """
 
 from __future__ import annotations

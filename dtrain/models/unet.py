@@ -99,6 +99,16 @@ class AttentionBlock(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
+def head_split_error(channels: int, channel_mult: Sequence[int], num_heads: int, head_channels: int
+                     ) -> tuple[str, str] | None:
+    """(key, reason) when the attention heads do not divide a level's width, else None."""
+    widths = sorted({channels * c for c in channel_mult})
+    key, split = ("model.head_channels", head_channels) if head_channels > 0 else ("model.num_heads", num_heads)
+    if split < 1 or any(w % split for w in widths):
+        return key, f"must divide every level's width {widths}"
+    return None
+
+
 class UNet(nn.Module):
     """The denoising UNet; see the module docstring for the DDPM and ADM settings."""
 
@@ -123,6 +133,8 @@ class UNet(nn.Module):
         if resolution % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"model.resolution {resolution} is not divisible by 2^{len(channel_mult) - 1} "
                              f"(one halving per model.channel_mult entry after the first)")
+        if bad := head_split_error(channels, channel_mult, num_heads, head_channels):
+            raise ValueError(": ".join(bad))
         self.in_channels, self.resolution, self.num_classes = in_channels, resolution, num_classes
         emb = 4 * channels
         self.time_emb = TimeEmbedding(channels, emb)

@@ -71,8 +71,10 @@ def test_unet_uses_time_and_class():
 def test_unet_rejects_bad_geometry():
     with pytest.raises(ValueError, match=r"model.resolution"):
         UNet(1, 6, 32, [1, 2, 2], 1, [])
-    with pytest.raises(ValueError, match=r"attention heads"):
+    with pytest.raises(ValueError, match=r"model\.num_heads: must divide every level's width \[32, 64\]"):
         UNet(1, 8, 32, [1, 2], 1, [4], num_heads=3)
+    with pytest.raises(ValueError, match=r"model\.head_channels: must divide every level's width \[32, 64\]"):
+        UNet(1, 8, 32, [1, 2], 1, [4], head_channels=48)  # was a ZeroDivisionError (32 // 48 heads)
 
 
 def test_attention_equals_naive_multihead_softmax():
