@@ -121,6 +121,11 @@ def check_strategy(cfg: Any) -> list[tuple[str, str]]:
                     f"(foreach here) or optim.grad_clip=0"))
     if s.timeout_min < 1:
         bad.append(("strategy.timeout_min", "must be >= 1"))
+    if cfg.method.name == "pd" and (ds or shards_parameters(s)):
+        # each round hands the student the previous round's EMA: DeepSpeed keeps fp32 master weights (and casts the
+        # teacher) out of reach of that load, and sharded EMA copies cannot be written to the round's bundle
+        bad.append(("strategy.name", f"progressive distillation runs under ddp (or one device), not {s.name!r}: "
+                    f"its round hand-over loads whole networks on every rank"))
     if shards_parameters(s):
         why = (f"needs the whole network on rank 0, but strategy {s.name!r}"
                + (" (ZeRO stage 3)" if ds else "") + " shards it across ranks; set it to 0 and sample the "

@@ -221,6 +221,11 @@ class DiffusionModule(L.LightningModule):
         """``den`` at guidance scale w: classifier-free guidance (students that take w as an input override this)."""
         return CFGDenoiser(den, w, self.num_classes)
 
+    def sample_grids(self) -> dict[tuple[str, int], Tensor]:
+        """Time grids of (sampler, NFE) points that are not the sampler's default (a PD student's distilled ones),
+        for sampling and the eval sweep."""
+        return {}
+
     @torch.no_grad()
     def sample(
         self,
@@ -232,8 +237,10 @@ class DiffusionModule(L.LightningModule):
         ema: str | None = "default",
         sampler: str | None = None,
         generator: torch.Generator | None = None,
+        grid: Tensor | None = None,
     ) -> Tensor:
-        """Samples from the recipe's sampler (``sampler`` section), optionally class-conditional with CFG."""
+        """Samples from the recipe's sampler (``sampler`` section), optionally class-conditional with CFG; ``grid``:
+        the time grid (else the sampler's default one for ``nfe``)."""
         from dtrain.samplers import run
 
         s = self.recipe.get("sampler") or {}
@@ -250,7 +257,7 @@ class DiffusionModule(L.LightningModule):
         self.net.eval()
         try:
             return run(sampler or s.get("name", "ddim"), den, x_T, int(nfe or s.get("nfe", 50)), cond=cond,
-                       generator=generator, spacing=s.get("spacing"), **opts)
+                       generator=generator, spacing=s.get("spacing"), grid=grid, **opts)
         finally:
             self.net.train(was_training)
 
@@ -281,6 +288,8 @@ class DiffusionModule(L.LightningModule):
         for m in self.modules():  # tensors may have been replaced since the last fit (device, strategy, restore)
             if isinstance(m, EMA):
                 m.reset_cache()
+                if any(t.dtype in (torch.float16, torch.bfloat16) for t in m.parameters()):
+                    m.float()  # trainer.precision 16-true / bf16-true casts the module: averages need float32
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         # torch's global RNG (noise, times and dropout drawn without an explicit generator) as a pure function of
@@ -353,11 +362,12 @@ class DiffusionModule(L.LightningModule):
         if self.guard.enabled:
             logs["train/bad_steps"] = float(self.guard.total)
         buckets = self._bucket is not None and step > 0
+        loss = None
         if step > 0 and (self._loss_n or buckets):
             parts = [self._loss_sum.reshape(1)] if self._loss_n else []  # type: ignore[union-attr]
             vals = torch.cat([*parts, *([self._bucket.flatten()] if buckets else [])]).tolist()  # the one host sync
             if self._loss_n:
-                self.log("train/loss", vals.pop(0) / self._loss_n, prog_bar=True, on_step=True, on_epoch=False)
+                loss = vals.pop(0) / self._loss_n
                 self._loss_sum.zero_()  # type: ignore[union-attr]
                 self._loss_n = 0
             if buckets:
@@ -365,6 +375,14 @@ class DiffusionModule(L.LightningModule):
                 sums, counts = vals[:nb], vals[nb:]
                 logs.update({f"loss_t/{i / nb:.1f}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
                 self._bucket.zero_()  # type: ignore[union-attr]
+        if step % self.trainer.log_every_n_steps:  # the run's last, partial interval: Lightning writes logged values
+            if self.trainer.is_global_zero:  # on its interval only, so they go to the loggers here (its x-axis)
+                metrics = {k: float(v) for k, v in logs.items()} | ({"train/loss": loss} if loss is not None else {})
+                for lg in self.trainer.loggers:
+                    lg.log_metrics(metrics, step=step - 1)
+            return
+        if loss is not None:
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if logs:
             self.log_dict(logs, on_step=True, on_epoch=False)
 
@@ -379,8 +397,12 @@ class DiffusionModule(L.LightningModule):
         from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # a DDPStrategy, but the engine owns the gradients:
-            self._guard_step([], None, dropped=False)  # it clips them (config gradient_clipping); the guard judges
-            return  # the loss only
+            # it clips them (config gradient_clipping); the guard judges the loss only, once per optimizer step
+            # (Lightning calls this after every micro-batch under DeepSpeed; the engine steps on its boundary)
+            engine = self.trainer.strategy.deepspeed_engine
+            if engine is None or engine.is_gradient_accumulation_boundary():
+                self._guard_step([], None, dropped=False)
+            return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
             norm = _local_grad_norm(params) if self.guard.enabled and params else None

@@ -80,7 +80,9 @@ class FIDSweepCallback(L.Callback):
             self.run(trainer, pl_module, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if self.at_end and trainer.global_step != self._last:
+        # at the end of the run only: a stop before max_steps (a SLURM requeue) leaves the sweep to the job that ends
+        early = trainer.max_steps is not None and trainer.global_step < trainer.max_steps
+        if self.at_end and not early and trainer.global_step != self._last:
             self.run(trainer, pl_module, trainer.global_step)
 
     @torch.no_grad()
@@ -98,7 +100,8 @@ class FIDSweepCallback(L.Callback):
             rows = fid_sweep(den, self.specs, num=self.num, batch_size=self.batch_size, shape=pl_module.sample_shape,
                              extractor=self._extractor, ref=self._ref,
                              num_classes=pl_module.num_classes, guidance=self.guidance, seed=self.seed,
-                             device=pl_module.device, progress=False, ref_source=str(self.ref_path))
+                             device=pl_module.device, progress=False, ref_source=str(self.ref_path),
+                             grids=pl_module.sample_grids())
         finally:
             for m, was in modes.items():
                 m.training = was

@@ -82,9 +82,9 @@ class ProgressiveModule(DiffusionModule):
                if not torch.equal(self.grid(n), make_grid(self.schedule, n, self.spacing))]
         if off:
             warnings.warn(f"sampler.spacing: the {sorted(off)}-step student grids (every k-th point of the "
-                          f"{self.start_steps}-step teacher grid) are not make_grid(n, {self.spacing!r}); checkpoints "
-                          f"and bundles record the distilled grid, but an eval sweep 'ddim:n' samples another one "
-                          f"(a nested spacing: 'trailing' for ddpm schedules)", stacklevel=2)
+                          f"{self.start_steps}-step teacher grid) are not make_grid(n, {self.spacing!r}); samples, "
+                          f"the eval sweep's 'ddim:n' points, checkpoints and bundles use the distilled grid, other "
+                          f"samplers make_grid's (a nested spacing: 'trailing' for ddpm schedules)", stacklevel=2)
 
     # ---- rounds -------------------------------------------------------------------------------------------
     @property
@@ -259,8 +259,16 @@ class ProgressiveModule(DiffusionModule):
 
     @torch.no_grad()
     def sample(self, n: int | None = None, *, nfe: int | None = None, **kw: Any) -> Tensor:
-        """Samples of the current round's student (default: its step count)."""
-        return super().sample(n, nfe=nfe or self.current.steps, **kw)
+        """Samples of the current round's student (default: its step count), with DDIM on the grid it was distilled
+        on where the step count is a round's."""
+        steps = nfe or self.current.steps
+        name = kw.get("sampler") or (self.recipe.get("sampler") or {}).get("name", "ddim")
+        if kw.get("grid") is None:
+            kw["grid"] = self.sample_grids().get((name, steps))
+        return super().sample(n, nfe=steps, **kw)
+
+    def sample_grids(self) -> dict[tuple[str, int], Tensor]:
+        return {("ddim", r.steps): self.grid(r.steps) for r in self.rounds}  # the grids the students learned
 
     def checkpoint_info(self) -> dict[str, Any]:
         rnd = self.current

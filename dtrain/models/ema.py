@@ -131,6 +131,9 @@ class EMA(nn.Module):
         if step % self.every:
             return
         src, dsts = self._lists(net)
+        first = next(iter(dsts.values()), None)
+        if src and first and src[0].dtype != first[0].dtype:  # a half-precision net (16-true): average in float32
+            src = [t.to(first[0].dtype) for t in src]
         for tag, dst in dsts.items():
             b = self.beta(tag, step) if beta is None or step <= self.start_step else beta
             if b == 0.0:

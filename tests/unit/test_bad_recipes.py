@@ -58,6 +58,9 @@ CASES = [
      "need 0 <= t_min < t_max <= 1.0"),
     ("consistency grid rho", R / "cm" / "ict_cifar10.yaml", "method:\n  rho: 0\n", "method.rho", "must be > 0"),
     ("teacher p_std", GMM, "method:\n  time_sampling: lognormal\n  p_std: 0\n", "method.p_std", "must be > 0"),
+    ("PD under deepspeed", PD_GMM, "strategy:\n  name: deepspeed\n", "strategy.name",
+     "progressive distillation runs under ddp"),
+    ("PD under fsdp2", PD_GMM, "strategy:\n  name: fsdp2\n", "strategy.name", "not 'fsdp2'"),
     ("offload without deepspeed", GMM, "strategy:\n  name: ddp\n  offload_optimizer: true\n",
      "strategy.offload_optimizer", "needs strategy.name=deepspeed"),
 ]

@@ -124,14 +124,16 @@ def test_grad_norm_is_the_global_norm_before_clipping(tmp_path):
     assert captured["norm_after"] == pytest.approx(1e-4, rel=1e-3)
 
 
-def test_logged_loss_is_the_mean_of_each_log_interval(tmp_path):
-    """``train/loss`` is accumulated on device and logged once per ``log_every_n_steps``: the interval's mean."""
+@pytest.mark.parametrize("max_steps", [6, 8])
+def test_logged_loss_is_the_mean_of_each_log_interval(tmp_path, max_steps):
+    """``train/loss`` is accumulated on device and logged once per ``log_every_n_steps``: the interval's mean;
+    the last, partial interval of a run (8 steps, logged every 3: steps 7-8) is written too, at its step."""
     import csv
 
     from dtrain.data import build_datamodule
     from dtrain.lit.fit import build_trainer, run_dir
 
-    cfg = recipe(tmp_path, "ema.decays=[]", "ema.stds=[]")  # max_steps 6, log every 3
+    cfg = recipe(tmp_path, "ema.decays=[]", "ema.stds=[]", f"trainer.max_steps={max_steps}")  # log every 3
     module = TeacherModule(cfg)
     losses: list[float] = []
 
@@ -142,9 +144,11 @@ def test_logged_loss_is_the_mean_of_each_log_interval(tmp_path):
     trainer = build_trainer(cfg, run_dir(cfg), extra_callbacks=[Spy()])
     trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
     with open(run_dir(cfg) / "csv" / "metrics.csv") as f:
-        logged = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert len(losses) == 6
-    assert logged == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-6)
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == max_steps
+    want = [sum(losses[i:i + 3]) / len(losses[i:i + 3]) for i in range(0, max_steps, 3)]
+    assert [float(r["train/loss"]) for r in rows] == pytest.approx(want, rel=1e-6)
+    assert [int(r["step"]) for r in rows] == [min(i + 3, max_steps) - 1 for i in range(0, max_steps, 3)]
 
 
 def test_bucket_losses_are_per_time_means(tmp_path):

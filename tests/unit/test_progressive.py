@@ -214,3 +214,26 @@ def test_per_sample_guidance_scales():
     seen = []
     WCondDenoiser(lambda x, t, cond: seen.append(cond) or x, 2.5)(x, t, y)
     assert isinstance(seen[0], GuidedCond) and torch.equal(seen[0].labels, y) and seen[0].w.tolist() == [2.5] * 5
+
+
+def test_students_sample_and_sweep_on_their_distilled_grids(monkeypatch):
+    """A PD student samples (sample grids, ``dtrain fit``'s samples) and is swept (``eval.samplers`` 'ddim:n'
+    during training) on the grid it was distilled on; another sampler or step count takes the default grid."""
+    import dtrain.samplers as samplers
+    from dtrain.lit.progressive import ProgressiveModule
+
+    over = ["schedule.name=vp_cosine", "method.start_steps=16", "method.end_steps=4", "method.round_steps=[10]",
+            "trainer.max_steps=20", "model.hidden=16", "model.depth=1"]
+    with pytest.warns(UserWarning, match="the distilled grid"):
+        module = ProgressiveModule(load_recipe(ROOT / "recipes" / "pd" / "gmm.yaml", over))
+    grids = module.sample_grids()
+    assert sorted(grids) == [("ddim", 4), ("ddim", 8)]
+    assert torch.equal(grids[("ddim", 4)], pd_grid(module.schedule, 4, 16, module.spacing))
+    assert not torch.equal(grids[("ddim", 4)], make_grid(module.schedule, 4, module.spacing))
+    seen = []
+    real = samplers.run
+    monkeypatch.setattr(samplers, "run", lambda *a, grid=None, **k: seen.append(grid) or real(*a, grid=grid, **k))
+    module.sample(3, ema=None)  # the current round's 8 steps
+    module.sample(3, nfe=4, ema=None)
+    module.sample(3, nfe=4, sampler="heun", ema=None)
+    assert torch.equal(seen[0], grids[("ddim", 8)]) and torch.equal(seen[1], grids[("ddim", 4)]) and seen[2] is None

@@ -64,6 +64,27 @@ def test_bf16_mixed_runs_the_network_under_autocast(tmp_path):
     assert seen[-1] == torch.float32  # the default stays exact float32
 
 
+def test_bf16_true_keeps_the_ema_in_float32_and_samples(tmp_path):
+    """trainer.precision=bf16-true casts the whole module: the EMA copies are averaged in float32 again (in bf16 a
+    lerp by 1 - decay left tensors frozen at their initial value), and the bf16 network samples from float32 noise."""
+    start: list[torch.Tensor] = []
+
+    class Start(L.Callback):  # the EMA as training starts (after Lightning's cast), before any update
+        def on_train_start(self, trainer, pl_module):
+            start.extend(p.detach().float().clone() for p in pl_module.ema["0_999"].parameters())
+
+    module, _ = run(gmm(tmp_path, "trainer.precision=bf16-true", "trainer.max_steps=30", "ema.decays=[0.999]",
+                        "optim.lr=1e-2", "optim.warmup_steps=0"), Start())
+    ema = module.ema["0_999"]
+    assert {p.dtype for p in module.net.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ema.parameters()} == {torch.float32}
+    assert len(start) == len(list(ema.parameters()))
+    assert all(not torch.equal(e, s) for e, s in zip(ema.parameters(), start))  # every tensor moved
+    g = torch.Generator().manual_seed(0)
+    for which in ("default", None):
+        assert torch.isfinite(module.sample(4, nfe=2, ema=which, generator=g)).all()
+
+
 def test_channels_last_reaches_weights_and_inputs(tmp_path):
     seen: list[bool] = []
 
@@ -194,14 +215,17 @@ def test_fused_adamw_with_clipping_is_refused_where_it_cannot_clip(tmp_path, ove
 def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path, caplog):
     """Lightning's DeepSpeedStrategy is a DDPStrategy, but the engine holds the gradients and clips them itself:
     the module neither clips nor drops them (a bad step is counted, as the guard documents), and it logs the norm
-    the engine computed."""
+    the engine computed. Lightning calls the hook after every micro-batch there: the guard judges once per optimizer
+    step (at the engine's accumulation boundary), with a NaN of an earlier micro-batch counted."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     module = TeacherModule(gmm(tmp_path))
     strategy = DeepSpeedStrategy(config={"train_micro_batch_size_per_gpu": 1})
-    strategy.model = SimpleNamespace(get_global_grad_norm=lambda: 2.5)  # the engine after its step
+    boundary = [False]  # micro-batch 1 of 2, then 2 of 2
+    strategy.model = SimpleNamespace(get_global_grad_norm=lambda: 2.5,  # the engine after its step
+                                     is_gradient_accumulation_boundary=lambda: boundary[0])
     logged = {}
     module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace(), world_size=1,
                                       is_global_zero=True, log_every_n_steps=1, max_steps=10, global_step=1)
@@ -211,6 +235,10 @@ def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path, caplog)
     for p, g in zip(module.net.parameters(), grads):
         p.grad = g.clone()
     module.guard.observe(torch.tensor([float("nan")]))
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    assert module.guard.total == 0  # not the boundary: nothing judged yet
+    module.guard.observe(torch.tensor([1.0]))
+    boundary[0] = True
     with caplog.at_level("WARNING", logger="dtrain.guard"):
         module.configure_gradient_clipping(opt, 1.0, "norm")
     assert all(torch.equal(p.grad, g) for p, g in zip(module.net.parameters(), grads))  # not clipped, not dropped

@@ -390,3 +390,20 @@ def test_requeue_pending_at_the_start_waits_for_a_step_boundary(tmp_path, monkey
     trainer.fit(TeacherModule(cfg), datamodule=build_datamodule(cfg.data, seed=0))
     assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 1
     assert seen == [0, 1] and trainer.global_step == 1
+
+
+def test_a_stop_before_max_steps_leaves_the_end_sweep_to_the_last_job(monkeypatch):
+    """FIDSweepCallback's sweep at the end of training runs when the run is done, not when a SLURM requeue stops
+    it early (inside the --signal grace time; the requeued job reaches the end and sweeps then)."""
+    from types import SimpleNamespace
+
+    from dtrain.lit.eval_callback import FIDSweepCallback
+
+    cb = FIDSweepCallback(["ddim:1"], every_n_steps=0, ref_stats="digits:train")
+    ran = []
+    monkeypatch.setattr(cb, "run", lambda trainer, module, step: ran.append(step))
+    cb.on_train_end(SimpleNamespace(global_step=300, max_steps=1000), None)
+    assert ran == []
+    cb.on_train_end(SimpleNamespace(global_step=1000, max_steps=1000), None)
+    cb.on_train_end(SimpleNamespace(global_step=40, max_steps=-1), None)  # epoch-bounded runs: at their end
+    assert ran == [1000, 40]
