@@ -111,9 +111,12 @@ class DiffusionModule(L.LightningModule):
     num_buckets = 10
     unsaved_prefixes: tuple[str, ...] = ()
 
-    def __init__(self, recipe: Any) -> None:
+    def __init__(self, recipe: Any, teacher: Any = None) -> None:
         super().__init__()
         self.recipe: dict[str, Any] = to_container(recipe) if isinstance(recipe, DictConfig) else dict(recipe)
+        self._given_teacher = teacher  # a student's teacher given in code (tests), else the recipe's (``setup``)
+        self.teacher: Any = None
+        self.teacher_ref: dict[str, Any] | None = None
         r = self.recipe
         self.schedule = schedule_from_config(r["schedule"])
         self.net = build_model(r["model"])

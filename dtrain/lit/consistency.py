@@ -46,7 +46,7 @@ class ConsistencyModule(DiffusionModule):
     unsaved_prefixes = ("teacher.", "lpips.")
 
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
-        super().__init__(recipe)
+        super().__init__(recipe, teacher)
         self.method = resolve(self.recipe["method"])
         self.kind = self.method["name"]
         lpips = LPIPSDistance() if self.method["distance"] == "lpips" else None
@@ -56,9 +56,6 @@ class ConsistencyModule(DiffusionModule):
         plain = {**dict(self.recipe["model"]), "clip_x0": None}
         nets = {"student": self.net, "target": self.target_net}
         self._cm = {k: ConsistencyModel(build_denoiser(plain, self.schedule, net=v)) for k, v in nets.items()}
-        self._given_teacher = teacher
-        self.teacher: Any = None
-        self.teacher_ref: dict[str, Any] | None = None
         if lpips is not None:
             self.lpips = lpips
 

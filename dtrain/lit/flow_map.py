@@ -61,13 +61,10 @@ class FlowMapModule(DiffusionModule):
     needs_teacher = False
 
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
-        super().__init__(recipe)
+        super().__init__(recipe, teacher)
         if not self.recipe["model"].get("second_time"):
             raise InputError(f"model.second_time: must be true for method {self.recipe['method']['name']!r} "
                              f"(the network embeds the target time of a jump)")
-        self._given_teacher = teacher
-        self.teacher: Any = None
-        self.teacher_ref: dict[str, Any] | None = None
 
     def flow_map(self, net: torch.nn.Module) -> Any:
         """``net`` read as this student's flow map: the bundle kind's builder (training, sampling and bundles agree)."""

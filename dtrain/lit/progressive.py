@@ -58,7 +58,7 @@ class ProgressiveModule(DiffusionModule):
     unsaved_prefixes = ("teacher.",)
 
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
-        super().__init__(recipe)
+        super().__init__(recipe, teacher)
         r, m, model = self.recipe, self.recipe["method"], self.recipe["model"]
         self.rounds: list[Round] = round_plan(m, int(r["trainer"]["max_steps"]))
         self.round = 0
@@ -69,9 +69,6 @@ class ProgressiveModule(DiffusionModule):
         self.pd_loss = ProgressiveLoss(self.schedule, model.get("param", "eps"), num_classes=self.num_classes, **kw)
         self.guide_loss = (GuidanceLoss(self.schedule, model.get("param", "eps"), w_range=self.w_range,
                                         null_label=self.num_classes, **kw) if self.w_range else None)
-        self._given_teacher = teacher
-        self.teacher: Any = None
-        self.teacher_ref: dict[str, Any] | None = None
         self._grids: dict[int, Tensor] = {}
         self._round_t0 = time.time()
         if model.get("param", "eps") == "eps":
