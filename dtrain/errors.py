@@ -4,10 +4,13 @@ line naming what is wrong (exit code 2), never a traceback; the library's own ch
 
 from __future__ import annotations
 
+import math
+import numbers
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["InputError", "UnknownNameError", "MissingFileError", "check_writable", "first_line"]
+__all__ = ["InputError", "UnknownNameError", "MissingFileError", "check_writable", "check_count", "first_line"]
 
 
 class InputError(ValueError):
@@ -23,6 +26,16 @@ class UnknownNameError(InputError, KeyError):
 
 class MissingFileError(InputError, FileNotFoundError):
     """A file the input names is not there; also a ``FileNotFoundError`` for callers that catch that."""
+
+
+def check_count(value: Any, key: str, what: str = "") -> int:
+    """``value`` as a count >= 1 (a Python or numpy int, or an integral float), else ``InputError`` naming ``key``
+    (``what``: what it counts, for the message)."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and float(value).is_integer() and value >= 1)
+    if not ok:
+        raise InputError(f"{key}: must be an int >= 1{f' ({what})' if what else ''}, got {value!r}")
+    return int(value)
 
 
 def check_writable(path: str | Path, key: str, *, directory: bool = False) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from dtrain.errors import InputError
+from dtrain.errors import InputError, check_count
 
 __all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Requeue", "hpc_path", "sbatch_args"]
 
@@ -181,17 +181,9 @@ def sbatch_args(cfg: Any, *, nodes: int | None = None, gpus_per_node: int | None
             raise InputError(f"trainer.devices is {per_node!r} (all GPUs): set it to the GPUs per node "
                              f"(or pass --gpus-per-node)")
         per_node = 1
-    per_node = _count(per_node, key, " (or 'auto', or device ids '0,1')" if key == "trainer.devices" else "")
-    nodes = _count(nodes if nodes is not None else t.num_nodes, "--nodes" if nodes is not None else "trainer.num_nodes")
+    per_node = check_count(per_node, key, "or 'auto', or device ids '0,1'" if key == "trainer.devices" else "")
+    nodes = check_count(nodes if nodes is not None else t.num_nodes, "--nodes" if nodes is not None else
+                        "trainer.num_nodes")
     return [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--gpus-per-node={0 if cpu else per_node}"]
 
 
-def _count(value: Any, key: str, alt: str = "") -> int:
-    """``value`` as an integer >= 1, else ``InputError`` naming ``key``."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or isinstance(value, bool) or (isinstance(value, float) and value != n):
-        raise InputError(f"{key}: need a count >= 1{alt}, got {value!r}")
-    return n

@@ -38,7 +38,7 @@ from dtrain.diffusion.guidance import CFGDenoiser, WCondDenoiser
 from dtrain.diffusion.param import PARAMS
 from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
-from dtrain.errors import InputError, check_writable
+from dtrain.errors import InputError, check_count, check_writable
 from dtrain.registry import Registry
 from dtrain.samplers.base import check_device, initial_noise
 
@@ -123,13 +123,6 @@ def _check_keys(d: Mapping[str, Any], spec: Mapping[str, Any], prefix: str, file
 def _finite(v: Any) -> bool:
     """A finite real number (numpy's too), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _count(v: Any, key: str, what: str) -> int:
-    """A whole number >= 1 (Python, numpy or an integral float), else ``InputError`` naming ``key``."""
-    if not (_finite(v) and float(v).is_integer() and v >= 1):
-        raise InputError(f"{key}: must be an int >= 1 ({what}), got {v!r}")
-    return int(v)
 
 
 def _check_shape(model: Mapping[str, Any], shape: list[int], f: str) -> None:
@@ -461,9 +454,9 @@ class Pipeline:
         from dtrain.samplers import check_eta, run
 
         s = self.info["sampler"]
-        n = _count(n, "n", "the number of samples")
+        n = check_count(n, "n", "the number of samples")
         name = self.check_sampler(sampler)
-        nfe = None if nfe is None else _count(nfe, "nfe", "network evaluations per sample")
+        nfe = None if nfe is None else check_count(nfe, "nfe", "network evaluations per sample")
         if spacing is not None and spacing not in SPACINGS:
             raise InputError(f"spacing: unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
         if w is not None and not _finite(w):

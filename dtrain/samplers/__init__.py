@@ -19,7 +19,7 @@ from torch import Tensor
 
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.timesteps import make_grid
-from dtrain.errors import InputError
+from dtrain.errors import InputError, check_count
 from dtrain.registry import Registry
 from dtrain.samplers.base import Callback
 from dtrain.samplers.ddim import ddim, ddim_invert, slerp
@@ -94,9 +94,9 @@ SAMPLERS.register(
 def steps_for_nfe(name: str, nfe: int) -> int:
     """Grid steps a sampler takes for a budget of ``nfe`` network evaluations (>= 1)."""
     spec = SAMPLERS.get(name, "sampler")
-    if not isinstance(nfe, numbers.Integral) or isinstance(nfe, bool) or nfe < 1:
+    if not isinstance(nfe, numbers.Integral):  # counts only (check_count also takes integral floats)
         raise InputError(f"nfe: must be an int >= 1 (network evaluations per sample), got {nfe!r}")
-    return max(1, spec.steps(int(nfe)))
+    return max(1, spec.steps(check_count(nfe, "nfe", "network evaluations per sample")))
 
 
 def default_grid(name: str, schedule: Any, nfe: int, spacing: str | None = None) -> Tensor:
