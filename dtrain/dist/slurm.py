@@ -174,6 +174,8 @@ def sbatch_args(cfg: Any, *, nodes: int | None = None, gpus_per_node: int | None
     per_node = gpus_per_node if gpus_per_node is not None else t.devices
     if isinstance(per_node, str) and "," in per_node:  # Lightning's "0,1": device ids
         per_node = [d for d in per_node.split(",") if d.strip()]
+    elif isinstance(per_node, str) and per_node.strip().isdigit():  # "4": a count, as Lightning reads it
+        per_node = int(per_node)
     if not isinstance(per_node, int | str):  # a list of device ids
         per_node = len(per_node)
     if per_node in ("auto", -1, "-1") and key == "trainer.devices":
