@@ -93,7 +93,7 @@ class Denoiser(nn.Module):
         else:
             c_noise = self.schedule.c_noise(t.to(x.device)).to(torch.float32)
             c_noise = c_noise.reshape(1).expand(x.shape[0]).contiguous() if c_noise.numel() == 1 else c_noise
-        w = next(self.net.parameters(), None)
+        w = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None  # (nets may be functions)
         if w is not None and w.dtype in (torch.float16, torch.bfloat16) and x_in.dtype != w.dtype:
             x_in = x_in.to(w.dtype)  # a half-precision network (16-true) sampled from float32 noise
         return self.net(x_in, c_noise, cond, **net_kw)
