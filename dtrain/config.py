@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from dtrain.errors import InputError
+from dtrain.errors import InputError, first_line
 
 __all__ = [
     "RecipeError",
@@ -444,8 +444,8 @@ def _sources(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictCon
         for b in bases:
             if not (path.parent / str(b)).is_file():
                 raise RecipeError(_display(path), "base", f"file not found: {path.parent / str(b)}")
-            out += _sources((path.parent / str(b)), (*seen, path))
-    return [*out, (_display(path), cfg)]
+            out += [s for s in _sources((path.parent / str(b)), (*seen, path)) if s[0] not in {o[0] for o in out}]
+    return [*out, (_display(path), cfg)]  # a base reached twice (a diamond) is merged once, where first reached
 
 
 def _display(path: Path) -> str:
@@ -488,15 +488,21 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
     for item in overrides:
         if "=" not in item:
             raise RecipeError("command line", item, "an override is key=value, e.g. trainer.max_steps=1000")
-    try:
-        cli = OmegaConf.from_dotlist(list(overrides))
-    except Exception as e:
-        raise RecipeError("command line", "", f"bad override: {e}") from None
+    for item in overrides:  # one at a time, so a parse error names its item
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as e:
+            raise RecipeError("command line", item.split("=", 1)[0], f"bad override value in {item!r}: "
+                              f"{first_line(e)}") from None
+    cli = OmegaConf.from_dotlist(list(overrides))
     sources.append(("command line", cli))
     for src, cfg in sources:  # top-level keys first: clearest message for a misspelt section
         for k in cfg:
             if k not in {f.name for f in fields(Recipe)}:
                 raise RecipeError(src, str(k), "unknown section" + _suggest(str(k), [f.name for f in fields(Recipe)]))
+            if k in DEFAULT_NAMES and cfg[k] is None:
+                raise RecipeError(src, str(k), "must be a mapping of keys, not null (an empty 'section:' line, or "
+                                  "its body commented out, sets it to null)")
     raw = OmegaConf.merge(*(c for _, c in sources)) if sources else OmegaConf.create()
     sections = {}
     for sec, default in DEFAULT_NAMES.items():
@@ -684,6 +690,9 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
                 bad.append(split)
         if not 0 <= m.dropout < 1:
             bad.append(("model.dropout", "must be in [0, 1)"))
+        for key in ("channels", "num_res_blocks"):
+            if m[key] < 1:
+                bad.append((f"model.{key}", "must be >= 1"))
     if d.name in _DATA_SHAPES:
         want_model, fields_, labels = _DATA_SHAPES[d.name](d)
         if m.name != want_model:
@@ -711,7 +720,25 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("optim.impl", f"must be auto, fused, foreach or plain, not {cfg.optim.impl!r}"))
     if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         bad.append(("optim", "need warmup_steps >= 0, grad_clip >= 0 and min_lr_ratio in [0, 1]"))
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        bad.append(("optim.betas", f"need two numbers in [0, 1), got {list(cfg.optim.betas)}"))
+    if not cfg.optim.eps > 0:
+        bad.append(("optim.eps", f"must be > 0, got {cfg.optim.eps}"))
     t = cfg.trainer
+    if t.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        bad.append(("trainer.accelerator", f"must be auto, cpu, gpu, cuda or mps, not {t.accelerator!r}"))
+    if t.num_nodes < 1:
+        bad.append(("trainer.num_nodes", f"must be >= 1, got {t.num_nodes}"))
+    dev = t.devices
+    if not (dev in ("auto", "-1") or (isinstance(dev, int) and not isinstance(dev, bool) and (dev >= 1 or dev == -1))
+            or (isinstance(dev, str) and all(p.strip().isdigit() for p in dev.split(",") if p.strip())
+                and dev.strip(", ")) or (isinstance(dev, ListConfig | list) and len(dev) > 0)):
+        bad.append(("trainer.devices", f"must be 'auto', a count >= 1 (-1: all), device ids [0, 1] or '0,1', "
+                    f"got {dev!r}"))
+    if cfg.sampler.nfe < 1:
+        bad.append(("sampler.nfe", "must be >= 1 (network evaluations per sample)"))
+    if cfg.sampler.eta is not None and not 0 <= cfg.sampler.eta <= 1:
+        bad.append(("sampler.eta", f"must be null or in [0, 1], got {cfg.sampler.eta}"))
     if t.precision not in PRECISIONS:
         bad.append(("trainer.precision", f"must be one of {list(PRECISIONS)}, not {t.precision!r}"))
     for key in ("accumulate_grad_batches", "log_every_n_steps"):
@@ -813,7 +840,7 @@ def _check_pd(cfg: DictConfig) -> list[tuple[str, str]]:
     m, bad = cfg.method, []
     if m.name != "pd":
         return [("model.w_cond", "w-conditioned networks are trained by guided progressive distillation "
-                 "(method.name: pd with method.guidance)")] if cfg.model.w_cond else []
+                 "(method.name: pd with method.guidance)")] if cfg.model.get("w_cond", False) else []
     from dtrain.diffusion.schedule import schedule_from_config
     from dtrain.diffusion.timesteps import make_grid
     from dtrain.methods.progressive import round_plan
@@ -830,11 +857,11 @@ def _check_pd(cfg: DictConfig) -> list[tuple[str, str]]:
         elif not m.guidance[0] <= cfg.sampler.guidance <= m.guidance[1]:
             bad.append(("sampler.guidance", f"{cfg.sampler.guidance} is outside the trained range method.guidance "
                         f"{list(m.guidance)}"))
-        if not cfg.model.w_cond:
+        if not cfg.model.get("w_cond", False):
             bad.append(("model.w_cond", "guided distillation (method.guidance) needs a w-conditioned student: true"))
         if cfg.model.num_classes == 0:
             bad.append(("method.guidance", "guided distillation needs a class-conditional model (model.num_classes)"))
-    elif cfg.model.w_cond:
+    elif cfg.model.get("w_cond", False):
         bad.append(("model.w_cond", "a w-conditioned student needs method.guidance [w_min, w_max]"))
     try:
         round_plan(m, cfg.trainer.max_steps)

@@ -71,11 +71,23 @@ def test_dotlist_overrides_win():
     (["ema.stds=[0.5]"], "ema.stds", "sigma_rel must be in"),
     (["method.time_sampling=uniform_discrete", "schedule.name=edm"], "method.time_sampling", "discrete schedule"),
     (["model.resolution=16", "model.attn_resolutions=[8]"], "model.resolution", "must be 8 for data 'digits'"),
+    (["trainer.max_steps=[1"], "trainer.max_steps", "bad override value in 'trainer.max_steps=[1'"),
 ])
 def test_bad_overrides_name_the_key(override, key, needle):
     with pytest.raises(RecipeError) as e:
         load_recipe(ROOT / "teacher" / "digits.yaml", override)
     assert e.value.key == key and needle in e.value.reason, str(e.value)
+
+
+def test_a_base_reached_twice_is_merged_once(tmp_path):
+    """run: [fast, wds], both on common: common is merged where first reached, so fast's lr is not reverted by
+    common's second copy."""
+    (tmp_path / "common.yaml").write_text(f"base: [{ROOT / 'teacher' / 'gmm.yaml'}]\noptim:\n  lr: 1.0e-4\n")
+    (tmp_path / "fast.yaml").write_text("base: [common.yaml]\noptim:\n  lr: 5.0e-3\n")
+    (tmp_path / "other.yaml").write_text("base: [common.yaml]\ntrainer:\n  max_steps: 9\n")
+    (tmp_path / "run.yaml").write_text("base: [fast.yaml, other.yaml]\n")
+    cfg = load_recipe(tmp_path / "run.yaml")
+    assert cfg.optim.lr == 5e-3 and cfg.trainer.max_steps == 9
 
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
