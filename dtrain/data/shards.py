@@ -318,6 +318,7 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
         raise ValueError(f"prefix must be letters, digits, '_' or '-' (no dots: they split tar keys), not {prefix!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / INDEX_NAME).unlink(missing_ok=True)  # a rewrite that crashes must not leave the old index over new shards
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     shards: list[dict[str, Any]] = []
     shape: tuple[int, ...] | None = None
@@ -445,14 +446,27 @@ def scan_shard(path: str | Path) -> tuple[int, list[str]]:
     return n, sorted(exts)
 
 
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes the reader decodes as one channel ("L"); others RGB
+
+
+def image_meta(data: bytes) -> dict[str, Any]:
+    """{"image_size": [H, W], "channels": 1 | 3} of an encoded image, as the shard reader decodes it (grayscale
+    modes to one channel, everything else, alpha or palette included, to RGB)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return {"image_size": [im.height, im.width], "channels": 1 if im.mode in GRAY_MODES else 3}
+
+
 def index_existing(urls: Sequence[str], out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Write an index for shards made elsewhere (local files); image size and classes come from the data."""
     import tarfile
 
-    from PIL import Image
-
     out = Path(out)
-    shards, labels, shape, exts_all = [], set(), None, set()
+    shards: list[dict[str, Any]] = []
+    labels: set[int] = set()
+    exts_all: set[str] = set()
+    meta: dict[str, Any] | None = None
     with _progress(progress) as bar:
         task = bar.add_task("indexing", total=len(urls))
         for u in urls:
@@ -468,19 +482,22 @@ def index_existing(urls: Sequence[str], out: str | Path, progress: bool = True) 
                     f = tf.extractfile(ti)
                     if ext == "cls":
                         labels.add(int(f.read()))
-                    elif shape is None and ext in ("png", "jpg", "jpeg", "webp"):
-                        shape = np.asarray(Image.open(io.BytesIO(f.read()))).shape
+                    elif meta is None and ext in ("png", "jpg", "jpeg", "webp"):
+                        meta = image_meta(f.read())
             rel = os.path.relpath(u, out.parent)
             shards.append({"name": rel, "count": count, "sha256": _sha256(Path(u)), "bytes": Path(u).stat().st_size})
             bar.advance(task)
-    if shape is None:
+    if meta is None:
         raise ValueError("no decodable image member (png/jpg/webp) found in the shards")
     k = max(labels) + 1 if labels else 0
-    index = {"format": INDEX_FORMAT, "total": sum(s["count"] for s in shards), "image_size": list(shape[:2]),
-             "channels": 1 if len(shape) == 2 else shape[2], "classes": [str(i) for i in range(k)],
+    index = {"format": INDEX_FORMAT, "total": sum(s["count"] for s in shards), **meta,
+             "classes": [str(i) for i in range(k)],
              "num_classes": k, "keys": sorted(exts_all), "latent_shape": None, "latent_dtype": None,
              "source": "index_existing", "shuffled_seed": None, "shards": shards}
-    out.write_text(json.dumps(index, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    tmp.replace(out)  # a crash leaves the previous index whole
     return index
 
 
@@ -576,6 +593,7 @@ def run_shards(a: argparse.Namespace) -> int:
             from braceexpand import braceexpand
 
             urls = list(braceexpand(a.pattern))
+            check_writable(a.out, "--out")  # a file here (the writers' --out is a folder)
             idx = index_existing(urls, a.out, progress=not a.quiet)
             print(f"{a.out}: {len(idx['shards'])} shards, {idx['total']} samples")
             return 0

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dtrain.data.shards import find_index, is_remote, read_index, scan_shard, split_key
+from dtrain.data.shards import find_index, image_meta, is_remote, read_index, scan_shard, split_key
 from dtrain.errors import InputError, MissingFileError
 
 __all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "check_local_shards", "rank_batches",
@@ -146,15 +146,14 @@ def peek_meta(url: str) -> dict[str, Any]:
     """Image size and channels from the first image of a local shard (when there is no index)."""
     import tarfile
 
-    from PIL import Image
 
     try:
         with tarfile.open(url, "r:*") as tf:
             for ti in tf:
                 key, ext = split_key(ti.name)
                 if key is not None and ti.isreg() and ext in _IMAGE_EXTS:
-                    arr = np.asarray(Image.open(io.BytesIO(tf.extractfile(ti).read())))
-                    return {"image_size": arr.shape[:2], "channels": 1 if arr.ndim == 2 else arr.shape[2]}
+                    meta = image_meta(tf.extractfile(ti).read())
+                    return {"image_size": tuple(meta["image_size"]), "channels": meta["channels"]}
     except tarfile.TarError as e:
         raise _not_tar(url, e) from None
     raise InputError(f"data.shards: {url} holds no image member ({', '.join(_IMAGE_EXTS)})")

@@ -524,3 +524,36 @@ def test_recipe_schema_validation_and_registry(tmp_path):
     with pytest.raises(RecipeError, match=r"data\.shards: required"):
         load_recipe(None, ["data.name=wds", *model])
 
+
+
+def test_index_channels_follow_the_reader_and_rewrites_drop_the_old_index(tmp_path, monkeypatch):
+    """An RGBA shard is indexed with 3 channels (the reader decodes it to RGB; 4 made the recipe check demand a
+    4-channel model the data never gives); a rewrite of a shard folder that crashes leaves no index over the new
+    shards, and ``shards index --out`` names a directory on one line."""
+    from dtrain.cli import main
+
+    with tarfile.open(tmp_path / "rgba.tar", "w") as tf:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((4, 4, 4), 9 * i, np.uint8), "RGBA").save(buf, "PNG")
+            ti = tarfile.TarInfo(f"{i:06d}.png")
+            ti.size = len(buf.getvalue())
+            tf.addfile(ti, io.BytesIO(buf.getvalue()))
+    assert S.index_existing([str(tmp_path / "rgba.tar")], tmp_path / "i.json", progress=False)["channels"] == 3
+    root = _ids_dataset(tmp_path / "d", 12, 3)
+    assert (root / "index.json").is_file()
+    calls = []
+
+    def crash(self, sample):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+
+    import webdataset
+
+    monkeypatch.setattr(webdataset.TarWriter, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _ids_dataset(root, 12, 2)
+    monkeypatch.undo()
+    assert not (root / "index.json").exists()
+    assert main(["shards", "index", str(root / "train-000000.tar"), "--out", str(root)]) == 2
