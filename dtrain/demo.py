@@ -363,8 +363,12 @@ class Demo:
         inputs = self._inputs(stage)
         if inputs is None:
             return None
-        if stage in TRAINED:
-            return _hash({"format": DEMO_FORMAT, "recipe": self._recipe_container(stage), "inputs": inputs})
+        if stage in TRAINED:  # settings that do not change the trained weights (threads, logging) are left out
+            r = self._recipe_container(stage)
+            r.pop("logger", None)
+            r["trainer"] = {k: v for k, v in r["trainer"].items()
+                            if k not in ("cpu_threads", "progress_bar", "log_every_n_steps")}
+            return _hash({"format": DEMO_FORMAT, "recipe": r, "inputs": inputs})
         return _hash({"format": DEMO_FORMAT, "stage": stage, "inputs": inputs, "settings": self._settings(stage)})
 
     @staticmethod

@@ -113,3 +113,14 @@ def test_up_to_date_is_memoised_until_a_record_is_written(out: Path, monkeypatch
     assert "no_such_recipe.yaml" in d._broken["flow_teacher"][0]
     _fake(d, "cd")  # a record written: everything is looked at afresh
     assert [p["model"] for p in d._eval_plan()] == ["teacher", "cd"] and loads.count("flow_teacher") == 2
+
+
+def test_threads_and_logging_do_not_make_trained_stages_stale(out: Path) -> None:
+    """--threads and --wandb change how a stage runs, not what it trains: a finished teacher stays up to date (a
+    changed --threads retrained everything), while a setting that changes the weights (the seed) does not."""
+    d = Demo(out, sizes=FAST, quiet=True)
+    key = d.key("teacher")
+    assert Demo(out, sizes=FAST, quiet=True, threads=2, wandb="offline").key("teacher") == key
+    assert Demo(out, sizes=FAST, quiet=True, threads=2).key("pd") == d.key("pd")
+    other = Demo(out, sizes=FAST.__class__(**{**FAST.__dict__, "seed": FAST.seed + 1}), quiet=True)
+    assert other._key("teacher") != key
