@@ -481,7 +481,12 @@ def index_existing(urls: Sequence[str], out: str | Path, progress: bool = True) 
                         continue
                     f = tf.extractfile(ti)
                     if ext == "cls":
-                        labels.add(int(f.read()))
+                        raw = f.read()
+                        try:
+                            labels.add(int(raw))
+                        except ValueError:
+                            raise ValueError(f"{u}: {ti.name}: a .cls label must be an integer, got {raw[:20]!r}") \
+                                from None
                     elif meta is None and ext in ("png", "jpg", "jpeg", "webp"):
                         meta = image_meta(f.read())
             rel = os.path.relpath(u, out.parent)
@@ -604,6 +609,10 @@ def run_shards(a: argparse.Namespace) -> int:
             print(f"{a.index}: {'OK' if not bad else f'{len(bad)} problem(s)'}")
             return 1 if bad else 0
         check_writable(a.out, "--out", directory=True)
+        size = getattr(a, "size", None)
+        if size is not None and not (1 <= size <= (427 if a.source == "patches" else size)):  # photos: 427 x 640
+            raise ValueError(f"--size: must be in [1, 427] for patches of sklearn's photos, got {size}"
+                             if a.source == "patches" else f"--size: must be >= 1, got {size}")
         data = _SOURCES[a.source](a)
         latents = None
         if a.latents:

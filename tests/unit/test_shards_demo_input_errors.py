@@ -44,3 +44,37 @@ def test_demo_threads(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--fast", "--out", str(tmp_path / "d"), "--threads", "0"]) == 2
     assert "--threads: must be >= 1, not 0" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["patches", "--size", "500"], "--size: must be in [1, 427] for patches of sklearn's photos, got 500"),
+    (["patches", "--size", "0"], "--size: must be in [1, 427]"),
+    (["folder", "{imgs}", "--size", "0"], "--size: must be >= 1, got 0"),
+])
+def test_shards_size_out_of_range(tmp_path: Path, capsys, args, words) -> None:
+    from PIL import Image
+
+    (tmp_path / "imgs" / "c").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / "c" / "a.png")
+    argv = [a.format(imgs=tmp_path / "imgs") for a in args]
+    assert main(["shards", *argv, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def test_shards_index_with_a_label_that_is_no_integer(tmp_path: Path, capsys) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, "PNG")
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for name, data in (("0.png", buf.getvalue()), ("0.cls", b"seven")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    assert main(["shards", "index", str(tmp_path / "s.tar"), "--out", str(tmp_path / "i.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "s.tar: 0.cls: a .cls label must be an integer, got b'seven'" in err
