@@ -10,7 +10,7 @@ command line), the dotted key and the reason, e.g.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -460,6 +460,27 @@ def _suggest(key: str, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _switched(sources: list[tuple[str, DictConfig]], sections: Mapping[str, Any]) -> list[tuple[str, DictConfig]]:
+    """Sources with a section of another kind than the final one (a digits base under ``data.name=wds``) reduced to
+    the keys the final kind has (``batch_size`` carries over, ``split`` does not), so a child recipe or the command
+    line can switch a section's kind."""
+    current: dict[str, Any] = dict(DEFAULT_NAMES)
+    final = {sec: OmegaConf.select(OmegaConf.merge(*(c for _, c in sources)), f"{sec}.name", default=default)
+             for sec, default in DEFAULT_NAMES.items()} if sources else dict(DEFAULT_NAMES)
+    out = []
+    for src, cfg in sources:
+        for sec in DEFAULT_NAMES:
+            part = cfg.get(sec) if sec in cfg else None
+            if isinstance(part, DictConfig) and part.get("name") is not None:
+                current[sec] = part.get("name")
+            if isinstance(part, DictConfig) and current[sec] != final[sec]:
+                keep = {f.name for f in fields(sections[sec])} - {"name"}
+                cfg = OmegaConf.merge(cfg, {})  # a copy
+                cfg[sec] = {k: v for k, v in part.items_ex(resolve=False) if k in keep}
+        out.append((src, cfg))
+    return out
+
+
 def _schema_for(section: str, name: Any, source: str) -> Any:
     table = SCHEMAS[section]
     if name not in table:
@@ -509,6 +530,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
         name = OmegaConf.select(raw, f"{sec}.name", default=default)
         src = next((s for s, c in reversed(sources) if OmegaConf.select(c, f"{sec}.name") is not None), "recipe")
         sections[sec] = _schema_for(sec, name, src)
+    sources = _switched(sources, sections)
     merged = OmegaConf.structured(Recipe(**sections))
     for src, cfg in sources:
         try:

@@ -79,6 +79,22 @@ def test_bad_overrides_name_the_key(override, key, needle):
     assert e.value.key == key and needle in e.value.reason, str(e.value)
 
 
+def test_a_section_can_switch_its_kind(tmp_path):
+    """data.name=wds over the digits teacher: the digits-only keys of the base (split) are dropped, the shared ones
+    (batch_size) carry over; a teacher recipe becomes a PD recipe with method.name=pd (both failed on the old kind's
+    keys, naming the base file)."""
+    from dtrain.cli import main
+
+    assert main(["shards", "digits", "--out", str(tmp_path / "s"), "--num-shards", "2", "--quiet"]) == 0
+    base = load_recipe(ROOT / "teacher" / "digits.yaml")
+    shards = f"data.shards={tmp_path / 's' / 'index.json'}"
+    cfg = load_recipe(ROOT / "teacher" / "digits.yaml", ["data.name=wds", shards])
+    assert cfg.data.name == "wds" and cfg.data.batch_size == base.data.batch_size and "split" not in cfg.data
+    pd = load_recipe(ROOT / "teacher" / "gmm.yaml", ["method.name=pd", "method.start_steps=8", "method.end_steps=2",
+                                                     "method.round_steps=[5]", "trainer.max_steps=10"])
+    assert pd.method.name == "pd" and "time_sampling" not in pd.method and pd.method.cfg_dropout == 0.0
+
+
 def test_a_base_reached_twice_is_merged_once(tmp_path):
     """run: [fast, wds], both on common: common is merged where first reached, so fast's lr is not reverted by
     common's second copy."""
