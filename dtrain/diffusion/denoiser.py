@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from dtrain.diffusion.param import Coeffs, check_param, convert, to_x0_eps
+from dtrain.diffusion.param import Coeffs, check_param, convert, edm_c_in, to_x0_eps
 from dtrain.diffusion.schedule import Schedule, as_t
 
 __all__ = ["Denoiser", "DenoiserLike", "time_batch"]
@@ -84,9 +84,7 @@ class Denoiser(nn.Module):
         c = c or self.coeffs(t, x, derivatives=False)
         x_in = x
         if self.input_scaling:
-            a, s = (v.float() if isinstance(v, Tensor) and v.element_size() < 4 else v  # float16 overflows
-                    for v in (c.alpha, c.sigma))
-            scale = ((a * self.sigma_data) ** 2 + s**2) ** -0.5
+            scale = edm_c_in(c.alpha, c.sigma, self.sigma_data)
             x_in = x * (scale.to(x.dtype) if isinstance(scale, Tensor) else scale)
         if t.ndim == 0 and t.device.type == "cpu":
             c_noise = torch.full((x.shape[0],), self._scalar(t, False)[1], dtype=torch.float32, device=x.device)

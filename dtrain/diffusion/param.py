@@ -14,6 +14,7 @@ Coefficients must already be broadcast to x_t's shape (see ``Coeffs.at``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -21,7 +22,8 @@ from dtrain.diffusion.schedule import Schedule, bcast
 
 PARAMS = ("eps", "x0", "v", "velocity", "score", "edm")
 
-__all__ = ["PARAMS", "Coeffs", "to_x0_eps", "from_x0_eps", "convert", "edm_skip_out", "check_param", "velocity_ode"]
+__all__ = ["PARAMS", "Coeffs", "to_x0_eps", "from_x0_eps", "convert", "edm_skip_out", "edm_c_in", "check_param",
+           "velocity_ode"]
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,27 @@ def check_param(kind: str) -> str:
     return kind
 
 
-def edm_skip_out(alpha: Tensor | float, sigma: Tensor | float, sigma_data: float) -> tuple[Tensor, Tensor]:
-    """c_skip, c_out of EDM generalised to x_t = alpha x0 + sigma eps (arXiv 2206.00364, Table 1); in float32 at
-    least and returned in the inputs' dtype (sigma^2 overflows float16 above sigma = 256)."""
+def _edm_terms(alpha: Tensor | float, sigma: Tensor | float, sigma_data: float) -> tuple[Any, Any, Any, Any]:
+    """(alpha, sigma, d2 = (alpha sigma_data)^2 + sigma^2, the inputs' dtype or None for floats), half-precision
+    tensors widened to float32 (sigma^2 overflows float16 above sigma = 256)."""
     tensors = [v for v in (alpha, sigma) if isinstance(v, Tensor)]
-    dtype = tensors[0].dtype if tensors else None
     a, s = (v.float() if isinstance(v, Tensor) and v.element_size() < 4 else v for v in (alpha, sigma))
-    d2 = (a * sigma_data) ** 2 + s**2
+    return a, s, (a * sigma_data) ** 2 + s**2, tensors[0].dtype if tensors else None
+
+
+def edm_skip_out(alpha: Tensor | float, sigma: Tensor | float, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """c_skip, c_out of EDM generalised to x_t = alpha x0 + sigma eps (arXiv 2206.00364, Table 1); formed in float32
+    at least, returned in the inputs' dtype."""
+    a, s, d2, dtype = _edm_terms(alpha, sigma, sigma_data)
     skip, out = a * sigma_data**2 / d2, s * sigma_data / d2**0.5
     return (skip.to(dtype), out.to(dtype)) if dtype is not None else (skip, out)
+
+
+def edm_c_in(alpha: Tensor | float, sigma: Tensor | float, sigma_data: float) -> Tensor | float:
+    """EDM's input scale c_in = 1 / sqrt((alpha sigma_data)^2 + sigma^2) (unit-variance network inputs); formed in
+    float32 at least, returned in the inputs' dtype."""
+    _, _, d2, dtype = _edm_terms(alpha, sigma, sigma_data)
+    return d2**-0.5 if dtype is None else (d2**-0.5).to(dtype)
 
 
 def to_x0_eps(kind: str, pred: Tensor, x_t: Tensor, c: Coeffs) -> tuple[Tensor, Tensor]:
