@@ -368,9 +368,7 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
         "shuffled_seed": seed if shuffle else None,
         "shards": shards,
     }
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
+    _write_index(index, out / INDEX_NAME)
     return index
 
 
@@ -446,6 +444,13 @@ def scan_shard(path: str | Path) -> tuple[int, list[str]]:
     return n, sorted(exts)
 
 
+def _write_index(index: dict[str, Any], path: Path) -> None:
+    """Write an index json through a temporary file: a crash leaves the previous index whole (or none)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes the reader decodes as one channel ("L"); others RGB
 
 
@@ -500,9 +505,7 @@ def index_existing(urls: Sequence[str], out: str | Path, progress: bool = True) 
              "num_classes": k, "keys": sorted(exts_all), "latent_shape": None, "latent_dtype": None,
              "source": "index_existing", "shuffled_seed": None, "shards": shards}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.replace(out)  # a crash leaves the previous index whole
+    _write_index(index, out)
     return index
 
 

@@ -146,7 +146,6 @@ def peek_meta(url: str) -> dict[str, Any]:
     """Image size and channels from the first image of a local shard (when there is no index)."""
     import tarfile
 
-
     try:
         with tarfile.open(url, "r:*") as tf:
             for ti in tf:
