@@ -460,13 +460,12 @@ def _suggest(key: str, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _switched(sources: list[tuple[str, DictConfig]], sections: Mapping[str, Any]) -> list[tuple[str, DictConfig]]:
-    """Sources with a section of another kind than the final one (a digits base under ``data.name=wds``) reduced to
-    the keys the final kind has (``batch_size`` carries over, ``split`` does not), so a child recipe or the command
-    line can switch a section's kind."""
+def _switched(sources: list[tuple[str, DictConfig]], final: Mapping[str, Any], sections: Mapping[str, Any]
+              ) -> list[tuple[str, DictConfig]]:
+    """Sources with a section of another kind than the final one (``final``: section -> name; a digits base under
+    ``data.name=wds``) reduced to the keys the final kind's schema (``sections``) has (``batch_size`` carries over,
+    ``split`` does not), so a child recipe or the command line can switch a section's kind."""
     current: dict[str, Any] = dict(DEFAULT_NAMES)
-    final = {sec: OmegaConf.select(OmegaConf.merge(*(c for _, c in sources)), f"{sec}.name", default=default)
-             for sec, default in DEFAULT_NAMES.items()} if sources else dict(DEFAULT_NAMES)
     out = []
     for src, cfg in sources:
         for sec in DEFAULT_NAMES:
@@ -525,12 +524,12 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
                 raise RecipeError(src, str(k), "must be a mapping of keys, not null (an empty 'section:' line, or "
                                   "its body commented out, sets it to null)")
     raw = OmegaConf.merge(*(c for _, c in sources)) if sources else OmegaConf.create()
-    sections = {}
+    sections, names = {}, {}
     for sec, default in DEFAULT_NAMES.items():
-        name = OmegaConf.select(raw, f"{sec}.name", default=default)
+        names[sec] = OmegaConf.select(raw, f"{sec}.name", default=default)
         src = next((s for s, c in reversed(sources) if OmegaConf.select(c, f"{sec}.name") is not None), "recipe")
-        sections[sec] = _schema_for(sec, name, src)
-    sources = _switched(sources, sections)
+        sections[sec] = _schema_for(sec, names[sec], src)
+    sources = _switched(sources, names, sections)
     merged = OmegaConf.structured(Recipe(**sections))
     for src, cfg in sources:
         try:
