@@ -623,9 +623,9 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("trainer.max_steps", "must be >= 1"))
     if any(not 0 < d < 1 for d in cfg.ema.decays):
         bad.append(("ema.decays", "each decay must be in (0, 1)"))
-    from dtrain.models.ema import decay_tag, std_tag
+    from dtrain.models.ema import ema_tags
 
-    tags = [decay_tag(d) for d in cfg.ema.decays] + [std_tag(x) for x in cfg.ema.stds]
+    tags = ema_tags(cfg.ema.decays, cfg.ema.stds)
     if len(set(tags)) < len(tags):
         bad.append(("ema", f"two entries of ema.decays / ema.stds name the same copy: {tags}; drop one"))
     if cfg.teacher is not None and not Path(cfg.teacher).exists():

@@ -157,12 +157,12 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
     """The checkpoint fits the recipe a run resumes with: the network (``check_model``), the EMA copies it keeps
     (``ema.decays`` / ``ema.stds``) and the optimizer settings restored from it (``RESTORED_OPTIM``); else
     ``CheckpointError`` naming the keys."""
-    from dtrain.models.ema import decay_tag, std_tag
+    from dtrain.models.ema import ema_tags
 
     check_model(path, ckpt, recipe["model"], field)
     meta = ckpt.get("dtrain") or {}
     ema = recipe.get("ema") or {}
-    want = sorted([decay_tag(d) for d in ema.get("decays") or []] + [std_tag(x) for x in ema.get("stds") or []])
+    want = sorted(ema_tags(ema.get("decays") or [], ema.get("stds") or []))
     have = sorted(str(t) for t in meta.get("ema_tags") or [])
     if "ema_tags" in meta and have != want:
         raise CheckpointError(path, field, f"the checkpoint keeps EMA copies {have}, the recipe asks for {want} "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMA", "decay_tag", "std_tag", "std_to_gamma", "gamma_to_std", "power_beta"]
+__all__ = ["EMA", "decay_tag", "std_tag", "ema_tags", "std_to_gamma", "gamma_to_std", "power_beta"]
 
 
 def decay_tag(decay: float) -> str:
@@ -32,6 +32,11 @@ def decay_tag(decay: float) -> str:
 
 def std_tag(std: float) -> str:
     return f"std{float(std):.3f}".replace(".", "_")
+
+
+def ema_tags(decays: Sequence[float], stds: Sequence[float]) -> list[str]:
+    """The copies' names (state-dict prefixes) of ``ema.decays`` then ``ema.stds``, in that order."""
+    return [decay_tag(d) for d in decays] + [std_tag(s) for s in stds]
 
 
 def gamma_to_std(gamma: float) -> float:
@@ -60,15 +65,15 @@ class EMA(nn.Module):
         self, net: nn.Module, decays: Sequence[float] = (0.999,), stds: Sequence[float] = (),
         start_step: int = 0, every: int = 1,
     ) -> None:
+        if bad := [d for d in decays if not 0 < d < 1]:
+            raise ValueError(f"ema.decays: each decay must be in (0, 1), got {bad[0]}")
+        entries = [("ema.decays", d, ("decay", float(d))) for d in decays]
+        entries += [("ema.stds", s, ("power", std_to_gamma(float(s)))) for s in stds]
         rates: dict[str, tuple[str, float]] = {}
-        for key, values in (("ema.decays", decays), ("ema.stds", stds)):
-            for v in values:
-                if key == "ema.decays" and not 0 < v < 1:
-                    raise ValueError(f"ema.decays: each decay must be in (0, 1), got {v}")
-                tag = decay_tag(v) if key == "ema.decays" else std_tag(v)
-                if tag in rates:  # the tag names the copy in checkpoints and bundles
-                    raise ValueError(f"{key}: {v} gives the copy name {tag!r} of another entry; drop one")
-                rates[tag] = ("decay", float(v)) if key == "ema.decays" else ("power", std_to_gamma(float(v)))
+        for tag, (key, v, rate) in zip(ema_tags(decays, stds), entries, strict=True):
+            if tag in rates:  # the tag names the copy in checkpoints and bundles
+                raise ValueError(f"{key}: {v} gives the copy name {tag!r} of another entry; drop one")
+            rates[tag] = rate
         super().__init__()
         for tag in rates:  # submodules named by tag: state-dict keys "<tag>.<param>"
             self.add_module(tag, copy.deepcopy(net).requires_grad_(False).eval())
