@@ -243,7 +243,7 @@ class DiffusionModule(L.LightningModule):
         grid: Tensor | None = None,
     ) -> Tensor:
         """Samples from the recipe's sampler (``sampler`` section), optionally class-conditional with CFG; ``grid``:
-        the time grid (else the sampler's default one for ``nfe``)."""
+        the time grid (else ``sample_grids``' for the sampler and NFE, else the sampler's default one)."""
         from dtrain.samplers import run
 
         s = self.recipe.get("sampler") or {}
@@ -259,8 +259,10 @@ class DiffusionModule(L.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            return run(sampler or s.get("name", "ddim"), den, x_T, int(nfe or s.get("nfe", 50)), cond=cond,
-                       generator=generator, spacing=s.get("spacing"), grid=grid, **opts)
+            name, nfe = sampler or s.get("name", "ddim"), int(nfe or s.get("nfe", 50))
+            grid = grid if grid is not None else self.sample_grids().get((name, nfe))
+            return run(name, den, x_T, nfe, cond=cond, generator=generator, spacing=s.get("spacing"), grid=grid,
+                       **opts)
         finally:
             self.net.train(was_training)
 

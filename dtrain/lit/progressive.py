@@ -256,13 +256,9 @@ class ProgressiveModule(DiffusionModule):
 
     @torch.no_grad()
     def sample(self, n: int | None = None, *, nfe: int | None = None, **kw: Any) -> Tensor:
-        """Samples of the current round's student (default: its step count), with DDIM on the grid it was distilled
-        on where the step count is a round's."""
-        steps = nfe or self.current.steps
-        name = kw.get("sampler") or (self.recipe.get("sampler") or {}).get("name", "ddim")
-        if kw.get("grid") is None:
-            kw["grid"] = self.sample_grids().get((name, steps))
-        return super().sample(n, nfe=steps, **kw)
+        """Samples of the current round's student (default: its step count; DDIM on a round's step count samples the
+        grid it was distilled on, ``sample_grids``)."""
+        return super().sample(n, nfe=nfe or self.current.steps, **kw)
 
     def sample_grids(self) -> dict[tuple[str, int], Tensor]:
         return {("ddim", r.steps): self.grid(r.steps) for r in self.rounds}  # the grids the students learned
