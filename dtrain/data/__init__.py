@@ -5,18 +5,20 @@
 In memory (``dtrain.data.memory``): ``digits``, ``gmm``, ``patches``. Other sources live in their own
 module ``dtrain/data/<name>.py`` that registers itself in ``DATAMODULES`` on import (e.g. ``wds``);
 ``build_datamodule`` imports that module the first time its name is asked for, so WebDataset is only
-imported by runs that read shards.
+imported by runs that read shards. Their DataLoaders start workers with ``worker_init``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from dtrain.registry import Registry
 
-__all__ = ["DATAMODULES", "build_datamodule"]
+__all__ = ["DATAMODULES", "build_datamodule", "worker_init"]
 
 DATAMODULES: Registry[Callable[..., Any]] = Registry("data")
 
@@ -45,3 +47,24 @@ def build_datamodule(data_cfg: Mapping[str, Any], *, seed: int) -> Any:
             if e.name != f"dtrain.data.{name}":
                 raise
     return DATAMODULES.get(name, "data.name")(data_cfg, seed=seed)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker outlives the SIGTERM / SIGUSR1 that SLURM (or ``kill`` of the
+    process group) sends every process of a job, so the main process can finish its step and checkpoint
+    (``dtrain.dist.slurm.Preemption``); a worker killed by it would fail the main process on its next batch
+    (torch: "DataLoader worker exited unexpectedly"). A second SIGTERM ends the worker: the parent's
+    ``terminate()`` at shutdown is sent twice, SLURM repeats SIGTERM right before SIGKILL. Then Lightning's
+    worker seeding, when ``seed_everything(workers=True)`` asked for it (Lightning adds its own only to
+    loaders without a ``worker_init_fn``).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _second_sigterm_exits)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
+def _second_sigterm_exits(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dtrain.data import worker_init
 from dtrain.data.digits import digits_arrays
 from dtrain.data.synthetic import default_gmm
 from dtrain.errors import InputError
@@ -97,7 +98,8 @@ class InMemoryDataModule(L.LightningDataModule):
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
         data = InMemoryBatches(self.tensors, self.batch_size, seed=self.seed, rank=rank, world_size=world,
                                flip=self.flip, start_batch=start)
-        return DataLoader(data, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(data, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          worker_init_fn=worker_init)
 
 
 def digits(cfg: Any, *, seed: int) -> InMemoryDataModule:

@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from dtrain.data import DATAMODULES
+from dtrain.data import DATAMODULES, worker_init
 from dtrain.data.stream import META, ShardSet, WdsStream, rank_batches, resolve_shards, split_batches
 from dtrain.errors import InputError
 
@@ -144,7 +144,7 @@ class WdsDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             kw = dict(multiprocessing_context=self.mp_context)
         return _Loader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                       persistent_workers=self.num_workers > 0, datamodule=self, **kw)
+                       persistent_workers=self.num_workers > 0, worker_init_fn=worker_init, datamodule=self, **kw)
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -1,14 +1,16 @@
-"""SLURM: the allocation as the trainer's topology, requeue on a signal, and ``sbatch`` flags from a recipe.
+"""SLURM: the allocation as the trainer's topology, checkpoint + requeue on a signal, ``sbatch`` flags from a recipe.
 
 Under ``srun`` (one task per GPU), ``dtrain fit`` needs no flags: Lightning's ``SLURMEnvironment`` reads the
-ranks, ``topology`` takes devices (tasks per node) and nodes from the allocation, and ``Requeue`` handles the
+ranks, ``topology`` takes devices (tasks per node) and nodes from the allocation, and ``Preemption`` handles the
 signal ``sbatch --signal=USR1@90`` sends 90 s before the time limit (and on preemption where slurm.conf sets
-``SlurmctldParameters=preempt_send_user_signal``; otherwise a preempted job gets SIGTERM only): at the next
-optimizer step every rank agrees, an HPC checkpoint ``<run>/hpc_ckpt_<n>.ckpt`` is written (after that step's
-EMA update), rank 0 runs ``scontrol requeue``, and the requeued job resumes from it (Lightning picks the newest
-``hpc_ckpt_*`` in the run directory when it runs under SLURM): step, EMA, optimizer, LR schedule and data position.
-It replaces Lightning's own handler, which saves from inside the signal handler, mid-step, on each rank at
-whatever point it has reached (a collective out of step with the others can hang, and the EMA can lag a step).
+``SlurmctldParameters=preempt_send_user_signal``): at the next optimizer step every rank agrees, an HPC
+checkpoint ``<run>/hpc_ckpt_<n>.ckpt`` is written (after that step's EMA update), rank 0 runs ``scontrol
+requeue``, and the requeued job's ``dtrain fit --resume auto`` resumes from it: step, EMA, optimizer, LR schedule
+and data position. SIGTERM (a preemption without that setting, ``scancel``, the time limit without
+``--signal``; also outside SLURM) gets the same checkpoint without the requeue, within SLURM's ``KillWait``
+(30 s by default) before SIGKILL. It replaces Lightning's own handlers: the SLURM one saves from inside the
+signal handler, mid-step, on each rank at whatever point it has reached (a collective out of step with the
+others can hang, and the EMA can lag a step); the SIGTERM one stops without a checkpoint.
 
     python tools/slurm_submit.py slurm/multi_node.sbatch recipes/teacher/cifar10.yaml trainer.num_nodes=4 \
         trainer.devices=8
@@ -30,7 +32,7 @@ from typing import Any
 
 from dtrain.errors import InputError, check_count
 
-__all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Requeue", "hpc_path", "sbatch_args"]
+__all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Preemption", "hpc_path", "sbatch_args"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def topology(devices: Any, num_nodes: int, env: dict[str, str] | None = None) ->
 
 
 def plugins() -> list[Any]:
-    """Under SLURM: ``SLURMEnvironment`` without Lightning's signal handler (``Requeue`` takes its place)."""
+    """Under SLURM: ``SLURMEnvironment`` without Lightning's signal handler (``Preemption`` takes its place)."""
     if slurm_job() is None:
         return []
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -93,54 +95,82 @@ def plugins() -> list[Any]:
 
 
 def callbacks() -> list[Any]:
-    """Under SLURM: ``[Requeue()]``."""
-    return [Requeue()] if slurm_job() is not None else []
+    """``[Preemption()]``: a checkpoint on SIGTERM everywhere; under SLURM also on SIGUSR1, then a requeue."""
+    return [Preemption(signal.SIGUSR1 if slurm_job() is not None else None)]
 
 
-def _requeue_base() -> type:
+def _checkpoint_base() -> type:
     from lightning.pytorch.callbacks import Checkpoint
 
     return Checkpoint
 
 
-class Requeue(_requeue_base()):  # type: ignore[misc]
-    """On ``signum`` (default SIGUSR1): at the next optimizer step, save ``hpc_ckpt_<n>.ckpt`` and requeue the job.
+class Preemption(_checkpoint_base()):  # type: ignore[misc]
+    """On SIGTERM, or on ``requeue_signal`` (SIGUSR1 under SLURM): at the next optimizer step every rank agrees,
+    ``<run>/hpc_ckpt_<n>.ckpt`` is written after that step's EMA update and training stops. After the requeue
+    signal rank 0 also runs ``scontrol requeue``; after SIGTERM (a preemption, ``scancel``, ``kill``) nothing is
+    requeued (SLURM requeues a preempted ``--requeue`` job itself) and ``dtrain fit`` exits with 143 (128 + 15).
+    Either way ``dtrain fit --resume auto`` continues from the checkpoint.
 
     A ``Checkpoint`` callback, so Lightning runs it after every other callback of a step (the EMA update
-    included). Costs one all-reduce of a bool per optimizer step under multi-process training.
+    included). Costs one all-reduce of a bool per optimizer step under multi-process training. The SIGTERM handler
+    replaces Lightning's for the training loop (which stops without a checkpoint and all-reduces from inside the
+    handler, possibly in the middle of another collective); DataLoader workers outlive the signal
+    (``dtrain.data.worker_init``).
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
-        self.signum, self.received, self.saved = signum, False, None
-        self._previous: Any = None
+    def __init__(self, requeue_signal: int | None = signal.SIGUSR1) -> None:
+        self.requeue_signal = requeue_signal
+        self.received: int | None = None  # the signal to act on at the next step boundary
+        self.saved: str | None = None
+        self.saved_step: int | None = None
+        self.stopped_by: int | None = None  # the signal that stopped training after its checkpoint
+        self._previous: dict[int, Any] = {}
         self._last_step = -1
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.received = True
+        if self.received is None or signum == self.requeue_signal:  # both: requeueing keeps the job going
+            self.received = signum
+
+    def _install(self, signum: int) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handler:  # Lightning may have restored its own already
+                signal.signal(signum, previous)
+        self._previous = {}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._handler)
+        if stage == "fit" and self.requeue_signal is not None:  # before DataLoader workers fork
+            self._install(self.requeue_signal)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_step = trainer.global_step  # a (re)start's first micro-batch is no step boundary
+        self._install(signal.SIGTERM)  # after Lightning registered its own handler (Trainer._run)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        self._restore()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._last_step:  # inside gradient accumulation: not a step boundary
             return
         self._last_step = trainer.global_step
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        path = trainer.strategy.broadcast(str(hpc_path(trainer.default_root_dir)))
+        path, signum = trainer.strategy.broadcast((str(hpc_path(trainer.default_root_dir)), self.received))
+        signum = signum if signum is not None else signal.SIGTERM  # rank 0 got nothing, another rank did
         trainer.save_checkpoint(path)
-        self.saved, self.received = path, False
+        self.saved, self.saved_step, self.stopped_by, self.received = path, trainer.global_step, signum, None
         if trainer.is_global_zero:
-            _requeue()
+            print(f"dtrain: {signal.Signals(signum).name} at step {trainer.global_step}: saved {path}",
+                  file=sys.stderr, flush=True)
+            if signum == self.requeue_signal:
+                _requeue()
         trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:

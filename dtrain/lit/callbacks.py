@@ -81,7 +81,8 @@ class SampleGrid(L.Callback):
 
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` every N steps (``step0001000.ckpt``) plus ``last.ckpt``, which is also written when
-    training ends between two periodic saves, so the final weights are always on disk."""
+    training ends between two periodic saves, so the final weights are always on disk (unless a signal's
+    ``hpc_ckpt_<n>.ckpt`` of that step was just written: ``dtrain.dist.slurm.Preemption``)."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
@@ -89,6 +90,10 @@ class StepCheckpoint(ModelCheckpoint):
                          save_last=True, save_on_train_epoch_end=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        from dtrain.dist.slurm import Preemption
+
+        if any(isinstance(c, Preemption) and c.saved_step == trainer.global_step for c in trainer.callbacks):
+            return  # stopped on a signal right after its checkpoint: no second copy inside the kill grace time
         if self._last_global_step_saved != trainer.global_step:
             trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}",
                                     weights_only=False)

@@ -8,6 +8,8 @@ run (``wandb/``; offline runs upload later with ``wandb sync``).
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +57,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callb
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 
-    from dtrain.dist import slurm  # under SLURM: devices and nodes of the allocation, requeue on SIGUSR1
+    from dtrain.dist import slurm  # SLURM's allocation; a checkpoint on SIGTERM (+ requeue on SIGUSR1)
     from dtrain.dist.strategy import build_strategy
 
     t = cfg.trainer
@@ -167,6 +169,14 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     finally:
         close_loggers(trainer)
+    from dtrain.dist.slurm import Preemption
+
+    stop = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+    if stop is not None and stop.stopped_by == signal.SIGTERM:  # asked to end: say so, after the checkpoint
+        if trainer.is_global_zero:
+            print(f"dtrain: stopped on SIGTERM; `dtrain fit ... --resume auto` continues from {stop.saved}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM)
     return out
 
 

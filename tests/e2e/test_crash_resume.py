@@ -123,12 +123,66 @@ trainer: {{max_steps: 80, ckpt_every_n_steps: 10, sample_every_n_steps: 0}}
     return p
 
 
+@pytest.fixture(scope="module")
+def wds_reference(tmp_path_factory, digit_shards) -> tuple[Path, dict]:
+    """(recipe, last checkpoint) of the uninterrupted 80-step shard-stream run."""
+    tmp = tmp_path_factory.mktemp("wds_ref")
+    recipe = wds_recipe(tmp, digit_shards)
+    r = subprocess.run(_cmd(recipe, tmp / "ref"), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = torch.load(tmp / "ref" / "wds-digits" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 80
+    return recipe, last
+
+
+def _resume_matches(recipe: Path, out: Path, ref: dict) -> str:
+    r = subprocess.run(_cmd(recipe, out, "--resume", "auto"), env=_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_state(ref, torch.load(out / "wds-digits" / "checkpoints" / "last.ckpt", map_location="cpu",
+                                      weights_only=True))
+    return r.stderr
+
+
 @pytest.mark.timeout(300)
-def test_sigkill_shard_stream_resumes_exactly(tmp_path, digit_shards):
+def test_sigkill_shard_stream_resumes_exactly(tmp_path, wds_reference):
     """Digits UNet (dropout, CFG label dropout, a power EMA) on 6 shards read by 2 workers with shuffling and flips;
     80 steps cross the epoch end at 56; killed past step 20, the resumed run continues at the exact data position."""
-    recipe = wds_recipe(tmp_path, digit_shards)
-    crash_and_resume(tmp_path, recipe, [], "wds-digits", 10, 80)
+    recipe, ref = wds_reference
+    last = kill_at_random_step(_cmd(recipe, tmp_path), tmp_path / "wds-digits" / "checkpoints", 10, 80,
+                               random.Random())
+    assert 0 < last < 80
+    _resume_matches(recipe, tmp_path, ref)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_every_process_checkpoints_the_next_step(tmp_path, wds_reference):
+    """SIGTERM to the whole process group, DataLoader workers included (what SLURM does on preemption, ``scancel``
+    or the time limit): the run writes ``hpc_ckpt_1.ckpt`` at the next step and exits with 143; ``--resume auto``
+    continues from that step and ends with the uninterrupted run's state. Without the workers' handler they die
+    and the main process fails on its next batch ("DataLoader worker exited unexpectedly") without a checkpoint;
+    with Lightning's own SIGTERM handler the run stops without one."""
+    recipe, ref = wds_reference
+    run = tmp_path / "wds-digits"
+    proc = subprocess.Popen(_cmd(recipe, tmp_path), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "step0000010.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    saved = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    k = saved["global_step"]
+    assert 10 <= k < 80 and f"dtrain: SIGTERM at step {k}: saved {run / 'hpc_ckpt_1.ckpt'}" in err
+    assert max(_steps(run / "checkpoints")) <= k  # stopped right after the checkpoint
+    assert f"Restoring states from the checkpoint path at {run / 'hpc_ckpt_1.ckpt'}" in _resume_matches(
+        recipe, tmp_path, ref)
 
 
 @pytest.mark.timeout(300)

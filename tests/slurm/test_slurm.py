@@ -5,6 +5,9 @@
 - slurm/single_node.sbatch with two tasks and a recipe that names no devices (``dtrain fit`` takes them from the
   allocation): signalled with SIGUSR1 mid-run (what ``--signal=USR1@90`` sends before the time limit), it
   saves an HPC checkpoint, requeues itself and resumes: global step, optimizer and EMA continue exactly.
+- the same template preempted the way ``PreemptMode=REQUEUE`` does it (``scontrol requeue``: SIGTERM to every
+  process of the job, DataLoader workers included, SIGKILL after ``KillWait``): the HPC checkpoint is written at
+  the next step all the same and the requeued job resumes from it.
 - slurm/eval_array.sbatch: an array job, one FID-vs-NFE point per task.
 """
 
@@ -101,6 +104,42 @@ def test_requeue_resumes_step_optimizer_and_ema(slurm, tmp_path):
     assert {int(s["step"]) for s in after["optimizer_states"][0]["state"].values()} == {k + 1}
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == steps
+
+
+DIGITS = ROOT / "recipes" / "teacher" / "digits.yaml"
+TINY_DIGITS = ["trainer.accelerator=cpu", "trainer.progress_bar=false", "trainer.cpu_threads=1", "logger.mode=disabled",
+               "strategy.name=ddp", "model.channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+               "model.attn_resolutions=[]", "data.batch_size=32", "data.num_workers=1", "ema.decays=[0.99]",
+               "ema.stds=[]", "trainer.sample_every_n_steps=0", "eval.every_n_steps=0"]
+
+
+def test_preemption_sigterm_checkpoints_and_the_requeued_job_resumes(slurm, tmp_path):
+    """``scontrol requeue`` of a running 2-task job whose ranks read through DataLoader workers: every process gets
+    SIGTERM (KillWait=5 s before SIGKILL); both ranks stop at the same step after ``hpc_ckpt_1.ckpt`` is written,
+    nothing else requeues, and the restarted job resumes from that step to the end."""
+    log = tmp_path / "job.out"
+    steps = 60
+    job = slurm.sbatch("--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
+                       f"--output={log}", "slurm/single_node.sbatch", str(DIGITS), f"out_dir={tmp_path}",
+                       *TINY_DIGITS, f"trainer.max_steps={steps}", "trainer.ckpt_every_n_steps=5")
+    run = tmp_path / "teacher-digits"
+    deadline = time.monotonic() + 150
+    while not (run / "checkpoints" / "step0000005.ckpt").exists():
+        info = slurm.job(job)
+        assert time.monotonic() < deadline and info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
+            info, log.read_text(errors="replace")[-3000:] if log.exists() else "")
+        time.sleep(0.1)
+    r = slurm.run("scontrol", "requeue", job)
+    assert r.returncode == 0, r.stderr
+    info = slurm.wait(job, 240, log)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    hpc = run / "hpc_ckpt_1.ckpt"
+    k = torch.load(hpc, weights_only=True)["global_step"]
+    assert 5 <= k < steps and f"dtrain: SIGTERM at step {k}: saved {hpc}" in text, text[-3000:]
+    assert "exited unexpectedly" not in text and "requeued" not in text  # workers lived; slurm requeued the job
+    assert f"Restoring states from the checkpoint path at {hpc}" in text
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
 
 
 def test_eval_array_job_one_point_per_task(slurm, multi_node, tmp_path):

@@ -328,14 +328,14 @@ def test_hpc_path_numbering(tmp_path):
 
 
 class _Signal(L.Callback):
-    """Sends this process SIGUSR1 at the end of ``step`` (as scancel --signal=USR1 would)."""
+    """Sends this process ``signum`` at the end of ``step`` (as scancel --signal=USR1 would)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGUSR1) -> None:
+        self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
 
 
 def test_requeue_saves_at_a_step_boundary_after_the_ema_and_stops(tmp_path, monkeypatch, one_thread):
@@ -347,7 +347,7 @@ def test_requeue_saves_at_a_step_boundary_after_the_ema_and_stops(tmp_path, monk
     monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue"))
     cfg = recipe("trainer.max_steps=50")
     module = TeacherModule(cfg)
-    req = slurm.Requeue()
+    req = slurm.Preemption()
     before = signal.getsignal(signal.SIGUSR1)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path),
@@ -360,6 +360,45 @@ def test_requeue_saves_at_a_step_boundary_after_the_ema_and_stops(tmp_path, monk
     sd = ckpt["state_dict"]
     for k, v in module.ema["0_99"].state_dict().items():  # the EMA of step 7, not step 6
         assert torch.equal(sd[f"ema.0_99.{k}"], v), k
+
+
+def test_sigterm_saves_at_a_step_boundary_and_stops_without_a_requeue(tmp_path, monkeypatch, one_thread):
+    """Outside SLURM (no requeue signal) SIGTERM still checkpoints at the next step and stops; Lightning's own
+    SIGTERM handler (no checkpoint) is back in place after fit, and the process default after that."""
+    from dtrain.data import build_datamodule
+    from dtrain.dist import slurm
+    from dtrain.lit.teacher import TeacherModule
+
+    calls = []
+    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue"))
+    assert [type(c) for c in slurm.callbacks()] == [slurm.Preemption] and slurm.callbacks()[0].requeue_signal is None
+    cfg = recipe("trainer.max_steps=50")
+    stop = slurm.Preemption(requeue_signal=None)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[stop, _Signal(4, signal.SIGTERM)])
+    trainer.fit(TeacherModule(cfg), datamodule=build_datamodule(cfg.data, seed=0))
+    assert calls == [] and trainer.global_step == 4 and stop.stopped_by == signal.SIGTERM
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 4
+    assert not trainer.received_sigterm  # Lightning's handler did not run (it would stop without a checkpoint)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_after_the_requeue_signal_still_requeues(tmp_path, monkeypatch, one_thread):
+    from dtrain.data import build_datamodule
+    from dtrain.dist import slurm
+    from dtrain.lit.teacher import TeacherModule
+
+    calls = []
+    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue"))
+    cfg = recipe("trainer.max_steps=50")
+    stop = slurm.Preemption()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[_Signal(3, signal.SIGUSR1), _Signal(3, signal.SIGTERM), stop])
+    trainer.fit(TeacherModule(cfg), datamodule=build_datamodule(cfg.data, seed=0))
+    assert calls == ["requeue"] and stop.stopped_by == signal.SIGUSR1 and trainer.global_step == 3
 
 
 def test_requeue_pending_at_the_start_waits_for_a_step_boundary(tmp_path, monkeypatch, one_thread):
@@ -383,7 +422,7 @@ def test_requeue_pending_at_the_start_waits_for_a_step_boundary(tmp_path, monkey
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(batch_idx)
 
-    req = slurm.Requeue()
+    req = slurm.Preemption()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path), accumulate_grad_batches=2,
                         callbacks=[req, Early(), Micro()])
