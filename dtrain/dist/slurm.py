@@ -156,11 +156,15 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore()
 
+    def pending(self, trainer: Any) -> bool:
+        """Whether any rank got a signal not acted on yet (a collective: every rank calls it at the same point)."""
+        return bool(trainer.strategy.reduce_boolean_decision(self.received is not None, all=False))
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._last_step:  # inside gradient accumulation: not a step boundary
             return
         self._last_step = trainer.global_step
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if not self.pending(trainer):
             return
         path, signum = trainer.strategy.broadcast((str(hpc_path(trainer.default_root_dir)), self.received))
         signum = signum if signum is not None else signal.SIGTERM  # rank 0 got nothing, another rank did

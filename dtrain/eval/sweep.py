@@ -151,6 +151,7 @@ def fid_sweep(
     console: Any = None,
     guide: Callable[[Any, float, int], Any] | None = None,
     grids: Mapping[tuple[str, int], Tensor] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[SweepRow]:
     """FID (and class accuracy / IS) at each (sampler, NFE); call on every rank, rank 0 prints the table.
 
@@ -159,8 +160,10 @@ def fid_sweep(
     kind's own, e.g. w as an input of a guided PD student: ``dtrain.export.bundle.kind_guide``); the class accuracy
     is scored when the extractor classifies the same ``num_classes`` labels (FID-digits). ``grids``: the time grid
     of a (sampler, NFE) point where it is not the default one (a bundle's stored grid, e.g. a PD student's). Budgets
-    that come to the step count of an earlier point of the same sampler are skipped with a warning. Returns the same
-    rows on every rank (grids: rank 0 only).
+    that come to the step count of an earlier point of the same sampler are skipped with a warning. ``stop``:
+    called before each point on every rank (the same number of times: it may be a collective); True ends the
+    sweep with the rows so far (a training run asked to stop). Returns the same rows on every rank (grids: rank 0
+    only).
     """
     from dtrain.eval.fid import FID, dist_rank
 
@@ -188,6 +191,8 @@ def fid_sweep(
     with bar:
         task = bar.add_task("FID sweep", total=len(points) * len(batches))
         for name, budget in points:
+            if stop is not None and stop():
+                break
             steps = steps_for_nfe(name, budget)
             bar.update(task, description=f"{name} NFE {budget}")
             metric.reset()

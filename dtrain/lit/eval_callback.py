@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dtrain.eval.sweep import SweepRow, parse_specs
 
@@ -88,9 +89,17 @@ class FIDSweepCallback(L.Callback):
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: Any, step: int) -> list[SweepRow]:
         """The sweep (every rank), then logging (rank 0)."""
+        from dtrain.dist.slurm import Preemption
         from dtrain.eval.sweep import fid_sweep
 
         self._last = step
+        signals = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+        halted: list[bool] = []
+
+        def stop() -> bool:  # a SIGTERM / requeue signal on any rank: leave the time to its checkpoint
+            halted.append(signals is not None and signals.pending(trainer))
+            return halted[-1]
+
         self._setup_metric(pl_module.sample_shape, pl_module.device)
         tag = pl_module.default_ema if self.ema == "default" else self.ema
         den = pl_module.denoiser_for(tag)
@@ -101,12 +110,14 @@ class FIDSweepCallback(L.Callback):
                              extractor=self._extractor, ref=self._ref,
                              num_classes=pl_module.num_classes, guidance=self.guidance, seed=self.seed,
                              device=pl_module.device, progress=False, ref_source=str(self.ref_path),
-                             grids=pl_module.sample_grids())
+                             grids=pl_module.sample_grids(), stop=stop if signals is not None else None)
         finally:
             for m, was in modes.items():
                 m.training = was
+        if any(halted):
+            rank_zero_warn(f"eval at step {step}: stopped after {len(rows)} point(s): a signal asked training to stop")
         self.history.append((step, rows))
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and rows:
             self._log(trainer, rows, step)
         return rows
 

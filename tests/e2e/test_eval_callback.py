@@ -63,3 +63,50 @@ def test_fid_callback_in_training(tmp_path, monkeypatch):
     assert [row[3] for row in table["data"]] == pytest.approx([r.fid for r in last], rel=1e-12)
     log = next(wandb_dir.glob("*.wandb")).read_bytes()  # the offline record log holds the scalar keys verbatim
     assert all(f"eval/fid/{k}".encode() in log for k in ("ddim_nfe1", "ddim_nfe4", "ddpm_nfe4"))
+
+
+@pytest.mark.timeout(240)
+def test_a_sigterm_cuts_the_sweep_short_and_the_checkpoint_follows(tmp_path, monkeypatch):
+    """SIGTERM while a sweep is due: the sweep stops before its next point (minutes of sampling would eat the
+    SLURM grace time), nothing is logged for it, and the checkpoint is written at the end of that same step."""
+    import os
+    import signal
+
+    from dtrain.config import load_recipe
+    from dtrain.data import build_datamodule
+    from dtrain.dist.slurm import Preemption
+    from dtrain.lit.common import module_class
+    from dtrain.lit.eval_callback import FIDSweepCallback
+    from dtrain.lit.fit import build_trainer, run_dir
+
+    raw = build_extractor("raw", shape=(2,))
+    x, _ = default_gmm().sample(2000, torch.Generator().manual_seed(0))
+    ref_path = compute_ref_stats(raw, x.split(1000), source="default_gmm").save(tmp_path / "gmm_ref.npz")
+    cfg = load_recipe("recipes/teacher/gmm.yaml", [
+        f"out_dir={tmp_path}", "trainer.max_steps=10", "trainer.accelerator=cpu", "trainer.devices=1",
+        "trainer.progress_bar=false", "logger.mode=disabled", "optim.warmup_steps=0", "data.num_samples=4096",
+        "eval.every_n_steps=2", "eval.samplers=['ddim:1,4']", "eval.num=40", "eval.batch_size=40",
+        "eval.feature_extractor=raw", f"eval.ref_stats={ref_path}",
+    ])
+    import dtrain.eval.sweep as sweep
+
+    calls, real = [], sweep.generate
+
+    def signal_in_step_4s_sweep(*args, **kw):  # once per point: the first point of the second sweep
+        calls.append(args[1:3])
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sweep, "generate", signal_in_step_4s_sweep)
+
+    out = run_dir(cfg)
+    cb = FIDSweepCallback.from_recipe(cfg)
+    trainer = build_trainer(cfg, out, extra_callbacks=[cb])
+    with pytest.warns(UserWarning, match=r"eval at step 4: stopped after 1 point\(s\)"):
+        trainer.fit(module_class(cfg.method.name)(cfg), datamodule=build_datamodule(cfg.data, seed=cfg.seed))
+    stop = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+    assert [(s, [(r.sampler, r.nfe) for r in rows]) for s, rows in cb.history] == [
+        (2, [("ddim", 1), ("ddim", 4)]), (4, [("ddim", 1)])]
+    assert stop.stopped_by == signal.SIGTERM and trainer.global_step == 5  # saved at the end of step 5
+    assert torch.load(out / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 5
