@@ -8,7 +8,9 @@ run (``wandb/``; offline runs upload later with ``wandb sync``).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import string
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,16 +26,19 @@ from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
-__all__ = ["fit", "run_dir", "build_trainer", "build_logger", "describe", "set_cpu_threads", "set_tf32"]
+__all__ = ["fit", "run_dir", "build_trainer", "build_logger", "wandb_run_id", "describe", "set_cpu_threads",
+           "set_tf32"]
 
 
 def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name
 
 
-def build_logger(cfg: DictConfig, out: Path) -> Any:
+def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
     """WandbLogger with the recipe's project, name, tags and mode; the resolved recipe is the run config.
 
+    ``resume``: the run continues from a checkpoint (``dtrain fit --resume``, a requeued SLURM job), so it logs
+    into the W&B run its first job started (``wandb_run_id``) instead of starting a new one each time.
     ``logger.mode: disabled`` writes scalars to ``<run>/csv/`` instead and never imports wandb (clusters or
     GPU images without it).
     """
@@ -46,14 +51,30 @@ def build_logger(cfg: DictConfig, out: Path) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
     return WandbLogger(project=lg.project, name=lg.name or cfg.name, tags=list(lg.tags), mode=lg.mode,
-                       save_dir=str(out), config=to_container(cfg))
+                       save_dir=str(out), config=to_container(cfg), id=wandb_run_id(out, resume), resume="allow")
 
 
-def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callbacks: Sequence[L.Callback] = ()
-                  ) -> L.Trainer:
+def wandb_run_id(out: Path, resume: bool) -> str:
+    """The W&B run id of the run directory ``out``, kept in ``<out>/wandb_run_id``: read back when ``resume``
+    (a fresh id when the file is missing), else a new one, written by global rank 0 only (other ranks log
+    nothing; under SLURM every rank runs this before the process group exists)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    path = out / "wandb_run_id"
+    if resume and path.is_file() and (known := path.read_text().strip()):
+        return known
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callbacks: Sequence[L.Callback] = (),
+                  resume: bool = False) -> L.Trainer:
     """Trainer (devices, nodes, precision, strategy) + callbacks (checkpoints, LR monitor, progress, grids).
 
     ``extra_callbacks``: e.g. the datamodule's own (``fit`` passes ``datamodule.callbacks()`` when it has one).
+    ``resume``: the run continues from a checkpoint (the W&B run continues too, ``build_logger``).
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 
@@ -85,7 +106,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callb
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         callbacks=callbacks,
-        logger=logger if logger is not None else build_logger(cfg, out),
+        logger=logger if logger is not None else build_logger(cfg, out, resume=resume),
         default_root_dir=str(out),
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -164,7 +185,7 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
         from dtrain.lit.eval_callback import FIDSweepCallback
 
         extra.append(FIDSweepCallback.from_recipe(cfg, out_dir=out / "eval"))
-    trainer = build_trainer(cfg, out, extra_callbacks=extra)
+    trainer = build_trainer(cfg, out, extra_callbacks=extra, resume=ckpt_path is not None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     finally:

@@ -163,6 +163,30 @@ def test_resume_from_last(tmp_path, capsys):
     assert "dtrain fit: --resume: checkpoint not found:" in capsys.readouterr().err
 
 
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    """--resume (a requeued SLURM job) continues the W&B run of the first job (one run on the dashboard, not one per
+    requeue); a fresh start in the same run directory starts a new W&B run."""
+    import re
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = [f"out_dir={tmp_path}", THREADS, "model.hidden=16", "model.depth=1", "data.batch_size=32",
+              "data.num_samples=1024", "trainer.ckpt_every_n_steps=3", "trainer.progress_bar=false",
+              "logger.mode=offline", "trainer.sample_every_n_steps=0"]
+    run = tmp_path / "teacher-gmm"
+
+    def ids() -> list[str]:
+        names = sorted((run / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime_ns)
+        return [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", p.name).group(1) for p in names]
+
+    assert main(["fit", str(GMM), *common, "trainer.max_steps=3"]) == 0
+    first = (run / "wandb_run_id").read_text().strip()
+    assert main(["fit", str(GMM), *common, "trainer.max_steps=5", "--resume", "auto"]) == 0
+    assert ids() == [first, first] and (run / "wandb_run_id").read_text().strip() == first
+    assert main(["fit", str(GMM), *common, "trainer.max_steps=2"]) == 0  # no --resume: a new run
+    assert ids()[:2] == [first, first] and ids()[2] != first == ids()[1]
+    assert (run / "wandb_run_id").read_text().strip() == ids()[2]
+
+
 def test_cli_dry_run_and_recipe_errors():
     from dtrain.models import build_model, count_params
 
