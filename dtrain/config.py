@@ -301,6 +301,7 @@ class TrainerCfg:
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 50
     ckpt_every_n_steps: int = 1000
+    keep_checkpoints: int = 0  # > 0: keep only the newest k periodic checkpoints (last.ckpt is kept too)
     sample_every_n_steps: int = 0  # 0: no sample grids during training
     deterministic: bool = False
     compile: bool = False
@@ -768,6 +769,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     for key in ("ckpt_every_n_steps", "sample_every_n_steps", "cpu_threads"):
         if t[key] < 0:
             bad.append((f"trainer.{key}", "must be >= 0 (0: off)"))
+    if t.keep_checkpoints < 0:
+        bad.append(("trainer.keep_checkpoints", "must be >= 0 (0: keep every periodic checkpoint)"))
     if t.max_bad_steps < 1:
         bad.append(("trainer.max_bad_steps", "must be >= 1 (bad steps in a row that stop the run; "
                     "trainer.nan_guard=false turns the guard off)"))

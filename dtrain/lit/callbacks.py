@@ -80,14 +80,18 @@ class SampleGrid(L.Callback):
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` every N steps (``step0001000.ckpt``) plus ``last.ckpt``, which is also written when
-    training ends between two periodic saves, so the final weights are always on disk (unless a signal's
-    ``hpc_ckpt_<n>.ckpt`` of that step was just written: ``dtrain.dist.slurm.Preemption``)."""
+    """``ModelCheckpoint`` every N steps (``step0001000.ckpt``; ``keep`` > 0: only the newest ``keep`` of them stay)
+    plus ``last.ckpt``, which is also written when training ends between two periodic saves, so the final weights
+    are always on disk (unless a signal's ``hpc_ckpt_<n>.ckpt`` of that step was just written:
+    ``dtrain.dist.slurm.Preemption``)."""
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int = 0) -> None:
+        kw: dict[str, Any] = dict(save_top_k=-1)  # every periodic checkpoint
+        if keep > 0:  # the newest ``keep``: top-k by step (older ones are deleted as newer ones land)
+            kw = dict(save_top_k=keep, monitor="step", mode="max")
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
-                         every_n_train_steps=every_n_steps or None, save_top_k=-1 if every_n_steps else 0,
-                         save_last=True, save_on_train_epoch_end=False)
+                         every_n_train_steps=every_n_steps or None, save_last=True, save_on_train_epoch_end=False,
+                         **(kw if every_n_steps else dict(save_top_k=0)))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         from dtrain.dist.slurm import Preemption

@@ -83,7 +83,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None, extra_callb
 
     t = cfg.trainer
     devices, num_nodes = slurm.topology(t.devices, t.num_nodes)
-    callbacks: list[L.Callback] = [StepCheckpoint(out / "checkpoints", t.ckpt_every_n_steps)]
+    callbacks: list[L.Callback] = [StepCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_checkpoints)]
     if logger is not False:  # logger=False: no logging at all (benchmarks, library use)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if t.progress_bar:

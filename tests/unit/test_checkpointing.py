@@ -159,3 +159,22 @@ def test_checkpoints_and_bundles_record_the_source_commit(digits_teacher, digits
     ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
     info = json.loads((digits_bundle / "dtrain.json").read_text())
     assert ck["dtrain"]["git_commit"] == info["provenance"]["git_commit"] == git_commit()
+
+
+def test_keep_checkpoints_keeps_the_newest_periodic_ones_across_a_resume(tmp_path):
+    """trainer.keep_checkpoints=2: only the two newest step checkpoints stay (and last.ckpt), also after a resume
+    (the kept list is restored from the checkpoint and pruned further); 0 keeps all; negative is refused."""
+    from dtrain.config import RecipeError, load_recipe
+    from dtrain.lit.fit import fit
+
+    common = [*SMALL, f"out_dir={tmp_path}", "trainer.ckpt_every_n_steps=2", "trainer.keep_checkpoints=2"]
+    run = fit(GMM, [*common, "trainer.max_steps=7"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt",
+                                                                       "step0000006.ckpt"]
+    fit(GMM, [*common, "trainer.max_steps=12"], resume="auto")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step0000010.ckpt",
+                                                                       "step0000012.ckpt"]
+    every = fit(GMM, [*SMALL, f"out_dir={tmp_path / 'all'}", "trainer.ckpt_every_n_steps=2", "trainer.max_steps=6"])
+    assert len(list((every / "checkpoints").glob("step*.ckpt"))) == 3
+    with pytest.raises(RecipeError, match=r"trainer\.keep_checkpoints: must be >= 0"):
+        load_recipe(GMM, ["trainer.keep_checkpoints=-1"])
