@@ -80,18 +80,36 @@ class SampleGrid(L.Callback):
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` every N steps (``step0001000.ckpt``; ``keep`` > 0: only the newest ``keep`` of them stay)
-    plus ``last.ckpt``, which is also written when training ends between two periodic saves, so the final weights
-    are always on disk (unless a signal's ``hpc_ckpt_<n>.ckpt`` of that step was just written:
-    ``dtrain.dist.slurm.Preemption``)."""
+    """``ModelCheckpoint`` every N steps (``step0001000.ckpt``) plus ``last.ckpt``, which is also written when
+    training ends between two periodic saves, so the final weights are always on disk (unless a signal's
+    ``hpc_ckpt_<n>.ckpt`` of that step was just written: ``dtrain.dist.slurm.Preemption``). ``keep`` > 0: only
+    the newest ``keep`` periodic checkpoints stay, and a signal's checkpoint goes once a newer periodic one is
+    written."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int = 0) -> None:
+        self.keep = keep
         kw: dict[str, Any] = dict(save_top_k=-1)  # every periodic checkpoint
         if keep > 0:  # the newest ``keep``: top-k by step (older ones are deleted as newer ones land)
             kw = dict(save_top_k=keep, monitor="step", mode="max")
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps or None, save_last=True, save_on_train_epoch_end=False,
                          **(kw if every_n_steps else dict(save_top_k=0)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+                           ) -> None:
+        before = self._last_global_step_saved
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.keep > 0 and self._last_global_step_saved != before and trainer.is_global_zero:
+            self._drop_superseded_hpc(Path(self.dirpath).parent)
+
+    def _drop_superseded_hpc(self, run: Path) -> None:
+        """With ``keep``: the signal checkpoints (``hpc_ckpt_<n>.ckpt``) older than the periodic one just written."""
+        import shutil
+
+        newest = max((p.stat().st_mtime_ns for p in Path(self.dirpath).glob("step*.ckpt")), default=None)
+        for old in run.glob("hpc_ckpt_*.ckpt"):
+            if newest is not None and old.stat().st_mtime_ns < newest:
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         from dtrain.dist.slurm import Preemption

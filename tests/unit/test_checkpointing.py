@@ -178,3 +178,27 @@ def test_keep_checkpoints_keeps_the_newest_periodic_ones_across_a_resume(tmp_pat
     assert len(list((every / "checkpoints").glob("step*.ckpt"))) == 3
     with pytest.raises(RecipeError, match=r"trainer\.keep_checkpoints: must be >= 0"):
         load_recipe(GMM, ["trainer.keep_checkpoints=-1"])
+
+
+def test_keep_checkpoints_drops_a_signal_checkpoint_once_a_newer_periodic_one_exists(tmp_path):
+    """SIGTERM at step 3 -> hpc_ckpt_1.ckpt (exit 143); the resumed run (keep_checkpoints=2) writes step 4 and
+    the signal checkpoint goes; without keep_checkpoints it stays."""
+    import lightning as L
+
+    from dtrain.lit.fit import fit
+
+    class Term(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    for keep, stays in ((2, False), (0, True)):
+        common = [*SMALL, f"out_dir={tmp_path / str(keep)}", "trainer.ckpt_every_n_steps=4",
+                  f"trainer.keep_checkpoints={keep}", "trainer.max_steps=6"]
+        with pytest.raises(SystemExit) as stop:
+            fit(GMM, common, callbacks=[Term()])
+        run = tmp_path / str(keep) / "teacher-gmm"
+        assert stop.value.code == 143 and (run / "hpc_ckpt_1.ckpt").is_file()
+        fit(GMM, common, resume="auto")
+        assert (run / "hpc_ckpt_1.ckpt").exists() == stays
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
