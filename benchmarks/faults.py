@@ -153,7 +153,8 @@ def wds_recipe(tmp: Path) -> tuple[Path, int]:
 
     shards = tmp / "digit_shards"
     if not (shards / "index.json").is_file():
-        assert main(["shards", "digits", "--out", str(shards), "--num-shards", "6", "--quiet"]) == 0
+        assert main(["shards", "digits", "--split", "all", "--out", str(shards), "--num-shards", "6",
+                     "--quiet"]) == 0
     p = tmp / "wds_digits.yaml"
     p.write_text(f"""base: {TINY_BASES}
 name: wds-digits
@@ -351,7 +352,7 @@ def bench_data(tmp: Path, trials: int, rng: random.Random) -> dict[str, Any]:
     from dtrain.lit.fit import fit
 
     def fresh(i: int) -> Path:
-        d = from_digits()
+        d = from_digits("all")
         d.images, d.labels = d.images[:64], d.labels[:64]
         out = tmp / f"shards{i}_{rng.randrange(10**9)}"
         write_shards(d, out, num_shards=4, shuffle=True, seed=i, progress=False)

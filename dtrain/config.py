@@ -1019,29 +1019,36 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
              f"has alpha(t_max) = {alpha_end:.3g}, so {what} cannot recover x0 there; use v, x0, velocity or edm")]
 
 
-def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
+def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[str] = ()) -> None:
     """The local data files a run reads exist and the accelerator it asks for is here: ``dtrain fit`` calls this
     before anything starts (``load_recipe`` does not, so recipes may name shards made later, and a CPU login node
-    validates GPU recipes). Raises ``RecipeError(source, key, reason)``."""
+    validates GPU recipes). Raises ``RecipeError(where, key, reason)``: where is "command line" for a key one of
+    ``overrides`` set (the key or a section above it), else ``source``."""
     import torch
 
+    set_here = {o.split("=", 1)[0].strip() for o in overrides}
+
+    def where(key: str) -> str:
+        parts = key.split(".")
+        return "command line" if any(".".join(parts[:n]) in set_here for n in range(1, len(parts) + 1)) else source
+
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise RecipeError(source, "trainer.accelerator", f"{cfg.trainer.accelerator!r} but no CUDA GPU is "
-                          f"available here; use cpu or auto")
+        raise RecipeError(where("trainer.accelerator"), "trainer.accelerator",
+                          f"{cfg.trainer.accelerator!r} but no CUDA GPU is available here; use cpu or auto")
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
     if cfg.strategy.name in ("deepspeed", "fsdp") and on_cpu:  # accelerator auto on a machine without CUDA
         which = "DeepSpeed" if cfg.strategy.name == "deepspeed" else "FSDP"
-        raise RecipeError(source, "strategy.name", f"Lightning's {which} strategy runs on CUDA GPUs only, and no CUDA "
-                          f"GPU is available here; use ddp or fsdp2")
+        raise RecipeError(where("strategy.name"), "strategy.name", f"Lightning's {which} strategy runs on CUDA GPUs "
+                          f"only, and no CUDA GPU is available here; use ddp or fsdp2")
     if cfg.strategy.name == "fsdp2" and on_cpu and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 7):
-        raise RecipeError(source, "strategy.name", f"fsdp2 on the CPU needs torch >= 2.7 (torch {torch.__version__}'s "
-                          f"FSDP2 records CUDA stream events); use ddp here, or fsdp2 on GPUs")
+        raise RecipeError(where("strategy.name"), "strategy.name", f"fsdp2 on the CPU needs torch >= 2.7 (torch "
+                          f"{torch.__version__}'s FSDP2 records CUDA stream events); use ddp here, or fsdp2 on GPUs")
     d = cfg.data
     if d.name != "wds" or not d.shards or "://" in d.shards:
         return
     for key, index in (("data.index", d.index), ("data.shards", d.shards if d.shards.endswith(".json") else None)):
         if index and not Path(index).is_file():
-            raise RecipeError(source, key, f"index file not found: {index}")
+            raise RecipeError(where(key), key, f"index file not found: {index}")
     from dtrain.data.shards import find_index, is_remote
     from dtrain.data.stream import check_local_shards, peek_meta, resolve_shards, shard_urls
 
@@ -1056,6 +1063,6 @@ def check_inputs(cfg: DictConfig, source: str = "recipe") -> None:
         meta = peek_meta(first := urls[0].removeprefix("file:"))  # no index: the first image of the first shard
     except InputError as e:  # data.* errors of the data code (MissingFileError: a shard that is not there)
         key, _, reason = str(e).partition(": ")
-        raise RecipeError(source, key, reason) from None
+        raise RecipeError(where(key), key, reason) from None
     for key, reason in _image_fit(cfg.model, meta["image_size"], meta["channels"], f"shard {first}"):
-        raise RecipeError(source, key, reason)
+        raise RecipeError(where(key), key, reason)

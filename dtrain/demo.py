@@ -569,14 +569,10 @@ class Demo:
             return False
 
     def _run_shards(self, stage: str, key: str) -> _Record:
-        import numpy as np
 
-        from dtrain.data.digits import digits_arrays
-        from dtrain.data.shards import from_arrays, write_shards
+        from dtrain.data.shards import from_digits, write_shards
 
-        x, y = digits_arrays("train")  # value / 8 - 1 in [-1, 1] -> the 0..255 of ``from_digits``
-        u8 = np.round((x[:, 0].numpy() + 1.0) * 8.0 * (255.0 / 16.0)).astype(np.uint8)
-        data = from_arrays(u8, y.numpy(), [str(k) for k in range(10)], "sklearn:digits (train split)")
+        data = from_digits("train")
         out = self.out / "shards"
         shutil.rmtree(out, ignore_errors=True)
         with self.ui.task("writing", len(data)) as update:

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=256, help="trajectories (classes cycle for a conditional teacher)")
     p.add_argument("--refine", type=int, default=8, help="steps per interval of the reference solve")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models on a shared "
+                   "machine stall with more; 0 = torch's default)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
@@ -45,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"--num-scales: need integers >= 2, got {args.num_scales!r}" * (min(sizes) < 2),
                 f"--spacings: unknown {','.join(bad)!r}; choose from {', '.join(GRID_SPACINGS)}" * bool(bad),
                 f"--num: need an integer >= 1, got {args.num}" * (args.num < 1),
-                f"--refine: need an integer >= 1, got {args.refine}" * (args.refine < 1)]
+                f"--refine: need an integer >= 1, got {args.refine}" * (args.refine < 1),
+                f"--threads: need an integer >= 0, got {args.threads}" * (args.threads < 0)]
     if any(problems):
         print(f"cd_grid: {next(m for m in problems if m)}", file=sys.stderr)
         return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         teacher, info = load_teacher(args.teacher)
     except (FileNotFoundError, InputError) as e:

@@ -75,12 +75,17 @@ def shard_images(pattern: str, channels: int | None) -> Iterator[torch.Tensor]:
     import webdataset as wds
     from PIL import Image, UnidentifiedImageError
 
-    if pattern.endswith(".json"):
-        raise InputError(f"--shards: {pattern} is an index file; give the shard pattern, e.g. "
-                         f"'shards/train-{{000000..000009}}.tar'")
+    urls: str | list[str] = pattern
+    if pattern.endswith(".json"):  # an index (as data.shards takes it): the shards it lists
+        from dtrain.data.stream import resolve_shards
+
+        try:
+            urls = resolve_shards(pattern).urls
+        except (ValueError, OSError) as e:  # not an index, or a listed shard is missing
+            raise InputError(f"--shards: {e}") from None
     shape, n = None, 0
     try:
-        for sample in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
             key = next((k for k in sample if k.lower().lstrip(".") in {e[1:] for e in IMAGE_EXT}), None)
             if key is None:
                 raise InputError(f"--shards: sample {sample.get('__key__')} has no image member ({sorted(sample)})")
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--digits", choices=["train", "test", "all"], help="sklearn digits split (8x8, 1 channel)")
     src.add_argument("--folder", type=Path, help="a folder of images (searched recursively)")
-    src.add_argument("--shards", help="WebDataset shard pattern with an image member (png/jpg/webp)")
+    src.add_argument("--shards", help="WebDataset shard pattern (or their index.json) with an image member "
+                     "(png/jpg/webp)")
     ap.add_argument("--out", type=Path, required=True, help="output .npz")
     ap.add_argument("--extractor", default="digits", help="eval.feature_extractor (digits, inception, raw)")
     ap.add_argument("--weights", default=None, help="eval.feature_extractor_weights_path")

@@ -186,13 +186,15 @@ def _np_load(path: str | Path, **kw: Any) -> Any:
         raise ValueError(f"{path}: not a numpy .npy / .npz array file ({e})") from e
 
 
-def from_digits() -> ImageSet:
-    """sklearn's 1797 handwritten 8x8 digits (values 0..16 scaled to 0..255), labels 0..9."""
-    from sklearn.datasets import load_digits
+def from_digits(split: str = "train") -> ImageSet:
+    """sklearn's handwritten 8x8 digits (values 0..16 scaled to 0..255), labels 0..9: ``split`` train (1347, the
+    images FID-digits' classifier and reference statistics come from), test (450, its held-out floor) or all
+    (1797, sklearn's order); the split of ``dtrain.data.digits.digits_arrays``."""
+    from dtrain.data.digits import digits_arrays
 
-    d = load_digits()
-    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    return from_arrays(x, d.target, [str(k) for k in range(10)], "sklearn:digits")
+    x, y = digits_arrays(split)  # value / 8 - 1 in [-1, 1]
+    u8 = np.round((x[:, 0].numpy() + 1.0) * 8.0 * (255.0 / 16.0)).astype(np.uint8)
+    return from_arrays(u8, y.numpy(), [str(k) for k in range(10)], f"sklearn:digits ({split} split)")
 
 
 def from_patches(n: int = 4096, size: int = 32, seed: int = 0) -> ImageSet:
@@ -562,7 +564,9 @@ def add_shards_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = writer("npy", "a .npy image array (or .npz with images/labels)")
     s.add_argument("path")
     s.add_argument("--labels", help=".npy integer labels [N]")
-    writer("digits", "sklearn's 8x8 handwritten digits (1797 images, 10 classes)")
+    s = writer("digits", "sklearn's 8x8 handwritten digits (10 classes; --split train: 1347 images)")
+    s.add_argument("--split", choices=["train", "test", "all"], default="train",
+                   help="train (default; FID-digits' reference), test (its held-out 450) or all 1797")
     s = writer("patches", "random crops of sklearn's two sample photos (CIFAR-shaped)")
     s.add_argument("--count", type=int, default=4096)
     s.add_argument("--size", type=int, default=32)
@@ -582,7 +586,7 @@ def add_shards_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 _SOURCES: dict[str, Callable[[argparse.Namespace], ImageSet]] = {
     "folder": lambda a: from_folder(a.path, size=a.size, gray=a.gray),
     "npy": lambda a: from_npy(a.path, a.labels),
-    "digits": lambda a: from_digits(),
+    "digits": lambda a: from_digits(a.split),
     "patches": lambda a: from_patches(a.count, a.size, a.seed),
     "cifar10": lambda a: from_cifar10(a.path, a.split),
 }

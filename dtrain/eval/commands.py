@@ -32,17 +32,21 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="CKPT_OR_BUNDLE", help="training checkpoint or bundle directory")
     p.add_argument("--samplers", nargs="+", default=None, metavar="NAME:NFE,...",
                    help="e.g. ddim:1,2,4,8 dpm++2m:4,8 (any registered sampler; default: recipe eval.samplers)")
-    p.add_argument("--num", type=int, default=None, help="samples per point (default: recipe eval.num)")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
+                   help="samples per point (default: recipe eval.num); under torchrun write --num-samples (torchrun "
+                   "reads --num as its own --numa-binding)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: recipe eval.batch_size)")
     p.add_argument("--ref-stats", default=None, help="reference .npz (tools/fid_ref_stats.py) or digits:train")
     p.add_argument("--extractor", default=None, help="feature extractor: digits, inception, raw")
     p.add_argument("--weights", default=None, help="feature extractor weights file (inception)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: eval.guidance, sampler.guidance)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale w (default: the recipe's eval.guidance, "
+                   "else sampler.guidance: 2 for the digits teacher; 1 = no guidance)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ema", default="auto", help="EMA decay/std or 'raw' (checkpoints)")
     p.add_argument("--spacing", default=None, help="grid spacing (default: the schedule's)")
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
-    p.add_argument("--out", default=None, help="output directory (default: runs/eval/<model name>)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: runs/eval/<run>-<checkpoint> or runs/eval/<bundle>)")
     p.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
                    help="W&B mode (default: the recipe's logger.mode, else disabled)")
     p.add_argument("--project", default=None, help="W&B project (default: the recipe's logger.project)")

@@ -214,7 +214,8 @@ def fid_sweep(
     if rank == 0 and progress:
         from dtrain.eval.report import print_table
 
-        print_table(rows, console=console)
+        print_table(rows, title=f"FID vs NFE (guidance w = {guidance:g})" if num_classes > 0 else "FID vs NFE",
+                    console=console)
     return rows
 
 

@@ -130,6 +130,18 @@ def read_model_section(path: str | Path) -> dict[str, Any] | None:
     return model_section(_load_file(path, mmap=True), path)
 
 
+def read_kind(path: str | Path) -> str | None:
+    """The bundle kind a checkpoint or bundle holds ("denoiser", "consistency", ...), from its metadata only; None
+    for a sharded checkpoint directory."""
+    path = Path(path)
+    if is_bundle(path):
+        return str(read_info(path)["kind"])
+    if path.is_dir():
+        return None
+    meta = _check_ckpt(_load_file(path, mmap=True), path)["dtrain"]
+    return meta.get("bundle_kind") or BUNDLE_KINDS.get(meta["kind"])
+
+
 def model_section(ckpt: Any, path: str | Path) -> dict[str, Any]:
     """The ``model`` section of a checkpoint already loaded from ``path`` (its metadata validated)."""
     return dict(_check_ckpt(ckpt, Path(path))["dtrain"]["recipe"]["model"])

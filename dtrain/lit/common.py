@@ -37,6 +37,7 @@ from dtrain.export.checkpoint import (
     git_commit,
     model_differences,
     read_checkpoint,
+    read_kind,
     read_model_section,
 )
 from dtrain.lit.guard import NonFiniteGuard
@@ -169,8 +170,16 @@ class DiffusionModule(L.LightningModule):
         """Before a run starts: a student that starts from its teacher's weights (``copies_teacher``) has the network
         its ``teacher`` file records (the ``model`` section of the teacher's metadata; no weights are read), else
         ``RecipeError`` naming the keys that differ. The denoiser's fields (``param`` ...) and ``dropout`` may
-        differ; a sharded checkpoint directory is not checked (the weights' load in ``setup`` still is)."""
-        added, teacher = cls.copies_teacher(recipe), recipe.get("teacher")
+        differ; a sharded checkpoint directory is not checked (the weights' load in ``setup`` still is). A method
+        that distils its teacher needs a denoiser (a teacher's or a PD student's file), not a few-step student."""
+        teacher = recipe.get("teacher")
+        if cls.distils(recipe) and teacher is not None and Path(teacher).exists():
+            kind = read_kind(teacher)
+            if kind is not None and kind not in ("denoiser", "guided_denoiser"):
+                raise RecipeError(source, "teacher", f"{teacher} holds a {kind!r} student, not a denoiser: method "
+                                  f"{recipe['method']['name']!r} distils a teacher's (or a PD student's) checkpoint "
+                                  f"or bundle")
+        added = cls.copies_teacher(recipe)
         if added is None or teacher is None or not Path(teacher).exists():
             return  # a missing file is named by the recipe checks
         theirs = read_model_section(teacher)

@@ -169,10 +169,13 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
         print(describe(cfg), end="")
         return out
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # EMA copies, on purpose
+    # on a SLURM login node or outside srun: dtrain reads the allocation itself (dtrain.dist.slurm.slurm_job)
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
-    check_inputs(cfg, source)  # before anything starts
+    check_inputs(cfg, source, overrides)  # before anything starts
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg))  # Lightning's restore reads it once more
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule

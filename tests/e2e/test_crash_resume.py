@@ -104,7 +104,7 @@ def digit_shards(tmp_path_factory) -> Path:
     from dtrain.cli import main
 
     out = tmp_path_factory.mktemp("digit_shards")
-    assert main(["shards", "digits", "--out", str(out), "--num-shards", "6", "--quiet"]) == 0
+    assert main(["shards", "digits", "--split", "all", "--out", str(out), "--num-shards", "6", "--quiet"]) == 0
     return out / "index.json"
 
 

@@ -23,7 +23,7 @@ TINY = BASE.with_name("tiny_wds_digits.yaml")  # the tiny UNet teacher on shards
 @pytest.fixture
 def shards(tmp_path) -> Path:
     """4 shards x 16 digits (in source order), 8x8 grayscale with labels."""
-    d = from_digits()
+    d = from_digits("all")
     d.images, d.labels = d.images[:64], d.labels[:64]
     write_shards(d, tmp_path / "shards", num_shards=4, shuffle=False, progress=False)
     return tmp_path / "shards"

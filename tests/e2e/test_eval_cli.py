@@ -39,11 +39,11 @@ def test_dtrain_eval_writes_the_sweep(ckpt, tmp_path, capsys):
 
     path, den = ckpt
     out = tmp_path / "eval"
-    rc = main(["eval", str(path), "--samplers", "ddim:1,2", "ddpm:2", "--num", "30", "--batch-size", "16",
+    rc = main(["eval", str(path), "--samplers", "ddim:1,2", "ddpm:2", "--num-samples", "30", "--batch-size", "16",
                "--out", str(out), "--seed", "4"])
     assert rc == 0
     table = capsys.readouterr().out
-    assert "FID vs NFE" in table and "dpm++" not in table and "ddpm" in table
+    assert "FID vs NFE (guidance w = 1.5)" in table and "dpm++" not in table and "ddpm" in table
     rec = json.loads((out / "fid_vs_nfe.json").read_text())
     assert rec["guidance"] == 1.5 and rec["ref_stats"] == "digits:train" and rec["ref_count"] == 1347
     assert [(r["sampler"], r["nfe"], r["num"]) for r in rec["rows"]] == [("ddim", 1, 30), ("ddim", 2, 30),

@@ -126,3 +126,15 @@ def test_a_missing_shard_is_bad_input_and_a_missing_file(tmp_path):
         check_local_shards([str(tmp_path / "a.tar"), str(tmp_path / "b.tar"), f"file:{tmp_path / 'c.tar'}"])
     assert isinstance(e.value, FileNotFoundError)
     check_local_shards([str(tmp_path / "a.tar"), "pipe:cat x.tar", "https://host/y.tar"])  # remote: not checked
+
+
+def test_a_missing_shard_names_the_command_line_when_it_set_the_key(tmp_path, recipe, fit_error):
+    """data.shards given on the command line: the error says "command line", not the recipe file; set in the
+    recipe file, the file."""
+    pattern = str(tmp_path / "train-{000000..000001}.tar")
+    err = fit_error(str(recipe), f"data.shards={pattern}", f"out_dir={tmp_path}", *QUIET)
+    assert err.startswith("dtrain fit: command line: data.shards: shard file not found"), err
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: [{recipe}]\ndata:\n  shards: '{pattern}'\n")
+    err = fit_error(str(child), f"out_dir={tmp_path}", *QUIET)
+    assert err.startswith(f"dtrain fit: {child}: data.shards: shard file not found"), err

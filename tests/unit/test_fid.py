@@ -381,3 +381,20 @@ def test_recipe_training_sweep_needs_reference_stats(tmp_path):
     with pytest.raises(RecipeError, match=r"file not found: .*missing.npz"):
         load_recipe("recipes/teacher/digits.yaml", [*base, f"eval.ref_stats={tmp_path}/missing.npz"])
     assert load_recipe("recipes/teacher/digits.yaml", [*base, "eval.ref_stats=digits:train"]).eval.ref_stats
+
+
+def test_fid_ref_stats_tool_takes_a_shard_index_like_its_pattern(tmp_path, load_tool):
+    """--shards index.json (as data.shards takes it) reads the shards it lists: the same statistics as the pattern."""
+    from dtrain.cli import main
+
+    assert main(["shards", "digits", "--split", "test", "--out", str(tmp_path / "s"), "--num-shards", "2",
+                 "--quiet"]) == 0
+    tool = load_tool("fid_ref_stats")
+    stats = []
+    for src in (str(tmp_path / "s" / "train-{000000..000001}.tar"), str(tmp_path / "s" / "index.json")):
+        out = tmp_path / f"ref{len(stats)}.npz"
+        assert tool.main(["--shards", src, "--out", str(out), "--batch-size", "100", "--device", "cpu"]) == 0
+        stats.append(RefStats.load(out))
+    assert stats[0].meta["count"] == stats[1].meta["count"] == 450
+    np.testing.assert_array_equal(stats[0].mu, stats[1].mu)
+    np.testing.assert_array_equal(stats[0].sigma, stats[1].sigma)

@@ -172,3 +172,44 @@ def test_teacher_directory_neither_bundle_nor_sharded(tmp_path, fit_error):
     (tmp_path / "t" / "weights.bin").write_bytes(b"0")
     err = fit_error(str(R / "cm" / "cd_digits.yaml"), f"teacher={tmp_path / 't'}", "--dry-run")
     assert f"teacher: {tmp_path / 't'} is a directory but neither an inference bundle" in err
+
+
+def test_overrides_after_a_flag_are_overrides_and_unknown_flags_still_fail(capsys):
+    """``dtrain fit R --dry-run k=v`` (or after ``--resume last``, as job scripts write it) applies k=v; a real
+    unknown flag or a bare word after the flags is still refused by argparse (exit 2)."""
+    from omegaconf import OmegaConf
+
+    assert main(["fit", str(DIGITS), "model.channels=8", "--dry-run", "trainer.max_steps=3", "seed=5"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out.split("# parameters")[0])
+    assert (cfg.trainer.max_steps, cfg.seed, cfg.model.channels) == (3, 5, 8)
+    for extra in (["--bogus"], ["stray"], ["x=1", "stray"]):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", str(DIGITS), "--dry-run", *extra])
+        assert e.value.code == 2 and f"unrecognized arguments: {' '.join(extra)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "bundle"])
+def test_a_few_step_student_is_no_teacher_to_distil(tmp_path, digits_teacher, bundle, source, fit_error):
+    """A consistency student's checkpoint or bundle as ``teacher`` of PD / CD (which read the teacher as a denoiser)
+    fails before the run with one line naming the file and its kind (PD warned and trained from scratch, CD
+    blamed method.init); iCT may still start from its weights."""
+    import json
+    import shutil
+
+    if source == "checkpoint":
+        ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+        ck["dtrain"]["kind"] = "cd"
+        student = tmp_path / "cd.ckpt"
+        torch.save(ck, student)
+    else:
+        student = tmp_path / "cd_bundle"
+        shutil.copytree(bundle, student)
+        info = json.loads((student / "dtrain.json").read_text())
+        info["kind"] = "consistency"
+        (student / "dtrain.json").write_text(json.dumps(info))
+    for recipe in ("pd/digits.yaml", "cm/cd_digits.yaml"):
+        err = fit_error(str(R / recipe), f"teacher={student}", f"out_dir={tmp_path / 'runs'}", *QUIET,
+                        "model.channels=16", "--dry-run")
+        assert f"teacher: {student} holds a 'consistency' student, not a denoiser" in err, err
+    assert main(["fit", str(R / "cm" / "ict_digits.yaml"), f"teacher={student}", "method.init=teacher",
+                 "model.channels=16", f"out_dir={tmp_path / 'runs'}", "--dry-run"]) == 0

@@ -138,12 +138,22 @@ def test_cli_npy_and_errors(tmp_path, capsys):
 
 
 def test_digits_source_exact():
+    """``all``: sklearn's images scaled to 0..255; the default ``train`` split holds exactly the images of
+    ``digits_arrays("train")`` (FID-digits' reference), none of the held-out test split."""
     from sklearn.datasets import load_digits
 
-    d, ref = S.from_digits(), load_digits()
+    from dtrain.data.digits import digits_arrays
+
+    d, ref = S.from_digits("all"), load_digits()
     assert d.images.shape == (1797, 8, 8) and d.images.dtype == np.uint8
     np.testing.assert_array_equal(d.images, np.round(ref.images * 255 / 16).astype(np.uint8))
     np.testing.assert_array_equal(d.labels, ref.target)
+    for split, n in (("train", 1347), ("test", 450)):
+        got = S.from_digits(split) if split == "test" else S.from_digits()
+        x, y = digits_arrays(split)
+        assert len(got.labels) == n
+        np.testing.assert_array_equal(got.images, np.round((x[:, 0].numpy() + 1) * 8 * 255 / 16).astype(np.uint8))
+        np.testing.assert_array_equal(got.labels, y.numpy())
 
 
 def test_patches_are_crops_of_the_labelled_photo():

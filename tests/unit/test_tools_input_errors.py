@@ -55,7 +55,7 @@ def images(tmp_path_factory) -> Path:
     (["--folder", "{d}/bad"], ["--folder", "b.png", "not a readable image"]),
     (["--folder", "{d}/one"], ["need at least 2"]),
     (["--shards", "{d}/none-{{000..001}}.tar"], ["--shards", "none-000.tar"]),
-    (["--shards", "{d}/index.json"], ["--shards", "index.json", "shard pattern"]),
+    (["--shards", "{d}/index.json"], ["--shards", "index.json", "not a dtrain shard index"]),
     (["--digits", "test", "--weights", "{d}/train.ckpt"], ["weights_path", "train.ckpt", "not a digits classifier"]),
     (["--digits", "test", "--extractor", "inception", "--weights", "{d}/train.ckpt"],
      ["weights_path", "train.ckpt", "not the FID Inception weights"]),
@@ -93,6 +93,7 @@ def test_cd_grid(fails, dcp_dir):
     fails("cd_grid", [str(dcp_dir)], "last.ckpt", "distributed checkpoint")
     fails("cd_grid", [str(dcp_dir), "--num", "-1"], "--num", ">= 1")
     fails("cd_grid", [str(dcp_dir), "--num", "0"], "--num", ">= 1")
+    fails("cd_grid", [str(dcp_dir), "--threads", "-1"], "--threads", ">= 0")
     fails("cd_grid", [str(dcp_dir), "--spacings", "foo"], "--spacings", "'foo'", "lambda")
     fails("cd_grid", [str(dcp_dir), "--num-scales", "1"], "--num-scales", ">= 2")
 
