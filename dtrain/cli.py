@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    parser._subcommands = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
@@ -155,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and isinstance(getattr(args, "overrides", None), list) and all(
             "=" in a and not a.startswith("-") for a in extra):  # key=value after a flag: fit R --resume last k=v
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # the subcommand's usage, not the top level's
+        parser._subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     from dtrain.errors import InputError
 
     try:

@@ -185,7 +185,8 @@ def test_overrides_after_a_flag_are_overrides_and_unknown_flags_still_fail(capsy
     for extra in (["--bogus"], ["stray"], ["x=1", "stray"]):
         with pytest.raises(SystemExit) as e:
             main(["fit", str(DIGITS), "--dry-run", *extra])
-        assert e.value.code == 2 and f"unrecognized arguments: {' '.join(extra)}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"dtrain fit: error: unrecognized arguments: {' '.join(extra)}" in err, err
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "bundle"])
