@@ -144,6 +144,41 @@ def test_cd_loss_vanishes_for_an_exactly_consistent_student(sched):
     assert C.ConsistencyLoss(sch, "cd", solver="dpm++2s")(good, good, x0, teacher=teacher).loss.abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpm++2s"])
+def test_cd_teacher_steps_see_the_students_labels(solver):
+    """Class-conditional CD: every teacher evaluation of the ODE step gets the batch's labels (a teacher stepping
+    unconditionally would distil the unconditional flow into a conditional student)."""
+    sch = make_schedule("edm")
+    seen = []
+
+    class Recorder(Const):
+        def forward(self, x, t, cond=None):
+            seen.append(cond)
+            return super().forward(x, t, cond)
+
+    teacher = Recorder(sch, torch.zeros(3, dtype=torch.float64))
+    cm = ConsistencyModel(Const(sch, torch.zeros(3, dtype=torch.float64)))
+    labels = torch.arange(8) % 3
+    C.ConsistencyLoss(sch, "cd", solver=solver)(cm, cm, torch.randn(8, 3, dtype=torch.float64), labels,
+                                                 teacher=teacher)
+    assert seen and all(c is not None and torch.equal(c, labels) for c in seen), seen
+
+
+def test_variant_defaults_are_the_documented_table():
+    """``resolve`` fills a bare section with the module docstring's defaults (CM's CD target EMA 0.95, CT's mu0 0.9,
+    iCT's stop-grad 0; arXiv 2303.01469, 2310.14189)."""
+    want = {"cd": ("teacher", "fixed", 18, "uniform", "l2", "none", 0.95),
+            "ct": ("scratch", "ct", 18, "uniform", "l2", "none", 0.9),
+            "ict": ("scratch", "ict", 18, "lognormal", "pseudo_huber", "ict", 0.0)}
+    keys = ("init", "curriculum", "num_scales", "time_sampling", "distance", "weighting", "target_ema")
+    for variant, values in want.items():
+        m = C.resolve({"name": variant})
+        assert tuple(m[k] for k in keys) == values, variant
+    assert (C.resolve({"name": "ct"})["scales_start"], C.resolve({"name": "ct"})["scales_end"]) == (2, 150)
+    assert (C.resolve({"name": "ict"})["scales_start"], C.resolve({"name": "ict"})["scales_end"]) == (10, 1280)
+    assert C.resolve({"name": "cd", "target_ema": 0.5})["target_ema"] == 0.5
+
+
 def test_cd_needs_a_teacher():
     sch = make_schedule("edm")
     cm = ConsistencyModel(Const(sch, torch.zeros(2)))

@@ -434,3 +434,15 @@ def test_as_t_keeps_forward_mode_tangents():
         t = fwAD.make_dual(torch.tensor([0.3], dtype=torch.float64), torch.ones(1, dtype=torch.float64))
         c = make_schedule("flow").c_noise(as_t(t)).float()
         assert float(fwAD.unpack_dual(c).tangent) == 1000.0
+
+
+def test_label_dropout_drops_the_configured_fraction():
+    """MeanFlow / CTM CFG training: each label becomes the null class with probability p (p = 1: all, p = 0: none)."""
+    from dtrain.methods.flow_map import _noise_and_labels
+
+    x0, labels = torch.zeros(20_000, 2), torch.arange(20_000) % 10
+    for p, lo, hi in ((0.1, 0.09, 0.11), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)):
+        _, cond = _noise_and_labels(x0, labels, p, 10, None, torch.Generator().manual_seed(0))
+        null = (cond == 10).double().mean().item()
+        assert lo <= null <= hi, (p, null)
+        assert torch.equal(cond[cond != 10], labels[cond != 10])  # the rest keep their own label

@@ -178,7 +178,7 @@ def test_ema_update_with_the_callers_decay():
     net = _scalar_net(2.0)
     ema = EMA(net, [0.9], stds=[0.1], start_step=1)
     expect = 0.0
-    for step, (th, beta) in enumerate([(2.0, 0.3), (3.0, 0.5), (5.0, 0.8)], 1):
+    for step, (th, beta) in enumerate([(7.0, 0.3), (3.0, 0.5), (5.0, 0.8)], 1):  # step 1: 7, not the initial 2
         net.weight.data.fill_(th)
         ema.update(net, step, beta=beta)
         expect = th if step <= 1 else beta * expect + (1 - beta) * th

@@ -237,3 +237,38 @@ def test_students_sample_and_sweep_on_their_distilled_grids(monkeypatch):
     module.sample(3, nfe=4, ema=None)
     module.sample(3, nfe=4, sampler="heun", ema=None)
     assert torch.equal(seen[0], grids[("ddim", 8)]) and torch.equal(seen[1], grids[("ddim", 4)]) and seen[2] is None
+
+
+def test_drawn_times_cover_every_student_step_and_w_its_range():
+    """What the losses draw (idx and w None): PD trains every student step t = grid[0], grid[2], ... (never the final
+    0 or a teacher midpoint), guided PD stage 1 every teacher time but the final 0, and w ~ U[w_min, w_max]."""
+    from dtrain.methods.progressive import GuidanceLoss, sample_w
+
+    s = make_schedule("vp_cosine")
+    teacher = default_gmm().denoiser(s)
+    grid = pd_grid(s, 8, 64)
+    x0, _ = default_gmm().sample(4000, generator=torch.Generator().manual_seed(0))
+    student = Denoiser(FixedX0(s, "v"), s, "v")
+    out = ProgressiveLoss(s, "v")(student, teacher, x0, grid, generator=torch.Generator().manual_seed(1))
+    assert sorted(set(out.t.tolist())) == sorted(grid[0:-1:2].tolist())
+    labels = torch.randint(0, 3, (4000,), generator=torch.Generator().manual_seed(2))
+    g = GuidanceLoss(s, "v", w_range=(1.0, 3.0), null_label=3)
+    cond_teacher = default_gmm().denoiser(s, conditional=True)
+    wstudent = Denoiser(FixedX0(s, "v"), s, "v")
+    out = g(wstudent, cond_teacher, x0, grid, labels, generator=torch.Generator().manual_seed(3))
+    assert sorted(set(out.t.tolist())) == sorted(grid[:-1].tolist())
+    w = sample_w(100_000, (1.0, 3.0), torch.Generator().manual_seed(4))
+    assert 1.0 <= float(w.min()) < 1.001 and 2.999 < float(w.max()) <= 3.0
+    assert float(w.mean()) == pytest.approx(2.0, abs=0.01) and float(w.var()) == pytest.approx(4 / 12, rel=0.02)
+
+
+def test_min_snr_weighting_defaults_to_gamma_5():
+    """min_snr without snr_gamma takes gamma 5 (Hang et al. 2023, arXiv 2303.09556), the value PD's min_snr weighting
+    inherits (CTM's DSM term builds the same loss): the x0-space weight is min(SNR, 5)."""
+    from dtrain.methods.denoising import DenoisingLoss, loss_weight
+
+    s = make_schedule("vp_cosine")
+    t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+    for loss in (DenoisingLoss(s, "x0", weighting="min_snr"), ProgressiveLoss(s, "v", weighting="min_snr").denoising):
+        w = loss_weight(loss.weighting, s, t, "x0", snr_gamma=loss.snr_gamma)
+        torch.testing.assert_close(w, s.snr(t).clamp(max=5.0).to(w.dtype))

@@ -358,6 +358,36 @@ def test_cfg_clips_the_guided_x0_once(w, want):
     torch.testing.assert_close(CFGDenoiser(den, w, 1)(x, 0.5, y), torch.full_like(x, want), rtol=0, atol=1e-12)
 
 
+def test_clipped_denoiser_keeps_x_t_consistent():
+    """With ``clip_x0`` the eps (and every other parameterization) is recomputed from the clipped x0:
+    alpha x0_hat + sigma eps_hat = x_t still (an eps left unclipped would put the DDIM step off the line)."""
+    from dtrain.diffusion.denoiser import Denoiser
+
+    sch = make_schedule("vp_linear")
+    den = Denoiser(TwoValued(), sch, "x0", clip_x0=1.0)
+    x, y, t = torch.randn(4, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.long), torch.tensor(0.5)
+    x0, eps = den.predict(x, t, y, kind="x0"), den.predict(x, t, y, kind="eps")
+    assert float(x0.abs().max()) == 1.0  # clipped from 3
+    torch.testing.assert_close(sch.alpha(t) * x0 + sch.sigma(t) * eps, x, rtol=0, atol=1e-12)
+
+
+def test_dpm_solver_2s_per_sample_falls_back_to_ddim_only_where_lambda_is_infinite():
+    """Per-sample times with one row landing on s = 0 (lambda = inf): that row takes the DDIM step, the finite row
+    the same 2S step as a 0-d call t -> s."""
+    from dtrain.samplers.dpm_solver import dpm_solver_2s_step
+
+    gauss = Gauss(make_schedule("vp_cosine"))
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t, s = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([0.2, 0.0], dtype=torch.float64)
+    both, _ = dpm_solver_2s_step(gauss, x, t, s)
+    alone, _ = dpm_solver_2s_step(gauss, x[:1], torch.tensor(0.5, dtype=torch.float64),
+                                  torch.tensor(0.2, dtype=torch.float64))
+    torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-12)
+    last, _ = dpm_solver_2s_step(gauss, x[1:], torch.tensor(0.5, dtype=torch.float64),
+                                 torch.tensor(0.0, dtype=torch.float64))
+    torch.testing.assert_close(both[1:], last, rtol=0, atol=1e-12)
+
+
 def test_slerp_with_one_alpha_per_sample():
     from dtrain.samplers.ddim import slerp
 
