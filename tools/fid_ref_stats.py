@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extractor", default="digits", help="eval.feature_extractor (digits, inception, raw)")
     ap.add_argument("--weights", default=None, help="eval.feature_extractor_weights_path")
     ap.add_argument("--channels", type=int, choices=[1, 3], default=None, help="force grayscale or RGB")
-    ap.add_argument("--num", type=int, default=None, help="use at most this many images")
+    ap.add_argument("--num", "--num-images", dest="num", type=int, default=None,
+                    help="use at most this many images (under torchrun write --num-images: torchrun reads --num as "
+                    "its --numa-binding)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)

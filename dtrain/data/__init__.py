@@ -53,8 +53,9 @@ def worker_init(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: the worker outlives the SIGTERM / SIGUSR1 that SLURM (or ``kill`` of the
     process group) sends every process of a job, so the main process can finish its step and checkpoint
     (``dtrain.dist.slurm.Preemption``); a worker killed by it would fail the main process on its next batch
-    (torch: "DataLoader worker exited unexpectedly"). A second SIGTERM ends the worker: the parent's
-    ``terminate()`` at shutdown is sent twice, SLURM repeats SIGTERM right before SIGKILL. Then Lightning's
+    (torch: "DataLoader worker exited unexpectedly"). A second SIGTERM ends the worker (SLURM repeats SIGTERM right
+    before SIGKILL). Workers normally exit on the loader's shutdown message; one stuck in dataset code outlives the
+    loader's single ``terminate()`` until multiprocessing's exit handler sends the second. Then Lightning's
     worker seeding, when ``seed_everything(workers=True)`` asked for it (Lightning adds its own only to
     loaders without a ``worker_init_fn``).
     """

@@ -149,6 +149,13 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_step = trainer.global_step  # a (re)start's first micro-batch is no step boundary
         self._install(signal.SIGTERM)  # after Lightning registered its own handler (Trainer._run)
+        # Lightning restores at teardown what it found at registration, our setup-time handler included (also after
+        # an exception, when no teardown hook runs): make that the handler before ours
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(originals, dict):
+            for signum, previous in self._previous.items():
+                if originals.get(signum) == self._handler:
+                    originals[signum] = previous
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore()
@@ -156,18 +163,26 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore()
 
-    def pending(self, trainer: Any) -> bool:
-        """Whether any rank got a signal not acted on yet (a collective: every rank calls it at the same point)."""
-        return bool(trainer.strategy.reduce_boolean_decision(self.received is not None, all=False))
+    def pending(self, trainer: Any) -> int | None:
+        """The signal any rank got and has not acted on yet, the requeue signal before SIGTERM; None when none did
+        (a collective: every rank calls it at the same point)."""
+        import torch
+        from torch.distributed import ReduceOp
+
+        code = 0 if self.received is None else 2 if self.received == self.requeue_signal else 1
+        if trainer.world_size > 1:  # ranks get SLURM's signal at slightly different moments
+            code = int(trainer.strategy.reduce(torch.tensor(code, device=trainer.strategy.root_device),
+                                               reduce_op=ReduceOp.MAX))
+        return None if code == 0 else self.requeue_signal if code == 2 else signal.SIGTERM
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._last_step:  # inside gradient accumulation: not a step boundary
             return
         self._last_step = trainer.global_step
-        if not self.pending(trainer):
+        signum = self.pending(trainer)
+        if signum is None:
             return
-        path, signum = trainer.strategy.broadcast((str(hpc_path(trainer.default_root_dir)), self.received))
-        signum = signum if signum is not None else signal.SIGTERM  # rank 0 got nothing, another rank did
+        path = trainer.strategy.broadcast(str(hpc_path(trainer.default_root_dir)))
         trainer.save_checkpoint(path)
         self.saved, self.saved_step, self.stopped_by, self.received = path, trainer.global_step, signum, None
         if trainer.is_global_zero:

@@ -2,7 +2,7 @@
 loads the model (``dtrain.export``) and calls ``run_eval``.
 
     dtrain eval runs/x/checkpoints/last.ckpt --samplers ddim:1,2,4,8,16,32,64 dpm++2m:4,8 --num 10000
-    torchrun --nproc-per-node 8 -m dtrain.cli eval bundles/x --samplers consistency:1,2 --num 50000
+    torchrun --nproc-per-node 8 -m dtrain.cli eval bundles/x --samplers consistency:1,2 --num-samples 50000
 
 Defaults come from the recipe's ``eval`` section stored with the model, then from these flags. Rank 0 prints
 the table and writes ``<out>/fid_vs_nfe.{json,png}`` and ``<out>/samples/<sampler>_nfe<n>.png``; with W&B

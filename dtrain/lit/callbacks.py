@@ -87,29 +87,37 @@ class StepCheckpoint(ModelCheckpoint):
     written."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int = 0) -> None:
-        self.keep = keep
-        kw: dict[str, Any] = dict(save_top_k=-1)  # every periodic checkpoint
-        if keep > 0:  # the newest ``keep``: top-k by step (older ones are deleted as newer ones land)
-            kw = dict(save_top_k=keep, monitor="step", mode="max")
+        self.keep = keep  # pruned here, not by ModelCheckpoint's top-k: its state (and resume) stays the same
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
-                         every_n_train_steps=every_n_steps or None, save_last=True, save_on_train_epoch_end=False,
-                         **(kw if every_n_steps else dict(save_top_k=0)))
+                         every_n_train_steps=every_n_steps or None, save_top_k=-1 if every_n_steps else 0,
+                         save_last=True, save_on_train_epoch_end=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
                            ) -> None:
         before = self._last_global_step_saved
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.keep > 0 and self._last_global_step_saved != before and trainer.is_global_zero:
-            self._drop_superseded_hpc(Path(self.dirpath).parent)
+            self.prune(Path(self.dirpath), self.keep)
 
-    def _drop_superseded_hpc(self, run: Path) -> None:
-        """With ``keep``: the signal checkpoints (``hpc_ckpt_<n>.ckpt``) older than the periodic one just written."""
+    @staticmethod
+    def prune(ckpt_dir: Path, keep: int) -> None:
+        """Keep the newest ``keep`` ``step*.ckpt`` of ``ckpt_dir`` (by step; files or sharded directories, also
+        those of earlier jobs) and drop the signal checkpoints (``../hpc_ckpt_<n>.ckpt``) older than the newest."""
+        import re
         import shutil
 
-        newest = max((p.stat().st_mtime_ns for p in Path(self.dirpath).glob("step*.ckpt")), default=None)
-        for old in run.glob("hpc_ckpt_*.ckpt"):
-            if newest is not None and old.stat().st_mtime_ns < newest:
-                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        def drop(p: Path) -> None:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+        steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step*.ckpt")
+                       if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name)))
+        for _, old in steps[:-keep]:
+            drop(old)
+        if steps:
+            newest = steps[-1][1].stat().st_mtime_ns
+            for old in ckpt_dir.parent.glob("hpc_ckpt_*.ckpt"):
+                if old.stat().st_mtime_ns < newest:
+                    drop(old)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         from dtrain.dist.slurm import Preemption

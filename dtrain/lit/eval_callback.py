@@ -97,7 +97,7 @@ class FIDSweepCallback(L.Callback):
         halted: list[bool] = []
 
         def stop() -> bool:  # a SIGTERM / requeue signal on any rank: leave the time to its checkpoint
-            halted.append(signals is not None and signals.pending(trainer))
+            halted.append(signals is not None and signals.pending(trainer) is not None)
             return halted[-1]
 
         self._setup_metric(pl_module.sample_shape, pl_module.device)

@@ -37,8 +37,10 @@ def run_dir(cfg: DictConfig) -> Path:
 def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
     """WandbLogger with the recipe's project, name, tags and mode; the resolved recipe is the run config.
 
-    ``resume``: the run continues from a checkpoint (``dtrain fit --resume``, a requeued SLURM job), so it logs
-    into the W&B run its first job started (``wandb_run_id``) instead of starting a new one each time.
+    ``resume``: the run continues from a checkpoint (``dtrain fit --resume``, a requeued SLURM job); online, it
+    logs into the W&B run its first job started (``wandb_run_id``) instead of starting a new one each time.
+    Offline runs get a new id per job: ``wandb sync`` of offline runs sharing an id replaces the history unless
+    given ``--append``.
     ``logger.mode: disabled`` writes scalars to ``<run>/csv/`` instead and never imports wandb (clusters or
     GPU images without it).
     """
@@ -50,8 +52,9 @@ def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
         return CSVLogger(str(out), name="csv", version="")
     from lightning.pytorch.loggers import WandbLogger
 
+    run_id = wandb_run_id(out, resume and lg.mode == "online")
     return WandbLogger(project=lg.project, name=lg.name or cfg.name, tags=list(lg.tags), mode=lg.mode,
-                       save_dir=str(out), config=to_container(cfg), id=wandb_run_id(out, resume), resume="allow")
+                       save_dir=str(out), config=to_container(cfg), id=run_id, resume="allow")
 
 
 def wandb_run_id(out: Path, resume: bool) -> str:

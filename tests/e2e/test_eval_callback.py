@@ -67,8 +67,8 @@ def test_fid_callback_in_training(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(240)
 def test_a_sigterm_cuts_the_sweep_short_and_the_checkpoint_follows(tmp_path, monkeypatch):
-    """SIGTERM while a sweep is due: the sweep stops before its next point (minutes of sampling would eat the
-    SLURM grace time), nothing is logged for it, and the checkpoint is written at the end of that same step."""
+    """SIGTERM during a sweep: it stops before its next point (minutes of sampling would eat the SLURM grace
+    time), keeps the points done, and the checkpoint is written at the end of that same step."""
     import os
     import signal
 

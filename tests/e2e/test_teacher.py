@@ -163,28 +163,32 @@ def test_resume_from_last(tmp_path, capsys):
     assert "dtrain fit: --resume: checkpoint not found:" in capsys.readouterr().err
 
 
-def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
-    """--resume (a requeued SLURM job) continues the W&B run of the first job (one run on the dashboard, not one per
-    requeue); a fresh start in the same run directory starts a new W&B run."""
+def test_a_resumed_online_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    """Online, --resume (a requeued SLURM job) continues the W&B run of the first job (one run on the dashboard, not
+    one per requeue); a fresh start, or an offline run (``wandb sync`` would replace the history of a shared id),
+    starts a new one. Checked on the loggers' init arguments (nothing connects before ``.experiment``); an offline
+    resume runs for real."""
     import re
+
+    from dtrain.lit.fit import build_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     common = [f"out_dir={tmp_path}", THREADS, "model.hidden=16", "model.depth=1", "data.batch_size=32",
               "data.num_samples=1024", "trainer.ckpt_every_n_steps=3", "trainer.progress_bar=false",
               "logger.mode=offline", "trainer.sample_every_n_steps=0"]
     run = tmp_path / "teacher-gmm"
-
-    def ids() -> list[str]:
-        names = sorted((run / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime_ns)
-        return [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", p.name).group(1) for p in names]
-
     assert main(["fit", str(GMM), *common, "trainer.max_steps=3"]) == 0
     first = (run / "wandb_run_id").read_text().strip()
-    assert main(["fit", str(GMM), *common, "trainer.max_steps=5", "--resume", "auto"]) == 0
-    assert ids() == [first, first] and (run / "wandb_run_id").read_text().strip() == first
-    assert main(["fit", str(GMM), *common, "trainer.max_steps=2"]) == 0  # no --resume: a new run
-    assert ids()[:2] == [first, first] and ids()[2] != first == ids()[1]
-    assert (run / "wandb_run_id").read_text().strip() == ids()[2]
+    cfg = load_recipe(GMM, [*common, "logger.mode=online"])
+    assert build_logger(cfg, run, resume=True)._wandb_init["id"] == first
+    assert build_logger(cfg, run, resume=True)._wandb_init["resume"] == "allow"
+    assert main(["fit", str(GMM), *common, "trainer.max_steps=5", "--resume", "auto"]) == 0  # offline: a new id
+    names = sorted((run / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime_ns)
+    ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", p.name).group(1) for p in names]
+    assert len(ids) == 2 and ids[0] == first != ids[1]
+    latest = (run / "wandb_run_id").read_text().strip()
+    assert latest == ids[1] and build_logger(cfg, run, resume=True)._wandb_init["id"] == latest
+    assert build_logger(cfg, run, resume=False)._wandb_init["id"] not in (first, latest)
 
 
 def test_cli_dry_run_and_recipe_errors():

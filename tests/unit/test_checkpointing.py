@@ -176,6 +176,12 @@ def test_keep_checkpoints_keeps_the_newest_periodic_ones_across_a_resume(tmp_pat
                                                                        "step0000012.ckpt"]
     every = fit(GMM, [*SMALL, f"out_dir={tmp_path / 'all'}", "trainer.ckpt_every_n_steps=2", "trainer.max_steps=6"])
     assert len(list((every / "checkpoints").glob("step*.ckpt"))) == 3
+    # switched on at a resume (the disk filled up): the earlier job's files go too, last.ckpt is the newest
+    fit(GMM, [*SMALL, f"out_dir={tmp_path / 'all'}", "trainer.ckpt_every_n_steps=2", "trainer.max_steps=12",
+              "trainer.keep_checkpoints=2"], resume="auto")
+    assert sorted(p.name for p in (every / "checkpoints").iterdir()) == ["last.ckpt", "step0000010.ckpt",
+                                                                         "step0000012.ckpt"]
+    assert torch.load(every / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
     with pytest.raises(RecipeError, match=r"trainer\.keep_checkpoints: must be >= 0"):
         load_recipe(GMM, ["trainer.keep_checkpoints=-1"])
 

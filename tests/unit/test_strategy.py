@@ -446,3 +446,84 @@ def test_a_stop_before_max_steps_leaves_the_end_sweep_to_the_last_job(monkeypatc
     cb.on_train_end(SimpleNamespace(global_step=1000, max_steps=1000), None)
     cb.on_train_end(SimpleNamespace(global_step=40, max_steps=-1), None)  # epoch-bounded runs: at their end
     assert ran == [1000, 40]
+
+
+RACE = """
+import json, os, signal, sys, types
+import torch, torch.distributed as dist
+from dtrain.dist import slurm
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+calls = []
+slurm._requeue = lambda: calls.append("requeue")
+class Strategy:
+    root_device = torch.device("cpu")
+    def reduce(self, t, reduce_op):
+        dist.all_reduce(t, op=reduce_op)
+        return t
+    def broadcast(self, obj, src=0):
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+stop = slurm.Preemption(signal.SIGUSR1)
+stop.received = {0: None, 1: int(sys.argv[2])}[rank] if len(sys.argv) > 2 else None
+if rank == 0 and len(sys.argv) > 3:
+    stop.received = int(sys.argv[3])
+trainer = types.SimpleNamespace(global_step=1, world_size=2, strategy=Strategy(), default_root_dir=sys.argv[1],
+                                is_global_zero=rank == 0, save_checkpoint=lambda path: None, should_stop=False)
+stop.on_train_batch_end(trainer, None, None, None, 0)
+json.dump({"stopped_by": stop.stopped_by, "calls": calls, "stop": trainer.should_stop},
+          open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("signals, want", [((signal.SIGUSR1,), signal.SIGUSR1),
+                                           ((signal.SIGTERM, signal.SIGUSR1), signal.SIGUSR1)])
+def test_ranks_agree_on_the_signal_when_it_reaches_them_apart(tmp_path, signals, want):
+    """SLURM's USR1 reached rank 1 but not yet rank 0 (or rank 0 got SIGTERM meanwhile): both ranks stop with the
+    requeue signal and rank 0 requeues (judged from rank 0's flag alone, the job would end with 143 and no
+    requeue)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), *map(str, map(int, signals))],
+                                      env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [o["stopped_by"] for o in out] == [int(want)] * 2 and all(o["stop"] for o in out)
+    assert out[0]["calls"] == ["requeue"] and out[1]["calls"] == []
+
+
+def test_signal_handlers_are_restored_after_a_failed_fit(tmp_path, one_thread):
+    """An exception mid-fit: SIGUSR1 and SIGTERM are the handlers from before fit again (Lightning's teardown
+    restores what it found at registration, which was the callback's setup-time SIGUSR1 handler)."""
+    from dtrain.data import build_datamodule
+    from dtrain.dist import slurm
+    from dtrain.lit.teacher import TeacherModule
+
+    class Boom(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise RuntimeError("boom")
+
+    cfg = recipe("trainer.max_steps=50")
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[slurm.Preemption(), Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(TeacherModule(cfg), datamodule=build_datamodule(cfg.data, seed=0))
+    assert {s: signal.getsignal(s) for s in before} == before
