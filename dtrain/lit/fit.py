@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import RecipeError, check_inputs, load_recipe, to_container
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
-from dtrain.lit.checkpointing import AtomicCheckpointIO, resume_path
+from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
 __all__ = ["fit", "run_dir", "build_trainer", "build_logger", "wandb_run_id", "describe", "set_cpu_threads",
@@ -180,6 +180,10 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     set_tf32(bool(cfg.trainer.tf32))
     check_inputs(cfg, source, overrides)  # before anything starts
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg))  # Lightning's restore reads it once more
+    if ckpt_path is None and (earlier := checkpoint_candidates(out)) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        warnings.warn(f"{out} already holds checkpoints of an earlier run (newest: {earlier[0].name}); this run "
+                      f"starts from scratch beside them (Lightning adds -v1 to names taken); --resume auto continues "
+                      f"the earlier run instead", stacklevel=2)
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule
 

@@ -208,3 +208,13 @@ def test_keep_checkpoints_drops_a_signal_checkpoint_once_a_newer_periodic_one_ex
         fit(GMM, common, resume="auto")
         assert (run / "hpc_ckpt_1.ckpt").exists() == stays
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_fresh_start_in_a_run_directory_with_checkpoints_warns(tmp_path):
+    from dtrain.lit.fit import fit
+
+    common = [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=2"]
+    fit(GMM, common)
+    with pytest.warns(UserWarning, match=r"already holds checkpoints of an earlier run \(newest: last\.ckpt\); this "
+                                         r"run starts from scratch beside them .* --resume auto continues"):
+        fit(GMM, common)
