@@ -16,23 +16,29 @@ from dtrain.eval.sweep import fid_sweep
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def sweep_recipe(tmp_path, n_ref: int, *overrides: str):
+    """The GMM teacher recipe with a raw-feature FID sweep every 2 steps against ``n_ref`` exact samples."""
+    from dtrain.config import load_recipe
+
+    x, _ = default_gmm().sample(n_ref, torch.Generator().manual_seed(0))
+    ref = compute_ref_stats(build_extractor("raw", shape=(2,)), x.split(1000), source="default_gmm")
+    ref_path = ref.save(tmp_path / "gmm_ref.npz")
+    return load_recipe("recipes/teacher/gmm.yaml", [
+        f"out_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.progress_bar=false",
+        "optim.warmup_steps=0", "data.num_samples=4096", "eval.every_n_steps=2", "eval.batch_size=40",
+        "eval.feature_extractor=raw", f"eval.ref_stats={ref_path}", *overrides])
+
+
 @pytest.mark.timeout(240)
 def test_fid_callback_in_training(tmp_path, monkeypatch):
-    from dtrain.config import load_recipe
     from dtrain.lit.common import module_class
     from dtrain.lit.eval_callback import FIDSweepCallback
     from dtrain.lit.fit import build_trainer, run_dir
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     raw = build_extractor("raw", shape=(2,))
-    x, _ = default_gmm().sample(4000, torch.Generator().manual_seed(0))
-    ref_path = compute_ref_stats(raw, x.split(1000), source="default_gmm").save(tmp_path / "gmm_ref.npz")
-    cfg = load_recipe("recipes/teacher/gmm.yaml", [
-        f"out_dir={tmp_path}", "trainer.max_steps=5", "trainer.accelerator=cpu", "trainer.devices=1",
-        "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "optim.warmup_steps=0", "data.num_samples=4096",
-        "eval.every_n_steps=2", "eval.samplers=['ddim:1,4','ddpm:4']", "eval.num=96", "eval.batch_size=40",
-        "eval.feature_extractor=raw", f"eval.ref_stats={ref_path}", "eval.seed=3",
-    ])
+    cfg = sweep_recipe(tmp_path, 4000, "trainer.max_steps=5", "trainer.log_every_n_steps=1",
+                       "eval.samplers=['ddim:1,4','ddpm:4']", "eval.num=96", "eval.seed=3")
     from dtrain.data import build_datamodule
 
     out = run_dir(cfg)
@@ -72,22 +78,14 @@ def test_a_sigterm_cuts_the_sweep_short_and_the_checkpoint_follows(tmp_path, mon
     import os
     import signal
 
-    from dtrain.config import load_recipe
     from dtrain.data import build_datamodule
     from dtrain.dist.slurm import Preemption
     from dtrain.lit.common import module_class
     from dtrain.lit.eval_callback import FIDSweepCallback
     from dtrain.lit.fit import build_trainer, run_dir
 
-    raw = build_extractor("raw", shape=(2,))
-    x, _ = default_gmm().sample(2000, torch.Generator().manual_seed(0))
-    ref_path = compute_ref_stats(raw, x.split(1000), source="default_gmm").save(tmp_path / "gmm_ref.npz")
-    cfg = load_recipe("recipes/teacher/gmm.yaml", [
-        f"out_dir={tmp_path}", "trainer.max_steps=10", "trainer.accelerator=cpu", "trainer.devices=1",
-        "trainer.progress_bar=false", "logger.mode=disabled", "optim.warmup_steps=0", "data.num_samples=4096",
-        "eval.every_n_steps=2", "eval.samplers=['ddim:1,4']", "eval.num=40", "eval.batch_size=40",
-        "eval.feature_extractor=raw", f"eval.ref_stats={ref_path}",
-    ])
+    cfg = sweep_recipe(tmp_path, 2000, "trainer.max_steps=10", "logger.mode=disabled", "eval.samplers=['ddim:1,4']",
+                       "eval.num=40")
     import dtrain.eval.sweep as sweep
 
     calls, real = [], sweep.generate

@@ -45,6 +45,15 @@ class Slurm:
         r = self.run("scontrol", "show", "job", "-o", job_id)
         return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
 
+    def running_until(self, job_id: str, path: Path, log: Path, timeout: float = 150) -> None:
+        """Poll until ``path`` exists (e.g. a checkpoint: training is under way); fail if the job ends first."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            info = self.job(job_id)
+            assert time.monotonic() < deadline and info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
+                info, log.read_text(errors="replace")[-3000:] if log.exists() else "")
+            time.sleep(0.1)
+
     def wait(self, job_id: str, timeout: float, log: Path | None = None) -> dict[str, str]:
         """Poll until the job ends; on timeout cancel it (sbatch --wait would not) and fail with the logs."""
         deadline = time.monotonic() + timeout

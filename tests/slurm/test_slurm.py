@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,12 +68,7 @@ def test_requeue_resumes_step_optimizer_and_ema(slurm, tmp_path):
                        f"--output={log}", "slurm/single_node.sbatch", str(GMM), f"out_dir={tmp_path}", *CPU,
                        f"trainer.max_steps={steps}", "trainer.ckpt_every_n_steps=1")
     run = tmp_path / "teacher-gmm"
-    deadline = time.monotonic() + 150
-    while not (run / "checkpoints" / "step0000005.ckpt").exists():  # training is under way
-        info = slurm.job(job)
-        assert time.monotonic() < deadline and info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
-            info, log.read_text(errors="replace")[-3000:] if log.exists() else "")
-        time.sleep(0.1)
+    slurm.running_until(job, run / "checkpoints" / "step0000005.ckpt", log)  # training is under way
     r = slurm.run("scancel", "--signal=USR1", job)
     assert r.returncode == 0, r.stderr
     info = slurm.wait(job, 240, log)
@@ -123,12 +117,7 @@ def test_preemption_sigterm_checkpoints_and_the_requeued_job_resumes(slurm, tmp_
                        f"--output={log}", "slurm/single_node.sbatch", str(DIGITS), f"out_dir={tmp_path}",
                        *TINY_DIGITS, f"trainer.max_steps={steps}", "trainer.ckpt_every_n_steps=5")
     run = tmp_path / "teacher-digits"
-    deadline = time.monotonic() + 150
-    while not (run / "checkpoints" / "step0000005.ckpt").exists():
-        info = slurm.job(job)
-        assert time.monotonic() < deadline and info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
-            info, log.read_text(errors="replace")[-3000:] if log.exists() else "")
-        time.sleep(0.1)
+    slurm.running_until(job, run / "checkpoints" / "step0000005.ckpt", log)
     r = slurm.run("scontrol", "requeue", job)
     assert r.returncode == 0, r.stderr
     info = slurm.wait(job, 240, log)
