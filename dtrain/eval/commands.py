@@ -12,8 +12,9 @@ the table and writes ``<out>/fid_vs_nfe.{json,png}`` and ``<out>/samples/<sample
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ema", default="auto", help="EMA decay/std or 'raw' (checkpoints)")
     p.add_argument("--spacing", default=None, help="grid spacing (default: the schedule's)")
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
+    p.add_argument("--recompute", action="store_true", help="score every point again (by default a rerun with "
+                   "the same model, samples and reference skips the points already in <out>/points/)")
     p.add_argument("--out", default=None,
                    help="output directory (default: runs/eval/<run>-<checkpoint> or runs/eval/<bundle>)")
     p.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
@@ -76,6 +79,35 @@ def _init_dist(device: str | None) -> torch.device:
     if "RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dev
+
+
+def _done_points(folder: Path, key: Mapping[str, Any]) -> dict[tuple[str, int], Any]:
+    """{(sampler, steps): row} of the points in ``folder`` scored with ``key`` (rank 0's view, sent to every rank)."""
+    import torch
+
+    from dtrain.eval.sweep import SweepRow
+
+    done: dict[tuple[str, int], Any] = {}
+    for f in sorted(folder.glob("*.json")):
+        try:
+            d = json.loads(f.read_text())
+            if d.get("key") == key:
+                row = SweepRow(**d["row"])
+                done[(row.sampler, row.steps)] = row
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # a point written by another version, or cut short: scored again
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [done]
+        torch.distributed.broadcast_object_list(box, 0)
+        done = box[0]
+    return done
+
+
+def _write_point(path: Path, key: Mapping[str, Any], row: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": dict(key), "row": row.to_dict()}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None = None) -> list[Any]:
@@ -141,9 +173,26 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     stored = info["sampler"]  # a bundle's own grid (a PD student's, consistency sample times) at its sampler and NFE
     grids = ({(stored["name"], int(stored["nfe"])): torch.tensor(stored["grid"], dtype=torch.float64)}
              if stored.get("grid") is not None and args.spacing is None else {})
+    # every point is kept in <out>/points/ as it is scored: a rerun (a requeued array task) skips the points whose
+    # model, samples and reference it already scored (the samples do not depend on batch size or world size)
+    key = {"model": str(Path(args.model).resolve()), "sha256": (info.get("ref") or {}).get("sha256"),
+           "ema": (info.get("ref") or {}).get("ema"), "num": num, "seed": seed, "guidance": float(guidance),
+           "spacing": args.spacing, "grids": {f"{k[0]}:{k[1]}": v.tolist() for k, v in grids.items()},
+           "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256, "ref_stats": str(ref_spec),
+           "ref_count": ref.count}
+    done = {} if args.recompute else _done_points(out / "points", key)
+    upscale = max(1, 32 // shape[-1])
+
+    def keep(row: Any) -> None:
+        if rank == 0:
+            _write_point(out / "points" / f"{row.sampler}_steps{row.steps}.json", key, row)
+            if row.grid is not None and row.grid.ndim == 4:
+                save_grid(row.grid, out / "samples" / f"{row.sampler}_nfe{row.nfe}.png", upscale=upscale)
+
     rows = fid_sweep(denoiser, specs, num=num, batch_size=batch, shape=shape, extractor=extractor, ref=ref,
                      num_classes=num_classes, guidance=float(guidance), seed=seed, device=device,
-                     spacing=args.spacing, ref_source=str(ref_spec), guide=guide, grids=grids)
+                     spacing=args.spacing, ref_source=str(ref_spec), guide=guide, grids=grids, done=done,
+                     on_row=keep)
     if rank == 0:
         run_info = {"model": str(args.model), "kind": info.get("kind"), "ema": (info.get("ref") or {}).get("ema"),
                     "num": num, "batch_size": batch, "seed": seed, "guidance": float(guidance), "world_size": world,
@@ -151,9 +200,6 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                     "ref_stats": str(ref_spec), "ref_count": ref.count, "device": str(device)}
         write_json(rows, out / "fid_vs_nfe.json", **run_info)
         plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=f"FID vs NFE: {name} ({num} samples)")
-        for r in rows:
-            if r.grid is not None and r.grid.ndim == 4:
-                save_grid(r.grid, out / "samples" / f"{r.sampler}_nfe{r.nfe}.png", upscale=max(1, 32 // shape[-1]))
         mode = args.wandb or (recipe.get("logger") or {}).get("mode") or "disabled"
         if mode != "disabled":
             import wandb

@@ -152,6 +152,8 @@ def fid_sweep(
     guide: Callable[[Any, float, int], Any] | None = None,
     grids: Mapping[tuple[str, int], Tensor] | None = None,
     stop: Callable[[], bool] | None = None,
+    done: Mapping[tuple[str, int], SweepRow] | None = None,
+    on_row: Callable[[SweepRow], None] | None = None,
 ) -> list[SweepRow]:
     """FID (and class accuracy / IS) at each (sampler, NFE); call on every rank, rank 0 prints the table.
 
@@ -162,8 +164,10 @@ def fid_sweep(
     of a (sampler, NFE) point where it is not the default one (a bundle's stored grid, e.g. a PD student's). Budgets
     that come to the step count of an earlier point of the same sampler are skipped with a warning. ``stop``:
     called before each point on every rank (the same number of times: it may be a collective); True ends the
-    sweep with the rows so far (a training run asked to stop). Returns the same rows on every rank (grids: rank 0
-    only).
+    sweep with the rows so far (a training run asked to stop). ``done``: rows of points already scored, by
+    (sampler, steps) (an interrupted ``dtrain eval`` resumed), returned in their place without sampling;
+    ``on_row``: called with each new row as it is scored (to persist it). Returns the same rows on every rank
+    (grids: rank 0 only).
     """
     from dtrain.eval.fid import FID, dist_rank
 
@@ -194,6 +198,10 @@ def fid_sweep(
             if stop is not None and stop():
                 break
             steps = steps_for_nfe(name, budget)
+            if done is not None and (name, steps) in done:
+                rows.append(done[(name, steps)])
+                bar.advance(task, len(batches))
+                continue
             bar.update(task, description=f"{name} NFE {budget}")
             metric.reset()
             grid: list[Tensor] = []
@@ -211,6 +219,8 @@ def fid_sweep(
             rows.append(SweepRow(name, SAMPLERS.get(name).nfe(steps), steps, res["fid"], num, seconds,
                                  res.get("class_acc"), res.get("inception_score"),
                                  torch.cat(grid) if grid else None))
+            if on_row is not None:
+                on_row(rows[-1])
     if rank == 0 and progress:
         from dtrain.eval.report import print_table
 

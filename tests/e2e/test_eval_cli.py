@@ -71,3 +71,31 @@ def test_dtrain_eval_refuses_mismatched_stats_and_bad_specs(ckpt, tmp_path, caps
     assert "Traceback" not in err
     assert main(["eval", str(path), "--samplers", "nope:1", "--num", "4"]) == 2
     assert "dtrain eval: --samplers: unknown sampler 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch):
+    """Every point is kept in <out>/points/ as it is scored: a rerun (a preempted eval array task requeued) with
+    more NFEs samples only the new point and reports the kept ones unchanged; another seed, or --recompute,
+    scores everything again."""
+    import dtrain.eval.sweep as sweep
+    from dtrain.cli import main
+
+    path, _ = ckpt
+    out = tmp_path / "eval"
+    sampled, real = [], sweep.generate
+    monkeypatch.setattr(sweep, "generate", lambda den, name, n, *a, **kw: (sampled.append((name, n)),
+                                                                          real(den, name, n, *a, **kw))[1])
+    args = ["eval", str(path), "--num-samples", "20", "--batch-size", "10", "--out", str(out), "--seed", "4"]
+    assert main([*args, "--samplers", "ddim:1,2"]) == 0
+    first = json.loads((out / "fid_vs_nfe.json").read_text())["rows"]
+    assert sampled == [("ddim", 1), ("ddim", 2)] and len(list((out / "points").glob("*.json"))) == 2
+    sampled.clear()
+    assert main([*args, "--samplers", "ddim:1,2,4"]) == 0
+    again = json.loads((out / "fid_vs_nfe.json").read_text())["rows"]
+    assert sampled == [("ddim", 4)] and again[:2] == first and again[2]["nfe"] == 4
+    assert (out / "samples" / "ddim_nfe1.png").is_file()  # written when that point was scored
+    sampled.clear()
+    assert main([*args[:-1], "5", "--samplers", "ddim:1"]) == 0  # another seed: other samples
+    assert main([*args, "--samplers", "ddim:1", "--recompute"]) == 0
+    assert sampled == [("ddim", 1), ("ddim", 1)]
