@@ -113,7 +113,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
     Either way ``dtrain fit --resume auto`` continues from the checkpoint.
 
     A ``Checkpoint`` callback, so Lightning runs it after every other callback of a step (the EMA update
-    included). Costs one all-reduce of a bool per optimizer step under multi-process training. The SIGTERM handler
+    included). Costs one all-reduce of one int (which signal) per optimizer step under multi-process training. The SIGTERM handler
     replaces Lightning's for the training loop (which stops without a checkpoint and all-reduces from inside the
     handler, possibly in the middle of another collective); DataLoader workers outlive the signal
     (``dtrain.data.worker_init``).
@@ -143,7 +143,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         self._previous = {}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self.requeue_signal is not None:  # before DataLoader workers fork
+        if stage == "fit" and self.requeue_signal is not None:  # early: SIGUSR1's default action ends the process
             self._install(self.requeue_signal)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
