@@ -593,13 +593,21 @@ class Demo:
         run = run_dir(cfg)
         last = run / "checkpoints" / "last.ckpt"
         old = self.record(stage)
-        resume = old is not None and old.key == key and old.status == "running" and last.is_file() and not self.force
-        resumed_from = None
-        if resume:
+        src = None  # the newest readable checkpoint of an interrupted run (last.ckpt, or a SIGTERM's hpc_ckpt_<n>)
+        if old is not None and old.key == key and old.status == "running" and not self.force and run.is_dir():
+            from dtrain.errors import InputError
+            from dtrain.lit.checkpointing import resume_path
+
+            try:
+                src = resume_path(run, "auto")
+            except InputError:  # none readable: start over
+                src = None
+        resume, resumed_from = src is not None, None
+        if src is not None:
             import torch
 
-            resumed_from = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
-            self.ui.print(f"    resuming the interrupted run from step {resumed_from} ({last})")
+            resumed_from = int(torch.load(src, map_location="cpu", weights_only=True).get("global_step", 0))
+            self.ui.print(f"    resuming the interrupted run from step {resumed_from} ({src})")
         else:
             shutil.rmtree(run, ignore_errors=True)
             self._write_record(_Record(stage, key, "running"))

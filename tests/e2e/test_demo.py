@@ -153,9 +153,11 @@ def test_validity_follows_keys_and_weights(demo):
     assert Demo(out, sizes=FAST, quiet=True).valid("teacher", keys["teacher"]) is not None
 
 
-def test_interrupted_training_resumes_exactly(demo):
-    """A teacher run cut off after step 250 (its record still 'running', last.ckpt from step 250) resumes from there and
-    ends with the same weights, bit for bit, so nothing downstream reruns."""
+@pytest.mark.parametrize("saved_as", ["checkpoints/last.ckpt", "hpc_ckpt_1.ckpt"])
+def test_interrupted_training_resumes_exactly(demo, saved_as):
+    """A teacher run cut off after step 250 (its record still 'running'; last.ckpt from step 250, or only a SIGTERM's
+    hpc_ckpt_1.ckpt of it) resumes from there and ends with the same weights, bit for bit, so nothing downstream
+    reruns."""
     out, _ = demo
     ckpts = out / "runs" / "teacher" / "checkpoints"
     assert (ckpts / "step0000250.ckpt").is_file()
@@ -163,10 +165,12 @@ def test_interrupted_training_resumes_exactly(demo):
     rec_path = out / "stages" / "teacher.json"
     rec = json.loads(rec_path.read_text())
     rec_path.write_text(json.dumps({**rec, "status": "running", "outputs": {}, "digest": ""}))
-    (ckpts / "last.ckpt").write_bytes((ckpts / "step0000250.ckpt").read_bytes())
+    (ckpts / "last.ckpt").unlink()
+    (out / "runs" / "teacher" / saved_as).write_bytes((ckpts / "step0000250.ckpt").read_bytes())
     proc = _run(out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "resuming the interrupted run from step 250" in proc.stdout
+    assert f"/teacher/{saved_as})" in "".join(proc.stdout.split())  # the console may wrap the path
     summary = json.loads((out / "demo.json").read_text())
     assert summary["stages"] == {**dict.fromkeys(STAGES, "skipped"), "teacher": "ran"}
     assert json.loads((out / "bundles" / "teacher" / "dtrain.json").read_text())["weights"]["sha256"] == sha
