@@ -1023,14 +1023,13 @@ def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[st
     """The local data files a run reads exist and the accelerator it asks for is here: ``dtrain fit`` calls this
     before anything starts (``load_recipe`` does not, so recipes may name shards made later, and a CPU login node
     validates GPU recipes). Raises ``RecipeError(where, key, reason)``: where is "command line" for a key one of
-    ``overrides`` set (the key or a section above it), else ``source``."""
+    ``overrides`` sets, else ``source``."""
     import torch
 
-    set_here = {o.split("=", 1)[0].strip() for o in overrides}
+    cli = [("command line", OmegaConf.from_dotlist(list(overrides)))]  # load_recipe parsed them already
 
     def where(key: str) -> str:
-        parts = key.split(".")
-        return "command line" if any(".".join(parts[:n]) in set_here for n in range(1, len(parts) + 1)) else source
+        return _source_of(key, cli, source)
 
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RecipeError(where("trainer.accelerator"), "trainer.accelerator",

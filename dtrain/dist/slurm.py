@@ -113,10 +113,10 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
     Either way ``dtrain fit --resume auto`` continues from the checkpoint.
 
     A ``Checkpoint`` callback, so Lightning runs it after every other callback of a step (the EMA update
-    included). Costs one all-reduce of one int (which signal) per optimizer step under multi-process training. The SIGTERM handler
-    replaces Lightning's for the training loop (which stops without a checkpoint and all-reduces from inside the
-    handler, possibly in the middle of another collective); DataLoader workers outlive the signal
-    (``dtrain.data.worker_init``).
+    included). Costs one all-reduce of one int (which signal) per optimizer step under multi-process training.
+    The SIGTERM handler replaces Lightning's for the training loop (which stops without a checkpoint and
+    all-reduces from inside the handler, possibly in the middle of another collective); DataLoader workers outlive
+    the signal (``dtrain.data.worker_init``).
     """
 
     def __init__(self, requeue_signal: int | None = signal.SIGUSR1) -> None:
