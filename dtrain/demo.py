@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.errors import check_writable
+from dtrain.fileio import write_json
 
 __all__ = ["STAGES", "STUDENTS", "Student", "Sizes", "FULL", "FAST", "Demo", "run_demo", "add_demo_args",
            "run_demo_cli"]
@@ -317,11 +318,7 @@ class Demo:
             return None
 
     def _write_record(self, rec: _Record) -> None:
-        p = self._record_path(rec.stage)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
-        tmp.replace(p)
+        write_json(self._record_path(rec.stage), asdict(rec), indent=1)
         self._keys, self._fresh, self._broken = {}, {}, {}
 
     def valid(self, stage: str, key: str | None = None) -> _Record | None:

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dtrain.errors import InputError, check_writable
     from dtrain.export.checkpoint import read_checkpoint
+    from dtrain.fileio import replacing
 
     out = Path(args.out)
     try:
@@ -41,10 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # CheckpointError, ZeroCheckpointError included
         print(f"convert_ckpt: {e}", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(out)
+    with replacing(out) as f:  # a run killed mid-write leaves no partial checkpoint
+        torch.save(ckpt, f)
     n = sum(v.numel() for v in ckpt["state_dict"].values())
     print(f"wrote {out}: {len(ckpt['state_dict'])} tensors, {n:,} values (fp32), global_step "
           f"{ckpt.get('global_step')}, EMA {ckpt['dtrain']['ema_tags']}")

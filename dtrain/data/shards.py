@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dtrain.errors import check_writable
+from dtrain.fileio import write_json
 
 __all__ = [
     "INDEX_NAME",
@@ -370,7 +371,7 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
         "shuffled_seed": seed if shuffle else None,
         "shards": shards,
     }
-    _write_index(index, out / INDEX_NAME)
+    write_json(out / INDEX_NAME, index, indent=1)
     return index
 
 
@@ -446,13 +447,6 @@ def scan_shard(path: str | Path) -> tuple[int, list[str]]:
     return n, sorted(exts)
 
 
-def _write_index(index: dict[str, Any], path: Path) -> None:
-    """Write an index json through a temporary file: a crash leaves the previous index whole (or none)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes the reader decodes as one channel ("L"); others RGB
 
 
@@ -507,7 +501,7 @@ def index_existing(urls: Sequence[str], out: str | Path, progress: bool = True) 
              "num_classes": k, "keys": sorted(exts_all), "latent_shape": None, "latent_dtype": None,
              "source": "index_existing", "shuffled_seed": None, "shards": shards}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_index(index, out)
+    write_json(out, index, indent=1)
     return index
 
 

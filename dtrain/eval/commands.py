@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtrain import fileio
 from dtrain.errors import InputError, check_writable
 
 if TYPE_CHECKING:
@@ -103,13 +104,6 @@ def _done_points(folder: Path, key: Mapping[str, Any]) -> dict[tuple[str, int], 
     return done
 
 
-def _write_point(path: Path, key: Mapping[str, Any], row: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": dict(key), "row": row.to_dict()}, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None = None) -> list[Any]:
     """The sweep; returns the rows (every rank). ``guide_for(kind)``: how the model's bundle kind applies guidance
     (``dtrain.export.bundle.kind_guide``; None: classifier-free guidance)."""
@@ -185,7 +179,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
 
     def keep(row: Any) -> None:
         if rank == 0:
-            _write_point(out / "points" / f"{row.sampler}_steps{row.steps}.json", key, row)
+            point = {"key": dict(key), "row": row.to_dict()}
+            fileio.write_json(out / "points" / f"{row.sampler}_steps{row.steps}.json", point)
             if row.grid is not None and row.grid.ndim == 4:
                 save_grid(row.grid, out / "samples" / f"{row.sampler}_nfe{row.nfe}.png", upscale=upscale)
 

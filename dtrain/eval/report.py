@@ -5,11 +5,11 @@ wandb and matplotlib are imported only when used, so ``dtrain.eval`` stays light
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dtrain import fileio
 from dtrain.eval.grids import image_grid
 from dtrain.eval.sweep import SweepRow
 
@@ -76,10 +76,7 @@ def plot_fid_vs_nfe(rows: Sequence[SweepRow | Mapping[str, Any]], path: str | Pa
 
 def write_json(rows: Sequence[SweepRow], path: str | Path, **info: Any) -> Path:
     """Rows (without grids) plus run information as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**info, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
-    return path
+    return fileio.write_json(path, {**info, "rows": [r.to_dict() for r in rows]})
 
 
 def log_wandb(rows: Sequence[SweepRow], run: Any = None, *, step: int | None = None, prefix: str = "eval",

@@ -34,7 +34,7 @@ class EMAUpdate(L.Callback):
             self._last = step
             guard = getattr(pl_module, "guard", None)
             if guard is None or not guard.skipped:  # a step the non-finite guard dropped changes no weights
-                pl_module.ema.update(pl_module.net, step)
+                pl_module.ema.update(pl_module.net, pl_module.ema_step(step))
 
 
 class SampleGrid(L.Callback):

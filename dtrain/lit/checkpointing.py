@@ -29,43 +29,19 @@ import torch
 from dtrain.errors import first_line
 from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, model_section
 from dtrain.export.zero import is_sharded_checkpoint
+from dtrain.fileio import TMP_TAG, replacing
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
            "checkpoint_candidates", "check_model", "check_resume"]
 
 log = logging.getLogger("dtrain.checkpoint")
-TMP_TAG = ".tmp"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, rename over ``path``: readers see the old file or
     the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with replacing(path) as f:
+        torch.save(obj, f)
 
 
 def _atomic_io_class() -> type:

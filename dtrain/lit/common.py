@@ -207,6 +207,11 @@ class DiffusionModule(L.LightningModule):
     def is_image(self) -> bool:
         return len(self.sample_shape) == 3
 
+    def ema_step(self, step: int) -> int:
+        """The step the EMA schedule counts (``ema.start_step``, ``ema.every``, the power-function profile) after
+        optimizer step ``step``: the global step here; progressive distillation counts from its round's start."""
+        return step
+
     @property
     def ema_tags(self) -> list[str]:
         return self.ema.tags if self.ema is not None else []
@@ -428,6 +433,8 @@ class DiffusionModule(L.LightningModule):
             self._grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
         else:
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            if (scale := _pending_scale(self.trainer.precision_plugin, optimizer)) is not None:
+                self._grad_norm = self._grad_norm / scale
         self._guard_step(params, self._grad_norm)
 
     def _guard_step(self, params: list[torch.nn.Parameter], grad_norm: Tensor | None, dropped: bool = True) -> None:
@@ -570,6 +577,16 @@ class DiffusionModule(L.LightningModule):
 
     def num_params(self) -> int:
         return count_params(self.net)
+
+
+def _pending_scale(precision: Any, optimizer: torch.optim.Optimizer) -> Tensor | float | None:
+    """The loss scale the gradients still carry here, or None: under 16-mixed Lightning unscales them before the
+    clipping hook unless the optimizer unscales inside its own step (fused AdamW), whose gradients are scaled."""
+    scaler = getattr(precision, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    scale = getattr(scaler, "_scale", None)  # the device tensor (no host sync); get_scale() reads it to the host
+    return scale if isinstance(scale, Tensor) else scaler.get_scale()
 
 
 def _local_grad_norm(params: list[torch.nn.Parameter]) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import RecipeError, check_inputs, load_recipe, to_container
+from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
@@ -145,10 +146,7 @@ def describe(cfg: DictConfig) -> str:
 
 
 def _write_recipe(cfg: DictConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".recipe.yaml.{os.getpid()}"
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    tmp.replace(out / "recipe.yaml")  # atomic: every rank may write the same file
+    write_text(out / "recipe.yaml", OmegaConf.to_yaml(cfg))  # every rank may write it
 
 
 def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_run: bool = False,

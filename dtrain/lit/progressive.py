@@ -10,9 +10,10 @@ the raw network without EMA) is evaluated at its step count and written to the r
     <run>/rounds/rounds.json        every finished round: kind, steps, global step, metrics, bundle path
 
 then it becomes the next teacher (loaded back from that bundle, on every rank) and the next student's
-initialisation; the student's EMA copies and the optimizer state restart, and the LR warmup / schedule runs
-per round. Checkpoints record the round (``ckpt["dtrain"]["pd"]``), and a resume in the middle of any round
-reloads that round's teacher from its file. Per-step randomness (times, noise, w, label dropout) comes from a
+initialisation; the student's EMA copies and the optimizer state restart, and the LR warmup / schedule and the EMA
+schedule (``ema.start_step``, ``ema.every``, the power-function profile of ``ema.stds``) run per round.
+Checkpoints record the round (``ckpt["dtrain"]["pd"]``), and a resume in the middle of any round reloads that
+round's teacher from its file. Per-step randomness (times, noise, w, label dropout) comes from a
 generator seeded by (seed, rank, global step), so a resumed run repeats the uninterrupted one exactly.
 A checkpoint's default sampler is DDIM at the round's step count on its distilled grid, so ``dtrain export``
 gives a bundle that samples the student as trained.
@@ -21,7 +22,6 @@ gives a bundle that samples the student as trained.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -36,6 +36,7 @@ from torch import Tensor
 from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.errors import InputError
+from dtrain.fileio import write_json
 from dtrain.lit.common import DiffusionModule, lr_factor
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
 from dtrain.samplers.base import initial_noise
@@ -108,6 +109,11 @@ class ProgressiveModule(DiffusionModule):
     def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
         return ("w_cond",)  # round 0's student is the teacher's network, plus a w embedding when w-conditioned
 
+    def ema_step(self, step: int) -> int:
+        """Steps into the round: each round's EMA copies restart from its student (``ema.start_step``, ``ema.every``
+        and the power-function profile run per round, like the LR schedule)."""
+        return step - self.current.start
+
     def _load_teacher(self, index: int) -> None:
         """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle."""
         if index == 0:
@@ -177,10 +183,10 @@ class ProgressiveModule(DiffusionModule):
         save_bundle(out, state, info, ema=tag, overwrite=True)
         entry = {**asdict(rnd), "global_step": self.global_step, "ema": tag, "metrics": metrics, "bundle": str(out),
                  "seconds": round(time.time() - self._round_t0, 1)}  # training (+ eval) since the round (re)started
-        _write_json(out / "eval.json", entry)
+        write_json(out / "eval.json", entry)
         index = self.rounds_dir / "rounds.json"
         done = [e for e in (json.loads(index.read_text()) if index.is_file() else []) if e["index"] != rnd.index]
-        _write_json(index, sorted([*done, entry], key=lambda e: e["index"]))
+        write_json(index, sorted([*done, entry], key=lambda e: e["index"]))
 
     @torch.no_grad()
     def evaluate_round(self, rnd: Round) -> dict[str, Any]:
@@ -277,8 +283,3 @@ class ProgressiveModule(DiffusionModule):
         return info
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)

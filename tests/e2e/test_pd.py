@@ -180,6 +180,28 @@ def test_teacher_given_as_a_bundle(small_teacher, tmp_path):
     assert ck["dtrain"]["teacher"]["path"] == str(bundle.resolve()) and ck["dtrain"]["teacher"]["sha256"] == sha
 
 
+def test_ema_schedule_restarts_every_round(small_teacher, tmp_path):
+    """Each round's EMA copies restart from its student, and ``ema.start_step`` counts from the round's start: in
+    every round of 6 steps, the copy equals the network after the round's first 2 steps and differs after the 3rd."""
+    import lightning as L
+
+    from dtrain.lit.fit import fit
+
+    class Probe(L.Callback):
+        def __init__(self) -> None:
+            self.same: dict[int, bool] = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # after global_step updates
+            net, ema = module.net.state_dict(), module.ema["0_9"].state_dict()
+            self.same[trainer.global_step] = all(torch.equal(v, ema[k]) for k, v in net.items())
+
+    probe = Probe()
+    fit(PD_GMM, [f"teacher={small_teacher}", f"out_dir={tmp_path}", *QUIET, "model.hidden=16", "model.depth=1",
+                 "data.batch_size=64", "method.start_steps=8", "method.end_steps=2", "method.round_steps=[6]",
+                 "trainer.max_steps=12", "eval.num=64", "ema.decays=[0.9]", "ema.start_step=2"], callbacks=[probe])
+    assert [probe.same[s] for s in (1, 2, 3, 7, 8, 9)] == [True, True, False, True, True, False], probe.same
+
+
 def test_eps_teacher_and_eps_student_warn(tmp_path):
     """PD needs x0 or v students at low SNR (Salimans & Ho 2022, Sec. 4): an eps teacher read by a v student, and an
     eps student, are both named in a warning."""

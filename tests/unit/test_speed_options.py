@@ -259,3 +259,25 @@ def test_the_step_seeds_the_generators_of_the_device_its_batch_is_on(tmp_path, m
     module._device = torch.device("cuda", 0)  # what the module may claim; the batch below is on the CPU
     module.training_step({"x": torch.randn(4, 2)}, 0)
     assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_grad_norm_is_unscaled_under_16_mixed(tmp_path, impl):
+    """Under 16-mixed, Lightning unscales the gradients before the clipping hook unless the optimizer unscales in its
+    own step (fused AdamW): ``train/grad_norm`` is the true norm either way (the scaled one was 2^10 too large)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from dtrain.data import build_datamodule
+
+    def norm(amp: bool) -> float:
+        cfg = gmm(tmp_path, f"optim.impl={impl}", "optim.grad_clip=0", "trainer.max_steps=1")
+        L.seed_everything(0, verbose=False)
+        module = TeacherModule(cfg)
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))]
+        trainer = L.Trainer(accelerator="cpu", devices=1, plugins=plugins if amp else [], max_steps=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=0))
+        return float(module._grad_norm)
+
+    fp16, fp32 = norm(True), norm(False)
+    assert fp16 == pytest.approx(fp32, rel=0.02)

@@ -84,7 +84,7 @@ def test_convert_ckpt(fails, tmp_path, dcp_dir):
     fails("convert_ckpt", [str(dcp_dir), str(tmp_path / "o.ckpt")], "last.ckpt", "distributed checkpoint")
     (tmp_path / "dir").mkdir()
     fails("convert_ckpt", [str(dcp_dir), str(tmp_path / "dir"), "--overwrite"], "out", "is a directory")
-    assert not (tmp_path / "dir.tmp").exists()
+    assert not list(tmp_path.glob(".dir.tmp*"))
     (tmp_path / "file").write_text("x")
     fails("convert_ckpt", [str(dcp_dir), str(tmp_path / "file" / "o.ckpt")], "out", "not a directory")
 
