@@ -24,6 +24,7 @@ __all__ = [
     "RecipeError",
     "Recipe",
     "load_recipe",
+    "key_source",
     "register_schema",
     "register_validator",
     "SCHEMAS",
@@ -299,6 +300,7 @@ class TrainerCfg:
     num_nodes: int = 1
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
     accumulate_grad_batches: int = 1
+    global_batch_size: int | None = None  # samples per optimizer step over all ranks: sets data.batch_size at launch
     log_every_n_steps: int = 50
     ckpt_every_n_steps: int = 1000
     keep_checkpoints: int = 0  # > 0: keep only the newest k periodic checkpoints (last.ckpt is kept too)
@@ -558,6 +560,12 @@ def _source_of(key: str, sources: list[tuple[str, DictConfig]], default: str) ->
     return default
 
 
+def key_source(key: str, source: str, overrides: Sequence[str] = ()) -> str:
+    """Where a loaded recipe's ``key`` came from, for errors raised after ``load_recipe``: "command line" when one of
+    ``overrides`` sets it, else ``source``."""
+    return _source_of(key, [("command line", OmegaConf.from_dotlist(list(overrides)))], source)
+
+
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """Plain dict of a recipe (for W&B config, bundles and hashing)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -769,6 +777,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     for key in ("ckpt_every_n_steps", "sample_every_n_steps", "cpu_threads"):
         if t[key] < 0:
             bad.append((f"trainer.{key}", "must be >= 0 (0: off)"))
+    if t.global_batch_size is not None and t.global_batch_size < 1:
+        bad.append(("trainer.global_batch_size", "must be null (data.batch_size is per rank) or >= 1"))
     if t.keep_checkpoints < 0:
         bad.append(("trainer.keep_checkpoints", "must be >= 0 (0: keep every periodic checkpoint)"))
     if t.max_bad_steps < 1:
@@ -1026,10 +1036,8 @@ def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[st
     ``overrides`` sets, else ``source``."""
     import torch
 
-    cli = [("command line", OmegaConf.from_dotlist(list(overrides)))]  # load_recipe parsed them already
-
     def where(key: str) -> str:
-        return _source_of(key, cli, source)
+        return key_source(key, source, overrides)
 
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RecipeError(where("trainer.accelerator"), "trainer.accelerator",

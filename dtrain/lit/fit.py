@@ -7,6 +7,7 @@ run (``wandb/``; offline runs upload later with ``wandb sync``).
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import signal
@@ -19,9 +20,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from dtrain.config import RecipeError, check_inputs, load_recipe, to_container
+from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, to_container
 from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
@@ -182,6 +183,7 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
         warnings.warn(f"{out} already holds checkpoints of an earlier run (newest: {earlier[0].name}); this run "
                       f"starts from scratch beside them (Lightning adds -v1 to names taken); --resume auto continues "
                       f"the earlier run instead", stacklevel=2)
+    cfg, ranks = resolve_batch(cfg, source, overrides)
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule
 
@@ -194,6 +196,8 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
 
         extra.append(FIDSweepCallback.from_recipe(cfg, out_dir=out / "eval"))
     trainer = build_trainer(cfg, out, extra_callbacks=extra, resume=ckpt_path is not None)
+    if trainer.num_devices * trainer.num_nodes != ranks:  # resolve_batch counts as Lightning does: else a bug
+        raise RuntimeError(f"dtrain counted {ranks} rank(s), Lightning {trainer.num_devices * trainer.num_nodes}")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     finally:
@@ -207,6 +211,45 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
                   file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGTERM)
     return out
+
+
+def count_ranks(cfg: DictConfig) -> int:
+    """The processes a run of ``cfg`` has here: devices per node (SLURM's tasks per node under SLURM; ``auto`` and
+    -1: every CUDA GPU, or one CPU process) times nodes, as Lightning counts them."""
+    from dtrain.dist import slurm
+
+    t = cfg.trainer
+    devices, nodes = slurm.topology(t.devices, t.num_nodes)
+    if str(devices) in ("auto", "-1"):
+        gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+        return (torch.cuda.device_count() if gpu else 1) * nodes
+    if isinstance(devices, str):  # "2" or device ids "0,1"
+        ids = [d for d in devices.split(",") if d.strip()]
+        return (len(ids) if "," in devices else int(devices)) * nodes
+    return (len(devices) if isinstance(devices, Sequence) else int(devices)) * nodes
+
+
+def resolve_batch(cfg: DictConfig, source: str = "recipe", overrides: Sequence[str] = ()) -> tuple[DictConfig, int]:
+    """``trainer.global_batch_size`` G (when set) -> ``data.batch_size`` = G / (ranks x accumulate_grad_batches),
+    so a recipe keeps its paper's batch on any number of GPUs; logs the batch per optimizer step either way (rank
+    0). Returns the recipe (a copy when G is set) and the number of ranks."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    ranks, accum = count_ranks(cfg), int(cfg.trainer.accumulate_grad_batches)
+    if (g := cfg.trainer.get("global_batch_size")) is not None:
+        if g % (ranks * accum):
+            key = "trainer.global_batch_size"
+            raise RecipeError(key_source(key, source, overrides), key,
+                              f"{g} is not a multiple of {ranks} rank(s) x {accum} accumulation step(s) "
+                              f"(trainer.accumulate_grad_batches); pick a global batch, GPU count and accumulation "
+                              f"that divide, or null to use data.batch_size per rank")
+        cfg = copy.deepcopy(cfg)
+        with read_write(cfg):
+            cfg.data.batch_size = g // (ranks * accum)
+    b = int(cfg.data.batch_size)
+    rank_zero_info(f"batch: {b} per rank x {ranks} rank(s) x {accum} accumulation step(s) = {b * ranks * accum} "
+                   f"samples per optimizer step" + (" (trainer.global_batch_size)" if g is not None else ""))
+    return cfg, ranks
 
 
 def close_loggers(trainer: L.Trainer) -> None:

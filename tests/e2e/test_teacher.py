@@ -216,11 +216,13 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.timeout(300)
 def test_ddp_two_cpu_processes(tmp_path):
-    """`dtrain fit` under DDP (2 CPU processes, gloo): one run directory, one W&B run, rank 0's checkpoint."""
+    """`dtrain fit` under DDP (2 CPU processes, gloo): one run directory, one W&B run, rank 0's checkpoint; a global
+    batch of 64 is 32 per rank."""
     cmd = [sys.executable, "-m", "dtrain.cli", "fit", str(GMM), f"out_dir={tmp_path}", THREADS,
            "trainer.accelerator=cpu", "trainer.devices=2", "strategy.name=ddp", "trainer.max_steps=4",
            "trainer.ckpt_every_n_steps=2", "trainer.log_every_n_steps=2", "trainer.progress_bar=false",
-           "model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=1024", "logger.mode=offline"]
+           "model.hidden=16", "model.depth=1", "trainer.global_batch_size=64", "data.num_samples=1024",
+           "logger.mode=offline"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**_env(), "PYTHONPATH": str(ROOT)},
                          timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -230,5 +232,6 @@ def test_ddp_two_cpu_processes(tmp_path):
     ck = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["global_step"] == 4 and ck["dtrain"]["ema_tags"] == ["0_99"]
     config, history, _ = wandb_run(out)  # exactly one run (rank 0)
-    assert config["trainer"]["devices"] == 2
+    assert config["trainer"]["devices"] == 2 and config["data"]["batch_size"] == 32
+    assert (run.stdout + run.stderr).count("batch: 32 per rank x 2 rank(s) x 1 accumulation step(s) = 64") == 1
     assert [h["trainer/global_step"] for h in history if "train/loss" in h] == [1, 3]
