@@ -739,6 +739,21 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     if cfg.method.name == "denoising":
         if cfg.method.weighting not in WEIGHTINGS:
             bad.append(("method.weighting", f"unknown {cfg.method.weighting!r}; choose one of {list(WEIGHTINGS)}"))
+        target = cfg.method.get("target") or m.get("param")
+        if cfg.method.weighting in ("snr_trunc", "snr_plus_one", "edm") and target == "eps":
+            import torch
+
+            from dtrain.diffusion.schedule import schedule_from_config
+
+            try:
+                s = schedule_from_config(cfg.schedule)
+                at_end = float(s.alpha(torch.tensor([s.t_max], dtype=torch.float64))[0])
+            except (ValueError, TypeError):  # a bad schedule is reported by its own check
+                at_end = 1.0
+            if at_end == 0.0:
+                bad.append(("method.weighting", f"{cfg.method.weighting!r} on an eps target is infinite where the "
+                            f"schedule reaches alpha = 0 (t_max): use min_snr or none, or a v / x0 target "
+                            f"(method.target)"))
         if cfg.method.time_sampling == "uniform_discrete" and cfg.schedule.name not in ("ddpm", "vp_discrete"):
             bad.append(("method.time_sampling", f"'uniform_discrete' needs a discrete schedule (ddpm, vp_discrete), "
                         f"not {cfg.schedule.name!r}"))
@@ -1029,6 +1044,26 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
              f"has alpha(t_max) = {alpha_end:.3g}, so {what} cannot recover x0 there; use v, x0, velocity or edm")]
 
 
+def _check_eval_inputs(cfg: DictConfig, where: Any) -> None:
+    """What a run's own FID evaluations read (progressive distillation scores every round's student against
+    ``eval.ref_stats`` when it is set; ``eval.every_n_steps`` sweeps): there before training, not after a round."""
+    from dtrain.eval.features import BUILTIN_REFS
+
+    e, m = cfg.eval, cfg.method
+    rounds = m.name == "pd" and bool(m.get("eval", True)) and e.ref_stats is not None
+    if not (rounds or e.every_n_steps > 0):
+        return
+    why = "progressive distillation scores each round's student" if rounds else "eval.every_n_steps > 0 sweeps"
+    if e.ref_stats is not None and not (e.ref_stats in BUILTIN_REFS or Path(e.ref_stats).is_file()):
+        off = ", or set method.eval=false" if rounds else ""
+        raise RecipeError(where("eval.ref_stats"), "eval.ref_stats", f"file not found: {e.ref_stats} ({why} against "
+                          f"it): make it with tools/fid_ref_stats.py{off}")
+    if e.feature_extractor == "inception" and e.feature_extractor_weights_path is None:
+        key = "eval.feature_extractor_weights_path"
+        raise RecipeError(where(key), key, f"not set: {why} with the 'inception' extractor, which needs the FID "
+                          f"Inception weights file (pt_inception-2015-12-05.pth; never downloaded)")
+
+
 def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[str] = ()) -> None:
     """The local data files a run reads exist and the accelerator it asks for is here: ``dtrain fit`` calls this
     before anything starts (``load_recipe`` does not, so recipes may name shards made later, and a CPU login node
@@ -1050,6 +1085,7 @@ def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[st
     if cfg.strategy.name == "fsdp2" and on_cpu and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 7):
         raise RecipeError(where("strategy.name"), "strategy.name", f"fsdp2 on the CPU needs torch >= 2.7 (torch "
                           f"{torch.__version__}'s FSDP2 records CUDA stream events); use ddp here, or fsdp2 on GPUs")
+    _check_eval_inputs(cfg, where)
     d = cfg.data
     if d.name != "wds" or not d.shards or "://" in d.shards:
         return

@@ -294,7 +294,8 @@ class VPLinear(Schedule):
         lam = as_t(lam)
         c = torch.nn.functional.softplus(-2 * lam)  # -log alpha_bar
         d = self.b1 - self.b0
-        return 2 * c / (self.b0 + (self.b0**2 + 2 * d * c).sqrt())
+        t = 2 * c / (self.b0 + (self.b0**2 + 2 * d * c).sqrt())
+        return torch.where(torch.isposinf(c), c, t)  # lambda = -inf: t = inf (inf / inf as written)
 
     def c_noise(self, t: Tensor | float) -> Tensor:
         return as_t(t) * 1000
@@ -336,7 +337,7 @@ class VPCosine(Schedule):
 
     def t_from_lambda(self, lam: Tensor | float) -> Tensor:
         a = torch.sigmoid(2 * as_t(lam)).sqrt()
-        return torch.acos((a * self._f0).clamp(-1, 1)) * 2 * (1 + self.s) / math.pi - self.s
+        return (torch.acos((a * self._f0).clamp(-1, 1)) * 2 * (1 + self.s) / math.pi - self.s).clamp_min(0)
 
     def c_noise(self, t: Tensor | float) -> Tensor:
         return as_t(t) * 1000

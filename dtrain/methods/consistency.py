@@ -19,7 +19,8 @@ student's dropout masks and train / eval mode (``dtrain.methods.denoising.same_d
 implementations replay the dropout RNG: theta^- = sg(theta) is then the student's own function.
 
 Variant defaults (``DEFAULTS``; a recipe's null fields take them):
-- cd: teacher init, N = 18 fixed, uniform intervals, l2, lambda = 1, target EMA 0.95 (CM's CIFAR-10 CD);
+- cd: teacher init, N = 18 fixed, uniform intervals, l2, lambda = 1 (CM's CIFAR-10 CD), target EMA 0.95 (CM's
+  ImageNet-64 / LSUN value; its CIFAR-10 CD uses the stop-gradient target, 0; 0.95 measured better on digits);
 - ct: CM's curriculum N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1, s0 = 2, s1 = 150, l2, and the target
   EMA's decay mu(k) = exp(s0 ln mu0 / N(k)) with mu0 = ``target_ema`` = 0.9 (under the ``ct`` curriculum, for any
   variant; ``ConsistencyLoss.target_decay``);

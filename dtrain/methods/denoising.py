@@ -86,7 +86,9 @@ def loss_weight(
         raise ValueError(f"method.weighting: unknown {kind!r}; choose one of {list(WEIGHTINGS)}")
     one = torch.ones_like(t)
     k = from_x0_eps(target, one, -c.alpha / c.sigma, torch.zeros_like(t), c) ** 2
-    return w_x0 / k
+    # an eps target where alpha = 0 (zero terminal SNR) does not see x0 (k = 0): min_snr's weight min(snr, gamma) /
+    # snr tends to 1 there (0 / 0 as written); the other weightings are infinite there, refused by the recipe check
+    return torch.where((k == 0) & (w_x0 == 0), one, w_x0 / k)
 
 
 def drop_labels(cond: Tensor, p: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:

@@ -11,7 +11,8 @@ stop-gradient target v - (t - r) du_theta/dt, du_theta/dt by ``torch.func.jvp`` 
   of which a fraction ``r_zero`` jumps to r = 0 (the 1-step map, trained directly; as CTM's ``s_zero_prob``);
 - adaptive weighting: the per-sample squared error d is weighted by sg(1 / (d + c)^p) (the paper's Sec. 4.3); d is
   the mean over the D elements where the paper takes the squared L2 norm (their sum), so ``adaptive_c`` is the
-  paper's c / D: the weights then agree up to the constant factor D^(1 - p);
+  paper's c / D: the weights are then D^p times the paper's and the weighted loss D^(p - 1) times (the same at
+  the default p = 1);
 - CFG in training (Sec. 4.2): v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) for labelled
   samples (the network's own predictions, no gradient), labels dropped to the null class with ``cfg_dropout``; with a
   teacher, the teacher is guided with scale omega instead;

@@ -81,7 +81,7 @@ SAMPLERS.register(
 SAMPLERS.register(
     "dpm++2s",
     SamplerSpec(dpm_solver_2s, nfe=lambda n: 2 * n - 1, steps=lambda nfe: (nfe + 1) // 2,
-                doc="DPM-Solver++(2S), singlestep, 2n-1 NFE"),
+                doc="DPM-Solver++(2S), singlestep, 2n-1 NFE (2n-2 from alpha = 0: a flow or zero-SNR t_max)"),
 )
 SAMPLERS.register("euler", SamplerSpec(euler, doc="Euler on the probability-flow ODE"))
 SAMPLERS.register("euler_maruyama", SamplerSpec(euler_maruyama, doc="Euler-Maruyama on the reverse SDE"))

@@ -80,8 +80,10 @@ def ddim_invert(
 ) -> Tensor:
     """Deterministic DDIM inversion x_0 -> x_{grid[0]} along ``grid`` (given as for sampling).
 
-    Each step s -> t evaluates the denoiser at the known point x_s (at the grid's smallest time
-    when s = 0) and moves with that x0_hat and eps_hat: a first-order approximation of the inverse.
+    Each step s -> t evaluates the denoiser at the known point x_s and moves with that x0_hat and eps_hat: a
+    first-order approximation of the inverse. From clean data (sigma_s = 0) x0 is known: eps_hat is read at the
+    first noisy time (x_0 taken as x_t there) and the step is x_t = alpha_t x_0 + sigma_t eps_hat (moving with
+    that x0_hat would give x_t = x_0 back).
     ``fixed_point_iters`` refinements then re-evaluate the denoiser at the new point x_t and solve
     ``ddim_step(x_t) = x_s`` by fixed-point iteration, so the step becomes the exact inverse of the
     sampling step as the iterations converge (Pan et al. 2023, arXiv 2312.12540):
@@ -100,7 +102,7 @@ def ddim_invert(
         xs = x
         d = denoiser(xs, g[j], cond)
         eps = (xs - a[j] * d) / sg[j]
-        x = a[i + 1] * d + sg[i + 1] * eps
+        x = a[i + 1] * (d if j == i else xs) + sg[i + 1] * eps
         for _ in range(fixed_point_iters):
             d = denoiser(x, t, cond)
             if a[i + 1] > 0:  # x_s = (a_s / a_t) x_t + (s_s - a_s s_t / a_t) eps(x_t), solved for x_t

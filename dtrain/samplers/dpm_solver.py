@@ -135,7 +135,9 @@ def dpm_solver_2s(
     callback: Callback | None = None,
     r: float = 0.5,
 ) -> Tensor:
-    """DPM-Solver++(2S) down the grid: two evaluations per step, one for a step that lands on t = 0."""
+    """DPM-Solver++(2S) down the grid: two evaluations per step, one for a step that lands on t = 0 and one for a
+    step from alpha = 0 (flow's or a zero-terminal-SNR t_max: lambda = -inf, the step is DDIM's), so 2n - 2 there
+    where the registry counts 2n - 1."""
     g, _ = on_grid(denoiser.schedule, grid)
     for i in range(len(g) - 1):
         t, s = g[i], g[i + 1]

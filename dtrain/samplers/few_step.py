@@ -122,10 +122,12 @@ def consistency(
 
 
 def consistency_grid(schedule: Schedule, n: int, spacing: str | None = None) -> Tensor:
-    """n evaluation times above t_min, then 0: ``make_grid(schedule, n + 1)`` without its boundary point t_min when
-    the spacing reaches it (continuous spacings), else ``make_grid(schedule, n)`` (DDPM's trailing / leading)."""
+    """n evaluation times above t_min, then 0: ``make_grid(schedule, n)`` when its last evaluation lies above t_min
+    (DDPM's trailing spacing), else ``make_grid(schedule, n + 1)`` without that boundary point t_min, where the
+    model is the identity (continuous spacings, DDPM's leading and linspace). A discrete schedule has at most T
+    steps: at n = T the grid is ``make_grid(schedule, T)``, its last evaluation at t_min."""
     g = make_grid(schedule, n, spacing)
-    if n == 1 or float(g[-2]) > schedule.t_min:
+    if n == 1 or float(g[-2]) > schedule.t_min or n >= getattr(schedule, "T", n + 1):
         return g
     g = make_grid(schedule, n + 1, spacing)
     return torch.cat([g[:-2], g[-1:]])

@@ -33,6 +33,8 @@ CASES = [
     ("unknown sampler", GMM, "sampler:\n  name: euler_x\n", "sampler.name", "unknown sampler 'euler_x'"),
     ("unknown parameterization", GMM, "model:\n  param: noise\n", "model.param", "unknown parameterization"),
     ("unknown weighting", DIGITS, "method:\n  weighting: p2\n", "method.weighting", "unknown 'p2'; choose one of"),
+    ("infinite eps weighting", GMM, "schedule: {name: flow}\nmodel: {param: eps}\nmethod: {weighting: snr_trunc}\n",
+     "method.weighting", "'snr_trunc' on an eps target is infinite where the schedule reaches alpha = 0"),
     ("unknown strategy", GMM, "strategy:\n  name: horovod\n", "strategy.name", "unknown strategy 'horovod'"),
     ("unknown precision", GMM, "trainer:\n  precision: fp8\n", "trainer.precision", "must be one of"),
     ("missing teacher", PD_GMM, "teacher: /nonexistent/teacher.ckpt\n", "teacher", "not found: /nonexistent"),

@@ -427,6 +427,10 @@ def test_default_grid_skips_the_boundary():
     g = consistency_grid(edm, 2)
     assert g.tolist()[0] == 80.0 and g.tolist()[-1] == 0.0 and len(g) == 3 and float(g[1]) > edm.t_min
     assert consistency_grid(make_schedule("ddpm"), 2).tolist() == [1.0, 0.5, 0.0]  # trailing: as make_grid
+    ddpm = make_schedule("ddpm")
+    assert consistency_grid(ddpm, 2, "leading").tolist()[1] > ddpm.t_min  # leading reaches t_min: n + 1, cut
+    full = consistency_grid(ddpm, 1000)  # T steps: no T + 1 exist, so the last evaluation is at t_min
+    assert len(full) == 1001 and float(full[-2]) == ddpm.t_min
     calls = []
     den = Const(edm, torch.zeros(1))
     den.forward = lambda x, t, cond=None: calls.append(float(t)) or x

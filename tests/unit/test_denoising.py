@@ -163,3 +163,16 @@ def test_from_config_reads_recipe_sections():
     assert abs(float(ln.mean()) + 1.2) < 0.06 and abs(float(ln.std()) - 1.2) < 0.06
     with pytest.raises(ValueError, match=r"method.weighting"):
         DenoisingLoss(s, "eps", weighting="p2")
+
+
+def test_min_snr_eps_weight_at_zero_terminal_snr_is_its_limit():
+    """At t = 1 of a zero-terminal-SNR schedule the eps target does not see x0 (snr = 0): min(snr, gamma) / snr is
+    taken as its limit 1, not 0 / 0; uniform_discrete draws t = 1, where a NaN made the whole batch NaN."""
+    s = make_schedule("vp_discrete", zero_terminal_snr=True)
+    t = torch.tensor([0.5, 0.999, 1.0], dtype=torch.float64)
+    assert float(s.alpha(t[2:])[0]) == 0.0
+    torch.testing.assert_close(loss_weight("min_snr", s, t, "eps"), torch.ones(3, dtype=torch.float64))
+    x0 = torch.randn(3, 2)
+    net = lambda x, tt, c=None: torch.zeros_like(x)  # noqa: E731
+    out = DenoisingLoss(s, "v", target="eps", weighting="min_snr")(Denoiser(net, s, "v"), x0, t=t)
+    assert out.loss.isfinite().all()

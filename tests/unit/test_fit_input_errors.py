@@ -214,3 +214,19 @@ def test_a_few_step_student_is_no_teacher_to_distil(tmp_path, digits_teacher, bu
         assert f"teacher: {student} holds a 'consistency' student, not a denoiser" in err, err
     assert main(["fit", str(R / "cm" / "ict_digits.yaml"), f"teacher={student}", "method.init=teacher",
                  "model.channels=16", f"out_dir={tmp_path / 'runs'}", "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize(("over", "words"), [
+    (["eval.ref_stats=/nowhere/ref.npz"],
+     ["command line: eval.ref_stats: file not found: /nowhere/ref.npz (progressive distillation scores each round's",
+      "or set method.eval=false"]),
+    (["eval.feature_extractor=inception"],
+     ["digits.yaml: eval.feature_extractor_weights_path: not set: progressive distillation scores each round's"]),
+])
+def test_round_evaluation_inputs_are_checked_before_training(tmp_path, digits_teacher, fit_error, over, words):
+    """PD scores each round's student (eval.ref_stats set): a missing reference file or Inception weights fail at
+    launch, not after the first round's training."""
+    err = fit_error(str(R / "pd" / "digits.yaml"), f"teacher={digits_teacher}", f"out_dir={tmp_path}", *QUIET,
+                    "method.round_steps=[2]", "trainer.max_steps=12", "model.channels=16", *over)
+    assert all(w in err for w in words), err
+    assert not any(tmp_path.iterdir())

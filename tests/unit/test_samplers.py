@@ -262,6 +262,23 @@ def test_ddim_inversion_round_trip(key):
     assert plain[0] > refined[0] > refined[1] > refined[2] and refined[1] < 1e-3 and refined[2] < 1e-5, refined
 
 
+@pytest.mark.parametrize("key", ["vp_discrete", "flow"])
+def test_ddim_inversion_first_step_from_clean_data(key):
+    """From x_0 (sigma = 0) the first step is x_t1 = alpha_t1 x_0 + sigma_t1 eps_hat, with eps_hat read at t1: on
+    Gaussian data it lands nearer the exact ODE point (x_t1 = alpha mu + sqrt(alpha^2 SD^2 + sigma^2) z) than x_0,
+    which the step used to return (it moved with the denoiser's x0_hat, which gives x_0 back) after a wasted call."""
+    s = make_schedule(key)
+    den = GAUSS.denoiser(s)
+    x0 = GAUSS.sample(256, torch.Generator().manual_seed(0))[0].double()
+    grid = make_grid(s, 10)
+    first = []
+    ddim_invert(den, x0, grid, callback=lambda d: first.append(d["x"]) if d["i"] == 0 else None)
+    t1 = grid.flip(0)[1]
+    a, sg = float(s.alpha(t1)), float(s.sigma(t1))
+    exact = a * MU + (a**2 * SD**2 + sg**2) ** 0.5 * (x0 - MU) / SD
+    assert float((first[0] - exact).norm()) < 0.8 * float((x0 - exact).norm())
+
+
 def test_ddim_inversion_gmm():
     """On the mixture plain inversion fails outright (error ~1: samples change component); 10 fixed-point
     iterations per step bring the round trip to 1.6e-4 at 100 steps."""

@@ -20,6 +20,7 @@ from dtrain.diffusion.schedule import (
     cosine_betas,
     linear_betas,
     make_schedule,
+    matched_time,
     schedule_from_config,
     transition,
 )
@@ -94,6 +95,17 @@ def test_t_from_lambda_inverts_lambda(key):
     check()
     t = dense(s, 1001, lo=s.t_min)  # and vectorised, including both ends
     torch.testing.assert_close(s.t_from_lambda(s.lambda_(t)), t, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_t_from_lambda_at_infinite_log_snr(key):
+    """lambda = +inf is t = 0 (never below); lambda = -inf is the end of time, t_max or beyond (inf where alpha
+    never reaches 0), never NaN: matched_time clamps it to t_max, a NaN passed through the clamp."""
+    s = sched(key)
+    clean, noise = s.t_from_lambda(torch.tensor([math.inf, -math.inf], dtype=torch.float64))
+    assert float(clean) >= 0 and float(clean) <= s.t_min
+    assert not bool(noise.isnan()) and float(noise) >= s.t_max
+    assert float(matched_time(make_schedule("flow"), s, torch.tensor([1.0], dtype=torch.float64))[0][0]) == s.t_max
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
