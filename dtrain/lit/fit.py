@@ -143,7 +143,10 @@ def describe(cfg: DictConfig) -> str:
 
     with torch.device("meta"):
         n = count_params(build_model(cfg.model))
-    return f"{OmegaConf.to_yaml(cfg)}# parameters: {n:,} ({cfg.model.name})\n"
+    g = cfg.trainer.get("global_batch_size")
+    batch = "" if g is None else (f"# data.batch_size: set at launch to trainer.global_batch_size {g} / (ranks x "
+                                  f"{cfg.trainer.accumulate_grad_batches} accumulation step(s))\n")
+    return f"{OmegaConf.to_yaml(cfg)}# parameters: {n:,} ({cfg.model.name})\n{batch}"
 
 
 def _write_recipe(cfg: DictConfig, out: Path) -> None:

@@ -69,3 +69,9 @@ def test_fit_trains_on_the_derived_batch(tmp_path):
                     "trainer.global_batch_size=48"], callbacks=[Probe()])
     assert seen == [24] * 4
     assert load_recipe(out / "recipe.yaml").data.batch_size == 24
+
+
+def test_dry_run_says_the_batch_is_set_at_launch(capsys):
+    fit(GMM, ["trainer.global_batch_size=64"], dry_run=True)
+    assert "# data.batch_size: set at launch to trainer.global_batch_size 64 / (ranks x 1 accumulation step(s))" in \
+        capsys.readouterr().out
