@@ -96,12 +96,12 @@ def step_flops(net: torch.nn.Module, x: torch.Tensor, c_noise: torch.Tensor, con
     return fwd, fc.get_total_flops()
 
 
-def throughput(flops_per_step: float, steps_per_s: float, batch_size: int, peak_tflops: float | None
+def throughput(flops_per_step: float | None, steps_per_s: float, batch_size: int, peak_tflops: float | None
                ) -> dict[str, float | None]:
-    """images/s, achieved TFLOP/s and MFU (achieved / peak) of a run."""
-    achieved = flops_per_step * steps_per_s / 1e12
+    """images/s, achieved TFLOP/s and MFU (achieved / peak) of a run (None where the FLOPs are unknown)."""
+    achieved = flops_per_step * steps_per_s / 1e12 if flops_per_step else None
     return {"images_per_s": batch_size * steps_per_s, "steps_per_s": steps_per_s, "achieved_tflops": achieved,
-            "mfu": achieved / peak_tflops if peak_tflops else None}
+            "mfu": achieved / peak_tflops if achieved and peak_tflops else None}
 
 
 def recipe(out_dir: Path, batch_size: int, total_steps: int, overrides: list[str]) -> Any:
@@ -136,7 +136,7 @@ def run_case(case: str, a: argparse.Namespace) -> dict[str, Any]:
             res = bare_run(cfg, a.warmup, a.steps, (x, y), "cpu" if a.smoke else "cuda")
         else:
             dm = InMemoryDataModule({"x": x, "y": y}, a.batch_size, seed=cfg.seed, num_classes=cfg.model.num_classes)
-            res = dtrain_run(cfg, a.warmup, a.steps, dm)
+            res = dtrain_run(cfg, a.warmup, a.steps, dm, checkpoint=False)
     return {"case": case, "overrides": CASES[case], **res}
 
 
@@ -164,13 +164,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
     p.add_argument("--timeout", type=int, default=480, help="seconds per case")
-    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/gpu_<gpu name>.json")
+    p.add_argument("--out", type=Path, default=None, help="default: <--out-dir>/gpu_<gpu name>.json")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="default: benchmarks/results")
     p.add_argument("--smoke", action="store_true", help="a tiny CPU run of the same code (for tests)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, write its JSON to --case-out
     p.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.case:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(max(1, a.timeout - 10), exit=False)  # a hang shows where it was
         a.case_out.write_text(json.dumps(run_case(a.case, a)))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return None
     if not a.smoke:
         require_cuda()
@@ -182,11 +188,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     device = "cpu" if a.smoke else "cuda"
     name = "cpu-smoke" if a.smoke else torch.cuda.get_device_name(0)
     peak = None if a.smoke else peak_bf16_tflops(name)
-    flops = count_flops(a, device)
+    try:
+        flops = count_flops(a, device)
+    except Exception as e:  # the cases still run; MFU stays unknown
+        flops = {"flops_error": f"{type(e).__name__}: {e}"[:2000]}
+    if device == "cuda":
+        torch.cuda.empty_cache()  # this process holds no memory while the cases run
     from benchmarks.common import machine
+    from dtrain.fileio import write_json
 
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    path = a.out or RESULTS / f"gpu_{slug}.json"
+    path = a.out or a.out_dir / f"gpu_{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
 
@@ -206,12 +218,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "compile_speedup": {"bare": ratio("bare_compile", "bare"), "dtrain": ratio("dtrain_compile", "dtrain")},
             "peak_mem_gib": {"ddp": results.get("dtrain", {}).get("peak_mem_gib"),
                              "deepspeed_zero2": results.get("dtrain_deepspeed_zero2", {}).get("peak_mem_gib")},
+            "deepspeed_note": "one GPU: ZeRO-2 partitions nothing across ranks here; DeepSpeed trains bf16 weights "
+                              "(the model cast, fp32 master copies in the optimizer) where DDP runs bf16 autocast "
+                              "on fp32 weights, and the EMA reads the fp32 master weights every step",
             "anchors": "MFU of EDM's ImageNet-64 ADM training on A100 ~15%, fast-DiT ~24%",
             "machine": machine(),
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(path)  # a run killed mid-write leaves the previous complete file
+        write_json(path, res, indent=1)  # atomic: a run killed mid-write leaves the previous complete file
         return res
 
     res = write()  # the FLOP count and every case pending; then after every case
@@ -220,19 +233,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             out = Path(tmp) / "case.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--case-out", str(out),
                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
-                   *(["--smoke"] if a.smoke else [])]
+                   "--timeout", str(a.timeout), *(["--smoke"] if a.smoke else [])]
             t0 = time.perf_counter()
+            code: int | None = None
             try:
                 run = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
-                ok, log = run.returncode == 0 and out.is_file(), run.stderr
-            except subprocess.TimeoutExpired as e:
-                ok, log = False, f"timed out after {a.timeout} s\n{e.stderr or ''}"
+                code, log = run.returncode, run.stderr
+            except subprocess.TimeoutExpired as e:  # its captured output comes back as bytes
+                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+                log = f"timed out after {a.timeout} s\n{err}"
+            ok = out.is_file()  # measured: kept even when the process failed on its way out
             if ok:
                 r = json.loads(out.read_text())
-                r.update(throughput(flops["flops_train_per_step"], r["steps_per_s"], a.batch_size, peak))
+                r.update(throughput(flops.get("flops_train_per_step"), r["steps_per_s"], a.batch_size, peak))
                 r["peak_mem_gib"] = r.pop("peak_mem_bytes") / 2**30
+                if code != 0:
+                    r.update(exit_code=code, stderr_tail=str(log)[-1000:])
             else:
-                r = {"case": case, "error": str(log)[-2000:]}
+                r = {"case": case, "exit_code": code, "error": str(log)[-2000:]}
             r["process_wall_s"] = time.perf_counter() - t0
             results[case] = r
             print(json.dumps({k: v for k, v in r.items() if k != "error"} if ok else r), flush=True)

@@ -267,9 +267,10 @@ class Interleaved(L.Callback):
 
 
 def dtrain_run(cfg: Any, warmup: int, steps: int, datamodule: Any = None,
-               callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
+               callbacks: tuple[L.Callback, ...] = (), checkpoint: bool = True) -> dict[str, float]:
     """The recipe's LightningModule under the Trainer of ``build_trainer``: steps per wall / CPU second, the peak
-    device memory and the wall seconds of the whole fit. ``datamodule``: default the recipe's (``data``)."""
+    device memory and the wall seconds of the whole fit. ``datamodule``: default the recipe's (``data``).
+    ``checkpoint=False``: no ``last.ckpt`` at the end (after the timed steps; a large network's takes seconds)."""
     from dtrain.data import build_datamodule
     from dtrain.lit.common import module_class
     from dtrain.lit.fit import build_trainer, run_dir
@@ -282,6 +283,10 @@ def dtrain_run(cfg: Any, warmup: int, steps: int, datamodule: Any = None,
     clock = StepClock(warmup, steps)
     trainer = build_trainer(cfg, run_dir(cfg), extra_callbacks=[*getattr(datamodule, "callbacks", list)(), clock,
                                                                    *callbacks])
+    if not checkpoint:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
     trainer.fit(module, datamodule=datamodule)
     return {"steps_per_s": steps / clock.seconds, "cpu_steps_per_s": steps / clock.cpu_seconds,
             "peak_mem_bytes": clock.peak_mem_bytes, "fit_wall_s": time.perf_counter() - start}

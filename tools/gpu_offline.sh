@@ -8,12 +8,13 @@
 #
 # DIR defaults to the repository's .whl (git-ignored), PYVER to 3.12 (the target's Python: `check` there prints it
 # with the toolchain DeepSpeed's op builds need), OUT must be writable. `run` writes at most 6 files into OUT:
-# env.txt, gpu_tests.log, gpu_tests.json (the summary.json of every test, keyed by test), gpu_tests.xml (junit),
-# bench.log and gpu_<gpu name>.json; the runs themselves
-# (checkpoints) stay under $TMPDIR. Each step has its own time limit (TESTS_S, BENCH_S seconds; CASE_S per benchmark
-# case; BENCH_ARGS go to benchmarks/gpu.py, e.g. "--steps 30 --cases bare,dtrain") so one that hangs still leaves
-# the other's results; the defaults (230 + 330 s, the compiled benchmark cases last) fit `run OUT all` into one
-# 10-minute command. Copy gpu_<gpu name>.json into benchmarks/results/ and commit it.
+# env.txt (versions, GPU, toolchain, and any module that does not import), gpu_tests.log, gpu_tests.json (the
+# summary.json of every test, keyed by test), gpu_tests.xml (junit), bench.log and gpu_<gpu name>.json (rewritten
+# after every benchmark case); the runs themselves (checkpoints) stay under $TMPDIR. One deadline, TOTAL_S seconds
+# after the start (default 560: a 10-minute command with room to spare), bounds everything: the tests get TESTS_S
+# (default 200; at the deadline pytest skips the tests left and ends by itself), the benchmark what remains (at
+# most BENCH_S; CASE_S per case; BENCH_ARGS go to benchmarks/gpu.py, e.g. "--steps 30 --cases bare,dtrain"), so a
+# step that hangs still leaves the other's results. Copy gpu_<gpu name>.json into benchmarks/results/ and commit.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # IMAGE: the distributions the GPU paths import that the target image is expected to have (a CUDA PyTorch image;
@@ -26,11 +27,13 @@ IMAGE=(torch torchvision triton cuda-bindings cuda-pathfinder lightning lightnin
 # (pyproject.toml's ranges; ../shared/ENVIRONMENT.md). deepspeed has no wheel on PyPI: `pip wheel` builds a pure
 # one (no ops; DeepSpeed compiles the ones it needs at run time with ninja). wandb and webdataset are not needed
 # (the GPU runs log to CSV and read in-memory or sklearn data).
+# py-cpuinfo: DeepSpeedCPUAdam (optimizer offload) imports it; ninja: builds that op at run time (its wheel puts
+# the binary on PATH, so the image's toolchain needs only c++ and Python.h).
 PACKAGES=(deepspeed==0.19.8 hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0
           typing-inspection==0.4.2 typing-extensions==4.16.0 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2
-          torch-fidelity==0.4.0 braceexpand==0.1.7)
+          torch-fidelity==0.4.0 braceexpand==0.1.7 py-cpuinfo==9.0.0 ninja==1.13.2)
 MODULES=(deepspeed hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions omegaconf
-         antlr4 torch_fidelity braceexpand)
+         antlr4 torch_fidelity braceexpand cpuinfo ninja)
 PY="${PYTHON:-python3}"
 
 die() { echo "tools/gpu_offline.sh: $*" >&2; exit 2; }
@@ -69,17 +72,30 @@ print("Python.h:", h, "found" if h.is_file() else "MISSING")'
 install() {  # DIR: into $SITE, first on PYTHONPATH (only packages this image lacks are carried)
     local dir="${1:-$ROOT/.whl}"
     SITE="${SITE:-${TMPDIR:-/tmp}/dtrain_site}"
-    if compgen -G "$dir/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-            "$dir"/*.whl || die "installing the wheels in $dir failed"
-    else
+    if ! compgen -G "$dir/*.whl" >/dev/null; then
         echo "tools/gpu_offline.sh: no wheels in $dir: using this machine's packages only" >&2
+    elif ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$dir"/*.whl; then  # no pip (a uv venv): a wheel is a zip of what site-packages holds
+        echo "tools/gpu_offline.sh: pip failed or is missing: unpacking the wheels into $SITE" >&2
+        "$PY" - "$SITE" "$dir"/*.whl <<'EOF' || echo "tools/gpu_offline.sh: unpacking failed too" >&2
+import glob, os, shutil, stat, sys, zipfile
+site = sys.argv[1]
+for whl in sys.argv[2:]:
+    with zipfile.ZipFile(whl) as z:
+        z.extractall(site)
+os.makedirs(os.path.join(site, "bin"), exist_ok=True)
+for script in glob.glob(os.path.join(site, "*.data", "scripts", "*")):  # e.g. the ninja binary: onto PATH
+    dest = os.path.join(site, "bin", os.path.basename(script))
+    shutil.copy2(script, dest)
+    os.chmod(dest, os.stat(dest).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+EOF
     fi
     export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
 }
 
 run() {  # OUT WHAT DIR
-    local out="${1:-}" what="${2:-all}" dir="${3:-$ROOT/.whl}" runs rc=0
+    local out="${1:-}" what="${2:-all}" dir="${3:-$ROOT/.whl}" runs rc=0 left tests_s bench_s
+    local deadline=$((SECONDS + ${TOTAL_S:-560}))
     [[ -n "$out" ]] || die "run needs OUT, a folder for the results"
     [[ $what =~ ^(tests|bench|all)$ ]] || die "run: WHAT must be tests, bench or all, not '$what'"
     mkdir -p "$out" && [[ -w "$out" ]] || die "OUT '$out' is not a writable folder"
@@ -90,15 +106,19 @@ run() {  # OUT WHAT DIR
     runs="${TMPDIR:-/tmp}/dtrain_gpu_runs"
     {
         date -u; nvidia-smi 2>&1 | head -20; toolchain
-        "$PY" - <<'EOF'
+        "$PY" - "${MODULES[@]}" <<'EOF'
 import importlib, sys
 print("python", sys.version.split()[0])
-for m in ("torch", "lightning", "deepspeed", "omegaconf", "torchmetrics", "dtrain"):
+missing = []
+for m in ("torch", "lightning", "torchmetrics", "dtrain", *sys.argv[1:]):
     try:
         mod = importlib.import_module(m)
         print(m, getattr(mod, "__version__", "?"), mod.__file__)
-    except Exception as e:  # noqa: BLE001 - a report, not a program
+    except Exception as e:  # a report, not a program
         print(m, "NOT IMPORTABLE:", repr(e))
+        missing.append(m)
+print(*(["MISSING (make the wheels: tools/gpu_offline.sh wheels; carry .whl):", *missing] if missing else
+        ["all modules import"]))
 import torch
 print("cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))
 EOF
@@ -106,7 +126,13 @@ EOF
     cat "$out/env.txt"
     if [[ $what != bench ]]; then
         rm -rf "$runs"
-        DTRAIN_GPU_OUT="$runs" timeout -k 15 "${TESTS_S:-230}" "$PY" -m pytest -q -p no:cacheprovider tests/gpu \
+        left=$((deadline - SECONDS))
+        tests_s=${TESTS_S:-$([[ $what == tests ]] && echo "$left" || echo 200)}  # alone: all the time there is
+        ((tests_s < left)) || tests_s=$left
+        # DTRAIN_GPU_DEADLINE: tests/gpu/conftest.py skips the tests left 30 s before it, so pytest ends by itself
+        # and writes its junit XML (timeout's SIGTERM would be taken by a fit's preemption handler)
+        DTRAIN_GPU_OUT="$runs" DTRAIN_GPU_DEADLINE=$(($(date +%s) + tests_s)) timeout -k 15 "$tests_s" \
+            "$PY" -m pytest -q -ra --durations=0 -o faulthandler_timeout=120 -p no:cacheprovider tests/gpu \
             --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || rc=1
         "$PY" - "$runs" "$out/gpu_tests.json" <<'EOF'
 import json, pathlib, sys
@@ -117,10 +143,12 @@ print(f"{len(found)} test summaries -> {sys.argv[2]}")
 EOF
     fi
     if [[ $what != tests ]]; then
+        left=$((deadline - SECONDS - 15)) bench_s=${BENCH_S:-330}
+        ((bench_s < left)) || bench_s=$((left > 30 ? left : 30))
+        echo "benchmark: at most $bench_s s (TOTAL_S deadline)" | tee "$out/bench.log"
         # shellcheck disable=SC2086  # BENCH_ARGS: several words
-        timeout -k 15 "${BENCH_S:-330}" "$PY" benchmarks/gpu.py --timeout "${CASE_S:-150}" ${BENCH_ARGS:-} 2>&1 \
-            | tee "$out/bench.log" || rc=1
-        find benchmarks/results -name 'gpu_*.json' -newer "$out/env.txt" -exec cp {} "$out/" \;
+        timeout -k 15 "$bench_s" "$PY" benchmarks/gpu.py --timeout "${CASE_S:-150}" --out-dir "$out" ${BENCH_ARGS:-} \
+            2>&1 | tee -a "$out/bench.log" || rc=1
     fi
     return $rc
 }

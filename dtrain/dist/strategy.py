@@ -50,6 +50,7 @@ __all__ = [
     "configure_model",
     "zero_ema",
     "check_ema_alignment",
+    "dense_weights",
 ]
 
 NAMES = ("auto", "ddp", "ddp_spawn", "fsdp", "fsdp2", "deepspeed")
@@ -343,6 +344,7 @@ def _classes() -> dict[str, type]:
         of its checkpoints (a student's teacher) for ``dtrain.export.zero.consolidate``."""
 
         def setup(self, trainer: L.Trainer) -> None:
+            dense_weights(self.lightning_module)
             super().setup(trainer)  # deepspeed.initialize; a checkpoint is restored after this
             zero_ema(self.lightning_module)
             check_ema_alignment(self.lightning_module)
@@ -360,6 +362,13 @@ def _classes() -> dict[str, type]:
             super().save_checkpoint(checkpoint, filepath, storage_options)
 
     return {"fsdp": FSDP, "fsdp2": FSDP2, "deepspeed": DeepSpeed}
+
+
+def dense_weights(module: nn.Module) -> nn.Module:
+    """Weights (and buffers) back to the contiguous layout before ``deepspeed.initialize``, which reads each one as
+    bytes (``Tensor.view(torch.uint8)``): a ``trainer.channels_last`` weight refuses that view ("stride(-1) must be
+    1"). ZeRO keeps weights in flat buffers anyway; the batches stay channels_last."""
+    return module.to(memory_format=torch.contiguous_format)
 
 
 def _cpu_adamw(opt: torch.optim.AdamW, sched_cfg: Any) -> tuple[Any, Any]:

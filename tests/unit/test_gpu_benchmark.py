@@ -203,3 +203,21 @@ def test_the_gpu_paths_import_only_the_image_and_the_carried_packages(tmp_path):
     allowed = {norm(d) for d in [*_bash_array("IMAGE"), *_bash_array("PACKAGES")]}
     assert "torch" in used and "deepspeed" in used and "omegaconf" in used  # the audit saw the paths
     assert used <= allowed, f"imported, but neither on the image nor carried: {sorted(used - allowed)}"
+
+
+def test_gpu_tests_skip_near_their_deadline(monkeypatch):
+    """tools/gpu_offline.sh gives the GPU tests a deadline: a test starting within 30 s of it is skipped (pytest
+    then ends by itself and writes its report), one with time left runs."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_conftest", ROOT / "tests" / "gpu" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    monkeypatch.setenv("DTRAIN_GPU_DEADLINE", str(time.time() + 20))
+    with pytest.raises(pytest.skip.Exception, match="out of time"):
+        conftest.pytest_runtest_setup(None)
+    monkeypatch.setenv("DTRAIN_GPU_DEADLINE", str(time.time() + 120))
+    conftest.pytest_runtest_setup(None)
+    monkeypatch.delenv("DTRAIN_GPU_DEADLINE")
+    conftest.pytest_runtest_setup(None)

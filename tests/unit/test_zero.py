@@ -170,3 +170,40 @@ def test_unsaved_prefixes_are_dropped_and_bad_directories_named(runs, tmp_path):
         consolidate(d)
     with pytest.raises(CheckpointError, match="not a directory"):
         consolidate(f)
+
+
+CHANNELS_LAST = '''
+import os, sys, torch
+import deepspeed, deepspeed.ops
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+from dtrain.config import load_recipe
+from dtrain.dist.strategy import deepspeed_config, dense_weights
+from dtrain.lit.teacher import TeacherModule
+cfg = load_recipe(sys.argv[1], ["strategy.name=deepspeed", "model.channels=8", "model.num_heads=1",
+                                "model.resolution=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[4]",
+                                "data.size=8", "trainer.channels_last=true", "logger.mode=disabled"])
+deepspeed.init_distributed("gloo")
+for fix in (False, True):
+    m = TeacherModule(cfg)
+    if fix:
+        dense_weights(m)
+    opt = m.configure_optimizers()["optimizer"]
+    try:
+        deepspeed.initialize(model=m, optimizer=opt, model_parameters=list(m.net.parameters()),
+                             config=deepspeed_config(cfg, standalone=True))
+        print("fixed" if fix else "unfixed", "initialized", flush=True)
+    except RuntimeError as e:
+        print("fixed" if fix else "unfixed", "failed:", e, flush=True)
+'''
+
+
+def test_channels_last_weights_pass_deepspeed_initialize(tmp_path):
+    """``deepspeed.initialize`` reads every weight as bytes, which a channels_last conv weight refuses (a recipe
+    with ``trainer.channels_last: true`` failed under ``strategy.name=deepspeed``); the DeepSpeed strategy makes
+    the weights contiguous first (``dense_weights``)."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_port()), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", CHANNELS_LAST, str(ROOT / "recipes" / "teacher" / "patches.yaml")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert "unfixed failed: self.stride(-1) must be 1" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "fixed initialized" in r.stdout, r.stdout + r.stderr[-3000:]
