@@ -72,6 +72,7 @@ def cached_fid_rows(model, key: str, specs: list[tuple[str, list[int]]], *, num:
     import json
 
     from dtrain.eval.sweep import fid_sweep
+    from dtrain.fileio import write_json
 
     cache = BENCH_RUNS / "fid_cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -85,9 +86,7 @@ def cached_fid_rows(model, key: str, specs: list[tuple[str, list[int]]], *, num:
                 continue
             (row,) = fid_sweep(model, [(name, [nfe])], num=num, batch_size=batch_size, seed=seed, guidance=guidance,
                                extractor=extractor, ref=ref, ref_source=ref_source, **kw)
-            tmp = f.with_suffix(f".{os.getpid()}")
-            tmp.write_text(json.dumps({"key": json.loads(what), "row": row.to_dict()}) + "\n")
-            tmp.replace(f)
+            write_json(f, {"key": json.loads(what), "row": row.to_dict()}, indent=None)  # read by later runs
             rows.append(row.to_dict())
     return rows
 

@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         import faulthandler
 
         faulthandler.dump_traceback_later(max(1, a.timeout - 10), exit=False)  # a hang shows where it was
-        a.case_out.write_text(json.dumps(run_case(a.case, a)))
+        from dtrain.fileio import write_json
+
+        write_json(a.case_out, run_case(a.case, a))  # whole or absent: the parent reads it
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return None

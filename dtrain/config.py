@@ -25,6 +25,7 @@ __all__ = [
     "Recipe",
     "load_recipe",
     "key_source",
+    "memory_samples",
     "register_schema",
     "register_validator",
     "SCHEMAS",
@@ -670,6 +671,13 @@ PHOTO_SIZE = 427  # the smaller side of sklearn's sample photos, the largest pat
 MEMORY_BYTES = 8 << 30  # the most float32 pixels in-memory data may hold
 
 
+def memory_samples(data: Any) -> int | None:
+    """The number of samples of in-memory data (digits: its split; gmm, patches: ``num_samples``), else None."""
+    if data.name not in _DATA_SHAPES:
+        return None
+    return DIGITS_SPLITS.get(data.split) if data.name == "digits" else data.get("num_samples")
+
+
 @register_validator
 def _check_memory_data(cfg: DictConfig) -> list[tuple[str, str]]:
     """In-memory data (digits, gmm, patches): split, sizes and worker counts, before the model is compared."""
@@ -685,11 +693,11 @@ def _check_memory_data(cfg: DictConfig) -> list[tuple[str, str]]:
         return [("data.num_samples", f"must be >= 1, not {d.num_samples}")]
     if "num_workers" in d and d.num_workers < 0:
         return [("data.num_workers", f"must be >= 0 (0: load in the main process), not {d.num_workers}")]
-    n = DIGITS_SPLITS[d.split] if d.name == "digits" else d.num_samples
+    n = int(memory_samples(d))  # type: ignore[arg-type]
     if d.name == "patches" and n * 3 * d.size**2 * 4 > MEMORY_BYTES:
         bad.append(("data.num_samples", f"{n} patches of {d.size}x{d.size} take "
                     f"{n * 3 * d.size**2 * 4 / 2**30:.0f} GiB; use at most {MEMORY_BYTES // (12 * d.size**2)}"))
-    if d.batch_size > n:
+    if d.batch_size > n and cfg.trainer.get("global_batch_size") is None:  # else fit derives it (resolve_batch)
         bad.append(("data.batch_size", f"{d.batch_size} is more than the {n} samples of data {d.name!r}"
                     + (f" (split {d.split!r})" if d.name == "digits" else "") + f"; use at most {n}"))
     return bad
@@ -739,20 +747,22 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     if cfg.method.name == "denoising":
         if cfg.method.weighting not in WEIGHTINGS:
             bad.append(("method.weighting", f"unknown {cfg.method.weighting!r}; choose one of {list(WEIGHTINGS)}"))
-        target = cfg.method.get("target") or m.get("param")
-        if cfg.method.weighting in ("snr_trunc", "snr_plus_one", "edm") and target == "eps":
+        if cfg.method.weighting in WEIGHTINGS and cfg.method.weighting != "none":
             import torch
 
             from dtrain.diffusion.schedule import schedule_from_config
+            from dtrain.methods.denoising import loss_weight
 
+            target = cfg.method.get("target") or m.get("param")
             try:
                 s = schedule_from_config(cfg.schedule)
-                at_end = float(s.alpha(torch.tensor([s.t_max], dtype=torch.float64))[0])
-            except (ValueError, TypeError):  # a bad schedule is reported by its own check
-                at_end = 1.0
-            if at_end == 0.0:
-                bad.append(("method.weighting", f"{cfg.method.weighting!r} on an eps target is infinite where the "
-                            f"schedule reaches alpha = 0 (t_max): use min_snr or none, or a v / x0 target "
+                w = loss_weight(cfg.method.weighting, s, torch.tensor([s.t_max], dtype=torch.float64), target,
+                                snr_gamma=cfg.method.snr_gamma, sigma_data=m.get("sigma_data", 0.5))
+            except Exception:  # a bad schedule or target is reported by its own check
+                w = None
+            if w is not None and not bool(torch.isfinite(w).all()):
+                bad.append(("method.weighting", f"{cfg.method.weighting!r} on the {target!r} target is infinite at the "
+                            f"schedule's t_max (alpha = 0 there): use min_snr or none, or a v / x0 target "
                             f"(method.target)"))
         if cfg.method.time_sampling == "uniform_discrete" and cfg.schedule.name not in ("ddpm", "vp_discrete"):
             bad.append(("method.time_sampling", f"'uniform_discrete' needs a discrete schedule (ddpm, vp_discrete), "
@@ -777,7 +787,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     dev = t.devices
     if not (dev in ("auto", "-1") or (isinstance(dev, int) and not isinstance(dev, bool) and (dev >= 1 or dev == -1))
             or (isinstance(dev, str) and all(p.strip().isdigit() for p in dev.split(",") if p.strip())
-                and dev.strip(", ")) or (isinstance(dev, ListConfig | list) and len(dev) > 0)):
+                and dev.strip(", ") and ("," in dev or int(dev) >= 1))  # "2": a count; "0,1" / "0,": ids
+            or (isinstance(dev, ListConfig | list) and len(dev) > 0)):
         bad.append(("trainer.devices", f"must be 'auto', a count >= 1 (-1: all), device ids [0, 1] or '0,1', "
                     f"got {dev!r}"))
     if cfg.sampler.nfe < 1:
@@ -806,7 +817,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
 
 @register_validator
 def _check_eval(cfg: DictConfig) -> list[tuple[str, str]]:
-    """The ``eval`` section: sampler specs, extractor name, sizes; a training sweep needs its reference file."""
+    """The ``eval`` section: sampler specs, extractor name, sizes; a training sweep needs samplers and reference
+    statistics (their files are checked at launch: ``check_inputs``)."""
     from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS
     from dtrain.eval.sweep import parse_specs
 
@@ -822,11 +834,9 @@ def _check_eval(cfg: DictConfig) -> list[tuple[str, str]]:
     if e.every_n_steps > 0:
         if not e.samplers:
             bad.append(("eval.samplers", "eval.every_n_steps > 0 needs at least one 'sampler:nfe,...' entry"))
-        if e.ref_stats is None or not (e.ref_stats in BUILTIN_REFS or Path(e.ref_stats).is_file()):
-            bad.append(("eval.ref_stats", f"eval.every_n_steps > 0 needs reference statistics, file not found: "
-                        f"{e.ref_stats} (make it with tools/fid_ref_stats.py, or use one of {list(BUILTIN_REFS)})"))
-    if e.feature_extractor_weights_path is not None and not Path(e.feature_extractor_weights_path).is_file():
-        bad.append(("eval.feature_extractor_weights_path", f"file not found: {e.feature_extractor_weights_path}"))
+        if e.ref_stats is None:
+            bad.append(("eval.ref_stats", f"eval.every_n_steps > 0 needs reference statistics: a file from "
+                        f"tools/fid_ref_stats.py, or one of {list(BUILTIN_REFS)}"))
     return bad
 
 
@@ -1045,11 +1055,15 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
 
 
 def _check_eval_inputs(cfg: DictConfig, where: Any) -> None:
-    """What a run's own FID evaluations read (progressive distillation scores every round's student against
+    """The files a run's own FID evaluations read (progressive distillation scores every round's student against
     ``eval.ref_stats`` when it is set; ``eval.every_n_steps`` sweeps): there before training, not after a round."""
     from dtrain.eval.features import BUILTIN_REFS
 
     e, m = cfg.eval, cfg.method
+    weights = e.feature_extractor_weights_path
+    if weights is not None and not Path(weights).is_file():
+        raise RecipeError(where("eval.feature_extractor_weights_path"), "eval.feature_extractor_weights_path",
+                          f"file not found: {weights}")
     rounds = m.name == "pd" and bool(m.get("eval", True)) and e.ref_stats is not None
     if not (rounds or e.every_n_steps > 0):
         return

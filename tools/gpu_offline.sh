@@ -129,6 +129,7 @@ EOF
         left=$((deadline - SECONDS))
         tests_s=${TESTS_S:-$([[ $what == tests ]] && echo "$left" || echo 200)}  # alone: all the time there is
         ((tests_s < left)) || tests_s=$left
+        ((tests_s >= 30)) || tests_s=30  # timeout 0 would mean no limit at all
         # DTRAIN_GPU_DEADLINE: tests/gpu/conftest.py skips the tests left 30 s before it, so pytest ends by itself
         # and writes its junit XML (timeout's SIGTERM would be taken by a fit's preemption handler)
         DTRAIN_GPU_OUT="$runs" DTRAIN_GPU_DEADLINE=$(($(date +%s) + tests_s)) timeout -k 15 "$tests_s" \

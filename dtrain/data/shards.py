@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dtrain.errors import check_writable
-from dtrain.fileio import write_json
+from dtrain.fileio import replacing, write_json
 
 __all__ = [
     "INDEX_NAME",
@@ -330,8 +330,7 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
         task = bar.add_task(f"shards -> {out}", total=n)
         for s, count in enumerate(counts):
             name = f"{prefix}-{s:06d}.tar"
-            tmp = out / (name + ".tmp")
-            with TarWriter(str(tmp), encoder=False, mtime=0) as w:  # int: a float mtime adds a pax header
+            with replacing(out / name) as f, TarWriter(f, encoder=False, mtime=0) as w:  # int mtime: no pax header
                 for i in order[pos:pos + count]:
                     img = np.asarray(data.images[i])
                     if img.ndim == 3 and img.shape[-1] == 1:
@@ -351,7 +350,6 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
                         sample["npy"] = _npy(latents[i])
                     w.write(sample)
                     bar.advance(task)
-            os.replace(tmp, out / name)
             shards.append({"name": name, "count": count, "sha256": _sha256(out / name),
                            "bytes": (out / name).stat().st_size})
             pos += count

@@ -39,6 +39,7 @@ from dtrain.diffusion.param import PARAMS
 from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
 from dtrain.errors import InputError, check_count, check_writable
+from dtrain.fileio import replacing
 from dtrain.registry import Registry
 from dtrain.samplers.base import check_device, initial_noise
 
@@ -552,9 +553,9 @@ def save_bundle(
     overwrite: bool = False,
 ) -> Path:
     """Write ``state`` (floating tensors cast to ``dtype``) and ``info`` (all of dtrain.json but ``weights``
-    and ``format``) as a bundle. Both files are written to temporary names and renamed into place back to back,
-    ``dtrain.json`` last: a crash leaves the previous bundle (or none) whole, never a half-written one."""
-    from safetensors.torch import save_file
+    and ``format``) as a bundle. Both files are written in full to temporary names first (``dtrain.fileio``), then
+    renamed into place back to back, ``dtrain.json`` last: a crash leaves the previous bundle (or none) whole."""
+    from safetensors.torch import save
 
     out = check_out(out, overwrite)
     dname = _weights_dtype_name(dtype)
@@ -564,16 +565,13 @@ def save_bundle(
             "weights": {"file": WEIGHTS_FILE, "sha256": "0" * 64, "dtype": dname, "ema": ema,
                         "num_params": sum(t.numel() for t in tensors.values() if t.is_floating_point())}}
     check_info(json.loads(json.dumps(full)), out / INFO_FILE)  # never write what the loader would reject
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
     # one metadata key: safetensors writes its metadata map in hash order, so two keys made equal weights hash
     # differently from file to file (dtrain.json carries the bundle format)
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    full["weights"]["sha256"] = sha256_file(tmp)
-    tmp_info = out / (INFO_FILE + ".tmp")
-    tmp_info.write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
-    tmp.replace(out / WEIGHTS_FILE)
-    tmp_info.replace(out / INFO_FILE)
+    data = save(tensors, metadata={"format": "pt"})
+    full["weights"]["sha256"] = hashlib.sha256(data).hexdigest()
+    with replacing(out / INFO_FILE, "w") as info_f, replacing(out / WEIGHTS_FILE) as weights_f:  # exit: weights first
+        weights_f.write(data)
+        info_f.write(json.dumps(full, indent=2, allow_nan=False) + "\n")
     return out
 
 

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, to_container
+from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
 from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
@@ -246,9 +246,15 @@ def resolve_batch(cfg: DictConfig, source: str = "recipe", overrides: Sequence[s
                               f"{g} is not a multiple of {ranks} rank(s) x {accum} accumulation step(s) "
                               f"(trainer.accumulate_grad_batches); pick a global batch, GPU count and accumulation "
                               f"that divide, or null to use data.batch_size per rank")
+        per = g // (ranks * accum)
+        if (n := memory_samples(cfg.data)) is not None and per > n // ranks:
+            key = "trainer.global_batch_size"
+            raise RecipeError(key_source(key, source, overrides), key,
+                              f"{g} gives batches of {per} per rank, more than the {n // ranks} samples per rank "
+                              f"({n} samples of data {cfg.data.name!r} over {ranks} rank(s))")
         cfg = copy.deepcopy(cfg)
         with read_write(cfg):
-            cfg.data.batch_size = g // (ranks * accum)
+            cfg.data.batch_size = per
     b = int(cfg.data.batch_size)
     rank_zero_info(f"batch: {b} per rank x {ranks} rank(s) x {accum} accumulation step(s) = {b * ranks * accum} "
                    f"samples per optimizer step" + (" (trainer.global_batch_size)" if g is not None else ""))

@@ -102,7 +102,9 @@ def ddim_invert(
         xs = x
         d = denoiser(xs, g[j], cond)
         eps = (xs - a[j] * d) / sg[j]
-        x = a[i + 1] * (d if j == i else xs) + sg[i + 1] * eps
+        if j != i:  # from clean data: x0 is known
+            d = xs
+        x = a[i + 1] * d + sg[i + 1] * eps
         for _ in range(fixed_point_iters):
             d = denoiser(x, t, cond)
             if a[i + 1] > 0:  # x_s = (a_s / a_t) x_t + (s_s - a_s s_t / a_t) eps(x_t), solved for x_t

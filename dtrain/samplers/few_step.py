@@ -127,7 +127,7 @@ def consistency_grid(schedule: Schedule, n: int, spacing: str | None = None) -> 
     model is the identity (continuous spacings, DDPM's leading and linspace). A discrete schedule has at most T
     steps: at n = T the grid is ``make_grid(schedule, T)``, its last evaluation at t_min."""
     g = make_grid(schedule, n, spacing)
-    if n == 1 or float(g[-2]) > schedule.t_min or n >= getattr(schedule, "T", n + 1):
+    if n == 1 or float(g[-2]) > schedule.t_min or (schedule.discrete_steps and n >= schedule.discrete_steps):
         return g
     g = make_grid(schedule, n + 1, spacing)
     return torch.cat([g[:-2], g[-1:]])

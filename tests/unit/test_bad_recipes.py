@@ -33,8 +33,10 @@ CASES = [
     ("unknown sampler", GMM, "sampler:\n  name: euler_x\n", "sampler.name", "unknown sampler 'euler_x'"),
     ("unknown parameterization", GMM, "model:\n  param: noise\n", "model.param", "unknown parameterization"),
     ("unknown weighting", DIGITS, "method:\n  weighting: p2\n", "method.weighting", "unknown 'p2'; choose one of"),
-    ("infinite eps weighting", GMM, "schedule: {name: flow}\nmodel: {param: eps}\nmethod: {weighting: snr_trunc}\n",
-     "method.weighting", "'snr_trunc' on an eps target is infinite where the schedule reaches alpha = 0"),
+    ("infinite eps weighting", GMM, "schedule: {name: flow}\nmodel: {param: v}\nmethod: {target: eps, weighting: "
+     "snr_trunc}\n", "method.weighting", "'snr_trunc' on the 'eps' target is infinite at the schedule's t_max"),
+    ("infinite score weighting", GMM, "schedule: {name: vp_discrete, zero_terminal_snr: true}\nmodel: {param: v}\n"
+     "method: {target: score, weighting: edm}\n", "method.weighting", "'edm' on the 'score' target is infinite"),
     ("unknown strategy", GMM, "strategy:\n  name: horovod\n", "strategy.name", "unknown strategy 'horovod'"),
     ("unknown precision", GMM, "trainer:\n  precision: fp8\n", "trainer.precision", "must be one of"),
     ("missing teacher", PD_GMM, "teacher: /nonexistent/teacher.ckpt\n", "teacher", "not found: /nonexistent"),
@@ -58,6 +60,7 @@ CASES = [
     ("one Adam beta", GMM, "optim:\n  betas: [0.9]\n", "optim.betas", "need two numbers in [0, 1)"),
     ("negative Adam eps", GMM, "optim:\n  eps: -1.0\n", "optim.eps", "must be > 0"),
     ("zero devices", GMM, "trainer:\n  devices: 0\n", "trainer.devices", "got 0"),
+    ("zero devices as a string", GMM, "trainer:\n  devices: '0'\n", "trainer.devices", "got '0'"),
     ("unknown accelerator", GMM, "trainer:\n  accelerator: tpu\n", "trainer.accelerator", "not 'tpu'"),
     ("sampler without steps", GMM, "sampler:\n  nfe: 0\n", "sampler.nfe", "must be >= 1"),
     ("sampler eta out of range", GMM, "sampler:\n  eta: -1.0\n", "sampler.eta", "in [0, 1]"),

@@ -170,18 +170,15 @@ def test_an_overwrite_that_crashes_keeps_the_previous_bundle(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     if fails == "weights":
-        monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    else:
-        real = Path.write_text
-
-        def write_text(self, *a, **k):
-            return crash() if self.name.startswith("dtrain.json") else real(self, *a, **k)
-
-        monkeypatch.setattr(Path, "write_text", write_text)
+        monkeypatch.setattr(safetensors.torch, "save", crash)
+    else:  # while writing dtrain.json (the weights' temp file is written by then)
+        real = json.dumps
+        monkeypatch.setattr(json, "dumps", lambda *a, **k: crash() if k.get("allow_nan") is False else real(*a, **k))
     with pytest.raises(KeyboardInterrupt):
         C.export_checkpoint(other, out, overwrite=True)
     monkeypatch.undo()
     assert (out / "dtrain.json").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["dtrain.json", "model.safetensors"]  # no temp files left
     B.load_bundle(out, verify=True).sample(1, nfe=1)
 
 

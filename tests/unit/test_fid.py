@@ -362,7 +362,6 @@ def test_fid_ref_stats_tool_reads_folders_like_tensors(digits, tmp_path, load_to
     ("eval.samplers=['ddim:0']", "eval.samplers", "NFE values must be >= 1"),
     ("eval.feature_extractor=inceptoin", "eval.feature_extractor", "unknown 'inceptoin'"),
     ("eval.every_n_steps=100", "eval.samplers", "needs at least one"),
-    ("eval.feature_extractor_weights_path=/no/such.pth", "eval.feature_extractor_weights_path", "file not found"),
 ])
 def test_recipe_eval_section_is_validated(override, key, reason):
     from dtrain.config import RecipeError, load_recipe
@@ -373,13 +372,20 @@ def test_recipe_eval_section_is_validated(override, key, reason):
 
 
 def test_recipe_training_sweep_needs_reference_stats(tmp_path):
-    from dtrain.config import RecipeError, load_recipe
+    """Set at load; the files (reference statistics, extractor weights) exist at launch (``check_inputs``), so a
+    recipe naming files made later still loads on a login node."""
+    from dtrain.config import RecipeError, check_inputs, load_recipe
 
     base = ["eval.every_n_steps=100", "eval.samplers=['ddim:4']"]
-    with pytest.raises(RecipeError, match=r"eval.ref_stats: .*file not found: None.*fid_ref_stats"):
+    with pytest.raises(RecipeError, match=r"eval.ref_stats: eval.every_n_steps > 0 needs reference statistics.*"
+                                          r"fid_ref_stats"):
         load_recipe("recipes/teacher/digits.yaml", base)
-    with pytest.raises(RecipeError, match=r"file not found: .*missing.npz"):
-        load_recipe("recipes/teacher/digits.yaml", [*base, f"eval.ref_stats={tmp_path}/missing.npz"])
+    for over, key in ((f"eval.ref_stats={tmp_path}/missing.npz", "eval.ref_stats"),
+                      ("eval.feature_extractor_weights_path=/no/such.pth", "eval.feature_extractor_weights_path")):
+        ov = [*base, "eval.ref_stats=digits:train", over]
+        cfg = load_recipe("recipes/teacher/digits.yaml", ov)
+        with pytest.raises(RecipeError, match=r"^command line: " + key.replace(".", r"\.") + r": file not found"):
+            check_inputs(cfg, "digits.yaml", ov)
     assert load_recipe("recipes/teacher/digits.yaml", [*base, "eval.ref_stats=digits:train"]).eval.ref_stats
 
 

@@ -56,6 +56,21 @@ def test_a_global_batch_the_ranks_do_not_divide_names_the_field():
         load_recipe(GMM, ["trainer.global_batch_size=0"])
 
 
+def test_in_memory_data_is_checked_against_the_derived_batch():
+    """The recipe's data.batch_size (512 in the gmm base) is replaced, so it is not held against the data at load;
+    the derived batch is, naming the global batch."""
+    over = ["trainer.accelerator=cpu", "trainer.devices=2", "data.num_samples=100"]
+    cfg = load_recipe(GMM, [*over, "trainer.global_batch_size=64"])
+    assert resolve_batch(cfg)[0].data.batch_size == 32
+    with pytest.raises(RecipeError, match=r"^command line: trainer\.global_batch_size: 256 gives batches of 128 per "
+                                          r"rank, more than the 50 samples per rank \(100 samples of data 'gmm' over "
+                                          r"2 rank\(s\)\)"):
+        resolve_batch(load_recipe(GMM, [*over, "trainer.global_batch_size=256"]), "gmm.yaml",
+                      ["trainer.global_batch_size=256"])
+    with pytest.raises(RecipeError, match=r"data\.batch_size: 512 is more than the 100 samples"):
+        load_recipe(GMM, over)  # without a global batch the per-rank one is checked at load, as before
+
+
 def test_fit_trains_on_the_derived_batch(tmp_path):
     """One rank accumulating 2 micro-batches of a global 48: batches of 24 reach the network; the run's recipe
     records the derived batch size."""

@@ -83,6 +83,33 @@ def test_deepspeed_strategy_and_config(precision):
     assert isinstance(s, DeepSpeedStrategy) and s.config == conf
 
 
+def test_deepspeed_setup_hands_deepspeed_contiguous_weights(monkeypatch):
+    """``deepspeed.initialize`` (inside Lightning's ``DeepSpeedStrategy.setup``) reads every weight as bytes, which
+    channels_last weights refuse (tests/unit/test_zero.py shows both): dtrain's strategy makes them contiguous
+    first, and the batches stay channels_last."""
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    import dtrain.dist.strategy as S
+    from dtrain.lit.teacher import TeacherModule
+
+    cfg = load_recipe(ROOT / "recipes" / "teacher" / "patches.yaml", [
+        "strategy.name=deepspeed", "model.channels=8", "model.num_heads=1", "model.resolution=8",
+        "model.channel_mult=[1,2]", "model.attn_resolutions=[4]", "data.size=8", "trainer.channels_last=true"])
+    module = TeacherModule(cfg)
+    conv = next(p for p in module.net.parameters() if p.ndim == 4)
+    assert module.channels_last and not conv.is_contiguous()
+    seen = []
+    monkeypatch.setattr(DeepSpeedStrategy, "setup", lambda self, trainer: seen.append(
+        all(p.is_contiguous() for p in self.lightning_module.parameters())))
+    monkeypatch.setattr(S, "zero_ema", lambda m: None)
+    monkeypatch.setattr(S, "check_ema_alignment", lambda m: None)
+    strategy = S.build_strategy(cfg)
+    strategy._lightning_module = module
+    strategy.setup(None)
+    assert seen == [True] and module.channels_last
+
+
 @pytest.mark.parametrize(("overrides", "key", "match"), [
     (["strategy.name=horovod"], "strategy.name", "unknown strategy 'horovod'"),
     (["strategy.name=deepspeed", "strategy.zero_stage=4"], "strategy.zero_stage", "must be 1, 2 or 3"),
