@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Mapping
 from functools import partial
@@ -133,6 +134,7 @@ class DiffusionModule(L.LightningModule):
         self._loss_sum: Tensor | None = None  # sum of micro-batch losses since the last log, on device
         self._loss_n = 0
         self._logged_step = -1
+        self._tick: tuple[float, int] | None = None  # (wall clock, global step) of the last throughput reading
         self._rng_micro = (-1, 0)  # (global step, micro-batches seen in it): the key of the per-step reseed
         t = r["trainer"]
         self.guard = NonFiniteGuard(int(t.get("max_bad_steps", 10)), bool(t.get("nan_guard", True)))
@@ -301,6 +303,7 @@ class DiffusionModule(L.LightningModule):
         return [EMAUpdate()] if self.ema is not None else []
 
     def on_train_start(self) -> None:
+        self._tick = (time.perf_counter(), self.global_step)
         # distinct noise on every rank; replayable from (seed, rank, step) after a resume
         seed = int(self.recipe.get("seed", 0))
         L.seed_everything((seed + 7919 * self.global_rank + 104729 * self.global_step) % 2**32, verbose=False)
@@ -380,6 +383,7 @@ class DiffusionModule(L.LightningModule):
             logs["train/grad_norm"] = self._grad_norm
         if self.guard.enabled:
             logs["train/bad_steps"] = float(self.guard.total)
+        logs.update(self._throughput(step))
         buckets = self._bucket is not None and step > 0
         loss = None
         if step > 0 and (self._loss_n or buckets):
@@ -404,6 +408,23 @@ class DiffusionModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if logs:
             self.log_dict(logs, on_step=True, on_epoch=False)
+
+    def _throughput(self, step: int) -> dict[str, float]:
+        """``perf/*`` since the last reading (wall clock, checkpoints and sample grids of the interval included; no
+        host sync): optimizer steps and samples (over all ranks) per second, and on CUDA the interval's peak
+        allocated memory of this rank."""
+        now, tick = time.perf_counter(), self._tick
+        self._tick = (now, step)
+        if tick is None or step <= tick[1] or now <= tick[0]:
+            return {}
+        t = self.trainer
+        steps_per_s = (step - tick[1]) / (now - tick[0])
+        batch = int(self.recipe["data"]["batch_size"]) * t.world_size * t.accumulate_grad_batches
+        out = {"perf/steps_per_s": steps_per_s, "perf/samples_per_s": steps_per_s * batch}
+        if self.device.type == "cuda":
+            out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return out
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

@@ -235,3 +235,6 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert config["trainer"]["devices"] == 2 and config["data"]["batch_size"] == 32
     assert (run.stdout + run.stderr).count("batch: 32 per rank x 2 rank(s) x 1 accumulation step(s) = 64") == 1
     assert [h["trainer/global_step"] for h in history if "train/loss" in h] == [1, 3]
+    perf = [h for h in history if "perf/steps_per_s" in h]  # throughput of each log interval, over both ranks
+    assert len(perf) == 2 and all(h["perf/steps_per_s"] > 0 for h in perf)
+    assert all(h["perf/samples_per_s"] == pytest.approx(64 * h["perf/steps_per_s"]) for h in perf)
