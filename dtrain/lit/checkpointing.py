@@ -30,6 +30,7 @@ from dtrain.errors import first_line
 from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, model_section
 from dtrain.export.zero import is_sharded_checkpoint
 from dtrain.fileio import TMP_TAG, replacing
+from dtrain.models import TRAINING_ONLY
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "probe_checkpoint", "resume_path",  # noqa: F822 (lazy, below)
            "checkpoint_candidates", "check_model", "check_resume"]
@@ -108,7 +109,7 @@ def _not_sharded(path: Path) -> str:
             "*model_states.pt, no .metadata): give a .ckpt file or a sharded checkpoint directory")
 
 
-RESUME_MAY_CHANGE = ("dropout", "clip_x0")  # model keys a resumed run may change: training noise, sampling
+RESUME_MAY_CHANGE = (*TRAINING_ONLY, "clip_x0")  # model keys a resumed run may change: training, sampling
 
 
 def check_model(path: str | Path, ckpt: Mapping[str, Any], model: Mapping[str, Any], field: str = "--resume"

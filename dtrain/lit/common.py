@@ -42,7 +42,7 @@ from dtrain.export.checkpoint import (
     read_model_section,
 )
 from dtrain.lit.guard import NonFiniteGuard
-from dtrain.models import ADDED_EMBEDDINGS, DENOISER_FIELDS, build_denoiser, build_model, count_params
+from dtrain.models import ADDED_EMBEDDINGS, DENOISER_FIELDS, TRAINING_ONLY, build_denoiser, build_model, count_params
 from dtrain.models.ema import EMA
 from dtrain.registry import Registry
 from dtrain.samplers.base import derive_seed, initial_noise
@@ -171,9 +171,10 @@ class DiffusionModule(L.LightningModule):
     def check_teacher_network(cls, recipe: Any, source: str = "recipe") -> None:
         """Before a run starts: a student that starts from its teacher's weights (``copies_teacher``) has the network
         its ``teacher`` file records (the ``model`` section of the teacher's metadata; no weights are read), else
-        ``RecipeError`` naming the keys that differ. The denoiser's fields (``param`` ...) and ``dropout`` may
-        differ; a sharded checkpoint directory is not checked (the weights' load in ``setup`` still is). A method
-        that distils its teacher needs a denoiser (a teacher's or a PD student's file), not a few-step student."""
+        ``RecipeError`` naming the keys that differ. The denoiser's fields (``param`` ...) and the training-only
+        keys (``dropout``, ``grad_checkpoint``) may differ; a sharded checkpoint directory is not checked (the
+        weights' load in ``setup`` still is). A method that distils its teacher needs a denoiser (a teacher's or a
+        PD student's file), not a few-step student."""
         teacher = recipe.get("teacher")
         if cls.distils(recipe) and teacher is not None and Path(teacher).exists():
             kind = read_kind(teacher)
@@ -188,7 +189,7 @@ class DiffusionModule(L.LightningModule):
         if theirs is None:
             return
         mine = to_container(recipe["model"]) if isinstance(recipe["model"], DictConfig) else dict(recipe["model"])
-        skip = {*DENOISER_FIELDS, "dropout"} - {"name"}
+        skip = {*DENOISER_FIELDS, *TRAINING_ONLY} - {"name"}
         diff = [k for k in model_differences(theirs, mine, skip) if not (k in added and mine[k])]
         if diff:
             raise RecipeError(source, "model", f"the student network is not the teacher's ({teacher}): "

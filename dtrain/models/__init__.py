@@ -20,8 +20,8 @@ from dtrain.models.mlp import MLP
 from dtrain.models.unet import UNet
 from dtrain.registry import Registry
 
-__all__ = ["MODELS", "DENOISER_FIELDS", "ADDED_EMBEDDINGS", "build_model", "build_denoiser", "count_params", "UNet",
-           "MLP", "EMA"]
+__all__ = ["MODELS", "DENOISER_FIELDS", "ADDED_EMBEDDINGS", "TRAINING_ONLY", "build_model", "build_denoiser",
+           "count_params", "UNet", "MLP", "EMA"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 MODELS.register("unet", UNet)
@@ -31,6 +31,8 @@ DENOISER_FIELDS = ("name", "param", "sigma_data", "input_scaling", "clip_x0")
 # model keys that add a zero-initialised embedding to a network -> its state-dict prefix (UNet and MLP): a student
 # with them set starts from a teacher without them (guided PD's w, a flow map's second time)
 ADDED_EMBEDDINGS = {"w_cond": "w_emb.", "second_time": "s_emb."}
+# model keys that change how a network trains, not its weights: a student, or a resumed run, may set them otherwise
+TRAINING_ONLY = ("dropout", "grad_checkpoint")
 
 
 def _plain(v: Any) -> Any:

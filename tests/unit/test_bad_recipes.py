@@ -61,6 +61,8 @@ CASES = [
     ("negative Adam eps", GMM, "optim:\n  eps: -1.0\n", "optim.eps", "must be > 0"),
     ("zero devices", GMM, "trainer:\n  devices: 0\n", "trainer.devices", "got 0"),
     ("zero devices as a string", GMM, "trainer:\n  devices: '0'\n", "trainer.devices", "got '0'"),
+    ("checkpointing through a fused JVP", R / "flowmap" / "meanflow_digits.yaml",
+     "model: {grad_checkpoint: true}\nmethod: {jvp: fused}\n", "model.grad_checkpoint", "cannot recompute through"),
     ("unknown accelerator", GMM, "trainer:\n  accelerator: tpu\n", "trainer.accelerator", "not 'tpu'"),
     ("sampler without steps", GMM, "sampler:\n  nfe: 0\n", "sampler.nfe", "must be >= 1"),
     ("sampler eta out of range", GMM, "sampler:\n  eta: -1.0\n", "sampler.eta", "in [0, 1]"),

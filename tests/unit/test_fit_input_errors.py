@@ -230,3 +230,21 @@ def test_round_evaluation_inputs_are_checked_before_training(tmp_path, digits_te
                     "method.round_steps=[2]", "trainer.max_steps=12", "model.channels=16", *over)
     assert all(w in err for w in words), err
     assert not any(tmp_path.iterdir())
+
+
+def test_training_only_model_keys_may_differ(digits_teacher):
+    """``model.dropout`` and ``model.grad_checkpoint`` change how a network trains, not its weights: a resumed run
+    and a student starting from its teacher may set them otherwise; a key that changes the network may not."""
+    from dtrain.config import load_recipe, to_container
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.lit.checkpointing import check_model
+    from dtrain.lit.common import module_class
+
+    ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+    model = dict(ck["dtrain"]["recipe"]["model"])
+    check_model(digits_teacher, ck, {**model, "grad_checkpoint": not model.get("grad_checkpoint"), "dropout": 0.3})
+    with pytest.raises(CheckpointError, match=r"model\.channels"):
+        check_model(digits_teacher, ck, {**model, "channels": 2 * model["channels"]})
+    pd = load_recipe(R / "pd" / "digits.yaml", [f"teacher={digits_teacher}", "model.channels=16",
+                                                "model.grad_checkpoint=true"])
+    module_class("pd").check_teacher_network(to_container(pd))

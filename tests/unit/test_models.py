@@ -270,3 +270,40 @@ def test_unet_gradcheck_small_net_is_differentiable():
     x = torch.randn(2, 1, 8, 8, requires_grad=True)
     F.mse_loss(net(x, torch.tensor([3.0, 4.0]), torch.tensor([1, 2])), torch.zeros_like(x)).backward()
     assert x.grad is not None and all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_grad_checkpoint_recomputes_stages_and_keeps_the_gradients():
+    """``grad_checkpoint``: every stage's forward runs again in the backward (its activations were not kept), dropout
+    replayed, so the gradients equal the plain network's; eval mode and no-grad forwards are not checkpointed."""
+    from dtrain.models.unet import ResBlock
+
+    kw = dict(in_channels=1, resolution=8, channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+              num_heads=2, dropout=0.3, num_classes=3)
+    nets = [UNet(**kw), UNet(**kw, grad_checkpoint=True)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for n in nets:  # zero-initialised output layers would hide most gradients
+        for p in n.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+    nets[1].load_state_dict(nets[0].state_dict())
+    calls = [0, 0]
+    for i, n in enumerate(nets):
+        for m in n.modules():
+            if isinstance(m, ResBlock):
+                m.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    x, c, y = torch.randn(4, 1, 8, 8), torch.rand(4) * 1000, torch.tensor([0, 1, 2, 3])
+    grads = []
+    for n in nets:
+        torch.manual_seed(0)
+        n(x, c, y).square().mean().backward()
+        grads.append([p.grad for p in n.parameters()])
+    blocks = sum(isinstance(m, ResBlock) for m in nets[0].modules())
+    assert calls[0] == blocks and blocks < calls[1] <= 2 * blocks  # recomputed (up to what the backward needs)
+    done = calls[1]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    nets[1].eval()
+    nets[1](x, c, y).sum().backward()
+    nets[1].train()
+    with torch.no_grad():
+        nets[1](x, c, y)
+    assert calls[1] == done + 2 * blocks  # one forward each, no recomputation
