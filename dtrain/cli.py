@@ -21,7 +21,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                        "key=value overrides, e.g. trainer.max_steps=2000 logger.mode=offline.")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (applied last)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and parameter count, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and parameter count, check the "
+                   "files a launch reads (not this machine's GPUs), then exit")
     p.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file; 'last': the run's newest readable "
                    "checkpoint; 'auto': that, or a fresh start when there is none (use it in job scripts)")
     p.set_defaults(func=_fit)

@@ -748,7 +748,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     if cfg.method.name == "denoising":
         if cfg.method.weighting not in WEIGHTINGS:
             bad.append(("method.weighting", f"unknown {cfg.method.weighting!r}; choose one of {list(WEIGHTINGS)}"))
-        if cfg.method.weighting in WEIGHTINGS and cfg.method.weighting != "none":
+        # (an eps or score network on such a schedule: _check_terminal_snr names the network instead)
+        if cfg.method.weighting in WEIGHTINGS and cfg.method.weighting != "none" and m.param not in ("eps", "score"):
             import torch
 
             from dtrain.diffusion.schedule import schedule_from_config
@@ -787,7 +788,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("trainer.num_nodes", f"must be >= 1, got {t.num_nodes}"))
     dev = t.devices
     if not (dev in ("auto", "-1") or (isinstance(dev, int) and not isinstance(dev, bool) and (dev >= 1 or dev == -1))
-            or (isinstance(dev, str) and all(p.strip().isdigit() for p in dev.split(",") if p.strip())
+            or (isinstance(dev, str) and all(p.strip().isascii() and p.strip().isdecimal() for p in dev.split(",")
+                                             if p.strip())
                 and dev.strip(", ") and ("," in dev or int(dev) >= 1))  # "2": a count; "0,1" / "0,": ids
             or (isinstance(dev, ListConfig | list) and len(dev) > 0)):
         bad.append(("trainer.devices", f"must be 'auto', a count >= 1 (-1: all), device ids [0, 1] or '0,1', "
@@ -1082,20 +1084,22 @@ def _check_eval_inputs(cfg: DictConfig, where: Any) -> None:
                           f"Inception weights file (pt_inception-2015-12-05.pth; never downloaded)")
 
 
-def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[str] = ()) -> None:
-    """The local data files a run reads exist and the accelerator it asks for is here: ``dtrain fit`` calls this
-    before anything starts (``load_recipe`` does not, so recipes may name shards made later, and a CPU login node
-    validates GPU recipes). Raises ``RecipeError(where, key, reason)``: where is "command line" for a key one of
-    ``overrides`` sets, else ``source``."""
+def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[str] = (), *, here: bool = True
+                 ) -> None:
+    """The local files a run reads (shards, FID reference statistics and weights) exist, and (``here``) the
+    accelerator it asks for is on this machine: ``dtrain fit`` calls this before anything starts, ``--dry-run`` and
+    ``tools/slurm_submit.py`` with ``here=False`` (a CPU login node submits GPU jobs). ``load_recipe`` does not, so
+    recipes may name files made later. Raises ``RecipeError(where, key, reason)``: where is "command line" for a
+    key one of ``overrides`` sets, else ``source``."""
     import torch
 
     def where(key: str) -> str:
         return key_source(key, source, overrides)
 
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if here and cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RecipeError(where("trainer.accelerator"), "trainer.accelerator",
                           f"{cfg.trainer.accelerator!r} but no CUDA GPU is available here; use cpu or auto")
-    on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+    on_cpu = here and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available())
     if cfg.strategy.name in ("deepspeed", "fsdp") and on_cpu:  # accelerator auto on a machine without CUDA
         which = "DeepSpeed" if cfg.strategy.name == "deepspeed" else "FSDP"
         raise RecipeError(where("strategy.name"), "strategy.name", f"Lightning's {which} strategy runs on CUDA GPUs "

@@ -45,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return _fail(f"--sbatch: cannot split {args.sbatch!r} into options: {e}")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dtrain.config import RecipeError, load_recipe
+    from dtrain.config import RecipeError, check_inputs, load_recipe
     from dtrain.dist.slurm import sbatch_args
 
     try:
-        flags = sbatch_args(load_recipe(args.recipe, args.overrides), nodes=args.nodes,
-                            gpus_per_node=args.gpus_per_node)
+        cfg = load_recipe(args.recipe, args.overrides)
+        flags = sbatch_args(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+        if not args.print_args:  # the files the job will read, before it waits in the queue
+            check_inputs(cfg, args.recipe, args.overrides, here=False)
     except (RecipeError, ValueError) as e:
         return _fail(str(e))
     if args.print_args:

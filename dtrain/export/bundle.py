@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import numbers
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -572,6 +573,8 @@ def save_bundle(
     with replacing(out / INFO_FILE, "w") as info_f, replacing(out / WEIGHTS_FILE) as weights_f:  # exit: weights first
         weights_f.write(data)
         info_f.write(json.dumps(full, indent=2, allow_nan=False) + "\n")
+        info_f.flush()  # both files on disk before either rename
+        os.fsync(info_f.fileno())
     return out
 
 

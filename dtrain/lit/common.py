@@ -5,7 +5,8 @@ denoiser over them. The module owns the optimizer (AdamW, linear warmup then con
 gradient clipping (and the grad norm it measures), the EMA update (``EMAUpdate`` callback, before any
 checkpoint of the same step), logging (the loss and its per-timestep-bucket means accumulated on device and
 flushed with one host sync every ``trainer.log_every_n_steps``, so ``train/loss`` is the interval's mean; the grad
-norm), sampling with the shared samplers, and the format-1 checkpoint metadata ``ckpt["dtrain"]``.
+norm; the interval's throughput ``perf/*``), sampling with the shared samplers, and the format-1 checkpoint
+metadata ``ckpt["dtrain"]``.
 
 A subclass sets ``kind`` and implements ``compute_loss(batch) -> (loss [B], t [B] or None)``; it may add
 ``checkpoint_info()`` (method-specific metadata) and ``unsaved_prefixes`` (state-dict prefixes left out of
@@ -412,8 +413,8 @@ class DiffusionModule(L.LightningModule):
 
     def _throughput(self, step: int) -> dict[str, float]:
         """``perf/*`` since the last reading (wall clock, checkpoints and sample grids of the interval included; no
-        host sync): optimizer steps and samples (over all ranks) per second, and on CUDA the interval's peak
-        allocated memory of this rank."""
+        host sync): optimizer steps and samples (over all ranks) per second, and on CUDA this rank's peak allocated
+        memory so far (the peak is not reset: benchmarks and GPU tests read it after the fit)."""
         now, tick = time.perf_counter(), self._tick
         self._tick = (now, step)
         if tick is None or step <= tick[1] or now <= tick[0]:
@@ -422,9 +423,8 @@ class DiffusionModule(L.LightningModule):
         steps_per_s = (step - tick[1]) / (now - tick[0])
         batch = int(self.recipe["data"]["batch_size"]) * t.world_size * t.accumulate_grad_batches
         out = {"perf/steps_per_s": steps_per_s, "perf/samples_per_s": steps_per_s * batch}
-        if self.device.type == "cuda":
-            out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if (dev := t.strategy.root_device).type == "cuda":  # the module's device may read cpu under FSDP1
+            out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         return out
 
     def configure_gradient_clipping(

@@ -43,14 +43,21 @@ def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
     logs into the W&B run its first job started (``wandb_run_id``) instead of starting a new one each time.
     Offline runs get a new id per job: ``wandb sync`` of offline runs sharing an id replaces the history unless
     given ``--append``.
-    ``logger.mode: disabled`` writes scalars to ``<run>/csv/`` instead and never imports wandb (clusters or
-    GPU images without it).
+    ``logger.mode: disabled`` writes scalars to ``<run>/csv/metrics.csv`` instead and never imports wandb
+    (clusters or GPU images without it). Lightning's CSV writer deletes an existing ``metrics.csv``: an earlier
+    job's (a resumed or requeued run) is kept as ``metrics.1.csv``, ``metrics.2.csv``, ... first.
     """
     lg = cfg.logger
     out.mkdir(parents=True, exist_ok=True)
     if lg.mode == "disabled":
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
         from lightning.pytorch.loggers import CSVLogger
 
+        old = out / "csv" / "metrics.csv"
+        if old.is_file() and getattr(rank_zero_only, "rank", 0) == 0:
+            k = 1 + max((int(p.name.split(".")[1]) for p in old.parent.glob("metrics.*.csv")
+                         if p.name.split(".")[1].isdecimal()), default=0)
+            old.rename(old.with_name(f"metrics.{k}.csv"))
         return CSVLogger(str(out), name="csv", version="")
     from lightning.pytorch.loggers import WandbLogger
 
@@ -170,8 +177,9 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
         raise RecipeError(source, "teacher", f"{why}: give its checkpoint or bundle, e.g. teacher=runs/<name>/"
                           f"checkpoints/last.ckpt on the command line")
     klass.check_teacher_network(cfg, source)  # a student starting from the teacher's weights: the same network
-    if dry_run:
+    if dry_run:  # the recipe, then the files a launch would read (not this machine's devices: a login node's)
         print(describe(cfg), end="")
+        check_inputs(cfg, source, overrides, here=False)
         return out
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # EMA copies, on purpose
     # on a SLURM login node or outside srun: dtrain reads the allocation itself (dtrain.dist.slurm.slurm_job)

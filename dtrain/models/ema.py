@@ -141,7 +141,8 @@ class EMA(nn.Module):
             src = [t.to(first[0].dtype) for t in src]
         for tag, dst in dsts.items():
             b = self.beta(tag, step) if beta is None or step <= self.start_step else beta
-            if b == 0.0:
-                torch._foreach_copy_(dst, src)
+            if b == 0.0:  # a plain copy (up to ema.start_step, a power EMA's first step): tensor by tensor, as
+                for d, t in zip(dst, src, strict=True):  # fsdp2's DTensors have no sharded foreach copy
+                    d.copy_(t)
             else:
                 torch._foreach_lerp_(dst, src, 1.0 - b)

@@ -191,7 +191,11 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, in_channels, 3, padding=1)))
 
     def _run(self, layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
-        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+        # only where the stage's own weights train: a stop-gradient call of the network (CTM's G_sg through
+        # torch.func.functional_call with detached weights) would be recomputed with the trainable ones, after the
+        # call, and saved other tensors than its forward did
+        if (self.grad_checkpoint and self.training and torch.is_grad_enabled()
+                and any(p.requires_grad for p in layers.parameters())):
             return checkpoint(self._stage, layers, h, emb, use_reentrant=False)
         return self._stage(layers, h, emb)
 

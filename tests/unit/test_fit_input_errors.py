@@ -248,3 +248,13 @@ def test_training_only_model_keys_may_differ(digits_teacher):
     pd = load_recipe(R / "pd" / "digits.yaml", [f"teacher={digits_teacher}", "model.channels=16",
                                                 "model.grad_checkpoint=true"])
     module_class("pd").check_teacher_network(to_container(pd))
+
+
+def test_dry_run_checks_the_files_a_launch_reads_but_not_this_machines_gpus(tmp_path, monkeypatch, capsys):
+    """--dry-run prints the recipe, then fails on a file the run would read (here the FID weights); a GPU recipe
+    dry-runs on a machine without one (a login node)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["fit", str(DIGITS), "--dry-run", "eval.feature_extractor_weights_path=/no/w.pth"]) == 2
+    out, err = capsys.readouterr()
+    assert "# parameters:" in out and "command line: eval.feature_extractor_weights_path: file not found" in err
+    assert main(["fit", str(DIGITS), "--dry-run", "trainer.accelerator=gpu"]) == 0

@@ -180,3 +180,23 @@ def test_same_seed_same_weights(tmp_path):
     a, b, c = train(0, "a"), train(0, "b"), train(1, "c")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_resumed_csv_run_keeps_the_earlier_jobs_scalars(tmp_path, one_thread):
+    """logger.mode: disabled writes csv/metrics.csv, which Lightning's writer deletes when it exists: the earlier job's
+    rows are kept as metrics.1.csv (then .2, ...), the resumed job's go to metrics.csv."""
+    import csv
+
+    from dtrain.lit.fit import fit
+
+    over = [f"out_dir={tmp_path}", "model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=256",
+            "logger.mode=disabled", "trainer.progress_bar=false", "trainer.log_every_n_steps=2",
+            "trainer.ckpt_every_n_steps=2"]
+    run = fit(GMM, [*over, "trainer.max_steps=4"])
+    fit(GMM, [*over, "trainer.max_steps=6"], resume="last")
+
+    def steps(name: str) -> list[int]:
+        with open(run / "csv" / name) as f:
+            return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    assert steps("metrics.1.csv") == [1, 3] and steps("metrics.csv") == [5]

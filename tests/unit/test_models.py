@@ -307,3 +307,18 @@ def test_grad_checkpoint_recomputes_stages_and_keeps_the_gradients():
     with torch.no_grad():
         nets[1](x, c, y)
     assert calls[1] == done + 2 * blocks  # one forward each, no recomputation
+
+
+def test_grad_checkpoint_skips_a_call_with_detached_weights():
+    """CTM's stop-gradient jump calls the training network through ``torch.func.functional_call`` with detached
+    weights, the gradient flowing to the input only: checkpointing it recomputed with the trainable weights after the
+    call and failed the backward ("Recomputed values ... have different metadata")."""
+    kw = dict(in_channels=1, resolution=8, channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+              num_heads=2, dropout=0.0, grad_checkpoint=True)
+    net = UNet(**kw).train()
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    h = net(x, torch.rand(2) * 1000)  # checkpointed: the weights train
+    sg = {k: v.detach() for k, v in net.named_parameters()}
+    out = torch.func.functional_call(net, sg, (h, torch.rand(2) * 1000))
+    out.square().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in net.parameters() if p.ndim > 1)

@@ -106,6 +106,8 @@ def test_cd_grid(fails, dcp_dir):
     (["--print-args", DIGITS, "trainer.num_nodes=-2", "--gpus-per-node", "1"], ["trainer.num_nodes", "got -2"]),
     (["--print-args", DIGITS, "trainer.devices=-3"], ["trainer.devices", ">= 1", "'auto'", "got -3"]),
     (["--print-args", DIGITS, "trainer.devices=0"], ["trainer.devices", ">= 1", "got 0"]),
+    (["--dry-run", "t.sbatch", DIGITS, "eval.feature_extractor_weights_path=/no/w.pth", "--gpus-per-node", "1"],
+     ["command line: eval.feature_extractor_weights_path: file not found: /no/w.pth"]),  # before the queue
 ])
 def test_slurm_submit(fails, args, words):
     fails("slurm_submit", args, *words)
