@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,10 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
                                  + "; narrow the pattern to the indexed shards or re-index them with "
                                  "`dtrain shards index`")
             counts = [by_name[_shard_name(u)] for u in urls]
+            if len(set(map(_shard_name, urls))) < len(by_name):  # a held-out split is fine; a cut-off range is not
+                warnings.warn(f"data.shards: {shards!r} reads {len(urls)} of the {len(by_name)} shards its index "
+                              f"{index} lists ({sum(counts)} of {sum(by_name.values())} samples); data.shards={index} "
+                              f"reads them all", stacklevel=1)  # one location: shown once per process
         elif any(is_remote(u) for u in urls):
             raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
                              "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")

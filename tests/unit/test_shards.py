@@ -229,6 +229,20 @@ def test_resolve_errors_name_the_path(tmp_path):
         resolve_shards(f"pipe:cat {root}/other-000000.tar", str(root / "index.json"))
 
 
+def test_a_pattern_that_reads_part_of_the_index_says_so(tmp_path):
+    """A brace range one short of the shards written (ImageNet's 1282 as {000000..001280}) read all but the last
+    shard without a word; now it warns with both counts, and the full pattern (or the index) does not."""
+    import warnings
+
+    root = _ids_dataset(tmp_path / "d", 12, 3)
+    with pytest.warns(UserWarning, match=r"reads 2 of the 3 shards its index .* \(8 of 12 samples\); data\.shards="):
+        assert len(resolve_shards(str(root / "train-{000000..000001}.tar")).urls) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_shards(str(root / "train-{000000..000002}.tar"))
+        resolve_shards(str(root / "index.json"))
+
+
 def test_counts_without_index_and_pipe_urls(tmp_path):
     root = _ids_dataset(tmp_path / "d", 15, 2)
     (root / "index.json").rename(tmp_path / "idx.json")
