@@ -189,12 +189,12 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
     check_inputs(cfg, source, overrides)  # before anything starts
+    cfg, ranks = resolve_batch(cfg, source, overrides)  # before the resume check compares data.batch_size
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg))  # Lightning's restore reads it once more
     if ckpt_path is None and (earlier := checkpoint_candidates(out)) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         warnings.warn(f"{out} already holds checkpoints of an earlier run (newest: {earlier[0].name}); this run "
                       f"starts from scratch beside them (Lightning adds -v1 to names taken); --resume auto continues "
                       f"the earlier run instead", stacklevel=2)
-    cfg, ranks = resolve_batch(cfg, source, overrides)
     _write_recipe(cfg, out)
     from dtrain.data import build_datamodule
 

@@ -90,3 +90,12 @@ def test_dry_run_says_the_batch_is_set_at_launch(capsys):
     fit(GMM, ["trainer.global_batch_size=64"], dry_run=True)
     assert "# data.batch_size: set at launch to trainer.global_batch_size 64 / (ranks x 1 accumulation step(s))" in \
         capsys.readouterr().out
+
+
+def test_a_resume_compares_the_derived_batch(tmp_path, recwarn):
+    """The checkpoint records the derived per-rank batch; the resume check compares it with the derived one, not with
+    the recipe's replaced data.batch_size (which made in-memory data warn that its position had moved)."""
+    over = [f"out_dir={tmp_path}", *QUIET, "trainer.global_batch_size=32", "trainer.ckpt_every_n_steps=2"]
+    fit(GMM, [*over, "trainer.max_steps=2"])
+    fit(GMM, [*over, "trainer.max_steps=4"], resume="last")
+    assert not [w for w in recwarn if "in-memory data restarts" in str(w.message)]
