@@ -156,5 +156,5 @@ EOF
 
 case "${1:-}" in
     wheels | check | run) "$@" ;;  # each takes its arguments' defaults
-    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
