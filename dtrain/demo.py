@@ -566,7 +566,6 @@ class Demo:
             return False
 
     def _run_shards(self, stage: str, key: str) -> _Record:
-
         from dtrain.data.shards import from_digits, write_shards
 
         data = from_digits("train")

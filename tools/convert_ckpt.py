@@ -23,11 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import torch
 
     from dtrain.errors import InputError, check_writable
     from dtrain.export.checkpoint import read_checkpoint
-    from dtrain.fileio import replacing
+    from dtrain.lit.checkpointing import atomic_save
 
     out = Path(args.out)
     try:
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # CheckpointError, ZeroCheckpointError included
         print(f"convert_ckpt: {e}", file=sys.stderr)
         return 2
-    with replacing(out) as f:  # a run killed mid-write leaves no partial checkpoint
-        torch.save(ckpt, f)
+    atomic_save(ckpt, out)  # a run killed mid-write leaves no partial checkpoint
     n = sum(v.numel() for v in ckpt["state_dict"].values())
     print(f"wrote {out}: {len(ckpt['state_dict'])} tensors, {n:,} values (fp32), global_step "
           f"{ckpt.get('global_step')}, EMA {ckpt['dtrain']['ema_tags']}")

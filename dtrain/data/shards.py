@@ -498,7 +498,6 @@ def index_existing(urls: Sequence[str], out: str | Path, progress: bool = True) 
              "classes": [str(i) for i in range(k)],
              "num_classes": k, "keys": sorted(exts_all), "latent_shape": None, "latent_dtype": None,
              "source": "index_existing", "shuffled_seed": None, "shards": shards}
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, index, indent=1)
     return index
 

@@ -77,7 +77,7 @@ def wandb_run_id(out: Path, resume: bool) -> str:
         return known
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
     if getattr(rank_zero_only, "rank", 0) == 0:
-        path.write_text(run_id + "\n")
+        write_text(path, run_id + "\n")
     return run_id
 
 
@@ -247,16 +247,15 @@ def resolve_batch(cfg: DictConfig, source: str = "recipe", overrides: Sequence[s
     from lightning.pytorch.utilities import rank_zero_info
 
     ranks, accum = count_ranks(cfg), int(cfg.trainer.accumulate_grad_batches)
+    key = "trainer.global_batch_size"
     if (g := cfg.trainer.get("global_batch_size")) is not None:
         if g % (ranks * accum):
-            key = "trainer.global_batch_size"
             raise RecipeError(key_source(key, source, overrides), key,
                               f"{g} is not a multiple of {ranks} rank(s) x {accum} accumulation step(s) "
                               f"(trainer.accumulate_grad_batches); pick a global batch, GPU count and accumulation "
                               f"that divide, or null to use data.batch_size per rank")
         per = g // (ranks * accum)
         if (n := memory_samples(cfg.data)) is not None and per > n // ranks:
-            key = "trainer.global_batch_size"
             raise RecipeError(key_source(key, source, overrides), key,
                               f"{g} gives batches of {per} per rank, more than the {n // ranks} samples per rank "
                               f"({n} samples of data {cfg.data.name!r} over {ranks} rank(s))")

@@ -281,5 +281,3 @@ class ProgressiveModule(DiffusionModule):
         if self.w_range is not None:
             info["bundle_kind"] = "guided_denoiser"
         return info
-
-
