@@ -88,42 +88,76 @@ def check_local_shards(urls: Sequence[str], index: str | None = None) -> None:
 def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> ShardSet:
     """Expand ``shards`` (brace pattern, ``::``-joined list, list, or an index json) and get counts.
 
-    Counts come from the index (``index``, else ``index.json`` beside local shards); local shards without
-    an index are counted by reading their tar headers; remote (``pipe:``/http) shards need an index.
-    Fails naming the pattern or path when nothing matches, a local shard is missing, or counts are unknown.
+    Counts come from the index (``index``, else the ``index.json`` beside each local shard; local shards are looked
+    up by their full path, so folders that reuse shard names keep their own counts); local shards without an index
+    are counted by reading their tar headers; remote (``pipe:``/http) shards need an index, where they are looked
+    up by file name. Fails naming the pattern or path when nothing matches, a local shard is missing, counts are
+    unknown, or the indexes of one pattern describe other images.
     """
-    meta: dict[str, Any] = {}
     if isinstance(shards, str) and shards.endswith(".json"):  # the index names the shards
         meta = read_index(shards)
-        urls, counts, index = list(meta["urls"]), [s["count"] for s in meta["shards"]], shards
-        check_local_shards(urls, index)
-    else:
-        urls = shard_urls(shards)
-        if not urls:
-            raise InputError(f"data.shards: pattern {shards!r} expands to no shards")
-        check_local_shards(urls)
-        index = find_index(urls, index)
-        if index is not None:
-            meta = read_index(index)
-            by_name = {Path(s["name"]).name: s["count"] for s in meta["shards"]}
-            missing = [u for u in urls if _shard_name(u) not in by_name]
-            if missing:
-                raise InputError(f"data.shards: {missing[0]} is not listed in the index {index}"
-                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                                 + "; narrow the pattern to the indexed shards or re-index them with "
-                                 "`dtrain shards index`")
-            counts = [by_name[_shard_name(u)] for u in urls]
-            if len(set(map(_shard_name, urls))) < len(by_name):  # a held-out split is fine; a cut-off range is not
-                warnings.warn(f"data.shards: {shards!r} reads {len(urls)} of the {len(by_name)} shards its index "
-                              f"{index} lists ({sum(counts)} of {sum(by_name.values())} samples); data.shards={index} "
-                              f"reads them all", stacklevel=1)  # one location: shown once per process
-        elif any(is_remote(u) for u in urls):
-            raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
-                             "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")
-        else:
-            scans = [_scan(u.removeprefix("file:")) for u in urls]
-            counts = [n for n, _ in scans]
-            meta = {**peek_meta(urls[0].removeprefix("file:")), "keys": sorted({e for _, ex in scans for e in ex})}
+        urls, counts = list(meta["urls"]), [s["count"] for s in meta["shards"]]
+        check_local_shards(urls, shards)
+        return _shard_set(urls, counts, meta, shards)
+    urls = shard_urls(shards)
+    if not urls:
+        raise InputError(f"data.shards: pattern {shards!r} expands to no shards")
+    check_local_shards(urls)
+    if index is None and any(is_remote(u) for u in urls):
+        raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
+                         "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")
+    where = [index or find_index([u]) for u in urls]  # each shard's index (None: local, unindexed)
+    metas = {i: read_index(i) for i in dict.fromkeys(w for w in where if w is not None)}
+    lookups = {i: _IndexLookup(i, m) for i, m in metas.items()}
+    counts = [lookups[i].count(u) if i is not None else _scan(u.removeprefix("file:"))[0] for u, i in zip(urls, where)]
+    if not metas:  # no index at all: what a sample holds comes from the shards themselves
+        keys = sorted({e for u in urls for e in _scan(u.removeprefix("file:"))[1]})
+        return _shard_set(urls, counts, {**peek_meta(urls[0].removeprefix("file:")), "keys": keys}, None)
+    first, meta = next(iter(metas.items()))
+    for other, m in metas.items():  # a ::-joined pattern over folders: their images and classes must agree
+        for k in ("image_size", "channels", "num_classes", "latent_shape"):
+            if m.get(k) != meta.get(k):
+                raise InputError(f"data.shards: the indexes {first} and {other} differ in {k} ({meta.get(k)!r} vs "
+                                 f"{m.get(k)!r}); index all the shards together (`dtrain shards index`) or read "
+                                 "shards of one kind")
+    for i, m in metas.items():  # a held-out split is fine; a cut-off range is not
+        read = dict(zip((u for u, w in zip(urls, where) if w == i), (c for c, w in zip(counts, where) if w == i)))
+        if len(read) < len(m["shards"]):
+            warnings.warn(f"data.shards: {shards!r} reads {len(read)} of the {len(m['shards'])} shards its index "
+                          f"{i} lists ({sum(read.values())} of {sum(s['count'] for s in m['shards'])} samples); "
+                          f"data.shards={i} reads them all", stacklevel=1)  # one location: shown once per process
+    return _shard_set(urls, counts, meta, first if len(metas) == 1 else " + ".join(metas))
+
+
+class _IndexLookup:
+    """Sample counts of an index's shards: a local shard by its full path (folders may reuse shard names), else (a
+    remote shard, or a copy of the shards elsewhere, e.g. on a node's local disk) by its file name, which must then
+    be unique in the index."""
+
+    def __init__(self, index: str, meta: dict[str, Any]) -> None:
+        self.index = index
+        self.by_path: dict[str, int] = {}
+        self.by_name: dict[str, list[tuple[str, int]]] = {}
+        for u, s in zip(meta["urls"], meta["shards"]):
+            if not is_remote(u):
+                self.by_path[str(Path(u.removeprefix("file:")).resolve())] = int(s["count"])
+            self.by_name.setdefault(_shard_name(u), []).append((s["name"], int(s["count"])))
+
+    def count(self, url: str) -> int:
+        if not is_remote(url) and (n := self.by_path.get(str(Path(url.removeprefix("file:")).resolve()))) is not None:
+            return n
+        hits = self.by_name.get(_shard_name(url), [])
+        if len(hits) > 1:
+            raise InputError(f"data.index: {self.index} lists {len(hits)} shards named {_shard_name(url)} "
+                             f"({hits[0][0]}, {hits[1][0]}) and {url} is not one of its paths, so its count is "
+                             "ambiguous; give the shards unique names, or each folder its own index")
+        if not hits:
+            raise InputError(f"data.shards: {url} is not listed in the index {self.index}; narrow the pattern to the "
+                             "indexed shards or re-index them with `dtrain shards index`")
+        return hits[0][1]
+
+
+def _shard_set(urls: list[str], counts: list[int], meta: dict[str, Any], index: str | None) -> ShardSet:
     if any(c < 1 for c in counts):
         raise InputError(f"data.shards: shard {urls[counts.index(min(counts))]} holds no samples (an empty or "
                          "unfinished tar); remove it or narrow the pattern")

@@ -243,6 +243,40 @@ def test_a_pattern_that_reads_part_of_the_index_says_so(tmp_path):
         resolve_shards(str(root / "index.json"))
 
 
+def test_folders_that_reuse_shard_names_keep_their_own_counts(tmp_path):
+    """Counts were looked up by file name in the index beside the *first* shard: 'a/train-*::b/train-*' (both
+    folders written with the default prefix) read a's counts for b's shards, an epoch of 20 samples instead of 40
+    (reversed: 20 of 60 slots were repeats). Each local shard is now looked up by its full path in its own
+    folder's index; a copy elsewhere (a node's local disk) with an explicit index falls back to a unique name."""
+    import shutil
+
+    def five_classes(root: Path, n: int, size: int = 4) -> Path:
+        x = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        S.write_shards(S.from_arrays(x, np.arange(n) % 5), root, num_shards=2, progress=False)
+        return root
+
+    a, b = five_classes(tmp_path / "a", 10), five_classes(tmp_path / "b", 30)
+    for first, second, counts in [(a, b, [5, 5, 15, 15]), (b, a, [15, 15, 5, 5])]:
+        ss = resolve_shards(f"{first}/train-{{000000..000001}}.tar::{second}/train-{{000000..000001}}.tar")
+        assert ss.counts == counts and ss.total == 40
+        stream = WdsStream(ss, batch_size=4, shuffle=3, drop_last=False, labels=False)
+        assert sum(len(batch["x"]) for batch in _epoch(stream, 2)) == 40
+    # one index over both folders: looked up by path, not by the name the two share
+    both = S.index_existing([str(a / "train-000000.tar"), str(b / "train-000000.tar")], tmp_path / "both.json",
+                            progress=False)
+    assert [sh["count"] for sh in both["shards"]] == [5, 15]
+    assert resolve_shards(f"{{{a},{b}}}/train-000000.tar", str(tmp_path / "both.json")).counts == [5, 15]
+    # a copy elsewhere: by name, when the index names that shard once; else an error naming both entries
+    shutil.copytree(b, tmp_path / "scratch")
+    assert resolve_shards(f"{tmp_path}/scratch/train-{{000000..000001}}.tar", str(b / "index.json")).counts == [15, 15]
+    with pytest.raises(ValueError, match=r"lists 2 shards named train-000000\.tar .*ambiguous"):
+        resolve_shards(f"{tmp_path}/scratch/train-000000.tar", str(tmp_path / "both.json"))
+    # folders whose indexes describe other images fail naming both files
+    five_classes(tmp_path / "c", 10, size=8)
+    with pytest.raises(ValueError, match=r"indexes .*a/index\.json and .*c/index\.json differ in image_size"):
+        resolve_shards(f"{a}/train-000000.tar::{tmp_path}/c/train-000000.tar")
+
+
 def test_counts_without_index_and_pipe_urls(tmp_path):
     root = _ids_dataset(tmp_path / "d", 15, 2)
     (root / "index.json").rename(tmp_path / "idx.json")
