@@ -10,9 +10,10 @@ Stages (each one's outputs are listed in ``<out>/stages/<stage>.json``):
 - ``teacher``: a class-conditional UNet (``recipes/teacher/digits.yaml``) trained on the shards, exported as a bundle.
 - ``flow_teacher``: the same UNet on the rectified-flow schedule (``recipes/teacher/digits_flow.yaml``), the
   teacher whose weights MeanFlow starts from.
-- ``pd``, ``cd``, ``meanflow``, ``ctm``: each student that exists (progressive distillation, arXiv 2202.00512;
-  consistency distillation, arXiv 2303.01469; MeanFlow, arXiv 2505.13447; CTM, arXiv 2310.02279), from its
-  recipe with its teacher's *bundle* as ``teacher:``, exported as a bundle.
+- ``pd``, ``cd``, ``ict``, ``meanflow``, ``ctm``: each student that exists (progressive distillation, arXiv
+  2202.00512; consistency distillation, arXiv 2303.01469; improved consistency training, arXiv 2310.14189, whose
+  loss needs no teacher: it starts from the teacher's weights; MeanFlow, arXiv 2505.13447; CTM, arXiv 2310.02279),
+  from its recipe with its teacher's *bundle* as ``teacher:``, exported as a bundle.
 - ``eval``: FID-digits and class accuracy per NFE of every bundle (teachers: DDIM and DPM-Solver++(2M) at several
   NFE; students: their own samplers), plus the real test split as the floor, and a 10 x 10 sample grid per model.
 - ``report``: the FID-vs-NFE plot, ``results.md`` / ``results.json`` (the table and where every artefact is),
@@ -70,6 +71,8 @@ class Student:
 STUDENTS: tuple[Student, ...] = (
     Student("pd", "pd/digits.yaml", "ddim", "progressive distillation (arXiv 2202.00512)"),
     Student("cd", "cm/cd_digits.yaml", "consistency", "consistency distillation (arXiv 2303.01469)"),
+    Student("ict", "cm/ict_digits.yaml", "consistency",
+            "improved consistency training: no teacher in the loss, started from its weights (arXiv 2310.14189)"),
     Student("meanflow", "flowmap/meanflow_teacher_digits.yaml", "flowmap",
             "MeanFlow from the flow teacher's weights (arXiv 2505.13447)", teacher="flow_teacher"),
     Student("ctm", "flowmap/ctm_digits.yaml", "flowmap", "consistency trajectory model (arXiv 2310.02279)"),
@@ -97,6 +100,7 @@ class Sizes:
     pd_end: int  # the last round's student steps
     pd_round_steps: int  # optimizer steps per PD round
     cd_steps: int
+    ict_steps: int
     meanflow_steps: int
     ctm_steps: int
     student_batch: int
@@ -123,12 +127,13 @@ class Sizes:
 
 
 FULL = Sizes(teacher_steps=600, teacher_batch=128, teacher_warmup=50, flow_teacher_steps=600, pd_start=16, pd_end=2,
-             pd_round_steps=80, cd_steps=150, meanflow_steps=300, ctm_steps=120, student_batch=64, eval_num=500,
-             eval_batch=250, teacher_samplers=("ddim:2,4,8,16", "dpm++2m:4,8"), student_nfe=(1, 2, 4), ckpt_every=100)
+             pd_round_steps=80, cd_steps=150, ict_steps=150, meanflow_steps=300, ctm_steps=120, student_batch=64,
+             eval_num=500, eval_batch=250, teacher_samplers=("ddim:2,4,8,16", "dpm++2m:4,8"), student_nfe=(1, 2, 4),
+             ckpt_every=100)
 FAST = Sizes(teacher_steps=300, teacher_batch=64, teacher_warmup=20, flow_teacher_steps=300, pd_start=8, pd_end=4,
-             pd_round_steps=20, cd_steps=20, meanflow_steps=20, ctm_steps=20, student_batch=32, eval_num=200,
-             eval_batch=200, teacher_samplers=("ddim:4,16", "dpm++2m:4,8"), student_nfe=(1, 2), ckpt_every=50,
-             grid_rows=4)
+             pd_round_steps=20, cd_steps=20, ict_steps=20, meanflow_steps=20, ctm_steps=20, student_batch=32,
+             eval_num=200, eval_batch=200, teacher_samplers=("ddim:4,16", "dpm++2m:4,8"), student_nfe=(1, 2),
+             ckpt_every=50, grid_rows=4)
 
 
 def _hash(obj: Any) -> str:
@@ -895,6 +900,7 @@ _DESCRIBE: dict[str, Callable[[Demo], str]] = {
     "pd": lambda d: (f"progressive distillation {d.sizes.pd_start} -> {' -> '.join(map(str, d.sizes.pd_rounds()))} "
                      f"steps, {d.sizes.pd_round_steps} steps per round"),
     "cd": lambda d: f"consistency distillation, {d.sizes.cd_steps} steps",
+    "ict": lambda d: f"improved consistency training from the teacher's weights, {d.sizes.ict_steps} steps",
     "meanflow": lambda d: f"MeanFlow from the flow teacher's weights, {d.sizes.meanflow_steps} steps",
     "ctm": lambda d: f"consistency trajectory model, {d.sizes.ctm_steps} steps",
     "eval": lambda d: f"FID-digits and class accuracy per NFE, {d.sizes.eval_num} samples per point",

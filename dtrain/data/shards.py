@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from dtrain.errors import check_writable
+from dtrain.errors import InputError, check_writable
 from dtrain.fileio import replacing, write_json
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "read_index",
     "is_remote",
     "find_index",
+    "image_array",
     "scan_shard",
     "split_key",
     "index_existing",
@@ -89,7 +90,7 @@ class _FolderImages(Sequence):
 
         try:
             with Image.open(self.files[i]) as im:
-                arr = np.asarray(im.convert(self.mode))
+                arr = image_array(im, self.mode)
         except Exception as e:
             raise ValueError(f"{self.files[i]}: cannot read image: {e}") from None
         return _resize(arr, self.size) if self.size else arr
@@ -415,9 +416,13 @@ def find_index(shards: str | Sequence[str], index: str | None = None) -> str | N
     else ``shards`` when it is a json, else the ``index.json`` beside the first shard when that is local; or None."""
     if index or (isinstance(shards, str) and shards.endswith(".json")):
         return index or str(shards)
-    from braceexpand import braceexpand
+    from braceexpand import UnbalancedBracesError, braceexpand
 
-    first = next(iter(braceexpand(shards.split("::")[0]) if isinstance(shards, str) else shards), "")
+    try:
+        first = next(iter(braceexpand(shards.split("::")[0]) if isinstance(shards, str) else shards), "")
+    except UnbalancedBracesError:
+        raise InputError(f"data.shards: {shards!r} has unbalanced braces; write a range as "
+                         "data/train-{000000..000099}.tar") from None
     beside = Path(first.removeprefix("file:")).parent / INDEX_NAME
     return str(beside) if first and not is_remote(first) and beside.is_file() else None
 
@@ -445,7 +450,16 @@ def scan_shard(path: str | Path) -> tuple[int, list[str]]:
     return n, sorted(exts)
 
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes the reader decodes as one channel ("L"); others RGB
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")  # PIL modes read as one channel; others RGB
+
+
+def image_array(im: Any, mode: str) -> np.ndarray:
+    """A PIL image as uint8 [H, W] (``mode`` "L") or [H, W, 3] ("RGB"). 16-bit grayscale (PNG "I;16", "I") is
+    scaled by 255 / 65535; PIL's ``convert`` clips it at 255, which turns almost every pixel white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.clip(np.rint(np.asarray(im).astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return a if mode == "L" else np.repeat(a[..., None], 3, axis=2)
+    return np.asarray(im if im.mode == mode else im.convert(mode))
 
 
 def image_meta(data: bytes) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dtrain.data.shards import find_index, image_meta, is_remote, read_index, scan_shard, split_key
+from dtrain.data.shards import find_index, image_array, image_meta, is_remote, read_index, scan_shard, split_key
 from dtrain.errors import InputError, MissingFileError
 
 __all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "check_local_shards", "rank_batches",
@@ -62,11 +62,16 @@ def _shard_name(url: str) -> str:
 
 
 def _expand(pattern: str | Sequence[str]) -> list[str]:
+    from braceexpand import UnbalancedBracesError
     from webdataset.shardlists import expand_urls
 
-    if isinstance(pattern, str):
-        return expand_urls(pattern)
-    return [u for p in pattern for u in expand_urls(str(p))]
+    try:
+        if isinstance(pattern, str):
+            return expand_urls(pattern)
+        return [u for p in pattern for u in expand_urls(str(p))]
+    except UnbalancedBracesError:
+        raise InputError(f"data.shards: {pattern!r} has unbalanced braces; write a range as "
+                         "data/train-{000000..000099}.tar") from None
 
 
 def shard_urls(shards: str | Sequence[str]) -> list[str]:
@@ -82,6 +87,9 @@ def check_local_shards(urls: Sequence[str], index: str | None = None) -> None:
     if gone:
         more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
         where = f" listed in {index}" if index else ""
+        if Path(gone[0].removeprefix("file:")).is_dir():
+            raise InputError(f"data.shards: {gone[0]} is a folder, not a shard file{where}; give its shards "
+                             f"({gone[0].rstrip('/')}/train-{{000000..000009}}.tar) or its index.json{more}")
         raise MissingFileError(f"data.shards: shard file{where} not found: {gone[0]}{more}")
 
 
@@ -167,8 +175,10 @@ def _shard_set(urls: list[str], counts: list[int], meta: dict[str, Any], index: 
 
 
 def _not_tar(url: str, e: Exception) -> InputError:
-    return InputError(f"data.shards: {url} is not a tar shard ({type(e).__name__}); give .tar files written by "
-                      "`dtrain shards` or a shard index json")
+    why = (str(e).splitlines() or [""])[0].rstrip(":")  # tarfile's messages can run over several lines
+    return InputError(f"data.shards: {url} cannot be read as a tar shard ({type(e).__name__}: {why}): not a tar, or "
+                      "cut short (an unfinished copy or write); give .tar files written by `dtrain shards` or a shard "
+                      "index json")
 
 
 def _scan(url: str) -> tuple[int, list[str]]:
@@ -311,8 +321,9 @@ class WdsStream(IterableDataset):
     def __init__(self, shards: ShardSet, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: int = 1000, shuffle_shards: bool = True, resampled: bool = False,
                  epoch_size: int | None = None, drop_last: bool = True, flip: bool = False, labels: bool = True,
-                 latents: bool = False) -> None:
+                 latents: bool = False, num_classes: int = 0) -> None:
         super().__init__()
+        self.num_classes = num_classes  # the model's (0: unknown), for the label check of shards without an index
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
@@ -322,10 +333,6 @@ class WdsStream(IterableDataset):
         if not resampled and total > shards.total:
             raise InputError(f"data.epoch_size: {total} exceeds the {shards.total} samples of the shards; "
                              "set data.resampled=true to draw more")
-        if not resampled and not shuffle_shards and total < shards.total:  # each epoch reads from position 0
-            raise InputError(f"data.epoch_size: {total} of the {shards.total} samples with shuffle_shards=false "
-                             f"reads the same first {total} every epoch; set data.shuffle_shards=true or "
-                             f"data.resampled=true")
         self.per_rank = total // world_size
         self.sizes = rank_batches(self.per_rank, batch_size, drop_last)
         if not self.sizes:
@@ -373,13 +380,20 @@ class WdsStream(IterableDataset):
                     pos += counts[s]
         order = (_rng(self.seed, 0, epoch).permutation(len(counts)) if self.shuffle_shards
                  else np.arange(len(counts)))
+        # an epoch that leaves samples out (the N mod W tail, each rank's drop_last remainder, a shorter epoch_size)
+        # starts its sequence at a seeded offset into the shards (wrapping round): other samples are left out each
+        # epoch, also with one shard or unshuffled shards. An epoch that reads everything starts at shard starts.
+        whole = sum(self.sizes) * self.world_size == self.shards.total
+        rot = 0 if whole else int(_rng(self.seed, 3, epoch).integers(self.shards.total))
         offset, _ = self.worker_run(worker, num_workers)
-        g = self.rank * self.per_rank + offset + raw_pos  # global position in the epoch's sequence
+        g = (self.rank * self.per_rank + offset + raw_pos + rot) % self.shards.total  # position in the shards
         ends = np.cumsum([counts[s] for s in order])
-        k = int(np.searchsorted(ends, g, side="right"))
-        for j in range(k, len(order)):
-            start = g - (int(ends[j - 1]) if j else 0) if j == k else 0
-            yield int(order[j]), start, counts[int(order[j])]
+        j = int(np.searchsorted(ends, g, side="right"))
+        start = g - (int(ends[j - 1]) if j else 0)
+        while True:  # the reader takes what it needs: at most one lap
+            s = int(order[j % len(order)])
+            yield s, start, counts[s]
+            j, start = j + 1, 0
 
     def _raw(self, epoch: int, worker: int, num_workers: int, raw_pos: int) -> Iterator[dict[str, Any] | _Bad]:
         for s, start, stop in self._segments(epoch, worker, num_workers, raw_pos):
@@ -397,7 +411,7 @@ class WdsStream(IterableDataset):
                 return _Bad(url, key, f"no image member (.{', .'.join(_IMAGE_EXTS)})")
             mode = "L" if self.shards.channels == 1 else "RGB"
             with Image.open(io.BytesIO(item[ext])) as im:
-                arr = np.asarray(im if im.mode == mode else im.convert(mode))
+                arr = image_array(im, mode)
             if arr.shape[:2] != self.shards.image_size:
                 return _Bad(url, key, f"image is {arr.shape[0]}x{arr.shape[1]}, the index says "
                                       f"{self.shards.image_size[0]}x{self.shards.image_size[1]}")
@@ -409,11 +423,13 @@ class WdsStream(IterableDataset):
                 if "cls" not in item:
                     return _Bad(url, key, "no .cls label")
                 y = int(item["cls"])
-                if self.shards.num_classes and not 0 <= y < self.shards.num_classes:
-                    raise InputError(f"data.shards: sample {key} of {url} has label {y}, outside the "
-                                     f"{self.shards.num_classes} classes (0..{self.shards.num_classes - 1}) of "
-                                     f"{self.shards.index} that model.num_classes matches; fix the .cls labels or "
-                                     f"re-index the shards (`dtrain shards index`)")
+                k = self.shards.num_classes or self.num_classes
+                if k and not 0 <= y < k:
+                    where = (f"of {self.shards.index} that model.num_classes matches" if self.shards.num_classes else
+                             "of model.num_classes (these shards have no index to check them against at start)")
+                    raise InputError(f"data.shards: sample {key} of {url} has label {y}, outside the {k} classes "
+                                     f"(0..{k - 1}) {where}; fix the .cls labels or re-index the shards "
+                                     f"(`dtrain shards index`)")
             lat = np.load(io.BytesIO(item["npy"]), allow_pickle=False) if self.latents else None
             return _Decoded(np.ascontiguousarray(arr), y, lat)
         except InputError:

@@ -3,7 +3,9 @@
 One epoch (finite mode). The shards, in an order seeded by (seed, epoch), form one sequence of N samples
 (counts from the index). Rank r of W takes positions [r Q, (r + 1) Q), Q = N // W: every rank gets the same
 number of samples and batches whatever the shard count (the N mod W tail, at most W - 1 samples, is left
-out of that epoch), so DDP never waits at an epoch end. The rank's batches are cut into contiguous runs,
+out of that epoch), so DDP never waits at an epoch end. An epoch that leaves samples out (that tail, drop_last
+remainders, a shorter epoch_size) reads the sequence as a ring from a start seeded by (seed, epoch), so that
+it leaves out other samples each epoch. The rank's batches are cut into contiguous runs,
 one per DataLoader worker. A worker reads its run sequentially (at most one partly read shard at each end),
 shuffles it in blocks of ``shuffle`` raw samples (permutation and flips seeded by seed, epoch, rank,
 worker, block), decodes, normalises to [-1, 1] and batches inside the worker.
@@ -103,12 +105,12 @@ class WdsDataModule(L.LightningDataModule):
                          epoch_size=epoch_size, drop_last=drop_last, flip=flip, labels=labels, latents=latents)
         self.num_workers, self.mp_context, self.seed = num_workers, mp_context, seed
         self.shards: ShardSet | None = None
+        self.model_classes = 0  # model.num_classes (``dtrain fit`` sets it): labels of shards without an index
         self.stream: WdsStream | None = None
         self.bad_samples = 0  # this rank's skipped samples in this run (logged summed over ranks)
         self._epoch: int | None = None  # the epoch of ``_consumed``
         self._consumed = 0  # batches of that epoch handed to training
         self._loaded: dict[str, Any] | None = None
-        self._iters = 0
 
     # what a model needs to know (as dtrain.data.memory.InMemoryDataModule has it)
     @property
@@ -135,7 +137,8 @@ class WdsDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else _env_rank()
         if self.stream is None or (self.stream.rank, self.stream.world_size) != (rank, world):
-            self.stream = WdsStream(self._shardset(), rank=rank, world_size=world, seed=self.seed, **self.opts)
+            self.stream = WdsStream(self._shardset(), rank=rank, world_size=world, seed=self.seed,
+                                    num_classes=self.model_classes, **self.opts)
 
     def train_dataloader(self) -> DataLoader:
         if self.stream is None:
@@ -148,7 +151,7 @@ class WdsDataModule(L.LightningDataModule):
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else self._iters
+        return trainer.current_epoch if trainer is not None else 0
 
     def _layout(self) -> dict[str, Any]:
         assert self.stream is not None
@@ -164,12 +167,13 @@ class WdsDataModule(L.LightningDataModule):
         batch Lightning makes an empty pass and its epoch counter runs one ahead of the data."""
         assert self.stream is not None
         epoch = self._current_epoch()
-        self._iters += 1
         if self._loaded is not None:
             self._epoch, self._consumed = self._restore(self._loaded)
             self._loaded = None
-        elif self._epoch is None or getattr(self, "trainer", None) is None:  # no trainer: each pass a new epoch
+        elif self._epoch is None:
             self._epoch, self._consumed = epoch, 0
+        elif getattr(self, "trainer", None) is None:  # no trainer: each further pass is the next epoch (after a
+            self._epoch, self._consumed = self._epoch + 1, 0  # restored one too)
         if self._consumed >= len(self.stream):
             self._epoch, self._consumed = self._epoch + 1, 0
         self.stream.epoch, self.stream.start = self._epoch, self._consumed
@@ -180,8 +184,10 @@ class WdsDataModule(L.LightningDataModule):
             return int(state["epoch"]), int(state["consumed"])
         # another world size / worker count / batch size: keep the fraction of the epoch already seen
         frac = int(state["consumed"]) / max(1, int(state.get("layout", {}).get("batches", len(self.stream))))
-        warnings.warn(f"data: resuming with another layout ({state.get('layout')} -> {self._layout()}); skipping "
-                      f"{frac:.1%} of the epoch instead of restoring the exact position", stacklevel=2)
+        warnings.warn(f"data: resuming with another layout ({state.get('layout')} -> {self._layout()}): the exact "
+                      f"position cannot be restored, so this epoch goes on at the same fraction ({frac:.1%}) in the "
+                      f"new layout, which repeats some of its samples and leaves out others (the next epoch is "
+                      f"whole); resume with the saved layout to continue exactly", stacklevel=2)
         return int(state["epoch"]), int(frac * len(self.stream))  # type: ignore[arg-type]
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -199,6 +199,8 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     from dtrain.data import build_datamodule
 
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    if hasattr(datamodule, "model_classes"):  # labels of shards without an index are checked against the model
+        datamodule.model_classes = int(cfg.model.get("num_classes", 0) or 0)
     module = klass(cfg)
     extra = list(getattr(datamodule, "callbacks", list)())  # a datamodule may bring its own (e.g. data counters)
     extra += list(callbacks)

@@ -124,13 +124,18 @@ def test_uneven_epoch_with_corrupt_samples_finishes_and_counts(tmp_path):
     """47 samples in 5 shards over 2 ranks: 23 each, one left out, no hang; 2 corrupt pngs per epoch skipped."""
     shards = _shards(tmp_path / "data", [10, 10, 9, 9, 9])
     _corrupt(shards.parent / "train-000000.tar", ["00000003", "00000007"])
+    from dtrain.data.stream import _rng
+
     ranks = _launch(tmp_path, shards, "ddp", "--fixed-shard-order")
+    left = [(int(_rng(5, 3, e).integers(47)) - 1) % 47 for e in range(2)]  # the script's seed is 5
+    assert left == [44, 10]  # the epoch's seeded start moves the one sample it leaves out
     for e in range(2):
         r0, r1 = (_by_epoch(r, 2)[e] for r in ranks)
         assert len(r0) == len(r1) == 23  # batches 5, 5, 5, 5, 3 on both ranks
         assert set(r0).isdisjoint(r1)
-        # the fixed shard order leaves out the last sample (46); ids 3 and 7 are replaced by repeats
-        assert set(r0 + r1) == set(range(46)) - {3, 7}
+        # the fixed shard order, read from the epoch's start, leaves out the sample before it; ids 3 and 7 are
+        # replaced by repeats
+        assert set(r0 + r1) == set(range(47)) - {left[e], 3, 7}
     assert sum(r["bad"] for r in ranks) == 4  # 2 per epoch
     assert ranks[0]["metric"] == 4.0  # data/bad_samples: summed over ranks, logged by rank 0
 

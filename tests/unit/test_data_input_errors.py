@@ -71,6 +71,19 @@ def test_labels_outside_the_index_classes(tmp_path, digits, recipe, fit_error):
         assert "data.shards: sample" in err and "outside the 5 classes" in err and "model.num_classes" in err
 
 
+def test_labels_of_shards_without_an_index_are_checked_against_the_model(tmp_path, digits, recipe, fit_error):
+    """No index: nothing to compare the labels with at start, and a label >= model.num_classes reached the class
+    embedding as a 30-line IndexError (a label equal to it silently became the CFG null class). The run now stops
+    at the first such sample, naming it and model.num_classes."""
+    root = tmp_path / "d"
+    shutil.copytree(digits, root)
+    (root / "index.json").unlink()
+    shards = "::".join(str(s) for s in sorted(root.glob("*.tar")))
+    err = fit_error(str(recipe), f"data.shards={shards}", "model.num_classes=5", f"out_dir={tmp_path / 'run'}",
+                    *QUIET)
+    assert "data.shards: sample" in err and "outside the 5 classes (0..4) of model.num_classes" in err
+
+
 def test_shard_not_in_the_index(tmp_path, digits, recipe, fit_error):
     root = tmp_path / "d"
     shutil.copytree(digits, root)
@@ -85,7 +98,19 @@ def test_not_a_shard(tmp_path, recipe, fit_error):
     png = tmp_path / "some.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     err = fit_error(str(recipe), f"data.shards={png}", f"out_dir={tmp_path / 'run'}", *QUIET)
-    assert f"data.shards: {png} is not a tar shard" in err
+    assert f"data.shards: {png} cannot be read as a tar shard" in err
+
+
+def test_unbalanced_braces_and_a_folder_name_the_pattern(tmp_path, digits, recipe, fit_error):
+    """An unclosed brace range gave braceexpand's 30-line traceback; a folder was reported as a missing file."""
+    bad = f"{digits}/train-{{000000..000002.tar"
+    err = fit_error(str(recipe), f"data.shards={bad}", f"out_dir={tmp_path / 'run'}", *QUIET)
+    assert f"data.shards: {bad!r} has unbalanced braces" in err
+    with pytest.raises(InputError, match="unbalanced braces"):
+        resolve_shards(f"{digits}/train-000000.tar::{bad}")
+    err = fit_error(str(recipe), f"data.shards={digits}", f"out_dir={tmp_path / 'run'}", *QUIET)
+    assert f"data.shards: {digits} is a folder, not a shard file" in err and "index.json" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_setup_errors_are_input_errors(tmp_path, digits):

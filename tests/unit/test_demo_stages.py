@@ -56,6 +56,17 @@ def test_each_student_waits_for_its_own_teacher(out: Path) -> None:
     assert set(OPTIONAL) == set(STAGES) - {"shards", "teacher", "eval", "report"}
 
 
+def test_every_stage_is_described_and_every_student_sized() -> None:
+    """A stage added to the pipeline needs its line on the terminal and (a trained one) its number of steps."""
+    from dtrain.demo import _DESCRIBE, FULL, STUDENTS, TRAINED
+
+    assert set(_DESCRIBE) == set(STAGES)
+    for z in (FULL, FAST):
+        assert all(z.steps(s) > 0 for s in TRAINED)
+        assert all(isinstance(_DESCRIBE[s](Demo(Path("/nonexistent"), sizes=z, quiet=True)), str) for s in STAGES)
+    assert {s.name for s in STUDENTS} >= {"pd", "cd", "ict", "meanflow", "ctm"}
+
+
 def test_a_flow_teacher_that_does_not_load_fails_alone(out: Path, monkeypatch) -> None:
     """Its recipe missing: the flow teacher fails with the file's name, MeanFlow says its teacher failed, the
     summary is written and eval can still score the rest; exit code 1."""
