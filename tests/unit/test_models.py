@@ -205,6 +205,25 @@ def test_power_ema_is_the_closed_form_weighted_average():
                                                           rel=0.02)
 
 
+def test_power_ema_every_k_steps_is_the_closed_form_over_its_snapshots():
+    """Updates every k steps with beta_t = (1 - k/t)^(g+1) telescope the same way over the snapshots t = k, 2k, ...:
+    theta_T = sum_t (1 - beta_t) (t/T)^(g+1) theta_t (weights summing to 1). A beta that ignored k kept too much
+    of the start."""
+    gamma, k, T = std_to_gamma(0.1), 4, 200
+    net = _scalar_net(0.0)
+    ema = EMA(net, [], [0.1], every=k)
+    theta = torch.linspace(-1.0, 3.0, T, dtype=torch.float64) ** 2
+    for t in range(1, T + 1):
+        net.weight.data.fill_(float(theta[t - 1]))
+        ema.update(net, t)
+    snaps = range(k, T + 1, k)
+    w = torch.tensor([(1 - power_beta(gamma, t, k)) * (t / T) ** (gamma + 1) for t in snaps], dtype=torch.float64)
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
+    want = float((w * theta[[t - 1 for t in snaps]]).sum())
+    assert float(ema["std0_100"].weight) == pytest.approx(want, rel=1e-5)
+    assert ema.beta("std0_100", 8) == pytest.approx((1 - 4 / 8) ** (gamma + 1))
+
+
 def test_ema_every_and_eval_mode():
     net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.Dropout(0.5))
     net[0].weight.data.fill_(1.0)

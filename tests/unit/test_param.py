@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dtrain.diffusion.denoiser import Denoiser
-from dtrain.diffusion.param import PARAMS, Coeffs, convert, edm_skip_out, from_x0_eps, to_x0_eps, velocity_ode
+from dtrain.diffusion.param import PARAMS, Coeffs, convert, edm_c_in, edm_skip_out, from_x0_eps, to_x0_eps, velocity_ode
 from dtrain.diffusion.schedule import make_schedule
 
 SCHEDULES = {
@@ -120,6 +120,23 @@ def test_hand_formulas():
         F = from_x0_eps("edm", x0, eps, x_t, c)
         torch.testing.assert_close(skip * x_t + out * F, x0, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(F, (x0 - skip * x_t) / out, rtol=0, atol=0)
+    # off EDM's schedule (alpha < 1): EDM's own coefficients on x_t / alpha, whose noise level is sigma / alpha
+    # (a c_skip without alpha round-trips through to_x0_eps / from_x0_eps, so only this form catches it)
+    vp = make_schedule("vp_cosine")
+    for sd in (0.5, 1.0):
+        _, x0, eps, x_t, c = sample(vp, sigma_data=sd)
+        a, s_hat = c.alpha, c.sigma / c.alpha
+        skip, out = edm_skip_out(a, c.sigma, sd)
+        torch.testing.assert_close(skip * a, sd**2 / (s_hat**2 + sd**2), rtol=1e-12, atol=0)
+        torch.testing.assert_close(out, s_hat * sd / (s_hat**2 + sd**2).sqrt(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(edm_c_in(a, c.sigma, sd) * a, (s_hat**2 + sd**2).rsqrt(), rtol=1e-12, atol=0)
+        # EDM's point: the network's target F has unit variance for data of std sigma_data, at every noise level
+        big = sd * torch.randn(4096, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        noise = torch.randn(4096, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        for t in (0.2, 0.5, 0.9):
+            ct = Coeffs.at(vp, torch.full((4096,), t, dtype=torch.float64), big, sd)
+            F = from_x0_eps("edm", big, noise, vp.marginal(big, noise, torch.full((4096,), t, dtype=torch.float64)), ct)
+            assert abs(F.var().item() - 1.0) < 0.01, (sd, t, F.var().item())
 
 
 def test_velocity_needs_derivatives():

@@ -262,6 +262,20 @@ def test_drawn_times_cover_every_student_step_and_w_its_range():
     assert float(w.mean()) == pytest.approx(2.0, abs=0.01) and float(w.var()) == pytest.approx(4 / 12, rel=0.02)
 
 
+def test_default_weighting_is_the_papers_truncated_snr():
+    """PD's loss without a weighting, and a recipe without method.weighting, use max(SNR, 1) in x0 units
+    (Salimans & Ho 2022, arXiv 2202.00512, eq. 9's 'truncated SNR')."""
+    from dtrain.config import ProgressiveCfg
+    from dtrain.methods.denoising import loss_weight
+
+    s = make_schedule("vp_cosine")
+    loss = ProgressiveLoss(s, "v")
+    assert loss.denoising.weighting == ProgressiveCfg().weighting == "snr_trunc"
+    t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+    w = loss_weight(loss.denoising.weighting, s, t, "x0")
+    torch.testing.assert_close(w, s.snr(t).clamp(min=1.0).to(w.dtype))
+
+
 def test_min_snr_weighting_defaults_to_gamma_5():
     """min_snr without snr_gamma takes gamma 5 (Hang et al. 2023, arXiv 2303.09556), the value PD's min_snr weighting
     inherits (CTM's DSM term builds the same loss): the x0-space weight is min(SNR, 5)."""

@@ -43,7 +43,8 @@ def flow(schedule, x, t, u):
     return a_u * MU + math.sqrt(a_u**2 * SD**2 + s_u**2) / math.sqrt(a_t**2 * SD**2 + s_t**2) * (x - a_t * MU)
 
 
-def measured_orders(name: str, key: str, spacing: str, ns: list[int], **grid_kw) -> list[float]:
+def measured_orders(name: str, key: str, spacing: str, ns: list[int], opts: dict | None = None,
+                    **grid_kw) -> list[float]:
     s = make_schedule(key)
     spec = SAMPLERS.get(name)
     a_T, s_T = float(s.alpha(s.t_max)), float(s.sigma(s.t_max))
@@ -51,7 +52,7 @@ def measured_orders(name: str, key: str, spacing: str, ns: list[int], **grid_kw)
     errs = []
     for n in ns:
         grid = make_grid(s, n, spacing, **grid_kw)[:-1]  # t_max ... t_min
-        out = spec.fn(Gauss(s), x_T.clone(), grid, **spec.opts)
+        out = spec.fn(Gauss(s), x_T.clone(), grid, **{**spec.opts, **(opts or {})})
         errs.append(float((out - flow(s, x_T, grid[0], grid[-1])).abs().max()))
     return [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
 
@@ -85,3 +86,13 @@ def test_convergence_order(name, key, spacing, order, ns):
         assert p > order - 0.3, orders
         if order < 3:
             assert p < order + 0.45, orders
+
+
+@pytest.mark.parametrize("r", [1 / 3, 0.7])
+@pytest.mark.parametrize("key", ["vp_linear", "edm"])
+def test_dpm_solver_2s_is_second_order_at_any_midpoint(key, r):
+    """DPM-Solver++(2S) with its intermediate point at the fraction r of the step in lambda (arXiv 2211.01095,
+    Alg. 1); r = 1/2, the default, hides a wrong fraction (1 - r) or a wrong weight (2 r for 1 / (2 r))."""
+    spacing, ns = ("lambda", [16, 32, 64]) if key == "vp_linear" else ("rho", [32, 64, 128])
+    orders = measured_orders("dpm++2s", key, spacing, ns, {"r": r})
+    assert all(1.7 < p < 2.45 for p in orders), orders
