@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dtrain.errors import InputError, first_line
@@ -500,10 +500,25 @@ def _key_error(e: OmegaConfBaseException, source: str) -> RecipeError:
         leaf = key.rsplit(".", 1)[-1]
         choices = [f.name for f in fields(obj)] if obj is not None and is_dataclass(obj) else []
         schema = f" for {obj.__name__}" if obj is not None else ""
-        return RecipeError(source, key, f"unknown key{schema}" + _suggest(leaf, choices))
+        hint = _suggest(leaf, choices) or (f"; valid keys: {choices}" if choices else "")
+        return RecipeError(source, key, f"unknown key{schema}" + hint)
     if isinstance(e, ValidationError):
-        msg = str(e).splitlines()[0]
-        return RecipeError(source, key, f"wrong type: {msg}")
+        obj, leaf = getattr(e, "object_type", None), key.rsplit(".", 1)[-1]
+        want = next((f.type for f in fields(obj) if f.name == leaf), None) if obj and is_dataclass(obj) else None
+        if want is None and obj is not None and "." not in key:  # a whole section set to a non-mapping
+            want = obj.__name__
+        if want is None:
+            return RecipeError(source, key, f"wrong type: {str(e).splitlines()[0]}")
+        want = want if isinstance(want, str) else getattr(want, "__name__", str(want))
+        if want.endswith("Cfg"):  # a whole section
+            want = f"a section of {want}'s keys"
+        value = getattr(e, "value", None)
+        if isinstance(value, Node) and not isinstance(value, (DictConfig, ListConfig)):
+            value = value._value()
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
+        got = "null" if value is None else repr(value)
+        return RecipeError(source, key, f"wrong type: expected {want}, got {got}")
     return RecipeError(source, key, str(e).splitlines()[0])
 
 
@@ -624,6 +639,8 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
             bad.append(("method.cfg_dropout", "must be in [0, 1)"))
         if m.p_std is not None and m.p_std <= 0:
             bad.append(("method.p_std", "must be > 0"))
+    if not str(cfg.name).strip() or str(cfg.name).strip(".") == "" or "/" in str(cfg.name) or "\\" in str(cfg.name):
+        bad.append(("name", f"the run's folder under out_dir: a non-empty name without '/', got {cfg.name!r}"))
     if cfg.logger.mode not in ("online", "offline", "disabled"):
         bad.append(("logger.mode", f"must be online, offline or disabled, not {cfg.logger.mode!r}"))
     if cfg.optim.lr_schedule not in ("constant", "cosine"):
@@ -815,6 +832,9 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
                     "trainer.nan_guard=false turns the guard off)"))
     if cfg.sampler.guidance < 0:
         bad.append(("sampler.guidance", "must be >= 0 (1: no guidance)"))
+    elif cfg.sampler.guidance != 1.0 and not cfg.model.get("num_classes", 0):
+        bad.append(("sampler.guidance", f"{cfg.sampler.guidance} guides by class labels, which an unconditional "
+                    "model (model.num_classes: 0) has none of; use 1.0"))
     return bad
 
 
@@ -1066,6 +1086,11 @@ def _check_eval_inputs(cfg: DictConfig, where: Any) -> None:
     from dtrain.eval.features import BUILTIN_REFS
 
     e, m = cfg.eval, cfg.method
+    if m.get("distance") == "lpips":  # consistency models' LPIPS: the package and its backbone's weights
+        from dtrain.methods.consistency import lpips_missing
+
+        if (why := lpips_missing()) is not None:
+            raise RecipeError(where("method.distance"), "method.distance", why)
     weights = e.feature_extractor_weights_path
     if weights is not None and not Path(weights).is_file():
         raise RecipeError(where("eval.feature_extractor_weights_path"), "eval.feature_extractor_weights_path",

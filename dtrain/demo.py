@@ -520,7 +520,8 @@ class Demo:
             fast = " --fast" if self.sizes == FAST else ""
             msg = (f"stage {stage} needs the outputs of {', '.join(missing)}"
                    + (f" ({', '.join(failed)} failed above)" if failed else "")
-                   + f": run `dtrain demo{fast} --out {self.out} --stages {' '.join(missing)} {stage}`")
+                   + f": run `dtrain demo{fast} --out {self.out} --stages {' '.join(missing)} {stage}`"
+                   + self._other_sizes_hint())
             if stage in OPTIONAL:
                 self._failed(stage, f"{head}: ", msg)
                 return
@@ -547,6 +548,20 @@ class Demo:
         self.status[stage] = "ran"
         self.timings[stage] = rec.seconds
         self.ui.print(f"    done in {rec.seconds:.0f} s ({_where(rec, self.out)})")
+
+    def _other_sizes_hint(self) -> str:
+        """When the folder's last demo ran at the other sizes (--fast or not): say so (its outputs are not reused)."""
+        try:
+            before = json.loads((self.out / "demo.json").read_text()).get("sizes")
+        except (OSError, ValueError, AttributeError):
+            return ""
+        def plain(z: Sizes) -> Any:
+            return json.loads(json.dumps(asdict(z)))  # as demo.json holds them (tuples as lists)
+
+        other = next((name for name, z in (("--fast", FAST), ("the full sizes", FULL)) if before == plain(z)), None)
+        if other is None or before == plain(self.sizes):
+            return ""
+        return f"; {self.out} holds a demo run at {other}" + (" (add --fast to use it)" if other == "--fast" else "")
 
     def _failed(self, stage: str, prefix: str, msg: str, tb: str | None = None) -> None:
         """An optional stage that cannot run: reported (``tb`` in the log), and the demo goes on (its exit code: 1)."""

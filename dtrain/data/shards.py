@@ -371,6 +371,15 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
         "shards": shards,
     }
     write_json(out / INDEX_NAME, index, indent=1)
+    # an earlier write of more shards under this prefix left the rest: a pattern over the folder would read them
+    written = {sh["name"] for sh in shards}
+    stale = sorted(f for f in out.glob(f"{prefix}-*.tar") if re.fullmatch(rf"{prefix}-\d{{6}}\.tar", f.name)
+                   and f.name not in written)
+    for f in stale:
+        f.unlink()
+    if stale:
+        print(f"{out}: removed {len(stale)} shard(s) of an earlier, larger write ({stale[0].name} ...)",
+              file=sys.stderr)
     return index
 
 
@@ -625,6 +634,10 @@ def run_shards(a: argparse.Namespace) -> int:
         if size is not None and not (1 <= size <= (427 if a.source == "patches" else size)):  # photos: 427 x 640
             raise ValueError(f"--size: must be in [1, 427] for patches of sklearn's photos, got {size}"
                              if a.source == "patches" else f"--size: must be >= 1, got {size}")
+        for flag, v in (("--count", getattr(a, "count", None)), ("--shard-size", a.shard_size),
+                        ("--num-shards", a.num_shards)):
+            if v is not None and v < 1:
+                raise ValueError(f"{flag}: must be >= 1, got {v}")
         data = _SOURCES[a.source](a)
         latents = None
         if a.latents:

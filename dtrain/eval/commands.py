@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +52,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recompute", action="store_true", help="score every point again (by default a rerun with "
                    "the same model, samples and reference skips the points already in <out>/points/)")
     p.add_argument("--out", default=None,
-                   help="output directory (default: runs/eval/<run>-<checkpoint> or runs/eval/<bundle>)")
+                   help="output directory (default: runs/eval/<run>-<checkpoint> or runs/eval/<bundle>, "
+                   "then -ema<tag> and -w<guidance> when those flags are given)")
     p.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
                    help="W&B mode (default: the recipe's logger.mode, else disabled)")
     p.add_argument("--project", default=None, help="W&B project (default: the recipe's logger.project)")
@@ -125,6 +128,10 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
         raise InputError(f"--spacing: unknown spacing {args.spacing!r}; choose one of {list(SPACINGS)}")
     model = Path(str(args.model).rstrip("/"))  # runs/<run>/checkpoints/last.ckpt -> <run>-last, a bundle by name
     name = f"{model.parent.parent.name}-{model.stem}" if model.parent.name == "checkpoints" else model.stem
+    if args.ema != "auto":  # evaluations of other weights or guidance of one model do not share a folder
+        name += f"-ema{args.ema}"
+    if args.guidance is not None:
+        name += f"-w{args.guidance:g}"
     out = check_writable(Path(args.out or Path("runs") / "eval" / name), "--out", directory=True)
     device = _init_dist(args.device)
     rank, world = dist_rank()
@@ -145,6 +152,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     if ref_spec is None:
         raise InputError(f"--ref-stats: required for the {extractor_name!r} extractor: a .npz made with "
                          f"tools/fid_ref_stats.py (the built-in {', '.join(BUILTIN_REFS)} are for 'digits')")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise InputError(f"--guidance: must be >= 0 (1: no guidance, 0: unconditional), got {args.guidance}")
     if args.guidance is not None and args.guidance != 1.0 and num_classes == 0:
         raise InputError(f"--guidance: guidance needs a class-conditional model; this model (kind "
                          f"{info.get('kind')!r}) has no classes")
@@ -167,6 +176,12 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     stored = info["sampler"]  # a bundle's own grid (a PD student's, consistency sample times) at its sampler and NFE
     grids = ({(stored["name"], int(stored["nfe"])): torch.tensor(stored["grid"], dtype=torch.float64)}
              if stored.get("grid") is not None and args.spacing is None else {})
+    if stored.get("grid") is not None and info.get("kind") in ("denoiser", "guided_denoiser"):
+        other = [f"{n}:{k}" for n, nfes in specs for k in nfes if (n, int(k)) not in grids]
+        if other:  # a progressive-distillation student off the grid it was distilled for
+            warnings.warn(f"{args.model}: this network was distilled for its own {len(stored['grid']) - 1}-step grid "
+                          f"({stored['name']}:{stored['nfe']}); {', '.join(other)} run on other grids, where it was "
+                          "not trained", stacklevel=2)
     # every point is kept in <out>/points/ as it is scored: a rerun (a requeued array task) skips the points whose
     # model, samples and reference it already scored (the samples do not depend on batch size or world size)
     key = {"model": str(Path(args.model).resolve()), "sha256": (info.get("ref") or {}).get("sha256"),

@@ -391,6 +391,8 @@ class Pipeline:
         argument, or a flag: ``--w``): guidance needs classes, and a kind that guides."""
         if w is None or w == 1.0:
             return
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise InputError(f"{key}: must be a number >= 0 (1: no guidance, 0: unconditional), got {w!r}")
         if self.num_classes == 0:
             raise InputError(f"{key}: guidance needs a class-conditional model; this bundle has no classes")
         if self._guide() is None:
@@ -472,6 +474,11 @@ class Pipeline:
         elif s["grid"] is not None and name == s["name"] and spacing is None:
             if nfe is None or nfe == grid_nfe(name, s["grid"]):
                 grid = torch.tensor(s["grid"], dtype=torch.float64)
+        if grid is None and s["grid"] is not None and self.kind in ("denoiser", "guided_denoiser"):
+            warnings.warn(f"this bundle's network was distilled for its own {len(s['grid']) - 1}-step grid (sampler "
+                          f"{s['name']!r}, nfe {s['nfe']}); sampler {name!r} at nfe {nfe or s['nfe']}"
+                          f"{f', spacing {spacing!r}' if spacing else ''} runs on another grid, where it was not "
+                          "trained", stacklevel=2)
         nfe = s["nfe"] if nfe is None else nfe
         opts = dict(s["options"]) if name == s["name"] else {}
         eta = eta if eta is not None else (s["eta"] if name == s["name"] else None)

@@ -130,6 +130,20 @@ def read_model_section(path: str | Path) -> dict[str, Any] | None:
     return model_section(_load_file(path, mmap=True), path)
 
 
+def read_schedule(path: str | Path) -> dict[str, Any] | None:
+    """The schedule (``Schedule.to_dict()``) a checkpoint or bundle was trained on, from its metadata only; None for a
+    sharded checkpoint directory."""
+    from dtrain.diffusion.schedule import make_schedule, schedule_from_config
+
+    path = Path(path)
+    if is_bundle(path):
+        return make_schedule(**read_info(path)["schedule"]).to_dict()
+    if path.is_dir():
+        return None
+    recipe = _check_ckpt(_load_file(path, mmap=True), path)["dtrain"]["recipe"]
+    return schedule_from_config(recipe["schedule"]).to_dict()
+
+
 def read_kind(path: str | Path) -> str | None:
     """The bundle kind a checkpoint or bundle holds ("denoiser", "consistency", ...), from its metadata only; None
     for a sharded checkpoint directory."""

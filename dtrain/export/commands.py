@@ -122,6 +122,9 @@ def run_sample(args: argparse.Namespace) -> Path:
         if v is not None and v < 1:
             raise InputError(f"{flag}: must be >= 1, got {v}")
     times = None
+    if getattr(args, "times", None) and args.nfe is not None:
+        raise InputError("--times: the grid's interior times set the steps (len(times) + 1); give --times or --nfe, "
+                         "not both")
     if getattr(args, "times", None):
         try:
             times = [float(v) for v in args.times.split(",") if v.strip()]
@@ -150,5 +153,6 @@ def run_sample(args: argparse.Namespace) -> Path:
     out = save_samples(args.out, torch.cat(xs), cond, pipe, args.nrow)
     s = pipe.info["sampler"]
     steps = f"times={times}" if times else f"nfe={s['nfe'] if args.nfe is None else args.nfe}"
-    print(f"wrote {out}: {args.num} samples, sampler={sampler} {steps} seed={args.seed}")
+    w = s.get("guidance", 1.0) if args.w is None else args.w
+    print(f"wrote {out}: {args.num} samples, sampler={sampler} {steps} w={w:g} seed={args.seed}")
     return out

@@ -41,6 +41,7 @@ from dtrain.export.checkpoint import (
     read_checkpoint,
     read_kind,
     read_model_section,
+    read_schedule,
 )
 from dtrain.lit.guard import NonFiniteGuard
 from dtrain.models import ADDED_EMBEDDINGS, DENOISER_FIELDS, TRAINING_ONLY, build_denoiser, build_model, count_params
@@ -169,6 +170,17 @@ class DiffusionModule(L.LightningModule):
         return None
 
     @classmethod
+    def reads_teacher(cls, recipe: Any) -> bool:
+        """Whether a ``teacher`` the recipe gives is used at all (``teacher_needed``; a flow-map student also takes
+        an optional one as its target); ``fit`` refuses one that would be ignored."""
+        return bool(cls.teacher_needed(recipe))
+
+    @classmethod
+    def teacher_on_my_schedule(cls, recipe: Any) -> bool:
+        """Whether the teacher must have been trained on the student's schedule (else it is rescheduled)."""
+        return True
+
+    @classmethod
     def check_teacher_network(cls, recipe: Any, source: str = "recipe") -> None:
         """Before a run starts: a student that starts from its teacher's weights (``copies_teacher``) has the network
         its ``teacher`` file records (the ``model`` section of the teacher's metadata; no weights are read), else
@@ -183,6 +195,12 @@ class DiffusionModule(L.LightningModule):
                 raise RecipeError(source, "teacher", f"{teacher} holds a {kind!r} student, not a denoiser: method "
                                   f"{recipe['method']['name']!r} distils a teacher's (or a PD student's) checkpoint "
                                   f"or bundle")
+        if teacher is not None and Path(teacher).exists() and cls.teacher_needed(recipe) \
+                and cls.teacher_on_my_schedule(recipe) and (theirs := read_schedule(teacher)) is not None:
+            mine = schedule_from_config(recipe["schedule"]).to_dict()
+            if mine != theirs:
+                raise RecipeError(source, "schedule", f"the student's schedule {mine} is not the teacher's {theirs} "
+                                  f"({teacher}); set the student's schedule section to the teacher's")
         added = cls.copies_teacher(recipe)
         if added is None or teacher is None or not Path(teacher).exists():
             return  # a missing file is named by the recipe checks

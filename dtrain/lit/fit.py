@@ -8,6 +8,7 @@ run (``wandb/``; offline runs upload later with ``wandb sync``).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import secrets
 import signal
@@ -23,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
+from dtrain.errors import InputError
 from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
@@ -58,6 +60,8 @@ def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
             k = 1 + max((int(p.name.split(".")[1]) for p in old.parent.glob("metrics.*.csv")
                          if p.name.split(".")[1].isdecimal()), default=0)
             old.rename(old.with_name(f"metrics.{k}.csv"))
+        # the earlier files are kept (above); Lightning's warning says they would be deleted
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         return CSVLogger(str(out), name="csv", version="")
     from lightning.pytorch.loggers import WandbLogger
 
@@ -156,6 +160,28 @@ def describe(cfg: DictConfig) -> str:
     return f"{OmegaConf.to_yaml(cfg)}# parameters: {n:,} ({cfg.model.name})\n{batch}"
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def _quiet_lightning_tips() -> None:
+    """Lightning logs an advertisement ("Tip: ... try installing litlogger") at every fit; dtrain drops it."""
+    lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in lg.filters):
+        lg.addFilter(_NoTips())
+
+
+def _check_fresh_start(out: Path, resume: str | None) -> None:
+    """A fresh start (no ``--resume``) in a run directory that holds checkpoints is refused: it would have trained
+    beside them, and ``last.ckpt``, the file users export and hand on as a teacher, would stay the earlier run's
+    (Lightning names the new one ``last-v1.ckpt``)."""
+    if resume is None and (earlier := checkpoint_candidates(out)):
+        raise InputError(f"{out} already holds checkpoints of an earlier run (newest: {earlier[0].relative_to(out)}); "
+                         f"--resume auto continues it; to start afresh give another name= or out_dir=, or remove "
+                         f"{out / 'checkpoints'} first")
+
+
 def _write_recipe(cfg: DictConfig, out: Path) -> None:
     write_text(out / "recipe.yaml", OmegaConf.to_yaml(cfg))  # every rank may write it
 
@@ -176,26 +202,36 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     if cfg.teacher is None and (why := klass.teacher_needed(cfg)):
         raise RecipeError(source, "teacher", f"{why}: give its checkpoint or bundle, e.g. teacher=runs/<name>/"
                           f"checkpoints/last.ckpt on the command line")
+    if cfg.teacher is not None and not klass.reads_teacher(cfg):
+        raise RecipeError(key_source("teacher", source, overrides), "teacher",
+                          f"method {cfg.method.name!r} with these settings reads no teacher (it would be ignored); "
+                          "drop teacher=, or set the method that distils it")
     klass.check_teacher_network(cfg, source)  # a student starting from the teacher's weights: the same network
     if dry_run:  # the recipe, then the files a launch would read (not this machine's devices: a login node's)
         print(describe(cfg), end="")
         check_inputs(cfg, source, overrides, here=False)
+        if resume not in (None, "auto", "last"):
+            resume_path(out, resume)  # the file is there and is a checkpoint
+        elif resume == "last" and not checkpoint_candidates(out):
+            raise FileNotFoundError(f"--resume last: {out} holds no checkpoint yet")
+        _check_fresh_start(out, resume)
         return out
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # EMA copies, on purpose
     # on a SLURM login node or outside srun: dtrain reads the allocation itself (dtrain.dist.slurm.slurm_job)
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's
+    _quiet_lightning_tips()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
     check_inputs(cfg, source, overrides)  # before anything starts
     cfg, ranks = resolve_batch(cfg, source, overrides)  # before the resume check compares data.batch_size
+    _check_fresh_start(out, resume)
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg))  # Lightning's restore reads it once more
-    if ckpt_path is None and (earlier := checkpoint_candidates(out)) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        warnings.warn(f"{out} already holds checkpoints of an earlier run (newest: {earlier[0].name}); this run "
-                      f"starts from scratch beside them (Lightning adds -v1 to names taken); --resume auto continues "
-                      f"the earlier run instead", stacklevel=2)
     _write_recipe(cfg, out)
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(f"run directory: {out} ({f'resuming from {ckpt_path}' if ckpt_path else 'a fresh start'})")
     from dtrain.data import build_datamodule
 
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)

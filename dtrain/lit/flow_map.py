@@ -81,6 +81,16 @@ class FlowMapModule(DiffusionModule):
         return ("second_time",) if cls._init_teacher(recipe) else None  # the teacher's network plus the s embedding
 
     @classmethod
+    def reads_teacher(cls, recipe: Any) -> bool:
+        return True  # MeanFlow from scratch takes a teacher's velocity as its target when one is given
+
+    @classmethod
+    def teacher_on_my_schedule(cls, recipe: Any) -> bool:
+        # the student starts as the teacher's network on its schedule; CTM's targets solve the teacher's ODE on the
+        # student's grid; MeanFlow from scratch reads a teacher on another schedule through its rescheduling
+        return cls._init_teacher(recipe) or getattr(cls, "kind", None) == "ctm"
+
+    @classmethod
     def _init_teacher(cls, recipe: Any) -> bool:
         return recipe["method"].get("init", "teacher" if cls.needs_teacher else "scratch") == "teacher"
 
@@ -98,9 +108,9 @@ class FlowMapModule(DiffusionModule):
         """The frozen teacher (or None when the recipe has none and the method does not need one)."""
         if (source := self.teacher_source(self._given_teacher)) is None:
             return None
-        init = self.init_teacher  # the student is the teacher's network, on the teacher's schedule
         teacher, self.teacher_ref = self.frozen_teacher(source, ema=self.recipe["method"].get("teacher_ema", "auto"),
-                                                        same_schedule=init or self.kind == "ctm", init_from=init)
+                                                        same_schedule=self.teacher_on_my_schedule(self.recipe),
+                                                        init_from=self.init_teacher)
         return teacher
 
     def labels(self, batch: Mapping[str, Tensor]) -> Tensor | None:

@@ -34,6 +34,7 @@ iCT), ``lpips`` needs the ``lpips`` package and its backbone weights available o
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from collections.abc import Mapping
@@ -170,6 +171,24 @@ def distance(kind: str, a: Tensor, b: Tensor, *, huber_c: float | None = None,
 _LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}  # torchvision
 
 
+def lpips_missing(net: str = "vgg") -> str | None:
+    """Why ``distance: lpips`` cannot run here (the package, or its backbone's weights that dtrain never downloads),
+    or None: checked at launch (``dtrain.config.check_inputs``) and by ``LPIPSDistance``."""
+    from pathlib import Path
+
+    import torch.hub
+
+    if net not in _LPIPS_BACKBONES:
+        return f"lpips backbone must be one of {sorted(_LPIPS_BACKBONES)}, got {net!r}"
+    if importlib.util.find_spec("lpips") is None:
+        return ("'lpips' needs the `lpips` package (pip install lpips) and its backbone weights in torch's cache; use "
+                "l2, l1 or pseudo_huber otherwise")
+    file = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONES[net]
+    if not file.is_file():
+        return f"'lpips' needs the backbone weights {file} (dtrain never downloads at run time; copy the file there)"
+    return None
+
+
 class LPIPSDistance(nn.Module):
     """LPIPS (Zhang et al. 2018, arXiv 1801.03924) from the ``lpips`` package, on images in [-1, 1] resized to
     224 x 224 as in arXiv 2303.01469; grey images are repeated to RGB. Never downloads: the torchvision backbone's
@@ -177,21 +196,10 @@ class LPIPSDistance(nn.Module):
 
     def __init__(self, net: str = "vgg") -> None:
         super().__init__()
-        from pathlib import Path
+        if (why := lpips_missing(net)) is not None:
+            raise ValueError(f"method.distance: {why}")
+        import lpips  # type: ignore[import-not-found]
 
-        import torch.hub
-
-        if net not in _LPIPS_BACKBONES:
-            raise ValueError(f"method.distance: lpips backbone must be one of {sorted(_LPIPS_BACKBONES)}, got {net!r}")
-        try:
-            import lpips  # type: ignore[import-not-found]
-        except ImportError:
-            raise ValueError("method.distance: 'lpips' needs the `lpips` package (pip install lpips) and its "
-                             "backbone weights in torch's cache; use l2, l1 or pseudo_huber otherwise") from None
-        file = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONES[net]
-        if not file.is_file():
-            raise ValueError(f"method.distance: 'lpips' needs the backbone weights {file} (dtrain never downloads "
-                             f"at run time; copy the file there)")
         self.net = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:

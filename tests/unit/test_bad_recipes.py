@@ -26,6 +26,14 @@ CASES = [
     ("wrong type int", GMM, "trainer:\n  max_steps: lots\n", "trainer.max_steps", "wrong type"),
     ("wrong type float", GMM, "optim:\n  lr: fast\n", "optim.lr", "wrong type"),
     ("wrong type bool", GMM, "trainer:\n  deterministic: maybe\n", "trainer.deterministic", "wrong type"),
+    ("empty run name", GMM, "name: ''\n", "name", "a non-empty name without '/'"),
+    ("run name with a slash", GMM, "name: a/b\n", "name", "a non-empty name without '/'"),
+    ("guidance without classes", DIGITS, "model:\n  num_classes: 0\nsampler:\n  guidance: 3.0\n", "sampler.guidance",
+     "guides by class labels, which an unconditional model"),
+    ("scalar for a list", DIGITS, "ema:\n  decays: 0.99\n", "ema.decays", "expected list[float], got 0.99"),
+    ("null section", GMM, "trainer: null\n", "trainer", "expected a section of TrainerCfg's keys, got null"),
+    ("unknown key, nothing close", GMM, "optim:\n  learning_rate: 0.1\n", "optim.learning_rate",
+     "unknown key for OptimCfg; valid keys: ['lr', "),
     ("unknown schedule", GMM, "schedule:\n  name: vp_foo\n", "schedule.name", "unknown schedule 'vp_foo'"),
     ("unknown model", GMM, "model:\n  name: resnet\n", "model.name", "unknown model 'resnet'; choose one of"),
     ("unknown method", GMM, "method:\n  name: dmd\n", "method.name", "unknown method 'dmd'; choose one of"),
@@ -105,3 +113,34 @@ def test_command_line_override_is_named(tmp_path):
     with pytest.raises(RecipeError) as e:
         fit(GMM, ["trainer.max_bad_steps=-2", f"out_dir={tmp_path}"])
     assert e.value.source == "command line" and e.value.key == "trainer.max_bad_steps"
+
+
+def test_lpips_that_cannot_run_here_fails_at_launch_and_in_a_dry_run(tmp_path, monkeypatch, cli_error):
+    """distance: lpips without the package (or its backbone's weights) passed --dry-run, then fit died in the module's
+    constructor with a 20-line traceback and exit code 1."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no backbone weights, whatever is installed
+    for dry in ([], ["--dry-run"]):
+        err = cli_error("fit", str(R / "cm" / "ict_digits.yaml"), "method.init=scratch", "method.distance=lpips",
+                        f"out_dir={tmp_path / 'runs'}", "logger.mode=disabled", *dry)
+        assert "method.distance: 'lpips' needs the" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_teacher_the_method_ignores_is_refused(tmp_path, digits_bundle):
+    """teacher= on a teacher recipe (or iCT from scratch) was silently ignored."""
+    for recipe, extra in ((GMM, []), (R / "cm" / "ict_digits.yaml", ["method.init=scratch"])):
+        with pytest.raises(RecipeError) as e:
+            fit(recipe, [f"teacher={digits_bundle}", *extra, f"out_dir={tmp_path}"])
+        assert e.value.key == "teacher" and e.value.source == "command line"
+        assert "with these settings reads no teacher (it would be ignored)" in e.value.reason
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_teacher_on_another_schedule_is_refused_before_the_run(tmp_path, digits_bundle):
+    """A CD student on vp_cosine with the digits teacher (vp_discrete) passed --dry-run and failed only in the
+    module's setup, after Lightning had started; the teacher's metadata tells its schedule without its weights."""
+    for dry in (True, False):
+        with pytest.raises(RecipeError) as e:
+            fit(R / "cm" / "cd_gmm.yaml", [f"teacher={digits_bundle}", f"out_dir={tmp_path}"], dry_run=dry)
+        assert e.value.key == "schedule" and "is not the teacher's" in e.value.reason, e.value
+    assert not any(tmp_path.iterdir())

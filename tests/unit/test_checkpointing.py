@@ -210,11 +210,22 @@ def test_keep_checkpoints_drops_a_signal_checkpoint_once_a_newer_periodic_one_ex
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
-def test_a_fresh_start_in_a_run_directory_with_checkpoints_warns(tmp_path):
+def test_a_fresh_start_in_a_run_directory_with_checkpoints_is_refused(tmp_path, capsys):
+    """It used to warn and train beside them: last.ckpt, the file users export and hand on as a teacher, stayed the
+    earlier run's (the new one was last-v1.ckpt). Now it is refused, also by --dry-run, naming the way on."""
+    from dtrain.cli import main
+    from dtrain.errors import InputError
     from dtrain.lit.fit import fit
 
     common = [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=2"]
-    fit(GMM, common)
-    with pytest.warns(UserWarning, match=r"already holds checkpoints of an earlier run \(newest: last\.ckpt\); this "
-                                         r"run starts from scratch beside them .* --resume auto continues"):
-        fit(GMM, common)
+    run = fit(GMM, common)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for dry in (False, True):
+        with pytest.raises(InputError, match=r"already holds checkpoints of an earlier run \(newest: "
+                                             r"checkpoints/last\.ckpt\); --resume auto continues it; to start afresh"):
+            fit(GMM, common, dry_run=dry)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    fit(GMM, [*common, "trainer.max_steps=3"], resume="auto")  # the way on
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert main(["fit", str(GMM), *common, "--dry-run", "--resume", str(tmp_path / "nothing.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

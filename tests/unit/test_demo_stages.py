@@ -67,6 +67,20 @@ def test_every_stage_is_described_and_every_student_sized() -> None:
     assert {s.name for s in STUDENTS} >= {"pd", "cd", "ict", "meanflow", "ctm"}
 
 
+def test_a_missing_stage_in_a_folder_of_the_other_sizes_says_so(tmp_path: Path) -> None:
+    """`dtrain demo --out <a --fast demo> --stages report` (no --fast) asked to rerun the teacher (2 min) and every
+    stage; the folder's own demo.json tells which sizes it holds."""
+    from dataclasses import asdict
+
+    from dtrain.demo import FULL, StageError
+
+    (tmp_path / "demo.json").write_text(json.dumps({"sizes": asdict(FAST)}))
+    with pytest.raises(StageError, match=r"--stages .* eval\b.*; .* holds a demo run at --fast \(add --fast to "
+                                         r"use it\)"):
+        Demo(tmp_path, sizes=FULL, stages=["eval"], quiet=True).run()
+    assert Demo(tmp_path, sizes=FAST, quiet=True)._other_sizes_hint() == ""
+
+
 def test_a_flow_teacher_that_does_not_load_fails_alone(out: Path, monkeypatch) -> None:
     """Its recipe missing: the flow teacher fails with the file's name, MeanFlow says its teacher failed, the
     summary is written and eval can still score the rest; exit code 1."""

@@ -281,3 +281,56 @@ def test_ref_stats_mismatch_names_the_key_it_was_loaded_with(tmp_path, key: str)
     builtin = load_ref("digits:train", ext, key=key)
     with pytest.raises(RefStatsError, match=rf"^{key}: reference statistics .*resolution"):
         FID(ext, builtin, shape=(1, 16, 16))
+
+
+@pytest.mark.parametrize("w", ["-3", "nan"])
+def test_negative_guidance_is_refused(ckpt_bundle, tmp_path, w, sample_error, cli_error) -> None:
+    """`--guidance -3` ran (class accuracy 0.03) and `--w -1` sampled: w >= 0 (1: none, 0: unconditional)."""
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--w", w)
+    assert err.startswith(f"dtrain sample: --w: must be a number >= 0 (1: no guidance, 0: unconditional), got {w}")
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--guidance", w, "--out", str(tmp_path / "e"))
+    assert err.startswith("dtrain eval: --guidance: must be >= 0 (1: no guidance, 0: unconditional)")
+
+
+def test_sample_times_and_nfe_together_are_refused(ckpt_bundle, tmp_path, sample_error) -> None:
+    """--times set the grid and --nfe was silently ignored."""
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--times", "0.6", "--nfe", "3")
+    assert err.startswith("dtrain sample: --times: the grid's interior times set the steps")
+
+
+def test_eval_default_out_tells_weights_and_guidance_apart(ckpt_bundle, tmp_path, monkeypatch) -> None:
+    """Evaluations of one checkpoint with another --ema or --guidance overwrote each other's fid_vs_nfe.json."""
+    ckpt = ckpt_bundle[0]
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(ckpt), *EVAL, "--ema", "raw", "--guidance", "1.5"]) == 0
+    run = ckpt.parent.parent.name
+    assert (tmp_path / "runs" / "eval" / f"{run}-last-emaraw-w1.5" / "fid_vs_nfe.json").is_file()
+    assert not (tmp_path / "runs" / "eval" / f"{run}-last").exists()
+
+
+def test_a_distilled_grid_left_for_another_warns(ckpt_bundle, tmp_path, monkeypatch) -> None:
+    """A PD student's bundle stores the grid it was distilled for; sampling or evaluating it at another NFE ran on
+    another grid without a word."""
+    import json
+    import shutil
+    import warnings
+
+    import dtrain.eval.sweep as sweep
+    from dtrain.export.bundle import load_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(ckpt_bundle[1], b)
+    info = json.loads((b / "dtrain.json").read_text())
+    info["sampler"].update(name="ddim", nfe=2, grid=[float(info["schedule"].get("t_max", 1.0) or 1.0), 0.3, 0.0])
+    (b / "dtrain.json").write_text(json.dumps(info))
+    pipe = load_bundle(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.sample(2, generator=torch.Generator().manual_seed(0))  # its own grid: quiet
+    with pytest.warns(UserWarning, match=r"distilled for its own 2-step grid .* sampler 'ddim' at nfe 3 runs on "
+                                         r"another grid"):
+        pipe.sample(2, nfe=3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(sweep, "fid_sweep", lambda *a, **kw: [])
+    with pytest.warns(UserWarning, match=r"own 2-step grid \(ddim:2\); ddim:1, ddim:4 run on other grids"):
+        argv = ["eval", str(b), *EVAL[:4], "--samplers", "ddim:1,2,4", *EVAL[6:], "--out", str(tmp_path / "e")]
+        assert main(argv) == 0

@@ -163,6 +163,22 @@ def test_cli_npy_and_errors(tmp_path, capsys):
     assert "missing.npy" in capsys.readouterr().err
 
 
+def test_cli_counts_are_named_and_a_smaller_rewrite_leaves_no_stale_shards(tmp_path, capsys):
+    """--count -5 gave numpy's 'negative dimensions are not allowed'; --shard-size 0 named Python arguments; a
+    rewrite with fewer shards left the earlier write's last shards, which a pattern over the folder then read."""
+    for argv, flag in ((["patches", "--count", "-5"], "--count: must be >= 1, got -5"),
+                       (["digits", "--shard-size", "0"], "--shard-size: must be >= 1, got 0")):
+        assert S.main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
+        assert f"dtrain shards: error: {flag}" in capsys.readouterr().err
+    out = tmp_path / "d"
+    assert S.main(["digits", "--num-shards", "5", "--out", str(out), "--quiet"]) == 0
+    (out / "train-other.tar").write_bytes(b"not ours")  # not a shard name of this writer: kept
+    assert S.main(["digits", "--num-shards", "2", "--out", str(out), "--quiet"]) == 0
+    assert sorted(f.name for f in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "train-other.tar"]
+    assert "removed 3 shard(s) of an earlier, larger write" in capsys.readouterr().err
+    assert resolve_shards(str(out / "train-{000000..000001}.tar")).total == 1347
+
+
 def test_digits_source_exact():
     """``all``: sklearn's images scaled to 0..255; the default ``train`` split holds exactly the images of
     ``digits_arrays("train")`` (FID-digits' reference), none of the held-out test split."""
