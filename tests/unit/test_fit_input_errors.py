@@ -101,7 +101,6 @@ def test_student_network_that_may_differ(tmp_path, digits_teacher, bundle, monke
                                "model.clip_x0=null", "model.sigma_data=1.0", "model.input_scaling=true"]),
         ("flowmap/ctm_digits.yaml", [f"teacher={bundle}", "model.channels=16"]),
         ("pd/digits_guided.yaml", [f"teacher={digits_teacher}", "model.channels=16"]),
-        ("cm/ict_digits.yaml", [f"teacher={digits_teacher}", "method.init=scratch"]),
         ("flowmap/meanflow_digits.yaml", [f"teacher={digits_teacher}"]),
         ("cm/cd_digits.yaml", [f"teacher={sharded}"]),
     ]:
