@@ -42,8 +42,9 @@ def student(recipe: str, teacher: Path, overrides: list[str]) -> tuple[Path, flo
     (``common.fit_once``: trained once per resolved recipe)."""
     from dtrain.config import load_recipe
 
+    scratch = "method.init=scratch" in overrides  # CT / iCT from nothing: no teacher at all
     cfg = load_recipe(ROOT / "recipes" / "cm" / f"{recipe}.yaml",
-                      [f"teacher={teacher}", f"out_dir={BENCH_RUNS}", *QUIET, *overrides])
+                      [*([] if scratch else [f"teacher={teacher}"]), f"out_dir={BENCH_RUNS}", *QUIET, *overrides])
     out, seconds = fit_once(cfg)
     return out / "checkpoints" / "last.ckpt", seconds
 

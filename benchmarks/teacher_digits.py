@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def main(overrides: list[str]) -> dict:
         return trainer
 
     fit_mod.build_trainer = with_timer
+    shutil.rmtree(fit_mod.run_dir(cfg), ignore_errors=True)  # a fresh run each time (fit refuses to start beside one)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     run = fit_mod.fit(cfg)

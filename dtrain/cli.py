@@ -158,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "=" in a and not a.startswith("-") for a in extra):  # key=value after a flag: fit R --resume last k=v
         args.overrides = [*args.overrides, *extra]
     elif extra:  # the subcommand's usage, not the top level's
-        odd = [a for a in extra if "=" not in a or a.startswith("-")]
-        hint = (f" ({odd[0]!r} is neither a flag of `dtrain {args.command}` nor a key=value override)"
-                if isinstance(getattr(args, "overrides", None), list) else "")
+        takes = isinstance(getattr(args, "overrides", None), list)  # fit's key=value overrides
+        odd = [a for a in extra if "=" not in a or a.startswith("-")] if takes else extra
+        hint = f" ({odd[0]!r} is neither a flag of `dtrain {args.command}` nor a key=value override)" if takes else ""
         parser._subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(odd)}{hint}")
     from dtrain.errors import InputError
 

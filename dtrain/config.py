@@ -1080,16 +1080,16 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
              f"has alpha(t_max) = {alpha_end:.3g}, so {what} cannot recover x0 there; use v, x0, velocity or edm")]
 
 
-def _check_eval_inputs(cfg: DictConfig, where: Any) -> None:
+def _check_eval_inputs(cfg: DictConfig, where: Any, here: bool = True) -> None:
     """The files a run's own FID evaluations read (progressive distillation scores every round's student against
     ``eval.ref_stats`` when it is set; ``eval.every_n_steps`` sweeps): there before training, not after a round."""
     from dtrain.eval.features import BUILTIN_REFS
 
     e, m = cfg.eval, cfg.method
-    if m.get("distance") == "lpips":  # consistency models' LPIPS: the package and its backbone's weights
-        from dtrain.methods.consistency import lpips_missing
+    if m.get("distance") == "lpips":  # consistency models' LPIPS: the package (and, here, its backbone's weights:
+        from dtrain.methods.consistency import lpips_missing  # a job script may set TORCH_HOME for the nodes)
 
-        if (why := lpips_missing()) is not None:
+        if (why := lpips_missing(weights=here)) is not None:
             raise RecipeError(where("method.distance"), "method.distance", why)
     weights = e.feature_extractor_weights_path
     if weights is not None and not Path(weights).is_file():
@@ -1132,7 +1132,7 @@ def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[st
     if cfg.strategy.name == "fsdp2" and on_cpu and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 7):
         raise RecipeError(where("strategy.name"), "strategy.name", f"fsdp2 on the CPU needs torch >= 2.7 (torch "
                           f"{torch.__version__}'s FSDP2 records CUDA stream events); use ddp here, or fsdp2 on GPUs")
-    _check_eval_inputs(cfg, where)
+    _check_eval_inputs(cfg, where, here)
     d = cfg.data
     if d.name != "wds" or not d.shards or "://" in d.shards:
         return

@@ -20,7 +20,8 @@ Stages (each one's outputs are listed in ``<out>/stages/<stage>.json``):
   an offline W&B run of the table, and the final table on the terminal.
 
 Each demo recipe is the repository's recipe, resolved, with the data switched to the shards and the sizes of the
-demo; it is written to ``<out>/recipes/<stage>.yaml`` (``dtrain fit`` runs it as it is). A stage is skipped when
+demo; it is written to ``<out>/recipes/<stage>.yaml`` (``dtrain fit <it> --resume auto`` continues that run,
+``name=...`` trains it again beside). A stage is skipped when
 its record's key (a content hash of its resolved recipe or settings and of its inputs' keys and weights) matches
 and its outputs exist and check out (bundle weights against their sha256), so an interrupted demo resumes; a
 training stage cut off in the middle resumes from its last checkpoint.
@@ -471,7 +472,8 @@ class Demo:
         path = self.out / "recipes" / f"{stage}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         body = OmegaConf.to_yaml(OmegaConf.create(self._recipe_container(stage)))
-        path.write_text(f"# dtrain demo, stage {stage}: `dtrain fit {path}` reruns it\n{body}")
+        path.write_text(f"# dtrain demo, stage {stage}: `dtrain fit {path} --resume auto` continues its run, "
+                        f"`... name={stage}2` trains it again beside\n{body}")
         return load_recipe(path)
 
     # ---- stages ----------------------------------------------------------------------------------
@@ -821,7 +823,7 @@ class Demo:
 
     def _artefacts(self, md: bool = False) -> list[str]:
         o = self.out
-        items = [("shards", o / "shards"), ("recipes (dtrain fit reruns each)", o / "recipes"),
+        items = [("shards", o / "shards"), ("recipes (dtrain fit <recipe> name=<new>)", o / "recipes"),
                  ("training runs (checkpoints, CSV or W&B logs)", o / "runs"),
                  ("bundles (dtrain sample)", o / "bundles"),
                  ("sample grids, one per model", o / "grids"), ("FID-vs-NFE plot", o / "fid_vs_nfe.png"),

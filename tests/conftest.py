@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+import lightning.pytorch  # noqa: F401  (before any test: its log handler binds the real stderr, not a test's capture,
+import pytest  # which closes when that test ends: a test file run alone then failed on "I/O operation on closed file")
 import torch
 
 

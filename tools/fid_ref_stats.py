@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dtrain.data.digits import digits_arrays
+from dtrain.data.shards import GRAY_MODES, image_array
 from dtrain.errors import InputError, check_writable
 from dtrain.eval.features import build_extractor
 from dtrain.eval.fid import compute_ref_stats, dist_rank
@@ -37,8 +38,8 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def to_tensor(img, channels: int | None) -> torch.Tensor:
     """PIL image -> float [C, H, W] in [-1, 1] (uint8 / 127.5 - 1)."""
-    mode = {1: "L", 3: "RGB"}.get(channels or (1 if img.mode in ("L", "I", "1") else 3))
-    a = np.asarray(img.convert(mode), dtype=np.float32)
+    mode = {1: "L", 3: "RGB"}.get(channels or (1 if img.mode in GRAY_MODES else 3))
+    a = image_array(img, mode).astype(np.float32)  # as the shard reader decodes (16-bit gray scaled, not clipped)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(a / 127.5 - 1.0)
 

@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         flags = sbatch_args(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
-        if not args.print_args:  # the files the job will read, before it waits in the queue
+        if not args.print_args:  # the teacher and the files the job will read, before it waits in the queue
+            from dtrain.lit.fit import check_teacher
+
+            check_teacher(cfg, args.recipe, args.overrides)
             check_inputs(cfg, args.recipe, args.overrides, here=False)
     except (RecipeError, ValueError) as e:
         return _fail(str(e))

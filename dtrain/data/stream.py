@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dtrain.data.shards import find_index, image_array, image_meta, is_remote, read_index, scan_shard, split_key
+from dtrain.data.shards import INDEX_NAME, image_array, image_meta, is_remote, read_index, scan_shard, split_key
 from dtrain.errors import InputError, MissingFileError
 
 __all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "check_local_shards", "rank_batches",
@@ -111,15 +111,23 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
     if not urls:
         raise InputError(f"data.shards: pattern {shards!r} expands to no shards")
     check_local_shards(urls)
-    if index is None and any(is_remote(u) for u in urls):
-        raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
-                         "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")
-    where = [index or find_index([u]) for u in urls]  # each shard's index (None: local, unindexed)
+    if index is None:  # each local shard's own index (looked up once per folder); remote ones: the first found
+        beside = {d: str(d / INDEX_NAME) if (d / INDEX_NAME).is_file() else None for d in dict.fromkeys(
+            Path(u.removeprefix("file:")).parent for u in urls if not is_remote(u))}
+        where = [None if is_remote(u) else beside[Path(u.removeprefix("file:")).parent] for u in urls]
+        first = next((w for w in where if w is not None), None)
+        where = [first if is_remote(u) else w for u, w in zip(urls, where)]
+        if any(w is None and is_remote(u) for u, w in zip(urls, where)):
+            raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
+                             "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")
+    else:
+        where = [index] * len(urls)
     metas = {i: read_index(i) for i in dict.fromkeys(w for w in where if w is not None)}
     lookups = {i: _IndexLookup(i, m) for i, m in metas.items()}
-    counts = [lookups[i].count(u) if i is not None else _scan(u.removeprefix("file:"))[0] for u, i in zip(urls, where)]
+    scans = {u: _scan(u.removeprefix("file:")) for u, i in zip(urls, where) if i is None}  # unindexed: read once
+    counts = [lookups[i].count(u) if i is not None else scans[u][0] for u, i in zip(urls, where)]
     if not metas:  # no index at all: what a sample holds comes from the shards themselves
-        keys = sorted({e for u in urls for e in _scan(u.removeprefix("file:"))[1]})
+        keys = sorted({e for _, exts in scans.values() for e in exts})
         return _shard_set(urls, counts, {**peek_meta(urls[0].removeprefix("file:")), "keys": keys}, None)
     first, meta = next(iter(metas.items()))
     for other, m in metas.items():  # a ::-joined pattern over folders: their images and classes must agree
@@ -338,6 +346,8 @@ class WdsStream(IterableDataset):
         if not self.sizes:
             raise InputError(f"data.batch_size: {batch_size} is more than the {self.per_rank} samples per rank "
                              f"({total} over {world_size} rank(s)); use data.batch_size <= {self.per_rank}")
+        # an epoch that leaves samples out starts at a seeded offset (``_segments``)
+        self.ring_start = not resampled and sum(self.sizes) * world_size != shards.total
         # (epoch, batches of it already consumed) in shared memory: persistent workers, forked or spawned,
         # read the values set in the main process each time a new epoch's iterator starts
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -383,8 +393,7 @@ class WdsStream(IterableDataset):
         # an epoch that leaves samples out (the N mod W tail, each rank's drop_last remainder, a shorter epoch_size)
         # starts its sequence at a seeded offset into the shards (wrapping round): other samples are left out each
         # epoch, also with one shard or unshuffled shards. An epoch that reads everything starts at shard starts.
-        whole = sum(self.sizes) * self.world_size == self.shards.total
-        rot = 0 if whole else int(_rng(self.seed, 3, epoch).integers(self.shards.total))
+        rot = 0 if not self.ring_start else int(_rng(self.seed, 3, epoch).integers(self.shards.total))
         offset, _ = self.worker_run(worker, num_workers)
         g = (self.rank * self.per_rank + offset + raw_pos + rot) % self.shards.total  # position in the shards
         ends = np.cumsum([counts[s] for s in order])
@@ -515,7 +524,7 @@ class WdsStream(IterableDataset):
             d = self._decode(item, False)
             if isinstance(d, _Decoded):
                 return [d]
-            if n > 100_000:
+            if n >= min(self.shards.total, 100_000):  # one lap of the shards at most
                 break
         raise RuntimeError(f"data: no decodable sample in this worker's stream from position {raw_pos} on "
                            f"(rank {self.rank}, worker {worker}); check the shards with `dtrain shards verify`")

@@ -159,7 +159,7 @@ class WdsDataModule(L.LightningDataModule):
                 "batches": len(self.stream), "batch_size": self.stream.batch_size,
                 "resampled": self.stream.resampled, "samples": self._shardset().total, "seed": self.seed,
                 "shuffle": self.stream.shuffle, "shuffle_shards": self.stream.shuffle_shards,
-                "shards": len(self._shardset().counts)}
+                "shards": len(self._shardset().counts), "ring_start": self.stream.ring_start}
 
     def _before_iter(self) -> None:
         """The data epoch and position of a new pass: the restored ones, the trainer's epoch on a fresh start, and
@@ -180,7 +180,8 @@ class WdsDataModule(L.LightningDataModule):
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
         saved, now = state.get("layout") or {}, self._layout()
-        if saved and all(saved.get(k, v) == v for k, v in now.items()):  # (keys older checkpoints lack: equal)
+        older = {"ring_start": False}  # what checkpoints from before a key was added ran with
+        if saved and all(saved.get(k, older.get(k, v)) == v for k, v in now.items()):  # other keys they lack: equal
             return int(state["epoch"]), int(state["consumed"])
         # another world size / worker count / batch size: keep the fraction of the epoch already seen
         frac = int(state["consumed"]) / max(1, int(state.get("layout", {}).get("batches", len(self.stream))))

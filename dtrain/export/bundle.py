@@ -391,7 +391,7 @@ class Pipeline:
         argument, or a flag: ``--w``): guidance needs classes, and a kind that guides."""
         if w is None or w == 1.0:
             return
-        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
             raise InputError(f"{key}: must be a number >= 0 (1: no guidance, 0: unconditional), got {w!r}")
         if self.num_classes == 0:
             raise InputError(f"{key}: guidance needs a class-conditional model; this bundle has no classes")

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from dtrain.config import RecipeError, recipe_hash, to_container
+from dtrain.config import RecipeError, key_source, recipe_hash, to_container
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
@@ -181,7 +181,7 @@ class DiffusionModule(L.LightningModule):
         return True
 
     @classmethod
-    def check_teacher_network(cls, recipe: Any, source: str = "recipe") -> None:
+    def check_teacher_network(cls, recipe: Any, source: str = "recipe", overrides: Any = ()) -> None:
         """Before a run starts: a student that starts from its teacher's weights (``copies_teacher``) has the network
         its ``teacher`` file records (the ``model`` section of the teacher's metadata; no weights are read), else
         ``RecipeError`` naming the keys that differ. The denoiser's fields (``param`` ...) and the training-only
@@ -195,12 +195,6 @@ class DiffusionModule(L.LightningModule):
                 raise RecipeError(source, "teacher", f"{teacher} holds a {kind!r} student, not a denoiser: method "
                                   f"{recipe['method']['name']!r} distils a teacher's (or a PD student's) checkpoint "
                                   f"or bundle")
-        if teacher is not None and Path(teacher).exists() and cls.teacher_needed(recipe) \
-                and cls.teacher_on_my_schedule(recipe) and (theirs := read_schedule(teacher)) is not None:
-            mine = schedule_from_config(recipe["schedule"]).to_dict()
-            if mine != theirs:
-                raise RecipeError(source, "schedule", f"the student's schedule {mine} is not the teacher's {theirs} "
-                                  f"({teacher}); set the student's schedule section to the teacher's")
         added = cls.copies_teacher(recipe)
         if added is None or teacher is None or not Path(teacher).exists():
             return  # a missing file is named by the recipe checks
@@ -211,9 +205,24 @@ class DiffusionModule(L.LightningModule):
         skip = {*DENOISER_FIELDS, *TRAINING_ONLY} - {"name"}
         diff = [k for k in model_differences(theirs, mine, skip) if not (k in added and mine[k])]
         if diff:
-            raise RecipeError(source, "model", f"the student network is not the teacher's ({teacher}): "
+            raise RecipeError(key_source("model", source, overrides), "model", f"the student network is not the "
+                              f"teacher's ({teacher}): "
                               + ", ".join(f"model.{k} {mine[k]!r} (the teacher's {theirs[k]!r})" for k in diff)
                               + f"; copy the teacher's model section{_may_set(added)}, or use another teacher")
+
+    @classmethod
+    def check_teacher_schedule(cls, recipe: Any, source: str = "recipe", overrides: Any = ()) -> None:
+        """Before a run starts: a teacher that must run on the student's schedule (``teacher_on_my_schedule``) was
+        trained on it, read from its metadata (else ``RecipeError`` naming ``schedule``); setup checks it again."""
+        teacher = recipe.get("teacher")
+        if teacher is None or not Path(teacher).exists() or not cls.teacher_needed(recipe) \
+                or not cls.teacher_on_my_schedule(recipe) or (theirs := read_schedule(teacher)) is None:
+            return
+        mine = schedule_from_config(recipe["schedule"]).to_dict()
+        if mine != theirs:
+            raise RecipeError(key_source("schedule", source, overrides), "schedule", f"the student's schedule {mine} "
+                              f"is not the teacher's {theirs} ({teacher}); set the student's schedule section to the "
+                              "teacher's")
 
     @property
     def num_classes(self) -> int:

@@ -30,8 +30,8 @@ from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
-__all__ = ["fit", "run_dir", "build_trainer", "build_logger", "wandb_run_id", "describe", "set_cpu_threads",
-           "set_tf32"]
+__all__ = ["fit", "check_teacher", "run_dir", "build_trainer", "build_logger", "wandb_run_id", "describe",
+           "set_cpu_threads", "set_tf32"]
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -160,6 +160,23 @@ def describe(cfg: DictConfig) -> str:
     return f"{OmegaConf.to_yaml(cfg)}# parameters: {n:,} ({cfg.model.name})\n{batch}"
 
 
+def check_teacher(cfg: DictConfig, source: str = "recipe", overrides: Sequence[str] = ()) -> None:
+    """The recipe's ``teacher`` before a run starts (``fit``, ``--dry-run``, ``tools/slurm_submit.py``): given when
+    the method needs one, not given when it would be ignored, a denoiser where one is distilled, trained on the
+    student's schedule, and the student's network where the student starts from its weights (metadata only; no
+    weights are read). Raises ``RecipeError`` naming the key and where it was set."""
+    klass = module_class(cfg.method.name)
+    if cfg.teacher is None and (why := klass.teacher_needed(cfg)):
+        raise RecipeError(source, "teacher", f"{why}: give its checkpoint or bundle, e.g. teacher=runs/<name>/"
+                          f"checkpoints/last.ckpt on the command line")
+    if cfg.teacher is not None and not klass.reads_teacher(cfg):
+        raise RecipeError(key_source("teacher", source, overrides), "teacher",
+                          f"method {cfg.method.name!r} with these settings reads no teacher (it would be ignored); "
+                          "drop teacher=, or set the method that distils it")
+    klass.check_teacher_network(cfg, source, overrides)
+    klass.check_teacher_schedule(cfg, source, overrides)
+
+
 class _NoTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Tip:" not in str(record.msg)
@@ -199,14 +216,7 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     source = str(recipe) if not isinstance(recipe, DictConfig) else "recipe"
     out = run_dir(cfg)
     klass: type[DiffusionModule] = module_class(cfg.method.name)
-    if cfg.teacher is None and (why := klass.teacher_needed(cfg)):
-        raise RecipeError(source, "teacher", f"{why}: give its checkpoint or bundle, e.g. teacher=runs/<name>/"
-                          f"checkpoints/last.ckpt on the command line")
-    if cfg.teacher is not None and not klass.reads_teacher(cfg):
-        raise RecipeError(key_source("teacher", source, overrides), "teacher",
-                          f"method {cfg.method.name!r} with these settings reads no teacher (it would be ignored); "
-                          "drop teacher=, or set the method that distils it")
-    klass.check_teacher_network(cfg, source)  # a student starting from the teacher's weights: the same network
+    check_teacher(cfg, source, overrides)
     if dry_run:  # the recipe, then the files a launch would read (not this machine's devices: a login node's)
         print(describe(cfg), end="")
         check_inputs(cfg, source, overrides, here=False)

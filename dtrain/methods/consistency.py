@@ -171,9 +171,9 @@ def distance(kind: str, a: Tensor, b: Tensor, *, huber_c: float | None = None,
 _LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}  # torchvision
 
 
-def lpips_missing(net: str = "vgg") -> str | None:
-    """Why ``distance: lpips`` cannot run here (the package, or its backbone's weights that dtrain never downloads),
-    or None: checked at launch (``dtrain.config.check_inputs``) and by ``LPIPSDistance``."""
+def lpips_missing(net: str = "vgg", *, weights: bool = True) -> str | None:
+    """Why ``distance: lpips`` cannot run here (the package, or with ``weights`` its backbone's weights that dtrain
+    never downloads), or None: checked at launch (``dtrain.config.check_inputs``) and by ``LPIPSDistance``."""
     from pathlib import Path
 
     import torch.hub
@@ -184,7 +184,7 @@ def lpips_missing(net: str = "vgg") -> str | None:
         return ("'lpips' needs the `lpips` package (pip install lpips) and its backbone weights in torch's cache; use "
                 "l2, l1 or pseudo_huber otherwise")
     file = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONES[net]
-    if not file.is_file():
+    if weights and not file.is_file():
         return f"'lpips' needs the backbone weights {file} (dtrain never downloads at run time; copy the file there)"
     return None
 

@@ -319,6 +319,23 @@ def test_folders_that_reuse_shard_names_keep_their_own_counts(tmp_path):
         resolve_shards(f"{a}/train-000000.tar::{tmp_path}/c/train-000000.tar")
 
 
+def test_a_pattern_of_local_and_piped_shards_reads_the_local_index(tmp_path):
+    """'a/train-0.tar::pipe:cat a/train-1.tar' took both counts from the index beside the first shard; the per-shard
+    lookup must keep that (a remote shard looks in the index the local ones found), and unindexed local shards are
+    scanned once each."""
+    from unittest import mock
+
+    import dtrain.data.stream as st
+
+    root = _ids_dataset(tmp_path / "d", 30, 3)
+    ss = resolve_shards(f"{root}/train-{{000000..000001}}.tar::pipe:cat {root}/train-000002.tar")
+    assert ss.counts == [10, 10, 10]
+    (root / "index.json").unlink()
+    with mock.patch.object(st, "scan_shard", wraps=st.scan_shard) as scan:
+        assert resolve_shards(f"{root}/train-{{000000..000002}}.tar").counts == [10, 10, 10]
+    assert scan.call_count == 3
+
+
 def test_counts_without_index_and_pipe_urls(tmp_path):
     root = _ids_dataset(tmp_path / "d", 15, 2)
     (root / "index.json").rename(tmp_path / "idx.json")
@@ -561,6 +578,23 @@ def test_resume_layout_covers_the_shuffle_and_reads_older_checkpoints(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(list(c.train_dataloader())) == len(list(dm(8).train_dataloader())) - 3
+    # an epoch that leaves samples out now starts at a seeded offset: a checkpoint from before (no ring_start)
+    # read the old order, so its position no longer fits and the resume says so; one that reads all still fits
+    for batch, fits in ((3, False), (4, True)):  # 40 samples: batches of 3 leave 1 out, of 4 none
+        m = WdsDataModule(str(root / "index.json"), batch_size=batch, num_workers=0, seed=1, shuffle=8)
+        m.setup("fit")
+        it = iter(m.train_dataloader())
+        m.on_before_batch_transfer(next(it), 0)
+        saved = m.state_dict()
+        assert saved["layout"]["ring_start"] is not fits
+        saved["layout"].pop("ring_start")
+        r = WdsDataModule(str(root / "index.json"), batch_size=batch, num_workers=0, seed=1, shuffle=8)
+        r.setup("fit")
+        r.load_state_dict(saved)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            list(r.train_dataloader())
+        assert any("another layout" in str(w.message) for w in seen) is not fits
 
 
 def test_resume_with_another_layout_keeps_the_fraction(tmp_path):
