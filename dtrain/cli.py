@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# import name -> package of pyproject's `train` extra (the core install samples bundles only)
+TRAIN_EXTRA = {"lightning": "lightning", "pytorch_lightning": "lightning", "lightning_fabric": "lightning",
+               "deepspeed": "deepspeed", "wandb": "wandb", "webdataset": "webdataset", "omegaconf": "omegaconf",
+               "torchmetrics": "torchmetrics", "torch_fidelity": "torch-fidelity", "sklearn": "scikit-learn",
+               "scipy": "scipy", "rich": "rich", "matplotlib": "matplotlib", "torchvision": "torchvision",
+               "braceexpand": "webdataset", "yaml": "omegaconf"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -168,6 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except InputError as e:  # a bad recipe, flag or file (dtrain.errors): one clear line, no traceback
         print(f"dtrain {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an inference-only install (pyproject: the `train` extra)
+        missing = TRAIN_EXTRA.get((e.name or "").split(".")[0])
+        if missing is None:
+            raise
+        print(f"dtrain {args.command}: needs {missing}, which this install lacks: pip install 'dtrain[train]' "
+              f"(bundles need only the core install: dtrain sample, dtrain export, dtrain.load_bundle)",
+              file=sys.stderr)
         return 2
 
 

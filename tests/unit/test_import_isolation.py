@@ -57,3 +57,44 @@ def test_probe_sees_a_training_import():
     code = ("import json, sys, dtrain.export.bundle, webdataset; "
             f"print(json.dumps({{'bad': sorted(m for m in {FORBIDDEN!r} if m in sys.modules)}}))")
     assert _run(code)["bad"] == ["webdataset"]
+
+
+BLOCKER = """
+import importlib.abc, json, sys
+class Blocker(importlib.abc.MetaPathFinder):  # the packages of pyproject's `train` extra are not installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in json.loads(sys.argv[2]):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def test_the_core_install_samples_and_exports_and_says_what_training_needs(tmp_path, digits_teacher):
+    """pyproject's core dependencies (torch, safetensors, numpy, pillow) serve an inference team: dtrain export,
+    dtrain sample and load_bundle run with every package of the `train` extra missing; dtrain fit says what to
+    install, in one line (exit 2)."""
+    from dtrain.cli import TRAIN_EXTRA
+
+    code = BLOCKER + f"""
+from dtrain.cli import main
+import contextlib, io
+rc = {{}}
+rc["export"] = main(["export", sys.argv[1], "--out", sys.argv[3] + "/b"])
+rc["sample"] = main(["sample", sys.argv[3] + "/b", "--num", "4", "--nfe", "2", "--out", sys.argv[3] + "/g.png"])
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    rc["fit"] = main(["fit", {str(ROOT / "recipes" / "teacher" / "gmm.yaml")!r}, "--dry-run"])
+rc["fit_err"] = err.getvalue().strip()
+print(json.dumps(rc))
+"""
+    res = _run(code, str(digits_teacher), json.dumps(sorted(TRAIN_EXTRA)), str(tmp_path))
+    assert res["export"] == 0 and res["sample"] == 0 and (tmp_path / "g.png").is_file()
+    assert res["fit"] == 2 and res["fit_err"].startswith("dtrain fit: needs ") and "pip install 'dtrain[train]'" in \
+        res["fit_err"] and "\n" not in res["fit_err"]
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {d.split(">")[0].split("<")[0].split("=")[0] for d in project["dependencies"]}
+    assert core == {"torch", "safetensors", "numpy", "pillow"}
+    train = {d.split(">")[0].split("<")[0].split("=")[0] for d in project["optional-dependencies"]["train"]}
+    assert set(TRAIN_EXTRA.values()) <= train  # every blocked module belongs to a package of the extra
