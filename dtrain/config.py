@@ -10,6 +10,7 @@ command line), the dotted key and the reason, e.g.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -564,17 +565,25 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
         where = sources[-2][0] if len(sources) > 1 else "recipe"
         for fn in [*VALIDATORS, _check_schedule_build]:  # the schedule last: the other checks say more
             for key, reason in fn(merged):
-                raise RecipeError(_source_of(key, sources, where), key, reason)
+                raise RecipeError(_source_of(key, sources, where, also=_keys_named(reason, merged)), key, reason)
     OmegaConf.set_readonly(merged, True)
     return merged
 
 
-def _source_of(key: str, sources: list[tuple[str, DictConfig]], default: str) -> str:
-    """The last source that sets ``key`` (for error messages)."""
+def _source_of(key: str, sources: list[tuple[str, DictConfig]], default: str, also: Sequence[str] = ()) -> str:
+    """The last source that sets ``key`` or one of the keys ``also`` (those a cross-field error names: an
+    ``end_steps`` set on the command line is where ``start_steps: 64 must be method.end_steps (128) x 2^k`` comes
+    from), for error messages."""
     for src, cfg in reversed(sources):
-        if OmegaConf.select(cfg, key, default=None) is not None:
+        if any(OmegaConf.select(cfg, k, default=None) is not None for k in (key, *also)):
             return src
     return default
+
+
+def _keys_named(reason: str, cfg: DictConfig) -> list[str]:
+    """The recipe keys (``section.key``) an error message names."""
+    return [k for k in dict.fromkeys(re.findall(r"\b([a-z_]+\.[a-z_0-9]+)\b", reason))
+            if OmegaConf.select(cfg, k, default=None, throw_on_missing=False) is not None]
 
 
 def key_source(key: str, source: str, overrides: Sequence[str] = ()) -> str:

@@ -144,3 +144,17 @@ def test_a_teacher_on_another_schedule_is_refused_before_the_run(tmp_path, digit
             fit(R / "cm" / "cd_gmm.yaml", [f"teacher={digits_bundle}", f"out_dir={tmp_path}"], dry_run=dry)
         assert e.value.key == "schedule" and "is not the teacher's" in e.value.reason, e.value
     assert not any(tmp_path.iterdir())
+
+
+def test_a_cross_field_error_names_where_its_other_key_was_set():
+    """method.end_steps=128 on the command line made `recipes/pd/digits.yaml: method.start_steps: 64 must be
+    method.end_steps (128) times ...`: the file that set start_steps, not the line that broke it."""
+    from dtrain.config import load_recipe
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe(PD_DIGITS, ["method.end_steps=128"])
+    assert (e.value.source, e.value.key) == ("command line", "method.start_steps")
+    assert "method.end_steps (128)" in e.value.reason
+    with pytest.raises(RecipeError) as e:  # the key itself set on the command line
+        load_recipe(PD_DIGITS, ["method.start_steps=48"])
+    assert e.value.source == "command line"
