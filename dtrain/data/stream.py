@@ -115,8 +115,8 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
         beside = {d: str(d / INDEX_NAME) if (d / INDEX_NAME).is_file() else None for d in dict.fromkeys(
             Path(u.removeprefix("file:")).parent for u in urls if not is_remote(u))}
         where = [None if is_remote(u) else beside[Path(u.removeprefix("file:")).parent] for u in urls]
-        first = next((w for w in where if w is not None), None)
-        where = [first if is_remote(u) else w for u, w in zip(urls, where)]
+        found = next((w for w in where if w is not None), None)
+        where = [found if is_remote(u) else w for u, w in zip(urls, where)]
         if any(w is None and is_remote(u) for u, w in zip(urls, where)):
             raise InputError("data.index: remote shards (pipe:, http://) need a shard index json with per-shard "
                              "counts (dtrain shards writes one; `dtrain shards index` indexes existing shards)")

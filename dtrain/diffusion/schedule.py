@@ -254,8 +254,9 @@ class DiscreteVP(Schedule):
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "custom":
             return {"name": self.name, "alphas_cumprod": self.alphas_cumprod.tolist()}
-        return {"name": self.name, "kind": self.kind, "T": self.T, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "zero_terminal_snr": self.zero_terminal_snr}
+        betas = {"beta_start": self.beta_start, "beta_end": self.beta_end} if self.kind == "linear" else {}
+        return {"name": self.name, "kind": self.kind, "T": self.T, **betas,  # cosine's betas are its own
+                "zero_terminal_snr": self.zero_terminal_snr}
 
 
 class VPLinear(Schedule):

@@ -270,3 +270,13 @@ def test_errors_are_clear():
     with pytest.raises(TypeError, match=r"schedule 'ddpm': bad options \['t_max'\]"):
         make_schedule("ddpm", T=10, t_max=0.5)
     assert isinstance(SigmaSchedule(), SigmaSchedule)
+
+
+def test_a_cosine_ddpm_schedule_records_no_betas_it_does_not_use():
+    """Bundles and errors showed beta_start / beta_end for the cosine DDPM schedule, which ignores them; a bundle
+    written with them still rebuilds the same schedule."""
+    d = make_schedule("ddpm", kind="cosine", T=100).to_dict()
+    assert "beta_start" not in d and "beta_end" not in d and d["kind"] == "cosine"
+    older = {**d, "beta_start": 1e-4, "beta_end": 0.02}
+    assert make_schedule(**older).to_dict() == d
+    assert make_schedule(**make_schedule("ddpm", T=100, beta_end=0.03).to_dict()).to_dict()["beta_end"] == 0.03
