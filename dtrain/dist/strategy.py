@@ -294,6 +294,7 @@ def configure_model(module: Any) -> None:
     mesh = strategy.device_mesh["data_parallel"]
     nets = [module.net, *(ema[tag] for ema in _emas(module) for tag in ema.tags)]
     for net in nets:
+        dense_weights(net)  # FSDP2 shards contiguous parameters only (trainer.channels_last: the batches stay so)
         for m in net.modules():
             if m is not net and type(m).__name__.endswith("Block"):
                 fully_shard(m, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward)
@@ -313,6 +314,7 @@ def _classes() -> dict[str, type]:
         and checks that the EMA shards line up with the network's."""
 
         def setup(self, trainer: L.Trainer) -> None:
+            dense_weights(self.lightning_module)  # FSDP flattens parameters: contiguous ones (trainer.channels_last)
             super().setup(trainer)
             root = self.model
 
@@ -365,9 +367,10 @@ def _classes() -> dict[str, type]:
 
 
 def dense_weights(module: nn.Module) -> nn.Module:
-    """Weights (and buffers) back to the contiguous layout before ``deepspeed.initialize``, which reads each one as
-    bytes (``Tensor.view(torch.uint8)``): a ``trainer.channels_last`` weight refuses that view ("stride(-1) must be
-    1"). ZeRO keeps weights in flat buffers anyway; the batches stay channels_last."""
+    """Weights (and buffers) back to the contiguous layout before sharding: ``deepspeed.initialize`` reads each one
+    as bytes (``Tensor.view(torch.uint8)``), which a ``trainer.channels_last`` weight refuses ("stride(-1) must be
+    1"), and FSDP / FSDP2 shard contiguous parameters only ("FSDP does not support non-contiguous parameters").
+    Sharded weights live in flat buffers anyway; the batches stay channels_last."""
     return module.to(memory_format=torch.contiguous_format)
 
 

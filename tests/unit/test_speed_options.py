@@ -281,3 +281,22 @@ def test_grad_norm_is_unscaled_under_16_mixed(tmp_path, impl):
 
     fp16, fp32 = norm(True), norm(False)
     assert fp16 == pytest.approx(fp32, rel=0.02)
+
+
+def test_sample_grids_of_many_classes_show_a_spread_of_them():
+    """ImageNet-64's grid sampled 8 images for each of 1000 classes in one batch (8000, 16000 with CFG: out of
+    memory hours into a job); at most 16 classes, spread over the labels, are shown."""
+    from types import SimpleNamespace
+
+    from dtrain.lit.callbacks import SampleGrid
+
+    for k, want in ((1000, [0, 67, 133, 200, 266, 333, 400, 466, 533, 599, 666, 733, 799, 866, 932, 999]),
+                    (10, list(range(10)))):
+        seen = {}
+
+        def sample(labels, generator, seen=seen):
+            seen["labels"] = labels
+            return torch.zeros(len(labels), 1, 8, 8)
+
+        SampleGrid(100, None).log_grid(SimpleNamespace(loggers=[]), SimpleNamespace(num_classes=k, sample=sample), 100)
+        assert seen["labels"].tolist() == [c for c in want for _ in range(8)]

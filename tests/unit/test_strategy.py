@@ -556,3 +556,16 @@ def test_signal_handlers_are_restored_after_a_failed_fit(tmp_path, one_thread):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(TeacherModule(cfg), datamodule=build_datamodule(cfg.data, seed=0))
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.skipif(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 7), reason="fsdp2 on the CPU: torch >= 2.7")
+def test_fsdp2_shards_a_channels_last_network(tmp_path, one_thread):
+    """Every GPU recipe sets trainer.channels_last, and fsdp2 failed at its first step: "FSDP does not support
+    non-contiguous parameters yet". The weights are made contiguous before sharding (as for DeepSpeed)."""
+    from dtrain.lit.fit import fit
+
+    run = fit(ROOT / "recipes" / "teacher" / "digits.yaml",
+              ["trainer.channels_last=true", "trainer.devices=1", "trainer.accelerator=cpu", "strategy.name=fsdp2",
+               "trainer.max_steps=2", "trainer.sample_every_n_steps=0", "logger.mode=disabled", "optim.impl=auto",
+               "trainer.progress_bar=false", "model.channels=8", "data.batch_size=16", f"out_dir={tmp_path}"])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
