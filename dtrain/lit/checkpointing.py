@@ -153,6 +153,20 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
                               f"of its checkpoint, so the new value would be ignored; resume with the checkpoint's "
                               f"values, or start a new run")
     before = meta.get("recipe") or {}
+    if before:  # what the network was trained to be: a resume under another one trains something else silently
+        from dtrain.diffusion.schedule import schedule_from_config
+
+        changed = [f"{'.'.join(k)} {_get(before, k)!r} (now {_get(recipe, k)!r})"
+                   for k in (("method", "name"),) if _get(before, k) != _get(recipe, k)]  # (param: check_model)
+        try:
+            was, now = (schedule_from_config(r["schedule"]).to_dict() for r in (before, recipe))
+        except Exception:  # a schedule the checks at load name
+            was = now = None
+        if was != now:
+            changed.append(f"schedule {was} (now {now})")
+        if changed:
+            raise CheckpointError(path, field, f"{', '.join(changed)}: the checkpoint was trained for another "
+                                  f"objective; resume with its recipe ({path} holds it), or start a new run")
     if (recipe.get("data") or {}).get("name") != "wds" and before:  # shard streams check their own layout
         moved = [f"{'.'.join(k)} {_get(before, k)!r} -> {_get(recipe, k)!r}" for k in _IN_MEMORY_POSITION
                  if _get(before, k) != _get(recipe, k)]

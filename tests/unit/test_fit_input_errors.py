@@ -125,6 +125,26 @@ def test_resume_with_another_network(tmp_path, digits_teacher, fit_error):
 
 
 @pytest.mark.parametrize(("override", "words"), [
+    ("schedule.kind=linear", "schedule {'name': 'vp_discrete', 'kind': 'cosine', 'T': 1000"),
+    ("method.time_sampling=uniform", None),  # training settings may change: resumes fine up to the check
+])
+def test_resume_for_another_objective(tmp_path, digits_teacher, fit_error, override, words):
+    """A resume (the SLURM templates always pass --resume auto) under another schedule or parameterization went on
+    silently and rewrote recipe.yaml: exports then used a schedule the first steps never trained on."""
+    if words is None:
+        from dtrain.config import load_recipe, to_container
+        from dtrain.lit.checkpointing import check_resume
+
+        ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+        check_resume(digits_teacher, ck, to_container(load_recipe(DIGITS, ["model.channels=16", override])))
+        return
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path}", "model.channels=16", override, *QUIET, STEPS, "--resume",
+                    str(digits_teacher))
+    assert f"{digits_teacher}: --resume: " in err and words in err and "trained for another objective" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("override", "words"), [
     ("ema.decays=[0.9]", ["EMA copies ['0_995', 'std0_100']", "asks for ['0_9', 'std0_100'] (ema.decays / ema.stds)"]),
     ("ema.stds=[0.2]", ["EMA copies ['0_995', 'std0_100']", "asks for ['0_995', 'std0_200']"]),
     ("optim.lr=1e-5", ["optim.lr 0.002 (now 1e-05)", "keeps the optimizer state and settings of its checkpoint"]),
