@@ -83,6 +83,9 @@ def _probe(path: Path, field: str) -> dict[str, Any] | None:
     if path.is_dir():
         if not is_sharded_checkpoint(path):
             raise CheckpointError(path, field, _not_sharded(path))
+        if not (path / ".metadata").is_file() and not (path / "latest").is_file():  # DeepSpeed writes it last; a
+            raise CheckpointError(path, field, "a DeepSpeed checkpoint directory without its 'latest' file, which "
+                                  "DeepSpeed writes last: an unfinished save")  # resume (and every requeue) fails
         return None
     if not path.is_file():
         raise CheckpointError(path, field, "checkpoint not found")

@@ -229,3 +229,23 @@ def test_a_fresh_start_in_a_run_directory_with_checkpoints_is_refused(tmp_path, 
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert main(["fit", str(GMM), *common, "--dry-run", "--resume", str(tmp_path / "nothing.ckpt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_an_unfinished_deepspeed_directory_is_skipped_on_resume(tmp_path):
+    """A node failure mid-save left a newer DeepSpeed directory without its 'latest' file: resume picked it, and
+    every requeue failed to load it. It is skipped as unfinished, like a truncated file."""
+    import time
+
+    from dtrain.lit.checkpointing import resume_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    good = run / "checkpoints" / "step0000010.ckpt"
+    torch.save({"state_dict": {}, "global_step": 10}, good)
+    time.sleep(0.01)
+    part = run / "checkpoints" / "step0000020.ckpt" / "checkpoint"
+    part.mkdir(parents=True)
+    torch.save({}, part / "mp_rank_00_model_states.pt")
+    assert resume_path(run, "auto") == good
+    (part.parent / "latest").write_text("checkpoint")  # DeepSpeed's last write: now it is the newest complete one
+    assert resume_path(run, "auto") == part.parent
