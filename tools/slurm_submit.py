@@ -45,17 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return _fail(f"--sbatch: cannot split {args.sbatch!r} into options: {e}")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dtrain.config import RecipeError, check_inputs, load_recipe
+    from dtrain.config import RecipeError, check_inputs, key_source, load_recipe
     from dtrain.dist.slurm import sbatch_args
 
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         flags = sbatch_args(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
         if not args.print_args:  # the teacher and the files the job will read, before it waits in the queue
-            from dtrain.lit.fit import check_teacher
+            from dtrain.lit.fit import check_teacher, per_rank_batch
 
             check_teacher(cfg, args.recipe, args.overrides)
             check_inputs(cfg, args.recipe, args.overrides, here=False)
+            opts = dict(f.removeprefix("--").split("=", 1) for f in flags)
+            per_rank_batch(cfg, int(opts["nodes"]) * int(opts["ntasks-per-node"]), args.recipe, args.overrides)
+            if cfg.strategy.name == "ddp_spawn":  # each srun task would spawn its own ranks (duplicates, a hang)
+                raise RecipeError(key_source("strategy.name", args.recipe, args.overrides), "strategy.name",
+                                  "ddp_spawn starts its own processes, but under "
+                                  "SLURM srun starts one task per GPU; use ddp")
     except (RecipeError, ValueError) as e:
         return _fail(str(e))
     if args.print_args:

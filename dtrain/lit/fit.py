@@ -30,8 +30,8 @@ from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
-__all__ = ["fit", "check_teacher", "run_dir", "build_trainer", "build_logger", "wandb_run_id", "describe",
-           "set_cpu_threads", "set_tf32"]
+__all__ = ["fit", "check_teacher", "per_rank_batch", "run_dir", "build_trainer", "build_logger", "wandb_run_id",
+           "describe", "set_cpu_threads", "set_tf32"]
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -295,18 +295,8 @@ def resolve_batch(cfg: DictConfig, source: str = "recipe", overrides: Sequence[s
     from lightning.pytorch.utilities import rank_zero_info
 
     ranks, accum = count_ranks(cfg), int(cfg.trainer.accumulate_grad_batches)
-    key = "trainer.global_batch_size"
-    if (g := cfg.trainer.get("global_batch_size")) is not None:
-        if g % (ranks * accum):
-            raise RecipeError(key_source(key, source, overrides), key,
-                              f"{g} is not a multiple of {ranks} rank(s) x {accum} accumulation step(s) "
-                              f"(trainer.accumulate_grad_batches); pick a global batch, GPU count and accumulation "
-                              f"that divide, or null to use data.batch_size per rank")
-        per = g // (ranks * accum)
-        if (n := memory_samples(cfg.data)) is not None and per > n // ranks:
-            raise RecipeError(key_source(key, source, overrides), key,
-                              f"{g} gives batches of {per} per rank, more than the {n // ranks} samples per rank "
-                              f"({n} samples of data {cfg.data.name!r} over {ranks} rank(s))")
+    g = cfg.trainer.get("global_batch_size")
+    if (per := per_rank_batch(cfg, ranks, source, overrides)) is not None:
         cfg = copy.deepcopy(cfg)
         with read_write(cfg):
             cfg.data.batch_size = per
@@ -314,6 +304,26 @@ def resolve_batch(cfg: DictConfig, source: str = "recipe", overrides: Sequence[s
     rank_zero_info(f"batch: {b} per rank x {ranks} rank(s) x {accum} accumulation step(s) = {b * ranks * accum} "
                    f"samples per optimizer step" + (" (trainer.global_batch_size)" if g is not None else ""))
     return cfg, ranks
+
+
+def per_rank_batch(cfg: DictConfig, ranks: int, source: str = "recipe", overrides: Sequence[str] = ()) -> int | None:
+    """``trainer.global_batch_size`` / (``ranks`` x ``accumulate_grad_batches``), or None when it is not set; a
+    ``RecipeError`` when they do not divide or in-memory data is too small (``fit``, and ``tools/slurm_submit.py``
+    with the job's task count before it queues)."""
+    key, accum = "trainer.global_batch_size", int(cfg.trainer.accumulate_grad_batches)
+    if (g := cfg.trainer.get("global_batch_size")) is None:
+        return None
+    if g % (ranks * accum):
+        raise RecipeError(key_source(key, source, overrides), key,
+                          f"{g} is not a multiple of {ranks} rank(s) x {accum} accumulation step(s) "
+                          f"(trainer.accumulate_grad_batches); pick a global batch, GPU count and accumulation "
+                          f"that divide, or null to use data.batch_size per rank")
+    per = g // (ranks * accum)
+    if (n := memory_samples(cfg.data)) is not None and per > n // ranks:
+        raise RecipeError(key_source(key, source, overrides), key,
+                          f"{g} gives batches of {per} per rank, more than the {n // ranks} samples per rank "
+                          f"({n} samples of data {cfg.data.name!r} over {ranks} rank(s))")
+    return per
 
 
 def close_loggers(trainer: L.Trainer) -> None:

@@ -108,6 +108,12 @@ def test_cd_grid(fails, dcp_dir):
     (["--print-args", DIGITS, "trainer.devices=0"], ["trainer.devices", ">= 1", "got 0"]),
     (["--dry-run", "t.sbatch", DIGITS, "eval.feature_extractor_weights_path=/no/w.pth", "--gpus-per-node", "1"],
      ["command line: eval.feature_extractor_weights_path: file not found: /no/w.pth"]),  # before the queue
+
+    # a global batch the job's tasks do not divide, ddp_spawn under srun: refused before the job waits in the queue
+    (["--dry-run", "t.sbatch", DIGITS, "trainer.global_batch_size=128", "trainer.devices=3", "trainer.accelerator=gpu"],
+     ["command line: trainer.global_batch_size: 128 is not a multiple of 3 rank(s)"]),
+    (["--dry-run", "t.sbatch", DIGITS, "strategy.name=ddp_spawn", "--gpus-per-node", "2"],
+     ["strategy.name: ddp_spawn starts its own processes", "use ddp"]),
 ])
 def test_slurm_submit(fails, args, words):
     fails("slurm_submit", args, *words)
