@@ -210,12 +210,15 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                     "ref_stats": str(ref_spec), "ref_count": ref.count, "device": str(device)}
         write_json(rows, out / "fid_vs_nfe.json", **run_info)
         plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=f"FID vs NFE: {name} ({num} samples)")
-        mode = args.wandb or (recipe.get("logger") or {}).get("mode") or "disabled"
+        from dtrain.config import logger_mode
+
+        mode = args.wandb or logger_mode((recipe.get("logger") or {}).get("mode") or "disabled")
         if mode != "disabled":
             import wandb
 
             run = wandb.init(project=args.project or (recipe.get("logger") or {}).get("project", "dtrain"),
-                             name=f"eval-{name}", mode=mode, dir=str(out), job_type="eval", config=run_info)
+                             name=f"eval-{name}", mode=mode, dir=str(out), job_type="eval", config=run_info,
+                             group=recipe.get("name"))  # with the training run's jobs (dtrain fit: group = name)
             log_wandb(rows, run)
             run.finish()
         print(f"wrote {out / 'fid_vs_nfe.json'}")

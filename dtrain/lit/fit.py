@@ -23,7 +23,15 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
+from dtrain.config import (
+    RecipeError,
+    check_inputs,
+    key_source,
+    load_recipe,
+    logger_mode,
+    memory_samples,
+    to_container,
+)
 from dtrain.errors import InputError
 from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
@@ -45,13 +53,15 @@ def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
     logs into the W&B run its first job started (``wandb_run_id``) instead of starting a new one each time.
     Offline runs get a new id per job: ``wandb sync`` of offline runs sharing an id replaces the history unless
     given ``--append``.
-    ``logger.mode: disabled`` writes scalars to ``<run>/csv/metrics.csv`` instead and never imports wandb
+    The mode is ``logger_mode(logger.mode)`` (``$WANDB_MODE`` wins). ``disabled`` writes scalars to
+    ``<run>/csv/metrics.csv`` instead and never imports wandb
     (clusters or GPU images without it). Lightning's CSV writer deletes an existing ``metrics.csv``: an earlier
     job's (a resumed or requeued run) is kept as ``metrics.1.csv``, ``metrics.2.csv``, ... first.
     """
     lg = cfg.logger
+    mode = logger_mode(lg.mode)
     out.mkdir(parents=True, exist_ok=True)
-    if lg.mode == "disabled":
+    if mode == "disabled":
         from lightning.fabric.utilities.rank_zero import rank_zero_only
         from lightning.pytorch.loggers import CSVLogger
 
@@ -65,9 +75,10 @@ def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
         return CSVLogger(str(out), name="csv", version="")
     from lightning.pytorch.loggers import WandbLogger
 
-    run_id = wandb_run_id(out, resume and lg.mode == "online")
-    return WandbLogger(project=lg.project, name=lg.name or cfg.name, tags=list(lg.tags), mode=lg.mode,
-                       save_dir=str(out), config=to_container(cfg), id=run_id, resume="allow")
+    run_id = wandb_run_id(out, resume and mode == "online")
+    return WandbLogger(project=lg.project, name=lg.name or cfg.name, tags=list(lg.tags), mode=mode,
+                       save_dir=str(out), config=to_container(cfg), id=run_id, resume="allow",
+                       group=cfg.name, job_type="train")  # a run's jobs (resumes, requeues) group together
 
 
 def wandb_run_id(out: Path, resume: bool) -> str:

@@ -180,15 +180,35 @@ def test_a_resumed_online_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch
     assert main(["fit", str(GMM), *common, "trainer.max_steps=3"]) == 0
     first = (run / "wandb_run_id").read_text().strip()
     cfg = load_recipe(GMM, [*common, "logger.mode=online"])
-    assert build_logger(cfg, run, resume=True)._wandb_init["id"] == first
-    assert build_logger(cfg, run, resume=True)._wandb_init["resume"] == "allow"
+    monkeypatch.delenv("WANDB_MODE")  # it would win over logger.mode (dtrain.lit.fit.logger_mode)
+    init = build_logger(cfg, run, resume=True)._wandb_init
+    assert init["id"] == first and init["resume"] == "allow" and init["mode"] == "online"
+    assert (init["group"], init["job_type"]) == ("teacher-gmm", "train")  # a run's jobs group on the dashboard
+    monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["fit", str(GMM), *common, "trainer.max_steps=5", "--resume", "auto"]) == 0  # offline: a new id
     names = sorted((run / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime_ns)
     ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", p.name).group(1) for p in names]
     assert len(ids) == 2 and ids[0] == first != ids[1]
     latest = (run / "wandb_run_id").read_text().strip()
+    monkeypatch.delenv("WANDB_MODE")
     assert latest == ids[1] and build_logger(cfg, run, resume=True)._wandb_init["id"] == latest
     assert build_logger(cfg, run, resume=False)._wandb_init["id"] not in (first, latest)
+
+
+def test_wandb_mode_from_the_environment_wins_over_the_recipe(monkeypatch):
+    """wandb tells users to set WANDB_MODE=online, and dtrain demo honoured it, but dtrain fit passed the recipe's
+    logger.mode to wandb.init, which wins: an offline recipe stayed offline. A recipe's disabled (CSV logs) stays."""
+    from dtrain.config import logger_mode
+
+    for env, recipe, want in (("online", "offline", "online"), ("offline", "online", "offline"),
+                              ("disabled", "offline", "disabled"), ("dryrun", "online", "offline"),
+                              ("online", "disabled", "disabled"), (None, "offline", "offline"), ("bogus", "online",
+                                                                                                   "online")):
+        if env is None:
+            monkeypatch.delenv("WANDB_MODE", raising=False)
+        else:
+            monkeypatch.setenv("WANDB_MODE", env)
+        assert logger_mode(recipe) == want, (env, recipe)
 
 
 def test_cli_dry_run_and_recipe_errors():
