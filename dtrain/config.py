@@ -10,7 +10,6 @@ command line), the dotted key and the reason, e.g.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -24,7 +23,6 @@ from dtrain.errors import InputError, first_line
 
 __all__ = [
     "RecipeError",
-    "logger_mode",
     "Recipe",
     "load_recipe",
     "key_source",
@@ -586,15 +584,6 @@ def _keys_named(reason: str, cfg: DictConfig) -> list[str]:
     """The recipe keys (``section.key``) an error message names."""
     return [k for k in dict.fromkeys(re.findall(r"\b([a-z_]+\.[a-z_0-9]+)\b", reason))
             if OmegaConf.select(cfg, k, default=None, throw_on_missing=False) is not None]
-
-
-def logger_mode(mode: str) -> str:
-    """The W&B mode a run logs in: ``$WANDB_MODE`` (online, offline or disabled, as wandb's own messages tell users
-    to set it) over the recipe's ``logger.mode``, unless the recipe says ``disabled`` (CSV logs: wandb is never
-    imported). ``disabled`` from either writes the CSV logs."""
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    env = "offline" if env == "dryrun" else env  # wandb's old name for offline
-    return mode if mode == "disabled" or env not in ("online", "offline", "disabled") else env
 
 
 def key_source(key: str, source: str, overrides: Sequence[str] = ()) -> str:

@@ -116,7 +116,7 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS, WEIGHTS_KEY, build_extractor
     from dtrain.eval.fid import dist_rank, load_ref
     from dtrain.eval.grids import save_grid
-    from dtrain.eval.report import log_wandb, plot_fid_vs_nfe, write_json
+    from dtrain.eval.report import log_wandb, logger_mode, plot_fid_vs_nfe, write_json
     from dtrain.eval.sweep import fid_sweep, parse_specs
     from dtrain.samplers import check_sampler
 
@@ -210,8 +210,6 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                     "ref_stats": str(ref_spec), "ref_count": ref.count, "device": str(device)}
         write_json(rows, out / "fid_vs_nfe.json", **run_info)
         plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=f"FID vs NFE: {name} ({num} samples)")
-        from dtrain.config import logger_mode
-
         mode = args.wandb or logger_mode((recipe.get("logger") or {}).get("mode") or "disabled")
         if mode != "disabled":
             import wandb

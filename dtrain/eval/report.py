@@ -5,6 +5,7 @@ wandb and matplotlib are imported only when used, so ``dtrain.eval`` stays light
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,15 @@ from dtrain.eval.grids import image_grid
 from dtrain.eval.sweep import SweepRow
 
 __all__ = ["print_table", "plot_fid_vs_nfe", "log_wandb", "write_json", "series"]
+
+
+def logger_mode(mode: str) -> str:
+    """The W&B mode a run logs in: ``$WANDB_MODE`` (online, offline or disabled, as wandb's own messages tell users
+    to set it) over the recipe's ``logger.mode``, unless the recipe says ``disabled`` (CSV logs: wandb is never
+    imported). ``disabled`` from either writes the CSV logs."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = "offline" if env == "dryrun" else env  # wandb's old name for offline
+    return mode if mode == "disabled" or env not in ("online", "offline", "disabled") else env
 
 
 def series(rows: Sequence[SweepRow | Mapping[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:

@@ -28,11 +28,11 @@ from dtrain.config import (
     check_inputs,
     key_source,
     load_recipe,
-    logger_mode,
     memory_samples,
     to_container,
 )
 from dtrain.errors import InputError
+from dtrain.eval.report import logger_mode
 from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path

@@ -198,7 +198,7 @@ def test_a_resumed_online_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch
 def test_wandb_mode_from_the_environment_wins_over_the_recipe(monkeypatch):
     """wandb tells users to set WANDB_MODE=online, and dtrain demo honoured it, but dtrain fit passed the recipe's
     logger.mode to wandb.init, which wins: an offline recipe stayed offline. A recipe's disabled (CSV logs) stays."""
-    from dtrain.config import logger_mode
+    from dtrain.eval.report import logger_mode
 
     for env, recipe, want in (("online", "offline", "online"), ("offline", "online", "offline"),
                               ("disabled", "offline", "disabled"), ("dryrun", "online", "offline"),
