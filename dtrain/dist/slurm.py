@@ -183,7 +183,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         if signum is None:
             return
         path = trainer.strategy.broadcast(str(hpc_path(trainer.default_root_dir)))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: the requeued job resumes from it
         self.saved, self.saved_step, self.stopped_by, self.received = path, trainer.global_step, signum, None
         if trainer.is_global_zero:
             print(f"dtrain: {signal.Signals(signum).name} at step {trainer.global_step}: saved {path}",

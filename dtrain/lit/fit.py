@@ -241,6 +241,7 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     # on a SLURM login node or outside srun: dtrain reads the allocation itself (dtrain.dist.slurm.slurm_job)
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # every resume
     _quiet_lightning_tips()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(int(cfg.trainer.cpu_threads))
