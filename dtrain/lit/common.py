@@ -402,7 +402,11 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
-        if step == self._logged_step or (step % self.trainer.log_every_n_steps and step != self.trainer.max_steps):
+        # a stop (a signal's checkpoint: dtrain.dist.slurm.Preemption) makes Lightning write the logged values at
+        # this step too (its should_update_logs): fresh ones, not the last interval's again
+        stopping = bool(self.trainer.should_stop)
+        if step == self._logged_step or (step % self.trainer.log_every_n_steps and step != self.trainer.max_steps
+                                         and not stopping):
             return
         self._logged_step = step
         logs: dict[str, Any] = {}
@@ -427,7 +431,7 @@ class DiffusionModule(L.LightningModule):
                 sums, counts = vals[:nb], vals[nb:]
                 logs.update({f"loss_t/{i / nb:.1f}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
                 self._bucket.zero_()  # type: ignore[union-attr]
-        if step % self.trainer.log_every_n_steps:  # the run's last, partial interval: Lightning writes logged values
+        if step % self.trainer.log_every_n_steps and not stopping:  # the last, partial interval: Lightning writes
             if self.trainer.is_global_zero:  # on its interval only, so they go to the loggers here (its x-axis)
                 metrics = {k: float(v) for k, v in logs.items()} | ({"train/loss": loss} if loss is not None else {})
                 for lg in self.trainer.loggers:

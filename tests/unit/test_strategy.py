@@ -569,3 +569,18 @@ def test_fsdp2_shards_a_channels_last_network(tmp_path, one_thread):
                "trainer.max_steps=2", "trainer.sample_every_n_steps=0", "logger.mode=disabled", "optim.impl=auto",
                "trainer.progress_bar=false", "model.channels=8", "data.batch_size=16", f"out_dir={tmp_path}"])
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_a_signal_stop_logs_its_own_last_interval(tmp_path, one_thread):
+    """Lightning writes the logged values again when a run stops (its should_update_logs): a SIGTERM at step 15 of
+    10-step intervals wrote the step-9 row a second time (step 14), and the interval 10-15 was lost."""
+    import csv
+
+    from dtrain.lit.fit import fit
+
+    with pytest.raises(SystemExit):
+        fit(GMM, [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=40", "trainer.log_every_n_steps=10",
+                  "logger.mode=disabled", "trainer.progress_bar=false"], callbacks=[_Signal(15, signal.SIGTERM)])
+    rows = [r for r in csv.DictReader(open(tmp_path / "teacher-gmm" / "csv" / "metrics.csv")) if r.get("train/loss")]
+    assert [r["step"] for r in rows] == ["9", "14"]
+    assert rows[1]["train/loss"] != rows[0]["train/loss"] and rows[1]["perf/steps_per_s"] != rows[0]["perf/steps_per_s"]
