@@ -23,14 +23,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from dtrain.config import (
-    RecipeError,
-    check_inputs,
-    key_source,
-    load_recipe,
-    memory_samples,
-    to_container,
-)
+from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
 from dtrain.errors import InputError
 from dtrain.eval.report import logger_mode
 from dtrain.fileio import write_text

@@ -228,7 +228,8 @@ def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path, caplog)
                                      is_gradient_accumulation_boundary=lambda: boundary[0])
     logged = {}
     module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace(), world_size=1,
-                                      is_global_zero=True, log_every_n_steps=1, max_steps=10, global_step=1)
+                                      is_global_zero=True, log_every_n_steps=1, max_steps=10, global_step=1,
+                                      should_stop=False)
     module.log_dict = lambda d, **kw: logged.update(d)
     opt = module.configure_optimizers()["optimizer"]
     grads = [torch.full_like(p, 100.0) for p in module.net.parameters()]

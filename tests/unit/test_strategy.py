@@ -500,7 +500,7 @@ stop.received = {0: None, 1: int(sys.argv[2])}[rank] if len(sys.argv) > 2 else N
 if rank == 0 and len(sys.argv) > 3:
     stop.received = int(sys.argv[3])
 trainer = types.SimpleNamespace(global_step=1, world_size=2, strategy=Strategy(), default_root_dir=sys.argv[1],
-                                is_global_zero=rank == 0, save_checkpoint=lambda path: None, should_stop=False)
+                                is_global_zero=rank == 0, save_checkpoint=lambda path, **kw: None, should_stop=False)
 stop.on_train_batch_end(trainer, None, None, None, 0)
 json.dump({"stopped_by": stop.stopped_by, "calls": calls, "stop": trainer.should_stop},
           open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
