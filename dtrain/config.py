@@ -648,7 +648,8 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
             bad.append(("method.cfg_dropout", "must be in [0, 1)"))
         if m.p_std is not None and m.p_std <= 0:
             bad.append(("method.p_std", "must be > 0"))
-    if not str(cfg.name).strip() or str(cfg.name).strip(".") == "" or "/" in str(cfg.name) or "\\" in str(cfg.name):
+    name = str(cfg.name)
+    if not name.strip() or not name.strip(".") or any(c in name for c in "/\\"):  # blank, ".", "..", a path
         bad.append(("name", f"the run's folder under out_dir: a non-empty name without '/', got {cfg.name!r}"))
     if cfg.logger.mode not in ("online", "offline", "disabled"):
         bad.append(("logger.mode", f"must be online, offline or disabled, not {cfg.logger.mode!r}"))

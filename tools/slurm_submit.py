@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--sbatch: cannot split {args.sbatch!r} into options: {e}")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dtrain.config import RecipeError, check_inputs, key_source, load_recipe
-    from dtrain.dist.slurm import sbatch_args
+    from dtrain.dist.slurm import job_layout, sbatch_args
 
     try:
         cfg = load_recipe(args.recipe, args.overrides)
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
             check_teacher(cfg, args.recipe, args.overrides)
             check_inputs(cfg, args.recipe, args.overrides, here=False)
-            opts = dict(f.removeprefix("--").split("=", 1) for f in flags)
-            per_rank_batch(cfg, int(opts["nodes"]) * int(opts["ntasks-per-node"]), args.recipe, args.overrides)
+            nodes, per_node = job_layout(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+            per_rank_batch(cfg, nodes * per_node, args.recipe, args.overrides)
             if cfg.strategy.name == "ddp_spawn":  # each srun task would spawn its own ranks (duplicates, a hang)
                 raise RecipeError(key_source("strategy.name", args.recipe, args.overrides), "strategy.name",
                                   "ddp_spawn starts its own processes, but under "

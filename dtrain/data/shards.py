@@ -39,6 +39,8 @@ __all__ = [
     "is_remote",
     "find_index",
     "image_array",
+    "folder_index",
+    "unbalanced_braces",
     "scan_shard",
     "split_key",
     "index_existing",
@@ -430,10 +432,19 @@ def find_index(shards: str | Sequence[str], index: str | None = None) -> str | N
     try:
         first = next(iter(braceexpand(shards.split("::")[0]) if isinstance(shards, str) else shards), "")
     except UnbalancedBracesError:
-        raise InputError(f"data.shards: {shards!r} has unbalanced braces; write a range as "
-                         "data/train-{000000..000099}.tar") from None
-    beside = Path(first.removeprefix("file:")).parent / INDEX_NAME
-    return str(beside) if first and not is_remote(first) and beside.is_file() else None
+        raise unbalanced_braces(shards) from None
+    return folder_index(Path(first.removeprefix("file:")).parent) if first and not is_remote(first) else None
+
+
+def folder_index(folder: Path) -> str | None:
+    """The ``index.json`` of a folder of local shards, if there is one."""
+    return str(folder / INDEX_NAME) if (folder / INDEX_NAME).is_file() else None
+
+
+def unbalanced_braces(pattern: Any) -> InputError:
+    """The error for a shard pattern whose braces do not close (braceexpand's own is a traceback)."""
+    return InputError(f"data.shards: {pattern!r} has unbalanced braces; write a range as data/train-{{000000..000099}}"
+                      ".tar")
 
 
 def split_key(name: str) -> tuple[str | None, str]:

@@ -20,7 +20,16 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dtrain.data.shards import INDEX_NAME, image_array, image_meta, is_remote, read_index, scan_shard, split_key
+from dtrain.data.shards import (
+    folder_index,
+    image_array,
+    image_meta,
+    is_remote,
+    read_index,
+    scan_shard,
+    split_key,
+    unbalanced_braces,
+)
 from dtrain.errors import InputError, MissingFileError
 
 __all__ = ["WdsStream", "ShardSet", "resolve_shards", "shard_urls", "check_local_shards", "rank_batches",
@@ -70,8 +79,7 @@ def _expand(pattern: str | Sequence[str]) -> list[str]:
             return expand_urls(pattern)
         return [u for p in pattern for u in expand_urls(str(p))]
     except UnbalancedBracesError:
-        raise InputError(f"data.shards: {pattern!r} has unbalanced braces; write a range as "
-                         "data/train-{000000..000099}.tar") from None
+        raise unbalanced_braces(pattern) from None
 
 
 def shard_urls(shards: str | Sequence[str]) -> list[str]:
@@ -112,9 +120,9 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
         raise InputError(f"data.shards: pattern {shards!r} expands to no shards")
     check_local_shards(urls)
     if index is None:  # each local shard's own index (looked up once per folder); remote ones: the first found
-        beside = {d: str(d / INDEX_NAME) if (d / INDEX_NAME).is_file() else None for d in dict.fromkeys(
-            Path(u.removeprefix("file:")).parent for u in urls if not is_remote(u))}
-        where = [None if is_remote(u) else beside[Path(u.removeprefix("file:")).parent] for u in urls]
+        folder = {u: Path(u.removeprefix("file:")).parent for u in urls if not is_remote(u)}
+        beside = {d: folder_index(d) for d in dict.fromkeys(folder.values())}
+        where = [None if is_remote(u) else beside[folder[u]] for u in urls]
         found = next((w for w in where if w is not None), None)
         where = [found if is_remote(u) else w for u, w in zip(urls, where)]
         if any(w is None and is_remote(u) for u, w in zip(urls, where)):

@@ -32,7 +32,8 @@ from typing import Any
 
 from dtrain.errors import InputError, check_count
 
-__all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Preemption", "hpc_path", "sbatch_args"]
+__all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Preemption", "hpc_path", "sbatch_args",
+           "job_layout"]
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,13 @@ def _requeue() -> None:
 def sbatch_args(cfg: Any, *, nodes: int | None = None, gpus_per_node: int | None = None) -> list[str]:
     """``--nodes --ntasks-per-node [--gpus-per-node]`` for a recipe: one task per device (``trainer.devices``,
     ``trainer.num_nodes``); GPUs unless ``trainer.accelerator`` is cpu. Arguments override the recipe."""
+    nodes, per_node = job_layout(cfg, nodes=nodes, gpus_per_node=gpus_per_node)
+    gpus = 0 if cfg.trainer.accelerator == "cpu" else per_node
+    return [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--gpus-per-node={gpus}"]
+
+
+def job_layout(cfg: Any, *, nodes: int | None = None, gpus_per_node: int | None = None) -> tuple[int, int]:
+    """(nodes, tasks per node) of a SLURM job for a recipe (``sbatch_args``; ranks = their product)."""
     t = cfg.trainer
     cpu = t.accelerator == "cpu"
     key = "--gpus-per-node" if gpus_per_node is not None else "trainer.devices"
@@ -235,6 +243,6 @@ def sbatch_args(cfg: Any, *, nodes: int | None = None, gpus_per_node: int | None
     per_node = check_count(per_node, key, "or 'auto', or device ids '0,1'" if key == "trainer.devices" else "")
     nodes = check_count(nodes if nodes is not None else t.num_nodes, "--nodes" if nodes is not None else
                         "trainer.num_nodes")
-    return [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--gpus-per-node={0 if cpu else per_node}"]
+    return nodes, per_node
 
 

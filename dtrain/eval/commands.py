@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -118,7 +117,7 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     from dtrain.eval.grids import save_grid
     from dtrain.eval.report import log_wandb, logger_mode, plot_fid_vs_nfe, write_json
     from dtrain.eval.sweep import fid_sweep, parse_specs
-    from dtrain.samplers import check_sampler
+    from dtrain.samplers import check_guidance_scale, check_sampler
 
     if args.num is not None and args.num < 2:
         raise InputError(f"--num: must be >= 2 (FID needs at least 2 samples), got {args.num}")
@@ -152,8 +151,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     if ref_spec is None:
         raise InputError(f"--ref-stats: required for the {extractor_name!r} extractor: a .npz made with "
                          f"tools/fid_ref_stats.py (the built-in {', '.join(BUILTIN_REFS)} are for 'digits')")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise InputError(f"--guidance: must be >= 0 (1: no guidance, 0: unconditional), got {args.guidance}")
+    if args.guidance is not None:
+        check_guidance_scale(args.guidance, "--guidance")
     if args.guidance is not None and args.guidance != 1.0 and num_classes == 0:
         raise InputError(f"--guidance: guidance needs a class-conditional model; this model (kind "
                          f"{info.get('kind')!r}) has no classes")

@@ -391,8 +391,9 @@ class Pipeline:
         argument, or a flag: ``--w``): guidance needs classes, and a kind that guides."""
         if w is None or w == 1.0:
             return
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
-            raise InputError(f"{key}: must be a number >= 0 (1: no guidance, 0: unconditional), got {w!r}")
+        from dtrain.samplers import check_guidance_scale
+
+        check_guidance_scale(w, key)
         if self.num_classes == 0:
             raise InputError(f"{key}: guidance needs a class-conditional model; this bundle has no classes")
         if self._guide() is None:

@@ -70,6 +70,14 @@ def module_class(method: str) -> type[DiffusionModule]:
     return getattr(importlib.import_module(mod), cls)
 
 
+def _other_schedule(mine: dict[str, Any], theirs: dict[str, Any], teacher: Any) -> str | None:
+    """Why a teacher on schedule ``theirs`` (``Schedule.to_dict``) cannot serve a student on ``mine``, or None."""
+    if mine == theirs:
+        return None
+    return f"the student's schedule {mine} is not the teacher's {theirs} ({teacher}); set the student's schedule " \
+           "section to the teacher's"
+
+
 def _may_set(added: tuple[str, ...]) -> str:
     return f" (model.{', model.'.join(added)} may be set)" if added else ""
 
@@ -218,11 +226,8 @@ class DiffusionModule(L.LightningModule):
         if teacher is None or not Path(teacher).exists() or not cls.teacher_needed(recipe) \
                 or not cls.teacher_on_my_schedule(recipe) or (theirs := read_schedule(teacher)) is None:
             return
-        mine = schedule_from_config(recipe["schedule"]).to_dict()
-        if mine != theirs:
-            raise RecipeError(key_source("schedule", source, overrides), "schedule", f"the student's schedule {mine} "
-                              f"is not the teacher's {theirs} ({teacher}); set the student's schedule section to the "
-                              "teacher's")
+        if (why := _other_schedule(schedule_from_config(recipe["schedule"]).to_dict(), theirs, teacher)) is not None:
+            raise RecipeError(key_source("schedule", source, overrides), "schedule", why)
 
     @property
     def num_classes(self) -> int:
@@ -553,10 +558,9 @@ class DiffusionModule(L.LightningModule):
         if getattr(teacher, "clip_x0", None) is not None and not self.recipe["method"].get("teacher_clip", False):
             teacher = copy.copy(teacher)  # an object passed in keeps its own setting
             teacher.clip_x0 = None
-        theirs, mine = teacher.schedule.to_dict(), self.schedule.to_dict()
-        if same_schedule and theirs != mine:
-            raise InputError(f"schedule: the student's schedule {mine} is not the teacher's {theirs} "
-                             f"({ref.get('path')})")
+        why = _other_schedule(self.schedule.to_dict(), teacher.schedule.to_dict(), ref.get("path"))
+        if same_schedule and why is not None:
+            raise InputError(f"schedule: {why}")
         return teacher.requires_grad_(False).eval().to(self.device), ref
 
     def teacher_source(self, given: Any = None) -> Any:

@@ -9,6 +9,7 @@ euler_maruyama
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ __all__ = [
     "supported",
     "check_sampler",
     "check_eta",
+    "check_guidance_scale",
     "ddim",
     "ddim_invert",
     "slerp",
@@ -139,6 +141,14 @@ def check_eta(name: str, eta: Any, key: str = "eta") -> float:
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
         raise InputError(f"{key}: must be a number in [0, 1] (0: deterministic, 1: ancestral), got {eta!r}")
     return float(eta)
+
+
+def check_guidance_scale(w: Any, key: str = "w") -> float:
+    """A classifier-free guidance scale: a finite number >= 0 (1: no guidance, 0: the unconditional model); else an
+    ``InputError`` naming ``key`` (the argument, a flag or field)."""
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
+        raise InputError(f"{key}: must be a number >= 0 (1: no guidance, 0: unconditional), got {w!r}")
+    return float(w)
 
 
 def run(

@@ -289,7 +289,8 @@ def test_negative_guidance_is_refused(ckpt_bundle, tmp_path, w, sample_error, cl
     err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--w", w)
     assert err.startswith(f"dtrain sample: --w: must be a number >= 0 (1: no guidance, 0: unconditional), got {w}")
     err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--guidance", w, "--out", str(tmp_path / "e"))
-    assert err.startswith("dtrain eval: --guidance: must be >= 0 (1: no guidance, 0: unconditional)")
+    assert err.startswith(f"dtrain eval: --guidance: must be a number >= 0 (1: no guidance, 0: unconditional), got "
+                          f"{float(w)}")
 
 
 def test_sample_times_and_nfe_together_are_refused(ckpt_bundle, tmp_path, sample_error) -> None:
