@@ -422,6 +422,7 @@ class DiffusionModule(L.LightningModule):
         if self.guard.enabled:
             logs["train/bad_steps"] = float(self.guard.total)
         logs.update(self._throughput(step))
+        logs.update(self.step_logs(max(0, step - 1)))  # what the batch just trained (Lightning's x-axis)
         buckets = self._bucket is not None and step > 0
         loss = None
         if step > 0 and (self._loss_n or buckets):
@@ -446,6 +447,11 @@ class DiffusionModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if logs:
             self.log_dict(logs, on_step=True, on_epoch=False)
+
+    def step_logs(self, step: int) -> dict[str, float]:
+        """A method's own numbers for the batch of training step ``step`` (host values, no sync), e.g. the state of
+        a curriculum."""
+        return {}
 
     def _throughput(self, step: int) -> dict[str, float]:
         """``perf/*`` since the last reading (wall clock, checkpoints and sample grids of the interval included; no

@@ -100,6 +100,13 @@ class ConsistencyModule(DiffusionModule):
                            noise=noise, intervals=intervals)
         return out.loss, out.t
 
+    def step_logs(self, step: int) -> dict[str, float]:
+        """A curriculum's N(k) and, under ``ct``, theta^-'s decay mu(k): what the loss trains with at this step."""
+        if self.loss_fn.curriculum == "fixed":
+            return {}
+        mu = self.target_decay(step)
+        return {"train/num_scales": float(self.loss_fn.scales(step)), **({} if mu is None else {"train/target_mu": mu})}
+
     # ---- sampling and checkpoints ----------------------------------------------------------------------------
     def denoiser_for(self, ema: str | None = None) -> Any:
         """The consistency model over the raw network (None) or the EMA copy with that tag (with ``clip_x0``)."""

@@ -118,7 +118,10 @@ class FIDSweepCallback(L.Callback):
             rank_zero_warn(f"eval at step {step}: stopped after {len(rows)} point(s): a signal asked training to stop")
         self.history.append((step, rows))
         if trainer.is_global_zero and rows:
+            from dtrain.eval.report import summary_line
+
             self._log(trainer, rows, step)
+            pl_module.print(f"eval at step {step}: {summary_line(rows)}")
         return rows
 
     def _log(self, trainer: L.Trainer, rows: list[SweepRow], step: int) -> None:
@@ -128,7 +131,9 @@ class FIDSweepCallback(L.Callback):
 
                 log_wandb(rows, logger.experiment, step=step)
             else:
-                logger.log_metrics({f"eval/fid/{r.sampler}_nfe{r.nfe}": r.fid for r in rows}, step=step)
+                from dtrain.eval.report import scalars
+
+                logger.log_metrics(scalars(rows), step=step)
         if self.out_dir is not None:
             from dtrain.eval.report import write_json
 

@@ -166,6 +166,9 @@ class ProgressiveModule(DiffusionModule):
         metrics = self.evaluate_round(rnd) if self.recipe["method"].get("eval", True) else {}
         if self.trainer.is_global_zero:
             self._write_round(rnd, state, tag, metrics)
+            score = "".join(f", {k} {v:.4g}" for k, v in metrics.items() if k in ("fid", "class_acc", "sliced_w1"))
+            self.print(f"PD round {rnd.index + 1}/{len(self.rounds)} done at step {self.global_step}: "
+                       f"{rnd.steps}-step student{score} -> {self.rounds_dir / rnd.name}")
             for logger in self.trainer.loggers:
                 logger.log_metrics({"round/index": rnd.index, "round/steps": rnd.steps,
                                     **{f"round/{k}": v for k, v in metrics.items() if isinstance(v, float | int)}},

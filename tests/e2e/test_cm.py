@@ -140,3 +140,29 @@ def test_cd_grid_tool_tables_a_real_teacher(digits_teacher, capsys, tmp_path, lo
     assert "--spacings: unknown 'trailing'; choose from rho" in capsys.readouterr().err
     assert tool.main([str(tmp_path / "none.ckpt")]) == 2
     assert "none.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["ct", "ict"])
+def test_curriculum_state_is_logged(tmp_path, variant):
+    """CT / iCT log the N(k) each logged batch trained with (and CT its target decay mu(k)) beside train/loss."""
+    import csv
+    import math
+
+    from dtrain.methods import consistency as CM
+
+    assert main(["fit", str(ROOT / "cm" / "cd_gmm.yaml"), f"method.name={variant}", f"out_dir={tmp_path}",
+                 *QUIET, "model.hidden=16", "model.depth=1", "data.batch_size=32",
+                 "data.num_samples=1024", "trainer.max_steps=9", "trainer.log_every_n_steps=2"]) == 0
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    m = CM.resolve({"name": variant})
+    want = {k: CM.num_scales(variant, k, 9, s0=m["scales_start"], s1=m["scales_end"]) for k in range(9)}
+    got = {int(r["step"]): float(r["train/num_scales"]) for r in rows}
+    assert sorted(got) == [1, 3, 5, 7, 8] and got == {k: want[k] for k in got}
+    assert len(set(got.values())) > 1  # the curriculum moved within the run
+    if variant == "ct":
+        mu0 = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["dtrain"]["consistency"]["target_ema"]
+        assert all(float(r["train/target_mu"]) == pytest.approx(math.exp(2 * math.log(mu0) / want[int(r["step"])]))
+                   for r in rows)
+    else:
+        assert all(not r.get("train/target_mu") for r in rows)

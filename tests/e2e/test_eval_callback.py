@@ -30,7 +30,7 @@ def sweep_recipe(tmp_path, n_ref: int, *overrides: str):
 
 
 @pytest.mark.timeout(240)
-def test_fid_callback_in_training(tmp_path, monkeypatch):
+def test_fid_callback_in_training(tmp_path, monkeypatch, capsys):
     from dtrain.lit.common import module_class
     from dtrain.lit.eval_callback import FIDSweepCallback
     from dtrain.lit.fit import build_trainer, run_dir
@@ -50,6 +50,9 @@ def test_fid_callback_in_training(tmp_path, monkeypatch):
     trainer.logger.experiment.finish()  # flush the offline run before reading it back
 
     assert [s for s, _ in cb.history] == [2, 4, 5]  # every 2 steps, then the final weights
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("eval at step")]
+    assert [ln.split(":")[0] for ln in said] == ["eval at step 2", "eval at step 4", "eval at step 5"]
+    assert said[-1].endswith(f"ddpm@4 FID {cb.history[-1][1][2].fid:.2f}")  # the terminal shows each sweep
     last = cb.history[-1][1]
     assert [(r.sampler, r.nfe, r.num) for r in last] == [("ddim", 1, 96), ("ddim", 4, 96), ("ddpm", 4, 96)]
     # the callback scored the default EMA denoiser in eval mode: a direct sweep gives the same numbers

@@ -226,7 +226,7 @@ def test_fit_without_a_teacher_names_the_field(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_guided_rounds_through_fit(tmp_path):
+def test_guided_rounds_through_fit(tmp_path, capsys):
     """A class-conditional teacher, stage 1 + one round: the bundles are w-conditioned (``guided_denoiser``), sample
     with one network call per step at any w, and the checkpoint records the trained range."""
     assert main(["fit", str(TEACHER_GMM), f"out_dir={tmp_path}", *QUIET, "model.hidden=16", "model.depth=1",
@@ -238,6 +238,10 @@ def test_guided_rounds_through_fit(tmp_path):
                  "method.end_steps=2", "method.round_steps=[5]", "trainer.max_steps=10", "eval.num=128"]) == 0
     rounds = tmp_path / "pd-gmm" / "rounds"
     assert sorted(p.name for p in rounds.iterdir()) == ["round00_4steps", "round01_2steps", "rounds.json"]
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("PD round")]
+    assert [ln.split(": ")[0] for ln in said] == ["PD round 1/2 done at step 5", "PD round 2/2 done at step 10"]
+    assert said[1].startswith("PD round 2/2 done at step 10: 2-step student, sliced_w1 ")
+    assert said[1].endswith(str(rounds / "round01_2steps"))
     pipe = load_bundle(rounds / "round01_2steps")
     assert pipe.kind == "guided_denoiser" and pipe.info["provenance"]["training"]["pd"]["w_range"] == [1.0, 3.0]
     calls = []

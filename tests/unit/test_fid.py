@@ -267,7 +267,7 @@ def test_image_grid_layout():
 
 def test_sweep_rows_report_and_wandb(digits, tmp_path, monkeypatch):
     """A small sweep on the exact GMM denoiser: rows equal a direct FID of the same samples; outputs written."""
-    from dtrain.eval.report import log_wandb, plot_fid_vs_nfe, write_json
+    from dtrain.eval.report import log_wandb, plot_fid_vs_nfe, scalars, summary_line, write_json
     from dtrain.eval.sweep import fid_sweep
 
     ref = compute_ref_stats(digits, [digits_arrays("train")[0]], source="digits train")
@@ -297,6 +297,12 @@ def test_sweep_rows_report_and_wandb(digits, tmp_path, monkeypatch):
     run.finish()
     media = sorted(p.name for p in (tmp_path / "wandb").rglob("*.png"))
     assert len(media) == 3, media
+    # FID and class accuracy are chartable scalars (the offline record log holds the keys verbatim)
+    assert scalars(rows) == {**{f"eval/fid/{r.sampler}_nfe{r.nfe}": r.fid for r in rows},
+                             **{f"eval/class_acc/{r.sampler}_nfe{r.nfe}": r.class_acc for r in rows}}
+    log = next((tmp_path / "wandb").rglob("*.wandb")).read_bytes()
+    assert all(k.encode() in log for k in scalars(rows))
+    assert summary_line(rows[:1]) == f"ddim@1 FID {rows[0].fid:.2f} (acc {rows[0].class_acc:.2f})"
     assert any((tmp_path / "wandb").rglob("*.table.json")), "the W&B table was not written"
     assert run_dir
 
