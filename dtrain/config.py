@@ -186,7 +186,7 @@ class MeanFlowCfg:
     ratio: float = 0.25  # fraction of samples with r != t (the rest is plain flow matching)
     r_zero: float = 0.0  # fraction of those with r = 0: the 1-step map trained directly
     adaptive_p: float = 1.0  # adaptive weight sg(1 / (d + c)^p); 0: plain squared error
-    adaptive_c: float = 1.0e-3  # per element: the paper's c (on the squared L2 norm) divided by the data dimension
+    adaptive_c: float = 1.0e-3  # the paper's c, on the squared L2 norm (the sum over elements)
     cfg_omega: float = 1.0  # CFG in training: v~ = omega v + kappa u_c + (1 - omega - kappa) u_null (1: off)
     cfg_kappa: float = 0.0
     cfg_dropout: float = 0.1  # labels replaced by the null class
@@ -204,7 +204,8 @@ class CTMCfg:
     init: str = "teacher"  # teacher | scratch
     teacher_ema: str = "auto"
     teacher_clip: bool = False  # targets from the teacher's x0 clipped by its model.clip_x0 (false: raw x0)
-    time_sampling: str = "uniform"  # t (dtrain.diffusion.timesteps.sample_t)
+    time_sampling: str | None = None  # rho (t, s, u on the rho = 7 grid's scale) | a sample_t kind for t; null: rho
+    # on edm and ve, uniform on VP and flow schedules
     p_mean: float | None = None  # unset: lognormal -1.2, 1.2 (EDM); logit_normal 0, 1 (SD3)
     p_std: float | None = None
     solver: str = "heun"  # the teacher's ODE step t -> u: ddim | heun
@@ -1065,6 +1066,14 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
             bad.append(("method.p_std", "must be > 0"))
         if not 0.0 <= m.target_ema < 1.0:
             bad.append(("method.target_ema", "must be in [0, 1) (0: the stop-grad student itself)"))
+        if not bad:  # what the loss itself checks against the schedule (time_sampling)
+            from dtrain.diffusion.schedule import schedule_from_config
+
+            try:
+                F.CTMLoss.from_config(m, cfg.model, schedule_from_config(cfg.schedule))
+            except ValueError as e:
+                key, _, reason = str(e).partition(": ")
+                bad.append((key, reason) if key.startswith("method.") else ("method", str(e)))
     if not 0.0 <= m.cfg_dropout < 1.0:
         bad.append(("method.cfg_dropout", "must be in [0, 1)"))
     return bad

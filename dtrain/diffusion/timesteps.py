@@ -29,6 +29,7 @@ __all__ = [
     "TIME_SAMPLERS",
     "TIME_SAMPLER_PARAMS",
     "make_grid",
+    "rho_times",
     "grid_from_indices",
     "default_spacing",
     "check_grid",
@@ -124,12 +125,30 @@ def make_grid(
         if spacing in ("lambda", "geometric"):  # geometric in sigma / alpha is uniform in lambda
             lam = lam_lo + (lam_hi - lam_lo) * u
         else:  # rho: in s = sigma / alpha = exp(-lambda)
-            s_hi, s_lo = torch.exp(-lam_lo), torch.exp(-lam_hi)
-            s = (s_hi ** (1 / rho) + u * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
-            lam = -torch.log(s)
+            lam = _rho_lambda(lam_lo, lam_hi, u, rho)
         ts = schedule.t_from_lambda(lam)
     ts[0], ts[-1] = hi, (lo if m > 1 else hi)  # exact ends despite rounding and the lambda round trip
     return ts if lo == 0 else _with_zero(ts)
+
+
+def _rho_lambda(lam_lo: Tensor, lam_hi: Tensor, q: Tensor, rho: float) -> Tensor:
+    """log-SNR at positions q in [0, 1] of Karras's s^(1/rho) scale, s = sigma / alpha = exp(-lambda), from
+    lam_lo (q = 0, the noisy end) to lam_hi (q = 1)."""
+    s_hi, s_lo = torch.exp(-lam_lo), torch.exp(-lam_hi)
+    return -torch.log((s_hi ** (1 / rho) + q * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho)
+
+
+def rho_times(schedule: Schedule, q: Tensor, rho: float = 7.0) -> Tensor:
+    """Times at positions ``q`` in [0, 1] (float64) of the ``rho`` grid's continuous scale: q = 0 is t_max, q = 1
+    t_min, and q = i / (n - 1) the n points of ``make_grid(schedule, n, "rho")`` above 0 (EDM, arXiv 2206.00364,
+    eq. 5). Uniform q is CTM's uniform draw of a grid index (arXiv 2310.02279) as the grid gets fine."""
+    hi, lo = float(schedule.t_max), float(schedule.t_min)
+    lam_lo, lam_hi = schedule.lambda_(hi), schedule.lambda_(lo)
+    if lo <= 0 or not math.isfinite(float(lam_lo)):
+        raise ValueError(f"method.time_sampling: 'rho' needs 0 < t_min and alpha(t_max) > 0 (a finite log-SNR), "
+                         f"which {schedule.name!r} does not have; use 'uniform' or 'logit_normal'")
+    ts = schedule.t_from_lambda(_rho_lambda(lam_lo, lam_hi, q.to(torch.float64), rho))
+    return ts.clamp(lo, hi)
 
 
 def check_grid(grid: Tensor) -> Tensor:

@@ -9,10 +9,10 @@ stop-gradient target v - (t - r) du_theta/dt, du_theta/dt by ``torch.func.jvp`` 
   (distillation: lower variance; a teacher on another schedule is read through ``Rescheduled``);
 - (r, t): two ``time_sampling`` draws, t the larger; r = t (plain flow matching) except for a fraction ``ratio``,
   of which a fraction ``r_zero`` jumps to r = 0 (the 1-step map, trained directly; as CTM's ``s_zero_prob``);
-- adaptive weighting: the per-sample squared error d is weighted by sg(1 / (d + c)^p) (the paper's Sec. 4.3); d is
-  the mean over the D elements where the paper takes the squared L2 norm (their sum), so ``adaptive_c`` is the
-  paper's c / D: the weights are then D^p times the paper's and the weighted loss D^(p - 1) times (the same at
-  the default p = 1);
+- adaptive weighting (the paper's Sec. 4.3): the paper weights the squared L2 norm S (a sum over the D elements) by
+  sg(1 / (S + c)^p), c = ``adaptive_c`` = 1e-3 as the paper's code; here the per-sample error is the mean d = S / D,
+  weighted by sg(1 / (d + c / D)^p), which is the paper's weighted loss times the constant D^(p - 1) (the same at
+  p = 1; Adam does not see a constant factor);
 - CFG in training (Sec. 4.2): v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) for labelled
   samples (the network's own predictions, no gradient), labels dropped to the null class with ``cfg_dropout``; with a
   teacher, the teacher is guided with scale omega instead;
@@ -30,8 +30,12 @@ current weights without gradient also where ``target`` is an EMA), loss
 d(x_est, x_target) plus ``dsm_weight`` times the denoising loss of g_theta(x_t, t, t) (the DSM auxiliary loss). The
 teacher solves t -> u in ``teacher_steps`` uniform steps of the shared ``ddim`` / ``heun`` step
 (``consistency.teacher_step``); ``max_span`` bounds t - u so a few steps stay accurate (CTM draws u anywhere in
-[s, t); null keeps that). s is drawn uniformly in [0, t] (continuous times, where CTM draws on its discretised
-EDM grid), or is 0 with probability ``s_zero_prob``. CTM's optional GAN term is not implemented.
+[s, t); null keeps that). Times: CTM draws t, then s <= t, then u in [s, t] uniformly over the indices of its
+discretised EDM grid (rho = 7); ``time_sampling: rho`` (the default on the sigma schedules edm and ve) draws them
+uniformly on that grid's continuous scale (``dtrain.diffusion.timesteps.rho_times``), other kinds draw t by
+``sample_t`` and s, u uniformly in schedule time (the default ``uniform`` on VP and flow schedules, where uniform t
+is the usual law; on edm it would put 99% of t above sigma = 1). s is 0 with probability ``s_zero_prob``. CTM's
+optional GAN term is not implemented.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dtrain.diffusion.denoiser import DenoiserLike
 from dtrain.diffusion.param import Coeffs, from_x0_eps, velocity_ode
 from dtrain.diffusion.schedule import Schedule, bcast, matched_time
-from dtrain.diffusion.timesteps import sample_t
+from dtrain.diffusion.timesteps import TIME_SAMPLERS, rho_times, sample_t
 from dtrain.methods.consistency import SOLVERS, distance, teacher_step
 from dtrain.methods.denoising import DenoisingLoss, LossOutput, same_dropout
 from dtrain.samplers.few_step import CTMModel, MeanFlowModel
@@ -55,6 +59,7 @@ __all__ = [
     "JVP_MODES",
     "MEANFLOW_TIMES",
     "CTM_COMPARE",
+    "CTM_TIMES",
     "CTM_DISTANCES",
     "Rescheduled",
     "MeanFlowLoss",
@@ -65,6 +70,7 @@ __all__ = [
 JVP_MODES = ("detached", "fused")
 MEANFLOW_TIMES = ("uniform", "logit_normal")
 CTM_COMPARE = ("zero", "s")
+CTM_TIMES = ("rho", *TIME_SAMPLERS)  # rho: t, s, u uniform on the rho = 7 grid's scale (CTM's grid indices)
 CTM_DISTANCES = ("l2", "l1", "pseudo_huber")
 
 
@@ -197,8 +203,8 @@ class MeanFlowLoss:
                     v = self._guided_velocity(model, z, t, v, labels)
         u, target = meanflow_target(model, z, r, t, v, labels, fused=self.jvp == "fused")
         d = (u.float() - target.float()).square().flatten(1).mean(1)
-        if self.adaptive_p > 0:
-            d = d / (d.detach() + self.adaptive_c) ** self.adaptive_p
+        if self.adaptive_p > 0:  # c / D: the paper's c is on the sum over the D = x0[0].numel() elements
+            d = d / (d.detach() + self.adaptive_c / x0[0].numel()) ** self.adaptive_p
         return LossOutput(d, t)
 
     def _guided_velocity(self, model: MeanFlowModel, z: Tensor, t: Tensor, v: Tensor, labels: Tensor) -> Tensor:
@@ -231,7 +237,7 @@ class CTMLoss:
         *,
         param: str = "v",
         sigma_data: float = 0.5,
-        time_sampling: str = "uniform",
+        time_sampling: str | None = None,
         p_mean: float | None = None,
         p_std: float | None = None,
         solver: str = "heun",
@@ -254,6 +260,12 @@ class CTMLoss:
             raise ValueError(f"method.distance: {distance!r}; choose one of {list(CTM_DISTANCES)}")
         if teacher_steps < 1 or (max_span is not None and max_span <= 0) or not 0 <= s_zero_prob <= 1:
             raise ValueError("method: need teacher_steps >= 1, max_span > 0 (or null) and s_zero_prob in [0, 1]")
+        if time_sampling is None:
+            time_sampling = "rho" if schedule.name in ("edm", "ve") else "uniform"
+        if time_sampling not in CTM_TIMES:
+            raise ValueError(f"method.time_sampling: unknown {time_sampling!r}; choose one of {list(CTM_TIMES)}")
+        if time_sampling == "rho":
+            rho_times(schedule, torch.zeros(1))  # a schedule without a rho scale fails here, naming the field
         self.schedule, self.time_sampling, self.p_mean, self.p_std = schedule, time_sampling, p_mean, p_std
         self.solver, self.teacher_steps, self.max_span, self.s_zero_prob = solver, teacher_steps, max_span, s_zero_prob
         self.compare, self.distance, self.huber_c, self.dsm_weight = compare, distance, huber_c, dsm_weight
@@ -272,10 +284,19 @@ class CTMLoss:
 
     def sample_times(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(t, u, s), float64 [n] on the CPU, with s <= u <= t and u >= u_min."""
-        t = sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=self.p_mean, p_std=self.p_std)
-        a, b, c = torch.rand(3, n, generator=generator, dtype=torch.float64)
-        s = torch.where(c < self.s_zero_prob, torch.zeros_like(t), a * t)
-        u = s + b * (t - s)
+        if self.time_sampling == "rho":  # positions q (0: t_max, 1: t_min) uniform as CTM's grid indices
+            q_t = torch.rand(n, generator=generator, dtype=torch.float64)
+            a, b, c = torch.rand(3, n, generator=generator, dtype=torch.float64)
+            zero = c < self.s_zero_prob
+            q_s = torch.where(zero, torch.ones_like(q_t), q_t + a * (1 - q_t))  # s = 0: u anywhere down to t_min
+            t, s, u = (rho_times(self.schedule, q) for q in (q_t, q_s, q_t + b * (q_s - q_t)))
+            s = torch.where(zero, torch.zeros_like(t), s)
+        else:
+            t = sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=self.p_mean,
+                         p_std=self.p_std)
+            a, b, c = torch.rand(3, n, generator=generator, dtype=torch.float64)
+            s = torch.where(c < self.s_zero_prob, torch.zeros_like(t), a * t)
+            u = s + b * (t - s)
         if self.max_span is not None:
             u = torch.maximum(u, t - self.max_span)
         return t, torch.minimum(torch.maximum(u, torch.full_like(u, self.u_min)), t), s

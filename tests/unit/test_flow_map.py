@@ -17,6 +17,7 @@ from dtrain.data.synthetic import GaussianMixture, default_gmm
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import Schedule, as_t, make_schedule
+from dtrain.diffusion.timesteps import make_grid, rho_times
 from dtrain.methods.consistency import teacher_step
 from dtrain.methods.flow_map import CTMLoss, MeanFlowLoss, Rescheduled, meanflow_target
 from dtrain.models import build_model
@@ -145,8 +146,9 @@ def test_meanflow_cfg_velocity_mixes_the_models_own_predictions():
 
 
 def test_meanflow_adaptive_weight_is_stop_gradient(one_thread):
-    """Adaptive weighting (arXiv 2505.13447, Sec. 4.3): loss d / sg(d + c)^p per sample, so the value is d / (d + c)^p
-    and the gradient is that of d scaled by the detached weight 1 / (d + c)^p (not the gradient of d / (d + c)^p)."""
+    """Adaptive weighting (arXiv 2505.13447, Sec. 4.3): loss d / sg(d + c / D)^p per sample (d the mean squared error,
+    c the paper's constant on the sum), so the value is the paper's S / (S + c)^p times D^(p - 1) and the gradient is
+    that of d scaled by the detached weight (not the gradient of the weighted value)."""
     sch = make_schedule("flow")
     torch.manual_seed(0)
     net = build_model({"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "second_time": True})
@@ -162,10 +164,13 @@ def test_meanflow_adaptive_weight_is_stop_gradient(one_thread):
         return out.loss.detach(), [q.grad.clone() for q in net.parameters()]
 
     d, _ = run_loss(0.0, 0.0)
-    for p, c in ((1.0, 1e-3), (0.5, 0.1)):
-        w = 1 / (d + c) ** p
+    D = x0[0].numel()
+    for p, c in ((1.0, 1e-3), (0.5, 0.1), (0.75, 1e-3)):
+        w = 1 / (d + c / D) ** p  # c is the paper's, on the sum S = D d of squared errors
         loss, grads = run_loss(p, c)
         torch.testing.assert_close(loss, d * w)
+        S = D * d  # the paper's weighted loss S / (S + c)^p, up to the constant D^(p - 1)
+        torch.testing.assert_close(loss, D ** (p - 1) * S / (S + c) ** p)
         net.zero_grad()  # the same draws again, weighted by the detached w
         plain = MeanFlowLoss(sch, adaptive_p=0.0, ratio=0.5)(model, x0, generator=torch.Generator().manual_seed(2))
         (plain.loss * w).sum().backward()
@@ -263,6 +268,32 @@ def test_ctm_times_are_ordered_and_bounded():
     t, u, s = loss.sample_times(4096, torch.Generator().manual_seed(0))
     assert bool(((s <= u) & (u <= t) & (u >= 1 / 1000) & (t - u <= 0.1 + 1e-12)).all())
     assert 0.45 < float((s == 0).double().mean()) < 0.55
+
+
+def test_ctm_rho_times_are_uniform_grid_positions():
+    """On sigma schedules CTM draws t, then s <= t, then u in [s, t] uniformly over its rho = 7 EDM grid's indices
+    (arXiv 2310.02279): the default there, ``rho``, draws them uniformly on that grid's continuous scale. In rho
+    positions (0: sigma_max, 1: sigma_min) t is uniform, s uniform below t and u uniform between (means within 4
+    sigma of 40k draws), and P(sigma_t < 1) is the position of sigma = 1 (uniform sigma would give 0.012)."""
+    edm, n = make_schedule("edm"), 40_000
+    loss = CTMLoss(edm, s_zero_prob=0.25)
+    assert loss.time_sampling == "rho" and CTMLoss(make_schedule("vp_cosine")).time_sampling == "uniform"
+    t, u, s = loss.sample_times(n, torch.Generator().manual_seed(0))
+    zero = s == 0
+    assert bool(((s <= u) & (u <= t) & (u >= edm.t_min)).all()) and abs(float(zero.double().mean()) - 0.25) < 0.01
+    hi, lo = 80.0 ** (1 / 7), 0.002 ** (1 / 7)
+    pos = lambda x: (hi - x.clamp_min(0.002) ** (1 / 7)) / (hi - lo)  # noqa: E731 (sigma = t on edm)
+    q_t, q_s, q_u = pos(t), pos(torch.where(zero, torch.full_like(s, 0.002), s)), pos(u)
+    tol = 4 * (1 / 12) ** 0.5 / n**0.5
+    assert abs(float(q_t.mean()) - 0.5) < tol and abs(float((q_t < 0.25).double().mean()) - 0.25) < 0.01
+    keep = ~zero
+    assert abs(float(((q_s - q_t) / (1 - q_t))[keep].mean()) - 0.5) < 2 * tol
+    assert abs(float(((q_u - q_t) / (q_s - q_t)).mean()) - 0.5) < 2 * tol
+    assert abs(float((t < 1).double().mean()) - (1 - (hi - 1) / (hi - lo))) < 0.01
+    torch.testing.assert_close(rho_times(edm, torch.linspace(0, 1, 18, dtype=torch.float64)),
+                               make_grid(edm, 18, "rho")[:-1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"method.time_sampling: 'rho' needs .* 'flow' does not have"):
+        CTMLoss(make_schedule("flow"), time_sampling="rho")
 
 
 def _exact_models():
@@ -413,6 +444,9 @@ def test_meanflow_recipe_rejects_bad_combinations(override, key):
     (["method.solver=euler"], "method.solver"),
     (["method.teacher_steps=0"], "method"),
     (["method.target_ema=1.0"], "method.target_ema"),
+    (["method.time_sampling=sigma"], "method.time_sampling"),
+    (["method.time_sampling=rho", "schedule.name=flow", "schedule.kind=null", "model.param=velocity"],
+     "method.time_sampling"),  # no finite log-SNR at t_max = 1
 ])
 def test_ctm_recipe_rejects_bad_combinations(override, key):
     with pytest.raises(RecipeError) as e:
