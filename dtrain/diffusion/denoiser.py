@@ -92,8 +92,10 @@ class Denoiser(nn.Module):
             c_noise = self.schedule.c_noise(t.to(x.device)).to(torch.float32)
             c_noise = c_noise.reshape(1).expand(x.shape[0]).contiguous() if c_noise.numel() == 1 else c_noise
         w = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None  # (nets may be functions)
-        if w is not None and w.dtype in (torch.float16, torch.bfloat16) and x_in.dtype != w.dtype:
-            x_in = x_in.to(w.dtype)  # a half-precision network (16-true) sampled from float32 noise
+        if w is not None and x_in.dtype != w.dtype and w.is_floating_point():
+            # the network's own precision: a half-precision network (16-true) sampled from float32 noise, or an fp32
+            # copy (EMA, CD's target network) fed the bf16 batch of DeepSpeed bf16 / bf16-true training
+            x_in = x_in.to(w.dtype)
         return self.net(x_in, c_noise, cond, **net_kw)
 
     def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None, clip: bool = True, **net_kw: Any

@@ -127,6 +127,8 @@ def check_strategy(cfg: Any) -> list[tuple[str, str]]:
         # teacher) out of reach of that load, and sharded EMA copies cannot be written to the round's bundle
         bad.append(("strategy.name", f"progressive distillation runs under ddp (or one device), not {s.name!r}: "
                     f"its round hand-over loads whole networks on every rank"))
+    if ds and s.zero_stage == 3 and (why := _zero3_conflict(cfg.method)):
+        bad.append(("strategy.zero_stage", f"{why}; use zero_stage 1 or 2, fsdp2 or ddp"))
     if shards_parameters(s):
         why = (f"needs the whole network on rank 0, but strategy {s.name!r}"
                + (" (ZeRO stage 3)" if ds else "") + " shards it across ranks; set it to 0 and sample the "
@@ -136,6 +138,18 @@ def check_strategy(cfg: Any) -> list[tuple[str, str]]:
         if cfg.eval.every_n_steps > 0:
             bad.append(("eval.every_n_steps", f"the FID sweep during training {why}"))
     return bad
+
+
+def _zero3_conflict(method: Any) -> str | None:
+    """Why a method's loss cannot run on ZeRO-3's partitioned parameters (its fetch hooks are autograd Functions
+    without forward-mode rules, and they expect their own parameter objects), or None."""
+    if method.name == "meanflow":
+        return ("MeanFlow's JVP (torch.func.jvp) cannot pass ZeRO-3's parameter hooks, which have no forward-mode "
+                "rule")
+    if method.name == "ctm" and method.get("compare") == "zero":
+        return ("CTM's jump to t = 0 with stop-gradient weights (method.compare: zero, torch.func.functional_call) "
+                "cannot swap ZeRO-3's partitioned parameters; method.compare: s runs under ZeRO-3")
+    return None
 
 
 def deepspeed_config(cfg: Any, *, standalone: bool = False) -> dict[str, Any]:

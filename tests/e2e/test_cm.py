@@ -166,3 +166,18 @@ def test_curriculum_state_is_logged(tmp_path, variant):
                    for r in rows)
     else:
         assert all(not r.get("train/target_mu") for r in rows)
+
+
+@pytest.mark.parametrize("recipe,extra", [("cm/cd_gmm.yaml", []), ("flowmap/ctm_gmm.yaml", ["method.target_ema=0.9"])])
+def test_target_network_runs_beside_a_bf16_student(tmp_path, gmm_teacher, recipe, extra):
+    """Under bf16-true (as under DeepSpeed bf16) the batch and the student are bf16 while the EMA copies, CD's and
+    CTM's target network among them, stay fp32: the denoiser feeds each network its own dtype (this crashed with
+    'mat1 and mat2 must have the same dtype')."""
+    assert main(["fit", str(ROOT / recipe), f"teacher={gmm_teacher}", f"out_dir={tmp_path}", *QUIET,
+                 "model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=1024",
+                 "trainer.precision=bf16-true", "trainer.max_steps=3", *extra]) == 0
+    ck = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    sd = ck["state_dict"]
+    assert ck["global_step"] == 3 and sd["net.out.2.weight"].dtype == torch.bfloat16
+    target = [v for k, v in sd.items() if k.startswith("target.") and v.is_floating_point()]
+    assert target and all(v.dtype == torch.float32 and bool(v.isfinite().all()) for v in target)

@@ -84,6 +84,10 @@ CASES = [
     ("PD under deepspeed", PD_GMM, "strategy:\n  name: deepspeed\n", "strategy.name",
      "progressive distillation runs under ddp"),
     ("PD under fsdp2", PD_GMM, "strategy:\n  name: fsdp2\n", "strategy.name", "not 'fsdp2'"),
+    ("MeanFlow under ZeRO-3", MEANFLOW, "strategy:\n  name: deepspeed\n  zero_stage: 3\n", "strategy.zero_stage",
+     "MeanFlow's JVP (torch.func.jvp) cannot pass ZeRO-3's parameter hooks"),
+    ("CTM compare zero under ZeRO-3", R / "flowmap" / "ctm_gmm.yaml", "strategy:\n  name: deepspeed\n  zero_stage: 3\n",
+     "strategy.zero_stage", "method.compare: s runs under ZeRO-3; use zero_stage 1 or 2"),
     ("offload without deepspeed", GMM, "strategy:\n  name: ddp\n  offload_optimizer: true\n",
      "strategy.offload_optimizer", "needs strategy.name=deepspeed"),
 ]
@@ -158,3 +162,18 @@ def test_a_cross_field_error_names_where_its_other_key_was_set():
     with pytest.raises(RecipeError) as e:  # the key itself set on the command line
         load_recipe(PD_DIGITS, ["method.start_steps=48"])
     assert e.value.source == "command line"
+
+
+def test_zero3_refuses_only_what_cannot_run():
+    """ZeRO-3 refuses MeanFlow and CTM's ``compare: zero``; CTM with ``compare: s``, CD and the teacher pass (their
+    only objection on this CPU machine is the GPU one)."""
+    from dtrain.config import load_recipe
+    from dtrain.dist.strategy import check_strategy
+
+    z3 = ["strategy.name=deepspeed", "strategy.zero_stage=3"]
+    for recipe, extra, refused in ((R / "flowmap" / "ctm_gmm.yaml", ["method.compare=s"], False),
+                                   (R / "cm" / "cd_gmm.yaml", [], False), (GMM, [], False),
+                                   (R / "flowmap" / "ctm_gmm.yaml", [], True), (MEANFLOW, [], True)):
+        cfg = load_recipe(recipe, [*z3, *extra], validate=False)
+        keys = [k for k, _ in check_strategy(cfg)]
+        assert ("strategy.zero_stage" in keys) == refused, (recipe.name, extra, keys)
