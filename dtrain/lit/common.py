@@ -323,6 +323,11 @@ class DiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.recipe["trainer"].get("compile", False):
+            st = self.recipe.get("strategy") or {}
+            if st.get("name") == "deepspeed" and int(st.get("zero_stage", 0)) == 3:
+                warnings.warn("trainer.compile under ZeRO-3: DeepSpeed's parameter hooks make torch.compile "
+                              "recompile until it falls back to eager (measured: recompile_limit hit on CPU); expect "
+                              "little speed-up, or use zero_stage 2 / fsdp2", stacklevel=2)
             self.net.compile()
 
     def configure_model(self) -> None:

@@ -5,6 +5,7 @@ compiled training run itself is in ``tests/e2e/test_compile.py``."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -149,6 +150,13 @@ def test_compile_wraps_the_network_in_place(tmp_path):
     plain = TeacherModule(gmm(tmp_path))
     plain.setup("fit")
     assert plain.net._compiled_call_impl is None
+    for stage, warns in ((3, True), (2, False)):  # ZeRO-3's hooks defeat the compile: said at setup
+        cfg = load_recipe(GMM, [f"out_dir={tmp_path}", "model.hidden=16", "model.depth=1", "trainer.compile=true",
+                                "strategy.name=deepspeed", f"strategy.zero_stage={stage}"], validate=False)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            TeacherModule(cfg).setup("fit")
+        assert any("trainer.compile under ZeRO-3" in str(w.message) for w in seen) == warns
 
 
 def test_tf32_flag_reaches_the_cuda_backends(tmp_path, monkeypatch):
