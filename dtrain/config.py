@@ -1083,20 +1083,16 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
 def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
     """An eps (or score) network cannot give x0 = (x_t - sigma eps) / alpha where alpha(t_max) = 0: zero terminal
     SNR schedules and the flow schedule need v, x0, velocity or edm outputs (Lin et al. 2023, arXiv 2305.08891)."""
-    if cfg.model.param not in ("eps", "score"):
-        return []
+    from dtrain.diffusion.param import terminal_snr_conflict
     from dtrain.diffusion.schedule import schedule_from_config
 
     try:
-        sch = schedule_from_config(cfg.schedule)
-        alpha_end = float(sch.alpha(sch.t_max))
+        why = terminal_snr_conflict(cfg.model.param, schedule_from_config(cfg.schedule))
     except Exception:  # a bad schedule is reported by its own check
         return []
-    if alpha_end > 1e-6:
-        return []
-    what = "progressive distillation's few-step student" if cfg.method.name == "pd" else "the network"
-    return [("model.param", f"{cfg.model.param!r} is undefined at zero terminal SNR: schedule {cfg.schedule.name!r} "
-             f"has alpha(t_max) = {alpha_end:.3g}, so {what} cannot recover x0 there; use v, x0, velocity or edm")]
+    if why is not None and cfg.method.name == "pd":
+        why = why.replace("so the network", "so progressive distillation's few-step student")
+    return [] if why is None else [("model.param", why)]
 
 
 def _check_eval_inputs(cfg: DictConfig, where: Any, here: bool = True) -> None:

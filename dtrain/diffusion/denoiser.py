@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from dtrain.diffusion.param import Coeffs, check_param, convert, edm_c_in, to_x0_eps
 from dtrain.diffusion.schedule import Schedule, as_t
 
-__all__ = ["Denoiser", "DenoiserLike", "time_batch"]
+__all__ = ["Denoiser", "DenoiserLike", "as_net_input", "time_batch"]
 
 
 class DenoiserLike(Protocol):
@@ -29,6 +29,14 @@ def time_batch(t: Tensor | float, x: Tensor) -> Tensor:
     """t (a scalar, [1] or [B]) as a float64 [B] tensor on x's device."""
     t = as_t(t).to(x.device)
     return t.reshape(1).expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def as_net_input(net: Any, x: Tensor) -> Tensor:
+    """``x`` in the network's own precision (its first parameter's floating dtype; a function: ``x``): a
+    half-precision network (16-true) sampled from float32 noise, an fp32 copy (EMA, CD's and CTM's target network)
+    fed the bf16 batch of DeepSpeed bf16 / bf16-true training, a float64 network (64-true)."""
+    w = next(net.parameters(), None) if isinstance(net, nn.Module) else None
+    return x.to(w.dtype) if w is not None and w.is_floating_point() and x.dtype != w.dtype else x
 
 
 class Denoiser(nn.Module):
@@ -91,12 +99,7 @@ class Denoiser(nn.Module):
         else:
             c_noise = self.schedule.c_noise(t.to(x.device)).to(torch.float32)
             c_noise = c_noise.reshape(1).expand(x.shape[0]).contiguous() if c_noise.numel() == 1 else c_noise
-        w = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None  # (nets may be functions)
-        if w is not None and x_in.dtype != w.dtype and w.is_floating_point():
-            # the network's own precision: a half-precision network (16-true) sampled from float32 noise, or an fp32
-            # copy (EMA, CD's target network) fed the bf16 batch of DeepSpeed bf16 / bf16-true training
-            x_in = x_in.to(w.dtype)
-        return self.net(x_in, c_noise, cond, **net_kw)
+        return self.net(as_net_input(self.net, x_in), c_noise, cond, **net_kw)
 
     def x0_eps(self, x: Tensor, t: Tensor | float, cond: Any = None, clip: bool = True, **net_kw: Any
                ) -> tuple[Tensor, Tensor]:

@@ -56,7 +56,10 @@ def grid_from_indices(schedule: Schedule, indices: Sequence[int] | Tensor) -> Te
     T = schedule.discrete_steps
     if not T:
         raise ValueError(f"grid: index subsequences need a discrete schedule, not {schedule.name!r}")
-    idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+    raw = torch.as_tensor(indices)
+    if raw.ndim > 1 or (raw.numel() and (raw.dtype == torch.bool or not bool((raw == raw.round()).all()))):
+        raise ValueError(f"grid: indices must be a flat sequence of ints, got {raw.tolist()[:8]}...")
+    idx = raw.to(torch.long).flatten()
     if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= T:
         raise ValueError(f"grid: indices must lie in [0, {T - 1}], got {idx.tolist()[:8]}...")
     idx = torch.unique(idx).flip(0)  # strictly decreasing

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from dtrain.diffusion.guidance import CFGDenoiser, WCondDenoiser
-from dtrain.diffusion.param import PARAMS
+from dtrain.diffusion.param import PARAMS, terminal_snr_conflict
 from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
 from dtrain.errors import InputError, check_count, check_writable
@@ -636,6 +636,8 @@ def assemble(info: dict[str, Any], state: Mapping[str, Tensor], *, file: str = W
         schedule = make_schedule(**info["schedule"])
     except Exception as e:
         raise BundleError(jf, "schedule", f"cannot rebuild the schedule: {e}") from None
+    if (why := terminal_snr_conflict(info["model"].get("param", "eps"), schedule)) is not None:
+        raise BundleError(jf, "model.param", why)  # sampling starts at t_max, where x0 would be nan
     s = info["sampler"]
     if s["name"] not in SAMPLERS:
         raise BundleError(jf, "sampler.name", f"unknown sampler {s['name']!r}; choose one of {SAMPLERS.names()}")

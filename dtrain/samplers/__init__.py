@@ -164,11 +164,15 @@ def run(
     grid: Tensor | None = None,
     **opts: Any,
 ) -> Tensor:
-    """Sample with a registered sampler at a given NFE (or on an explicit grid)."""
+    """Sample with a registered sampler at a given NFE (or on an explicit grid). A half-precision ``x_T`` is
+    integrated in float32 (the state sums many small steps: bf16 lost the sample at 1000 DDIM steps) and returned
+    in its own dtype; the network runs in its own precision either way."""
     spec = SAMPLERS.get(name, "sampler")
     if grid is None:
         grid = default_grid(name, denoiser.schedule, nfe, spacing)
-    return spec.fn(denoiser, x_T, grid, cond=cond, generator=generator, callback=callback, **{**spec.opts, **opts})
+    x = x_T.float() if x_T.dtype in (torch.float16, torch.bfloat16) else x_T
+    out = spec.fn(denoiser, x, grid, cond=cond, generator=generator, callback=callback, **{**spec.opts, **opts})
+    return out.to(x_T.dtype)
 
 
 from dtrain.samplers import few_step as _few_step  # noqa: E402,F401  (registers the few-step samplers)

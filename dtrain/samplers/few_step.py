@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dtrain.diffusion.denoiser import Denoiser, DenoiserLike, time_batch
+from dtrain.diffusion.denoiser import Denoiser, DenoiserLike, as_net_input, time_batch
 from dtrain.diffusion.param import Coeffs, to_x0_eps
 from dtrain.diffusion.schedule import FlowSchedule, Schedule, bcast, matched_time, transition
 from dtrain.diffusion.timesteps import make_grid
@@ -166,7 +166,7 @@ class MeanFlowModel(nn.Module):
         r, t = time_batch(r, z), time_batch(t, z)
         if self._clean is None:
             c = self.schedule.c_noise
-            return self.net(z, c(t).float(), cond, c(r).float()).to(z.dtype)
+            return self.net(as_net_input(self.net, z), c(t).float(), cond, c(r).float()).to(z.dtype)
         own, eps = self._clean.schedule, 1e-9  # the flow's log-SNR is infinite at 0 and 1 (a JVP would give 0 * inf)
         (tau_t, k), (tau_r, _) = (matched_time(self.schedule, own, v.clamp(eps, 1 - eps)) for v in (t, r))
         x0 = self._clean.g(z * bcast(k, z), tau_t, tau_r, cond, clip=clip)

@@ -1,8 +1,10 @@
 """Euler and Heun on the probability-flow ODE dx/dt = alpha' x0_hat + sigma' eps_hat.
 
 For EDM's schedule (alpha = 1, sigma = t) this is EDM's Algorithm 1 without churn (Karras et al. 2022,
-arXiv 2206.00364); for rectified flow it integrates the velocity field (arXiv 2209.03003). Heun skips
-its correction on a step that lands on t = 0 (2n - 1 evaluations for n steps).
+arXiv 2206.00364); for rectified flow it integrates the velocity field (arXiv 2209.03003). A step that lands
+on t = 0 returns x0_hat, with no correction (2n - 1 evaluations for n Heun steps): EDM's sigma-space step to
+sigma = 0 and the flow's step to t = 0 are exactly that, while on VP schedules a straight step in t would keep
+(sigma(t) - t sigma'(t)) eps_hat of noise, sigma growing like sqrt(t) near 0.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def euler(
     g, c = on_grid(denoiser.schedule, grid, "alpha", "sigma", "alpha_dot", "sigma_dot")
     for i in range(len(g) - 1):
         x0 = denoiser(x, g[i], cond)
-        x = x + float(g[i + 1] - g[i]) * velocity_ode(x0, x, Coeffs(*(q[i] for q in c)))
+        x = x0 if g[i + 1] == 0 else x + float(g[i + 1] - g[i]) * velocity_ode(x0, x, Coeffs(*(q[i] for q in c)))
         if callback is not None:
             callback({"i": i, "t": g[i], "s": g[i + 1], "x": x, "x0": x0})
     return x
@@ -69,7 +71,8 @@ def heun_step(
     c_t: Coeffs | None = None,
     c_s: Coeffs | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One Heun step t -> s: Euler predictor, trapezoidal corrector (skipped when s = 0); returns (x_s, x0_hat(t)).
+    """One Heun step t -> s: Euler predictor, trapezoidal corrector; to s = 0 it is x0_hat(t) (the module docstring);
+    returns (x_s, x0_hat(t)).
 
     t, s: 0-d grid times (``c_t``, ``c_s``: their precomputed coefficients) or per-sample float64 [B] times, as
     consistency distillation uses them (coefficients built here; every s must then be > 0).
@@ -78,9 +81,9 @@ def heun_step(
     sch = denoiser.schedule
     dt = bcast(s - t, x) if per_sample else float(s - t)
     x0 = denoiser(x, t, cond)
+    if not per_sample and s == 0:
+        return x0, x0
     v = velocity_ode(x0, x, c_t or Coeffs.at(sch, t, x))
     x_e = x + dt * v
-    if per_sample or s > 0:
-        v2 = velocity_ode(denoiser(x_e, s, cond), x_e, c_s or Coeffs.at(sch, s, x))
-        x_e = x + dt * 0.5 * (v + v2)
-    return x_e, x0
+    v2 = velocity_ode(denoiser(x_e, s, cond), x_e, c_s or Coeffs.at(sch, s, x))
+    return x + dt * 0.5 * (v + v2), x0

@@ -91,3 +91,18 @@ def test_hand_edited_info(bundle, tmp_path, section, key, value, field):
     with pytest.raises(BundleError, match=rf": {re.escape(field)}: ") as e:
         load_bundle(out)
     assert e.value.field == field
+
+
+def test_eps_bundle_at_zero_terminal_snr_is_refused(bundle, tmp_path):
+    """An eps network cannot give x0 where alpha(t_max) = 0, where sampling starts: every sample was nan."""
+    out = tmp_path / "b"
+    shutil.copytree(bundle, out)
+    info = json.loads((out / INFO_FILE).read_text())
+    info["model"]["param"], info["schedule"]["zero_terminal_snr"] = "eps", True
+    (out / INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(BundleError, match=r": model.param: 'eps' is undefined at zero terminal SNR") as e:
+        load_bundle(out)
+    assert e.value.field == "model.param"
+    info["schedule"]["zero_terminal_snr"] = False  # the same network on its own schedule loads
+    (out / INFO_FILE).write_text(json.dumps(info))
+    assert load_bundle(out).info["model"]["param"] == "eps"

@@ -6,6 +6,7 @@ with bad combinations fail with the key."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -480,3 +481,17 @@ def test_label_dropout_drops_the_configured_fraction():
         null = (cond == 10).double().mean().item()
         assert lo <= null <= hi, (p, null)
         assert torch.equal(cond[cond != 10], labels[cond != 10])  # the rest keep their own label
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_meanflow_feeds_the_network_its_own_dtype(dtype):
+    """A bf16 (or float64) MeanFlow network samples from float32 noise (it crashed in the first linear layer: 'mat1
+    and mat2 must have the same dtype'); the state stays float32 and agrees with the float32 network."""
+    sch = make_schedule("flow")
+    torch.manual_seed(0)
+    net = build_model({"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "second_time": True})
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    ref = run("flowmap", MeanFlowModel(net, sch), z, 2)
+    x = run("flowmap", MeanFlowModel(copy.deepcopy(net).to(dtype), sch), z, 2)
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x, ref, atol=0.05 if dtype == torch.bfloat16 else 1e-6, rtol=0)

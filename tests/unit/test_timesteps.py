@@ -131,6 +131,10 @@ def test_grid_from_indices_respacing():
     assert torch.equal(g, torch.tensor([1.0, 0.501, 0.011, 0.0], dtype=torch.float64))
     torch.testing.assert_close(s.c_noise(g[:-1]), torch.tensor([999.0, 500.0, 10.0], dtype=torch.float64),
                                rtol=0, atol=1e-9)
+    assert torch.equal(grid_from_indices(s, [999.0, 10.0]), grid_from_indices(s, [999, 10]))  # integral floats
+    for bad in ([999.7, 10.2], [[1, 2], [3, 4]], [True, False]):  # were truncated / flattened silently
+        with pytest.raises(ValueError, match=r"grid: indices must be a flat sequence of ints"):
+            grid_from_indices(s, bad)
 
 
 def test_bad_inputs_raise():
