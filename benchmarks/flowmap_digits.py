@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ctm", nargs="*", default=[], help="overrides of recipes/flowmap/ctm_digits.yaml")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training runs on the recipe's cpu_threads)")
     ap.add_argument("--out", type=Path, default=RESULTS / "flowmap_digits.json")
+    ap.add_argument("--only", nargs="+", choices=list(SPECS), default=None,
+                    help="train and score only these students; the others' entries are kept from --out (an earlier "
+                         "run against the same teacher weights), and the record names what each entry comes from")
     args = ap.parse_args(argv)
     try:
         seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
@@ -103,10 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_ckpt = digits_teacher()
     flow_ckpt = digits_teacher(recipe=ROOT / "recipes" / "teacher" / "digits_flow.yaml")
     mf_over = [*args.meanflow, *([f"teacher={teacher_ckpt}"] if args.meanflow_teacher else [])]
-    trained = {"meanflow": (student("meanflow_digits", mf_over), mf_over, "vp"),
-               "meanflow_init": (student("meanflow_teacher_digits", [f"teacher={flow_ckpt}", *args.meanflow_init]),
-                                 args.meanflow_init, "flow"),
-               "ctm": (student("ctm_digits", [f"teacher={teacher_ckpt}", *args.ctm]), args.ctm, "vp")}
+    plan = {"meanflow": ("meanflow_digits", mf_over, mf_over, "vp"),
+            "meanflow_init": ("meanflow_teacher_digits", [f"teacher={flow_ckpt}", *args.meanflow_init],
+                              args.meanflow_init, "flow"),
+            "ctm": ("ctm_digits", [f"teacher={teacher_ckpt}", *args.ctm], args.ctm, "vp")}
+    only = args.only or list(plan)
+    earlier = json.loads(args.out.read_text()) if args.only and args.out.is_file() else None
+    if args.only and earlier is None:
+        ap.error(f"--only keeps the other students' entries from --out, but {args.out} does not exist")
+    trained = {k: (student(r, over), given, tag) for k, (r, over, given, tag) in plan.items() if k in only}
     ext = build_extractor("digits")
     ref = load_ref("digits:train", ext)
     kw = dict(num=args.num, batch_size=args.batch_size, shape=(1, 8, 8), extractor=ext, ref=ref, num_classes=10,
@@ -124,6 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
             "best": {k: min(rows, key=lambda r: r["fid"])[k] for k in ("sampler", "nfe", "fid")},
             "ddim": {r["nfe"]: r["fid"] for r in rows if r["sampler"] == "ddim"}}
     students, goals, summary = {}, {}, {}
+    sources: dict[str, str] = {}
+    if earlier is not None:  # the kept students, scored against the same teacher weights (checked by their DDIM)
+        for tag, t in teachers.items():
+            was = earlier["teachers"][tag]["ddim"]
+            if any(abs(was[str(n)] - f) > 1e-9 * f for n, f in t["ddim"].items()):
+                sys.exit(f"--only: the {tag} teacher's DDIM FIDs differ from {args.out}'s: not the same weights")
+        keep = [k for k in plan if k not in only]
+        for k in keep:
+            students[k], goals[k] = earlier["students"][k], earlier["goals"][k]
+            summary.update({n: earlier["summary"][n] for n in (k, *(("ctm_gamma0.5",) if k == "ctm" else ()))})
+            sources[k] = earlier.get("sources", {}).get(k, earlier["command"])
     for tag, t in teachers.items():
         summary[f"teacher_ddim_{tag}"] = {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in t["rows"]
                                           if r["sampler"] == "ddim" and r["nfe"] in NFES}
@@ -139,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "ctm":
             summary["ctm_gamma0.5"] = {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in rows
                                        if r["sampler"] == "flowmap_gamma"}
+        sources[name] = "this run"
         students[name] = {
             "checkpoint": str(ckpt.relative_to(ROOT)), "sha256": sha256_file(ckpt), "teacher": tag,
             "global_step": info["provenance"]["global_step"], "recipe_hash": info["provenance"]["recipe_hash"],
@@ -167,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "students": students,
         "goals": goals,
-        "jvp_cost": jvp_cost(args.meanflow),
+        "sources": sources,  # per student: "this run", or the command of the run its entry was kept from
+        "jvp_cost": jvp_cost(args.meanflow) if "meanflow" in only or earlier is None else earlier["jvp_cost"],
         "extractor": {"name": "digits", "sha256": ext.weights_sha256},
         "reference": {"source": "digits:train", "count": ref.count},
         "num": args.num, "batch_size": args.batch_size, "seed": args.seed, "guidance": 1.0,
