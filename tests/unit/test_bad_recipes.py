@@ -88,6 +88,13 @@ CASES = [
      "MeanFlow's JVP (torch.func.jvp) cannot pass ZeRO-3's parameter hooks"),
     ("CTM compare zero under ZeRO-3", R / "flowmap" / "ctm_gmm.yaml", "strategy:\n  name: deepspeed\n  zero_stage: 3\n",
      "strategy.zero_stage", "method.compare: s runs under ZeRO-3; use zero_stage 1 or 2"),
+    ("zero LR", GMM, "optim:\n  lr: 0\n", "optim.lr", "must be > 0"),
+    ("beta2 of one", GMM, "optim:\n  betas: [0.9, 1.0]\n", "optim.betas", "need two numbers in [0, 1)"),
+    ("EMA every zero", GMM, "ema:\n  every: 0\n", "ema.every", "must be >= 1"),
+    ("negative keep_checkpoints", GMM, "trainer:\n  keep_checkpoints: -1\n", "trainer.keep_checkpoints",
+     "must be >= 0"),
+    ("zero shuffle block", R / "_base" / "train.yaml", WDS.replace("batch_size: 8}", "batch_size: 8, shuffle: 0}"),
+     "data", "shuffle >= 1"),
     ("offload without deepspeed", GMM, "strategy:\n  name: ddp\n  offload_optimizer: true\n",
      "strategy.offload_optimizer", "needs strategy.name=deepspeed"),
 ]
@@ -177,3 +184,20 @@ def test_zero3_refuses_only_what_cannot_run():
         cfg = load_recipe(recipe, [*z3, *extra], validate=False)
         keys = [k for k, _ in check_strategy(cfg)]
         assert ("strategy.zero_stage" in keys) == refused, (recipe.name, extra, keys)
+
+
+def test_circular_base_is_named(tmp_path):
+    """Two recipes that name each other as base fail with the file, not a RecursionError."""
+    (tmp_path / "a.yaml").write_text("base: [b.yaml]\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: [a.yaml]\nname: b\n")
+    with pytest.raises(RecipeError, match=r"base: circular base reference"):
+        fit(tmp_path / "a.yaml")
+
+
+def test_defaults_a_user_relies_on():
+    """The schema's own defaults (a recipe without recipes/_base/train.yaml gets them): gradient clipping at 1,
+    AdamW's betas, one EMA update per step."""
+    from dtrain.config import load_recipe
+
+    cfg = load_recipe(None, validate=False)
+    assert cfg.optim.grad_clip == 1.0 and list(cfg.optim.betas) == [0.9, 0.999] and cfg.ema.every == 1

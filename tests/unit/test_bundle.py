@@ -401,6 +401,31 @@ def test_weights_tampering(exported):
         B.load_bundle(out / "dtrain.json")
 
 
+def test_extra_tensor_in_weights_is_refused(exported):
+    """A model.safetensors holding a tensor the network lacks (with a matching sha256) is refused naming it."""
+    from safetensors.torch import save_file
+
+    _, out = exported
+    f = out / "model.safetensors"
+    save_file({**load_file(f), "extra.weight": torch.ones(2)}, f, metadata={"format": "pt"})
+    info = _info(out)
+    info["weights"]["sha256"] = B.sha256_file(f)
+    _write(out, info)
+    with pytest.raises(B.BundleError, match=r"model\.safetensors: tensor 'extra\.weight': not in the network "
+                       r"\(1 unexpected"):
+        B.load_bundle(out)
+
+
+def test_grid_with_a_repeated_time_is_refused(exported):
+    """A sampler.grid repeating a time ([1, 0.5, 0.5, 0]: a zero-length step) is refused naming sampler.grid."""
+    _, out = exported
+    info = _info(out)
+    info["sampler"].update(name="ddim", nfe=3, grid=[1.0, 0.5, 0.5, 0.0])  # 3 DDIM steps: the NFE matches
+    _write(out, info)
+    with pytest.raises(B.BundleError, match=r"dtrain\.json: sampler\.grid: must be strictly decreasing"):
+        B.load_bundle(out)
+
+
 def test_fuzz_truncated_files(exported):
     """Every truncation of either file fails with a BundleError naming it (weights: with and without the hash)."""
     _, out = exported

@@ -249,3 +249,53 @@ def test_an_unfinished_deepspeed_directory_is_skipped_on_resume(tmp_path):
     assert resume_path(run, "auto") == good
     (part.parent / "latest").write_text("checkpoint")  # DeepSpeed's last write: now it is the newest complete one
     assert resume_path(run, "auto") == part.parent
+
+
+def test_resume_removes_checkpoint_writes_that_never_finished(tmp_path, monkeypatch):
+    """A write cut by SIGKILL leaves a hidden temp file (gigabytes on a big model): the next resume removes it and
+    still starts from the newest finished checkpoint."""
+    from dtrain.lit.checkpointing import TMP_TAG
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    torch.save({"global_step": 3, "state_dict": {}}, ck / "step0000003.ckpt")
+    stale = [ck / f".last.ckpt{TMP_TAG}abc", tmp_path / f".hpc_ckpt_1.ckpt{TMP_TAG}x"]
+    for p in stale:
+        p.write_bytes(b"PK\x03\x04")
+    assert resume_path(tmp_path, "auto") == ck / "step0000003.ckpt"
+    assert not any(p.exists() for p in stale)
+
+
+def test_pruning_keeps_a_signal_checkpoint_newer_than_the_periodic_ones(tmp_path):
+    """``trainer.keep_checkpoints`` drops a SLURM signal's hpc_ckpt once a newer periodic checkpoint exists, and
+    keeps one that is newer (the only copy of the latest weights after a requeue)."""
+    from dtrain.lit.callbacks import StepCheckpoint
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    for i, name in enumerate(["hpc_ckpt_1.ckpt", "checkpoints/step0000004.ckpt", "checkpoints/step0000008.ckpt",
+                              "hpc_ckpt_2.ckpt"]):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    StepCheckpoint.prune(ck, keep=1)
+    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == ["hpc_ckpt_2.ckpt", "step0000008.ckpt"]
+
+
+def test_no_second_last_checkpoint_after_a_signal_checkpoint(tmp_path):
+    """Stopped by SIGTERM / SIGUSR1 right after its hpc checkpoint, training writes no second full last.ckpt inside
+    SLURM's kill grace time; stopped at another step, it does."""
+    from types import SimpleNamespace
+
+    from dtrain.dist.slurm import Preemption
+    from dtrain.lit.callbacks import StepCheckpoint
+
+    cb, sig, saved = StepCheckpoint(tmp_path, every_n_steps=0), Preemption(None), []
+    trainer = SimpleNamespace(global_step=7, callbacks=[sig, cb],
+                              save_checkpoint=lambda path, weights_only=False: saved.append(Path(path).name))
+    sig.saved_step = 7
+    cb.on_train_end(trainer, None)
+    assert saved == []
+    sig.saved_step = 6
+    cb.on_train_end(trainer, None)
+    assert saved == ["last.ckpt"]

@@ -200,3 +200,63 @@ def test_a_resumed_csv_run_keeps_the_earlier_jobs_scalars(tmp_path, one_thread):
             return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
     assert steps("metrics.1.csv") == [1, 3] and steps("metrics.csv") == [5]
+
+
+def test_every_micro_batch_of_every_step_draws_its_own_noise(tmp_path, monkeypatch):
+    """torch's generators are reseeded per (step, micro-batch): noise and times differ between optimizer steps and
+    between the accumulated micro-batches of one step (with one seed per step, teacher training would reuse a
+    single noise draw for the whole run), and the same (seed, rank, step, micro) gives the same seed."""
+    from dtrain.lit import common
+    from dtrain.lit.fit import fit
+
+    seeds: list[int] = []
+    real = common.seed_generators
+    monkeypatch.setattr(common, "seed_generators", lambda s, device: (seeds.append(s), real(s, device))[1])
+    fit(recipe(tmp_path, "trainer.accumulate_grad_batches=3", "trainer.max_steps=3", "trainer.ckpt_every_n_steps=0"))
+    assert len(seeds) == 9 and len(set(seeds)) == 9
+    assert seeds == [common.train_seed(0, 0, step, micro) for step in range(3) for micro in range(3)]
+
+
+def test_optimizer_and_ema_follow_the_recipe(tmp_path):
+    """AdamW takes the recipe's weight decay, betas and eps; the EMA its start step and update interval."""
+    m = TeacherModule(recipe(tmp_path, "optim.weight_decay=0.1", "optim.betas=[0.5,0.9]", "optim.eps=1e-6",
+                             "ema.every=4", "ema.start_step=10"))
+    opt = m.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt[0][0] if isinstance(opt, tuple) else opt
+    group = opt.param_groups[0]
+    assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.1, (0.5, 0.9), 1e-6)
+    assert (m.ema.every, m.ema.start_step) == (4, 10)
+
+
+def test_ema_update_after_a_resume_waits_for_the_next_optimizer_step():
+    """Resumed at step N (under gradient accumulation the first micro-batches leave global_step at N), the EMA is
+    averaged at step N + 1 only: one extra update would make the resumed EMA differ from the uninterrupted one."""
+    from types import SimpleNamespace
+
+    from dtrain.lit.callbacks import EMAUpdate
+
+    calls: list[int] = []
+    module = SimpleNamespace(ema=SimpleNamespace(update=lambda net, step: calls.append(step)), net=None, guard=None,
+                             ema_step=lambda step: step)
+    cb, trainer = EMAUpdate(), SimpleNamespace(global_step=5)
+    cb.on_train_start(trainer, module)
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert calls == []
+    trainer.global_step = 6
+    cb.on_train_batch_end(trainer, module, None, None, 1)
+    cb.on_train_batch_end(trainer, module, None, None, 2)
+    assert calls == [6]
+
+
+def test_throughput_counts_every_accumulated_micro_batch(tmp_path):
+    """perf/samples_per_s = optimizer steps per second x per-rank batch x ranks x accumulation steps."""
+    import csv
+
+    from dtrain.lit.fit import fit
+
+    out = fit(recipe(tmp_path, "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=2",
+                     "trainer.ckpt_every_n_steps=0"))
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("perf/samples_per_s")]
+    assert rows and all(float(r["perf/samples_per_s"]) == pytest.approx(float(r["perf/steps_per_s"]) * 64 * 2)
+                        for r in rows)

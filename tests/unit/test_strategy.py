@@ -584,3 +584,17 @@ def test_a_signal_stop_logs_its_own_last_interval(tmp_path, one_thread):
     rows = [r for r in csv.DictReader(open(tmp_path / "teacher-gmm" / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert [r["step"] for r in rows] == ["9", "14"]
     assert rows[1]["train/loss"] != rows[0]["train/loss"] and rows[1]["perf/steps_per_s"] != rows[0]["perf/steps_per_s"]
+
+
+def test_under_slurm_lightnings_own_requeue_handler_stays_off(monkeypatch):
+    """Under SLURM the environment plugin is SLURMEnvironment(auto_requeue=False): Lightning's signal handler would
+    requeue alongside dtrain's Preemption (two requeues, or one without a checkpoint); outside SLURM, no plugin."""
+    from dtrain.dist import slurm
+
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    assert slurm.plugins() == []
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    (env,) = slurm.plugins()
+    assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False

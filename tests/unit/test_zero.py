@@ -207,3 +207,64 @@ def test_channels_last_weights_pass_deepspeed_initialize(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert "unfixed failed: self.stride(-1) must be 1" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "fixed initialized" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic DeepSpeed layouts (no training run): known fp32 values in, the same values out
+
+
+def _ds_checkpoint(d: Path, stage: int, shapes: dict, flats: list, *, pads=None, model_ranks=None,
+                   **model_states) -> Path:
+    """A DeepSpeed tag directory as ``consolidate`` reads it: one parameter group with ``shapes``, rank r's fp32
+    partition ``flats[r]``, stage 1/2 ``param_alignment_paddings`` ``pads``; stage 3 writes one model-states file
+    per rank in ``model_ranks`` (default: every rank)."""
+    d.mkdir()
+    states = {"module": {}, "buffer_names": [], "param_shapes": [{k: torch.Size(s) for k, s in shapes.items()}],
+              "global_step": 3, **model_states}
+    for r in (range(len(flats)) if model_ranks is None else model_ranks) if stage == 3 else [None]:
+        torch.save(states, d / ("mp_rank_00_model_states.pt" if r is None else
+                                f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
+    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+    for r, flat in enumerate(flats):
+        opt = {"zero_stage": stage, "partition_count": [len(flats)], key: [torch.tensor(flat)]}
+        if pads is not None:
+            opt["param_alignment_paddings"] = pads
+        torch.save({"optimizer_state_dict": opt}, d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    return d
+
+
+def test_zero2_alignment_padding_between_parameters_is_skipped(tmp_path):
+    """ZeRO-1/2 pads each fp32 parameter but a group's last to an alignment (param_alignment_paddings): the
+    parameters after a padded one are read past its padding, not shifted into it (silently wrong weights)."""
+    from dtrain.export.zero import consolidate
+
+    # group [a0 a1 pad pad | b0 b1 b2 pad] split over 2 ranks; net.a (2 values) is padded by 2
+    d = _ds_checkpoint(tmp_path / "ckpt", 2, {"net.a": [2], "net.b": [3]}, [[1.0, 2.0, 0.0, 0.0], [3.0, 4.0, 5.0, 0.0]],
+                       pads=[[2, 0]])
+    ckpt = consolidate(d)
+    assert ckpt["global_step"] == 3
+    assert ckpt["state_dict"]["net.a"].tolist() == [1.0, 2.0]
+    assert ckpt["state_dict"]["net.b"].tolist() == [3.0, 4.0, 5.0]
+
+
+def test_zero3_missing_rank_file_is_named(tmp_path):
+    """A stage-3 checkpoint missing a rank's model-states file (ranks 0 and 2 of 2) is refused naming the ranks,
+    not consolidated from whichever files are there."""
+    from dtrain.export.zero import ZeroCheckpointError, consolidate
+
+    d = _ds_checkpoint(tmp_path / "ckpt", 3, {"net.a": [2]}, [[1.0], [2.0]], model_ranks=[0, 2])
+    with pytest.raises(ZeroCheckpointError, match=r"model-states files for ranks \[0, 2\]: some are missing"):
+        consolidate(d)
+
+
+def test_zero_shared_parameters_are_copied_from_their_target(tmp_path):
+    """A tied parameter (DeepSpeed's shared_params: stored once, under its target) is in the consolidated state
+    dict with its target's values, so the checkpoint loads strictly."""
+    from dtrain.export.zero import consolidate
+
+    # stage 3 over 2 ranks: net.a = [1, 2] split as [1] | [2]
+    d = _ds_checkpoint(tmp_path / "ckpt", 3, {"net.a": [2]}, [[1.0], [2.0]], shared_params={"net.b": "net.a"})
+    sd = consolidate(d)["state_dict"]
+    assert sorted(sd) == ["net.a", "net.b"]
+    assert sd["net.b"].tolist() == sd["net.a"].tolist() == [1.0, 2.0]
