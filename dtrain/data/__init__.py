@@ -10,9 +10,12 @@ imported by runs that read shards. Their DataLoaders start workers with ``worker
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import multiprocessing.util  # its exit handler is registered first, so it runs after _release_workers (LIFO)
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,3 +72,19 @@ def worker_init(worker_id: int) -> None:
 
 def _second_sigterm_exits(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _release_workers() -> None:
+    """At interpreter exit, before multiprocessing's handler (which sends each daemon child one SIGTERM and then
+    waits for it): two SIGTERMs to each live daemon child, so a worker of a loader still alive at exit (a script that
+    crashed holding its iterator) ends instead of outliving the one SIGTERM and hanging the exit forever."""
+    kids = [p for p in multiprocessing.active_children() if p.daemon]
+    if kids and hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report each end as a worker failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for i in range(2 if kids else 0):
+        for p in kids:
+            p.terminate()
+        time.sleep(0.05 * (1 - i))  # let the first one switch the worker's handler back to the default
+
+
+atexit.register(_release_workers)

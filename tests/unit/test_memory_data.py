@@ -109,3 +109,21 @@ def test_resume_with_worker_processes_keeps_the_order(start):
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=start, accumulate_grad_batches=1)
     resumed = [b["x"] for b in islice(iter(dm.train_dataloader()), 6)]
     assert all(torch.equal(a, b) for a, b in zip(stream[start:], resumed, strict=False))
+
+
+@pytest.mark.timeout(120)
+def test_a_script_that_crashes_holding_a_loader_still_exits(tmp_path):
+    """Workers outlive one SIGTERM (for the checkpoint on preemption), and at exit multiprocessing sends one and then
+    waits: a script that crashed with a live multi-worker loader hung forever (a job holding its GPUs until the time
+    limit). The exit now ends them, and stderr shows the crash alone."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import torch\nfrom torch.utils.data import DataLoader, TensorDataset\nfrom dtrain.data import worker_init\n"
+        "loader = DataLoader(TensorDataset(torch.arange(100.0)), batch_size=4, num_workers=2,\n"
+        "                    worker_init_fn=worker_init, persistent_workers=True)\n"
+        "it = iter(loader)\nnext(it)\nraise RuntimeError('crash with a live loader')\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert p.returncode == 1 and p.stderr.rstrip().endswith("RuntimeError: crash with a live loader"), p.stderr

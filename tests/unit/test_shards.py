@@ -48,6 +48,28 @@ def _ids(batches: list[dict]) -> list[int]:
     return [int(v) for b in batches for v in b["y"]]
 
 
+def _shard_of(root: Path) -> dict[int, int]:
+    """Sample id -> number of the shard (in name order) that holds it."""
+    return {int(key): s for s, path in enumerate(sorted(root.glob("*.tar"))) for key in _members(path)}
+
+
+@pytest.fixture(autouse=True)
+def _no_workers_left_behind():
+    """A failing test keeps its DataLoader iterators alive (pytest holds the traceback), and with them their
+    persistent workers: shut them down after each test, so the next tests do not share the cores with them (the exit
+    itself ends them: dtrain.data._release_workers)."""
+    yield
+    import gc
+    import multiprocessing
+
+    if multiprocessing.active_children():
+        from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+        for obj in gc.get_objects():
+            if issubclass(type(obj), _MultiProcessingDataLoaderIter):  # not isinstance: no proxies' __class__
+                obj._shutdown_workers()
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -453,6 +475,48 @@ def test_epochs_reshuffle_deterministically(tmp_path):
     assert _ids(_epoch(WdsStream(ss, batch_size=4, seed=8, shuffle=8), 2)) != e0
 
 
+def test_read_order_epochs_visit_the_shards_in_a_new_order(tmp_path):
+    """shuffle=1 (read order) still reads the shards in a seeded order that changes each epoch, not one fixed order."""
+    root = _ids_dataset(tmp_path, 20, 4)
+    shard = _shard_of(root)
+    stream = WdsStream(resolve_shards(str(root / "index.json")), batch_size=5, seed=3, shuffle=1)
+    orders = []
+    for epoch in (0, 1, 2, 3, 0):
+        stream.epoch = epoch
+        seq = [shard[i] for i in _ids(_epoch(stream, 0))]
+        orders.append(tuple(dict.fromkeys(seq)))
+        assert seq == [s for s in orders[-1] for _ in range(5)]  # whole shards, one after another
+    assert orders[4] == orders[0] and len(set(orders)) > 2
+
+
+def test_one_shard_is_shuffled_anew_each_epoch(tmp_path):
+    """One shard (or unshuffled shards) in an epoch that reads it all: each epoch's sample order is a new shuffle."""
+    stream = WdsStream(resolve_shards(str(_ids_dataset(tmp_path, 24, 1) / "index.json")), batch_size=4, seed=5,
+                       shuffle=24)
+    assert not stream.ring_start  # no seeded start offset: only the in-block shuffle can differ
+    epochs = []
+    for epoch in (0, 1, 2):
+        stream.epoch = epoch
+        epochs.append(_ids(_epoch(stream, 0)))
+    assert all(sorted(ids) == list(range(24)) for ids in epochs)
+    assert len(set(map(tuple, epochs))) == 3
+
+
+def test_resampled_ranks_draw_different_samples(tmp_path):
+    """Resampled mode: each DDP rank draws its own shard stream, so the ranks train on different samples."""
+    ss = resolve_shards(str(_ids_dataset(tmp_path, 40, 4) / "index.json"))
+    drawn = []
+    for rank in (0, 1):
+        stream = WdsStream(ss, batch_size=4, resampled=True, epoch_size=48, world_size=2, rank=rank, shuffle=4,
+                           seed=2)
+        ids = []
+        for epoch in range(3):
+            stream.epoch = epoch
+            ids += _ids(_epoch(stream, 0))
+        drawn.append(sorted(ids))
+    assert len(drawn[0]) == len(drawn[1]) == 72 and drawn[0] != drawn[1]
+
+
 def test_resampled_epochs_continue_the_stream(tmp_path):
     ss = resolve_shards(str(_ids_dataset(tmp_path, 30, 3) / "index.json"))
     stream = WdsStream(ss, batch_size=4, resampled=True, epoch_size=24, world_size=2, rank=1, shuffle=6, seed=2)
@@ -494,6 +558,7 @@ def test_decoding_normalisation_flip_and_latents(tmp_path):
 # Resume and bad data
 
 
+@pytest.mark.timeout(30)  # ~1 s; a resume bug used to show as a 600 s hang
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize(("workers", "consumed", "resampled"), [(2, 3, False), (2, 4, False), (3, 5, False),
                                                                 (0, 2, False), (2, 3, True)])
@@ -529,6 +594,7 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(tmp_path, workers, consumed
     assert not all(torch.equal(a["y"], b["y"]) for a, b in zip(nxt, full))
 
 
+@pytest.mark.timeout(30)
 def test_without_a_trainer_epochs_go_forward_after_a_restore(tmp_path):
     """A custom loop (no Lightning trainer): each pass is the next data epoch. After a restore at epoch 3 the
     passes used to read epochs 3, then 1, 2, ... (the pass count), replaying data."""
@@ -550,6 +616,7 @@ def test_without_a_trainer_epochs_go_forward_after_a_restore(tmp_path):
     assert [p[0] for p in passes] == [(3, 5), (4, 0), (5, 0)] and list(map(len, passes)) == [5, 10, 10]
 
 
+@pytest.mark.timeout(30)
 def test_resume_layout_covers_the_shuffle_and_reads_older_checkpoints(tmp_path):
     """Another shuffle buffer (or shard shuffling, or shard count) changes the order: the resume warns and skips the
     fraction; a layout saved before these keys existed restores the exact position."""
@@ -597,6 +664,27 @@ def test_resume_layout_covers_the_shuffle_and_reads_older_checkpoints(tmp_path):
         assert any("another layout" in str(w.message) for w in seen) is not fits
 
 
+@pytest.mark.timeout(30)
+def test_resume_with_another_seed_says_the_position_cannot_be_kept(tmp_path):
+    """A checkpoint resumed with another data seed (another sample order) warns that its position is not exact."""
+    root = _ids_dataset(tmp_path, 40, 4)
+
+    def dm(seed):
+        m = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=0, shuffle=8, seed=seed)
+        m.setup("fit")
+        return m
+
+    a = dm(1)
+    it = iter(a.train_dataloader())
+    for _ in range(3):
+        a.on_before_batch_transfer(next(it), 0)
+    b = dm(2)
+    b.load_state_dict(a.state_dict())
+    with pytest.warns(UserWarning, match=r"another layout .*'seed': 1.*'seed': 2"):
+        assert len(list(b.train_dataloader())) == 7
+
+
+@pytest.mark.timeout(30)
 def test_resume_with_another_layout_keeps_the_fraction(tmp_path):
     root = _ids_dataset(tmp_path, 40, 4)
     a = WdsDataModule(str(root / "index.json"), batch_size=4, num_workers=2, seed=1)
