@@ -1086,12 +1086,11 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
     from dtrain.diffusion.param import terminal_snr_conflict
     from dtrain.diffusion.schedule import schedule_from_config
 
+    what = "progressive distillation's few-step student" if cfg.method.name == "pd" else "the network"
     try:
-        why = terminal_snr_conflict(cfg.model.param, schedule_from_config(cfg.schedule))
+        why = terminal_snr_conflict(cfg.model.param, schedule_from_config(cfg.schedule), what)
     except Exception:  # a bad schedule is reported by its own check
         return []
-    if why is not None and cfg.method.name == "pd":
-        why = why.replace("so the network", "so progressive distillation's few-step student")
     return [] if why is None else [("model.param", why)]
 
 

@@ -61,16 +61,17 @@ def check_param(kind: str) -> str:
     return kind
 
 
-def terminal_snr_conflict(kind: str, schedule: Schedule) -> str | None:
-    """Why an ``eps`` (or ``score``) network cannot serve ``schedule`` (x0 = (x_t - sigma eps) / alpha, and
-    alpha(t_max) = 0 on zero terminal SNR schedules and the flow; Lin et al. 2023, arXiv 2305.08891), or None."""
+def terminal_snr_conflict(kind: str, schedule: Schedule, what: str = "the network") -> str | None:
+    """Why an ``eps`` (or ``score``) network (``what``, in the message) cannot serve ``schedule`` (x0 = (x_t - sigma
+    eps) / alpha, and alpha(t_max) = 0 on zero terminal SNR schedules and the flow; Lin et al. 2023,
+    arXiv 2305.08891), or None."""
     if kind not in ("eps", "score"):
         return None
     alpha_end = float(schedule.alpha(schedule.t_max))
     if alpha_end > 1e-6:
         return None
     return (f"{kind!r} is undefined at zero terminal SNR: schedule {schedule.name!r} has alpha(t_max) = "
-            f"{alpha_end:.3g}, so the network cannot recover x0 there; use v, x0, velocity or edm")
+            f"{alpha_end:.3g}, so {what} cannot recover x0 there; use v, x0, velocity or edm")
 
 
 def _edm_terms(alpha: Tensor | float, sigma: Tensor | float, sigma_data: float) -> tuple[Any, Any, Any, Any]:
