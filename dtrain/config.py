@@ -185,6 +185,9 @@ class MeanFlowCfg:
     p_std: float = 1.0
     ratio: float = 0.25  # fraction of samples with r != t (the rest is plain flow matching)
     r_zero: float = 0.0  # fraction of those with r = 0: the 1-step map trained directly
+    r_p_mean: float | None = None  # r's own logit-normal law (unset: t's); t keeps its draw, r = min(t, r) for a
+    # fraction ratio of samples (r = t where r's draw is above t)
+    r_p_std: float | None = None
     adaptive_p: float = 1.0  # adaptive weight sg(1 / (d + c)^p); 0: plain squared error
     adaptive_c: float = 1.0e-3  # the paper's c, on the squared L2 norm (the sum over elements)
     cfg_omega: float = 1.0  # CFG in training: v~ = omega v + kappa u_c + (1 - omega - kappa) u_null (1: off)
@@ -1051,6 +1054,11 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
         if (not 0.0 <= m.ratio <= 1.0 or not 0.0 <= m.r_zero <= 1.0 or m.adaptive_p < 0 or m.adaptive_c <= 0
                 or m.p_std <= 0):
             bad.append(("method", "need ratio and r_zero in [0, 1], adaptive_p >= 0, adaptive_c > 0 and p_std > 0"))
+        if m.r_p_std is not None and m.r_p_std <= 0:
+            bad.append(("method.r_p_std", f"must be > 0, got {m.r_p_std}"))
+        if (m.r_p_mean is not None or m.r_p_std is not None) and m.time_sampling != "logit_normal":
+            bad.append(("method.r_p_mean", f"r's own law (r_p_mean / r_p_std) is logit-normal: it needs "
+                        f"method.time_sampling logit_normal, not {m.time_sampling!r}"))
         if (m.cfg_omega != 1.0 or m.cfg_kappa != 0.0) and cfg.model.num_classes == 0:
             bad.append(("method.cfg_omega", "CFG in training needs a class-conditional model (model.num_classes > 0)"))
     else:

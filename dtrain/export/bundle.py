@@ -424,6 +424,14 @@ class Pipeline:
         check_sampler(name, self.model, key, what=f"this bundle (kind {self.kind!r})")
         return name
 
+    def check_nfe(self, nfe: int, sampler: str | None = None, key: str = "nfe") -> None:
+        """``InputError`` naming ``key`` (the argument, or a flag: ``--nfe``) where ``sampler`` (None: the bundle's)
+        has no grid of ``nfe`` evaluations on this bundle's schedule (e.g. more steps than a discrete schedule has)."""
+        name = self.check_sampler(sampler)
+        s = self.info["sampler"]
+        _default_grid(self.schedule, name, check_count(nfe, key, "network evaluations per sample"),
+                      s["spacing"], key)
+
     def times_grid(self, times: Sequence[float], key: str = "times") -> Tensor:
         """The explicit grid [t_max, *times, 0] (float64) of ``sample(times=...)``; ``InputError`` naming ``key``
         unless it decreases strictly."""
@@ -464,6 +472,11 @@ class Pipeline:
         nfe = None if nfe is None else check_count(nfe, "nfe", "network evaluations per sample")
         if spacing is not None and spacing not in SPACINGS:
             raise InputError(f"spacing: unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
+        if isinstance(w, Tensor):  # one scale for the batch: a 1-element tensor reads as its number
+            if w.numel() != 1:
+                raise InputError(f"w: one guidance scale for the whole batch (per-sample scales are not supported), "
+                                 f"got a tensor of shape {list(w.shape)}")
+            w = float(w)
         if w is not None and not _finite(w):
             raise InputError(f"w: the guidance scale must be a finite number (1: no guidance), got {w!r:.80}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -525,7 +538,8 @@ def _default_grid(schedule: Schedule, name: str, nfe: int, spacing: str | None, 
     except ValueError as e:
         T = schedule.discrete_steps
         most = f"; at most {spec.nfe(T)} for sampler {name!r} on this {T}-step schedule" if T and steps > T else ""
-        raise InputError(f"{key}: {nfe} with spacing {spacing!r} gives no grid{most} ({e})") from None
+        raise InputError(f"{key}: {nfe}{f' with spacing {spacing!r}' if spacing else ''} gives no grid{most} ({e})"
+                         ) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,6 +144,8 @@ def run_sample(args: argparse.Namespace) -> Path:
     pipe.check_guidance(args.w, "--w")
     if times is not None:
         pipe.times_grid(times, "--times")
+    elif args.nfe is not None:
+        pipe.check_nfe(args.nfe, sampler, "--nfe")
     g = torch.Generator(device).manual_seed(args.seed)
     xs = []
     for i in range(0, args.num, args.batch_size):

@@ -8,7 +8,10 @@ stop-gradient target v - (t - r) du_theta/dt, du_theta/dt by ``torch.func.jvp`` 
 - v is the conditional velocity eps - x0 (training from scratch, as the paper), or a teacher's velocity at z_t
   (distillation: lower variance; a teacher on another schedule is read through ``Rescheduled``);
 - (r, t): two ``time_sampling`` draws, t the larger; r = t (plain flow matching) except for a fraction ``ratio``,
-  of which a fraction ``r_zero`` jumps to r = 0 (the 1-step map, trained directly; as CTM's ``s_zero_prob``);
+  of which a fraction ``r_zero`` jumps to r = 0 (the 1-step map, trained directly; as CTM's ``s_zero_prob``). With
+  ``r_p_mean`` / ``r_p_std``, r has its own logit-normal law and t keeps its draw: r = min(t, r) for the fraction
+  ``ratio`` (so r = t also where r's draw lies above t; the paper's improved CIFAR-10 sampler in its PyTorch code,
+  t ~ LN(-0.6, 1.6) and r ~ LN(-4, 1.6));
 - adaptive weighting (the paper's Sec. 4.3): the paper weights the squared L2 norm S (a sum over the D elements) by
   sg(1 / (S + c)^p), c = ``adaptive_c`` = 1e-3 as the paper's code; here the per-sample error is the mean d = S / D,
   weighted by sg(1 / (d + c / D)^p), which is the paper's weighted loss times the constant D^(p - 1) (the same at
@@ -134,6 +137,8 @@ class MeanFlowLoss:
         p_std: float = 1.0,
         ratio: float = 0.25,
         r_zero: float = 0.0,
+        r_p_mean: float | None = None,
+        r_p_std: float | None = None,
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
         cfg_omega: float = 1.0,
@@ -150,6 +155,14 @@ class MeanFlowLoss:
             raise ValueError(f"method.ratio: the fraction of r != t samples must be in [0, 1], got {ratio}")
         if not 0.0 <= r_zero <= 1.0:
             raise ValueError(f"method.r_zero: the fraction of r = 0 among r != t must be in [0, 1], got {r_zero}")
+        own_r = r_p_mean is not None or r_p_std is not None
+        if own_r and time_sampling != "logit_normal":
+            raise ValueError(f"method.r_p_mean: r's own law is logit-normal; it needs time_sampling logit_normal, not "
+                             f"{time_sampling!r}")
+        if r_p_std is not None and not r_p_std > 0:
+            raise ValueError(f"method.r_p_std: must be > 0, got {r_p_std}")
+        self.r_law = ((p_mean if r_p_mean is None else r_p_mean, p_std if r_p_std is None else r_p_std)
+                      if own_r else None)  # (mean, std) of r's own logit-normal law
         self.schedule, self.time_sampling, self.p_mean, self.p_std = schedule, time_sampling, p_mean, p_std
         self.ratio, self.r_zero, self.adaptive_p, self.adaptive_c, self.jvp = ratio, r_zero, adaptive_p, adaptive_c, jvp
         self.cfg_omega, self.cfg_kappa = cfg_omega, cfg_kappa
@@ -158,17 +171,19 @@ class MeanFlowLoss:
     @classmethod
     def from_config(cls, method: Mapping[str, Any], model: Mapping[str, Any], schedule: Schedule) -> MeanFlowLoss:
         """From a recipe's ``method`` (meanflow) and ``model`` sections."""
-        keys = ("time_sampling", "p_mean", "p_std", "ratio", "r_zero", "adaptive_p", "adaptive_c", "cfg_omega",
+        keys = ("time_sampling", "p_mean", "p_std", "ratio", "r_zero", "r_p_mean", "r_p_std", "adaptive_p",
+                "adaptive_c", "cfg_omega",
                 "cfg_kappa", "cfg_dropout", "jvp")
         return cls(schedule, num_classes=int(model.get("num_classes", 0) or 0),
                    **{k: method[k] for k in keys if k in method})
 
     def sample_times(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(r, t), float64 [n] on the CPU: two draws, t the larger, r = t except for a fraction ``ratio`` (r the
-        smaller draw, or 0 for a fraction ``r_zero`` of them)."""
-        a, b = (sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=self.p_mean,
-                         p_std=self.p_std) for _ in range(2))
-        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        smaller draw, or 0 for a fraction ``r_zero`` of them). With r's own law (``r_p_mean`` / ``r_p_std``) t is
+        its own draw and r = min(t, r's draw)."""
+        a, b = (sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=m, p_std=sd)
+                for m, sd in ((self.p_mean, self.p_std), self.r_law or (self.p_mean, self.p_std)))
+        t, r = (a, torch.minimum(a, b)) if self.r_law else (torch.maximum(a, b), torch.minimum(a, b))
         apart = torch.rand(n, generator=generator, dtype=torch.float64) < self.ratio
         if self.r_zero > 0:  # drawn only then: runs without it keep their random stream
             r = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < self.r_zero, 0.0, r)

@@ -40,6 +40,8 @@ def pipe(bundle):
     ({"w": math.nan}, r"^w: .*finite number"),
     ({"w": math.inf}, r"^w: .*finite number"),
     ({"w": [2]}, r"^w: .*finite number"),
+    ({"w": torch.tensor([2.0, 3.0])}, r"^w: one guidance scale for the whole batch .*shape \[2\]"),
+    ({"w": torch.tensor(math.nan)}, r"^w: .*finite number"),
     ({"eta": -1}, r"^eta: must be a number in \[0, 1\]"),
     ({"eta": math.nan}, r"^eta: must be a number in \[0, 1\]"),
     ({"eta": "a"}, r"^eta: must be a number in \[0, 1\]"),
@@ -55,12 +57,18 @@ def test_bad_sample_arguments(pipe, kw, match):
 
 
 @pytest.mark.parametrize("kw", [{"labels": np.int64(3)}, {"labels": torch.tensor(3)}, {"nfe": 2.0},
-                                {"nfe": np.int64(2)}])
-def test_scalar_arguments_accepted(pipe, kw):
+                                {"nfe": np.int64(2)}, {"w": torch.tensor(3.0)}, {"w": torch.tensor([3.0])},
+                                {"w": np.float32(3.0)}])
+def test_scalar_arguments_accepted(pipe, kw, monkeypatch):
+    scales, guided = [], pipe.guided
+    monkeypatch.setattr(pipe, "guided", lambda cond, w, *a: scales.append(w) or guided(cond, w, *a))
     gen = torch.Generator().manual_seed(0)
     x = pipe.sample(2, **{"nfe": 2, "labels": 3, **kw}, generator=gen)
-    ref = pipe.sample(2, nfe=2, labels=[3, 3], generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x, ref)
+    ref = pipe.sample(2, nfe=2, labels=[3, 3], w=3.0 if "w" in kw else None,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, ref) and scales[0] == scales[1] and type(scales[0]) is float
+    default = pipe.info["sampler"]["guidance"]
+    assert default != 3.0 and scales[0] == (3.0 if "w" in kw else default)  # the scale reaches the model as a float
 
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:99"])

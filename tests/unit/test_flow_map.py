@@ -191,6 +191,43 @@ def test_meanflow_times_ratio_of_r_below_t(ratio, r_zero):
         assert abs(frac - p) <= 3 * (p * (1 - p) / 20_000) ** 0.5 + 1e-12, (frac, p)
 
 
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_meanflow_times_with_rs_own_law(ratio):
+    """r's own logit-normal law (py-meanflow's improved CIFAR-10 sampler): t keeps its law exactly, P(t > x) =
+    1 - Phi((logit(x) - m_t) / s_t), and r = min(t, r') for a fraction ``ratio`` (r' independent), r = t elsewhere:
+    P(r > x) = P(t > x) (1 - ratio + ratio P(r' > x)). The closed forms at three x, binomial 4-sigma of 40k draws
+    (sorting the pair instead, t = max(t, r'), fails the first)."""
+    sch = make_schedule("flow")
+    (mt, st), (mr, sr) = (-0.6, 1.6), (-4.0, 1.6)
+    loss = MeanFlowLoss(sch, time_sampling="logit_normal", p_mean=mt, p_std=st, ratio=ratio, r_p_mean=mr, r_p_std=sr)
+    n = 40_000
+    r, t = loss.sample_times(n, torch.Generator().manual_seed(0))
+    assert bool((r <= t).all()) and float((r < t).double().mean()) > 0.4 * ratio
+    lo, hi = float(sch.t_min), float(sch.t_max)
+
+    def above(x: float, m: float, sd: float) -> float:  # P(draw > x)
+        q = torch.tensor((x - lo) / (hi - lo), dtype=torch.float64)
+        return 1.0 - float(torch.special.ndtr((torch.logit(q) - m) / sd))
+
+    for x in (0.02, 0.2, 0.6):
+        for got, p in ((float((t > x).double().mean()), above(x, mt, st)),
+                       (float((r > x).double().mean()), above(x, mt, st) * (1 - ratio + ratio * above(x, mr, sr)))):
+            assert abs(got - p) <= 4 * (p * (1 - p) / n) ** 0.5, (x, got, p)
+
+
+def test_meanflow_cifar10_recipe_carries_rs_own_law_into_the_loss():
+    """The CIFAR-10 recipe's r law reaches the loss (from_config passes r_p_mean / r_p_std), and unset it falls back
+    to t's law sorted (the paper's first sampler)."""
+    from dtrain.diffusion.schedule import schedule_from_config
+
+    cfg = load_recipe(RECIPES / "meanflow_cifar10.yaml")
+    loss = MeanFlowLoss.from_config(cfg.method, cfg.model, schedule_from_config(cfg.schedule))
+    assert loss.r_law == (-4.0, 1.6) and (loss.p_mean, loss.p_std, loss.ratio, loss.adaptive_p) == (-0.6, 1.6, 0.75,
+                                                                                                   0.75)
+    cfg = load_recipe(RECIPES / "meanflow_cifar10.yaml", ["method.r_p_mean=null", "method.r_p_std=null"])
+    assert MeanFlowLoss.from_config(cfg.method, cfg.model, schedule_from_config(cfg.schedule)).r_law is None
+
+
 def test_ctm_dsm_term_is_the_denoising_loss_of_g_at_s_equal_t(one_thread):
     """loss(dsm_weight = w) - loss(0) = w mean((g(x_t, t, t) - x0)^2) (param x0, weighting none), at the same x_t."""
     sch = make_schedule("vp_cosine")
@@ -433,6 +470,8 @@ def test_meanflow_jvp_runs_through_unet_attention(one_thread):
     (["method.r_zero=-0.1"], "method"),
     (["schedule.name=vp_cosine"], "schedule.name"),  # another schedule only for the teacher's network
     (["method.init=ctm"], "method.init"),
+    (["method.time_sampling=logit_normal", "method.r_p_std=0"], "method.r_p_std"),
+    (["method.r_p_mean=-4.0"], "method.r_p_mean"),  # r's own law is logit-normal; this recipe samples uniform
 ])
 def test_meanflow_recipe_rejects_bad_combinations(override, key):
     with pytest.raises(RecipeError) as e:

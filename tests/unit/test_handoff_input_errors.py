@@ -118,6 +118,14 @@ def test_sample_nfe_below_one(ckpt_bundle, tmp_path, nfe: str, sample_error) -> 
     assert f"--nfe: must be >= 1, got {nfe}" in err
 
 
+def test_sample_nfe_beyond_the_discrete_schedule(ckpt_bundle, tmp_path, sample_error) -> None:  # 11
+    from dtrain.export.bundle import load_bundle
+
+    T = load_bundle(ckpt_bundle[1]).schedule.discrete_steps
+    err = sample_error(ckpt_bundle[1], tmp_path / "g.png", "--nfe", str(T + 1), "--sampler", "ddim")
+    assert err.startswith(f"dtrain sample: --nfe: {T + 1} gives no grid; at most {T} for sampler 'ddim'"), err
+
+
 def test_export_nfe_below_one(ckpt_bundle, tmp_path, cli_error) -> None:  # 11
     err = cli_error("export", str(ckpt_bundle[0]), "--out", str(tmp_path / "b"), "--nfe", "0")
     assert "--nfe: must be >= 1" in err and "dtrain.json" not in err and not (tmp_path / "b").exists()
