@@ -124,7 +124,7 @@ class DenoisingCfg:
     time_sampling: str = "uniform"  # uniform_discrete | uniform | lognormal | logit_normal
     p_mean: float | None = None  # unset: lognormal -1.2, 1.2 (EDM); logit_normal 0, 1 (SD3)
     p_std: float | None = None
-    weighting: str = "none"  # none | min_snr | edm | snr_trunc
+    weighting: str = "none"  # none | min_snr | edm | snr_trunc | snr_plus_one
     snr_gamma: float = 5.0
     cfg_dropout: float = 0.1  # probability of replacing the label with the null class
 
@@ -211,7 +211,7 @@ class CTMCfg:
     # on edm and ve, uniform on VP and flow schedules
     p_mean: float | None = None  # unset: lognormal -1.2, 1.2 (EDM); logit_normal 0, 1 (SD3)
     p_std: float | None = None
-    solver: str = "heun"  # the teacher's ODE step t -> u: ddim | heun
+    solver: str = "heun"  # the teacher's ODE step t -> u: ddim | heun | dpm++2s
     teacher_steps: int = 1  # uniform teacher steps from t to u
     max_span: float | None = None  # bound on t - u in schedule time (null: u anywhere in [s, t), the paper's)
     s_zero_prob: float = 0.0  # probability of s = 0 (a 1-step jump) instead of s ~ U[0, t]

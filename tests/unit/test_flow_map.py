@@ -222,6 +222,7 @@ def test_meanflow_cifar10_recipe_carries_rs_own_law_into_the_loss():
 
     cfg = load_recipe(RECIPES / "meanflow_cifar10.yaml")
     loss = MeanFlowLoss.from_config(cfg.method, cfg.model, schedule_from_config(cfg.schedule))
+    assert loss.schedule.c_scale == 1.0  # the paper's code feeds t and r in [0, 1]
     assert loss.r_law == (-4.0, 1.6) and (loss.p_mean, loss.p_std, loss.ratio, loss.adaptive_p) == (-0.6, 1.6, 0.75,
                                                                                                    0.75)
     cfg = load_recipe(RECIPES / "meanflow_cifar10.yaml", ["method.r_p_mean=null", "method.r_p_std=null"])
