@@ -229,6 +229,20 @@ def test_meanflow_cifar10_recipe_carries_rs_own_law_into_the_loss():
     assert MeanFlowLoss.from_config(cfg.method, cfg.model, schedule_from_config(cfg.schedule)).r_law is None
 
 
+@pytest.mark.parametrize("c_scale,warns", [(1000, True), (100, False), (1, False)])
+def test_meanflow_warns_of_a_fast_time_input(c_scale, warns):
+    """A flow network fed c_noise = 1000 t (the flow schedule's default) warns: MeanFlow differentiates it in t."""
+    import warnings
+
+    from dtrain.lit.flow_map import MeanFlowModule
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        MeanFlowModule(load_recipe(RECIPES / "meanflow_gmm.yaml", [f"schedule.c_scale={c_scale}"]))
+    hits = [w for w in seen if "schedule.c_scale" in str(w.message)]
+    assert bool(hits) == warns and all("set schedule.c_scale: 1" in str(w.message) for w in hits)
+
+
 def test_ctm_dsm_term_is_the_denoising_loss_of_g_at_s_equal_t(one_thread):
     """loss(dsm_weight = w) - loss(0) = w mean((g(x_t, t, t) - x0)^2) (param x0, weighting none), at the same x_t."""
     sch = make_schedule("vp_cosine")
