@@ -278,6 +278,7 @@ class WdsDataCfg:
 
 @dataclass
 class OptimCfg:
+    name: str = "adamw"  # adamw | radam (RAdam, arXiv 1908.03265: CM's and iCT's optimizer; decoupled weight decay)
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -689,6 +690,7 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
     return bad
 
 
+OPTIMIZERS = ("adamw", "radam")  # optim.name (dtrain.lit.common.DiffusionModule.configure_optimizers)
 PRECISIONS = ("64-true", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 # Sample shapes of the in-memory data (dtrain.data.memory): name -> (model name, {model field: value}, labels)
 _DATA_SHAPES: dict[str, Callable[[DictConfig], tuple[str, dict[str, int], int]]] = {
@@ -806,6 +808,10 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("ema.every", "must be >= 1"))
     if cfg.optim.impl not in ("auto", "fused", "foreach", "plain"):
         bad.append(("optim.impl", f"must be auto, fused, foreach or plain, not {cfg.optim.impl!r}"))
+    if cfg.optim.name not in OPTIMIZERS:
+        bad.append(("optim.name", f"unknown optimizer {cfg.optim.name!r}; choose one of {list(OPTIMIZERS)}"))
+    elif cfg.optim.name == "radam" and cfg.optim.impl == "fused":
+        bad.append(("optim.impl", "torch's RAdam has no fused kernel: use auto (foreach), foreach or plain"))
     if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         bad.append(("optim", "need warmup_steps >= 0, grad_clip >= 0 and min_lr_ratio in [0, 1]"))
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -91,6 +91,9 @@ def check_strategy(cfg: Any) -> list[tuple[str, str]]:
     for key in ("offload_optimizer", "offload_params"):
         if s[key] and not ds:
             bad.append((f"strategy.{key}", f"offloading needs strategy.name=deepspeed, not {s.name!r}"))
+    if ds and s.offload_optimizer and cfg.optim.get("name", "adamw") != "adamw":
+        bad.append(("optim.name", f"an offloaded optimizer steps as DeepSpeedCPUAdam (AdamW), not "
+                    f"{cfg.optim.name!r}: use optim.name=adamw or strategy.offload_optimizer=false"))
     if ds and s.offload_params and s.zero_stage != 3:
         bad.append(("strategy.offload_params", f"parameter offload needs ZeRO stage 3, not strategy.zero_stage="
                     f"{s.zero_stage}"))

@@ -1,7 +1,7 @@
 """``DiffusionModule``: the training lifecycle every method shares; a method only supplies its loss.
 
 Built from a resolved recipe: the network (``net``), its EMA copies (``ema``), the schedule and the
-denoiser over them. The module owns the optimizer (AdamW, linear warmup then constant or cosine LR),
+denoiser over them. The module owns the optimizer (AdamW or RAdam, linear warmup then constant or cosine LR),
 gradient clipping (and the grad norm it measures), the EMA update (``EMAUpdate`` callback, before any
 checkpoint of the same step), logging (the loss and its per-timestep-bucket means accumulated on device and
 flushed with one host sync every ``trainer.log_every_n_steps``, so ``train/loss`` is the interval's mean; the grad
@@ -532,9 +532,15 @@ class DiffusionModule(L.LightningModule):
             conflict = fused_clip_conflict(self.recipe.get("strategy", {}).get("name", "auto"), t["precision"],
                                            float(o["grad_clip"] or 0))
             impl = "fused" if self.device.type == "cuda" and not conflict else "foreach"
+        name = o.get("name", "adamw")
+        if name == "radam" and impl == "fused":  # auto on CUDA (the recipe check refuses an explicit fused RAdam)
+            impl = "foreach"
         kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[impl]
-        opt = torch.optim.AdamW(self.net.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                                weight_decay=o["weight_decay"], **kw)
+        hp = dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"], **kw)
+        if name == "radam":  # RAdam (arXiv 1908.03265), CM's and iCT's; weight decay decoupled as AdamW's
+            opt = torch.optim.RAdam(self.net.parameters(), decoupled_weight_decay=True, **hp)
+        else:
+            opt = torch.optim.AdamW(self.net.parameters(), **hp)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

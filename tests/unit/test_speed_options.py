@@ -119,6 +119,55 @@ def test_optim_impl_reaches_adamw(tmp_path, impl, fused, foreach):
     opt.step()  # every implementation steps on the CPU
 
 
+@pytest.mark.parametrize("impl,foreach", [("auto", True), ("foreach", True), ("plain", False)])
+def test_optim_name_radam_builds_radam_with_the_recipes_settings(tmp_path, impl, foreach):
+    """optim.name=radam: torch's RAdam with the recipe's lr, betas, eps and weight decay (decoupled, as AdamW's), and
+    its step is RAdam's: equal to a fresh torch RAdam's on a copy of the weights (AdamW's differs)."""
+    import copy
+
+    module = TeacherModule(gmm(tmp_path, "optim.name=radam", f"optim.impl={impl}", "optim.lr=1e-3",
+                               "optim.warmup_steps=0", "optim.betas=[0.8,0.99]", "optim.eps=1e-6",
+                               "optim.weight_decay=0.01"))
+    opt = module.configure_optimizers()["optimizer"]
+    assert type(opt) is torch.optim.RAdam and opt.defaults["foreach"] == foreach
+    d = opt.defaults
+    assert (d["lr"], d["betas"], d["eps"], d["weight_decay"], d["decoupled_weight_decay"]) == (
+        1e-3, (0.8, 0.99), 1e-6, 0.01, True)
+    twin = copy.deepcopy(module.net)
+    ref = torch.optim.RAdam(twin.parameters(), lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01,
+                            decoupled_weight_decay=True)
+    other = copy.deepcopy(module.net)
+    adamw = torch.optim.AdamW(other.parameters(), lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01)
+    x, t = torch.randn(4, 2), torch.rand(4) * 1000
+    for _ in range(7):  # RAdam's rectification switches on after a few steps (rho_t > 5)
+        for net, o in ((module.net, opt), (twin, ref), (other, adamw)):
+            o.zero_grad()
+            (net(x, t) - 1.0).square().mean().backward()  # not 0 - 0: the output layer starts at zero
+            o.step()
+    for a, b in zip(module.net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert any(not torch.allclose(a, c) for a, c in zip(module.net.parameters(), other.parameters()))
+
+
+@pytest.mark.parametrize("over,key,needle", [
+    (["optim.name=sgd"], "optim.name", "unknown optimizer 'sgd'; choose one of ['adamw', 'radam']"),
+    (["optim.name=radam", "optim.impl=fused"], "optim.impl", "torch's RAdam has no fused kernel"),
+])
+def test_optim_name_is_validated(tmp_path, over, key, needle):
+    with pytest.raises(RecipeError) as e:
+        gmm(tmp_path, *over)
+    assert e.value.key == key and needle in str(e.value)
+
+
+def test_radam_cannot_be_offloaded():
+    """An offloaded DeepSpeed optimizer steps as DeepSpeedCPUAdam: RAdam there is refused by name."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "teacher" / "cifar10.yaml",
+                    ["optim.name=radam", "optim.impl=foreach", "strategy.name=deepspeed",
+                     "strategy.offload_optimizer=true"])
+    assert e.value.key == "optim.name" and "DeepSpeedCPUAdam" in str(e.value)
+
+
 def test_optim_impl_is_validated(tmp_path):
     with pytest.raises(RecipeError, match=r"optim\.impl: must be auto, fused, foreach or plain"):
         gmm(tmp_path, "optim.impl=apex")
