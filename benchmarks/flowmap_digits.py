@@ -78,6 +78,13 @@ def jvp_cost(overrides: list[str], repeats: int = 5) -> dict:
     return {"seconds_per_step": out, "batch": 128, "threads": torch.get_num_threads(), "repeats": repeats}
 
 
+def kept_source(earlier: dict, name: str) -> str:
+    """What measured a student entry kept from an earlier record (``--only``): the source that record names, where
+    that record's own run ("this run") is its command."""
+    was = (earlier.get("sources") or {}).get(name)
+    return earlier["command"] if was in (None, "this run") else was
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num", type=int, default=2000)
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         for k in keep:
             students[k], goals[k] = earlier["students"][k], earlier["goals"][k]
             summary.update({n: earlier["summary"][n] for n in (k, *(("ctm_gamma0.5",) if k == "ctm" else ()))})
-            sources[k] = earlier.get("sources", {}).get(k, earlier["command"])
+            sources[k] = kept_source(earlier, k)
     for tag, t in teachers.items():
         summary[f"teacher_ddim_{tag}"] = {str(r["nfe"]): {k: r[k] for k in ("fid", "class_acc")} for r in t["rows"]
                                           if r["sampler"] == "ddim" and r["nfe"] in NFES}

@@ -64,3 +64,15 @@ def test_missing_and_broken_files_leave_dashes_and_notes(tmp_path):
     assert set(used) == {"fid_vs_nfe"} and any("cm_digits.json: not found or not JSON" in n for n in notes)
     md = qt.render(table, used, notes, None)
     assert "| CTM | - | - | - | - | - |" in md and "Real-vs-real" not in md
+
+
+def test_flowmap_only_names_what_measured_a_kept_entry():
+    """``flowmap_digits.py --only``: an entry kept from an earlier record is sourced to that record's command where it
+    says "this run", and keeps an older source it already carried."""
+    from benchmarks.flowmap_digits import kept_source
+
+    earlier = {"command": "python benchmarks/flowmap_digits.py --only ctm",
+               "sources": {"ctm": "this run", "meanflow": "python benchmarks/flowmap_digits.py (an older run)"}}
+    assert kept_source(earlier, "ctm") == earlier["command"]
+    assert kept_source(earlier, "meanflow") == "python benchmarks/flowmap_digits.py (an older run)"
+    assert kept_source({"command": "c"}, "ctm") == "c"
