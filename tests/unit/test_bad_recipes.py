@@ -33,7 +33,7 @@ CASES = [
     ("scalar for a list", DIGITS, "ema:\n  decays: 0.99\n", "ema.decays", "expected list[float], got 0.99"),
     ("null section", GMM, "trainer: null\n", "trainer", "expected a section of TrainerCfg's keys, got null"),
     ("unknown key, nothing close", GMM, "optim:\n  learning_rate: 0.1\n", "optim.learning_rate",
-     "unknown key for OptimCfg; valid keys: ['lr', "),
+     "unknown key for OptimCfg; valid keys: ['name', 'lr', "),
     ("unknown schedule", GMM, "schedule:\n  name: vp_foo\n", "schedule.name", "unknown schedule 'vp_foo'"),
     ("unknown model", GMM, "model:\n  name: resnet\n", "model.name", "unknown model 'resnet'; choose one of"),
     ("unknown method", GMM, "method:\n  name: dmd\n", "method.name", "unknown method 'dmd'; choose one of"),
