@@ -172,8 +172,7 @@ class MeanFlowLoss:
     def from_config(cls, method: Mapping[str, Any], model: Mapping[str, Any], schedule: Schedule) -> MeanFlowLoss:
         """From a recipe's ``method`` (meanflow) and ``model`` sections."""
         keys = ("time_sampling", "p_mean", "p_std", "ratio", "r_zero", "r_p_mean", "r_p_std", "adaptive_p",
-                "adaptive_c", "cfg_omega",
-                "cfg_kappa", "cfg_dropout", "jvp")
+                "adaptive_c", "cfg_omega", "cfg_kappa", "cfg_dropout", "jvp")
         return cls(schedule, num_classes=int(model.get("num_classes", 0) or 0),
                    **{k: method[k] for k in keys if k in method})
 
