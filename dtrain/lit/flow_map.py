@@ -131,7 +131,7 @@ class MeanFlowModule(FlowMapModule):
         self.flow = self.denoiser_for(None).schedule  # the flow schedule u lives on (self.schedule: the network's)
         self.loss_fn = MeanFlowLoss.from_config(self.recipe["method"], self.recipe["model"], self.flow)
         self._ddp_off = False
-        c_scale = float(getattr(self.flow, "c_scale", 1.0))
+        c_scale = self.flow.c_scale  # a FlowSchedule (MeanFlowModel requires one)
         if self.denoiser_for(None)._clean is None and c_scale > 100:  # the network takes the flow's c_noise itself
             warnings.warn(f"schedule.c_scale: {c_scale:g}: the network sees {c_scale:g} t, and MeanFlow's target "
                           f"differentiates it in t through time features that oscillate that fast (on the digits, "

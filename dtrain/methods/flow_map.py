@@ -182,7 +182,7 @@ class MeanFlowLoss:
         its own draw and r = min(t, r's draw)."""
         a, b = (sample_t(self.schedule, n, self.time_sampling, generator=generator, p_mean=m, p_std=sd)
                 for m, sd in ((self.p_mean, self.p_std), self.r_law or (self.p_mean, self.p_std)))
-        t, r = (a, torch.minimum(a, b)) if self.r_law else (torch.maximum(a, b), torch.minimum(a, b))
+        t, r = a if self.r_law else torch.maximum(a, b), torch.minimum(a, b)
         apart = torch.rand(n, generator=generator, dtype=torch.float64) < self.ratio
         if self.r_zero > 0:  # drawn only then: runs without it keep their random stream
             r = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < self.r_zero, 0.0, r)
