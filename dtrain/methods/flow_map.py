@@ -55,7 +55,7 @@ from dtrain.diffusion.param import Coeffs, from_x0_eps, velocity_ode
 from dtrain.diffusion.schedule import Schedule, bcast, matched_time
 from dtrain.diffusion.timesteps import TIME_SAMPLERS, rho_times, sample_t
 from dtrain.methods.consistency import SOLVERS, distance, teacher_step
-from dtrain.methods.denoising import DenoisingLoss, LossOutput, same_dropout
+from dtrain.methods.denoising import WEIGHTINGS, DenoisingLoss, LossOutput, same_dropout
 from dtrain.samplers.few_step import CTMModel, MeanFlowModel
 
 __all__ = [
@@ -125,6 +125,14 @@ def meanflow_target(model: MeanFlowModel, z: Tensor, r: Tensor, t: Tensor, v: Te
     return u, (v - bcast(t - r, v) * dudt).detach()
 
 
+def _check_cfg_training(cfg_dropout: float, num_classes: int, guided: bool) -> None:
+    """The label dropout and training-time CFG options both flow-map losses share."""
+    if not 0.0 <= cfg_dropout < 1.0:
+        raise ValueError(f"method.cfg_dropout: must be in [0, 1), got {cfg_dropout}")
+    if guided and num_classes == 0:
+        raise ValueError("method.cfg_omega: CFG in training needs a class-conditional model (model.num_classes > 0)")
+
+
 class MeanFlowLoss:
     """Callable ``(model, x0, cond, teacher=) -> LossOutput(loss [B], t [B])``; see the module docstring."""
 
@@ -161,6 +169,14 @@ class MeanFlowLoss:
                              f"{time_sampling!r}")
         if r_p_std is not None and not r_p_std > 0:
             raise ValueError(f"method.r_p_std: must be > 0, got {r_p_std}")
+        if not p_std > 0:
+            raise ValueError(f"method.p_std: must be > 0, got {p_std}")
+        if not adaptive_p >= 0:
+            raise ValueError(f"method.adaptive_p: the adaptive weight's power must be >= 0, got {adaptive_p}")
+        if not (adaptive_c > 0 or adaptive_c == 0 and adaptive_p == 0):
+            raise ValueError(f"method.adaptive_c: the adaptive weight's offset must be > 0 (0 only with adaptive_p 0), "
+                             f"got {adaptive_c}")
+        _check_cfg_training(cfg_dropout, num_classes, cfg_omega != 1.0 or cfg_kappa != 0.0)
         self.r_law = ((p_mean if r_p_mean is None else r_p_mean, p_std if r_p_std is None else r_p_std)
                       if own_r else None)  # (mean, std) of r's own logit-normal law
         self.schedule, self.time_sampling, self.p_mean, self.p_std = schedule, time_sampling, p_mean, p_std
@@ -272,8 +288,17 @@ class CTMLoss:
             raise ValueError(f"method.compare: {compare!r}; choose one of {list(CTM_COMPARE)}")
         if distance not in CTM_DISTANCES:
             raise ValueError(f"method.distance: {distance!r}; choose one of {list(CTM_DISTANCES)}")
-        if teacher_steps < 1 or (max_span is not None and max_span <= 0) or not 0 <= s_zero_prob <= 1:
-            raise ValueError("method: need teacher_steps >= 1, max_span > 0 (or null) and s_zero_prob in [0, 1]")
+        if dsm_weighting not in WEIGHTINGS:
+            raise ValueError(f"method.dsm_weighting: {dsm_weighting!r}; choose one of {list(WEIGHTINGS)}")
+        for key, value, ok, need in (("teacher_steps", teacher_steps, teacher_steps >= 1, ">= 1"),
+                                     ("max_span", max_span, max_span is None or max_span > 0, "> 0 (or null)"),
+                                     ("s_zero_prob", s_zero_prob, 0 <= s_zero_prob <= 1, "in [0, 1]"),
+                                     ("p_std", p_std, p_std is None or p_std > 0, "> 0 (or null)"),
+                                     ("dsm_weight", dsm_weight, dsm_weight >= 0, ">= 0"),
+                                     ("huber_c", huber_c, huber_c is None or huber_c > 0, "> 0 (or null)")):
+            if not ok:
+                raise ValueError(f"method.{key}: must be {need}, got {value}")
+        _check_cfg_training(cfg_dropout, num_classes, False)
         if time_sampling is None:
             time_sampling = "rho" if schedule.name in ("edm", "ve") else "uniform"
         if time_sampling not in CTM_TIMES:
