@@ -173,7 +173,7 @@ class MeanFlowLoss:
             raise ValueError(f"method.p_std: must be > 0, got {p_std}")
         if not adaptive_p >= 0:
             raise ValueError(f"method.adaptive_p: the adaptive weight's power must be >= 0, got {adaptive_p}")
-        if not (adaptive_c > 0 or adaptive_c == 0 and adaptive_p == 0):
+        if not (adaptive_c > 0 or (adaptive_c == 0 and adaptive_p == 0)):
             raise ValueError(f"method.adaptive_c: the adaptive weight's offset must be > 0 (0 only with adaptive_p 0), "
                              f"got {adaptive_c}")
         _check_cfg_training(cfg_dropout, num_classes, cfg_omega != 1.0 or cfg_kappa != 0.0)
