@@ -28,7 +28,11 @@ class DenoiserLike(Protocol):
 def time_batch(t: Tensor | float, x: Tensor) -> Tensor:
     """t (a scalar, [1] or [B]) as a float64 [B] tensor on x's device."""
     t = as_t(t).to(x.device)
-    return t.reshape(1).expand(x.shape[0]) if t.numel() == 1 else t
+    if t.numel() == 1:
+        return t.reshape(1).expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t: {tuple(t.shape)} times for a batch of {x.shape[0]} (give one time, or one per sample)")
+    return t
 
 
 def as_net_input(net: Any, x: Tensor) -> Tensor:

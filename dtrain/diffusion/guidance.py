@@ -4,7 +4,8 @@ D_w = D(x, t, null) + w (D(x, t, cond) - D(x, t, null)): w = 1 is the plain cond
 w = 0 the unconditional one (diffusers' ``guidance_scale`` convention). Guidance in x0 equals
 guidance in eps at fixed x_t, so every sampler works with it unchanged. w may be one number or one per
 sample ([B], as guided distillation draws it). A ``Denoiser`` with ``clip_x0`` is read unclipped and the guided x0
-clipped once (guide, then clip, as GLIDE / diffusers: clipping each branch first lets w > 1 leave the range).
+clipped once (guide, then clip, as GLIDE / diffusers: clipping each branch first lets w > 1 leave the range); so is
+a few-step student's (consistency, CTM, MeanFlow over a denoiser), whose output is affine in a clean estimate.
 
 Guided distillation (Meng et al. 2023, arXiv 2210.03142) gives a student w as an input instead: its network
 takes ``GuidedCond(labels, w)`` as ``cond`` (``model.w_cond``), and ``WCondDenoiser`` drives it at a fixed w
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dtrain.diffusion.denoiser import Denoiser, DenoiserLike
+from dtrain.diffusion.denoiser import Denoiser, DenoiserLike, time_batch
 from dtrain.diffusion.schedule import bcast
 
 __all__ = ["CFGDenoiser", "GuidedCond", "WCondDenoiser"]
@@ -38,17 +39,28 @@ class CFGDenoiser(nn.Module):
         return self.inner.schedule
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
-        clip = self.inner.clip_x0 if isinstance(self.inner, Denoiser) else None
+        clip = getattr(self.inner, "clip_x0", None)
         if clip is None:
             return self._guide(self.inner, x, (t,), cond)
-        return self._guide(partial(self.inner, clip=False), x, (t,), cond).clamp(-clip, clip)
+        if isinstance(self.inner, Denoiser):
+            return self._guide(partial(self.inner, clip=False), x, (t,), cond).clamp(-clip, clip)
+        return self._affine(x, t, None, cond, clip)
 
     def jump(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Any = None) -> Tensor:
-        """The guided jump t -> s of a flow-map student (``dtrain.diffusion.flow_map``): a jump is affine in the
-        network's output at fixed x_t, so this equals guiding the network output."""
+        """The guided jump t -> s of a flow-map student (``dtrain.samplers.few_step``): a jump is affine in the
+        network's output at fixed x_t, so this guides the network output (its clean estimate, clipped once, where
+        the student clips one)."""
         if not hasattr(self.inner, "jump"):
             raise TypeError(f"CFGDenoiser.jump: {type(self.inner).__name__} is not a flow map (no jump)")
-        return self._guide(self.inner.jump, x, (t, s), cond)
+        clip = getattr(self.inner, "clip_x0", None)
+        return self._guide(self.inner.jump, x, (t, s), cond) if clip is None else self._affine(x, t, s, cond, clip)
+
+    def _affine(self, x: Tensor, t: Tensor | float, s: Tensor | float | None, cond: Any, clip: float) -> Tensor:
+        """A few-step student whose output is p x + q x0_hat (``affine``, ``clean``): guide the unclipped x0_hat, clip
+        the guided one, then apply the student's own map."""
+        p, q = self.inner.affine(x, t, s)
+        x0 = self._guide(partial(self.inner.clean, clip=False), x, (t, s), cond).clamp(-clip, clip)
+        return p * x + q * x0
 
     def _guide(self, fn: Any, x: Tensor, times: tuple, cond: Any) -> Tensor:
         if cond is None or (not isinstance(self.scale, Tensor) and self.scale == 1.0):
@@ -59,7 +71,7 @@ class CFGDenoiser(nn.Module):
             raise ValueError(f"guidance: {self.scale.numel()} scales for a batch of {x.shape[0]} (give one, or one "
                              f"per sample)")
         null = torch.full_like(cond, self.null_label)
-        tb = [t if not isinstance(t, Tensor) or t.ndim == 0 else torch.cat([t, t]) for t in times]
+        tb = [t if not isinstance(t, Tensor) or t.ndim == 0 else torch.cat([time_batch(t, x)] * 2) for t in times]
         both = fn(torch.cat([x, x]), *tb, torch.cat([cond, null]))
         d_c, d_u = both.chunk(2)
         w = bcast(self.scale, d_c) if isinstance(self.scale, Tensor) else self.scale

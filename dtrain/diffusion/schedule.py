@@ -194,10 +194,14 @@ class DiscreteVP(Schedule):
         else:
             self.kind = "custom"
         ac = alphas_cumprod.detach().to(torch.float64).cpu()
+        if ac.ndim != 1 or not bool((ac[1:] < ac[:-1]).all()) or not bool(((ac >= 0) & (ac < 1)).all()):
+            raise ValueError("alphas_cumprod must be a strictly decreasing 1-D sequence in [0, 1) (every beta > 0: "
+                             "a repeated value or a first value of 1 leaves a step with no noise added)")
         if zero_terminal_snr:
+            if ac.numel() < 2:
+                raise ValueError("schedule.zero_terminal_snr: needs T >= 2 (the rescale maps the first step to itself "
+                                 "and the last to SNR 0)")
             ac = rescale_zero_terminal_snr(ac)
-        if ac.ndim != 1 or not bool((ac[1:] <= ac[:-1]).all()) or not bool(((ac >= 0) & (ac <= 1)).all()):
-            raise ValueError("alphas_cumprod must be a non-increasing 1-D sequence in [0, 1]")
         self.alphas_cumprod = ac
         self.T = self.discrete_steps = ac.numel()
         self.knots = torch.cat([torch.ones(1, dtype=torch.float64), ac.sqrt()])  # alpha at t = i / T

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -107,6 +108,12 @@ def make_grid(
             raise ValueError(f"grid.spacing: {spacing!r} needs a discrete schedule, not {schedule.name!r}")
         if n > T:
             raise ValueError(f"grid: {n} steps exceed the schedule's {T} training steps")
+        if t_max is not None or t_min is not None:
+            raise ValueError(f"grid.t_max / t_min: spacing {spacing!r} places DDPM indices over all {T} steps; for a "
+                             f"partial grid use a continuous spacing (uniform, lambda, ...) or grid_from_indices")
+        if n == 1 and spacing in ("leading", "linspace"):
+            warnings.warn(f"grid: one step with spacing {spacing!r} evaluates only near t = 0 (training index "
+                          f"{offset}), so the sample stays noise; 'trailing' starts at t_max", stacklevel=2)
         return grid_from_indices(schedule, _discrete_indices(T, n, spacing, offset))
     hi = float(schedule.t_max if t_max is None else t_max)
     lo = float(schedule.t_min if t_min is None else t_min)

@@ -95,7 +95,7 @@ def ddim_invert(
     sch = denoiser.schedule
     g, (a, sg) = on_grid(sch, grid, "alpha", "sigma")
     g, a, sg = g.flip(0), a[::-1], sg[::-1]  # increasing: g[0] (usually 0) < g[1] < ...
-    x = x0
+    x = x0.float() if x0.dtype in (torch.float16, torch.bfloat16) else x0  # as ``run``: no half-precision state
     for i in range(len(a) - 1):
         s, t = g[i], g[i + 1]
         j = i if sg[i] > 0 else i + 1  # evaluate at the known point, or at the first noisy time from x_0
@@ -114,7 +114,7 @@ def ddim_invert(
                 x = (sg[i + 1] / sg[i]) * (xs - a[i] * d)
         if callback is not None:
             callback({"i": i, "t": s, "s": t, "x": x, "x0": d})
-    return x
+    return x.to(x0.dtype)
 
 
 def slerp(z0: Tensor, z1: Tensor, alpha: float | Tensor) -> Tensor:

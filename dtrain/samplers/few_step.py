@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from dtrain.diffusion.denoiser import Denoiser, DenoiserLike, as_net_input, time_batch
 from dtrain.diffusion.param import Coeffs, to_x0_eps
 from dtrain.diffusion.schedule import FlowSchedule, Schedule, bcast, matched_time, transition
-from dtrain.diffusion.timesteps import make_grid
+from dtrain.diffusion.timesteps import default_spacing, make_grid
 from dtrain.samplers import SAMPLERS, SamplerSpec
 from dtrain.samplers.base import Callback, on_grid, randn_like
 from dtrain.samplers.ddim import ddim_coeffs
@@ -81,6 +81,21 @@ class ConsistencyModel(nn.Module):
         p = torch.where(boundary, torch.ones_like(p), p)
         q = torch.where(boundary, torch.zeros_like(q), q)
         return bcast(p, x), bcast(q, x)
+
+    @property
+    def clip_x0(self) -> float | None:
+        return self.denoiser.clip_x0 if isinstance(self.denoiser, Denoiser) else None
+
+    def clean(self, x: Tensor, t: Tensor | float, s: None = None, cond: Any = None, clip: bool = True) -> Tensor:
+        """D(x_t, t), the denoiser's clean estimate f is affine in (``clip=False``: unclipped, for guidance)."""
+        if isinstance(self.denoiser, Denoiser):
+            return self.denoiser(x, t, cond, clip=clip)
+        return self.denoiser(x, t, cond)
+
+    def affine(self, x: Tensor, t: Tensor | float, s: None = None) -> tuple[Tensor, Tensor]:
+        """(p, q) with ``forward`` = p x + q ``clean`` (``CFGDenoiser`` guides ``clean``, then clips once)."""
+        p, q = self.coeffs(t, x)
+        return (p, q) if self.alpha_min == 1.0 else (p / self.alpha_min, q / self.alpha_min)
 
     def consistency(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
         """f(x_t, t): the point at t_min of the probability-flow trajectory through x_t; f(x, t_min) = x."""
@@ -125,7 +140,10 @@ def consistency_grid(schedule: Schedule, n: int, spacing: str | None = None) -> 
     """n evaluation times above t_min, then 0: ``make_grid(schedule, n)`` when its last evaluation lies above t_min
     (DDPM's trailing spacing), else ``make_grid(schedule, n + 1)`` without that boundary point t_min, where the
     model is the identity (continuous spacings, DDPM's leading and linspace). A discrete schedule has at most T
-    steps: at n = T the grid is ``make_grid(schedule, T)``, its last evaluation at t_min."""
+    steps: at n = T the grid is ``make_grid(schedule, T)``, its last evaluation at t_min. One step is from t_max
+    (f(x_T, T)), also where DDPM's leading and linspace spacings would put their one point at the first index."""
+    if n == 1 and (spacing or default_spacing(schedule)) in ("leading", "linspace"):
+        return torch.tensor([float(schedule.t_max), 0.0], dtype=torch.float64)
     g = make_grid(schedule, n, spacing)
     if n == 1 or float(g[-2]) > schedule.t_min or (schedule.discrete_steps and n >= schedule.discrete_steps):
         return g
@@ -167,10 +185,27 @@ class MeanFlowModel(nn.Module):
         if self._clean is None:
             c = self.schedule.c_noise
             return self.net(as_net_input(self.net, z), c(t).float(), cond, c(r).float()).to(z.dtype)
+        return (z - self.clean(z, t, r, cond, clip)) / bcast(t, z)
+
+    @property
+    def clip_x0(self) -> float | None:
+        """The read-as-denoiser network's clip (``CFGDenoiser`` clips the guided estimate); None on a velocity net."""
+        return None if self._clean is None else self._clean.clip_x0
+
+    def clean(self, z: Tensor, t: Tensor | float, s: Tensor | float | None = None, cond: Any = None,
+              clip: bool = True) -> Tensor:
+        """x0_hat(z_t, t, s) of the read-as-denoiser network (s = None: t), which u and every jump are affine in."""
+        t = time_batch(t, z)
+        s = t if s is None else time_batch(s, z)
         own, eps = self._clean.schedule, 1e-9  # the flow's log-SNR is infinite at 0 and 1 (a JVP would give 0 * inf)
-        (tau_t, k), (tau_r, _) = (matched_time(self.schedule, own, v.clamp(eps, 1 - eps)) for v in (t, r))
-        x0 = self._clean.g(z * bcast(k, z), tau_t, tau_r, cond, clip=clip)
-        return (z - x0) / bcast(t, z)
+        (tau_t, k), (tau_s, _) = (matched_time(self.schedule, own, v.clamp(eps, 1 - eps)) for v in (t, s))
+        return self._clean.g(z * bcast(k, z), tau_t, tau_s, cond, clip=clip)
+
+    def affine(self, z: Tensor, t: Tensor | float, s: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """(p, q) with ``jump`` (``forward`` for s = None) = p z + q ``clean``: the flow's DDIM step t -> s."""
+        t = time_batch(t, z)
+        frac = torch.zeros_like(t) if s is None else time_batch(s, z) / t
+        return bcast(frac, z), bcast(1 - frac, z)
 
     def jump(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Any = None) -> Tensor:
         """z_s = z_t - (t - s) u(z_t, s, t)."""
@@ -196,6 +231,25 @@ class CTMModel(nn.Module):
     def schedule(self) -> Schedule:
         return self.denoiser.schedule
 
+    @property
+    def clip_x0(self) -> float | None:
+        return self.denoiser.clip_x0
+
+    def clean(self, x: Tensor, t: Tensor | float, s: Tensor | float | None = None, cond: Any = None,
+              clip: bool = True) -> Tensor:
+        """g(x_t, t, s) (s = None: t), which ``jump`` and ``forward`` are affine in."""
+        return self.g(x, t, t if s is None else s, cond, clip)
+
+    def affine(self, x: Tensor, t: Tensor | float, s: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """(p, q) with ``jump`` (``forward`` for s = None) = p x + q ``clean`` (``ddim_coeffs``; (1, 0) at s = t)."""
+        t = time_batch(t, x)
+        if s is None:
+            return torch.zeros_like(x[:1]), torch.ones_like(x[:1])
+        s = time_batch(s, x)
+        p, q, _ = ddim_coeffs(self.schedule, t, s)
+        p, q = torch.where(t == s, 1.0, p), torch.where(t == s, 0.0, q)
+        return bcast(p, x), bcast(q, x)
+
     def g(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Any = None, clip: bool = True) -> Tensor:
         """g(x_t, t, s); ``clip=False`` for training (no clamp, so no dead gradients)."""
         d = self.denoiser
@@ -207,10 +261,8 @@ class CTMModel(nn.Module):
 
     def jump(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Any = None, clip: bool = True) -> Tensor:
         """G(x_t, t, s) = p x_t + q g(x_t, t, s) (``ddim_coeffs``); G(x, t, t) = x exactly (at t = 0 too)."""
-        t, s = time_batch(t, x), time_batch(s, x)
-        p, q, _ = ddim_coeffs(self.schedule, t, s)
-        p, q = torch.where(t == s, 1.0, p), torch.where(t == s, 0.0, q)
-        return bcast(p, x) * x + bcast(q, x) * self.g(x, t, s, cond, clip)
+        p, q = self.affine(x, t, s)
+        return p * x + q * self.g(x, t, s, cond, clip)
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
         """g(x_t, t, t): the denoiser view (what CTM's DSM loss trains)."""

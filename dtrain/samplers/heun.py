@@ -78,6 +78,8 @@ def heun_step(
     consistency distillation uses them (coefficients built here; every s must then be > 0).
     """
     per_sample = t.ndim > 0
+    if per_sample and not bool((s > 0).all()):
+        raise ValueError("heun_step: per-sample target times s must be > 0 (a step to 0 is x0_hat; pass 0-d times)")
     sch = denoiser.schedule
     dt = bcast(s - t, x) if per_sample else float(s - t)
     x0 = denoiser(x, t, cond)

@@ -429,6 +429,8 @@ def test_default_grid_skips_the_boundary():
     assert consistency_grid(make_schedule("ddpm"), 2).tolist() == [1.0, 0.5, 0.0]  # trailing: as make_grid
     ddpm = make_schedule("ddpm")
     assert consistency_grid(ddpm, 2, "leading").tolist()[1] > ddpm.t_min  # leading reaches t_min: n + 1, cut
+    for spacing in ("leading", "linspace"):  # their one point is index 0 (the output would be x_T): f(x_T, T)
+        assert consistency_grid(ddpm, 1, spacing).tolist() == [1.0, 0.0]
     full = consistency_grid(ddpm, 1000)  # T steps: no T + 1 exist, so the last evaluation is at t_min
     assert len(full) == 1001 and float(full[-2]) == ddpm.t_min
     calls = []

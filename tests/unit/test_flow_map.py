@@ -429,6 +429,45 @@ def test_guided_jump_is_the_guided_network_output(one_thread):
         run("flowmap", Denoiser(net, sch, "velocity"), z, 1)
 
 
+@pytest.mark.parametrize("kind", ["consistency", "ctm", "meanflow"])
+def test_guided_few_step_students_clip_the_guided_estimate_once(kind, one_thread):
+    """A student over a clipping denoiser (clip_x0 1) is affine in its clean estimate x0_hat; guidance at w = 3 guides
+    the unclipped x0_hat, then clips it once (as for a plain Denoiser), instead of mixing the clipped branches, which
+    leaves [-1, 1]: the consistency function equals the consistency function over the guided Denoiser, and a CTM /
+    MeanFlow jump is the DDIM step t -> s to the clipped guided estimate."""
+    from dtrain.samplers.ddim import ddim_step
+    from dtrain.samplers.few_step import ConsistencyModel
+
+    torch.manual_seed(0)
+    vp, flow, w = make_schedule("vp_cosine"), make_schedule("flow"), 3.0
+    net = build_model({"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "num_classes": 3,
+                       "second_time": kind != "consistency"})
+    for q in net.parameters():
+        nn.init.normal_(q, std=0.5)
+    den = Denoiser(net, vp, "v", clip_x0=1.0)
+    x, y, null = 2 * torch.randn(64, 2), torch.arange(64) % 3, torch.full((64,), 3)
+    with torch.no_grad():
+        if kind == "consistency":
+            model, t = ConsistencyModel(den), 0.9
+            got = CFGDenoiser(model, w, 3)(x, t, y)
+            want = ConsistencyModel(CFGDenoiser(den, w, 3))(x, t, y)
+            naive = model(x, t, null) + w * (model(x, t, y) - model(x, t, null))
+        else:
+            model = CTMModel(den) if kind == "ctm" else MeanFlowModel(net, flow, den)
+            sch, t, s = model.schedule, 0.9, 0.2
+            got = CFGDenoiser(model, w, 3).jump(x, t, s, y)
+            x0 = model.clean(x, t, s, null, clip=False) + w * (model.clean(x, t, s, y, clip=False)
+                                                                - model.clean(x, t, s, null, clip=False))
+            assert float(x0.abs().max()) > 1.1  # the guided estimate leaves the clip range before clipping
+            want = ddim_step(sch, x, x0.clamp(-1, 1), torch.tensor(t, dtype=torch.float64),
+                             torch.tensor(s, dtype=torch.float64))
+            naive = model.jump(x, t, s, null) + w * (model.jump(x, t, s, y) - model.jump(x, t, s, null))
+            if kind == "ctm":  # the denoiser view (s = t) is the guided Denoiser with its second time at t
+                torch.testing.assert_close(CFGDenoiser(model, w, 3)(x, t, y), CFGDenoiser(den, w, 3)(x, t, y))
+    torch.testing.assert_close(got, want)
+    assert float((got - naive).abs().max()) > 0.01  # guiding the clipped branches is another (wrong) answer
+
+
 @pytest.mark.parametrize("cfg", [{"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "num_classes": 3},
                                  {"name": "unet", "in_channels": 1, "resolution": 8, "channels": 16,
                                   "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],

@@ -253,10 +253,11 @@ def test_errors_are_clear():
         make_schedule("vp_discrete", kind="quadratic")
     with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
         make_schedule("edm", sigma_min=1.0, sigma_max=0.5)
-    with pytest.raises(ValueError, match="non-increasing"):
-        DiscreteVP(alphas_cumprod=torch.tensor([0.5, 0.9]))
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        DiscreteVP(alphas_cumprod=torch.tensor([1.5, 0.9]))
+    for ac in ([0.5, 0.9], [1.5, 0.9], [1.0, 0.5, 0.1], [0.9, 0.5, 0.5]):  # beta = 0 somewhere: sigma or a step of 0
+        with pytest.raises(ValueError, match=r"strictly decreasing 1-D sequence in \[0, 1\)"):
+            DiscreteVP(alphas_cumprod=torch.tensor(ac))
+    with pytest.raises(ValueError, match=r"schedule\.zero_terminal_snr: needs T >= 2"):
+        DiscreteVP(T=1, zero_terminal_snr=True)
     for make, match in [(lambda: DiscreteVP(T=0), r"schedule\.T: must be an int >= 1, got 0"),
                         (lambda: DiscreteVP(beta_start=0.1, beta_end=0.01), r"schedule\.beta_start / beta_end"),
                         (lambda: make_schedule("vp_linear", beta_min=0.0), r"schedule\.beta_min / beta_max"),

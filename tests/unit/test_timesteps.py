@@ -148,6 +148,12 @@ def test_bad_inputs_raise():
         make_grid(vp, 10, "trailing")
     with pytest.raises(ValueError, match="1001 steps exceed the schedule's 1000 training steps"):
         make_grid(d, 1001, "trailing")
+    for spacing in ("trailing", "leading", "linspace"):  # DDPM indices span all T steps: a t_max would be ignored
+        with pytest.raises(ValueError, match=rf"grid\.t_max / t_min: spacing '{spacing}' places DDPM indices"):
+            make_grid(d, 4, spacing, t_max=0.5)
+    for spacing in ("leading", "linspace"):  # diffusers' one-step grid sits at the first index: a warning
+        with pytest.warns(UserWarning, match=rf"one step with spacing '{spacing}' evaluates only near t = 0"):
+            assert make_grid(d, 1, spacing).tolist() == [0.001, 0.0]
     with pytest.raises(ValueError, match="need 0 <= t_min < t_max"):
         make_grid(vp, 10, "uniform", t_min=0.5, t_max=0.4)
     with pytest.raises(ValueError, match="'lambda' needs t_min > 0"):
