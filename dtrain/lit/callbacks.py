@@ -93,7 +93,22 @@ class StepCheckpoint(ModelCheckpoint):
         self.keep = keep  # pruned here, not by ModelCheckpoint's top-k: its state (and resume) stays the same
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps or None, save_top_k=-1 if every_n_steps else 0,
-                         save_last=True, save_on_train_epoch_end=False)
+                         save_last=True, save_on_train_epoch_end=False,
+                         enable_version_counter=False)  # a moved run's resume rewrites last.ckpt, no last-v1.ckpt
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """A sharded directory rewritten in place (``last.ckpt``) first loses its finished-save marker (DeepSpeed's
+        ``latest``, FSDP's ``meta.pt``, each written last), so a save killed halfway is skipped on resume
+        (``dtrain.lit.checkpointing``) rather than read half old, half new."""
+        from dtrain.lit.checkpointing import SHARDED_DONE
+
+        if trainer.world_size > 1 or Path(filepath).is_dir():  # every rank takes the same branch (broadcast)
+            if trainer.strategy.broadcast(Path(filepath).is_dir()):
+                if trainer.is_global_zero:
+                    for name in SHARDED_DONE:
+                        (Path(filepath) / name).unlink(missing_ok=True)
+                trainer.strategy.barrier("dtrain_sharded_rewrite")
+        super()._save_checkpoint(trainer, filepath)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
                            ) -> None:
@@ -128,6 +143,4 @@ class StepCheckpoint(ModelCheckpoint):
         if any(isinstance(c, Preemption) and c.saved_step == trainer.global_step for c in trainer.callbacks):
             return  # stopped on a signal right after its checkpoint: no second copy inside the kill grace time
         if self._last_global_step_saved != trainer.global_step:
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}",
-                                    weights_only=False)
-            self._last_global_step_saved = trainer.global_step
+            self._save_checkpoint(trainer, str(Path(self.dirpath) / (self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)))

@@ -73,19 +73,30 @@ def __getattr__(name: str) -> Any:
 def probe_checkpoint(path: str | Path, field: str = "") -> int:
     """The global step of a Lightning checkpoint, or ``CheckpointError`` naming the file (and ``field``, the recipe
     field or flag that gave it) when it is truncated, unreadable with ``weights_only=True``, or not a training
-    checkpoint. Sharded directories: -1 (not probed)."""
+    checkpoint. A DeepSpeed directory: -1 (not probed); an FSDP one: the step in its meta.pt."""
     ck = _probe(Path(path), field)
     return -1 if ck is None else int(ck["global_step"])
 
 
+# the file each sharded format writes last (rank 0, after every shard): DeepSpeed's tag pointer, Lightning's FSDP
+# training state; a directory without it is an unfinished save (``StepCheckpoint`` removes it before a rewrite)
+SHARDED_DONE = ("latest", "meta.pt")
+
+
 def _probe(path: Path, field: str) -> dict[str, Any] | None:
-    """``probe_checkpoint``'s read: the checkpoint, its tensors mapped, never read; None for a sharded directory."""
+    """``probe_checkpoint``'s read: the checkpoint, its tensors mapped, never read; None for a DeepSpeed directory
+    (an FSDP directory: its ``meta.pt``)."""
     if path.is_dir():
         if not is_sharded_checkpoint(path):
             raise CheckpointError(path, field, _not_sharded(path))
-        if not (path / ".metadata").is_file() and not (path / "latest").is_file():  # DeepSpeed writes it last; a
+        if (path / ".metadata").is_file():  # torch distributed checkpoint (FSDP sharded_checkpoint)
+            if not (path / "meta.pt").is_file():
+                raise CheckpointError(path, field, "a sharded (FSDP) checkpoint directory without its 'meta.pt', "
+                                      "which Lightning writes last: an unfinished save")
+            return _probe(path / "meta.pt", field)
+        if not (path / "latest").is_file():  # resume (and every requeue) would fail on it
             raise CheckpointError(path, field, "a DeepSpeed checkpoint directory without its 'latest' file, which "
-                                  "DeepSpeed writes last: an unfinished save")  # resume (and every requeue) fails
+                                  "DeepSpeed writes last: an unfinished save")
         return None
     if not path.is_file():
         raise CheckpointError(path, field, "checkpoint not found")
@@ -96,7 +107,8 @@ def _probe(path: Path, field: str) -> dict[str, Any] | None:
     except Exception as e:  # truncated zip (no central directory), bad pickle, foreign objects
         raise CheckpointError(path, field, f"unreadable (truncated or corrupt?): {type(e).__name__}: "
                               f"{first_line(e)}") from None
-    if not isinstance(ck, dict) or "state_dict" not in ck or not isinstance(ck.get("global_step"), int):
+    sharded = path.name == "meta.pt"  # an FSDP directory's training state: its weights are the shards
+    if not isinstance(ck, dict) or not (sharded or "state_dict" in ck) or not isinstance(ck.get("global_step"), int):
         raise CheckpointError(path, field, "not a training checkpoint (no state_dict / global_step)")
     return ck
 
@@ -193,7 +205,16 @@ def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     found = [p for p in (*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt"))
              if not p.name.startswith(".")]
-    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+    return sorted(found, key=lambda p: (_saved_ns(p), p.name == "last.ckpt"), reverse=True)
+
+
+def _saved_ns(path: Path) -> int:
+    """When a checkpoint was saved: a file's modification time; a sharded directory's finished-save marker's (a
+    directory rewritten in place, DeepSpeed's and FSDP's ``last.ckpt``, keeps its first save's own time)."""
+    if path.is_dir():
+        done = [path / n for n in SHARDED_DONE if (path / n).is_file()]
+        return max((p.stat().st_mtime_ns for p in done), default=path.stat().st_mtime_ns)
+    return path.stat().st_mtime_ns
 
 
 def _remove_stale_temps(run_dir: Path) -> None:
@@ -240,6 +261,6 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mappi
             if skipped:
                 raise CheckpointError(run_dir, field, f"no readable checkpoint; skipped: {'; '.join(skipped)}")
             raise FileNotFoundError(f"{field}: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")
-    if recipe is not None and ck is not None:  # a sharded directory is not checked
+    if recipe is not None and ck is not None and not path.is_dir():  # a sharded directory is not checked
         check_resume(path, ck, recipe, field)
     return path

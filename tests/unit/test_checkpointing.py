@@ -251,6 +251,86 @@ def test_an_unfinished_deepspeed_directory_is_skipped_on_resume(tmp_path):
     assert resume_path(run, "auto") == part.parent
 
 
+def test_an_unfinished_fsdp_directory_is_skipped_on_resume(tmp_path):
+    """Lightning's sharded FSDP save writes the shards and .metadata, then rank 0's meta.pt (the training state):
+    a directory without meta.pt was taken as finished and failed to restore. It is skipped; with meta.pt it is the
+    newest, and its step is read from meta.pt."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    good = run / "checkpoints" / "step0000010.ckpt"
+    torch.save({"state_dict": {}, "global_step": 10}, good)
+    time.sleep(0.01)
+    part = run / "checkpoints" / "step0000020.ckpt"
+    part.mkdir()
+    (part / ".metadata").write_bytes(b"x")
+    (part / "__0_0.distcp").write_bytes(b"x")
+    assert resume_path(run, "auto") == good
+    with pytest.raises(CheckpointError, match=r"without its 'meta\.pt', which Lightning writes last"):
+        probe_checkpoint(part)
+    torch.save({"global_step": 20, "loops": {}}, part / "meta.pt")
+    assert resume_path(run, "auto") == part and probe_checkpoint(part) == 20
+
+
+def test_a_sharded_last_checkpoint_rewritten_in_place_is_ordered_by_its_last_save(tmp_path):
+    """DeepSpeed rewrites last.ckpt/ in place (tag 'checkpoint'), which leaves the directory's own modification time
+    at its first save: resume picked an older step directory over the newer last.ckpt. The order now follows the
+    file each format writes last."""
+    run = tmp_path / "run"
+    for i, name in enumerate(["last.ckpt", "step0000010.ckpt", "step0000020.ckpt"]):
+        d = run / "checkpoints" / name
+        (d / "checkpoint").mkdir(parents=True)
+        (d / "latest").write_text("checkpoint")
+        for p in (d, d / "latest"):
+            os.utime(p, ns=(10**18 + i * 10**9,) * 2)
+    assert resume_path(run, "auto").name == "step0000020.ckpt"
+    os.utime(run / "checkpoints" / "last.ckpt" / "latest", ns=(10**18 + 5 * 10**9,) * 2)  # rewritten at step 25
+    assert resume_path(run, "auto").name == "last.ckpt"
+
+
+def test_a_sharded_rewrite_first_drops_the_finished_marker(tmp_path):
+    """StepCheckpoint removes a sharded last.ckpt's 'latest' / 'meta.pt' before rewriting it, so a save killed
+    halfway leaves a directory resume skips (not one read half old, half new)."""
+    from types import SimpleNamespace
+
+    from dtrain.lit.callbacks import StepCheckpoint
+
+    d = tmp_path / "checkpoints" / "last.ckpt"
+    (d / "checkpoint").mkdir(parents=True)
+    torch.save({}, d / "checkpoint" / "mp_rank_00_model_states.pt")
+    for name in ("latest", "meta.pt"):
+        (d / name).write_text("checkpoint")
+    seen = []
+
+    def killed(path, weights_only=False):  # the strategy's save, cut short
+        seen.append(sorted(p.name for p in Path(path).iterdir()))
+        raise KeyboardInterrupt
+
+    strategy = SimpleNamespace(broadcast=lambda v: v, barrier=lambda name=None: None)
+    trainer = SimpleNamespace(global_step=7, world_size=2, is_global_zero=True, loggers=[], strategy=strategy,
+                              save_checkpoint=killed)
+    with pytest.raises(KeyboardInterrupt):
+        StepCheckpoint(tmp_path / "checkpoints", every_n_steps=0)._save_checkpoint(trainer, str(d))
+    assert seen == [["checkpoint"]]
+    with pytest.raises(CheckpointError, match="unfinished save"):
+        probe_checkpoint(d)
+
+
+def test_resuming_a_moved_run_directory_keeps_writing_last_ckpt(tmp_path):
+    """A run directory copied elsewhere and resumed there: Lightning sees another dirpath and forgets last.ckpt, and
+    its version counter wrote last-v1.ckpt beside a stale last.ckpt (the file users hand on). No more."""
+    import shutil
+
+    from dtrain.lit.fit import fit
+
+    run = fit(GMM, [*SMALL, f"out_dir={tmp_path / 'a'}", "trainer.max_steps=3"])
+    moved = tmp_path / "b" / run.name
+    shutil.copytree(run, moved)
+    fit(GMM, [*SMALL, f"out_dir={tmp_path / 'b'}", "trainer.max_steps=5"], resume="auto")
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"], names
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
 def test_resume_removes_checkpoint_writes_that_never_finished(tmp_path, monkeypatch):
     """A write cut by SIGKILL leaves a hidden temp file (gigabytes on a big model): the next resume removes it and
     still starts from the newest finished checkpoint."""
@@ -291,7 +371,7 @@ def test_no_second_last_checkpoint_after_a_signal_checkpoint(tmp_path):
     from dtrain.lit.callbacks import StepCheckpoint
 
     cb, sig, saved = StepCheckpoint(tmp_path, every_n_steps=0), Preemption(None), []
-    trainer = SimpleNamespace(global_step=7, callbacks=[sig, cb],
+    trainer = SimpleNamespace(global_step=7, callbacks=[sig, cb], world_size=1, is_global_zero=True, loggers=[],
                               save_checkpoint=lambda path, weights_only=False: saved.append(Path(path).name))
     sig.saved_step = 7
     cb.on_train_end(trainer, None)
