@@ -505,23 +505,26 @@ def index_existing(urls: Sequence[str], out: str | Path, progress: bool = True) 
         for u in urls:
             if not Path(u).is_file():
                 raise FileNotFoundError(f"shard not found: {u}")
-            count, exts = scan_shard(u)
-            exts_all |= set(exts)
-            with tarfile.open(u, "r:*") as tf:
-                for ti in tf:
-                    key, ext = split_key(ti.name)
-                    if key is None or not ti.isreg():
-                        continue
-                    f = tf.extractfile(ti)
-                    if ext == "cls":
-                        raw = f.read()
-                        try:
-                            labels.add(int(raw))
-                        except ValueError:
-                            raise ValueError(f"{u}: {ti.name}: a .cls label must be an integer, got {raw[:20]!r}") \
-                                from None
-                    elif meta is None and ext in ("png", "jpg", "jpeg", "webp"):
-                        meta = image_meta(f.read())
+            try:
+                count, exts = scan_shard(u)
+                exts_all |= set(exts)
+                with tarfile.open(u, "r:*") as tf:
+                    for ti in tf:
+                        key, ext = split_key(ti.name)
+                        if key is None or not ti.isreg():
+                            continue
+                        f = tf.extractfile(ti)
+                        if ext == "cls":
+                            raw = f.read()
+                            try:
+                                labels.add(int(raw))
+                            except ValueError:
+                                raise ValueError(f"{u}: {ti.name}: a .cls label must be an integer, got "
+                                                 f"{raw[:20]!r}") from None
+                        elif meta is None and ext in ("png", "jpg", "jpeg", "webp"):
+                            meta = image_meta(f.read())
+            except (tarfile.TarError, EOFError) as e:
+                raise ValueError(f"{u}: not a readable tar shard (truncated or corrupt?): {e}") from None
             rel = os.path.relpath(u, out.parent)
             shards.append({"name": rel, "count": count, "sha256": _sha256(Path(u)), "bytes": Path(u).stat().st_size})
             bar.advance(task)

@@ -98,7 +98,9 @@ def check_local_shards(urls: Sequence[str], index: str | None = None) -> None:
         if Path(gone[0].removeprefix("file:")).is_dir():
             raise InputError(f"data.shards: {gone[0]} is a folder, not a shard file{where}; give its shards "
                              f"({gone[0].rstrip('/')}/train-{{000000..000009}}.tar) or its index.json{more}")
-        raise MissingFileError(f"data.shards: shard file{where} not found: {gone[0]}{more}")
+        glob = " (globs such as * are not expanded: give a brace range like train-{000000..000099}.tar or an " \
+               "index.json)" if any(c in gone[0] for c in "*?[") else ""
+        raise MissingFileError(f"data.shards: shard file{where} not found: {gone[0]}{more}{glob}")
 
 
 def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> ShardSet:

@@ -272,6 +272,10 @@ def test_verify_and_index_existing(tmp_path):
     assert any("sha256" in p for p in S.verify_index(root / "index.json", progress=False))
     (root / "train-000002.tar").unlink()
     assert any("missing" in p for p in S.verify_index(root / "index.json", progress=False))
+    short = tmp_path / "short-000000.tar"  # cut mid-member: indexing names the file (was tarfile's raw traceback)
+    short.write_bytes((root / "train-000000.tar").read_bytes()[:1700])
+    with pytest.raises(ValueError, match=r"short-000000\.tar: not a readable tar shard \(truncated or corrupt\?\)"):
+        S.index_existing([str(short)], tmp_path / "short.json", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +288,8 @@ def test_resolve_errors_name_the_path(tmp_path):
         resolve_shards("")
     with pytest.raises(FileNotFoundError, match=r"train-000002\.tar \(and 5 more of 8\)"):
         resolve_shards(str(root / "train-{000000..000007}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"\*\.tar \(globs such as \* are not expanded: give a brace range"):
+        resolve_shards(str(root / "*.tar"))  # the files exist: the message must not read as if they were missing
     (root / "train-000001.tar").unlink()
     with pytest.raises(FileNotFoundError, match=r"train-000001\.tar"):
         resolve_shards(str(root / "index.json"))
