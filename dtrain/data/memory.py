@@ -9,6 +9,7 @@ global_step x accumulate_grad_batches, where the interrupted run stopped.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,12 +91,23 @@ class InMemoryDataModule(L.LightningDataModule):
         super().__init__()
         self.tensors, self.batch_size, self.seed, self.flip = tensors, batch_size, seed, flip
         self.num_workers, self.num_classes = num_workers, num_classes
+        self.saved_world_size: int | None = None  # the checkpoint's, on resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"world_size": self.trainer.world_size if self.trainer is not None else 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved_world_size = state.get("world_size")
 
     def train_dataloader(self) -> DataLoader:
         rank, world, start = 0, 1, 0
         if self.trainer is not None:  # resumed: continue after the batches already trained on
             rank, world = self.trainer.global_rank, self.trainer.world_size
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        if start and self.saved_world_size not in (None, world):
+            warnings.warn(f"resume: in-memory data was split over {self.saved_world_size} rank(s), now {world}: each "
+                          f"rank restarts after {start} batches of its new share, so this epoch repeats some samples "
+                          f"and skips others", stacklevel=2)
         data = InMemoryBatches(self.tensors, self.batch_size, seed=self.seed, rank=rank, world_size=world,
                                flip=self.flip, start_batch=start)
         return DataLoader(data, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

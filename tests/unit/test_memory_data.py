@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,32 @@ def test_datamodule_resumes_after_the_trained_batches():
     stream = list(islice(iter(dm.train_dataloader()), 12))
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=5, accumulate_grad_batches=2)
     assert torch.equal(next(iter(dm.train_dataloader()))["x"], stream[10]["x"])  # 5 steps x 2 micro-batches
+
+
+def test_a_resume_on_another_rank_count_warns(tmp_path):
+    """The checkpoint records the ranks the in-memory data was split over (Lightning saves the datamodule's state);
+    a resume on another count warns, as the per-rank position no longer matches (the same count stays quiet)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from dtrain.data.memory import InMemoryDataModule
+    from dtrain.lit.fit import fit
+
+    gmm = Path(__file__).resolve().parents[2] / "recipes" / "teacher" / "gmm.yaml"
+    run = fit(gmm, ["model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=256",
+                    "trainer.cpu_threads=1", "trainer.progress_bar=false", "logger.mode=disabled",
+                    f"out_dir={tmp_path}", "trainer.max_steps=2"])
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["InMemoryDataModule"]
+    assert saved == {"world_size": 1}
+    for world, warns in ((2, True), (1, False)):
+        dm = InMemoryDataModule({"x": torch.arange(64.0)[:, None]}, 4, seed=5)
+        dm.load_state_dict(saved)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=world, global_step=5, accumulate_grad_batches=1)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            dm.train_dataloader()
+        msgs = [str(w.message) for w in got if "in-memory data was split over 1 rank(s), now 2" in str(w.message)]
+        assert bool(msgs) == warns, (world, [str(w.message) for w in got])
 
 
 @pytest.mark.parametrize("start", [3, 4])
