@@ -137,6 +137,9 @@ FAST = Sizes(teacher_steps=300, teacher_batch=64, teacher_warmup=20, flow_teache
              ckpt_every=50, grid_rows=4)
 
 
+DEMO_EMA = 0.995
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -458,6 +461,8 @@ class Demo:
         # a warmup of at most a fifth of the (per round) training: the demo's runs are far shorter than the recipes'
         phase = self.sizes.pd_round_steps if stage == "pd" else int(d["trainer"]["max_steps"])
         d["optim"]["warmup_steps"] = min(int(d["optim"]["warmup_steps"]), phase // 5)
+        # and EMA decays of at most DEMO_EMA (a window of 200 steps; iCT's 0.999 suits its recipe's 5400 steps)
+        d["ema"]["decays"] = [min(float(b), DEMO_EMA) for b in d["ema"]["decays"] or []]
         d["data"] = {"name": "wds", "shards": str(self.out / "shards" / "index.json"), "batch_size": batch,
                      "num_workers": 1, "shuffle": 2000, "flip": False}
         d["logger"]["tags"] = [*d["logger"].get("tags", []), "demo"]

@@ -67,6 +67,17 @@ def test_every_stage_is_described_and_every_student_sized() -> None:
     assert {s.name for s in STUDENTS} >= {"pd", "cd", "ict", "meanflow", "ctm"}
 
 
+def test_demo_runs_cap_the_ema_decay(out: Path) -> None:
+    """The demo's runs are 150-600 steps: a recipe's longer EMA (iCT's 0.999, for 5400 steps) is capped at 0.995, so
+    the student is not mostly its initial weights; shorter ones stay."""
+    from dtrain.config import load_recipe
+
+    d = Demo(out, sizes=FAST, quiet=True)
+    assert list(load_recipe(demo_mod.RECIPES / "cm" / "ict_digits.yaml").ema.decays) == [0.999]  # what it caps
+    assert d._recipe_container("ict")["ema"]["decays"] == [demo_mod.DEMO_EMA] == [0.995]
+    assert d._recipe_container("pd")["ema"]["decays"] == [0.98]
+
+
 def test_a_missing_stage_in_a_folder_of_the_other_sizes_says_so(tmp_path: Path) -> None:
     """`dtrain demo --out <a --fast demo> --stages report` (no --fast) asked to rerun the teacher (2 min) and every
     stage; the folder's own demo.json tells which sizes it holds."""
