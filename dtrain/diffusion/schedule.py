@@ -161,7 +161,9 @@ class DiscreteVP(Schedule):
 
     Knot ``i / T`` holds alpha = sqrt(alphas_cumprod[i - 1]) (knot 0 holds 1); the network sees the
     DDPM index ``t T - 1``. Grids made of knots (``timesteps.discrete_grid``) reproduce DDPM / DDIM /
-    diffusers exactly; between knots alpha is linear, so lambda stays monotone and invertible.
+    diffusers exactly (except that diffusers' DDIMScheduler steps to t - T // n, not to the grid's next point, which
+    differs with trailing and linspace spacings where T % n != 0); between knots alpha is linear, so lambda stays
+    monotone and invertible.
     """
 
     name = "vp_discrete"
