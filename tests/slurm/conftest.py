@@ -68,6 +68,9 @@ class Slurm:
                     f"{self.cluster.logs()}")
 
 
+DIST_ENV = ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory) -> Slurm:
     root = tmp_path_factory.mktemp("slurm")
@@ -79,7 +82,10 @@ def slurm(tmp_path_factory) -> Slurm:
     except BaseException:
         cluster.stop()
         raise
-    env = {k: v for k, v in cluster.env.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    # jobs inherit the submitter's environment: drop what an earlier in-process DDP test left in os.environ (Lightning
+    # sets MASTER_PORT, WORLD_SIZE, ... there), or every job rendezvouses on that one port (EADDRINUSE)
+    env = {k: v for k, v in cluster.env.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "TORCHELASTIC_", "PL_")) and k not in DIST_ENV}
     env.update(SLURM_CONF=str(cluster.conf), MASTER_ADDR="127.0.0.1", DTRAIN=f"{sys.executable} -m dtrain.cli",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
                WANDB_MODE="offline")
