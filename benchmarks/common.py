@@ -40,7 +40,7 @@ def fit_once(cfg) -> tuple[Path, float | None]:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        same = saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg)
+        same = saved.is_file() and _same_recipe(saved, OmegaConf.to_yaml(cfg))
         if same and timing.is_file():
             return out, json.loads(timing.read_text())["seconds"]
         if out.exists() and not same:
@@ -50,6 +50,22 @@ def fit_once(cfg) -> tuple[Path, float | None]:
         seconds = time.perf_counter() - t0
         timing.write_text(json.dumps({"seconds": seconds}) + "\n")
         return out, seconds
+
+
+def _same_recipe(saved: Path, resolved: str) -> bool:
+    """A run's saved recipe is this resolved one: equal text, or equal once read through the current schema (a
+    recipe saved before the schema grew a key lacks it; filled with its default it trains the same)."""
+    from omegaconf import OmegaConf
+
+    from dtrain.config import load_recipe
+
+    text = saved.read_text()
+    if text == resolved:
+        return True
+    try:
+        return OmegaConf.to_yaml(load_recipe(saved)) == resolved
+    except Exception:  # a recipe the current schema refuses is another recipe
+        return False
 
 
 def digits_teacher(overrides: tuple[str, ...] = (), root: Path = BENCH_RUNS, recipe: Path | None = None) -> Path:

@@ -43,3 +43,16 @@ def test_reuse_resume_and_stale_run(tmp_path):
     (out / "checkpoints" / "stale.txt").write_text("from the old recipe")
     out2, _ = fit_once(recipe(tmp_path, "trainer.max_steps=2"))
     assert out2 == out and step(out) == 2 and not (out / "checkpoints" / "stale.txt").exists()
+
+
+def test_a_run_saved_before_the_schema_grew_a_key_is_reused(tmp_path):
+    """A run whose saved recipe lacks a key added to the schema since (``optim.name``, default adamw) trains the same:
+    it is reused, not deleted and retrained; a saved recipe that differs in a value is not."""
+    out, seconds = fit_once(recipe(tmp_path, "trainer.max_steps=2"))
+    saved = out / "recipe.yaml"
+    text = saved.read_text()
+    assert "  name: adamw\n" in text
+    saved.write_text(text.replace("  name: adamw\n", "", 1))
+    assert fit_once(recipe(tmp_path, "trainer.max_steps=2")) == (out, seconds)
+    saved.write_text(text.replace("  name: adamw\n", "  name: radam\n", 1))
+    assert fit_once(recipe(tmp_path, "trainer.max_steps=2"))[1] != seconds  # another optimizer: trained again
