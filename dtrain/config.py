@@ -1010,11 +1010,17 @@ def _check_consistency(cfg: DictConfig) -> list[tuple[str, str]]:
 
     try:
         sch = schedule_from_config(cfg.schedule)
-        C.consistency_times(sch, C.num_scales(m["curriculum"], 0, 1, n=m["num_scales"], s0=m["scales_start"],
-                                              s1=m["scales_end"]), m["spacing"], m["rho"])
+        C.ConsistencyLoss.from_config(cfg.method, sch, total_steps=cfg.trainer.max_steps)
     except (ValueError, KeyError, TypeError) as e:
         where, _, reason = str(e).partition(": ")
+        if where.startswith("method.") and where != "method.num_scales":
+            return [(where, reason)]
         return [("method.rho" if where == "grid.rho" else "method.spacing", reason or str(e))]
+    for key in ("sampler.guidance", "eval.guidance"):
+        w = OmegaConf.select(cfg, key)
+        if w is not None and w != 1.0:
+            bad.append((key, f"{w}: a consistency student trains no null class (no label dropout) to guide with; "
+                        f"sample it at 1.0 (consistency distillation bakes a teacher's guidance in: method.guidance)"))
     import itertools
 
     ts = list(m["sample_times"])

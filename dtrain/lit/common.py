@@ -359,6 +359,9 @@ class DiffusionModule(L.LightningModule):
         self._rng_micro = (step, self._rng_micro[1] + 1 if self._rng_micro[0] == step else 0)
         seed_generators(train_seed(int(self.recipe.get("seed", 0)), self.global_rank, step, self._rng_micro[1]),
                         batch["x"].device)  # where the step draws (under FSDP1 self.device can still say cpu)
+        if batch["x"].dtype in (torch.float16, torch.bfloat16):  # bf16-true, 16-true, DeepSpeed bf16 cast the batch:
+            batch = {**batch, "x": batch["x"].float()}  # the loss's arithmetic (PD's x0~, CT's 1 / ds-weighted
+            # differences) in float32; each network still gets its own dtype (as_net_input)
         if self.channels_last and batch["x"].ndim == 4:
             batch = {**batch, "x": batch["x"].contiguous(memory_format=torch.channels_last)}
         loss_b, t = self.compute_loss(batch)

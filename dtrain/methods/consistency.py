@@ -284,8 +284,13 @@ class ConsistencyLoss:
             raise ValueError(f"method.weighting: unknown {self.weighting!r}; choose one of {list(WEIGHTINGS)}")
         if self.distance not in DISTANCES:
             raise ValueError(f"method.distance: unknown {self.distance!r}; choose one of {list(DISTANCES)}")
+        if self.weighting == "ict" and not float(schedule.alpha(schedule.t_max)) > 0:
+            raise ValueError("method.weighting: ict's 1 / (s_{n+1} - s_n) is 0 on the top interval where "
+                             "alpha(t_max) = 0 (s = sigma / alpha is infinite), so f(x, t_max), the one-step sampler's "
+                             "call, would never train; use weighting uniform or a schedule with alpha(t_max) > 0")
         self._grids: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.grid(self.scales(0))  # fail early on a bad spacing / curriculum
+        for step in (0, self.total_steps):  # fail early on a bad spacing / curriculum, at its first and last N
+            self.grid(self.scales(step))
 
     @classmethod
     def from_config(cls, method: Mapping[str, Any], schedule: Schedule, total_steps: int,
@@ -302,7 +307,8 @@ class ConsistencyLoss:
 
     def target_decay(self, mu0: float, step: int) -> float | None:
         """theta^-'s EMA decay at training step ``step``: CM's mu(k) = exp(s0 ln mu0 / N(k)) under the ``ct``
-        curriculum (arXiv 2303.01469, App. C: mu0 at k = 0, towards 1 as N grows); None (the fixed ``mu0``) else."""
+        curriculum (arXiv 2303.01469, App. C: mu0 at k = 0, towards 1 as N grows); None (the fixed ``mu0``) else.
+        (openai/consistency_models divides by N(k) - 1, so its mu(0) is mu0^(s0 / (s0 - 1)): mu0^2 at s0 = 2.)"""
         if self.curriculum != "ct" or not mu0 > 0:
             return None
         return math.exp(self.s0 * math.log(mu0) / self.scales(step))

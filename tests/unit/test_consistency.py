@@ -499,6 +499,15 @@ def test_bundle_kind_consistency_loads_and_samples(tmp_path):
     (["method.sample_times=[2.0]"], "method.sample_times", "must decrease strictly"),
     (["method.name=ict", "method.guidance=2.0"], "method.guidance", "only consistency distillation"),
     (["method.num_scales=1"], "method.num_scales", ">= 2"),
+    (["sampler.guidance=2.0"], "sampler.guidance", "trains no null class"),
+    (["eval.guidance=1.5"], "eval.guidance", "trains no null class"),
+    # iCT's curriculum ends at 1281 points, more than the 1000 DDPM indices linspace can place: refused at load,
+    # not when the run reaches that N (it checked only N(0))
+    (["method.name=ict", "method.spacing=linspace", "trainer.max_steps=800"], "method.spacing",
+     "1281 steps exceed the schedule's 1000"),
+    # s = sigma / alpha is infinite at t_max under zero terminal SNR: ict's 1 / ds weight was 0 on the top interval
+    (["method.name=ict", "method.spacing=uniform", "schedule.zero_terminal_snr=true"], "method.weighting",
+     "would never train"),
 ])
 def test_bad_consistency_recipes_name_the_key(override, key, needle):
     path = RECIPES / "cm" / "cd_digits.yaml"

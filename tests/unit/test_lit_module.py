@@ -260,3 +260,20 @@ def test_throughput_counts_every_accumulated_micro_batch(tmp_path):
         rows = [r for r in csv.DictReader(f) if r.get("perf/samples_per_s")]
     assert rows and all(float(r["perf/samples_per_s"]) == pytest.approx(float(r["perf/steps_per_s"]) * 64 * 2)
                         for r in rows)
+
+
+def test_a_half_precision_batch_reaches_the_loss_in_float32(tmp_path):
+    """bf16-true / 16-true / DeepSpeed bf16 cast the batch: the loss's arithmetic (PD's x0~ over q ~ 1e-4, CT's
+    1 / ds-weighted differences) ran in bf16 (a 0.57 rms target error); the batch is float32 from training_step on,
+    and the networks still get their own dtype."""
+    module = TeacherModule(recipe(tmp_path))
+    seen = []
+
+    def compute_loss(batch):
+        seen.append(batch["x"].dtype)
+        return torch.zeros(2), None
+
+    module.compute_loss = compute_loss
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        module.training_step({"x": torch.zeros(2, 2, dtype=dtype)}, 0)
+    assert seen == [torch.float32] * 3
