@@ -261,8 +261,8 @@ def _build_consistency(net: nn.Module, schedule: Schedule, model_cfg: Mapping[st
     return ConsistencyModel(_build_denoiser(net, schedule, model_cfg))
 
 
-KINDS.register("consistency", PipelineKind(
-    _build_consistency, doc="f(x_t, t) / alpha(t_min) -> x0 over the model's denoiser (CD, CT, iCT students)"))
+KINDS.register("consistency", PipelineKind(  # no guidance: CD / CT / iCT train no null class (no label dropout)
+    _build_consistency, None, doc="f(x_t, t) / alpha(t_min) -> x0 over the model's denoiser (CD, CT, iCT students)"))
 
 
 def _build_meanflow(net: nn.Module, schedule: Schedule, model_cfg: Mapping[str, Any]) -> Any:

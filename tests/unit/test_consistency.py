@@ -22,6 +22,7 @@ from dtrain.data.synthetic import default_gmm, sliced_wasserstein
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.param import PARAMS
 from dtrain.diffusion.schedule import bcast, make_schedule
+from dtrain.errors import InputError
 from dtrain.methods import consistency as C
 from dtrain.models import EMA, MLP, build_denoiser, build_model
 from dtrain.samplers import SAMPLERS, ddim, dpm_solver_2s, heun, run
@@ -466,8 +467,8 @@ def test_bundle_kind_consistency_loads_and_samples(tmp_path):
                    grid=None if grid is None else torch.tensor(grid, dtype=torch.float64))
         got = pipe.sample(4, nfe=nfe, labels=labels, generator=torch.Generator().manual_seed(4))
         assert torch.equal(got, want), nfe
-    guided = pipe.sample(4, nfe=1, labels=[0, 1, 2, 0], w=2.0, generator=torch.Generator().manual_seed(4))
-    assert guided.shape == (4, 2) and bool(guided.isfinite().all())
+    with pytest.raises(InputError, match=r"w: bundle kind 'consistency' does not support guidance"):
+        pipe.sample(4, nfe=1, labels=[0, 1, 2, 0], w=2.0)  # no null class trained (CD / CT / iCT: no label dropout)
     assert json.loads((tmp_path / "b" / "dtrain.json").read_text())["kind"] == "consistency"
     # chosen times: [t_max, *times, 0] through the API and `dtrain sample --times`
     g = torch.Generator().manual_seed(4)
