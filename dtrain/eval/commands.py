@@ -106,6 +106,19 @@ def _done_points(folder: Path, key: Mapping[str, Any]) -> dict[tuple[str, int], 
     return done
 
 
+def _stats_sha256(ref: Any) -> str:
+    """sha256 of reference statistics (mu, sigma as float64 bytes, and the count)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in (ref.mu, ref.sigma):
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    h.update(str(ref.count).encode())
+    return h.hexdigest()
+
+
 def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None = None) -> list[Any]:
     """The sweep; returns the rows (every rank). ``guide_for(kind)``: how the model's bundle kind applies guidance
     (``dtrain.export.bundle.kind_guide``; None: classifier-free guidance)."""
@@ -182,12 +195,15 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                           f"({stored['name']}:{stored['nfe']}); {', '.join(other)} run on other grids, where it was "
                           "not trained", stacklevel=2)
     # every point is kept in <out>/points/ as it is scored: a rerun (a requeued array task) skips the points whose
-    # model, samples and reference it already scored (the samples do not depend on batch size or world size)
+    # model, samples and reference it already scored. x_T and labels do not depend on batch or world size, but a
+    # stochastic sampler's noise is drawn per global batch, so the batch size is part of the key; the reference
+    # counts by its statistics' content (a file regenerated at the same path is another reference)
     key = {"model": str(Path(args.model).resolve()), "sha256": (info.get("ref") or {}).get("sha256"),
            "ema": (info.get("ref") or {}).get("ema"), "num": num, "seed": seed, "guidance": float(guidance),
-           "spacing": args.spacing, "grids": {f"{k[0]}:{k[1]}": v.tolist() for k, v in grids.items()},
+           "batch_size": batch, "spacing": args.spacing,
+           "grids": {f"{k[0]}:{k[1]}": v.tolist() for k, v in grids.items()},
            "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256, "ref_stats": str(ref_spec),
-           "ref_count": ref.count}
+           "ref_count": ref.count, "ref_sha256": _stats_sha256(ref)}
     done = {} if args.recompute else _done_points(out / "points", key)
     upscale = max(1, 32 // shape[-1])
 

@@ -698,4 +698,9 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu", verify:
         raise BundleError(path, "", "not a bundle directory (expected dtrain.json and model.safetensors)")
     info = read_info(path)
     state = _read_weights(path, info, verify)
-    return assemble(info, state, file=str(path / WEIGHTS_FILE), device=device, path=path)
+    n = sum(t.numel() for t in state.values() if t.is_floating_point())
+    pipe = assemble(info, state, file=str(path / WEIGHTS_FILE), device=device, path=path)  # names a wrong tensor
+    if n != info["weights"]["num_params"]:  # the sha256 covers the weights file, not dtrain.json
+        raise BundleError(str(path / INFO_FILE), "weights.num_params", f"{info['weights']['num_params']}, but "
+                          f"{path / WEIGHTS_FILE} holds {n} parameters (dtrain.json edited or from another export?)")
+    return pipe

@@ -90,6 +90,13 @@ def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch):
     assert main([*args, "--samplers", "ddim:1,2"]) == 0
     first = json.loads((out / "fid_vs_nfe.json").read_text())["rows"]
     assert sampled == [("ddim", 1), ("ddim", 2)] and len(list((out / "points").glob("*.json"))) == 2
+    from dtrain.eval.commands import _stats_sha256
+
+    key = json.loads((out / "points" / "ddim_steps1.json").read_text())["key"]
+    ref = load_ref("digits:train", build_extractor("digits"))
+    assert key["ref_sha256"] == _stats_sha256(ref) and key["batch_size"] == 10  # the reference by its content
+    other = RefStats(ref.mu + 1e-3, ref.sigma, ref.meta)  # regenerated at the same path, same count
+    assert other.count == ref.count and _stats_sha256(other) != key["ref_sha256"]
     sampled.clear()
     assert main([*args, "--samplers", "ddim:1,2,4"]) == 0
     again = json.loads((out / "fid_vs_nfe.json").read_text())["rows"]
@@ -99,3 +106,6 @@ def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch):
     assert main([*args[:-1], "5", "--samplers", "ddim:1"]) == 0  # another seed: other samples
     assert main([*args, "--samplers", "ddim:1", "--recompute"]) == 0
     assert sampled == [("ddim", 1), ("ddim", 1)]
+    sampled.clear()  # another batch size: a stochastic sampler's noise is drawn per global batch
+    assert main([*args[:5], "5", *args[6:], "--samplers", "ddim:1"]) == 0
+    assert sampled == [("ddim", 1)]

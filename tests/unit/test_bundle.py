@@ -372,6 +372,7 @@ def test_missing_key_is_named(exported, key):
     (lambda i: i["schedule"].update(T=-5), r"dtrain\.json: schedule: cannot rebuild the schedule"),
     (lambda i: i["weights"].update(sha256="0" * 64), r"model\.safetensors: weights\.sha256: checksum mismatch"),
     (lambda i: i["weights"].update(file="../x.safetensors"), r"weights\.file: must be 'model\.safetensors'"),
+    (lambda i: i["weights"].update(num_params=5), r"dtrain\.json: weights\.num_params: 5, but .*holds \d+ parameters"),
     (lambda i: i["weights"].update(dtype="bfloat16"), r"model\.safetensors: tensor '.*': dtype torch\.float32, "
                                                       r"expected bfloat16"),
 ])

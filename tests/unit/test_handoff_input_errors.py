@@ -147,6 +147,8 @@ def test_eval_unknown_builtin_ref_stats(ckpt_bundle, tmp_path, cli_error) -> Non
 def test_eval_negative_seed(ckpt_bundle, tmp_path, cli_error) -> None:
     err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--seed", "-1", "--out", str(tmp_path / "e"))
     assert err.endswith("--seed: must be >= 0, got -1")
+    err = cli_error("sample", str(ckpt_bundle[1]), "--seed", "-1", "--out", str(tmp_path / "s.npz"))
+    assert err.endswith("--seed: must be >= 0, got -1")  # dtrain sample took it (torch accepts any int64 seed)
 
 
 @pytest.mark.parametrize("ema", ["0.99", "raw", "nonsense"])
