@@ -107,9 +107,10 @@ class RefStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 mu, sigma, meta = z["mu"], z["sigma"], json.loads(str(z["meta"]))
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError) as e:  # numpy's own reason, but never its hint to allow pickle
+            why = "not an .npz archive" if "pickle" in str(e) else str(e)
             raise RefStatsError(f"{key}: {path} is not a dtrain reference-statistics file (.npz with mu, sigma, "
-                                f"meta): {e}") from None
+                                f"meta): {why}") from None
         if meta.get("format") != REF_FORMAT or mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
             raise RefStatsError(f"{key}: {path}: unsupported format {meta.get('format')} or shapes "
                                 f"mu {mu.shape}, sigma {sigma.shape}")

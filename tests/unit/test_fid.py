@@ -210,6 +210,11 @@ def test_ref_stats_metadata_mismatch_fails_clearly(digits, tmp_path):
     np.savez(tmp_path / "bad.npz", mu=np.zeros(3))
     with pytest.raises(RefStatsError, match="not a dtrain reference-statistics file"):
         RefStats.load(tmp_path / "bad.npz")
+    (tmp_path / "notes.md").write_text("# not numpy\n")  # numpy's reason suggested allow_pickle=True: not shown
+    with pytest.raises(RefStatsError, match=r"notes\.md is not a dtrain reference-statistics file .*: not an \.npz "
+                                            r"archive$") as e:
+        RefStats.load(tmp_path / "notes.md")
+    assert "pickle" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------
