@@ -37,7 +37,7 @@ from dtrain.diffusion.schedule import Schedule, bcast
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.methods.denoising import DenoisingLoss, LossOutput, drop_labels
 from dtrain.samplers.base import randn_like
-from dtrain.samplers.ddim import ddim_coeffs
+from dtrain.samplers.ddim import ddim_coeffs, ddim_step
 
 __all__ = ["Round", "round_plan", "pd_grid", "pd_target", "sample_w", "ProgressiveLoss", "GuidanceLoss"]
 
@@ -107,11 +107,11 @@ def pd_target(teacher: DenoiserLike, x_t: Tensor, t: Tensor, t_mid: Tensor, s: T
     for t -> s), Alg. 2's (x_s - p x_t) / q is x0~ = (p2 q1 / q) D1 + (q2 / q) D2: the same value without subtracting
     two O(1) terms to get an O(q) one (q is ~1e-4 at a 1000-step grid's first step)."""
     sch = teacher.schedule
-    p1, q1, _ = ddim_coeffs(sch, t, t_mid)
-    p2, q2, _ = ddim_coeffs(sch, t_mid, s)
-    q = ddim_coeffs(sch, t, s)[1]
     d1 = teacher(x_t, t, cond)
-    d2 = teacher(bcast(p1, x_t) * x_t + bcast(q1, x_t) * d1, t_mid, cond)
+    d2 = teacher(ddim_step(sch, x_t, d1, t, t_mid), t_mid, cond)
+    q1 = ddim_coeffs(sch, t, t_mid)[1]
+    p2, q2, _ = ddim_coeffs(sch, t_mid, s)
+    q = p2 * q1 + q2
     return bcast(p2 * q1 / q, d1) * d1 + bcast(q2 / q, d2) * d2
 
 
