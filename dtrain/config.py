@@ -1006,16 +1006,18 @@ def _check_consistency(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("method.p_std", "p_std and huber_c must be > 0"))
     if bad:
         return bad
+    # the grid's own keys are the recipe's method keys; a curriculum too short for its spacing is the spacing's fault
+    bad = _loss_errors(lambda sch: C.ConsistencyLoss.from_config(cfg.method, sch, total_steps=cfg.trainer.max_steps),
+                       cfg, fallback="method.spacing",
+                       rename={"grid.rho": "method.rho", "method.num_scales": "method.spacing"})
+    if bad:
+        return bad
     from dtrain.diffusion.schedule import schedule_from_config
 
     try:
         sch = schedule_from_config(cfg.schedule)
-        C.ConsistencyLoss.from_config(cfg.method, sch, total_steps=cfg.trainer.max_steps)
-    except (ValueError, KeyError, TypeError) as e:
-        where, _, reason = str(e).partition(": ")
-        if where.startswith("method.") and where != "method.num_scales":
-            return [(where, reason)]
-        return [("method.rho" if where == "grid.rho" else "method.spacing", reason or str(e))]
+    except Exception:  # a bad schedule is reported by its own check
+        return bad
     for key in ("sampler.guidance", "eval.guidance"):
         w = OmegaConf.select(cfg, key)
         if w is not None and w != 1.0:
@@ -1060,12 +1062,16 @@ def _check_flow_map(cfg: DictConfig) -> list[tuple[str, str]]:
                         f"strategy {cfg.strategy.name!r}"))
     elif not 0.0 <= m.target_ema < 1.0:
         bad.append(("method.target_ema", "must be in [0, 1) (0: the stop-grad student itself)"))
-    return bad + _loss_errors(F.MeanFlowLoss if m.name == "meanflow" else F.CTMLoss, cfg)
+    loss_cls = F.MeanFlowLoss if m.name == "meanflow" else F.CTMLoss
+    return bad + _loss_errors(lambda sch: loss_cls.from_config(m, cfg.model, sch), cfg)
 
 
-def _loss_errors(loss_cls: Any, cfg: DictConfig) -> list[tuple[str, str]]:
-    """The method options a loss checks itself (names, ranges, against the schedule), as (key, reason): built once
-    here, so the recipe fails at load, not at the first step. A bad schedule is its own check's to report."""
+def _loss_errors(build: Any, cfg: DictConfig, fallback: str = "method",
+                 rename: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """The method options a loss checks itself (names, ranges, against the schedule), as (key, reason): the loss is
+    built once here (``build(schedule)``), so the recipe fails at load, not at the first step. Its errors name their
+    key (``rename`` maps a helper's key to the recipe's); one naming no method key is reported under ``fallback``. A
+    bad schedule is its own check's to report."""
     from dtrain.diffusion.schedule import schedule_from_config
 
     try:
@@ -1073,10 +1079,11 @@ def _loss_errors(loss_cls: Any, cfg: DictConfig) -> list[tuple[str, str]]:
     except Exception:
         return []
     try:
-        loss_cls.from_config(cfg.method, cfg.model, schedule)
-    except ValueError as e:
+        build(schedule)
+    except (ValueError, KeyError, TypeError) as e:
         key, _, reason = str(e).partition(": ")
-        return [(key, reason) if key == "method" or key.startswith("method.") else ("method", str(e))]
+        key = (rename or {}).get(key, key)
+        return [(key, reason) if key == "method" or key.startswith("method.") else (fallback, str(e))]
     return []
 
 

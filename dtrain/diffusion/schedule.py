@@ -180,8 +180,8 @@ class DiscreteVP(Schedule):
     ) -> None:
         self.kind, self.beta_start, self.beta_end = kind, beta_start, beta_end
         self.zero_terminal_snr = zero_terminal_snr
-        if alphas_cumprod is None and (not isinstance(T, int) or T < 1):
-            raise ValueError(f"schedule.T: must be an int >= 1, got {T!r}")
+        if alphas_cumprod is None and (isinstance(T, bool) or not isinstance(T, int) or T < 2):
+            raise ValueError(f"schedule.T: must be an int >= 2 (t runs over i / T, i = 1..T), got {T!r}")
         if alphas_cumprod is None and kind == "linear" and not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"schedule.beta_start / beta_end: need 0 < beta_start <= beta_end < 1, got {beta_start}, "
                              f"{beta_end}")
@@ -196,13 +196,11 @@ class DiscreteVP(Schedule):
         else:
             self.kind = "custom"
         ac = alphas_cumprod.detach().to(torch.float64).cpu()
-        if ac.ndim != 1 or not bool((ac[1:] < ac[:-1]).all()) or not bool(((ac >= 0) & (ac < 1)).all()):
-            raise ValueError("alphas_cumprod must be a strictly decreasing 1-D sequence in [0, 1) (every beta > 0: "
-                             "a repeated value or a first value of 1 leaves a step with no noise added)")
+        if (ac.ndim != 1 or ac.numel() < 2 or not bool((ac[1:] < ac[:-1]).all())
+                or not bool(((ac >= 0) & (ac < 1)).all())):
+            raise ValueError("alphas_cumprod must be a strictly decreasing 1-D sequence in [0, 1) of at least 2 values "
+                             "(every beta > 0: a repeated value or a first value of 1 leaves a step with no noise)")
         if zero_terminal_snr:
-            if ac.numel() < 2:
-                raise ValueError("schedule.zero_terminal_snr: needs T >= 2 (the rescale maps the first step to itself "
-                                 "and the last to SNR 0)")
             ac = rescale_zero_terminal_snr(ac)
         self.alphas_cumprod = ac
         self.T = self.discrete_steps = ac.numel()

@@ -76,9 +76,12 @@ CASES = [
     ("sampler eta out of range", GMM, "sampler:\n  eta: -1.0\n", "sampler.eta", "in [0, 1]"),
     ("EMA copies of one name", GMM, "ema:\n  stds: [0.05, 0.0504]\n", "ema", "name the same copy"),
     ("max_bad_steps zero", GMM, "trainer:\n  max_bad_steps: 0\n", "trainer.max_bad_steps", "must be >= 1"),
-    ("schedule without steps", DIGITS, "schedule:\n  T: 0\n", "schedule.T", "must be an int >= 1"),
+    ("schedule without steps", DIGITS, "schedule:\n  T: 0\n", "schedule.T", "must be an int >= 2"),
     ("flow schedule past t = 1", MEANFLOW, "schedule:\n  t_max: 1.5\n", "schedule.t_min / t_max",
      "need 0 <= t_min < t_max <= 1.0"),
+    ("consistency student on a bad schedule", R / "cm" / "ict_digits.yaml",  # was blamed on method.spacing
+     "method:\n  init: scratch\nschedule:\n  kind: linear\n  beta_end: 2\n", "schedule.beta_start / beta_end",
+     "need 0 < beta_start <= beta_end < 1"),
     ("consistency grid rho", R / "cm" / "ict_cifar10.yaml", "method:\n  rho: 0\n", "method.rho", "must be > 0"),
     ("teacher p_std", GMM, "method:\n  time_sampling: lognormal\n  p_std: 0\n", "method.p_std", "must be > 0"),
     ("PD under deepspeed", PD_GMM, "strategy:\n  name: deepspeed\n", "strategy.name",

@@ -253,12 +253,12 @@ def test_errors_are_clear():
         make_schedule("vp_discrete", kind="quadratic")
     with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
         make_schedule("edm", sigma_min=1.0, sigma_max=0.5)
-    for ac in ([0.5, 0.9], [1.5, 0.9], [1.0, 0.5, 0.1], [0.9, 0.5, 0.5]):  # beta = 0 somewhere: sigma or a step of 0
+    # beta = 0 somewhere (sigma or a step of 0), or a single step (t_min = t_max)
+    for ac in ([0.5, 0.9], [1.5, 0.9], [1.0, 0.5, 0.1], [0.9, 0.5, 0.5], [0.5]):
         with pytest.raises(ValueError, match=r"strictly decreasing 1-D sequence in \[0, 1\)"):
             DiscreteVP(alphas_cumprod=torch.tensor(ac))
-    with pytest.raises(ValueError, match=r"schedule\.zero_terminal_snr: needs T >= 2"):
-        DiscreteVP(T=1, zero_terminal_snr=True)
-    for make, match in [(lambda: DiscreteVP(T=0), r"schedule\.T: must be an int >= 1, got 0"),
+    for make, match in [(lambda: DiscreteVP(T=0), r"schedule\.T: must be an int >= 2 .*, got 0"),
+                        (lambda: DiscreteVP(T=1, zero_terminal_snr=True), r"schedule\.T: must be an int >= 2"),
                         (lambda: DiscreteVP(beta_start=0.1, beta_end=0.01), r"schedule\.beta_start / beta_end"),
                         (lambda: make_schedule("vp_linear", beta_min=0.0), r"schedule\.beta_min / beta_max"),
                         (lambda: make_schedule("vp_linear", t_min=1.5), r"need 0 <= t_min < t_max <= 1\.0"),
