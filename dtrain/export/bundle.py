@@ -229,6 +229,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_tensors(state: Mapping[str, Tensor]) -> str:
+    """sha256 of a state dict's content: every tensor's name, dtype, shape and bytes, in name order. The hash of a
+    sharded checkpoint directory's weights, which has no single file to hash."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # Kinds: how a network plus schedule becomes the object a sampler drives.
 

@@ -36,6 +36,7 @@ from dtrain.export.bundle import (
     read_info,
     save_bundle,
     sha256_file,
+    sha256_tensors,
 )
 
 __all__ = [
@@ -371,7 +372,8 @@ def load_teacher(path: str | Path, *, ema: str | float | None = "auto", device: 
     """A frozen teacher (the object samplers drive; a ``Denoiser`` for kind "denoiser") and its info.
 
     ``path`` is a bundle directory or a training checkpoint. ``info`` is the bundle's dtrain.json contents
-    plus ``info["ref"]`` = {"path", "format", "sha256", "ema", "kind", "teacher"}: a student stores that
+    plus ``info["ref"]`` = {"path", "format", "sha256", "ema", "kind", "teacher"} (sha256: of the file; of the
+    selected weights for a sharded checkpoint directory): a student stores that
     ref as ``ckpt["dtrain"]["teacher"]`` so its own bundle records the chain of hashes.
     """
     path = Path(path)
@@ -393,7 +395,7 @@ def load_teacher(path: str | Path, *, ema: str | float | None = "auto", device: 
         except BundleError as e:
             raise CheckpointError(path, e.field, e.reason) from None
         ref = {"path": str(path.resolve()), "format": "checkpoint",
-               "sha256": sha256_file(path) if path.is_file() else None, "ema": tag}
+               "sha256": sha256_file(path) if path.is_file() else sha256_tensors(state), "ema": tag}
     ref.update(kind=info["kind"], teacher=info["provenance"].get("teacher"))
     info["ref"] = ref
     return pipe.model, info

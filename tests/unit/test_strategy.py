@@ -279,6 +279,12 @@ def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread)
                                     None)
     _assert_matches(ckpt["state_dict"], ref, "0_99")  # the power EMA too (its first update copies: no foreach copy
     # on DTensors)
+    from dtrain.export.bundle import sha256_tensors
+    from dtrain.export.checkpoint import load_teacher, select_weights
+
+    shas = {tag: load_teacher(sharded, ema=tag)[1]["ref"]["sha256"] for tag in ("0_99", "raw")}
+    assert shas["0_99"] == sha256_tensors(select_weights(ckpt, "0_99")[0]) != shas["raw"]  # a directory has no
+    # file hash: its selected weights name it (the eval point cache and a student's provenance key on it)
 
 
 @pytest.mark.slow
