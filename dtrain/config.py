@@ -10,6 +10,7 @@ command line), the dotted key and the reason, e.g.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -402,6 +403,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"digits": DigitsDataCfg, "gmm": GMMDataCfg, "patches": PatchesDataCfg, "wds": WdsDataCfg},
 }
 DEFAULT_NAMES = {"model": "unet", "method": "denoising", "data": "digits"}
+SCALARS = ("name", "seed", "out_dir", "teacher")  # the top-level keys that are not sections
 
 Validator = Callable[[DictConfig], "list[tuple[str, str]]"]
 VALIDATORS: list[Validator] = []
@@ -549,6 +551,10 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
             if k in DEFAULT_NAMES and cfg[k] is None:
                 raise RecipeError(src, str(k), "must be a mapping of keys, not null (an empty 'section:' line, or "
                                   "its body commented out, sets it to null)")
+            if k not in SCALARS and cfg[k] is not None and not isinstance(cfg[k], DictConfig):
+                got = OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], ListConfig) else cfg[k]
+                raise RecipeError(src, str(k), f"a section: a mapping of keys (set one with {k}.<key>=value on the "
+                                  f"command line), not {got!r}")
     raw = OmegaConf.merge(*(c for _, c in sources)) if sources else OmegaConf.create()
     sections, names = {}, {}
     for sec, default in DEFAULT_NAMES.items():
@@ -564,8 +570,9 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
             raise _key_error(e, src) from None
     try:
         OmegaConf.resolve(merged)
-    except OmegaConfBaseException as e:
-        raise _key_error(e, sources[-1][0] if sources else "recipe") from None
+    except OmegaConfBaseException as e:  # the source that wrote the ${...}
+        key = str(getattr(e, "full_key", "") or "")
+        raise _key_error(e, _source_of(key, sources, sources[-1][0] if sources else "recipe")) from None
     if validate:
         where = sources[-2][0] if len(sources) > 1 else "recipe"
         for fn in [*VALIDATORS, _check_schedule_build]:  # the schedule last: the other checks say more
@@ -580,9 +587,20 @@ def _source_of(key: str, sources: list[tuple[str, DictConfig]], default: str, al
     ``end_steps`` set on the command line is where ``start_steps: 64 must be method.end_steps (128) x 2^k`` comes
     from), for error messages."""
     for src, cfg in reversed(sources):
-        if any(OmegaConf.select(cfg, k, default=None) is not None for k in (key, *also)):
+        if any(_sets(cfg, k) for k in (key, *also)):
             return src
     return default
+
+
+def _sets(cfg: DictConfig, key: str) -> bool:
+    """Whether one source sets the dotted ``key`` (to anything but null), read unresolved: a ``${...}`` that only
+    resolves against the other sources counts as set here."""
+    node: Any = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
 
 
 def _keys_named(reason: str, cfg: DictConfig) -> list[str]:
@@ -619,6 +637,11 @@ def _check_schedule_build(cfg: DictConfig) -> list[tuple[str, str]]:
 
     if cfg.schedule.name not in SCHEDULES:
         return []
+    kind = cfg.schedule.kind or "linear"
+    if (cfg.schedule.name in ("ddpm", "vp_discrete") and kind != "linear"
+            and (cfg.schedule.beta_start is not None or cfg.schedule.beta_end is not None)):
+        return [("schedule.beta_start / beta_end", f"the {kind} schedule sets its own betas (Nichol & Dhariwal 2021, "
+                 f"arXiv 2102.09672); the range is kind linear's")]  # bundles may hold them: make_schedule ignores
     try:
         schedule_from_config(cfg.schedule)
     except (ValueError, TypeError) as e:
@@ -660,8 +683,16 @@ def _check_core(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("logger.mode", f"must be online, offline or disabled, not {cfg.logger.mode!r}"))
     if cfg.optim.lr_schedule not in ("constant", "cosine"):
         bad.append(("optim.lr_schedule", f"must be constant or cosine, not {cfg.optim.lr_schedule!r}"))
-    if cfg.optim.lr <= 0:
-        bad.append(("optim.lr", "must be > 0"))
+    if not 0 < cfg.optim.lr < math.inf:
+        bad.append(("optim.lr", f"must be > 0 and finite, got {cfg.optim.lr}"))
+    if not 0 <= cfg.optim.weight_decay < math.inf:
+        bad.append(("optim.weight_decay", f"must be >= 0 and finite, got {cfg.optim.weight_decay}"))
+    if not 0 <= cfg.seed < 2**32:
+        bad.append(("seed", f"must be in [0, 2^32) (numpy's seed range), got {cfg.seed}"))
+    if not 0 <= cfg.eval.seed < 2**32:
+        bad.append(("eval.seed", f"must be in [0, 2^32), got {cfg.eval.seed}"))
+    if cfg.eval.guidance is not None and not 0 <= cfg.eval.guidance < math.inf:
+        bad.append(("eval.guidance", f"must be >= 0 (1: no guidance), got {cfg.eval.guidance}"))
     if cfg.trainer.max_steps < 1:
         bad.append(("trainer.max_steps", "must be >= 1"))
     if any(not 0 < d < 1 for d in cfg.ema.decays):
@@ -779,6 +810,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
         if d.batch_size < 1:
             bad.append(("data.batch_size", "must be >= 1"))
     if cfg.method.name == "denoising":
+        if not 0 < cfg.method.snr_gamma < math.inf:  # a clamp at <= 0 gives weights <= 0: no learning, or ascent
+            bad.append(("method.snr_gamma", f"must be > 0 and finite, got {cfg.method.snr_gamma}"))
         if cfg.method.weighting not in WEIGHTINGS:
             bad.append(("method.weighting", f"unknown {cfg.method.weighting!r}; choose one of {list(WEIGHTINGS)}"))
         # (an eps or score network on such a schedule: _check_terminal_snr names the network instead)
@@ -812,8 +845,8 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("optim.name", f"unknown optimizer {cfg.optim.name!r}; choose one of {list(OPTIMIZERS)}"))
     elif cfg.optim.name == "radam" and cfg.optim.impl == "fused":
         bad.append(("optim.impl", "torch's RAdam has no fused kernel: use auto (foreach), foreach or plain"))
-    if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
-        bad.append(("optim", "need warmup_steps >= 0, grad_clip >= 0 and min_lr_ratio in [0, 1]"))
+    if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.grad_clip < math.inf or not 0 <= cfg.optim.min_lr_ratio <= 1:
+        bad.append(("optim", "need warmup_steps >= 0, grad_clip >= 0 (finite) and min_lr_ratio in [0, 1]"))
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         bad.append(("optim.betas", f"need two numbers in [0, 1), got {list(cfg.optim.betas)}"))
     if not cfg.optim.eps > 0:

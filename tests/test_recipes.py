@@ -115,6 +115,35 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
     assert "did you mean 'max_steps'" in e.value.reason
 
 
+def test_interpolated_values_are_blamed_on_the_source_that_wrote_them(tmp_path):
+    """Finding the source of a bad value read each source alone, where a ${...} set on the command line does not
+    resolve: an OmegaConf traceback instead of the message. A failed interpolation was always blamed on the command
+    line."""
+    gmm = ROOT / "teacher" / "gmm.yaml"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(gmm, ["teacher=${out_dir}/nowhere/last.ckpt"])
+    assert (e.value.source, e.value.key) == ("command line", "teacher") and "not found" in e.value.reason
+    with pytest.raises(RecipeError) as e:
+        load_recipe(gmm, ["trainer.max_steps=${seed}"])
+    assert (e.value.source, e.value.key) == ("command line", "trainer.max_steps")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: [{gmm}]\nlogger:\n  name: ${{nme}}-run\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert e.value.source == str(bad) and e.value.key == "logger.name", str(e.value)
+
+
+def test_a_section_set_to_a_list_or_scalar_is_named(tmp_path):
+    """A list for a section was an OmegaConf TypeError naming nothing; a scalar named no key."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: [{ROOT / 'teacher' / 'gmm.yaml'}]\nmodel: [1, 2]\n")
+    for path, over, src in ((bad, [], str(bad)), (ROOT / "teacher" / "gmm.yaml", ["trainer=5"], "command line")):
+        with pytest.raises(RecipeError) as e:
+            load_recipe(path, over)
+        assert e.value.source == src and e.value.key in ("model", "trainer"), str(e.value)
+        assert "a section: a mapping of keys" in e.value.reason
+
+
 def test_model_must_fit_the_data(tmp_path):
     bad = tmp_path / "gmm_unet.yaml"
     bad.write_text(f"base: {ROOT / '_base' / 'train.yaml'}\ndata:\n  name: gmm\nmodel:\n  name: unet\n")

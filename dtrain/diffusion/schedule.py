@@ -456,7 +456,8 @@ def make_schedule(name: str, **kwargs: Any) -> Schedule:
         return SCHEDULES[name](**kwargs)
     except TypeError as e:
         bad = [k for k in kwargs if f"argument '{k}'" in str(e)] or sorted(kwargs)
-        raise TypeError(f"schedule {name!r}: bad options {bad}: {e}") from None
+        raise TypeError(f"schedule.{bad[0]}: schedule {name!r} has no option {bad[0]!r} (bad options {bad}: "
+                        f"{e})") from None
 
 
 def schedule_from_config(cfg: Any) -> Schedule:
