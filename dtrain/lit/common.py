@@ -435,9 +435,13 @@ class DiffusionModule(L.LightningModule):
         loss = None
         if step > 0 and (self._loss_n or buckets):
             parts = [self._loss_sum.reshape(1)] if self._loss_n else []  # type: ignore[union-attr]
-            vals = torch.cat([*parts, *([self._bucket.flatten()] if buckets else [])]).tolist()  # the one host sync
+            vec = torch.cat([*parts, *([self._bucket.flatten()] if buckets else [])])
+            world = self.trainer.world_size
+            if world > 1:  # the mean over all ranks (every rank logs at the same steps): one collective an interval
+                vec = self.trainer.strategy.reduce(vec, reduce_op="sum")
+            vals = vec.tolist()  # the one host sync
             if self._loss_n:
-                loss = vals.pop(0) / self._loss_n
+                loss = vals.pop(0) / (self._loss_n * world)
                 self._loss_sum.zero_()  # type: ignore[union-attr]
                 self._loss_n = 0
             if buckets:

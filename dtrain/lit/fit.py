@@ -44,8 +44,8 @@ def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
 
     ``resume``: the run continues from a checkpoint (``dtrain fit --resume``, a requeued SLURM job); online, it
     logs into the W&B run its first job started (``wandb_run_id``) instead of starting a new one each time.
-    Offline runs get a new id per job: ``wandb sync`` of offline runs sharing an id replaces the history unless
-    given ``--append``.
+    Offline jobs get an id each (``wandb sync`` of offline runs sharing an id replaces the history unless given
+    ``--append``) and leave the first job's id for the next online one.
     The mode is ``logger_mode(logger.mode)`` (``$WANDB_MODE`` wins). ``disabled`` writes scalars to
     ``<run>/csv/metrics.csv`` instead and never imports wandb
     (clusters or GPU images without it). Lightning's CSV writer deletes an existing ``metrics.csv``: an earlier
@@ -68,23 +68,26 @@ def build_logger(cfg: DictConfig, out: Path, *, resume: bool = False) -> Any:
         return CSVLogger(str(out), name="csv", version="")
     from lightning.pytorch.loggers import WandbLogger
 
-    run_id = wandb_run_id(out, resume and mode == "online")
+    run_id = wandb_run_id(out, resume, online=mode == "online")
     return WandbLogger(project=lg.project, name=lg.name or cfg.name, tags=list(lg.tags), mode=mode,
                        save_dir=str(out), config=to_container(cfg), id=run_id, resume="allow",
                        group=cfg.name, job_type="train")  # a run's jobs (resumes, requeues) group together
 
 
-def wandb_run_id(out: Path, resume: bool) -> str:
-    """The W&B run id of the run directory ``out``, kept in ``<out>/wandb_run_id``: read back when ``resume``
-    (a fresh id when the file is missing), else a new one, written by global rank 0 only (other ranks log
-    nothing; under SLURM every rank runs this before the process group exists)."""
+def wandb_run_id(out: Path, resume: bool, online: bool = True) -> str:
+    """The W&B run id of a job in the run directory ``out``. ``<out>/wandb_run_id`` holds the id of the run's first
+    job: an online ``resume`` reads it back (a fresh id when the file is missing); an offline resume gets an id of its
+    own and leaves the file alone (``wandb sync`` of offline runs sharing an id replaces the history, and the next
+    online job still continues the first job's run); a start without resume writes a new one. Written by global
+    rank 0 only (other ranks log nothing; under SLURM every rank runs this before the process group exists)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     path = out / "wandb_run_id"
-    if resume and path.is_file() and (known := path.read_text().strip()):
+    known = path.read_text().strip() if resume and path.is_file() else ""
+    if known and online:
         return known
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
-    if getattr(rank_zero_only, "rank", 0) == 0:
+    if not known and getattr(rank_zero_only, "rank", 0) == 0:
         write_text(path, run_id + "\n")
     return run_id
 
@@ -264,11 +267,15 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
         raise RuntimeError(f"dtrain counted {ranks} rank(s), Lightning {trainer.num_devices * trainer.num_nodes}")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-    finally:
-        close_loggers(trainer)
+    except BaseException as e:  # the W&B run ends failed (finish() says 0 unless told), then the error goes on
+        code = e.code if isinstance(e, SystemExit) else 1
+        close_loggers(trainer, exit_code=code if isinstance(code, int) else 1)
+        raise
     from dtrain.dist.slurm import Preemption
 
     stop = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+    close_loggers(trainer, exit_code=128 + signal.SIGTERM if stop is not None and stop.stopped_by == signal.SIGTERM
+                  else 0)
     if stop is not None and stop.stopped_by == signal.SIGTERM:  # asked to end: say so, after the checkpoint
         if trainer.is_global_zero:
             print(f"dtrain: stopped on SIGTERM; `dtrain fit ... --resume auto` continues from {stop.saved}",
@@ -331,8 +338,9 @@ def per_rank_batch(cfg: DictConfig, ranks: int, source: str = "recipe", override
     return per
 
 
-def close_loggers(trainer: L.Trainer) -> None:
-    """Close this run's W&B run (rank 0), so a later fit in the same process starts its own."""
+def close_loggers(trainer: L.Trainer, exit_code: int = 0) -> None:
+    """Close this run's W&B run (rank 0) with the job's ``exit_code`` (non-zero: the dashboard shows it failed), so a
+    later fit in the same process starts its own."""
     for logger in trainer.loggers:
         if trainer.is_global_zero and type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=exit_code)

@@ -165,9 +165,9 @@ def test_resume_from_last(tmp_path, capsys):
 
 def test_a_resumed_online_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     """Online, --resume (a requeued SLURM job) continues the W&B run of the first job (one run on the dashboard, not
-    one per requeue); a fresh start, or an offline run (``wandb sync`` would replace the history of a shared id),
-    starts a new one. Checked on the loggers' init arguments (nothing connects before ``.experiment``); an offline
-    resume runs for real."""
+    one per requeue), also after an offline job in between; a fresh start, or an offline job (``wandb sync`` would
+    replace the history of a shared id), starts a new one. Checked on the loggers' init arguments (nothing connects
+    before ``.experiment``); an offline resume runs for real."""
     import re
 
     from dtrain.lit.fit import build_logger
@@ -189,10 +189,36 @@ def test_a_resumed_online_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch
     names = sorted((run / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime_ns)
     ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", p.name).group(1) for p in names]
     assert len(ids) == 2 and ids[0] == first != ids[1]
-    latest = (run / "wandb_run_id").read_text().strip()
-    monkeypatch.delenv("WANDB_MODE")
-    assert latest == ids[1] and build_logger(cfg, run, resume=True)._wandb_init["id"] == latest
-    assert build_logger(cfg, run, resume=False)._wandb_init["id"] not in (first, latest)
+    assert (run / "wandb_run_id").read_text().strip() == first  # an offline job broke the online chain: the next
+    monkeypatch.delenv("WANDB_MODE")  # online job resumed the offline job's id, not the first job's run
+    assert build_logger(cfg, run, resume=True)._wandb_init["id"] == first
+    assert build_logger(cfg, run, resume=False)._wandb_init["id"] not in ids
+    assert (run / "wandb_run_id").read_text().strip() not in ids  # a fresh start begins a new chain
+
+
+def test_a_run_that_fails_ends_its_wandb_run_failed(tmp_path, monkeypatch):
+    """The W&B run was finished with exit code 0 whatever happened (a crash, a non-finite stop, SIGTERM): the
+    dashboard showed failed jobs as finished. The exit record of the offline run holds the job's code."""
+    import lightning as L
+
+    from dtrain.lit.fit import fit
+
+    class Boom(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                raise RuntimeError("boom")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = [f"out_dir={tmp_path}", THREADS, "model.hidden=16", "model.depth=1", "data.batch_size=32",
+              "data.num_samples=1024", "trainer.progress_bar=false", "logger.mode=offline",
+              "trainer.sample_every_n_steps=0", "trainer.max_steps=3"]
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(GMM, [*common, "name=crash"], callbacks=[Boom()])
+    fit(GMM, [*common, "name=fine"])
+    for name, code in (("crash", 1), ("fine", 0)):
+        (run_dir,) = list((tmp_path / name / "wandb").glob("offline-run-*"))
+        exits = [r.exit.exit_code for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "exit"]
+        assert exits == [code], (name, exits)
 
 
 def test_wandb_mode_from_the_environment_wins_over_the_recipe(monkeypatch):

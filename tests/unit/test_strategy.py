@@ -193,6 +193,7 @@ def dist_runs(tmp_path_factory):
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     fit = [sys.executable, "-m", "dtrain.cli", "fit", str(GMM), f"out_dir={out}", *SMALL, "trainer.accelerator=cpu",
            "trainer.devices=2", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=0", "optim.grad_clip=0.05",
+           "trainer.log_every_n_steps=5",
            "name=fsdp2", "strategy.name=fsdp2", "strategy.sharded_checkpoint=true", "ema.stds=[0.1]"]
     (out / "fsdp1").mkdir()
     worker = [sys.executable, str(Path(__file__).with_name("fsdp1_worker.py")), str(out / "fsdp1"), "5"]
@@ -212,11 +213,12 @@ def dist_runs(tmp_path_factory):
     return out
 
 
-def _single_process_reference(overrides: list[str], steps: int, seeds: tuple[int, int] | None
-                              ) -> dict[str, torch.Tensor]:
+def _single_process_reference(overrides: list[str], steps: int, seeds: tuple[int, int] | None,
+                              losses: list[float] | None = None) -> dict[str, torch.Tensor]:
     """What 2 data-parallel ranks compute, in one process: each rank's batches and noise stream (torch seeded with
     ``seeds[r]``; None: reseeded every step as ``DiffusionModule.training_step`` does), gradients averaged, clipped
-    by global norm (optim.grad_clip), AdamW + LR schedule, EMA update."""
+    by global norm (optim.grad_clip), AdamW + LR schedule, EMA update; ``losses`` gets each step's loss, the mean
+    over the two ranks."""
     from dtrain.data.memory import InMemoryBatches
     from dtrain.data.synthetic import default_gmm
     from dtrain.lit.common import seed_generators, train_seed
@@ -240,7 +242,12 @@ def _single_process_reference(overrides: list[str], steps: int, seeds: tuple[int
                 seed_generators(train_seed(cfg.seed, r, step - 1), torch.device("cpu"))
             else:
                 torch.set_rng_state(rng[r])
-            (m.compute_loss(next(data[r]))[0].mean() / 2).backward()
+            loss = m.compute_loss(next(data[r]))[0].mean() / 2
+            loss.backward()
+            if losses is not None and r == 0:
+                losses.append(loss.item())
+            elif losses is not None:
+                losses[-1] += loss.item()
             if seeds is not None:
                 rng[r] = torch.get_rng_state()
         torch.nn.utils.clip_grad_norm_(m.net.parameters(), cfg.optim.grad_clip)
@@ -275,10 +282,18 @@ def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread)
     assert len(meta["state_dict.ema.0_99.inp.weight"].chunks) == 2  # ... and half of its EMA copy
     ckpt = read_checkpoint(sharded)  # the directory is consolidated on the way
     assert ckpt["global_step"] == 20 and ckpt["dtrain"]["ema_tags"] == ["0_99", "std0_100"]
+    losses: list[float] = []
     ref = _single_process_reference([*SMALL, "trainer.max_steps=20", "optim.grad_clip=0.05", "ema.stds=[0.1]"], 20,
-                                    None)
+                                    None, losses)
     _assert_matches(ckpt["state_dict"], ref, "0_99")  # the power EMA too (its first update copies: no foreach copy
     # on DTensors)
+    import csv
+
+    with open(dist_runs / "fsdp2" / "csv" / "metrics.csv") as fh:  # every 5 steps, at Lightning's step - 1
+        logged = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")}
+    want = {s - 1: sum(losses[s - 5: s]) / 5 for s in (5, 10, 15, 20)}
+    assert logged.keys() == want.keys()  # train/loss was rank 0's interval mean, not the mean over ranks
+    assert all(abs(logged[k] - want[k]) < 1e-5 * want[k] for k in want), (logged, want)
     from dtrain.export.bundle import sha256_tensors
     from dtrain.export.checkpoint import load_teacher, select_weights
 
