@@ -32,7 +32,7 @@ from typing import Any
 
 from dtrain.errors import InputError, check_count
 
-__all__ = ["SlurmJob", "slurm_job", "topology", "plugins", "callbacks", "Preemption", "hpc_path", "sbatch_args",
+__all__ = ["SlurmJob", "slurm_job", "torchrun", "topology", "plugins", "callbacks", "Preemption", "hpc_path", "sbatch_args",
            "job_layout"]
 
 
@@ -65,30 +65,57 @@ def slurm_job(env: dict[str, str] | os._Environ | None = None) -> SlurmJob | Non
                     num_tasks=int(env["SLURM_NTASKS"]), rank=int(env.get("SLURM_PROCID", "0")))
 
 
-def topology(devices: Any, num_nodes: int, env: dict[str, str] | None = None) -> tuple[Any, int]:
-    """``(devices, num_nodes)`` for the Trainer: the SLURM allocation when running under it, else the recipe's.
+def torchrun(env: dict[str, str] | os._Environ | None = None) -> bool:
+    """Launched by ``torchrun`` (also inside a SLURM job: one ``srun`` task per node, torchrun's processes per GPU):
+    torchrun's ranks win over SLURM's, as in Lightning."""
+    return "TORCHELASTIC_RUN_ID" in (os.environ if env is None else env)
 
-    A recipe that asks for something else than the allocation gets a warning naming the fields; the job can
-    only use what SLURM gave it (sbatch --nodes / --ntasks-per-node decide, see ``sbatch_args``).
+
+def topology(devices: Any, num_nodes: int, env: dict[str, str] | None = None) -> tuple[Any, int]:
+    """``(devices, num_nodes)`` for the Trainer: torchrun's layout or the SLURM allocation when running under one,
+    else the recipe's.
+
+    A recipe that asks for something else gets a warning naming the fields; the job can only use what it was given
+    (sbatch --nodes / --ntasks-per-node decide, see ``sbatch_args``; torchrun --nnodes / --nproc-per-node).
     """
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    if torchrun(env):
+        local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+        return _given(devices, num_nodes, local, max(1, int(env.get("WORLD_SIZE", "1")) // local),
+                      "torchrun launch")
     job = slurm_job(env)
     if job is None:
         return devices, num_nodes
+    if job.num_tasks > 1 and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+        raise InputError(f"SLURM: the job has {job.num_tasks} tasks but this process is no task of a job step (no "
+                         f"SLURM_STEP_ID: the batch script itself); start dtrain fit with srun, as slurm/*.sbatch do, "
+                         f"or it waits for {job.num_tasks - 1} rank(s) that never start")
+    per_node = env.get("SLURM_NTASKS_PER_NODE")
+    if per_node and per_node.isdigit() and int(per_node) * job.num_nodes != job.num_tasks:
+        raise InputError(f"SLURM: --ntasks-per-node={per_node} on {job.num_nodes} node(s), but the job has "
+                         f"{job.num_tasks} task(s) (SLURM_TASKS_PER_NODE={env.get('SLURM_TASKS_PER_NODE', '?')}): "
+                         f"an --ntasks given to sbatch / srun overrode the template's --ntasks-per-node; give "
+                         f"--nodes and --ntasks-per-node only")
     if job.tasks_per_node * job.num_nodes != job.num_tasks:  # e.g. SLURM_TASKS_PER_NODE "3,1"
         raise InputError(f"SLURM: {job.num_tasks} task(s) spread unevenly over {job.num_nodes} node(s) "
-                         f"({(env or os.environ).get('SLURM_TASKS_PER_NODE', '?')} per node); Lightning needs the same "
+                         f"({env.get('SLURM_TASKS_PER_NODE', '?')} per node); Lightning needs the same "
                          f"count on every node: submit with --ntasks-per-node (tools/slurm_submit.py does)")
+    return _given(devices, num_nodes, job.tasks_per_node, job.num_nodes, "SLURM allocation")
+
+
+def _given(devices: Any, num_nodes: int, per_node: int, nodes: int, what: str) -> tuple[int, int]:
+    """The launcher's layout, with a warning when the recipe asked for another."""
     asked_devices = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | tuple) else None
-    if asked_devices not in (None, -1, job.tasks_per_node) or num_nodes not in (1, job.num_nodes):
-        warnings.warn(f"trainer.devices={devices}, trainer.num_nodes={num_nodes}: the SLURM allocation has "
-                      f"{job.tasks_per_node} task(s) per node on {job.num_nodes} node(s); using the allocation",
-                      stacklevel=2)
-    return job.tasks_per_node, job.num_nodes
+    if asked_devices not in (None, -1, per_node) or num_nodes not in (1, nodes):
+        unit = "process(es)" if what == "torchrun launch" else "task(s)"
+        warnings.warn(f"trainer.devices={devices}, trainer.num_nodes={num_nodes}: the {what} has {per_node} {unit} "
+                      f"per node on {nodes} node(s); using that", stacklevel=3)
+    return per_node, nodes
 
 
 def plugins() -> list[Any]:
     """Under SLURM: ``SLURMEnvironment`` without Lightning's signal handler (``Preemption`` takes its place)."""
-    if slurm_job() is None:
+    if slurm_job() is None or torchrun():  # torchrun's ranks: Lightning's TorchElasticEnvironment
         return []
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -126,6 +153,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         self.saved: str | None = None
         self.saved_step: int | None = None
         self.stopped_by: int | None = None  # the signal that stopped training after its checkpoint
+        self.requeued = False  # after the requeue signal: scontrol requeue succeeded (dtrain fit exits 1 if not)
         self._previous: dict[int, Any] = {}
         self._last_step = -1
 
@@ -183,14 +211,20 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         signum = self.pending(trainer)
         if signum is None:
             return
+        if 0 < trainer.max_steps <= trainer.global_step:  # the run is done: its normal end writes last.ckpt (an
+            self.received = None  # HPC checkpoint here left last.ckpt a step behind for good, and a requeue)
+            if trainer.is_global_zero:
+                print(f"dtrain: {signal.Signals(signum).name} at the last step ({trainer.global_step}): the run ends "
+                      f"normally", file=sys.stderr, flush=True)
+            return
         path = trainer.strategy.broadcast(str(hpc_path(trainer.default_root_dir)))
         trainer.save_checkpoint(path, weights_only=False)  # the full state: the requeued job resumes from it
         self.saved, self.saved_step, self.stopped_by, self.received = path, trainer.global_step, signum, None
         if trainer.is_global_zero:
             print(f"dtrain: {signal.Signals(signum).name} at step {trainer.global_step}: saved {path}",
                   file=sys.stderr, flush=True)
-            if signum == self.requeue_signal:
-                _requeue()
+        if signum == self.requeue_signal:
+            self.requeued = bool(trainer.strategy.broadcast(_requeue() if trainer.is_global_zero else False))
         trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
@@ -204,14 +238,19 @@ def hpc_path(root: str | Path) -> Path:
     return Path(root) / f"hpc_ckpt_{max(nums, default=0) + 1}.ckpt"
 
 
-def _requeue() -> None:
+def _requeue() -> bool:
+    """``scontrol requeue`` of this job; whether it succeeded (said on stderr either way)."""
     job = slurm_job()
     if job is None or not re.fullmatch(r"[0-9_]+", job.job_id):
         print(f"dtrain: not requeued: no SLURM job id ({job})", file=sys.stderr)
-        return
-    r = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True)
-    msg = "requeued" if r.returncode == 0 else f"scontrol requeue failed ({r.returncode}): {r.stderr.strip()}"
-    print(f"dtrain: SLURM job {job.job_id} {msg}", file=sys.stderr, flush=True)
+        return False
+    try:
+        r = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True, timeout=60)
+        ok, msg = r.returncode == 0, f"scontrol requeue failed ({r.returncode}): {r.stderr.strip()}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        ok, msg = False, f"scontrol requeue failed: {e}"
+    print(f"dtrain: SLURM job {job.job_id} {'requeued' if ok else msg}", file=sys.stderr, flush=True)
+    return ok
 
 
 # ---- sbatch flags from a recipe ------------------------------------------------------------------------------

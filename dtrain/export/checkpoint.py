@@ -75,14 +75,17 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def _consolidate(path: Path) -> dict[str, Any]:
-    """Hook for sharded checkpoints: ``dtrain.export.zero.consolidate`` (DeepSpeed ZeRO / FSDP -> fp32)."""
-    try:
-        from dtrain.export.zero import consolidate  # type: ignore[attr-defined]
-    except ImportError:
-        raise CheckpointError(path, "", "a sharded (DeepSpeed / FSDP) checkpoint directory; consolidating it "
-                              "needs dtrain.export.zero.consolidate, which is not available yet: convert it to a "
-                              "single file first (tools/convert_ckpt.py)") from None
+    """A sharded checkpoint directory as one checkpoint dict (``dtrain.export.zero.consolidate``)."""
+    from dtrain.export.zero import consolidate
+
     return consolidate(path)
+
+
+def _sharded_meta(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint directory's metadata, with an empty ``state_dict`` (``_check_ckpt`` needs one)."""
+    from dtrain.export.zero import sharded_meta
+
+    return {**sharded_meta(path), "state_dict": {}}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -117,43 +120,39 @@ def _load_file(path: Path, mmap: bool = False) -> Any:
         raise CheckpointError(path, "", f"not a readable torch checkpoint: {str(e)[:300]}") from None
 
 
-def read_model_section(path: str | Path) -> dict[str, Any] | None:
+def read_model_section(path: str | Path) -> dict[str, Any]:
     """The ``model`` section a checkpoint or bundle was trained with, from its metadata only (a bundle's
-    dtrain.json; a checkpoint's ``dtrain.recipe.model``, its tensors mapped, never read); None for a sharded
-    checkpoint directory (its metadata needs consolidating)."""
+    dtrain.json; a checkpoint's ``dtrain.recipe.model``, its tensors mapped, never read; a sharded checkpoint
+    directory's metadata (``dtrain.export.zero.sharded_meta``)."""
     path = Path(path)
     if is_bundle(path):
         return dict(read_info(path)["model"])
     if path.is_dir():
-        return None
+        return model_section(_sharded_meta(path), path)
     if not path.is_file():
         raise CheckpointError(path, "", "checkpoint not found")
     return model_section(_load_file(path, mmap=True), path)
 
 
-def read_schedule(path: str | Path) -> dict[str, Any] | None:
-    """The schedule (``Schedule.to_dict()``) a checkpoint or bundle was trained on, from its metadata only; None for a
-    sharded checkpoint directory."""
+def read_schedule(path: str | Path) -> dict[str, Any]:
+    """The schedule (``Schedule.to_dict()``) a checkpoint or bundle was trained on, from its metadata only."""
     from dtrain.diffusion.schedule import make_schedule, schedule_from_config
 
     path = Path(path)
     if is_bundle(path):
         return make_schedule(**read_info(path)["schedule"]).to_dict()
-    if path.is_dir():
-        return None
-    recipe = _check_ckpt(_load_file(path, mmap=True), path)["dtrain"]["recipe"]
+    ckpt = _sharded_meta(path) if path.is_dir() else _load_file(path, mmap=True)
+    recipe = _check_ckpt(ckpt, path)["dtrain"]["recipe"]
     return schedule_from_config(recipe["schedule"]).to_dict()
 
 
 def read_kind(path: str | Path) -> str | None:
-    """The bundle kind a checkpoint or bundle holds ("denoiser", "consistency", ...), from its metadata only; None
-    for a sharded checkpoint directory."""
+    """The bundle kind a checkpoint or bundle holds ("denoiser", "consistency", ...), from its metadata only."""
     path = Path(path)
     if is_bundle(path):
         return str(read_info(path)["kind"])
-    if path.is_dir():
-        return None
-    meta = _check_ckpt(_load_file(path, mmap=True), path)["dtrain"]
+    ckpt = _sharded_meta(path) if path.is_dir() else _load_file(path, mmap=True)
+    meta = _check_ckpt(ckpt, path)["dtrain"]
     return meta.get("bundle_kind") or BUNDLE_KINDS.get(meta["kind"])
 
 
@@ -205,7 +204,7 @@ def ema_tag(value: str | float | None) -> str | None:
 
 
 def select_weights(ckpt: Mapping[str, Any], ema: str | float | None = "auto",
-                   path: str | Path = "checkpoint") -> tuple[dict[str, Tensor], str | None]:
+                   path: str | Path = "checkpoint", field: str = "--ema") -> tuple[dict[str, Tensor], str | None]:
     """The network weights of one EMA copy (``ema``: a decay/std or tag, "raw", or "auto") and its tag.
 
     "auto" takes ``dtrain.default_ema``, else the only EMA, else the raw weights when there is none; with
@@ -219,7 +218,7 @@ def select_weights(ckpt: Mapping[str, Any], ema: str | float | None = "auto",
         elif len(tags) <= 1:
             tag = tags[0] if tags else None
         else:
-            raise CheckpointError(path, "--ema", f"the checkpoint holds several EMAs; choose one of {tags} or 'raw'")
+            raise CheckpointError(path, field, f"the checkpoint holds several EMAs; choose one of {tags} or 'raw'")
     else:
         tag = ema_tag(ema)
     net = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
@@ -228,7 +227,7 @@ def select_weights(ckpt: Mapping[str, Any], ema: str | float | None = "auto",
     if tag is None:
         return net, None
     if tag not in tags:
-        raise CheckpointError(path, "--ema", f"no EMA {tag!r}; the checkpoint holds {tags} (or 'raw')")
+        raise CheckpointError(path, field, f"no EMA {tag!r}; the checkpoint holds {tags} (or 'raw')")
     pre = f"ema.{tag}."
     avg = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
     for a, b, what in ((net, avg, "missing from"), (avg, net, "without a matching net.* tensor in")):
@@ -388,7 +387,7 @@ def load_teacher(path: str | Path, *, ema: str | float | None = "auto", device: 
                "ema": info["weights"]["ema"]}
     else:
         ckpt = read_checkpoint(path)
-        state, tag = select_weights(ckpt, ema, path)
+        state, tag = select_weights(ckpt, ema, path, field)
         info = bundle_info(ckpt, source=path)
         try:
             pipe = assemble(info, state, file=str(path), device=device)

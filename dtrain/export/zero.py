@@ -8,9 +8,11 @@ Two layouts, each a directory Lightning writes in place of ``last.ckpt`` / ``ste
   weights. Trainable weights come from those fp32 partitions: stages 1 / 2 split each parameter group's flat
   fp32 vector across ranks (params back to back, alignment padding between groups); stage 3 splits every
   parameter on its own into ceil(numel / world) pieces, each rank's pieces back to back. Frozen parameters (EMA
-  copies, a teacher) come from the model states: whole in stages 1 / 2, one fragment per rank in stage 3.
+  copies, a teacher) come from the model states: whole in stages 1 / 2 (stage 1 keeps them only in the module
+  state, stage 2 also as ``frozen_param_fragments``), one fragment per rank in stage 3. A directory counts only
+  once ``latest``, which DeepSpeed writes last, names its tag.
 - torch distributed checkpoints (FSDP ``sharded_checkpoint``, fsdp2): ``.metadata`` + ``*.distcp`` shards and
-  Lightning's ``meta.pt`` (the rest of the checkpoint).
+  Lightning's ``meta.pt`` (the rest of the checkpoint, written last: a directory without it is refused).
 Everything is read with ``torch.load(weights_only=True)``: DeepSpeed's loss-scaler objects and stage enum in
 the optimizer files are read as inert stand-ins, nothing else is allowed to unpickle. Floating tensors come out
 as fp32; prefixes the training module leaves out of its checkpoints (a student's frozen teacher) are dropped.
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from dtrain.export.checkpoint import CheckpointError
 
-__all__ = ["consolidate", "is_sharded_checkpoint", "ZeroCheckpointError"]
+__all__ = ["consolidate", "is_sharded_checkpoint", "sharded_meta", "ZeroCheckpointError"]
 
 # Keys DeepSpeed adds to a model-states file next to the Lightning client state.
 DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
@@ -69,14 +71,14 @@ _STANDINS: set[str] = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed
 _UNSUPPORTED = re.compile(r"GLOBAL (deepspeed\.[\w.]+) was not an allowed global")
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
     """``torch.load(weights_only=True)``; a global under ``deepspeed.`` is read as an ``_Inert`` stand-in."""
     import pickle
 
     for _ in range(32):
         try:
             with torch.serialization.safe_globals([(_Inert, name) for name in sorted(_STANDINS)]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             break
         except pickle.UnpicklingError as e:
             m = _UNSUPPORTED.search(str(e))
@@ -85,7 +87,8 @@ def _load(path: Path) -> dict[str, Any]:
                                           f"{_reason(e)}") from None
             _STANDINS.add(m.group(1))
         except Exception as e:
-            raise ZeroCheckpointError(path, f"not a readable torch file: {_reason(e)}") from None
+            raise ZeroCheckpointError(path, f"not a readable torch file (truncated or corrupt?): "
+                                      f"{_reason(e)}") from None
     if not isinstance(obj, dict):
         raise ZeroCheckpointError(path, f"expected a dict, got {type(obj).__name__}")
     return obj
@@ -102,15 +105,36 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return p.is_dir() and ((p / ".metadata").is_file() or _zero_dir(p) is not None)
 
 
-def _zero_dir(path: Path) -> Path | None:
-    """The directory holding the model-states files: ``<path>/<latest tag>``, ``<path>`` or its only subdirectory."""
+UNFINISHED = ("a DeepSpeed checkpoint directory without its 'latest' file, which DeepSpeed writes last: an "
+              "unfinished save (its shards may mix two steps)")
+
+
+def _zero_dir(path: Path, check: bool = False) -> Path | None:
+    """The tag directory holding the model-states files (``<path>/<latest tag>``, or ``path`` itself when its
+    parent's ``latest`` names it); None when ``path`` is no DeepSpeed directory. ``check``: refuse a directory
+    without ``latest`` (an unfinished save) or whose ``latest`` names no directory."""
+    def has_states(d: Path) -> bool:
+        return any(_MODEL.fullmatch(f.name) for f in d.iterdir())
+
     if (path / "latest").is_file():
         tag = (path / "latest").read_text().strip()
-        return path / tag if (path / tag).is_dir() else None
-    if any(_MODEL.fullmatch(f.name) for f in path.iterdir()):
+        if (path / tag).is_dir():
+            return path / tag
+        if check:
+            raise ZeroCheckpointError(path, f"'latest' names tag {tag!r}, which is not a directory here "
+                                      f"({sorted(f.name for f in path.iterdir())})")
         return path
-    subs = [d for d in path.iterdir() if d.is_dir() and any(_MODEL.fullmatch(f.name) for f in d.iterdir())]
-    return subs[0] if len(subs) == 1 else None
+    if has_states(path):
+        found, parent = path, path.parent
+    else:
+        subs = [d for d in path.iterdir() if d.is_dir() and has_states(d)]
+        found, parent = (subs[0] if len(subs) == 1 else None), path
+    if found is not None and check:
+        latest = parent / "latest"
+        if not latest.is_file() or latest.read_text().strip() != found.name:
+            raise ZeroCheckpointError(parent, UNFINISHED + (f"; if the save did finish, write its tag into "
+                                                            f"{latest}: echo {found.name} > {latest}"))
+    return found
 
 
 def _by_rank(files: list[tuple[int, Path]], what: str, where: Path) -> list[Path]:
@@ -152,8 +176,11 @@ def _zero_state_dict(d: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     sd: dict[str, Tensor] = {k: v for k, v in ms0["module"].items() if k in set(ms0["buffer_names"])}
     frozen = ms0.get("frozen_param_shapes") or {}
     if stage <= 2:
-        for name in frozen:
-            sd[name] = ms0["frozen_param_fragments"][name]
+        if ms0.get("frozen_param_fragments") is not None:  # stage 2
+            sd.update({name: ms0["frozen_param_fragments"][name] for name in frozen})
+        else:  # stage 1 saves frozen parameters in the module state only
+            trainable = {name for shapes in ms0["param_shapes"] for name in shapes}
+            sd.update({k: v for k, v in ms0["module"].items() if k not in trainable and k not in sd})
         sd.update(_zero2_trainable(opt, ms0["param_shapes"], world, d))
     elif stage == 3:
         if len(model_states) != world:
@@ -179,21 +206,26 @@ def _zero2_trainable(opt: list[dict[str, Any]], param_shapes: list[Mapping[str, 
     for g, shapes in enumerate(param_shapes):
         flat = torch.cat([o["single_partition_of_fp32_groups"][g] for o in opt])
         pads = paddings[g] if paddings is not None else [0] * len(shapes)
+        offset = sum(math.prod(shape) for shape in shapes.values()) + sum(pads)
+        align = 2 * world  # DeepSpeed pads every group to a multiple of 2 x world size
+        if offset > flat.numel() or math.ceil(offset / align) != math.ceil(flat.numel() / align):
+            raise ZeroCheckpointError(d, f"parameter group {g} holds {flat.numel()} fp32 values, its parameters "
+                                      f"need {offset}: shapes and partitions do not match")
         offset = 0
         for (name, shape), pad in zip(shapes.items(), pads):
             n = math.prod(shape)
             out[name] = flat.narrow(0, offset, n).view(shape)
             offset += n + pad
-        align = 2 * world  # DeepSpeed pads every group to a multiple of 2 x world size
-        if math.ceil(offset / align) != math.ceil(flat.numel() / align):
-            raise ZeroCheckpointError(d, f"parameter group {g} holds {flat.numel()} fp32 values, its parameters "
-                                      f"need {offset}: shapes and partitions do not match")
     return out
 
 
 def _zero3_trainable(opt: list[dict[str, Any]], param_shapes: list[Mapping[str, Any]], world: int, d: Path
                      ) -> dict[str, Tensor]:
     flats = [torch.cat([t.reshape(-1) for t in o["fp32_flat_groups"]]) for o in opt]
+    need = sum(math.ceil(math.prod(shape) / world) for shapes in param_shapes for shape in shapes.values())
+    if any(f.numel() != need for f in flats):
+        raise ZeroCheckpointError(d, f"the ranks hold {[f.numel() for f in flats]} fp32 values, the parameters "
+                                  f"need {need} each: shapes and partitions do not match")
     out: dict[str, Tensor] = {}
     offset = 0
     for shapes in param_shapes:
@@ -202,9 +234,6 @@ def _zero3_trainable(opt: list[dict[str, Any]], param_shapes: list[Mapping[str, 
             part = math.ceil(n / world)
             out[name] = torch.cat([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape)
             offset += part
-    if offset != flats[0].numel():
-        raise ZeroCheckpointError(d, f"each rank holds {flats[0].numel()} fp32 values, the parameters need "
-                                  f"{offset}: shapes and partitions do not match")
     return out
 
 
@@ -244,19 +273,54 @@ def consolidate(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ZeroCheckpointError(path, "not a directory (a sharded checkpoint is one)")
     if (path / ".metadata").is_file():
+        _dcp_done(path)
         ckpt = _dcp_checkpoint(path)
         ckpt.pop("optimizer_states", None)
         for k in [k for k in ckpt if re.fullmatch(r"optimizer_\d+", k)]:
             del ckpt[k]
     else:
-        d = _zero_dir(path)
-        if d is None:
-            raise ZeroCheckpointError(path, "not a sharded (DeepSpeed / FSDP) checkpoint directory: no DeepSpeed "
-                                      "'latest' file or *model_states.pt, no torch distributed checkpoint .metadata")
-        sd, ckpt = _zero_state_dict(d)
+        sd, ckpt = _zero_state_dict(_deepspeed_tag(path))
         ckpt["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in sd.items()}
     info = ckpt.pop("dtrain_sharded", None) or {}
     drop = tuple(info.get("unsaved_prefixes") or ())
     if drop:
         ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(drop)}
+    sd, tags = ckpt.get("state_dict") or {}, (ckpt.get("dtrain") or {}).get("ema_tags") or []
+    net = {k[4:] for k in sd if k.startswith("net.")}
+    for tag in [t for t in tags if not f"ema.{t}.".startswith(drop or ("\0",))]:  # a copy that lost tensors on
+        # the way would export (convert_ckpt) a file nothing can load
+        ema = {k[len(f"ema.{tag}."):] for k in sd if k.startswith(f"ema.{tag}.")}
+        if ema != net:
+            raise ZeroCheckpointError(path, f"EMA {tag!r} has {len(ema)} of the network's {len(net)} tensors "
+                                      f"(missing e.g. {sorted(net - ema)[:3]}): not consolidated")
     return ckpt
+
+
+def _dcp_done(path: Path) -> None:
+    if not (path / LIGHTNING_META).is_file():
+        raise ZeroCheckpointError(path, f"a sharded (FSDP) checkpoint directory without its {LIGHTNING_META!r}, "
+                                  f"which Lightning writes last: an unfinished save")
+
+
+def _deepspeed_tag(path: Path) -> Path:
+    d = _zero_dir(path, check=True)
+    if d is None:
+        raise ZeroCheckpointError(path, "not a sharded (DeepSpeed / FSDP) checkpoint directory: no DeepSpeed "
+                                  "'latest' file or *model_states.pt, no torch distributed checkpoint .metadata")
+    return d
+
+
+def sharded_meta(path: str | Path) -> dict[str, Any]:
+    """The non-tensor part of a sharded checkpoint directory (``dtrain`` metadata, ``global_step``, ...) without
+    consolidating it: FSDP's ``meta.pt``, or DeepSpeed rank 0's model states, memory-mapped (their tensors are
+    never read)."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        _dcp_done(path)
+        return _load(path / LIGHTNING_META)
+    d = _deepspeed_tag(path)
+    first = next((f for f in sorted(d.iterdir()) if (m := _MODEL.fullmatch(f.name)) and int(m.group(1) or 0) == 0),
+                 None)
+    if first is None:
+        raise ZeroCheckpointError(d, "no rank-0 model-states file")
+    return {k: v for k, v in _load(first, mmap=True).items() if k not in DEEPSPEED_KEYS}

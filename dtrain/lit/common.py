@@ -193,8 +193,8 @@ class DiffusionModule(L.LightningModule):
         """Before a run starts: a student that starts from its teacher's weights (``copies_teacher``) has the network
         its ``teacher`` file records (the ``model`` section of the teacher's metadata; no weights are read), else
         ``RecipeError`` naming the keys that differ. The denoiser's fields (``param`` ...) and the training-only
-        keys (``dropout``, ``grad_checkpoint``) may differ; a sharded checkpoint directory is not checked (the
-        weights' load in ``setup`` still is). A method that distils its teacher needs a denoiser (a teacher's or a
+        keys (``dropout``, ``grad_checkpoint``) may differ; a sharded checkpoint directory's metadata is read without
+        consolidating it. A method that distils its teacher needs a denoiser (a teacher's or a
         PD student's file), not a few-step student."""
         teacher = recipe.get("teacher")
         if cls.distils(recipe) and teacher is not None and Path(teacher).exists():
@@ -207,8 +207,6 @@ class DiffusionModule(L.LightningModule):
         if added is None or teacher is None or not Path(teacher).exists():
             return  # a missing file is named by the recipe checks
         theirs = read_model_section(teacher)
-        if theirs is None:
-            return
         mine = to_container(recipe["model"]) if isinstance(recipe["model"], DictConfig) else dict(recipe["model"])
         skip = {*DENOISER_FIELDS, *TRAINING_ONLY} - {"name"}
         diff = [k for k in model_differences(theirs, mine, skip) if not (k in added and mine[k])]
@@ -224,8 +222,9 @@ class DiffusionModule(L.LightningModule):
         trained on it, read from its metadata (else ``RecipeError`` naming ``schedule``); setup checks it again."""
         teacher = recipe.get("teacher")
         if teacher is None or not Path(teacher).exists() or not cls.teacher_needed(recipe) \
-                or not cls.teacher_on_my_schedule(recipe) or (theirs := read_schedule(teacher)) is None:
+                or not cls.teacher_on_my_schedule(recipe):
             return
+        theirs = read_schedule(teacher)
         if (why := _other_schedule(schedule_from_config(recipe["schedule"]).to_dict(), theirs, teacher)) is not None:
             raise RecipeError(key_source("schedule", source, overrides), "schedule", why)
 

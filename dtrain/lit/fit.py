@@ -274,13 +274,17 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     from dtrain.dist.slurm import Preemption
 
     stop = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
-    close_loggers(trainer, exit_code=128 + signal.SIGTERM if stop is not None and stop.stopped_by == signal.SIGTERM
-                  else 0)
-    if stop is not None and stop.stopped_by == signal.SIGTERM:  # asked to end: say so, after the checkpoint
+    # stopped early and not requeued (SIGTERM, or a requeue that failed): the job must not look finished (a
+    # --dependency=afterok job would start on an unfinished teacher)
+    unfinished = stop is not None and stop.stopped_by is not None and not stop.requeued
+    code = 128 + (stop.stopped_by or 0) if unfinished and stop is not None else 0
+    close_loggers(trainer, exit_code=code)
+    if unfinished and stop is not None:  # asked to end: say so, after the checkpoint
         if trainer.is_global_zero:
-            print(f"dtrain: stopped on SIGTERM; `dtrain fit ... --resume auto` continues from {stop.saved}",
-                  file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGTERM)
+            how = "stopped on SIGTERM" if stop.stopped_by == signal.SIGTERM else "the requeue failed"
+            print(f"dtrain: {how} at step {stop.saved_step} of {trainer.max_steps}; `dtrain fit ... --resume auto` "
+                  f"continues from {stop.saved}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
     return out
 
 

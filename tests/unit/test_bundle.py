@@ -130,6 +130,8 @@ def test_ema_selection(tmp_path):
         C.export_checkpoint(path, tmp_path / "a")
     with pytest.raises(C.CheckpointError, match=r"no EMA '0_5'"):
         C.export_checkpoint(path, tmp_path / "a", ema=0.5)
+    with pytest.raises(C.CheckpointError, match=r": method\.teacher_ema: no EMA '0_5'"):  # a teacher's: not --ema
+        C.load_teacher(path, ema=0.5, field="method.teacher_ema")
     for ema, tag, prefix in [("0.9999", "0_9999", "ema.0_9999."), ("std0.050", "std0_050", "ema.std0_050."),
                              ("raw", None, "net.")]:
         out = C.export_checkpoint(path, tmp_path / str(ema), ema=ema)

@@ -33,7 +33,7 @@ def test_gpu_ranks(monkeypatch):
         cfg = load_recipe(GMM, ["trainer.accelerator=gpu", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}"])
         assert count_ranks(cfg) == want, devices
     for k, v in {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)",
-                 "SLURM_JOB_NAME": "train"}.items():
+                 "SLURM_JOB_NAME": "train", "SLURM_STEP_ID": "0"}.items():
         monkeypatch.setenv(k, v)
     assert count_ranks(load_recipe(GMM, ["trainer.accelerator=gpu", "trainer.devices=auto"])) == 8
 

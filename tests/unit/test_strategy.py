@@ -298,6 +298,15 @@ def test_fsdp2_trains_like_data_parallel_with_sharded_ema(dist_runs, one_thread)
     from dtrain.export.checkpoint import load_teacher, select_weights
 
     shas = {tag: load_teacher(sharded, ema=tag)[1]["ref"]["sha256"] for tag in ("0_99", "raw")}
+    import shutil
+
+    from dtrain.export.zero import ZeroCheckpointError, consolidate
+
+    half = dist_runs / "fsdp2-unfinished"
+    shutil.copytree(sharded, half)
+    (half / "meta.pt").unlink()  # Lightning writes it last: said "dtrain: missing: not a dtrain training checkpoint"
+    with pytest.raises(ZeroCheckpointError, match=r"without its 'meta.pt', which Lightning writes last: an unfinished"):
+        consolidate(half)
     assert shas["0_99"] == sha256_tensors(select_weights(ckpt, "0_99")[0]) != shas["raw"]  # a directory has no
     # file hash: its selected weights name it (the eval point cache and a student's provenance key on it)
 
@@ -323,7 +332,7 @@ def test_fsdp1_sharded_ema_matches_data_parallel_reference(dist_runs, one_thread
 # ---- SLURM helpers (no cluster needed; tests/slurm runs the real thing) -----------------------------------------
 def _env(**kw: str) -> dict[str, str]:
     base = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_ID": "1234",
-            "SLURM_PROCID": "5", "SLURM_JOB_NAME": "dtrain"}
+            "SLURM_PROCID": "5", "SLURM_JOB_NAME": "dtrain", "SLURM_STEP_ID": "0"}  # an srun task
     return {**base, **kw}
 
 
@@ -346,6 +355,20 @@ def test_slurm_job_and_topology():
     uneven = {**no_per_node, "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "3,1"}  # 3 + 1, not 3 per node
     with pytest.raises(InputError, match=r"SLURM: 4 task\(s\) spread unevenly over 2 node\(s\) \(3,1 per node\)"):
         topology("auto", 1, env=uneven)
+    # sbatch --ntasks=1 over a template's --ntasks-per-node=2: said "1 task(s) spread unevenly ... (1 per node)"
+    over = _env(SLURM_NTASKS="1", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="1")
+    with pytest.raises(InputError, match=r"--ntasks-per-node=2 on 1 node\(s\), but the job has 1 task\(s\).*"
+                                         r"overrode the template's --ntasks-per-node"):
+        topology("auto", 1, env=over)
+    batch = {k: v for k, v in _env().items() if k != "SLURM_STEP_ID"}  # the batch script, not an srun task: waited
+    with pytest.raises(InputError, match=r"the job has 8 tasks but this process is no task of a job step .*srun"):
+        topology("auto", 1, env=batch)  # 30 min for 7 ranks that never start
+    # torchrun inside a job (one srun task per node, torchrun's processes per GPU) ran N single-rank trainings
+    elastic = _env(SLURM_NTASKS="1", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="1", TORCHELASTIC_RUN_ID="r",
+                   LOCAL_WORLD_SIZE="2", WORLD_SIZE="2")
+    with pytest.warns(UserWarning, match=r"the torchrun launch has 2 process\(es\) per node on 1 node\(s\)"):
+        assert topology(1, 1, env=elastic) == (2, 1)
+    assert topology("auto", 1, env={"TORCHELASTIC_RUN_ID": "r", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}) == (4, 2)
 
 
 def test_sbatch_args_from_the_recipe(capsys, load_tool):
@@ -394,7 +417,7 @@ def test_requeue_saves_at_a_step_boundary_after_the_ema_and_stops(tmp_path, monk
     from dtrain.lit.teacher import TeacherModule
 
     calls = []
-    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue"))
+    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue") or True)
     cfg = recipe("trainer.max_steps=50")
     module = TeacherModule(cfg)
     req = slurm.Preemption()
@@ -420,7 +443,7 @@ def test_sigterm_saves_at_a_step_boundary_and_stops_without_a_requeue(tmp_path, 
     from dtrain.lit.teacher import TeacherModule
 
     calls = []
-    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue"))
+    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue") or True)
     assert [type(c) for c in slurm.callbacks()] == [slurm.Preemption] and slurm.callbacks()[0].requeue_signal is None
     cfg = recipe("trainer.max_steps=50")
     stop = slurm.Preemption(requeue_signal=None)
@@ -441,7 +464,7 @@ def test_sigterm_after_the_requeue_signal_still_requeues(tmp_path, monkeypatch, 
     from dtrain.lit.teacher import TeacherModule
 
     calls = []
-    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue"))
+    monkeypatch.setattr(slurm, "_requeue", lambda: calls.append("requeue") or True)
     cfg = recipe("trainer.max_steps=50")
     stop = slurm.Preemption()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_progress_bar=False,
@@ -451,6 +474,36 @@ def test_sigterm_after_the_requeue_signal_still_requeues(tmp_path, monkeypatch, 
     assert calls == ["requeue"] and stop.stopped_by == signal.SIGUSR1 and trainer.global_step == 3
 
 
+@pytest.mark.parametrize("requeued", [False, True])
+def test_a_failed_requeue_exits_non_zero(tmp_path, monkeypatch, one_thread, requeued):
+    """A requeue that fails (--no-requeue, scontrol refused) exited 0 with the run unfinished: the job looked
+    COMPLETED and --dependency=afterok jobs started. Now 128 + SIGUSR1 after the checkpoint; 0 when requeued."""
+    from dtrain.dist import slurm
+    from dtrain.lit.fit import fit
+
+    monkeypatch.setattr(slurm, "_requeue", lambda: requeued)
+    monkeypatch.setattr(slurm, "callbacks", lambda: [slurm.Preemption(signal.SIGUSR1)])  # as under SLURM
+    over = [f"out_dir={tmp_path}", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=0"]
+    if requeued:
+        fit(GMM, [*SMALL, *over], callbacks=[_Signal(3)])
+    else:
+        with pytest.raises(SystemExit) as e:
+            fit(GMM, [*SMALL, *over], callbacks=[_Signal(3)])
+        assert e.value.code == 128 + signal.SIGUSR1
+    assert torch.load(tmp_path / "teacher-gmm" / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_signal_during_the_last_step_lets_the_run_end_normally(tmp_path, monkeypatch, one_thread):
+    """SIGTERM in the last step wrote an HPC checkpoint, skipped last.ckpt (a step behind for good: a resume finds
+    max_steps reached and writes nothing) and exited 143 although training had finished."""
+    from dtrain.lit.fit import fit
+
+    run = fit(GMM, [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=6", "trainer.ckpt_every_n_steps=4"],
+              callbacks=[_Signal(6, signal.SIGTERM)])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert not list(run.glob("hpc_ckpt_*"))
+
+
 def test_requeue_pending_at_the_start_waits_for_a_step_boundary(tmp_path, monkeypatch, one_thread):
     """A signal already pending when training (re)starts under gradient accumulation: the checkpoint is written
     after the first optimizer step, not after the first micro-batch (mid-accumulation)."""
@@ -458,7 +511,7 @@ def test_requeue_pending_at_the_start_waits_for_a_step_boundary(tmp_path, monkey
     from dtrain.dist import slurm
     from dtrain.lit.teacher import TeacherModule
 
-    monkeypatch.setattr(slurm, "_requeue", lambda: None)
+    monkeypatch.setattr(slurm, "_requeue", lambda: True)
 
     class Early(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -506,7 +559,7 @@ from dtrain.dist import slurm
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 calls = []
-slurm._requeue = lambda: calls.append("requeue")
+slurm._requeue = lambda: calls.append("requeue") or True
 class Strategy:
     root_device = torch.device("cpu")
     def reduce(self, t, reduce_op):
@@ -520,10 +573,11 @@ stop = slurm.Preemption(signal.SIGUSR1)
 stop.received = {0: None, 1: int(sys.argv[2])}[rank] if len(sys.argv) > 2 else None
 if rank == 0 and len(sys.argv) > 3:
     stop.received = int(sys.argv[3])
-trainer = types.SimpleNamespace(global_step=1, world_size=2, strategy=Strategy(), default_root_dir=sys.argv[1],
+trainer = types.SimpleNamespace(global_step=1, max_steps=100, world_size=2, strategy=Strategy(),
+                                default_root_dir=sys.argv[1],
                                 is_global_zero=rank == 0, save_checkpoint=lambda path, **kw: None, should_stop=False)
 stop.on_train_batch_end(trainer, None, None, None, 0)
-json.dump({"stopped_by": stop.stopped_by, "calls": calls, "stop": trainer.should_stop},
+json.dump({"stopped_by": stop.stopped_by, "calls": calls, "stop": trainer.should_stop, "requeued": stop.requeued},
           open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
 dist.barrier()
 dist.destroy_process_group()
@@ -555,6 +609,7 @@ def test_ranks_agree_on_the_signal_when_it_reaches_them_apart(tmp_path, signals,
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [o["stopped_by"] for o in out] == [int(want)] * 2 and all(o["stop"] for o in out)
     assert out[0]["calls"] == ["requeue"] and out[1]["calls"] == []
+    assert all(o["requeued"] for o in out)  # rank 0's scontrol result, broadcast (a failure exits non-zero)
 
 
 def test_signal_handlers_are_restored_after_a_failed_fit(tmp_path, one_thread):
@@ -619,3 +674,5 @@ def test_under_slurm_lightnings_own_requeue_handler_stays_off(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
     (env,) = slurm.plugins()
     assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r")
+    assert slurm.plugins() == []  # torchrun's ranks (Lightning's TorchElasticEnvironment), not SLURM's

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU, 2 gloo ranks, bf16 (raw ``deepspeed.initialize`` with the config
+"""DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 on CPU, 2 gloo ranks, bf16 (raw ``deepspeed.initialize`` with the config
 ``dtrain.dist.strategy`` builds; Lightning's DeepSpeedStrategy refuses CPU, tests/gpu runs it).
 
 The sharded checkpoint consolidates (``dtrain.export.zero``, weights_only reads, no DeepSpeed import) into a
@@ -37,9 +37,9 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, Path]:
-    """Both stages at once (4 processes): {stage: output directory}."""
+    """The three stages at once (6 processes): {stage: output directory}."""
     procs, out = [], {}
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         d = tmp_path_factory.mktemp(f"zero{stage}")
         out[stage], port = d, _port()
         for rank in range(2):
@@ -63,7 +63,7 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     return out
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])  # stage 1 keeps the EMA (frozen) only in the module state: it was lost
 def test_consolidated_checkpoint_loads_and_samples_like_the_run(runs, stage):
     from dtrain.export.checkpoint import read_checkpoint
     from dtrain.lit.common import module_class
@@ -99,7 +99,7 @@ def test_consolidation_equals_deepspeeds_zero_to_fp32(runs, stage):
         assert torch.equal(ours[k], v.contiguous().float()), k
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_sharded_ema_is_the_ema_of_the_fp32_master_weights(runs, stage):
     """EMA_0 = net_0, EMA_s = lerp(EMA_{s-1}, net_s, 1 - 0.9) over the fp32 master weights after every step (as
     DeepSpeed makes them: from its bf16 cast of the initial weights): what the rank-local fp32 shards (stage 3) /
@@ -130,7 +130,7 @@ def test_stages_agree(runs):
     assert diff < 0.02 * moved, (diff, moved)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_restores_the_fp32_ema_exactly(runs, stage):
     assert torch.load(runs[stage] / "inrun.pt", weights_only=True)["restored"] is True
 
@@ -170,6 +170,48 @@ def test_unsaved_prefixes_are_dropped_and_bad_directories_named(runs, tmp_path):
         consolidate(d)
     with pytest.raises(CheckpointError, match="not a directory"):
         consolidate(f)
+
+
+def test_an_unfinished_save_is_refused_and_a_tag_directory_read_through_latest(runs, tmp_path):
+    """A directory without ``latest`` (DeepSpeed writes it last; StepCheckpoint removes it before rewriting
+    last.ckpt/ in place) was consolidated from whatever shards were there, old and new mixed."""
+    from dtrain.export.checkpoint import CheckpointError, export_checkpoint, read_kind
+    from dtrain.export.zero import consolidate
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(runs[2] / "ckpt", d)
+    want = consolidate(d)["state_dict"]
+    got = consolidate(d / "checkpoint")["state_dict"]  # the tag directory itself: its parent's latest names it
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    (d / "latest").write_text("other")
+    with pytest.raises(CheckpointError, match=r"'latest' names tag 'other', which is not a directory here"):
+        consolidate(d)
+    (d / "latest").unlink()
+    for call in (lambda: consolidate(d), lambda: consolidate(d / "checkpoint"), lambda: read_kind(d),
+                 lambda: export_checkpoint(d, tmp_path / "bundle")):
+        with pytest.raises(CheckpointError, match=r"without its 'latest' file, which DeepSpeed writes last: an "
+                                                  r"unfinished save .*echo checkpoint >"):
+            call()
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_sharded_teachers_metadata_is_read_without_consolidating(runs, tmp_path):
+    """read_kind / read_model_section / read_schedule said None for a directory, so the checks before a run skipped
+    a sharded teacher: CD trained on a consistency student's directory."""
+    from dtrain.export.checkpoint import read_checkpoint, read_kind, read_model_section, read_schedule
+    from dtrain.export.zero import sharded_meta
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(runs[2] / "ckpt", d)
+    full = read_checkpoint(d)
+    assert sharded_meta(d)["dtrain"] == full["dtrain"] and sharded_meta(d)["global_step"] == STEPS
+    assert read_kind(d) == "denoiser" and read_model_section(d) == full["dtrain"]["recipe"]["model"]
+    assert read_schedule(d)["name"] == full["dtrain"]["recipe"]["schedule"]["name"]
+    f = d / "checkpoint" / "mp_rank_00_model_states.pt"
+    states = torch.load(f, weights_only=True)
+    states["dtrain"]["kind"] = "ct"
+    torch.save(states, f)
+    assert read_kind(d) == "consistency"
 
 
 CHANNELS_LAST = '''
@@ -216,9 +258,13 @@ def test_channels_last_weights_pass_deepspeed_initialize(tmp_path):
 
 def _ds_checkpoint(d: Path, stage: int, shapes: dict, flats: list, *, pads=None, model_ranks=None,
                    **model_states) -> Path:
-    """A DeepSpeed tag directory as ``consolidate`` reads it: one parameter group with ``shapes``, rank r's fp32
+    """A DeepSpeed checkpoint directory (``latest`` naming the tag directory ``checkpoint``) as ``consolidate``
+    reads it: one parameter group with ``shapes``, rank r's fp32
     partition ``flats[r]``, stage 1/2 ``param_alignment_paddings`` ``pads``; stage 3 writes one model-states file
     per rank in ``model_ranks`` (default: every rank)."""
+    d.mkdir()
+    (d / "latest").write_text("checkpoint")
+    d = d / "checkpoint"
     d.mkdir()
     states = {"module": {}, "buffer_names": [], "param_shapes": [{k: torch.Size(s) for k, s in shapes.items()}],
               "global_step": 3, **model_states}
@@ -231,7 +277,7 @@ def _ds_checkpoint(d: Path, stage: int, shapes: dict, flats: list, *, pads=None,
         if pads is not None:
             opt["param_alignment_paddings"] = pads
         torch.save({"optimizer_state_dict": opt}, d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
-    return d
+    return d.parent
 
 
 def test_zero2_alignment_padding_between_parameters_is_skipped(tmp_path):
