@@ -145,15 +145,18 @@ def check_model(path: str | Path, ckpt: Mapping[str, Any], model: Mapping[str, A
 RESTORED_OPTIM = ("lr", "betas", "weight_decay", "eps")
 
 
-def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str, Any], field: str = "--resume"
-                 ) -> None:
+def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str, Any], field: str = "--resume",
+                 teacher_target: bool = False) -> None:
     """The checkpoint fits the recipe a run resumes with: the network (``check_model``), the EMA copies it keeps
-    (``ema.decays`` / ``ema.stds``) and the optimizer settings restored from it (``RESTORED_OPTIM``); else
+    (``ema.decays`` / ``ema.stds``), the optimizer settings restored from it (``RESTORED_OPTIM``) and, when the
+    teacher sets the training target (``teacher_target``), the same teacher (``check_resume_teacher``); else
     ``CheckpointError`` naming the keys."""
     from dtrain.models.ema import ema_tags
 
     check_model(path, ckpt, recipe["model"], field)
     meta = ckpt.get("dtrain") or {}
+    if teacher_target:
+        check_resume_teacher(path, meta, recipe.get("teacher"), field)
     ema = recipe.get("ema") or {}
     want = sorted(ema_tags(ema.get("decays") or [], ema.get("stds") or []))
     have = sorted(str(t) for t in meta.get("ema_tags") or [])
@@ -189,6 +192,35 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
             warnings.warn(f"resume: {', '.join(moved)}: in-memory data restarts after global_step x "
                           f"accumulate_grad_batches batches of the new size and order, so the position in the epoch "
                           f"is approximate", stacklevel=2)
+
+
+def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str | None, field: str = "--resume"
+                         ) -> None:
+    """A student resumes with the teacher it was trained against: its checkpoint's ``dtrain.teacher`` reference (the
+    sha256 of the teacher's file, or of a bundle's weights) against the recipe's ``teacher`` (a teacher run that kept
+    training rewrote its last.ckpt under the same name). A sharded teacher directory is not compared (its hash
+    needs consolidating)."""
+    if "teacher" not in meta:
+        return
+    ref = meta.get("teacher") or None
+    if ref is None and teacher is None:
+        return
+    if ref is None or teacher is None:
+        was = "without a teacher" if ref is None else f"against the teacher {ref.get('path')}"
+        raise CheckpointError(path, "teacher", f"{teacher or 'none'}: the checkpoint was trained {was}; a resume "
+                              f"with {'one' if ref is None else 'none'} would change its training target mid-run "
+                              f"(resume with the same teacher setting, or start a new run)")
+    from dtrain.export.bundle import read_info, sha256_file
+
+    t = Path(teacher)
+    if ref.get("sha256") is None or (t.is_dir() and not is_bundle(t)):
+        return
+    now = read_info(t)["weights"]["sha256"] if is_bundle(t) else sha256_file(t) if t.is_file() else None
+    if now is not None and now != ref["sha256"]:
+        raise CheckpointError(path, "teacher", f"{teacher} (sha256 {now[:12]}) is not the teacher the checkpoint was "
+                              f"trained against ({ref.get('path')}, sha256 {ref['sha256'][:12]}): resuming would "
+                              f"change the training target mid-run (a teacher run that kept training rewrites its "
+                              f"last.ckpt); give that teacher (a copy of its file or bundle), or start a new run")
 
 
 _IN_MEMORY_POSITION = (("data", "batch_size"), ("seed",), ("trainer", "accumulate_grad_batches"))
@@ -227,7 +259,7 @@ def _remove_stale_temps(run_dir: Path) -> None:
 
 
 def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mapping[str, Any] | None = None,
-                field: str = "--resume") -> Path | None:
+                field: str = "--resume", teacher_target: bool = False) -> Path | None:
     """The checkpoint to resume from. ``None``: start fresh. ``"auto"``: the newest readable checkpoint of
     ``run_dir`` (fresh when there is none). ``"last"``: the same, but one must exist. Anything else: that file
     (or sharded directory), which must be readable. Truncated or unreadable files are logged and skipped. With
@@ -262,5 +294,5 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mappi
                 raise CheckpointError(run_dir, field, f"no readable checkpoint; skipped: {'; '.join(skipped)}")
             raise FileNotFoundError(f"{field}: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")
     if recipe is not None and ck is not None and not path.is_dir():  # a sharded directory is not checked
-        check_resume(path, ck, recipe, field)
+        check_resume(path, ck, recipe, field, teacher_target)
     return path

@@ -172,6 +172,11 @@ class DiffusionModule(L.LightningModule):
         return False
 
     @classmethod
+    def teacher_target(cls, recipe: Any) -> bool:
+        """Whether a teacher sets the training target (a resume must keep the same one): ``distils``."""
+        return cls.distils(recipe)
+
+    @classmethod
     def copies_teacher(cls, recipe: Any) -> tuple[str, ...] | None:
         """None when the student does not start from its teacher's network; else the ``model`` keys the student may
         turn on that the teacher lacks (a zero-initialised embedding: ``second_time``, ``w_cond``)."""

@@ -245,7 +245,8 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     check_inputs(cfg, source, overrides)  # before anything starts
     cfg, ranks = resolve_batch(cfg, source, overrides)  # before the resume check compares data.batch_size
     _check_fresh_start(out, resume)
-    ckpt_path = resume_path(out, resume, recipe=to_container(cfg))  # Lightning's restore reads it once more
+    ckpt_path = resume_path(out, resume, recipe=to_container(cfg),  # Lightning's restore reads it once more
+                            teacher_target=klass.teacher_target(cfg))
     _write_recipe(cfg, out)
     from lightning.pytorch.utilities import rank_zero_info
 

@@ -85,6 +85,10 @@ class FlowMapModule(DiffusionModule):
         return True  # MeanFlow from scratch takes a teacher's velocity as its target when one is given
 
     @classmethod
+    def teacher_target(cls, recipe: Any) -> bool:
+        return True  # a teacher, when given, is the target; none: the data's
+
+    @classmethod
     def teacher_on_my_schedule(cls, recipe: Any) -> bool:
         # the student starts as the teacher's network on its schedule; CTM's targets solve the teacher's ODE on the
         # student's grid; MeanFlow from scratch reads a teacher on another schedule through its rescheduling

@@ -181,3 +181,22 @@ def test_target_network_runs_beside_a_bf16_student(tmp_path, gmm_teacher, recipe
     assert ck["global_step"] == 3 and sd["net.out.2.weight"].dtype == torch.bfloat16
     target = [v for k, v in sd.items() if k.startswith("target.") and v.is_floating_point()]
     assert target and all(v.dtype == torch.float32 and bool(v.isfinite().all()) for v in target)
+
+
+def test_a_resume_keeps_the_teacher_it_was_distilled_from(tmp_path, digits_teacher, capsys):
+    """--resume took any teacher=: a student of a teacher run that kept training (its last.ckpt rewritten) went on
+    against the new teacher, its target changed mid-run and its provenance forgot the first one."""
+    other = tmp_path / "other.ckpt"
+    ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+    ck["global_step"] += 1  # another file: the teacher run went on
+    torch.save(ck, other)
+    over = [f"out_dir={tmp_path}", *QUIET, "model.channels=16", "data.batch_size=16", "trainer.sample_every_n_steps=0",
+            "name=s"]
+    recipe = str(ROOT / "cm" / "cd_digits.yaml")
+    assert main(["fit", recipe, f"teacher={digits_teacher}", "trainer.max_steps=2", *over]) == 0
+    capsys.readouterr()
+    assert main(["fit", recipe, f"teacher={other}", "trainer.max_steps=3", *over, "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher: {other} (sha256 " in err and "is not the teacher the checkpoint was trained against" in err
+    assert main(["fit", recipe, f"teacher={digits_teacher}", "trainer.max_steps=3", *over, "--resume", "auto"]) == 0
+    assert torch.load(tmp_path / "s" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
