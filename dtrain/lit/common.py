@@ -82,6 +82,15 @@ def _may_set(added: tuple[str, ...]) -> str:
     return f" (model.{', model.'.join(added)} may be set)" if added else ""
 
 
+def say(trainer: Any, line: str) -> None:
+    """Print ``line`` on rank 0 above the progress bar (``tqdm.write``); also once training has ended, where
+    ``LightningModule.print`` goes to the closed bar and is lost (a PD run's last round, the final FID sweep)."""
+    if trainer.is_global_zero:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+
+
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """LR multiplier: linear warmup over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
     if warmup > 0 and step < warmup:

@@ -121,7 +121,9 @@ class FIDSweepCallback(L.Callback):
             from dtrain.eval.report import summary_line
 
             self._log(trainer, rows, step)
-            pl_module.print(f"eval at step {step}: {summary_line(rows)}")
+            from dtrain.lit.common import say
+
+            say(trainer, f"eval at step {step}: {summary_line(rows)}")
         return rows
 
     def _log(self, trainer: L.Trainer, rows: list[SweepRow], step: int) -> None:

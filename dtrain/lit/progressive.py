@@ -37,7 +37,7 @@ from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.errors import InputError
 from dtrain.fileio import write_json
-from dtrain.lit.common import DiffusionModule, lr_factor
+from dtrain.lit.common import DiffusionModule, lr_factor, say
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
 from dtrain.samplers.base import initial_noise
 
@@ -167,8 +167,8 @@ class ProgressiveModule(DiffusionModule):
         if self.trainer.is_global_zero:
             self._write_round(rnd, state, tag, metrics)
             score = "".join(f", {k} {v:.4g}" for k, v in metrics.items() if k in ("fid", "class_acc", "sliced_w1"))
-            self.print(f"PD round {rnd.index + 1}/{len(self.rounds)} done at step {self.global_step}: "
-                       f"{rnd.steps}-step student{score} -> {self.rounds_dir / rnd.name}")
+            say(self.trainer, f"PD round {rnd.index + 1}/{len(self.rounds)} done at step {self.global_step}: "
+                f"{rnd.steps}-step student{score} -> {self.rounds_dir / rnd.name}")
             for logger in self.trainer.loggers:
                 logger.log_metrics({"round/index": rnd.index, "round/steps": rnd.steps,
                                     **{f"round/{k}": v for k, v in metrics.items() if isinstance(v, float | int)}},

@@ -38,7 +38,8 @@ def test_fid_callback_in_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     raw = build_extractor("raw", shape=(2,))
     cfg = sweep_recipe(tmp_path, 4000, "trainer.max_steps=5", "trainer.log_every_n_steps=1",
-                       "eval.samplers=['ddim:1,4','ddpm:4']", "eval.num=96", "eval.seed=3")
+                       "eval.samplers=['ddim:1,4','ddpm:4']", "eval.num=96", "eval.seed=3",
+                       "trainer.progress_bar=true")  # the final sweep's line went to the closed bar and was lost
     from dtrain.data import build_datamodule
 
     out = run_dir(cfg)
