@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
-from dtrain.errors import InputError
+from dtrain.errors import InputError, check_writable
 from dtrain.eval.report import logger_mode
 from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
@@ -222,11 +222,14 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     cfg = recipe if isinstance(recipe, DictConfig) else load_recipe(recipe, overrides)
     source = str(recipe) if not isinstance(recipe, DictConfig) else "recipe"
     out = run_dir(cfg)
+    check_writable(out, f"{key_source('out_dir', source, overrides)}: out_dir", directory=True)
     klass: type[DiffusionModule] = module_class(cfg.method.name)
     check_teacher(cfg, source, overrides)
     if dry_run:  # the recipe, then the files a launch would read (not this machine's devices: a login node's)
         print(describe(cfg), end="")
         check_inputs(cfg, source, overrides, here=False)
+        if str(cfg.trainer.devices) not in ("auto", "-1"):  # a rank count the recipe fixes: the batch split
+            resolve_batch(cfg, source, overrides)
         if resume not in (None, "auto", "last"):
             resume_path(out, resume)  # the file is there and is a checkpoint
         elif resume == "last" and not checkpoint_candidates(out):

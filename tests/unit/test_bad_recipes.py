@@ -216,3 +216,16 @@ def test_defaults_a_user_relies_on():
 
     cfg = load_recipe(None, validate=False)
     assert cfg.optim.grad_clip == 1.0 and list(cfg.optim.betas) == [0.9, 0.999] and cfg.ema.every == 1
+
+
+def test_an_out_dir_that_cannot_be_written_and_a_batch_split_fail_in_a_dry_run(tmp_path, cli_error):
+    """out_dir a file: a NotADirectoryError traceback after the dry run had passed; a global batch the recipe's rank
+    count does not divide passed --dry-run and failed at launch."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for dry in ([], ["--dry-run"]):
+        err = cli_error("fit", str(GMM), f"out_dir={afile}", *dry)
+        assert f"command line: out_dir: cannot create {afile}/teacher-gmm: {afile} is not a directory" in err, err
+    err = cli_error("fit", str(GMM), f"out_dir={tmp_path}", "trainer.devices=3", "trainer.accelerator=cpu",
+                    "trainer.global_batch_size=100", "--dry-run")
+    assert "trainer.global_batch_size: 100 is not a multiple of 3 rank(s)" in err, err
