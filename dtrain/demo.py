@@ -911,7 +911,16 @@ def _wandb_mode(mode: str | None) -> str:
     m = {"dryrun": "offline", "run": "online"}.get(m, m)
     if m not in ("online", "offline", "disabled"):
         raise StageError(f"--wandb / WANDB_MODE: must be online, offline or disabled, not {m!r}")
-    return m if m == "disabled" or _has("wandb") else "disabled"
+    m = m if m == "disabled" or _has("wandb") else "disabled"
+    if m == "online":
+        from dtrain.errors import InputError
+        from dtrain.eval.report import check_wandb_login
+
+        try:
+            check_wandb_login(m, "--wandb / WANDB_MODE")
+        except InputError as e:
+            raise StageError(str(e)) from None
+    return m
 
 
 _DESCRIBE: dict[str, Callable[[Demo], str]] = {

@@ -128,7 +128,7 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS, WEIGHTS_KEY, build_extractor
     from dtrain.eval.fid import dist_rank, load_ref
     from dtrain.eval.grids import save_grid
-    from dtrain.eval.report import log_wandb, logger_mode, plot_fid_vs_nfe, write_json
+    from dtrain.eval.report import check_wandb_login, log_wandb, logger_mode, plot_fid_vs_nfe, write_json
     from dtrain.eval.sweep import fid_sweep, parse_specs
     from dtrain.samplers import check_guidance_scale, check_sampler
 
@@ -185,6 +185,9 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                                 shape=shape, key=extractor_key,
                                 weights_key="--weights" if args.weights else WEIGHTS_KEY).to(device)
     ref = load_ref(ref_spec, extractor, key="--ref-stats" if args.ref_stats else "eval.ref_stats")
+    mode = args.wandb or logger_mode((recipe.get("logger") or {}).get("mode") or "disabled")
+    if rank == 0:
+        check_wandb_login(mode, "--wandb" if args.wandb else "the recipe's logger.mode / WANDB_MODE")
     stored = info["sampler"]  # a bundle's own grid (a PD student's, consistency sample times) at its sampler and NFE
     grids = ({(stored["name"], int(stored["nfe"])): torch.tensor(stored["grid"], dtype=torch.float64)}
              if stored.get("grid") is not None and args.spacing is None else {})
@@ -225,7 +228,6 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                     "ref_stats": str(ref_spec), "ref_count": ref.count, "device": str(device)}
         write_json(rows, out / "fid_vs_nfe.json", **run_info)
         plot_fid_vs_nfe(rows, out / "fid_vs_nfe.png", title=f"FID vs NFE: {name} ({num} samples)")
-        mode = args.wandb or logger_mode((recipe.get("logger") or {}).get("mode") or "disabled")
         if mode != "disabled":
             import wandb
 

@@ -26,6 +26,22 @@ def logger_mode(mode: str) -> str:
     return mode if mode == "disabled" or env not in ("online", "offline", "disabled") else env
 
 
+def check_wandb_login(mode: str, key: str) -> None:
+    """Online W&B needs credentials: looked up now (``wandb.login``, nothing sent), so a missing login is one line
+    naming ``key`` before any work, not a traceback after it (a terminal still gets wandb's own prompt)."""
+    if mode != "online":
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except Exception as e:  # wandb's UsageError: no API key and no terminal to ask on
+        from dtrain.errors import InputError, first_line
+
+        raise InputError(f"{key}: online W&B needs a login: run `wandb login` or set WANDB_API_KEY, or log offline "
+                         f"and `wandb sync` later ({first_line(e)})") from None
+
+
 def series(rows: Sequence[SweepRow | Mapping[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
     """line label (``label`` if a row has one, else the sampler) -> (NFEs, FIDs), in sweep order."""
     out: dict[str, tuple[list[int], list[float]]] = {}

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
 from dtrain.errors import InputError, check_writable
-from dtrain.eval.report import logger_mode
+from dtrain.eval.report import check_wandb_login, logger_mode
 from dtrain.fileio import write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
@@ -246,6 +246,11 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
     check_inputs(cfg, source, overrides)  # before anything starts
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:  # the rank that logs
+        check_wandb_login(logger_mode(cfg.logger.mode), f"{key_source('logger.mode', source, overrides)}: logger.mode "
+                          f"(or WANDB_MODE)")
     cfg, ranks = resolve_batch(cfg, source, overrides)  # before the resume check compares data.batch_size
     _check_fresh_start(out, resume)
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg),  # Lightning's restore reads it once more

@@ -284,3 +284,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     perf = [h for h in history if "perf/steps_per_s" in h]  # throughput of each log interval, over both ranks
     assert len(perf) == 2 and all(h["perf/steps_per_s"] > 0 for h in perf)
     assert all(h["perf/samples_per_s"] == pytest.approx(64 * h["perf/steps_per_s"]) for h in perf)
+
+
+def test_online_wandb_without_a_login_is_one_line_before_any_work(tmp_path, monkeypatch, cli_error, digits_bundle):
+    """logger.mode online (or --wandb online) without credentials: wandb's UsageError traceback and exit 1, for
+    dtrain eval after the whole sweep."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    err = cli_error("fit", str(GMM), f"out_dir={tmp_path}", "logger.mode=online", THREADS)
+    assert "logger.mode (or WANDB_MODE): online W&B needs a login: run `wandb login`" in err, err
+    assert not (tmp_path / "teacher-gmm" / "checkpoints").exists()
+    err = cli_error("eval", str(digits_bundle), "--samplers", "ddim:2", "--num", "10", "--wandb", "online",
+                    "--out", str(tmp_path / "eval"))
+    assert err.startswith("dtrain eval: --wandb: online W&B needs a login") and not (tmp_path / "eval").exists(), err
