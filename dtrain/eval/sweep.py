@@ -191,6 +191,15 @@ def fid_sweep(
             seen.add(key)
             points.append((name, n))
     bar = _progress(progress and rank == 0, console)
+    lines = progress and rank == 0 and not bar.console.is_terminal  # a SLURM log: a line per point, not a bar
+
+    def said(row: SweepRow, cached: bool = False) -> None:
+        if lines:
+            acc = "" if row.class_acc is None else f", class acc {row.class_acc:.3f}"
+            how = "cached: scored by an earlier run" if cached else f"{row.seconds:.1f} s"
+            print(f"FID sweep {len(rows)}/{len(points)}: {row.sampler} NFE {row.nfe}: FID {row.fid:.4f}{acc} ({how})",
+                  flush=True)
+
     rows: list[SweepRow] = []
     with bar:
         task = bar.add_task("FID sweep", total=len(points) * len(batches))
@@ -200,6 +209,7 @@ def fid_sweep(
             steps = steps_for_nfe(name, budget)
             if done is not None and (name, steps) in done:
                 rows.append(done[(name, steps)])
+                said(rows[-1], cached=True)
                 bar.advance(task, len(batches))
                 continue
             bar.update(task, description=f"{name} NFE {budget}")
@@ -219,6 +229,7 @@ def fid_sweep(
             rows.append(SweepRow(name, SAMPLERS.get(name).nfe(steps), steps, res["fid"], num, seconds,
                                  res.get("class_acc"), res.get("inception_score"),
                                  torch.cat(grid) if grid else None))
+            said(rows[-1])
             if on_row is not None:
                 on_row(rows[-1])
     if rank == 0 and progress:

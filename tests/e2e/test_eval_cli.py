@@ -74,7 +74,7 @@ def test_dtrain_eval_refuses_mismatched_stats_and_bad_specs(ckpt, tmp_path, caps
 
 
 @pytest.mark.timeout(120)
-def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch):
+def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch, capsys):
     """Every point is kept in <out>/points/ as it is scored: a rerun (a preempted eval array task requeued) with
     more NFEs samples only the new point and reports the kept ones unchanged; another seed, or --recompute,
     scores everything again."""
@@ -98,7 +98,12 @@ def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch):
     other = RefStats(ref.mu + 1e-3, ref.sigma, ref.meta)  # regenerated at the same path, same count
     assert other.count == ref.count and _stats_sha256(other) != key["ref_sha256"]
     sampled.clear()
+    capsys.readouterr()
     assert main([*args, "--samplers", "ddim:1,2,4"]) == 0
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FID sweep ")]  # not a terminal (a
+    assert [ln.split(": FID ")[0] for ln in said] == ["FID sweep 1/3: ddim NFE 1", "FID sweep 2/3: ddim NFE 2",
+                                                      "FID sweep 3/3: ddim NFE 4"]  # SLURM log): a line a point
+    assert said[0].endswith("(cached: scored by an earlier run)") and said[2].endswith(" s)")
     again = json.loads((out / "fid_vs_nfe.json").read_text())["rows"]
     assert sampled == [("ddim", 4)] and again[:2] == first and again[2]["nfe"] == 4
     assert (out / "samples" / "ddim_nfe1.png").is_file()  # written when that point was scored
