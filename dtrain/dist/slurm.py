@@ -141,7 +141,8 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
     Either way ``dtrain fit --resume auto`` continues from the checkpoint.
 
     A ``Checkpoint`` callback, so Lightning runs it after every other callback of a step (the EMA update
-    included). Costs one all-reduce of one int (which signal) per optimizer step under multi-process training.
+    included). Costs one all-reduce of one int (which signal) per optimizer step under multi-process training, on a
+    gloo group in host memory: a flag on the GPU would make the host wait for the GPU every step.
     The SIGTERM handler replaces Lightning's for the training loop (which stops without a checkpoint and
     all-reduces from inside the handler, possibly in the middle of another collective); DataLoader workers outlive
     the signal (``dtrain.data.worker_init``).
@@ -156,6 +157,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         self.requeued = False  # after the requeue signal: scontrol requeue succeeded (dtrain fit exits 1 if not)
         self._previous: dict[int, Any] = {}
         self._last_step = -1
+        self._group: Any = None  # a gloo group for the per-step flag (host memory, even when training is on NCCL)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None or signum == self.requeue_signal:  # both: requeueing keeps the job going
@@ -200,8 +202,17 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
 
         code = 0 if self.received is None else 2 if self.received == self.requeue_signal else 1
         if trainer.world_size > 1:  # ranks get SLURM's signal at slightly different moments
-            code = int(trainer.strategy.reduce(torch.tensor(code, device=trainer.strategy.root_device),
-                                               reduce_op=ReduceOp.MAX))
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():  # on the host: no GPU sync in every step
+                if self._group is None:  # every rank comes here at the same first step boundary
+                    self._group = dist.new_group(backend="gloo")
+                flag = torch.tensor([code], dtype=torch.int64)
+                dist.all_reduce(flag, op=ReduceOp.MAX, group=self._group)
+                code = int(flag)
+            else:
+                code = int(trainer.strategy.reduce(torch.tensor(code, device=trainer.strategy.root_device),
+                                                   reduce_op=ReduceOp.MAX))
         return None if code == 0 else self.requeue_signal if code == 2 else signal.SIGTERM
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
