@@ -46,7 +46,10 @@ def parse_specs(specs: str | Sequence[str | Spec], key: str = KEY) -> list[Spec]
         if isinstance(spec, str):
             name, sep, nfes = spec.partition(":")
             if not sep or not nfes:
-                raise InputError(f"{key}: {spec!r} must be 'sampler:nfe,nfe,...' (e.g. 'ddim:1,2,4')")
+                hint = (" (a list element that is only a number: on the command line OmegaConf splits "
+                        "eval.samplers=[ddim:1,2] at the comma; quote each spec: 'eval.samplers=[\"ddim:1,2\"]')"
+                        if spec.strip().isdigit() else "")
+                raise InputError(f"{key}: {spec!r} must be 'sampler:nfe,nfe,...' (e.g. 'ddim:1,2,4'){hint}")
             try:
                 budgets = [int(n) for n in nfes.split(",")]
             except ValueError:

@@ -155,6 +155,10 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
 
     check_model(path, ckpt, recipe["model"], field)
     meta = ckpt.get("dtrain") or {}
+    step, total = ckpt.get("global_step"), (recipe.get("trainer") or {}).get("max_steps")
+    if isinstance(step, int) and isinstance(total, int) and step > total:  # it ran nothing and said nothing
+        raise CheckpointError(path, "trainer.max_steps", f"{total}, but the checkpoint is at step {step} already: "
+                              f"a resume trains up to max_steps; give a larger one, or export the checkpoint")
     if teacher_target:
         check_resume_teacher(path, meta, recipe.get("teacher"), field)
     ema = recipe.get("ema") or {}

@@ -141,6 +141,20 @@ def test_resume_warns_where_in_memory_data_cannot_find_its_place(digits_teacher)
         check_resume(digits_teacher, ck, changed)
 
 
+def test_a_resume_below_the_checkpoints_step_is_refused(digits_teacher):
+    """trainer.max_steps below the checkpoint's step: the resume exited 0 having trained nothing (and rewrote
+    recipe.yaml with the smaller value); equal is a finished run's requeue and passes."""
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.lit.checkpointing import check_resume
+
+    ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+    recipe = ck["dtrain"]["recipe"]
+    assert ck["global_step"] == recipe["trainer"]["max_steps"] == 4
+    check_resume(digits_teacher, ck, recipe)
+    with pytest.raises(CheckpointError, match=r"trainer\.max_steps: 3, but the checkpoint is at step 4 already"):
+        check_resume(digits_teacher, ck, {**recipe, "trainer": {**recipe["trainer"], "max_steps": 3}})
+
+
 def test_checkpoints_and_bundles_record_the_source_commit(digits_teacher, digits_bundle):
     """provenance.git_commit: the commit of the dtrain source that trained (``-dirty`` with uncommitted changes),
     in the checkpoint and in its bundle."""

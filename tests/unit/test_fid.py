@@ -377,6 +377,7 @@ def test_fid_ref_stats_tool_reads_folders_like_tensors(digits, tmp_path, load_to
 @pytest.mark.parametrize("override, key, reason", [
     ("eval.samplers=['ddim:1,2','nope:4']", "eval.samplers", "unknown sampler 'nope'"),
     ("eval.samplers=['ddim:0']", "eval.samplers", "NFE values must be >= 1"),
+    ("eval.samplers=[ddim:1,2]", "eval.samplers", "quote each spec"),  # OmegaConf: ['ddim:1', 2]
     ("eval.feature_extractor=inceptoin", "eval.feature_extractor", "unknown 'inceptoin'"),
     ("eval.every_n_steps=100", "eval.samplers", "needs at least one"),
 ])
