@@ -64,16 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     k = info["model"].get("num_classes") or 0
     cond = torch.arange(args.num) % k if k else None
     print(f"{'spacing':10s} {'N':>3s} {'bias':>8s}   log-SNR of the grid (t_max first)")
+    done = 0
     for spacing in args.spacings.split(","):
         for n in sizes:
             try:
                 ts = consistency_times(sch, n, spacing)
                 bias = target_bias(teacher, ts, x, cond, solver=args.solver, refine=args.refine)
-            except ValueError as e:
-                print(f"cd_grid: {e}", file=sys.stderr)
-                return 2
+            except ValueError as e:  # a grid this schedule cannot have: its row says why, the others go on
+                print(f"{spacing:10s} {n:3d} {'-':>8s}   not on the {sch.name} schedule: {e}", flush=True)
+                continue
             lam = " ".join(f"{float(v):+.1f}" for v in sch.lambda_(ts).flip(0))
             print(f"{spacing:10s} {n:3d} {bias:8.4f}   {lam}", flush=True)
+            done += 1
+    if not done:
+        print(f"cd_grid: --spacings: none of {args.spacings!r} gives a consistency grid on the teacher's "
+              f"{sch.name!r} schedule", file=sys.stderr)
+        return 2
     return 0
 
 

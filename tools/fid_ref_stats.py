@@ -124,19 +124,19 @@ def batched(items: Iterator[torch.Tensor], batch_size: int, limit: int | None, r
 
 
 def reported(batches: Iterator[torch.Tensor], show: bool, every_s: float = 30.0) -> Iterator[torch.Tensor]:
-    """``batches``, with a line on stderr every ``every_s`` seconds (and at the end) saying how many images this
-    rank has read: a 50k-image Inception pass takes minutes, and a SLURM log shows no bar."""
+    """``batches``, with a line on stderr every ``every_s`` seconds (and then at the end) saying how many images
+    this rank has read: a 50k-image Inception pass takes minutes, and a SLURM log shows no bar."""
     import time
 
-    n, t0 = 0, time.perf_counter()
+    n, t0, said = 0, time.perf_counter(), False
     last = t0
     for x in batches:
         yield x
         n += len(x)
         if show and (now := time.perf_counter()) - last >= every_s:
             print(f"fid_ref_stats: {n:,} images ({n / (now - t0):.0f}/s)", file=sys.stderr, flush=True)
-            last = now
-    if show:
+            last, said = now, True
+    if said:  # a long read: how it ended (a short one says nothing before its result or its error)
         print(f"fid_ref_stats: {n:,} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 

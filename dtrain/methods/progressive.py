@@ -80,10 +80,11 @@ def round_plan(method: Mapping[str, Any], max_steps: int) -> list[Round]:
     elif len(per) == 1:
         per = per * k
     if len(per) != k or min(per) < 1:
-        raise ValueError(f"method.round_steps: need one count >= 1 for all rounds or one for each of the {k} rounds "
-                         f"(students of {counts} steps), got {per}")
+        raise ValueError(f"method.round_steps: need a list of one count >= 1 for all rounds ([n]) or one for each of "
+                         f"the {k} rounds (students of {counts} steps), got {per}")
     if sum(per) != max_steps:
-        raise ValueError(f"trainer.max_steps: must be the sum of method.round_steps over the {k} rounds, {sum(per)}")
+        raise ValueError(f"trainer.max_steps: must be the sum of method.round_steps over the {k} rounds, {sum(per)} "
+                         f"(or method.round_steps=[] to split max_steps evenly)")
     ends = list(itertools.accumulate(per))
     return [Round(i, "guide" if guided and i == 0 else "pd", n, ends[i] - per[i], ends[i])
             for i, n in enumerate(counts)]

@@ -76,6 +76,7 @@ def dcp_dir(tmp_path_factory) -> Path:
     dcp.save({"state_dict": {"net.w": torch.randn(64, 64)}}, checkpoint_id=str(d))
     distcp = next(d.glob("*.distcp"))
     distcp.write_bytes(distcp.read_bytes()[:100])  # truncated
+    torch.save({"global_step": 1}, d / "meta.pt")  # Lightning's last write: the save finished, its shard broke later
     return d
 
 
@@ -89,8 +90,11 @@ def test_convert_ckpt(fails, tmp_path, dcp_dir):
     fails("convert_ckpt", [str(dcp_dir), str(tmp_path / "file" / "o.ckpt")], "out", "not a directory")
 
 
-def test_cd_grid(fails, dcp_dir):
+def test_cd_grid(fails, dcp_dir, digits_flow_teacher):
     fails("cd_grid", [str(dcp_dir)], "last.ckpt", "distributed checkpoint")
+    # a schedule without grids for some spacings: a row each saying why (it stopped at the first), 2 when none is
+    fails("cd_grid", [str(digits_flow_teacher), "--num", "2", "--num-scales", "6", "--spacings", "lambda,rho"],
+          "--spacings: none of 'lambda,rho' gives a consistency grid on the teacher's 'flow' schedule")
     fails("cd_grid", [str(dcp_dir), "--num", "-1"], "--num", ">= 1")
     fails("cd_grid", [str(dcp_dir), "--num", "0"], "--num", ">= 1")
     fails("cd_grid", [str(dcp_dir), "--threads", "-1"], "--threads", ">= 0")
