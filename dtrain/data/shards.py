@@ -575,7 +575,8 @@ def add_shards_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     def writer(name: str, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--out", required=True, help="output folder (shards + index.json)")
-        s.add_argument("--prefix", default="train", help="shard file prefix (default: train)")
+        s.add_argument("--prefix", default=None, help="shard file prefix (default: test for --split test, else "
+                       "train)")
         g = s.add_mutually_exclusive_group()
         g.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000)")
         g.add_argument("--num-shards", type=int, help="number of shards (counts balanced)")
@@ -658,7 +659,8 @@ def run_shards(a: argparse.Namespace) -> int:
             if not Path(a.latents).is_file():
                 raise FileNotFoundError(f"latents file not found: {a.latents}")
             latents = _np_load(a.latents, mmap_mode="r")
-        idx = write_shards(data, a.out, prefix=a.prefix, shard_size=a.shard_size, num_shards=a.num_shards,
+        prefix = a.prefix or ("test" if getattr(a, "split", None) == "test" else "train")  # held-out: test-*.tar
+        idx = write_shards(data, a.out, prefix=prefix, shard_size=a.shard_size, num_shards=a.num_shards,
                            latents=latents, shuffle=not a.no_shuffle, seed=a.seed, progress=not a.quiet)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
         print(f"dtrain shards: error: {e}", file=sys.stderr)

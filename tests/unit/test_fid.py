@@ -416,7 +416,8 @@ def test_fid_ref_stats_tool_takes_a_shard_index_like_its_pattern(tmp_path, load_
                  "--quiet"]) == 0
     tool = load_tool("fid_ref_stats")
     stats = []
-    for src in (str(tmp_path / "s" / "train-{000000..000001}.tar"), str(tmp_path / "s" / "index.json")):
+    for src in (str(tmp_path / "s" / "test-{000000..000001}.tar"), str(tmp_path / "s" / "index.json")):  # the
+        # held-out split's shards are test-*.tar (they were train-*.tar)
         out = tmp_path / f"ref{len(stats)}.npz"
         assert tool.main(["--shards", src, "--out", str(out), "--batch-size", "100", "--device", "cpu"]) == 0
         stats.append(RefStats.load(out))
