@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dtrain.export.checkpoint import CheckpointError
 
-__all__ = ["consolidate", "is_sharded_checkpoint", "sharded_meta", "ZeroCheckpointError"]
+__all__ = ["consolidate", "is_sharded_checkpoint", "not_sharded", "sharded_meta", "ZeroCheckpointError"]
 
 # Keys DeepSpeed adds to a model-states file next to the Lightning client state.
 DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
@@ -302,11 +302,25 @@ def _dcp_done(path: Path) -> None:
                                   f"which Lightning writes last: an unfinished save")
 
 
+def not_sharded(path: Path) -> str:
+    """Why a directory is not a sharded checkpoint (an empty one, a bundle, a run directory, something else)."""
+    from dtrain.export.checkpoint import is_bundle
+
+    if not any(path.iterdir()):
+        return "empty checkpoint directory"
+    if is_bundle(path):
+        return "an inference bundle (dtrain export), not a training checkpoint"
+    if (path / "checkpoints").is_dir():
+        return ("a run directory, not a checkpoint: give one of its checkpoints/*.ckpt (to resume: --resume last "
+                "with its recipe)")
+    return ("a directory, but not a sharded (DeepSpeed / FSDP) checkpoint directory (no DeepSpeed 'latest' or "
+            "*model_states.pt, no torch distributed checkpoint .metadata): give a .ckpt file or a sharded checkpoint")
+
+
 def _deepspeed_tag(path: Path) -> Path:
     d = _zero_dir(path, check=True)
     if d is None:
-        raise ZeroCheckpointError(path, "not a sharded (DeepSpeed / FSDP) checkpoint directory: no DeepSpeed "
-                                  "'latest' file or *model_states.pt, no torch distributed checkpoint .metadata")
+        raise ZeroCheckpointError(path, not_sharded(path))
     return d
 
 

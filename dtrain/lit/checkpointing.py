@@ -29,7 +29,7 @@ import torch
 
 from dtrain.errors import first_line
 from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, model_section
-from dtrain.export.zero import is_sharded_checkpoint
+from dtrain.export.zero import is_sharded_checkpoint, not_sharded
 from dtrain.fileio import TMP_TAG, replacing
 from dtrain.models import TRAINING_ONLY
 
@@ -88,7 +88,7 @@ def _probe(path: Path, field: str) -> dict[str, Any] | None:
     (an FSDP directory: its ``meta.pt``)."""
     if path.is_dir():
         if not is_sharded_checkpoint(path):
-            raise CheckpointError(path, field, _not_sharded(path))
+            raise CheckpointError(path, field, not_sharded(path))
         if (path / ".metadata").is_file():  # torch distributed checkpoint (FSDP sharded_checkpoint)
             if not (path / "meta.pt").is_file():
                 raise CheckpointError(path, field, "a sharded (FSDP) checkpoint directory without its 'meta.pt', "
@@ -111,18 +111,6 @@ def _probe(path: Path, field: str) -> dict[str, Any] | None:
     if not isinstance(ck, dict) or not (sharded or "state_dict" in ck) or not isinstance(ck.get("global_step"), int):
         raise CheckpointError(path, field, "not a training checkpoint (no state_dict / global_step)")
     return ck
-
-
-def _not_sharded(path: Path) -> str:
-    """Why a directory is not a checkpoint to resume from."""
-    if not any(path.iterdir()):
-        return "empty checkpoint directory"
-    if is_bundle(path):
-        return "an inference bundle (dtrain export), not a training checkpoint"
-    if (path / "checkpoints").is_dir():
-        return "a run directory, not a checkpoint: give one of its checkpoints/*.ckpt, or 'last' with its recipe"
-    return ("a directory, but not a sharded (DeepSpeed / FSDP) checkpoint (no DeepSpeed 'latest' or "
-            "*model_states.pt, no .metadata): give a .ckpt file or a sharded checkpoint directory")
 
 
 RESUME_MAY_CHANGE = (*TRAINING_ONLY, "clip_x0")  # model keys a resumed run may change: training, sampling

@@ -494,8 +494,14 @@ def test_read_checkpoint_errors(tmp_path):
     with pytest.raises(C.CheckpointError, match=r"t\.ckpt: not a readable torch checkpoint"):
         C.read_checkpoint(tmp_path / "t.ckpt")
     (tmp_path / "sharded.ckpt").mkdir()
-    with pytest.raises(C.CheckpointError, match=r"sharded \(DeepSpeed / FSDP\) checkpoint directory"):
+    with pytest.raises(C.CheckpointError, match=r"sharded\.ckpt: empty checkpoint directory"):
         C.read_checkpoint(tmp_path / "sharded.ckpt")
+    (tmp_path / "sharded.ckpt" / "x").write_text("")
+    with pytest.raises(C.CheckpointError, match=r"not a sharded \(DeepSpeed / FSDP\) checkpoint directory"):
+        C.read_checkpoint(tmp_path / "sharded.ckpt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # export / eval of a run directory
+    with pytest.raises(C.CheckpointError, match=r"run: a run directory, not a checkpoint: give one of its "):
+        C.read_checkpoint(tmp_path / "run")
     _, path = make_ckpt(tmp_path / "s.ckpt", kind="sid")
     with pytest.raises(C.CheckpointError, match=r"dtrain\.kind: no bundle kind known for 'sid'"):
         C.export_checkpoint(path, tmp_path / "b")
