@@ -308,7 +308,8 @@ class Demo:
         self.wandb = _wandb_mode(wandb)
         self.force = force
         self.ui = _UI(quiet)
-        self.status: dict[str, str] = {}  # stage -> ran | skipped | failed | unavailable | not selected
+        self.status: dict[str, str] = {}  # stage -> ran | skipped | failed | unavailable | not selected | done
+        # earlier (not selected now; an earlier run of the demo ran or skipped it)
         self.timings: dict[str, float] = {}
         self.errors: dict[str, str] = {}
         self._keys: dict[str, str | None] = {}  # these three memos are cleared whenever a record is written
@@ -838,6 +839,16 @@ class Demo:
 
     def _write_summary(self, total: float) -> None:
         rep = self._up_to_date("report")
+        try:  # a run of some --stages keeps what the earlier runs said of the others
+            before = json.loads((self.out / "demo.json").read_text())
+        except (OSError, ValueError):
+            before = {}
+        for stage, status in self.status.items():
+            if status == "not selected" and (before.get("stages") or {}).get(stage) in ("ran", "skipped",
+                                                                                         "done earlier"):
+                self.status[stage] = "done earlier"
+                if stage in (before.get("timings") or {}):
+                    self.timings.setdefault(stage, before["timings"][stage])
         summary = {"out": str(self.out), "seconds": round(total, 1), "stages": self.status, "timings": self.timings,
                    "errors": self.errors, "sizes": asdict(self.sizes), "threads": self.threads,
                    "machine": {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg")
@@ -867,7 +878,7 @@ class Demo:
             if runs:
                 self.ui.print(f"\nW&B ran offline ({len(runs)} runs); upload them with:\n  wandb sync "
                               f"{self.out}/runs/*/wandb/offline-run-* {self.out}/report/wandb/offline-run-*")
-        elif self.wandb == "disabled":
+        elif self.wandb == "disabled" and list(self.out.glob("runs/*/csv/metrics*.csv")):  # trained by this mode
             self.ui.print(f"\nW&B disabled: training scalars are CSV files in {self.out}/runs/*/csv/")
 
 

@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         extra = shlex.split(args.sbatch)
     except ValueError as e:
         return _fail(f"--sbatch: cannot split {args.sbatch!r} into options: {e}")
+    import re
+
+    layout = [o for o in extra if re.match(r"(--nodes|--ntasks-per-node|--ntasks|--gpus-per-node)(=|$)|-[Nn](\d|$)", o)]
+    if layout:  # they would win over the recipe's layout after the batch split had been checked against it
+        return _fail(f"--sbatch: {layout[0]!r}: the job layout comes from the recipe (trainer.num_nodes, "
+                     f"trainer.devices) or this tool's --nodes / --gpus-per-node, which the batch check follows")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dtrain.config import RecipeError, check_inputs, key_source, load_recipe
     from dtrain.dist.slurm import job_layout, sbatch_args
