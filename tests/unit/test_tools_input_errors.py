@@ -119,9 +119,9 @@ def test_cd_grid(fails, dcp_dir, digits_flow_teacher):
     (["--dry-run", "t.sbatch", DIGITS, "strategy.name=ddp_spawn", "--gpus-per-node", "2"],
      ["strategy.name: ddp_spawn starts its own processes", "use ddp"]),
     # a layout in --sbatch won over the one the batch split was checked against
-    (["--dry-run", "t.sbatch", DIGITS, "--gpus-per-node", "2", "--sbatch", "--nodes=3"],
+    (["--dry-run", "t.sbatch", DIGITS, "--gpus-per-node", "2", "--sbatch=--nodes=3"],
      ["--sbatch: '--nodes=3': the job layout comes from the recipe"]),
-    (["--dry-run", "t.sbatch", DIGITS, "--gpus-per-node", "2", "--sbatch", "--time=1:00:00 -N 2"], ["'-N'"]),
+    (["--dry-run", "t.sbatch", DIGITS, "--gpus-per-node", "2", "--sbatch=--time=1:00:00 -N 2"], ["'-N'"]),
 ])
 def test_slurm_submit(fails, args, words):
     fails("slurm_submit", args, *words)
