@@ -184,7 +184,8 @@ class ProgressiveModule(DiffusionModule):
         out = self.rounds_dir / rnd.name
         info = bundle_info(ck, source=f"{out.parent.parent} step {self.global_step} (ema {tag})", metrics=metrics)
         save_bundle(out, state, info, ema=tag, overwrite=True)
-        entry = {**asdict(rnd), "global_step": self.global_step, "ema": tag, "metrics": metrics, "bundle": str(out),
+        entry = {**asdict(rnd), "global_step": self.global_step, "ema": tag, "metrics": metrics,
+                 "bundle": str(out.absolute()),  # (relative, it held only from the directory training started in)
                  "seconds": round(time.time() - self._round_t0, 1)}  # training (+ eval) since the round (re)started
         write_json(out / "eval.json", entry)
         index = self.rounds_dir / "rounds.json"

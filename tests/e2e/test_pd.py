@@ -91,6 +91,7 @@ def test_round_artefacts_and_teacher_chain(exact_run):
     s = schedule_from_config(cfg.schedule)
     for r in rounds:
         d = Path(r["bundle"])
+        assert d.is_absolute()  # it was relative to the directory training was started from
         assert d == out / "rounds" / f"round{r['index']:02d}_{r['steps']}steps"
         assert sorted(p.name for p in d.iterdir()) == ["dtrain.json", "eval.json", "model.safetensors"]
         assert json.loads((d / "eval.json").read_text()) == r and r["ema"] == "0_98"
