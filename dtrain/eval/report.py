@@ -26,20 +26,37 @@ def logger_mode(mode: str) -> str:
     return mode if mode == "disabled" or env not in ("online", "offline", "disabled") else env
 
 
+_LOGIN = """import sys, wandb
+try:
+    ok = wandb.login(verify=False)
+except Exception as e:
+    print(str(e).splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr)
+    sys.exit(3)
+sys.exit(0 if ok else 3)
+"""
+
+
 def check_wandb_login(mode: str, key: str) -> None:
     """Online W&B needs credentials: looked up now (``wandb.login``, nothing sent), so a missing login is one line
-    naming ``key`` before any work, not a traceback after it (a terminal still gets wandb's own prompt)."""
+    naming ``key`` before any work, not a traceback after it. In a fresh process without a terminal: this process's
+    wandb may have set itself up offline already (its settings are global), and a prompt would wait forever."""
     if mode != "online":
         return
-    import wandb
+    import subprocess
+    import sys
 
+    env = {**os.environ, "WANDB_MODE": "online", "WANDB_SILENT": "true"}
     try:
-        wandb.login(verify=False)
-    except Exception as e:  # wandb's UsageError: no API key and no terminal to ask on
-        from dtrain.errors import InputError, first_line
+        r = subprocess.run([sys.executable, "-c", _LOGIN], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return  # undecided: wandb.init will say
+    if r.returncode != 0:
+        from dtrain.errors import InputError
 
+        why = (r.stderr.strip().splitlines() or ["no API key"])[-1]
         raise InputError(f"{key}: online W&B needs a login: run `wandb login` or set WANDB_API_KEY, or log offline "
-                         f"and `wandb sync` later ({first_line(e)})") from None
+                         f"and `wandb sync` later ({why})")
 
 
 def series(rows: Sequence[SweepRow | Mapping[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:

@@ -143,10 +143,6 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
 
     check_model(path, ckpt, recipe["model"], field)
     meta = ckpt.get("dtrain") or {}
-    step, total = ckpt.get("global_step"), (recipe.get("trainer") or {}).get("max_steps")
-    if isinstance(step, int) and isinstance(total, int) and step > total:  # it ran nothing and said nothing
-        raise CheckpointError(path, "trainer.max_steps", f"{total}, but the checkpoint is at step {step} already: "
-                              f"a resume trains up to max_steps; give a larger one, or export the checkpoint")
     if teacher_target:
         check_resume_teacher(path, meta, recipe.get("teacher"), field)
     ema = recipe.get("ema") or {}
@@ -177,6 +173,10 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
         if changed:
             raise CheckpointError(path, field, f"{', '.join(changed)}: the checkpoint was trained for another "
                                   f"objective; resume with its recipe ({path} holds it), or start a new run")
+    step, total = ckpt.get("global_step"), (recipe.get("trainer") or {}).get("max_steps")
+    if isinstance(step, int) and isinstance(total, int) and step > total:  # it ran nothing and said nothing
+        raise CheckpointError(path, "trainer.max_steps", f"{total}, but the checkpoint is at step {step} already: "
+                              f"a resume trains up to max_steps; give a larger one, or export the checkpoint")
     if (recipe.get("data") or {}).get("name") != "wds" and before:  # shard streams check their own layout
         moved = [f"{'.'.join(k)} {_get(before, k)!r} -> {_get(recipe, k)!r}" for k in _IN_MEMORY_POSITION
                  if _get(before, k) != _get(recipe, k)]
@@ -189,9 +189,9 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
 def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str | None, field: str = "--resume"
                          ) -> None:
     """A student resumes with the teacher it was trained against: its checkpoint's ``dtrain.teacher`` reference (the
-    sha256 of the teacher's file, or of a bundle's weights) against the recipe's ``teacher`` (a teacher run that kept
-    training rewrote its last.ckpt under the same name). A sharded teacher directory is not compared (its hash
-    needs consolidating)."""
+    sha256 of the teacher's file, or of a bundle's weights, and of the teachers that one recorded: a PD round's) must
+    hold the recipe's ``teacher`` (a teacher run that kept training rewrote its last.ckpt under the same name). A
+    sharded teacher directory is not compared (its hash needs consolidating)."""
     if "teacher" not in meta:
         return
     ref = meta.get("teacher") or None
@@ -208,7 +208,11 @@ def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str
     if ref.get("sha256") is None or (t.is_dir() and not is_bundle(t)):
         return
     now = read_info(t)["weights"]["sha256"] if is_bundle(t) else sha256_file(t) if t.is_file() else None
-    if now is not None and now != ref["sha256"]:
+    chain, link = set(), ref  # the teacher and its own teachers: a PD round's teacher is the last round's student,
+    while isinstance(link, Mapping) and len(chain) < 64:  # whose chain leads back to the run's teacher
+        chain.add(link.get("sha256"))
+        link = link.get("teacher")
+    if now is not None and now not in chain:
         raise CheckpointError(path, "teacher", f"{teacher} (sha256 {now[:12]}) is not the teacher the checkpoint was "
                               f"trained against ({ref.get('path')}, sha256 {ref['sha256'][:12]}): resuming would "
                               f"change the training target mid-run (a teacher run that kept training rewrites its "
