@@ -221,3 +221,22 @@ def test_gpu_tests_skip_near_their_deadline(monkeypatch):
     conftest.pytest_runtest_setup(None)
     monkeypatch.delenv("DTRAIN_GPU_DEADLINE")
     conftest.pytest_runtest_setup(None)
+
+
+def test_every_gpu_test_has_a_place_in_the_time_limited_order():
+    """tools/gpu_offline.sh gives the GPU tests a deadline; tests/gpu/conftest.py runs them quickest first (the
+    DeepSpeed op builds last). A GPU test missing from that order would run last, maybe never."""
+    import ast
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("gpu_conftest", ROOT / "tests" / "gpu" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    names = [n.name for f in (ROOT / "tests" / "gpu").glob("test_*.py")
+             for n in ast.parse(f.read_text()).body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    assert len(names) >= 6
+    ranks = {n: conftest._rank(types.SimpleNamespace(name=n + "[x]")) for n in names}
+    assert all(r < len(conftest.FIRST) for r in ranks.values()), ranks
+    assert ranks["test_ddp_reference"] == 0
+    assert ranks["test_deepspeed_offload_optimizer_uses_cpu_adam"] == max(ranks.values())
