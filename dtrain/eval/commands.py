@@ -106,6 +106,18 @@ def _done_points(folder: Path, key: Mapping[str, Any]) -> dict[tuple[str, int], 
     return done
 
 
+def _other_model(folder: Path, model: str) -> str | None:
+    """A model other than ``model`` (a resolved path) whose points ``folder`` holds."""
+    for f in sorted(folder.glob("*.json")):
+        try:
+            theirs = json.loads(f.read_text())["key"]["model"]
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if theirs != model:
+            return str(theirs)
+    return None
+
+
 def _stats_sha256(ref: Any) -> str:
     """sha256 of reference statistics (mu, sigma as float64 bytes, and the count)."""
     import hashlib
@@ -207,6 +219,9 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
            "grids": {f"{k[0]}:{k[1]}": v.tolist() for k, v in grids.items()},
            "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256, "ref_stats": str(ref_spec),
            "ref_count": ref.count, "ref_sha256": _stats_sha256(ref)}
+    if not args.out and (other := _other_model(out / "points", key["model"])):  # two bundles named alike
+        raise InputError(f"--out: the default folder {out} holds the evaluation of another model ({other}); give "
+                         f"this one its own --out")
     done = {} if args.recompute else _done_points(out / "points", key)
     upscale = max(1, 32 // shape[-1])
 

@@ -114,3 +114,21 @@ def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch, 
     sampled.clear()  # another batch size: a stochastic sampler's noise is drawn per global batch
     assert main([*args[:5], "5", *args[6:], "--samplers", "ddim:1"]) == 0
     assert sampled == [("ddim", 1)]
+
+
+def test_two_bundles_of_one_name_do_not_share_the_default_folder(digits_bundle, tmp_path, monkeypatch, cli_error):
+    """The default --out is runs/eval/<bundle name>: a second bundle called alike silently overwrote the first one's
+    fid_vs_nfe.json, plot and sample grids."""
+    import shutil
+
+    from dtrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "elsewhere" / digits_bundle.name
+    shutil.copytree(digits_bundle, other)
+    args = ["--samplers", "ddim:1", "--num", "10", "--batch-size", "10"]
+    assert main(["eval", str(digits_bundle), *args]) == 0
+    assert main(["eval", str(digits_bundle), *args]) == 0  # the same model again: its folder
+    err = cli_error("eval", str(other), *args)
+    assert f"--out: the default folder runs/eval/{digits_bundle.name} holds the evaluation of another model" in err
+    assert main(["eval", str(other), *args, "--out", str(tmp_path / "mine")]) == 0
