@@ -51,7 +51,8 @@ CASES = {  # in this order: the compiled cases (the slowest to start) last
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets; first match of the device name wins.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0),
-    ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+    ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("A10", 125.0),
 ]
 SMOKE = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[16]", "model.resolution=32",
          "trainer.accelerator=cpu", "trainer.precision=bf16-mixed", "trainer.cpu_threads=1", "optim.impl=foreach",
@@ -69,8 +70,8 @@ def require_cuda() -> None:
 
 def peak_bf16_tflops(device_name: str) -> float | None:
     """Dense bf16 peak of a GPU by its ``torch.cuda.get_device_name`` (None: not in the table)."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
+    for key, tflops in PEAK_BF16_TFLOPS:  # whole words: "L4" is not the L40, "A10" not the A10G
+        if re.search(rf"(?<![\w-]){re.escape(key)}(?![\w])", device_name, re.IGNORECASE):
             return tflops
     return None
 
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             if ok:
                 r = json.loads(out.read_text())
                 r.update(throughput(flops.get("flops_train_per_step"), r["steps_per_s"], a.batch_size, peak))
-                r["peak_mem_gib"] = r.pop("peak_mem_bytes") / 2**30
+                mem = r.pop("peak_mem_bytes")
+                r["peak_mem_gib"] = mem / 2**30 if mem == mem else None  # NaN (no CUDA: --smoke) is not JSON
                 if code != 0:
                     r.update(exit_code=code, stderr_tail=str(log)[-1000:])
             else:

@@ -65,7 +65,8 @@ def settings(name: str, rec: dict) -> dict[str, Any]:
         guidance = 1.0
     return {"file": SOURCES[name], "teacher_sha256": (t.get("sha256") or "")[:12] or None,
             "teacher_step": t.get("global_step"), "num": num, "seed": rec.get("seed", ev.get("seed")),
-            "guidance": guidance, "batch_size": rec.get("batch_size", ev.get("batch_size"))}
+            "guidance": guidance,  # the eval's batch (pd_digits.json's top-level batch_size is its training batch)
+            "batch_size": ev.get("batch_size", rec.get("batch_size"))}
 
 
 def collect(results: Path = RESULTS) -> tuple[dict[str, dict[int, Cell]], dict[str, dict[str, Any]], list[str]]:

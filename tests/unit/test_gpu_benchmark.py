@@ -80,7 +80,8 @@ def test_mfu_arithmetic_and_peak_table():
     assert gpu.throughput(1e12, 1.0, 1, None)["mfu"] is None
     names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0,
              "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L4": 121.0,
-             "Tesla V100-SXM2-16GB": None}
+             "Tesla V100-SXM2-16GB": None, "NVIDIA L40": 181.0, "NVIDIA A10G": None,  # "L4" matched the L40
+             "NVIDIA GH200 480GB": 989.0, "NVIDIA H100 NVL": 835.0}
     assert {n: gpu.peak_bf16_tflops(n) for n in names} == names
 
 
