@@ -789,13 +789,20 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
                 bad.append(("model.attn_resolutions", f"{extra} not among the resolutions {reached}"))
             from dtrain.models.unet import head_split_error
 
-            if split := head_split_error(m.channels, m.channel_mult, m.num_heads, m.head_channels):
+            if split := head_split_error(m.channels, m.channel_mult, m.num_heads, m.head_channels, m.resolution,
+                                         list(m.attn_resolutions)):
                 bad.append(split)
+        if m.channels % 2:
+            bad.append(("model.channels", f"must be even (its sinusoidal time features are sin / cos pairs), got "
+                        f"{m.channels}"))
         if not 0 <= m.dropout < 1:
             bad.append(("model.dropout", "must be in [0, 1)"))
         for key in ("channels", "num_res_blocks"):
             if m[key] < 1:
                 bad.append((f"model.{key}", "must be >= 1"))
+    elif m.name == "mlp" and (m.hidden < 1 or min(m.hidden, 128) % 2):
+        bad.append(("model.hidden", f"must be >= 1 and even below 128 (min(hidden, 128) sinusoidal time features, sin "
+                    f"/ cos pairs), got {m.hidden}"))
     if d.name in _DATA_SHAPES:
         want_model, fields_, labels = _DATA_SHAPES[d.name](d)
         if m.name != want_model:

@@ -102,13 +102,18 @@ class AttentionBlock(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-def head_split_error(channels: int, channel_mult: Sequence[int], num_heads: int, head_channels: int
+def head_split_error(channels: int, channel_mult: Sequence[int], num_heads: int, head_channels: int,
+                     resolution: int | None = None, attn_resolutions: Sequence[int] | None = None
                      ) -> tuple[str, str] | None:
-    """(key, reason) when the attention heads do not divide a level's width, else None."""
-    widths = sorted({channels * c for c in channel_mult})
+    """(key, reason) when the attention heads do not divide the width of a level that has attention (those in
+    ``attn_resolutions`` and the middle block; every level when the resolutions are not given), else None."""
+    levels = range(len(channel_mult))
+    if resolution is not None and attn_resolutions is not None:
+        levels = [i for i in levels if resolution // 2**i in attn_resolutions or i == len(channel_mult) - 1]
+    widths = sorted({channels * channel_mult[i] for i in levels})
     key, split = ("model.head_channels", head_channels) if head_channels > 0 else ("model.num_heads", num_heads)
     if split < 1 or any(w % split for w in widths):
-        return key, f"must divide every level's width {widths}"
+        return key, f"must divide the width of every level with attention {widths}"
     return None
 
 
@@ -138,8 +143,11 @@ class UNet(nn.Module):
         if resolution % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"model.resolution {resolution} is not divisible by 2^{len(channel_mult) - 1} "
                              f"(one halving per model.channel_mult entry after the first)")
-        if bad := head_split_error(channels, channel_mult, num_heads, head_channels):
+        if bad := head_split_error(channels, channel_mult, num_heads, head_channels, resolution, attn_resolutions):
             raise ValueError(": ".join(bad))
+        if channels % 2:
+            raise ValueError(f"model.channels: must be even (its sinusoidal time features are sin / cos pairs), got "
+                             f"{channels}")
         self.in_channels, self.resolution, self.num_classes = in_channels, resolution, num_classes
         emb = 4 * channels
         self.time_emb = TimeEmbedding(channels, emb)

@@ -80,6 +80,8 @@ CASES = [
      "schedule 'ddpm' has no option 'sigma_max'"),
     ("betas of the cosine schedule", DIGITS, "schedule:\n  beta_start: 0.5\n", "schedule.beta_start / beta_end",
      "the cosine schedule sets its own betas"),
+    ("odd UNet width", DIGITS, "model:\n  channels: 33\n  num_heads: 1\n", "model.channels", "must be even"),
+    ("odd MLP width", GMM, "model:\n  hidden: 99\n", "model.hidden", "even below 128"),
     ("schedule without steps", DIGITS, "schedule:\n  T: 0\n", "schedule.T", "must be an int >= 2"),
     ("flow schedule past t = 1", MEANFLOW, "schedule:\n  t_max: 1.5\n", "schedule.t_min / t_max",
      "need 0 <= t_min < t_max <= 1.0"),

@@ -71,10 +71,15 @@ def test_unet_uses_time_and_class():
 def test_unet_rejects_bad_geometry():
     with pytest.raises(ValueError, match=r"model.resolution"):
         UNet(1, 6, 32, [1, 2, 2], 1, [])
-    with pytest.raises(ValueError, match=r"model\.num_heads: must divide every level's width \[32, 64\]"):
-        UNet(1, 8, 32, [1, 2], 1, [4], num_heads=3)
-    with pytest.raises(ValueError, match=r"model\.head_channels: must divide every level's width \[32, 64\]"):
+    with pytest.raises(ValueError, match=r"model\.num_heads: must divide the width of every level with attention "
+                                         r"\[32, 64\]"):
+        UNet(1, 8, 32, [1, 2], 1, [8], num_heads=3)
+    with pytest.raises(ValueError, match=r"model\.head_channels: must divide the width .* \[64\]"):
         UNet(1, 8, 32, [1, 2], 1, [4], head_channels=48)  # was a ZeroDivisionError (32 // 48 heads)
+    # only the levels with attention (and the middle block) split into heads: 96-wide level 0 has none
+    UNet(1, 8, 96, [1, 2], 1, [4], head_channels=64)  # was refused: 64 does not divide 96
+    with pytest.raises(ValueError, match=r"model\.channels: must be even .*got 33"):  # was an error at the first
+        UNet(1, 8, 33, [1, 2], 1, [4], num_heads=1)  # forward naming no field
 
 
 def test_attention_equals_naive_multihead_softmax():
