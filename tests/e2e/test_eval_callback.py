@@ -112,3 +112,30 @@ def test_a_sigterm_cuts_the_sweep_short_and_the_checkpoint_follows(tmp_path, mon
         (2, [("ddim", 1), ("ddim", 4)]), (4, [("ddim", 1)])]
     assert stop.stopped_by == signal.SIGTERM and trainer.global_step == 5  # saved at the end of step 5
     assert torch.load(out / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.timeout(240)
+def test_a_run_without_ema_trains_on_in_training_mode_after_a_sweep(tmp_path):
+    """Without EMA copies the sweep scores the raw network itself: it must be back in training mode (dropout on)
+    for the steps after. (With EMA the sweep never touches the network, so the test above cannot see this.)"""
+    import lightning as L
+
+    from dtrain.data import build_datamodule
+    from dtrain.lit.common import module_class
+    from dtrain.lit.eval_callback import FIDSweepCallback
+    from dtrain.lit.fit import build_trainer, run_dir
+
+    cfg = sweep_recipe(tmp_path, 1000, "trainer.max_steps=3", "eval.samplers=['ddim:1']", "eval.num=40",
+                       "ema.decays=[]", "ema.stds=[]", "logger.mode=disabled", "model.dropout=0.1")
+    modes: list[tuple[int, bool]] = []
+
+    class Mode(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append((trainer.global_step, pl_module.net.training))
+
+    module = module_class(cfg.method.name)(cfg)
+    trainer = build_trainer(cfg, run_dir(cfg))
+    cb = FIDSweepCallback.from_recipe(cfg, out_dir=run_dir(cfg) / "eval")
+    trainer.callbacks.extend([cb, Mode()])
+    trainer.fit(module, datamodule=build_datamodule(cfg.data, seed=cfg.seed))
+    assert [s for s, _ in cb.history] == [2, 3] and modes == [(0, True), (1, True), (2, True)], modes

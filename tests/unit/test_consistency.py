@@ -206,6 +206,25 @@ def test_ct_loss_vanishes_on_a_point_mass_with_shared_noise(variant):
     assert (pred - other).square().mean() > 1e-8
 
 
+def test_ict_weighting_on_a_vp_schedule_reaches_the_loss():
+    """iCT's lambda_n = 1 / (s_{n+1} - s_n) in EDM's sigma = sigma / alpha of the scaled variable (on EDM, t itself:
+    the only schedule the grid was checked on, and nothing checked the loss applies it): on the digits recipe's
+    discrete cosine schedule, against the closed form and inside the per-sample loss."""
+    sch = make_schedule("ddpm", kind="cosine", T=1000)
+    loss = C.ConsistencyLoss(sch, "ict", total_steps=10, spacing="uniform")
+    ts, _, w = loss.grid(11)
+    a, s = sch.alpha_sigma(ts)
+    torch.testing.assert_close(w, 1 / (s / a).diff(), rtol=1e-10, atol=0)
+    assert not torch.allclose(w, 1 / ts.diff(), rtol=0.1)  # t is not sigma / alpha here
+    student = ConsistencyModel(Denoiser(random_net(), sch, "v"))
+    target = ConsistencyModel(Denoiser(random_net(seed=1), sch, "v"))
+    x0, z = torch.randn(6, 3), torch.randn(6, 3)
+    lo, hi = ts[:6], ts[1:7]
+    unit = loss(student, target, x0, intervals=(lo, hi, torch.ones(6, dtype=torch.float64)), noise=z).loss
+    weighted = loss(student, target, x0, intervals=(lo, hi, w[:6]), noise=z).loss
+    torch.testing.assert_close(weighted, unit * w[:6].to(unit.dtype), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("target_ema", [0.0, 0.9])
 def test_the_target_reads_the_students_dropout_masks(target_ema):
     """theta^- drops what the student drops (iCT's theta^- = sg(theta) is the student's own function): with dropout

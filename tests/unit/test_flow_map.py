@@ -525,7 +525,6 @@ def test_meanflow_jvp_runs_through_unet_attention(one_thread):
     (["method.adaptive_c=0"], "method.adaptive_c"),
     (["method.p_std=0"], "method.p_std"),
     (["method.cfg_dropout=1.0"], "method.cfg_dropout"),
-    (["schedule.name=vp_cosine"], "schedule.name"),  # another schedule only for the teacher's network
     (["method.init=ctm"], "method.init"),
     (["method.time_sampling=logit_normal", "method.r_p_std=0"], "method.r_p_std"),
     (["method.r_p_mean=-4.0"], "method.r_p_mean"),  # r's own law is logit-normal; this recipe samples uniform

@@ -116,6 +116,17 @@ def test_k_bad_steps_in_a_row_stop_the_run(tmp_path, one_thread):
     assert "(3 in a row, 3 in this run)" in msg and "trainer.max_bad_steps=3 reached" in msg
 
 
+def test_a_resume_goes_on_counting_bad_steps(tmp_path, one_thread):
+    """The counters come back from the checkpoint (only their saving was tested): two bad steps before the save and
+    one after the resume are three in a row."""
+    over = [*SMALL, f"out_dir={tmp_path}", "trainer.max_bad_steps=3"]
+    run = fit(GMM, [*over, "trainer.max_steps=4"], callbacks=[Inject({2, 3})])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["nan_guard"] == {"total": 2,
+                                                                                               "in_a_row": 2}
+    with pytest.raises(NonFiniteError, match=r"\(3 in a row, 3 in this run\)"):
+        fit(GMM, [*over, "trainer.max_steps=8"], resume="auto", callbacks=[Inject({4})])
+
+
 def test_guard_off_lets_nan_through(tmp_path, one_thread):
     """The control: without the guard the same fault poisons the weights (so the test above can fail)."""
     run = fit(GMM, [*SMALL, f"out_dir={tmp_path}", "trainer.max_steps=5", "trainer.nan_guard=false"],

@@ -46,6 +46,12 @@ def test_batches_cover_each_epoch_once_and_ranks_are_disjoint():
         seen.append(epoch)
         assert len(epoch.unique()) == 20
     assert not set(seen[0].flatten().tolist()) & set(seen[1].flatten().tolist())
+    it = iter(InMemoryBatches({"x": x}, 5, seed=3))  # each epoch a fresh permutation (not the first one replayed)
+    first, second = (torch.cat([b["x"] for b in islice(it, 8)]).flatten() for _ in range(2))
+    assert sorted(first.tolist()) == sorted(second.tolist()) and not torch.equal(first, second)
+    same = torch.arange(2.0).expand(16, 1, 1, 2)  # identical images: the batches differ only by their flips
+    flips = [next(iter(InMemoryBatches({"x": same}, 8, seed=3, rank=r, world_size=2, flip=True)))["x"] for r in (0, 1)]
+    assert not torch.equal(flips[0], flips[1])  # ranks flip their batches independently
 
 
 def test_stream_is_replayable_and_resumes_mid_stream():
