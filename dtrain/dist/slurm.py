@@ -154,7 +154,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         self.saved: str | None = None
         self.saved_step: int | None = None
         self.stopped_by: int | None = None  # the signal that stopped training after its checkpoint
-        self.requeued = False  # after the requeue signal: scontrol requeue succeeded (dtrain fit exits 1 if not)
+        self.requeued = False  # after the requeue signal: scontrol requeue succeeded (dtrain fit exits 138 if not)
         self._previous: dict[int, Any] = {}
         self._last_step = -1
         self._group: Any = None  # a gloo group for the per-step flag (host memory, even when training is on NCCL)
