@@ -114,6 +114,20 @@ def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch, 
     sampled.clear()  # another batch size: a stochastic sampler's noise is drawn per global batch
     assert main([*args[:5], "5", *args[6:], "--samplers", "ddim:1"]) == 0
     assert sampled == [("ddim", 1)]
+    assert main([*args, "--samplers", "ddim:1"]) == 0  # back to batch 10: the folder's point is this run's
+    sampled.clear()  # another guidance scale: other samples (the key's guidance was never exercised)
+    assert main([*args, "--samplers", "ddim:1", "--guidance", "3"]) == 0
+    assert sampled == [("ddim", 1)]
+    other = tmp_path / "same_path.ckpt"  # other weights written at the same path: the key's sha256
+    ck = torch.load(path, weights_only=True)
+    torch.save(ck, other)
+    again = ["eval", str(other), *args[2:], "--samplers", "ddim:1"]
+    assert main(again) == 0
+    ck["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+    torch.save(ck, other)
+    sampled.clear()
+    assert main(again) == 0
+    assert sampled == [("ddim", 1)]
 
 
 def test_two_bundles_of_one_name_do_not_share_the_default_folder(digits_bundle, tmp_path, monkeypatch, cli_error):
