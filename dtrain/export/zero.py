@@ -206,11 +206,11 @@ def _zero2_trainable(opt: list[dict[str, Any]], param_shapes: list[Mapping[str, 
     for g, shapes in enumerate(param_shapes):
         flat = torch.cat([o["single_partition_of_fp32_groups"][g] for o in opt])
         pads = paddings[g] if paddings is not None else [0] * len(shapes)
-        offset = sum(math.prod(shape) for shape in shapes.values()) + sum(pads)
+        need = sum(math.prod(shape) for shape in shapes.values()) + sum(pads)
         align = 2 * world  # DeepSpeed pads every group to a multiple of 2 x world size
-        if offset > flat.numel() or math.ceil(offset / align) != math.ceil(flat.numel() / align):
+        if need > flat.numel() or math.ceil(need / align) != math.ceil(flat.numel() / align):
             raise ZeroCheckpointError(d, f"parameter group {g} holds {flat.numel()} fp32 values, its parameters "
-                                      f"need {offset}: shapes and partitions do not match")
+                                      f"need {need}: shapes and partitions do not match")
         offset = 0
         for (name, shape), pad in zip(shapes.items(), pads):
             n = math.prod(shape)
@@ -245,6 +245,7 @@ def _dcp_checkpoint(path: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    _dcp_done(path)
     try:
         reader = dcp.FileSystemReader(str(path))
         meta = reader.read_metadata()
@@ -266,7 +267,7 @@ def _dcp_checkpoint(path: Path) -> dict[str, Any]:
         if isinstance(e, CheckpointException):  # its str holds each rank's traceback: keep the first error
             e = next((f[0] for f in e.failures.values()), e)
         raise ZeroCheckpointError(path, f"cannot read the distributed checkpoint: {_reason(e)}") from None
-    ckpt = {**_load(path / LIGHTNING_META), **tree} if (path / LIGHTNING_META).is_file() else tree
+    ckpt = {**_load(path / LIGHTNING_META), **tree}
     if "state_dict" not in ckpt and "model" in ckpt:  # FSDPStrategy's name for it (ModelParallelStrategy: state_dict)
         ckpt["state_dict"] = ckpt.pop("model")
     sd = ckpt.get("state_dict")
@@ -296,7 +297,6 @@ def consolidate(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ZeroCheckpointError(path, "not a directory (a sharded checkpoint is one)")
     if (path / ".metadata").is_file():
-        _dcp_done(path)
         ckpt = _dcp_checkpoint(path)
         ckpt.pop("optimizer_states", None)
         for k in [k for k in ckpt if re.fullmatch(r"optimizer_\d+", k)]:
@@ -308,14 +308,11 @@ def consolidate(path: str | Path) -> dict[str, Any]:
     drop = tuple(info.get("unsaved_prefixes") or ())
     if drop:
         ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(drop)}
-    sd, tags = ckpt.get("state_dict") or {}, (ckpt.get("dtrain") or {}).get("ema_tags") or []
-    net = {k[4:] for k in sd if k.startswith("net.")}
-    for tag in [t for t in tags if not f"ema.{t}.".startswith(drop or ("\0",))]:  # a copy that lost tensors on
-        # the way would export (convert_ckpt) a file nothing can load
-        ema = {k[len(f"ema.{tag}."):] for k in sd if k.startswith(f"ema.{tag}.")}
-        if ema != net:
-            raise ZeroCheckpointError(path, f"EMA {tag!r} has {len(ema)} of the network's {len(net)} tensors "
-                                      f"(missing e.g. {sorted(net - ema)[:3]}): not consolidated")
+    from dtrain.export.checkpoint import select_weights
+
+    for tag in (ckpt.get("dtrain") or {}).get("ema_tags") or []:  # each copy holds exactly the network's tensors (one
+        if not f"ema.{tag}.".startswith(drop or ("\0",)):  # that lost some would export a file nothing can load)
+            select_weights(ckpt, tag, path)
     return ckpt
 
 

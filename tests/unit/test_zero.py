@@ -314,3 +314,15 @@ def test_zero_shared_parameters_are_copied_from_their_target(tmp_path):
     sd = consolidate(d)["state_dict"]
     assert sorted(sd) == ["net.a", "net.b"]
     assert sd["net.b"].tolist() == sd["net.a"].tolist() == [1.0, 2.0]
+
+
+def test_an_ema_copy_missing_tensors_is_not_consolidated(tmp_path):
+    """A checkpoint whose EMA copy lost tensors on the way (ZeRO-1's, before stage 1 read them from the module
+    state) is refused naming a missing tensor: convert_ckpt wrote such a file, which nothing could load."""
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.export.zero import consolidate
+
+    d = _ds_checkpoint(tmp_path / "ckpt", 2, {"net.a": [2], "net.b": [2]}, [[1.0, 2.0], [3.0, 4.0]],
+                       dtrain={"ema_tags": ["0_9"]})
+    with pytest.raises(CheckpointError, match=r"state_dict\.ema\.0_9\.a: missing from EMA '0_9' \(2 tensors\)"):
+        consolidate(d)
