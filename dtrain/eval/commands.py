@@ -198,8 +198,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
                                 weights_key="--weights" if args.weights else WEIGHTS_KEY).to(device)
     ref = load_ref(ref_spec, extractor, key="--ref-stats" if args.ref_stats else "eval.ref_stats")
     mode = args.wandb or logger_mode((recipe.get("logger") or {}).get("mode") or "disabled")
-    if rank == 0:
-        check_wandb_login(mode, "--wandb" if args.wandb else "the recipe's logger.mode / WANDB_MODE")
+    check_wandb_login(mode, "--wandb" if args.wandb else "the recipe's logger.mode / WANDB_MODE")  # every rank: the
+    # others would wait in the sweep's first collective for a rank 0 that stopped
     stored = info["sampler"]  # a bundle's own grid (a PD student's, consistency sample times) at its sampler and NFE
     grids = ({(stored["name"], int(stored["nfe"])): torch.tensor(stored["grid"], dtype=torch.float64)}
              if stored.get("grid") is not None and args.spacing is None else {})

@@ -246,11 +246,9 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     set_cpu_threads(int(cfg.trainer.cpu_threads))
     set_tf32(bool(cfg.trainer.tf32))
     check_inputs(cfg, source, overrides)  # before anything starts
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    if getattr(rank_zero_only, "rank", 0) == 0:  # the rank that logs
-        check_wandb_login(logger_mode(cfg.logger.mode), f"{key_source('logger.mode', source, overrides)}: logger.mode "
-                          f"(or WANDB_MODE)")
+    # on every rank, like the checks above: ranks started by srun / torchrun would wait for a rank 0 that stopped
+    check_wandb_login(logger_mode(cfg.logger.mode), f"{key_source('logger.mode', source, overrides)}: logger.mode "
+                      f"(or WANDB_MODE)")
     cfg, ranks = resolve_batch(cfg, source, overrides)  # before the resume check compares data.batch_size
     _check_fresh_start(out, resume)
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg),  # Lightning's restore reads it once more
