@@ -128,6 +128,13 @@ def test_a_rerun_scores_only_the_points_it_has_not(ckpt, tmp_path, monkeypatch, 
     sampled.clear()
     assert main(again) == 0
     assert sampled == [("ddim", 1)]
+    ck["state_dict"].update({f"ema.0.999.{k[4:]}": v + 0.01 for k, v in ck["state_dict"].items()
+                             if k.startswith("net.")})  # one file, two sets of weights: the key's ema
+    ck["dtrain"]["ema_tags"] = ["0.999"]
+    torch.save(ck, other)
+    sampled.clear()
+    assert main(again) == 0 and main([*again, "--ema", "raw"]) == 0
+    assert sampled == [("ddim", 1), ("ddim", 1)]
 
 
 def test_two_bundles_of_one_name_do_not_share_the_default_folder(digits_bundle, tmp_path, monkeypatch, cli_error):

@@ -141,6 +141,23 @@ def test_resume_for_another_objective(tmp_path, digits_teacher, fit_error, overr
     assert not any(tmp_path.iterdir())
 
 
+def test_resume_under_another_method(digits_teacher):
+    """A checkpoint resumed under another ``method.name`` (ct -> ict: the same network and schedule, another
+    objective) is refused naming it; the checks before a run let the recipe through."""
+    import copy
+
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.lit.checkpointing import check_resume
+
+    ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+    recipe = copy.deepcopy(ck["dtrain"]["recipe"])  # its own recipe: resumes
+    check_resume(digits_teacher, ck, recipe)
+    recipe["method"]["name"] = "ict"
+    with pytest.raises(CheckpointError, match=r"method.name 'denoising' \(now 'ict'\): the checkpoint was trained "
+                                              r"for another objective"):
+        check_resume(digits_teacher, ck, recipe)
+
+
 @pytest.mark.parametrize(("override", "words"), [
     ("ema.decays=[0.9]", ["EMA copies ['0_995', 'std0_100']", "asks for ['0_9', 'std0_100'] (ema.decays / ema.stds)"]),
     ("ema.stds=[0.2]", ["EMA copies ['0_995', 'std0_100']", "asks for ['0_995', 'std0_200']"]),

@@ -321,6 +321,13 @@ def test_ctm_times_are_ordered_and_bounded():
     t, u, s = loss.sample_times(4096, torch.Generator().manual_seed(0))
     assert bool(((s <= u) & (u <= t) & (u >= 1 / 1000) & (t - u <= 0.1 + 1e-12)).all())
     assert 0.45 < float((s == 0).double().mean()) < 0.55
+    n = 40_000  # no span limit: s uniform in [0, t], u uniform in [s, t] (CTM's s <= u <= t), t by time_sampling
+    t, u, s = CTMLoss(sch, s_zero_prob=0.25).sample_times(n, torch.Generator().manual_seed(1))
+    keep, tol = s > 0, 4 * (1 / 12) ** 0.5 / n**0.5
+    assert abs(float((s == 0).double().mean()) - 0.25) < 0.01 and abs(float(t.mean()) - 0.5) < tol
+    assert abs(float((s / t)[keep].mean()) - 0.5) < 2 * tol and abs(float((s / t)[keep].std()) - 12 ** -0.5) < 0.01
+    frac = ((u - s) / (t - s))[t > 0.01]  # away from u's floor u_min
+    assert abs(float(frac.mean()) - 0.5) < 2 * tol and abs(float(frac.std()) - 12 ** -0.5) < 0.01
 
 
 def test_ctm_rho_times_are_uniform_grid_positions():

@@ -312,3 +312,44 @@ def test_min_snr_weighting_defaults_to_gamma_5():
     for loss in (DenoisingLoss(s, "x0", weighting="min_snr"), ProgressiveLoss(s, "v", weighting="min_snr").denoising):
         w = loss_weight(loss.weighting, s, t, "x0", snr_gamma=loss.snr_gamma)
         torch.testing.assert_close(w, s.snr(t).clamp(max=5.0).to(w.dtype))
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_dropped_labels_reach_teacher_and_student_alike(guided):
+    """``method.cfg_dropout`` replaces a label by the null class before the teacher sees it: teacher and student
+    get the same labels, about a fraction p of them null (PD rounds, guided PD's w-conditioned rounds, stage 1)."""
+    from dtrain.methods.progressive import GuidanceLoss
+
+    s = make_schedule("vp_cosine")
+    n, p = 4000, 0.3
+    y = torch.randint(0, 3, (n,))
+    student = mlp_denoiser(s, num_classes=3)
+    got = {"teacher": [], "student": []}
+
+    def labels(cond):
+        return cond.labels if isinstance(cond, GuidedCond) else cond
+
+    class Teacher:
+        schedule = s
+
+        def __call__(self, x, t, cond):
+            got["teacher"].append(labels(cond))
+            return torch.zeros_like(x)
+
+    student.raw = lambda x, t, cond, c: got["student"].append(labels(cond)) or torch.zeros_like(x)
+    x0, gen = torch.randn(n, 2), torch.Generator().manual_seed(0)
+    if guided:  # stage 1: the teacher is called twice (conditional, null) by CFG
+        GuidanceLoss(s, w_range=(0.0, 2.0), null_label=3, cfg_dropout=p)(student, Teacher(), x0,
+                                                                         pd_grid(s, 8, 8), y, generator=gen)
+        cond = GuidedCond(y, torch.ones(n))
+    else:
+        cond = y
+    ProgressiveLoss(s, cfg_dropout=p, num_classes=3)(student, Teacher(), x0, pd_grid(s, 4, 8), cond, generator=gen)
+    runs = [got["student"][0]] if not guided else got["student"]
+    for seen in runs:
+        dropped = seen == 3
+        assert abs(dropped.float().mean().item() - p) < 0.03
+        assert torch.equal(seen[~dropped], y[~dropped])
+    assert all(torch.equal(t, got["student"][-1]) for t in got["teacher"][-2:])  # the PD round's two teacher steps
+    if guided:  # stage 1's CFG teacher saw the student's labels, then the null class (one batch of 2n)
+        assert torch.equal(got["teacher"][0], torch.cat([got["student"][0], torch.full((n,), 3)]))
