@@ -116,6 +116,23 @@ def test_auto_starts_fresh_without_checkpoints(tmp_path):
         resume_path(tmp_path, "auto")
 
 
+def test_candidates_are_newest_first_and_last_wins_a_tie(tmp_path):
+    """A filesystem with coarse timestamps gives a step file and the last.ckpt written after it one mtime: last.ckpt
+    (the newer) comes first; an hpc_ckpt newer than both comes before them."""
+    from dtrain.lit.checkpointing import checkpoint_candidates
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    for name in ("step0000004.ckpt", "last.ckpt", "step0000002.ckpt"):
+        atomic_save({"state_dict": {}, "global_step": 1}, ck / name)
+    for name, t in (("step0000002.ckpt", 100), ("step0000004.ckpt", 200), ("last.ckpt", 200)):
+        os.utime(ck / name, ns=(t * 10**9, t * 10**9))
+    assert [p.name for p in checkpoint_candidates(tmp_path)] == ["last.ckpt", "step0000004.ckpt", "step0000002.ckpt"]
+    atomic_save({"state_dict": {}, "global_step": 1}, tmp_path / "hpc_ckpt_1.ckpt")
+    os.utime(tmp_path / "hpc_ckpt_1.ckpt", ns=(300 * 10**9, 300 * 10**9))
+    assert checkpoint_candidates(tmp_path)[0] == tmp_path / "hpc_ckpt_1.ckpt"
+
+
 def test_trainer_writes_through_atomic_io(tmp_path):
     from dtrain.config import load_recipe
     from dtrain.lit.fit import build_trainer
