@@ -314,7 +314,8 @@ def test_sweep_rows_report_and_wandb(digits, tmp_path, monkeypatch):
 
 def test_non_finite_samples_make_the_fid_nan(digits):
     """A diverged model's NaN / inf samples are counted and give FID nan with a warning (as uint8 they were black
-    images with a finite FID); the count stays exact and reset clears them."""
+    images with a finite FID); the count stays exact and reset clears them. The classifier scores them as zeros,
+    which keeps the Inception Score of the rest finite."""
     ref = compute_ref_stats(digits, [digits_arrays("train")[0]], source="digits train")
     m = FID(digits, ref)
     x = digits_arrays("test")[0][:20].clone()
@@ -323,6 +324,7 @@ def test_non_finite_samples_make_the_fid_nan(digits):
     with pytest.warns(UserWarning, match=r"FID: 2 of 20 samples are not finite"):
         out = m.compute()
     assert math.isnan(out["fid"]) and out["nonfinite"] == 2 and out["count"] == 20
+    assert math.isfinite(out["inception_score"])  # scored as zeros: NaN logits made it nan too
     m.reset()
     m.update(digits_arrays("test")[0][:20])
     assert math.isfinite(m.compute()["fid"])
