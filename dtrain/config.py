@@ -943,6 +943,8 @@ def _check_wds(cfg: DictConfig) -> list[tuple[str, str]]:
         bad.append(("data", "need batch_size >= 1, num_workers >= 0, shuffle >= 1 and epoch_size >= 1"))
     if d.mp_context not in (None, "fork", "spawn", "forkserver"):
         bad.append(("data.mp_context", f"must be fork, spawn or forkserver, not {d.mp_context!r}"))
+    if m.num_classes and not d.labels:
+        bad.append(("data.labels", "a class-conditional model (model.num_classes > 0) needs labels"))
     from dtrain.data.shards import find_index, is_remote, read_index
 
     index = find_index(d.shards, d.index)
@@ -956,8 +958,6 @@ def _check_wds(cfg: DictConfig) -> list[tuple[str, str]]:
     bad += _image_fit(m, (h, w), c, index)
     if m.num_classes not in (0, k):
         bad.append(("model.num_classes", f"{index} has {k or 'no'} classes: use 0" + (f" or {k}" if k else "")))
-    if m.num_classes and not d.labels:
-        bad.append(("data.labels", "a class-conditional model (model.num_classes > 0) needs labels"))
     return bad
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "write_shards",
     "read_index",
     "is_remote",
+    "local_path",
+    "one_index",
     "find_index",
     "image_array",
     "folder_index",
@@ -338,14 +340,15 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
                     img = np.asarray(data.images[i])
                     if img.ndim == 3 and img.shape[-1] == 1:
                         img = img[..., 0]
+                    files = getattr(data.images, "files", None)  # a folder's: name the file
+                    what = str(files[i]) if files is not None else f"{data.source} sample {i}"
                     if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] == 3)):
-                        raise ValueError(f"{data.source} sample {i}: need uint8 [H, W] or [H, W, 3], got "
-                                         f"{img.dtype} {img.shape}")
+                        raise ValueError(f"{what}: need uint8 [H, W] or [H, W, 3], got {img.dtype} {img.shape}")
                     if shape is None:
-                        shape = img.shape
+                        shape, first = img.shape, what
                     elif img.shape != shape:
-                        raise ValueError(f"{data.source} sample {i}: shape {img.shape} differs from the first "
-                                         f"image's {shape} (resize them, e.g. --size)")
+                        raise ValueError(f"{what}: shape {img.shape} differs from the first image's {shape} ({first}); "
+                                         f"resize them, e.g. --size")
                     sample = {"__key__": f"{int(i):08d}", "png": _png(img)}
                     if data.labels is not None:
                         sample["cls"] = str(int(data.labels[i])).encode()
@@ -418,13 +421,28 @@ def read_index(path: str | Path) -> dict[str, Any]:
 
 
 def is_remote(url: str) -> bool:
-    """A ``pipe:`` command or a URL (``http://``, ``s3://``): not a local file."""
-    return url.startswith("pipe:") or "://" in url
+    """A ``pipe:`` command or a URL (``http://``, ``s3://``): not a local file (a path, ``file:`` or ``file://``)."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file:"))
+
+
+def local_path(url: str) -> Path:
+    """The file of a local shard: a plain path, ``file:PATH`` or ``file:///abs/PATH``."""
+    return Path(url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:"))
+
+
+def one_index(shards: str | Sequence[str]) -> None:
+    """Index files are not joined with ``::`` (nor listed): each is the whole of its shard set."""
+    parts = shards.split("::") if isinstance(shards, str) else [str(u) for u in shards]
+    if len(parts) > 1 and any(p.endswith(".json") for p in parts):
+        raise InputError(f"data.shards: {shards!r} joins shard indexes; give one index.json, or the shards of several "
+                         "folders as patterns joined with '::' (each folder's index.json beside its shards is read), "
+                         "or index them together (`dtrain shards index`)")
 
 
 def find_index(shards: str | Sequence[str], index: str | None = None) -> str | None:
     """The index json of ``shards`` (brace pattern, ``::``-joined patterns, list of URLs, or an index json): ``index``,
     else ``shards`` when it is a json, else the ``index.json`` beside the first shard when that is local; or None."""
+    one_index(shards)
     if index or (isinstance(shards, str) and shards.endswith(".json")):
         return index or str(shards)
     from braceexpand import UnbalancedBracesError, braceexpand
@@ -433,7 +451,7 @@ def find_index(shards: str | Sequence[str], index: str | None = None) -> str | N
         first = next(iter(braceexpand(shards.split("::")[0]) if isinstance(shards, str) else shards), "")
     except UnbalancedBracesError:
         raise unbalanced_braces(shards) from None
-    return folder_index(Path(first.removeprefix("file:")).parent) if first and not is_remote(first) else None
+    return folder_index(local_path(first).parent) if first and not is_remote(first) else None
 
 
 def folder_index(folder: Path) -> str | None:
@@ -455,7 +473,10 @@ def split_key(name: str) -> tuple[str | None, str]:
 
 
 def scan_shard(path: str | Path) -> tuple[int, list[str]]:
-    """Number of samples in a local tar shard and the sorted extensions seen (headers only, no data read)."""
+    """Number of samples in a local tar shard and the sorted extensions seen (headers only, no data read).
+
+    ``tarfile`` ends its listing silently at a corrupt or cut-short header past the first one; the end-of-archive
+    block (512 zero bytes) must follow the last member, else ``tarfile.ReadError``."""
     import tarfile
 
     n, exts, last = 0, set(), None
@@ -467,6 +488,11 @@ def scan_shard(path: str | Path) -> tuple[int, list[str]]:
             exts.add(ext)
             if key != last:
                 n, last = n + 1, key
+        tf.fileobj.seek(tf.offset)
+        end = tf.fileobj.read(512)
+        if len(end) < 512 or any(end):
+            why = "cut short" if len(end) < 512 else "a corrupt header"
+            raise tarfile.ReadError(f"no end-of-archive block after {n} samples ({why} at byte {tf.offset})")
     return n, sorted(exts)
 
 

@@ -12,7 +12,6 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +20,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dtrain.data.shards import (
+    GRAY_MODES,
     folder_index,
     image_array,
     image_meta,
     is_remote,
+    local_path,
+    one_index,
     read_index,
     scan_shard,
     split_key,
@@ -91,11 +93,11 @@ def shard_urls(shards: str | Sequence[str]) -> list[str]:
 
 def check_local_shards(urls: Sequence[str], index: str | None = None) -> None:
     """Fail naming the first local shard (``file:`` or plain path) of ``urls`` not on disk (``index``: their index)."""
-    gone = [u for u in urls if not is_remote(u) and not Path(u.removeprefix("file:")).is_file()]
+    gone = [u for u in urls if not is_remote(u) and not local_path(u).is_file()]
     if gone:
         more = f" (and {len(gone) - 1} more of {len(urls)})" if len(gone) > 1 else ""
         where = f" listed in {index}" if index else ""
-        if Path(gone[0].removeprefix("file:")).is_dir():
+        if local_path(gone[0]).is_dir():
             raise InputError(f"data.shards: {gone[0]} is a folder, not a shard file{where}; give its shards "
                              f"({gone[0].rstrip('/')}/train-{{000000..000009}}.tar) or its index.json{more}")
         glob = " (globs such as * are not expanded: give a brace range like train-{000000..000099}.tar or an " \
@@ -112,6 +114,7 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
     up by file name. Fails naming the pattern or path when nothing matches, a local shard is missing, counts are
     unknown, or the indexes of one pattern describe other images.
     """
+    one_index(shards)
     if isinstance(shards, str) and shards.endswith(".json"):  # the index names the shards
         meta = read_index(shards)
         urls, counts = list(meta["urls"]), [s["count"] for s in meta["shards"]]
@@ -121,8 +124,14 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
     if not urls:
         raise InputError(f"data.shards: pattern {shards!r} expands to no shards")
     check_local_shards(urls)
+    seen: dict[str, str] = {}
+    for u in urls:  # overlapping patterns would read some samples twice an epoch
+        if (same := str(local_path(u).resolve()) if not is_remote(u) else u) in seen:
+            raise InputError(f"data.shards: {shards!r} names the shard {seen[same]} twice ({u}); every shard must "
+                             "appear once (check overlapping ranges of '::'-joined patterns)")
+        seen[same] = u
     if index is None:  # each local shard's own index (looked up once per folder); remote ones: the first found
-        folder = {u: Path(u.removeprefix("file:")).parent for u in urls if not is_remote(u)}
+        folder = {u: local_path(u).parent for u in urls if not is_remote(u)}
         beside = {d: folder_index(d) for d in dict.fromkeys(folder.values())}
         where = [None if is_remote(u) else beside[folder[u]] for u in urls]
         found = next((w for w in where if w is not None), None)
@@ -134,11 +143,11 @@ def resolve_shards(shards: str | Sequence[str], index: str | None = None) -> Sha
         where = [index] * len(urls)
     metas = {i: read_index(i) for i in dict.fromkeys(w for w in where if w is not None)}
     lookups = {i: _IndexLookup(i, m) for i, m in metas.items()}
-    scans = {u: _scan(u.removeprefix("file:")) for u, i in zip(urls, where) if i is None}  # unindexed: read once
+    scans = {u: _scan(str(local_path(u))) for u, i in zip(urls, where) if i is None}  # unindexed: read once
     counts = [lookups[i].count(u) if i is not None else scans[u][0] for u, i in zip(urls, where)]
     if not metas:  # no index at all: what a sample holds comes from the shards themselves
         keys = sorted({e for _, exts in scans.values() for e in exts})
-        return _shard_set(urls, counts, {**peek_meta(urls[0].removeprefix("file:")), "keys": keys}, None)
+        return _shard_set(urls, counts, {**peek_meta(str(local_path(urls[0]))), "keys": keys}, None)
     first, meta = next(iter(metas.items()))
     for other, m in metas.items():  # a ::-joined pattern over folders: their images and classes must agree
         for k in ("image_size", "channels", "num_classes", "latent_shape"):
@@ -166,11 +175,11 @@ class _IndexLookup:
         self.by_name: dict[str, list[tuple[str, int]]] = {}
         for u, s in zip(meta["urls"], meta["shards"]):
             if not is_remote(u):
-                self.by_path[str(Path(u.removeprefix("file:")).resolve())] = int(s["count"])
+                self.by_path[str(local_path(u).resolve())] = int(s["count"])
             self.by_name.setdefault(_shard_name(u), []).append((s["name"], int(s["count"])))
 
     def count(self, url: str) -> int:
-        if not is_remote(url) and (n := self.by_path.get(str(Path(url.removeprefix("file:")).resolve()))) is not None:
+        if not is_remote(url) and (n := self.by_path.get(str(local_path(url).resolve()))) is not None:
             return n
         hits = self.by_name.get(_shard_name(url), [])
         if len(hits) > 1:
@@ -194,9 +203,9 @@ def _shard_set(urls: list[str], counts: list[int], meta: dict[str, Any], index: 
 
 def _not_tar(url: str, e: Exception) -> InputError:
     why = (str(e).splitlines() or [""])[0].rstrip(":")  # tarfile's messages can run over several lines
-    return InputError(f"data.shards: {url} cannot be read as a tar shard ({type(e).__name__}: {why}): not a tar, or "
-                      "cut short (an unfinished copy or write); give .tar files written by `dtrain shards` or a shard "
-                      "index json")
+    return InputError(f"data.shards: {url} cannot be read as a tar shard ({type(e).__name__}: {why}): not a tar, cut "
+                      "short (an unfinished copy or write) or corrupt; give .tar files written by `dtrain shards` or "
+                      "a shard index json")
 
 
 def _scan(url: str) -> tuple[int, list[str]]:
@@ -270,7 +279,7 @@ def _open_tar(url: str):
     if is_remote(url):
         stream = gopen(url, "rb")
         return tarfile.open(fileobj=stream, mode="r|*"), stream
-    return tarfile.open(url.removeprefix("file:"), mode="r:*"), None
+    return tarfile.open(local_path(url), mode="r:*"), None
 
 
 def _read_shard(url: str, start: int, stop: int) -> Iterator[dict[str, Any] | _Bad]:
@@ -430,6 +439,8 @@ class WdsStream(IterableDataset):
                 return _Bad(url, key, f"no image member (.{', .'.join(_IMAGE_EXTS)})")
             mode = "L" if self.shards.channels == 1 else "RGB"
             with Image.open(io.BytesIO(item[ext])) as im:
+                if mode == "L" and im.mode not in GRAY_MODES:  # gray into RGB shards is fine; colour to gray not
+                    return _Bad(url, key, f"a colour image (mode {im.mode}) in shards of one channel")
                 arr = image_array(im, mode)
             if arr.shape[:2] != self.shards.image_size:
                 return _Bad(url, key, f"image is {arr.shape[0]}x{arr.shape[1]}, the index says "
@@ -450,6 +461,9 @@ class WdsStream(IterableDataset):
                                      f"(0..{k - 1}) {where}; fix the .cls labels or re-index the shards "
                                      f"(`dtrain shards index`)")
             lat = np.load(io.BytesIO(item["npy"]), allow_pickle=False) if self.latents else None
+            want = self.shards.latent_shape
+            if lat is not None and want is not None and list(lat.shape) != list(want):
+                return _Bad(url, key, f"latent is {list(lat.shape)}, the index says {list(want)}")
             return _Decoded(np.ascontiguousarray(arr), y, lat)
         except InputError:
             raise
@@ -462,6 +476,9 @@ class WdsStream(IterableDataset):
         if self.labels:
             out["y"] = torch.tensor([d.y for d in items], dtype=torch.long)
         if self.latents:
+            if len(shapes := {d.latent.shape for d in items}) > 1:  # no index to check each sample against
+                raise InputError(f"data.shards: latents of shapes {sorted(shapes)} in one batch; write the shards "
+                                 "with one latent shape (`dtrain shards` records it in the index)")
             out["latent"] = torch.from_numpy(np.stack([d.latent for d in items])).float()
         out[META] = meta
         return out

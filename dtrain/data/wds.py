@@ -126,7 +126,7 @@ class WdsDataModule(L.LightningDataModule):
         if self.shards is None:
             self.shards = resolve_shards(self.spec, self.index)
             if self.opts["labels"] and self.shards.keys and "cls" not in self.shards.keys:
-                raise InputError(f"data.labels: the shards have no .cls labels ({self.shards.index}); "
+                raise InputError(f"data.labels: the shards have no .cls labels ({self.shards.index or self.spec}); "
                                  "set data.labels=false")
             if self.opts["latents"] and "npy" not in self.shards.keys:
                 raise InputError(f"data.latents: the shards have no .npy latents ({self.shards.index or self.spec}); "

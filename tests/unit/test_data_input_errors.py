@@ -84,6 +84,56 @@ def test_labels_of_shards_without_an_index_are_checked_against_the_model(tmp_pat
     assert "data.shards: sample" in err and "outside the 5 classes (0..4) of model.num_classes" in err
 
 
+def test_shards_without_an_index_still_need_labels_for_a_conditional_model(tmp_path, digits, recipe, fit_error):
+    """The data.labels check sat after the index lookup: with no index a class-conditional model trained on
+    unlabelled batches (cond None) without a word."""
+    root = tmp_path / "d"
+    shutil.copytree(digits, root)
+    (root / "index.json").unlink()
+    err = fit_error(str(recipe), f"data.shards={root}/train-{{000000..000002}}.tar", "data.labels=false",
+                    f"out_dir={tmp_path / 'run'}", *QUIET)
+    assert "data.labels: a class-conditional model (model.num_classes > 0) needs labels" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shard_specs_that_read_a_shard_twice_or_join_indexes(tmp_path, digits):
+    """Overlapping '::' ranges read some samples twice an epoch; 'a/index.json::b/index.json' was reported as an
+    index that does not exist; a file:// URL counted as remote (it needs no index)."""
+    pattern = f"{digits}/train-{{000000..000001}}.tar::{digits}/train-{{000001..000002}}.tar"
+    with pytest.raises(InputError, match=rf"names the shard {digits}/train-000001.tar twice"):
+        resolve_shards(pattern)
+    with pytest.raises(InputError, match=r"joins shard indexes; give one index\.json"):
+        resolve_shards(f"{digits}/index.json::{digits}/index.json")
+    from dtrain.data.shards import find_index
+
+    with pytest.raises(InputError, match="joins shard indexes"):
+        find_index(f"{digits}/index.json::{digits}/index.json")
+    root = tmp_path / "d"
+    shutil.copytree(digits, root)
+    (root / "index.json").unlink()
+    ss = resolve_shards(f"file://{root}/train-{{000000..000002}}.tar")
+    assert ss.total == json.loads((digits / "index.json").read_text())["total"] and ss.index is None
+    from dtrain.data.shards import from_arrays, write_shards
+
+    write_shards(from_arrays(np.zeros((4, 8, 8), np.uint8)), root / "u", num_shards=1, progress=False)
+    (root / "u" / "index.json").unlink()
+    with pytest.raises(InputError, match=rf"data.labels: the shards have no .cls labels \(file://{root}/u/train"):
+        WdsDataModule(f"file://{root}/u/train-000000.tar").setup()
+
+
+def test_folder_images_of_another_size_are_named(tmp_path, capsys):
+    """`dtrain shards folder` named the odd image by its position only."""
+    from PIL import Image
+
+    for name, size in (("a/one.png", 8), ("a/two.png", 8), ("b/odd.png", 9)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((size, 8), np.uint8)).save(tmp_path / name)
+    assert main(["shards", "folder", str(tmp_path), "--out", str(tmp_path / "s"), "--quiet", "--no-shuffle"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {tmp_path / 'b' / 'odd.png'}: shape (9, 8, 3) differs from the first image's (8, 8, 3) "
+            f"({tmp_path / 'a' / 'one.png'}); resize them") in err
+
+
 def test_shard_not_in_the_index(tmp_path, digits, recipe, fit_error):
     root = tmp_path / "d"
     shutil.copytree(digits, root)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from dtrain.data import shards as S
 from dtrain.data.wds import WdsDataModule, WdsStream, rank_batches, resolve_shards, split_batches
+from dtrain.errors import InputError
 
 
 def _members(path: Path) -> dict[str, dict[str, bytes]]:
@@ -729,6 +730,66 @@ def test_bad_samples_are_skipped_counted_and_refilled(tmp_path, caplog):
         list(in_process.train_dataloader())  # the log names shard and key (worker processes log to stderr)
     assert f"skipped sample {keys[2]} of {shard0}" in caplog.text and "UnidentifiedImageError" in caplog.text
     assert f"skipped sample #9 of {shard2}" in caplog.text
+
+
+def _rewrite(path: Path, change) -> None:
+    """Rewrite the tar ``path`` with each member's bytes replaced by ``change(name, data)``."""
+    with tarfile.open(path) as tf:
+        members = [(ti, tf.extractfile(ti).read()) for ti in tf]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as out:
+        for ti, data in members:
+            data = change(ti.name, data)
+            ti.size = len(data)
+            out.addfile(ti, io.BytesIO(data))
+
+
+def test_a_latent_of_another_shape_or_a_colour_image_in_gray_shards_is_a_bad_sample(tmp_path):
+    """With the index's latent shape (and one channel) each such sample is skipped and counted (np.stack raised an
+    error naming nothing; a red image became gray silently); without an index a batch of mixed latents fails
+    naming the field."""
+    x = np.random.default_rng(0).integers(0, 256, (16, 4, 4), dtype=np.uint8)
+    lat = np.random.default_rng(0).standard_normal((16, 3)).astype(np.float32)
+    S.write_shards(S.from_arrays(x, np.arange(16)), tmp_path, num_shards=1, latents=lat, shuffle=False,
+                   progress=False)
+    shard = tmp_path / "train-000000.tar"
+    red, odd = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), [255, 0, 0], np.uint8)).save(red, format="PNG")
+    np.save(odd, np.zeros(4, np.float32))
+    _rewrite(shard, lambda name, data: {"00000003.npy": odd.getvalue(), "00000005.png": red.getvalue()}.get(name, data))
+    dm = WdsDataModule(str(tmp_path / "index.json"), batch_size=4, latents=True, shuffle=1, seed=0)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    for b in batches:
+        dm.on_before_batch_transfer(b, 0)
+    assert dm.bad_samples == 2 and not {3, 5} & set(_ids(batches))
+    (tmp_path / "index.json").unlink()
+    stream = WdsStream(resolve_shards(str(shard)), batch_size=4, latents=True, shuffle=1, shuffle_shards=False)
+    with pytest.raises(InputError, match=r"data.shards: latents of shapes \[\(3,\), \(4,\)\] in one batch"):
+        _epoch(stream, 0)
+
+
+def test_a_corrupt_header_or_a_cut_short_shard_without_an_index_fails_naming_it(tmp_path, capsys):
+    """tarfile ends its listing at a bad header without an error: a shard with no index lost every sample after a
+    corrupt member header (or its cut-off tail), unreported, and `dtrain shards index` wrote the short count."""
+    from dtrain.cli import main
+
+    root = _ids_dataset(tmp_path, 20, 2)
+    (root / "index.json").unlink()
+    a, b = sorted(root.glob("*.tar"))
+    with tarfile.open(a) as tf:
+        offsets = [ti.offset for ti in tf]
+    data = bytearray(a.read_bytes())
+    data[offsets[8] + 3] ^= 0xFF  # a name byte of the 5th sample's first member: its checksum fails
+    a.write_bytes(bytes(data))
+    b.write_bytes(b.read_bytes()[:len(b.read_bytes()) // 2])
+    for shard, why in ((a, "a corrupt header"), (b, "cut short")):
+        with pytest.raises(InputError, match=rf"data.shards: {shard} cannot be read as a tar shard \(ReadError: no "
+                                             rf"end-of-archive block after \d+ samples \({why}"):
+            resolve_shards(str(shard))
+        assert main(["shards", "index", str(shard), "--out", str(tmp_path / "i")]) == 2
+        assert f"{shard}: not a readable tar shard" in capsys.readouterr().err
+    good = _ids_dataset(tmp_path / "good", 8, 1)  # TarWriter's shards end as they should
+    assert S.scan_shard(good / "train-000000.tar")[0] == 8
 
 
 def test_a_batch_with_nothing_decodable_is_filled_from_further_on(tmp_path):
