@@ -275,6 +275,39 @@ def _progress_callback(update: Callable[..., None], total: int) -> Any:
 # The demo
 
 
+class Interrupted(Exception):
+    """The demo was stopped by a signal inside a stage (already reported); ``code`` is the exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold ``out/.demo.lock`` for a run: a second demo into one folder would rewrite the first one's runs."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / ".demo.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise StageError(f"--out: another dtrain demo (pid {pid}) is running in {out}; wait for it to end, or "
+                             "give this one another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class StageError(RuntimeError):
     """A stage cannot run (missing inputs); the message says what to run."""
 
@@ -490,19 +523,20 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         t_all = time.perf_counter()
         prev_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
         z = self.sizes
-        self.ui.print(f"[bold]dtrain demo[/] -> {self.out}  (teachers {z.teacher_steps} and {z.flow_teacher_steps} "
-                      f"steps, students {', '.join(s.name for s in STUDENTS)}; W&B {self.wandb}; torch threads "
-                      f"{self.threads}; details in {self.out / 'demo.log'})")
-        try:
-            with _quiet_logs(self.out / "demo.log"):
-                for i, stage in enumerate(STAGES):
-                    self._stage(i, stage)
-        finally:
-            torch.set_num_threads(prev_threads)
-        total = time.perf_counter() - t_all
-        self._write_summary(total)
+        with _locked(self.out):
+            torch.set_num_threads(self.threads)
+            self.ui.print(f"[bold]dtrain demo[/] -> {self.out}  (teachers {z.teacher_steps} and "
+                          f"{z.flow_teacher_steps} steps, students {', '.join(s.name for s in STUDENTS)}; W&B "
+                          f"{self.wandb}; torch threads {self.threads}; details in {self.out / 'demo.log'})")
+            try:
+                with _quiet_logs(self.out / "demo.log"):
+                    for i, stage in enumerate(STAGES):
+                        self._stage(i, stage)
+            finally:
+                torch.set_num_threads(prev_threads)
+            total = time.perf_counter() - t_all
+            self._write_summary(total)
         failed = [s for s, v in self.status.items() if v == "failed"]
         self.ui.print(f"\n[bold]done[/] in {total / 60:.1f} min" + (f"; [red]failed: {', '.join(failed)}[/] "
                       f"(tracebacks in {self.out / 'demo.log'})" if failed else ""))
@@ -542,9 +576,11 @@ class Demo:
         t0 = time.perf_counter()
         try:
             rec = (self._run_trained if stage in TRAINED else getattr(self, f"_run_{stage}"))(stage, key)
-        except KeyboardInterrupt:
-            self.ui.print("    [yellow]interrupted: rerun the same command to resume[/]")
-            raise
+        except (KeyboardInterrupt, SystemExit) as e:  # Lightning ends a Ctrl-C with sys.exit(1), dtrain fit a
+            term = isinstance(e, SystemExit) and e.code == 143  # SIGTERM with 143; both logged to demo.log only
+            self.ui.print(f"    [yellow]interrupted ({'SIGTERM' if term else 'Ctrl-C'}) in stage {stage}: rerun the "
+                          f"same command to resume[/]")
+            raise Interrupted(143 if term else 130) from None
         except Exception as e:
             if stage not in OPTIONAL:
                 raise
@@ -674,6 +710,10 @@ class Demo:
                              "specs": [f"{s.sampler}:{','.join(str(n) for n in z.student_nfe)}"], "title": s.title})
         return plan
 
+    def _stale(self) -> list[str]:
+        """The optional models trained before on inputs that changed since (eval leaves them out)."""
+        return [m for m in OPTIONAL if self._up_to_date(m) is None and self.record(m) is not None]
+
     def _run_eval(self, stage: str, key: str) -> _Record:
         import torch
 
@@ -700,6 +740,11 @@ class Demo:
                      "fid": res["fid"], "class_acc": res.get("class_acc"), "num": len(x), "seconds": 0.0,
                      "bundle": None})
         plan = self._eval_plan()
+        if stale := self._stale():  # trained before on inputs that changed since (a retrained teacher)
+            fast = " --fast" if self.sizes == FAST else ""
+            self.ui.print(f"    [yellow]not scored, out of date: {', '.join(stale)}[/] (their inputs changed); "
+                          f"`dtrain demo{fast} --out {self.out} --stages {' '.join(stale)} eval report` retrains them")
+        shutil.rmtree(self.out / "grids", ignore_errors=True)  # the grids of models no longer scored go too
         points = [(p, name, n) for p in plan for name, nfes in parse_specs(p["specs"]) for n in nfes]
         grids: dict[str, str] = {}
         best: dict[str, tuple[float, Any, str, int]] = {}
@@ -845,7 +890,11 @@ class Demo:
             before = {}
         for stage, status in self.status.items():
             if status == "not selected" and (before.get("stages") or {}).get(stage) in ("ran", "skipped",
-                                                                                         "done earlier"):
+                                                                                         "done earlier",
+                                                                                         "out of date"):
+                if self._up_to_date(stage) is None:  # its inputs changed in this run (a new teacher)
+                    self.status[stage] = "out of date"
+                    continue
                 self.status[stage] = "done earlier"
                 if stage in (before.get("timings") or {}):
                     self.timings.setdefault(stage, before["timings"][stage])
@@ -975,10 +1024,24 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     stages = None
     if args.stages:
         stages = [s for a in args.stages for s in a.replace(",", " ").split()]
+        if not stages:
+            print(f"dtrain demo: --stages: no stage given; choose from {' '.join(STAGES)}", file=sys.stderr)
+            return 2
     try:
         return run_demo(args.out, fast=args.fast, stages=stages, threads=args.threads, wandb=args.wandb,
                         force=args.force)
     except StageError as e:
         print(f"dtrain demo: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        return e.code
+    except KeyboardInterrupt:
+        print("dtrain demo: interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a quota: one line (the traceback goes to demo.log when it is open)
+        if e.errno is None:
+            raise
+        out = args.out or ("runs/demo-fast" if args.fast else "runs/demo")
+        print(f"dtrain demo: cannot write {e.filename or 'to ' + str(out)}: {e.strerror or e}", file=sys.stderr)
         return 2
 

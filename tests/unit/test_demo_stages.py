@@ -160,3 +160,56 @@ def test_threads_and_logging_do_not_make_trained_stages_stale(out: Path) -> None
     assert Demo(out, sizes=FAST, quiet=True, threads=2).key("pd") == d.key("pd")
     other = Demo(out, sizes=FAST.__class__(**{**FAST.__dict__, "seed": FAST.seed + 1}), quiet=True)
     assert other._key("teacher") != key
+
+
+def test_stages_not_run_whose_inputs_changed_are_out_of_date_not_done(out: Path) -> None:
+    """`--stages teacher eval report` after a teacher change: demo.json said 'done earlier' of the students trained
+    on the old teacher, and eval dropped them without a word; now they are 'out of date' and eval names them."""
+    d = Demo(out, sizes=FAST, quiet=True)
+    _fake(d, "cd")
+    _fake(d, "ctm")
+    (out / "demo.json").write_text(json.dumps({"stages": {"cd": "ran", "ctm": "ran", "teacher": "ran"}}))
+    rec = d.record("cd")
+    d._write_record(_Record("cd", "a key of another teacher", "done", rec.outputs, {}, 1.0, digest="x"))
+    d = Demo(out, sizes=FAST, quiet=True, stages=["eval"])
+    assert d._stale() == ["cd"] and [p["model"] for p in d._eval_plan()] == ["teacher", "ctm"]
+    d.status = {s: "not selected" for s in STAGES}
+    d._write_summary(0.0)
+    said = json.loads((out / "demo.json").read_text())["stages"]
+    assert said["cd"] == "out of date" and said["ctm"] == "done earlier" and said["teacher"] == "done earlier"
+
+
+def test_a_second_demo_into_a_busy_folder_is_refused(tmp_path: Path, capsys) -> None:
+    """Two demos into one folder rewrote each other's runs (one resumed the other's checkpoint, one crashed)."""
+    import fcntl
+
+    from dtrain.cli import main
+
+    with open(tmp_path / ".demo.lock", "w") as f:
+        f.write("4242")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["demo", "--fast", "--out", str(tmp_path), "--stages", "shards"]) == 2
+    assert (f"dtrain demo: --out: another dtrain demo (pid 4242) is running in {tmp_path}; wait for it to end"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "shards").exists()
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--stages", ","]) == 2
+    assert "dtrain demo: --stages: no stage given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("stop", "code", "said"), [(KeyboardInterrupt(), 130, "Ctrl-C"),
+                                                     (SystemExit(1), 130, "Ctrl-C"),  # Lightning's Ctrl-C
+                                                     (SystemExit(143), 143, "SIGTERM")])  # dtrain fit's SIGTERM
+def test_a_signal_inside_a_stage_is_said_on_the_terminal(out: Path, monkeypatch, capsys, stop, code, said) -> None:
+    """Lightning turns Ctrl-C into sys.exit(1) and dtrain fit SIGTERM into exit 143, both past the demo's handler and
+    logged to demo.log only: the terminal showed nothing, or a traceback."""
+    from dtrain.cli import main
+
+    def stopped(self, stage, key):
+        raise stop
+
+    monkeypatch.setattr(Demo, "_run_trained", stopped)
+    assert main(["demo", "--fast", "--out", str(out), "--stages", "cd"]) == code
+    cap = capsys.readouterr()
+    assert f"interrupted ({said}) in stage cd: rerun the same command to resume" in cap.out
+    assert "Traceback" not in cap.err + cap.out
