@@ -42,7 +42,7 @@ from dtrain.diffusion.timesteps import SPACINGS
 from dtrain.errors import InputError, check_count, check_writable
 from dtrain.fileio import replacing
 from dtrain.registry import Registry
-from dtrain.samplers.base import check_device, initial_noise
+from dtrain.samplers.base import check_device, initial_noise, prior_std
 
 __all__ = [
     "FORMAT",
@@ -470,11 +470,14 @@ class Pipeline:
         clip: bool = True,
         callback: Callable[[dict[str, Any]], None] | None = None,
         times: Sequence[float] | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """n samples as float32 [n, *shape]; images are clamped to ``image.range`` (e.g. [-1, 1]) unless
         ``clip=False``. Unset arguments take the bundle's defaults (``dtrain.json`` ``sampler``). ``times``: the
         interior times of an explicit grid [t_max, *times, 0] (e.g. multistep consistency sampling at chosen times);
-        it replaces ``nfe`` and ``spacing``."""
+        it replaces ``nfe`` and ``spacing``. ``noise``: the standard normal z [n, *shape] of x_T = sigma(t_max) z
+        (default: drawn from ``generator``), e.g. one draw for many batches, so that a deterministic sampler's
+        samples do not depend on the batch split."""
         from dtrain.samplers import check_eta, run
 
         s = self.info["sampler"]
@@ -516,7 +519,14 @@ class Pipeline:
         model = self.guided(cond, float(s["guidance"] if w is None else w))
         if grid is None:
             grid = _default_grid(model.schedule, name, nfe, spacing or s["spacing"], "nfe")
-        x = initial_noise(model.schedule, n, self.shape, generator, self.device)  # the schedule the sampler runs on
+        if noise is None:
+            x = initial_noise(model.schedule, n, self.shape, generator, self.device)  # the sampler's schedule
+        elif not isinstance(noise, Tensor) or tuple(noise.shape) != (n, *self.shape):
+            got = list(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise InputError(f"noise: need a tensor of shape {[n, *self.shape]} (n samples of the bundle's shape), "
+                             f"got {got}")
+        else:
+            x = (noise.float() * prior_std(model.schedule)).to(self.device)
         x = run(name, model, x, nfe, cond=cond, generator=generator, callback=callback, grid=grid, **opts)
         rng = self.info["image"]["range"]
         return x.clamp(*rng) if clip and rng is not None else x

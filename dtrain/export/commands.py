@@ -149,11 +149,12 @@ def run_sample(args: argparse.Namespace) -> Path:
     elif args.nfe is not None:
         pipe.check_nfe(args.nfe, sampler, "--nfe")
     g = torch.Generator(device).manual_seed(args.seed)
+    z = torch.randn((args.num, *pipe.shape), generator=g, device=device)  # one draw: x_T is not batch-dependent
     xs = []
     for i in range(0, args.num, args.batch_size):
         b = min(args.batch_size, args.num - i)
         xs.append(pipe.sample(b, nfe=args.nfe, labels=None if cond is None else cond[i: i + b], w=args.w,
-                              generator=g, sampler=args.sampler, times=times).cpu())
+                              generator=g, sampler=args.sampler, times=times, noise=z[i: i + b]).cpu())
     out = save_samples(args.out, torch.cat(xs), cond, pipe, args.nrow)
     s = pipe.info["sampler"]
     steps = f"times={times}" if times else f"nfe={s['nfe'] if args.nfe is None else args.nfe}"

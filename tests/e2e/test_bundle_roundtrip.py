@@ -103,3 +103,7 @@ def test_cli_export_then_sample(trained):
     assert np.array_equal(z["samples"], ref.clamp(-1, 1).numpy()) and z["labels"].tolist() == labels.tolist()
     assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
     assert (tmp / "grid.png").stat().st_size > 0
+    for bs in ("5", "1"):  # x_T is one draw: a deterministic sampler's samples do not depend on the batch split
+        assert main(["sample", str(tmp / "cli"), "--num", "12", "--seed", "4", "--batch-size", bs, "--out",
+                     str(tmp / f"s{bs}.npz")]) == 0
+        np.testing.assert_allclose(np.load(tmp / f"s{bs}.npz")["samples"], z["samples"], rtol=0, atol=1e-5)

@@ -235,6 +235,17 @@ def test_mlp_bundle_holds_vectors(tmp_path):
         pipe.sample(2, w=2.0)
     with pytest.raises(InputError, match=r"use \.npz"):
         commands.save_samples(tmp_path / "g.png", x, None, pipe)
+    from dtrain.cli import main
+
+    for bs in (16, 3):  # x_T is one draw for all: torch draws 16+ normals in another order than a few (and CUDA
+        assert main(["sample", str(tmp_path / "b"), "--num", "16", "--nfe", "2", "--batch-size", str(bs),  # any
+                     "--out", str(tmp_path / f"s{bs}.npz")]) == 0  # split), so batches of 3 gave other samples
+    np.testing.assert_allclose(np.load(tmp_path / "s3.npz")["samples"], np.load(tmp_path / "s16.npz")["samples"],
+                               rtol=0, atol=1e-6)
+    one = pipe.sample(16, nfe=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "s16.npz")["samples"]), one)  # = one batch, seed 0
+    with pytest.raises(InputError, match=r"noise: need a tensor of shape \[5, 2\]"):
+        pipe.sample(5, noise=torch.zeros(4, 2))
 
 
 # ---------------------------------------------------------------------------------------------
