@@ -10,9 +10,10 @@ command line), the dotted key and the reason, e.g.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -495,10 +496,35 @@ def _switched(sources: list[tuple[str, DictConfig]], final: Mapping[str, Any], s
 
 def _schema_for(section: str, name: Any, source: str) -> Any:
     table = SCHEMAS[section]
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise RecipeError(source, f"{section}.name", f"unknown {section} {name!r}; choose one of {sorted(table)}"
                           + _suggest(str(name), list(table)))
     return table[name]()
+
+
+def _container_clash(base: DictConfig, cfg: DictConfig, source: str) -> RecipeError:
+    """The error for a list set as a mapping (``ema.decays.0=0.5``: element overrides) or the other way round."""
+    found = _clash(base, cfg, "")
+    if found is None:
+        return RecipeError(source, "recipe", "a list and a mapping meet in the merge")
+    key, here = found
+    if isinstance(here, ListConfig):
+        return RecipeError(source, key, f"a list: give the whole list, e.g. {key}="
+                           f"{json.dumps(OmegaConf.to_container(here), separators=(',', ':'))} "
+                           f"(single elements such as {key}.0=... cannot be set)")
+    return RecipeError(source, key, "a mapping of keys, not a list")
+
+
+def _clash(base: Any, cfg: DictConfig, prefix: str) -> tuple[str, Any] | None:
+    """(dotted key, base's node) of the first key of ``cfg`` whose container kind differs from ``base``'s."""
+    for k, v in cfg.items_ex(resolve=False):
+        key, here = f"{prefix}{k}", base.get(k) if isinstance(base, DictConfig) else None
+        if isinstance(here, ListConfig | DictConfig) and isinstance(v, ListConfig | DictConfig) \
+                and isinstance(v, ListConfig) != isinstance(here, ListConfig):
+            return key, here
+        if isinstance(v, DictConfig) and (inner := _clash(here, v, f"{key}.")) is not None:
+            return inner
+    return None
 
 
 def _key_error(e: OmegaConfBaseException, source: str) -> RecipeError:
@@ -534,8 +560,9 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
     """Load, merge and validate a recipe; returns a resolved, read-only DictConfig."""
     sources = _sources(Path(path)) if path is not None else []
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError("command line", item, "an override is key=value, e.g. trainer.max_steps=1000")
+        if "=" not in item or "" in item.split("=", 1)[0].strip().split("."):  # no key, or an empty part of one
+            raise RecipeError("command line", item, "an override is key=value with a dotted key, e.g. "
+                              "trainer.max_steps=1000")
     for item in overrides:  # one at a time, so a parse error names its item
         try:
             OmegaConf.from_dotlist([item])
@@ -555,7 +582,12 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
                 got = OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], ListConfig) else cfg[k]
                 raise RecipeError(src, str(k), f"a section: a mapping of keys (set one with {k}.<key>=value on the "
                                   f"command line), not {got!r}")
-    raw = OmegaConf.merge(*(c for _, c in sources)) if sources else OmegaConf.create()
+    raw = OmegaConf.create()
+    for src, cfg in sources:
+        try:
+            raw = OmegaConf.merge(raw, cfg)
+        except TypeError:  # omegaconf's "Cannot merge incompatible container types": a list meets a mapping
+            raise _container_clash(raw, cfg, src) from None
     sections, names = {}, {}
     for sec, default in DEFAULT_NAMES.items():
         names[sec] = OmegaConf.select(raw, f"{sec}.name", default=default)
@@ -568,6 +600,8 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, valid
             merged = OmegaConf.merge(merged, cfg)
         except OmegaConfBaseException as e:
             raise _key_error(e, src) from None
+        except TypeError:
+            raise _container_clash(merged, cfg, src) from None
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as e:  # the source that wrote the ${...}
@@ -648,6 +682,24 @@ def _check_schedule_build(cfg: DictConfig) -> list[tuple[str, str]]:
         where, _, reason = str(e).partition(": ")
         return [(where, reason) if where.startswith("schedule") and reason else ("schedule", str(e))]
     return []
+
+
+INFINITE_OK = ("method.max_span",)  # float keys where .inf means "no bound"
+
+
+def _check_finite(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Every float of a recipe is a finite number (range checks written as ``x < 0`` let NaN and inf through)."""
+
+    def walk(node: Any, prefix: str) -> Iterator[tuple[str, float]]:
+        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+        for k, v in items:
+            key = f"{prefix}.{k}" if isinstance(node, DictConfig) else f"{prefix}[{k}]"
+            if isinstance(v, DictConfig | ListConfig):
+                yield from walk(v, key)
+            elif isinstance(v, float) and not math.isfinite(v) and not (math.isinf(v) and key in INFINITE_OK):
+                yield key, v
+
+    return [(key.lstrip("."), f"must be a finite number, got {v}") for key, v in walk(cfg, "")][:1]
 
 
 @register_validator
@@ -795,14 +847,22 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
         if m.channels % 2:
             bad.append(("model.channels", f"must be even (its sinusoidal time features are sin / cos pairs), got "
                         f"{m.channels}"))
-        if not 0 <= m.dropout < 1:
-            bad.append(("model.dropout", "must be in [0, 1)"))
         for key in ("channels", "num_res_blocks"):
             if m[key] < 1:
                 bad.append((f"model.{key}", "must be >= 1"))
-    elif m.name == "mlp" and (m.hidden < 1 or min(m.hidden, 128) % 2):
-        bad.append(("model.hidden", f"must be >= 1 and even below 128 (min(hidden, 128) sinusoidal time features, sin "
-                    f"/ cos pairs), got {m.hidden}"))
+    elif m.name == "mlp":
+        if m.hidden < 1 or min(m.hidden, 128) % 2:
+            bad.append(("model.hidden", f"must be >= 1 and even below 128 (min(hidden, 128) sinusoidal time features, "
+                        f"sin / cos pairs), got {m.hidden}"))
+        if m.depth < 0:
+            bad.append(("model.depth", f"must be >= 0 (residual blocks), got {m.depth}"))
+    if "dropout" in m and not 0 <= m.dropout < 1:
+        bad.append(("model.dropout", f"must be in [0, 1), got {m.dropout}"))
+    if not m.sigma_data > 0:
+        bad.append(("model.sigma_data", f"must be > 0 (the data's standard deviation), got {m.sigma_data}"))
+    if m.clip_x0 is not None and not m.clip_x0 > 0:
+        bad.append(("model.clip_x0", f"must be null (no clipping) or > 0 (x0 clamped to [-clip_x0, clip_x0]), got "
+                    f"{m.clip_x0}"))
     if d.name in _DATA_SHAPES:
         want_model, fields_, labels = _DATA_SHAPES[d.name](d)
         if m.name != want_model:
@@ -868,9 +928,13 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
             or (isinstance(dev, str) and all(p.strip().isascii() and p.strip().isdecimal() for p in dev.split(",")
                                              if p.strip())
                 and dev.strip(", ") and ("," in dev or int(dev) >= 1))  # "2": a count; "0,1" / "0,": ids
-            or (isinstance(dev, ListConfig | list) and len(dev) > 0)):
+            or (isinstance(dev, ListConfig | list) and len(dev) > 0
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dev))):
         bad.append(("trainer.devices", f"must be 'auto', a count >= 1 (-1: all), device ids [0, 1] or '0,1', "
                     f"got {dev!r}"))
+    elif t.accelerator == "cpu" and (isinstance(dev, ListConfig | list) or (isinstance(dev, str) and "," in dev)):
+        bad.append(("trainer.devices", f"{dev!r} are GPU ids; with trainer.accelerator=cpu give a count of "
+                    "processes (e.g. 2)"))
     if cfg.sampler.nfe < 1:
         bad.append(("sampler.nfe", "must be >= 1 (network evaluations per sample)"))
     if cfg.sampler.eta is not None and not 0 <= cfg.sampler.eta <= 1:
@@ -1140,6 +1204,9 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
     except Exception:  # a bad schedule is reported by its own check
         return []
     return [] if why is None else [("model.param", why)]
+
+
+register_validator(_check_finite)  # after the checks of single keys, whose messages say more
 
 
 def _check_eval_inputs(cfg: DictConfig, where: Any, here: bool = True) -> None:

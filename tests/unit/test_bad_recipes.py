@@ -114,6 +114,21 @@ CASES = [
      "data", "shuffle >= 1"),
     ("offload without deepspeed", GMM, "strategy:\n  name: ddp\n  offload_optimizer: true\n",
      "strategy.offload_optimizer", "needs strategy.name=deepspeed"),
+    # a fuzz of every recipe key: these crashed deep in omegaconf / torch, or were taken and failed later
+    ("a mapping for a list", GMM, "ema:\n  decays:\n    fast: 0.9\n", "ema.decays",
+     "a list: give the whole list, e.g. ema.decays=[0.99]"),
+    ("a list for a model name", GMM, "model:\n  name: [mlp]\n", "model.name", "unknown model ['mlp']; choose one"),
+    ("MLP dropout out of range", GMM, "model:\n  dropout: -1.0\n", "model.dropout", "must be in [0, 1), got -1.0"),
+    ("MLP of negative depth", GMM, "model:\n  depth: -1\n", "model.depth", "must be >= 0"),
+    ("NaN guidance", PD_DIGITS, "sampler:\n  guidance: .nan\n", "sampler.guidance", "must be a finite number"),
+    ("infinite time std", GMM, "method:\n  time_sampling: lognormal\n  p_std: .inf\n", "method.p_std",
+     "must be a finite number, got inf"),
+    ("infinite Adam eps", GMM, "optim:\n  eps: .inf\n", "optim.eps", "must be a finite number"),
+    ("zero sigma_data", GMM, "model:\n  param: edm\n  sigma_data: 0.0\n", "model.sigma_data", "must be > 0"),
+    ("negative x0 clip", GMM, "model:\n  clip_x0: -1.0\n", "model.clip_x0", "must be null (no clipping) or > 0"),
+    ("GPU ids on CPU", GMM, "trainer:\n  accelerator: cpu\n  devices: [0]\n", "trainer.devices",
+     "are GPU ids; with trainer.accelerator=cpu give a count"),
+    ("device ids that are not ids", GMM, "trainer:\n  devices: [x]\n", "trainer.devices", "got ['x']"),
 ]
 
 
@@ -141,6 +156,24 @@ def test_command_line_override_is_named(tmp_path):
     with pytest.raises(RecipeError) as e:
         fit(GMM, ["trainer.max_bad_steps=-2", f"out_dir={tmp_path}"])
     assert e.value.source == "command line" and e.value.key == "trainer.max_bad_steps"
+
+
+@pytest.mark.parametrize(("item", "key", "reason"), [
+    ("ema.decays.0=0.5", "ema.decays", "a list: give the whole list, e.g. ema.decays=[0.99] (single elements"),
+    ("model.channel_mult.1=3", "model.channel_mult", "e.g. model.channel_mult=[1,2] ("),
+    ("optim.betas={a: 1}", "optim.betas", "a list: give the whole list"),
+    ("method.name=[1,2]", "method.name", "unknown method [1, 2]; choose one of"),
+    ("=5", "=5", "an override is key=value with a dotted key"),
+    ("trainer..max_steps=1", "trainer..max_steps=1", "an override is key=value with a dotted key"),
+])
+def test_malformed_overrides_are_named(tmp_path, item, key, reason):
+    """An element override of a list (the natural ema.decays.0=0.5) raised omegaconf's TypeError, a list name an
+    unhashable-type TypeError; an empty key part was an 'unknown section'."""
+    recipe = DIGITS if "channel_mult" in item else GMM
+    with pytest.raises(RecipeError) as e:
+        fit(recipe, [item, f"out_dir={tmp_path / 'runs'}"])
+    assert (e.value.source, e.value.key) == ("command line", key) and reason in e.value.reason, str(e.value)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_lpips_that_cannot_run_here_fails_at_launch_and_in_a_dry_run(tmp_path, monkeypatch, cli_error):
