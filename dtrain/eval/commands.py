@@ -188,8 +188,8 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
         raise InputError(f"{key}: {guidance}, but bundle kind {info.get('kind')!r} does not support guidance "
                          f"(use 1)")
     seed = int(_default(args.seed, ev, "seed", 0))
-    if seed < 0:
-        raise InputError(f"{'--seed' if args.seed is not None else 'eval.seed'}: must be >= 0, got {seed}")
+    if not 0 <= seed < 2**32:  # the recipe's eval.seed range
+        raise InputError(f"{'--seed' if args.seed is not None else 'eval.seed'}: must be in [0, 2^32), got {seed}")
     num, batch = int(_default(args.num, ev, "num", 1000)), int(_default(args.batch_size, ev, "batch_size", 250))
     if num < 2 or batch < 1:  # from the recipe
         raise InputError(f"eval.num / eval.batch_size: need num >= 2 and batch_size >= 1, got {num}, {batch}")

@@ -168,14 +168,24 @@ def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
     if not isinstance(ncls, int) or isinstance(ncls, bool) or ncls < 0:
         raise BundleError(f, "model.num_classes", f"must be an int >= 0, got {ncls!r}")
     names = info["class_names"]
-    if len(names) != ncls or not all(isinstance(n, str) for n in names):
-        raise BundleError(f, "class_names", f"need {ncls} strings (model.num_classes), got {names!r:.80}")
+    if len(names) != ncls or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise BundleError(f, "class_names", f"need {ncls} distinct strings (model.num_classes), got {names!r:.80}")
+    sd = model.get("sigma_data", 0.5)
+    if not (_finite(sd) and sd > 0):
+        raise BundleError(f, "model.sigma_data", f"must be a number > 0, got {sd!r}")
+    for key in ("input_scaling", "second_time", "w_cond"):
+        if key in model and not isinstance(model[key], bool):
+            raise BundleError(f, f"model.{key}", f"must be true or false, got {model[key]!r}")
     if sampler["nfe"] < 1:
         raise BundleError(f, "sampler.nfe", f"must be >= 1, got {sampler['nfe']}")
     if sampler["spacing"] is not None and sampler["spacing"] not in SPACINGS:
         raise BundleError(f, "sampler.spacing", f"unknown spacing {sampler['spacing']!r}; choose one of {SPACINGS}")
-    if not _finite(sampler["guidance"]):
-        raise BundleError(f, "sampler.guidance", f"must be a finite number, got {sampler['guidance']!r}")
+    g = sampler["guidance"]
+    if not (_finite(g) and g >= 0):
+        raise BundleError(f, "sampler.guidance", f"must be a finite number >= 0 (1: no guidance), got {g!r}")
+    if g != 1 and (ncls == 0 or kind_guide(info["kind"], str(f)) is None):  # every default sample would fail
+        why = "the model has no classes" if ncls == 0 else f"bundle kind {info['kind']!r} has no guidance"
+        raise BundleError(f, "sampler.guidance", f"{g}, but {why}: the default must be 1")
     if sampler["eta"] is not None and not (_finite(sampler["eta"]) and 0 <= sampler["eta"] <= 1):
         raise BundleError(f, "sampler.eta", f"must be null or a number in [0, 1], got {sampler['eta']!r}")
     clip = model.get("clip_x0")
@@ -598,13 +608,20 @@ def save_bundle(
 ) -> Path:
     """Write ``state`` (floating tensors cast to ``dtype``) and ``info`` (all of dtrain.json but ``weights``
     and ``format``) as a bundle. Both files are written in full to temporary names first (``dtrain.fileio``), then
-    renamed into place back to back, ``dtrain.json`` last: a crash leaves the previous bundle (or none) whole."""
+    renamed into place back to back, ``dtrain.json`` last: a crash while writing leaves the previous bundle (or none)
+    whole; a kill between the two renames leaves new weights beside the old dtrain.json, which loading refuses by
+    their sha256. A tensor that is not finite after the cast (fp16 overflows above 65504) is refused."""
     from safetensors.torch import save
 
     out = check_out(out, overwrite)
     dname = _weights_dtype_name(dtype)
     tensors = {k: (v.detach().to("cpu", DTYPES[dname]) if v.is_floating_point() else v.detach().cpu()).contiguous()
                for k, v in state.items()}
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            why = (f"overflows {dname} (values beyond its range; export fp32 or bf16)"
+                   if bool(torch.isfinite(state[k]).all()) else "holds NaN / inf (a diverged model?)")
+            raise BundleError(out / WEIGHTS_FILE, f"tensor {k!r}", why)
     full = {"format": FORMAT, **{k: v for k, v in info.items() if k not in ("format", "weights")},
             "weights": {"file": WEIGHTS_FILE, "sha256": "0" * 64, "dtype": dname, "ema": ema,
                         "num_params": sum(t.numel() for t in tensors.values() if t.is_floating_point())}}

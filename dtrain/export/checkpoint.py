@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dtrain.errors import InputError
+from dtrain.errors import InputError, first_line
 from dtrain.export.bundle import (
     INFO_FILE,
     BundleError,
@@ -140,10 +140,18 @@ def read_schedule(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if is_bundle(path):
-        return make_schedule(**read_info(path)["schedule"]).to_dict()
+        info = read_info(path)
+        try:
+            return make_schedule(**info["schedule"]).to_dict()
+        except (ValueError, TypeError, KeyError) as e:
+            raise BundleError(path / INFO_FILE, "schedule", f"cannot rebuild the schedule: {first_line(e)}") from None
     ckpt = _sharded_meta(path) if path.is_dir() else _load_file(path, mmap=True)
     recipe = _check_ckpt(ckpt, path)["dtrain"]["recipe"]
-    return schedule_from_config(recipe["schedule"]).to_dict()
+    try:
+        return schedule_from_config(recipe["schedule"]).to_dict()
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(path, "dtrain.recipe.schedule", f"cannot rebuild the schedule: {first_line(e)}"
+                              ) from None
 
 
 def read_kind(path: str | Path) -> str | None:

@@ -121,8 +121,8 @@ def run_sample(args: argparse.Namespace) -> Path:
     for flag, v in (("--num", args.num), ("--batch-size", args.batch_size), ("--nfe", args.nfe), ("--nrow", args.nrow)):
         if v is not None and v < 1:
             raise InputError(f"{flag}: must be >= 1, got {v}")
-    if args.seed < 0:  # as dtrain eval's
-        raise InputError(f"--seed: must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**63:  # a torch generator's seed
+        raise InputError(f"--seed: must be in [0, 2^63), got {args.seed}")
     times = None
     if getattr(args, "times", None) and args.nfe is not None:
         raise InputError("--times: the grid's interior times set the steps (len(times) + 1); give --times or --nfe, "

@@ -184,6 +184,29 @@ def test_an_overwrite_that_crashes_keeps_the_previous_bundle(tmp_path, monkeypat
     B.load_bundle(out, verify=True).sample(1, nfe=1)
 
 
+def test_export_refuses_weights_and_defaults_the_bundle_cannot_use(tmp_path):
+    """fp16 turned a weight above 65504 into inf without a word; --guidance was written for a model without classes
+    (ignored) or of a kind without guidance (every default sample failed); a teacher bundle whose schedule does not
+    rebuild gave a KeyError traceback to a student's checks."""
+    ckpt, path = make_ckpt(tmp_path / "t.ckpt")
+    ckpt["state_dict"]["ema.0_999.conv_in.weight"][0, 0, 0, 0] = 1e5
+    torch.save(ckpt, path)
+    with pytest.raises(B.BundleError, match=r"model\.safetensors: tensor 'conv_in\.weight': overflows float16 "
+                                            r"\(values"):
+        C.export_checkpoint(path, tmp_path / "b", dtype="fp16")
+    assert not (tmp_path / "b").exists()
+    C.export_checkpoint(path, tmp_path / "b", dtype="bf16")
+    mlp = {"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "num_classes": 0, "param": "v"}
+    _, g = make_ckpt(tmp_path / "g.ckpt", model=mlp)
+    with pytest.raises(B.BundleError, match=r"sampler\.guidance: 3\.0, but the model has no classes"):
+        C.export_checkpoint(g, tmp_path / "c", sampler={"guidance": 3.0})
+    info = json.loads((tmp_path / "b" / "dtrain.json").read_text())
+    info["schedule"]["name"] = "nope"
+    (tmp_path / "b" / "dtrain.json").write_text(json.dumps(info))
+    with pytest.raises(B.BundleError, match=r"dtrain\.json: schedule: cannot rebuild the schedule: .*'nope'"):
+        C.read_schedule(tmp_path / "b")
+
+
 def test_a_stored_grid_follows_the_sampler_and_nfe(tmp_path):
     """A checkpoint's grid (a PD student's, 4 DDIM steps) goes into the bundle with its sampler and NFE; an export
     asking for another NFE or sampler gets the default grid instead of a grid of another cost, and a dtrain.json
@@ -373,11 +396,15 @@ def test_missing_key_is_named(exported, key):
     (lambda i: i["sampler"].update(grid=[1.0, 0.5]), r"sampler\.grid: must be strictly decreasing"),
     (lambda i: i["image"].update(shape=[1, 0, 4]), r"image\.shape"),
     (lambda i: i["image"].update(range=[1, -1]), r"image\.range"),
-    (lambda i: i.update(class_names=["a"]), r"class_names: need 3 strings"),
+    (lambda i: i.update(class_names=["a"]), r"class_names: need 3 distinct strings"),
+    (lambda i: i.update(class_names=["a", "a", "b"]), r"class_names: need 3 distinct strings"),
+    (lambda i: i["model"].update(sigma_data=-1), r"model\.sigma_data: must be a number > 0, got -1"),
+    (lambda i: i["model"].update(input_scaling="false"), r"model\.input_scaling: must be true or false, got 'false'"),
+    (lambda i: i["sampler"].update(guidance=-2.0), r"sampler\.guidance: must be a finite number >= 0"),
     (lambda i: i["model"].update(param="epsilon"), r"model\.param: unknown parameterization"),
     (lambda i: i["model"].update(channels=16), r"model\.safetensors: tensor '[^']+': shape \(\d+, \d+\), the "
                                                r"network built from dtrain\.json 'model' needs \(\d+, \d+\)"),
-    (lambda i: i["model"].update(num_classes=4), r"class_names: need 4 strings"),
+    (lambda i: i["model"].update(num_classes=4), r"class_names: need 4 distinct strings"),
     (lambda i: (i["model"].update(resolution=5), i["image"].update(shape=[i["image"]["shape"][0], 5, 5])),
      r"dtrain\.json: model: cannot build the network: ValueError: model\.resolution 5 is not divisible"),
     (lambda i: i["model"].update(chanels=8), r"dtrain\.json: model: cannot build the network: .*chanels"),

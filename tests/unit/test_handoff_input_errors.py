@@ -144,11 +144,13 @@ def test_eval_unknown_builtin_ref_stats(ckpt_bundle, tmp_path, cli_error) -> Non
     assert "['digits:train', 'digits:test', 'digits:all']" in err
 
 
-def test_eval_negative_seed(ckpt_bundle, tmp_path, cli_error) -> None:
-    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--seed", "-1", "--out", str(tmp_path / "e"))
-    assert err.endswith("--seed: must be >= 0, got -1")
-    err = cli_error("sample", str(ckpt_bundle[1]), "--seed", "-1", "--out", str(tmp_path / "s.npz"))
-    assert err.endswith("--seed: must be >= 0, got -1")  # dtrain sample took it (torch accepts any int64 seed)
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_eval_and_sample_seeds_out_of_range(ckpt_bundle, tmp_path, cli_error, seed) -> None:
+    """dtrain sample took -1 (torch accepts any int64 seed) and 2^64 crashed in Generator.manual_seed."""
+    err = cli_error("eval", str(ckpt_bundle[1]), *EVAL, "--seed", seed, "--out", str(tmp_path / "e"))
+    assert err.endswith(f"--seed: must be in [0, 2^32), got {seed}")
+    err = cli_error("sample", str(ckpt_bundle[1]), "--seed", seed, "--out", str(tmp_path / "s.npz"))
+    assert err.endswith(f"--seed: must be in [0, 2^63), got {seed}")
 
 
 @pytest.mark.parametrize("ema", ["0.99", "raw", "nonsense"])
@@ -243,6 +245,12 @@ def test_sample_guidance_of_a_kind_without_it(ckpt_bundle, tmp_path, monkeypatch
     bundle = Path(shutil.copytree(ckpt_bundle[1], tmp_path / "b"))
     info = json.loads((bundle / "dtrain.json").read_text())
     (bundle / "dtrain.json").write_text(json.dumps({**info, "kind": "unguided"}))
+    assert info["sampler"]["guidance"] == 2.0  # a default this kind cannot take: every plain sample failed
+    err = sample_error(bundle, tmp_path / "g.png")
+    assert ("dtrain.json: sampler.guidance: 2.0, but bundle kind 'unguided' has no guidance: the default must be 1"
+            in err)
+    (bundle / "dtrain.json").write_text(json.dumps({**info, "kind": "unguided",
+                                                    "sampler": {**info["sampler"], "guidance": 1.0}}))
     err = sample_error(bundle, tmp_path / "g.png", "--w", "2")
     assert err.startswith("dtrain sample: --w: bundle kind 'unguided' does not support guidance")
     assert main(["sample", str(bundle), "--num", "2", "--nfe", "1", "--w", "1", "--out", str(tmp_path / "g.png")]) == 0
