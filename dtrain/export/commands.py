@@ -157,7 +157,13 @@ def run_sample(args: argparse.Namespace) -> Path:
                               generator=g, sampler=args.sampler, times=times, noise=z[i: i + b]).cpu())
     out = save_samples(args.out, torch.cat(xs), cond, pipe, args.nrow)
     s = pipe.info["sampler"]
-    steps = f"times={times}" if times else f"nfe={s['nfe'] if args.nfe is None else args.nfe}"
+    steps = f"times={times}"
+    if not times:  # a budget a 2-call-per-step sampler cannot spend exactly (heun at 4: 2 steps, 3 calls)
+        from dtrain.samplers import SAMPLERS, steps_for_nfe
+
+        asked = s["nfe"] if args.nfe is None else args.nfe
+        spent = SAMPLERS.get(sampler).nfe(steps_for_nfe(sampler, asked))
+        steps = f"nfe={spent}" + (f" (of {asked} asked)" if spent != asked else "")
     w = s.get("guidance", 1.0) if args.w is None else args.w
     print(f"wrote {out}: {args.num} samples, sampler={sampler} {steps} w={w:g} seed={args.seed}")
     return out

@@ -237,7 +237,7 @@ def test_export_validates_weights_against_the_network(tmp_path):
         C.export_checkpoint(path, tmp_path / "b")
 
 
-def test_mlp_bundle_holds_vectors(tmp_path):
+def test_mlp_bundle_holds_vectors(tmp_path, capsys):
     """A 2-D GMM model: shape (2,), no image range, no classes; .npz only."""
     mlp = {"name": "mlp", "dim": 2, "hidden": 16, "depth": 1, "num_classes": 0, "param": "v", "sigma_data": 1.0,
            "input_scaling": False, "clip_x0": None}
@@ -269,6 +269,11 @@ def test_mlp_bundle_holds_vectors(tmp_path):
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "s16.npz")["samples"]), one)  # = one batch, seed 0
     with pytest.raises(InputError, match=r"noise: need a tensor of shape \[5, 2\]"):
         pipe.sample(5, noise=torch.zeros(4, 2))
+    capsys.readouterr()
+    for nfe, said in (("4", "nfe=3 (of 4 asked)"), ("5", "nfe=5 w=1")):  # heun: 2 calls a step, 1 the last
+        assert main(["sample", str(tmp_path / "b"), "--num", "2", "--sampler", "heun", "--nfe", nfe, "--out",
+                     str(tmp_path / "h.npz")]) == 0
+        assert f"sampler=heun {said}" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
