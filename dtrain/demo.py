@@ -404,7 +404,8 @@ class Demo:
         if inputs is None:
             return None
         if stage in TRAINED:  # settings that do not change the trained weights (threads, logging) are left out
-            r = self._recipe_container(stage)
+            r = self._recipe_container(stage)  # its paths relative to the folder: a moved demo stays up to date
+            r = json.loads(json.dumps(r).replace(json.dumps(str(self.out))[1:-1], "<out>"))
             r.pop("logger", None)
             r["trainer"] = {k: v for k, v in r["trainer"].items()
                             if k not in ("cpu_threads", "progress_bar", "log_every_n_steps")}

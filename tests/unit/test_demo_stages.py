@@ -213,3 +213,18 @@ def test_a_signal_inside_a_stage_is_said_on_the_terminal(out: Path, monkeypatch,
     cap = capsys.readouterr()
     assert f"interrupted ({said}) in stage cd: rerun the same command to resume" in cap.out
     assert "Traceback" not in cap.err + cap.out
+
+
+def test_a_moved_demo_folder_stays_up_to_date(out: Path, tmp_path_factory) -> None:
+    """Stage keys held the folder's absolute paths (out_dir, the shards, the teacher bundle): a copied or moved demo
+    retrained everything."""
+    import shutil
+
+    d = Demo(out, sizes=FAST, quiet=True)
+    _fake(d, "cd")
+    moved = tmp_path_factory.mktemp("elsewhere") / "demo"
+    shutil.copytree(out, moved)
+    m = Demo(moved, sizes=FAST, quiet=True)
+    assert [m.key(s) for s in ("teacher", "cd", "eval")] == [d.key(s) for s in ("teacher", "cd", "eval")]
+    assert m._up_to_date("teacher") is not None and m._up_to_date("cd") is not None
+    assert str(out) not in json.dumps(m._recipe_container("cd")) and str(moved) in json.dumps(m._recipe_container("cd"))
