@@ -667,6 +667,7 @@ class DiffusionModule(L.LightningModule):
         klass = module_class(recipe["method"]["name"]) if cls is DiffusionModule else cls
         module = klass(recipe)
         module.load_state_dict(ckpt["state_dict"], strict=module.strict_loading)
+        module.on_load_checkpoint(ckpt)  # what a method keeps beside the weights (PD: the round it reached)
         return module
 
     def num_params(self) -> int:

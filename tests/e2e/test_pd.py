@@ -120,6 +120,11 @@ def test_last_checkpoint_exports_to_the_last_round(exact_run, tmp_path):
     assert exported.info["sampler"] == last.info["sampler"]
     a, b = (p.sample(64, generator=torch.Generator().manual_seed(0)) for p in (exported, last))
     assert torch.equal(a, b)
+    from dtrain.lit.common import DiffusionModule  # the training module restored from it: the last round too (it
+
+    module = DiffusionModule.load_checkpoint(out / "checkpoints" / "last.ckpt").eval()  # read round 0: 64 steps)
+    assert module.round == len(module.rounds) - 1
+    assert torch.equal(module.sample(64, generator=torch.Generator().manual_seed(0)).clamp(-1, 1), a.clamp(-1, 1))
 
 
 @pytest.fixture(scope="module")
