@@ -15,8 +15,9 @@ in-memory 32x32 images, batch 128. Cases, each in its own process (clean compile
 - ``dtrain_deepspeed_zero2``: the same with ``strategy.name=deepspeed``, ``strategy.zero_stage=2``.
 
 FLOPs per step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` over the network's forward and
-backward (matmuls, convolutions, attention; a multiply-add is 2 FLOPs; elementwise ops, norms and the optimizer
-are not counted, as in the usual MFU). MFU = achieved FLOP/s / the GPU's dense bf16 peak (``PEAK_BF16_TFLOPS``).
+backward (matmuls, convolutions, attention as the math kernel's matmuls; a multiply-add is 2 FLOPs; elementwise ops,
+norms and the optimizer are not counted, as in the usual MFU). MFU = achieved FLOP/s / the GPU's dense bf16 peak
+(``PEAK_BF16_TFLOPS``; none for a MIG slice).
 Anchors: EDM's ImageNet-64 ADM ran at ~15% MFU on A100, fast-DiT at ~24%.
 Without CUDA it exits with a message and measures nothing; ``--smoke`` runs a tiny version on the CPU (tests).
 """
@@ -41,12 +42,15 @@ if str(ROOT) not in sys.path:
 
 RECIPE = ROOT / "recipes" / "teacher" / "cifar10.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
-CASES = {  # in this order: the compiled cases (the slowest to start) last
+# In this order, so that a run cut short (tools/gpu_offline.sh's budget) loses the least: the eager pair (the recipe
+# as it trains, and dtrain's overhead), dtrain compiled (its best MFU), the bare compiled loop that completes the
+# compiled pair, and last the ZeRO-2 memory, which on one GPU partitions nothing.
+CASES = {
     "bare": ["trainer.compile=false"],
     "dtrain": ["trainer.compile=false"],
-    "dtrain_deepspeed_zero2": ["trainer.compile=false", "strategy.name=deepspeed", "strategy.zero_stage=2"],
-    "bare_compile": ["trainer.compile=true"],
     "dtrain_compile": ["trainer.compile=true"],
+    "bare_compile": ["trainer.compile=true"],
+    "dtrain_deepspeed_zero2": ["trainer.compile=false", "strategy.name=deepspeed", "strategy.zero_stage=2"],
 }
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets; first match of the device name wins.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
@@ -69,27 +73,53 @@ def require_cuda() -> None:
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a GPU by its ``torch.cuda.get_device_name`` (None: not in the table)."""
+    """Dense bf16 peak of a GPU by its ``torch.cuda.get_device_name`` (None: not in the table, or a MIG slice)."""
+    if "MIG" in device_name:  # e.g. "NVIDIA H100 80GB HBM3 MIG 3g.40gb": a fraction of the chip's SMs
+        return None
     for key, tflops in PEAK_BF16_TFLOPS:  # whole words: "L4" is not the L40, "A10" not the A10G
         if re.search(rf"(?<![\w-]){re.escape(key)}(?![\w])", device_name, re.IGNORECASE):
             return tflops
     return None
 
 
+def versions() -> dict[str, Any]:
+    """The software a result depends on: CUDA and cuDNN as torch was built with, the NVIDIA driver (nvidia-smi's),
+    Lightning and DeepSpeed as installed; None where absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def dist(name: str) -> str | None:  # not imported: DeepSpeed's import takes seconds of the benchmark's budget
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        driver = (smi.stdout.split("\n")[0].strip() or None) if smi.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "driver": driver, "lightning": dist("lightning"), "deepspeed": dist("deepspeed")}
+
+
 def step_flops(net: torch.nn.Module, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None,
                autocast: torch.dtype | None = None) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs of one training step of ``net`` on this batch, counted by
     ``FlopCounterMode`` (a multiply-add is 2 FLOPs; the backward is what autograd runs: no input gradient of the
-    first layer)."""
+    first layer). Attention runs as the math kernel's two matmuls on every device: the CPU's fused kernel (taken
+    with channels_last) has no FLOP formula, and a GPU kernel's backward also counts its recompute of the scores,
+    which MFU leaves out."""
     from contextlib import nullcontext
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     ctx = (lambda: torch.autocast(x.device.type, dtype=autocast)) if autocast is not None else nullcontext
-    with FlopCounterMode(display=False) as fc, torch.no_grad(), ctx():
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), ctx(), sdpa_kernel(SDPBackend.MATH):
         net(x, c_noise, cond)
     fwd = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
         with ctx():
             out = net(x, c_noise, cond)
         out.float().square().mean().backward()
@@ -158,13 +188,21 @@ def count_flops(a: argparse.Namespace, device: str) -> dict[str, Any]:
             "flops_train_per_image": train / a.batch_size}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1."""
+    if (n := int(text)) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=50, help="timed optimizer steps per case")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=50, help="timed optimizer steps per case")
+    # at least 1: dtrain's clock starts at the end of step warmup - 1
+    p.add_argument("--warmup", type=positive_int, default=10, help="untimed steps first (compilation happens here)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
-    p.add_argument("--timeout", type=int, default=480, help="seconds per case")
+    p.add_argument("--timeout", type=positive_int, default=480, help="seconds per case")
     p.add_argument("--out", type=Path, default=None, help="default: <--out-dir>/gpu_<gpu name>.json")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="default: benchmarks/results")
     p.add_argument("--smoke", action="store_true", help="a tiny CPU run of the same code (for tests)")
@@ -191,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     device = "cpu" if a.smoke else "cuda"
     name = "cpu-smoke" if a.smoke else torch.cuda.get_device_name(0)
     peak = None if a.smoke else peak_bf16_tflops(name)
+    no_mfu = (None if peak else "--smoke: no GPU" if a.smoke else "a MIG slice: a fraction of the chip's peak"
+              if "MIG" in name else "the GPU is not in PEAK_BF16_TFLOPS")
+    software = versions()
     try:
         flops = count_flops(a, device)
     except Exception as e:  # the cases still run; MFU stays unknown
@@ -214,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "benchmark": "CIFAR-10 teacher (DDPM UNet) throughput: bare PyTorch loop vs dtrain, eager vs "
                          "torch.compile; DDP vs DeepSpeed ZeRO-2 peak memory on one GPU",
             "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "gpu": name, "peak_bf16_tflops": peak, "recipe": str(RECIPE.relative_to(ROOT)),
+            "gpu": name, "peak_bf16_tflops": peak, "mfu_not_reported": no_mfu, "versions": software,
+            "recipe": str(RECIPE.relative_to(ROOT)),
             "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, **flops,
             "cases": results, "cases_pending": [c for c in cases if c not in results],
             "dtrain_vs_bare": {"eager": ratio("dtrain", "bare"), "compiled": ratio("dtrain_compile", "bare_compile")},

@@ -12,9 +12,10 @@
 # summary.json of every test, keyed by test), gpu_tests.xml (junit), bench.log and gpu_<gpu name>.json (rewritten
 # after every benchmark case); the runs themselves (checkpoints) stay under $TMPDIR. One deadline, TOTAL_S seconds
 # after the start (default 560: a 10-minute command with room to spare), bounds everything: the tests get TESTS_S
-# (default 200; at the deadline pytest skips the tests left and ends by itself), the benchmark what remains (at
-# most BENCH_S; CASE_S per case; BENCH_ARGS go to benchmarks/gpu.py, e.g. "--steps 30 --cases bare,dtrain"), so a
-# step that hangs still leaves the other's results. Copy gpu_<gpu name>.json into benchmarks/results/ and commit.
+# (default 200; near their deadline pytest skips the tests left, a test still running at it is interrupted and
+# pytest still writes its reports), the benchmark what remains (at most BENCH_S; CASE_S per case; BENCH_ARGS go to
+# benchmarks/gpu.py, e.g. "--steps 30 --cases bare,dtrain"), so a step that hangs still leaves the other's
+# results. Copy gpu_<gpu name>.json into benchmarks/results/ and commit.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # IMAGE: the distributions the GPU paths import that the target image is expected to have (a CUDA PyTorch image;
@@ -130,10 +131,13 @@ EOF
         tests_s=${TESTS_S:-$([[ $what == tests ]] && echo "$left" || echo 200)}  # alone: all the time there is
         ((tests_s < left)) || tests_s=$left
         ((tests_s >= 30)) || tests_s=30  # timeout 0 would mean no limit at all
-        # DTRAIN_GPU_DEADLINE: tests/gpu/conftest.py skips the tests left 30 s before it, so pytest ends by itself
-        # and writes its junit XML (timeout's SIGTERM would be taken by a fit's preemption handler)
-        DTRAIN_GPU_OUT="$runs" DTRAIN_GPU_DEADLINE=$(($(date +%s) + tests_s)) timeout -k 15 "$tests_s" \
-            "$PY" -m pytest -q -ra --durations=0 -o faulthandler_timeout=120 -p no:cacheprovider tests/gpu \
+        # DTRAIN_GPU_DEADLINE: tests/gpu/conftest.py skips the tests left 30 s before it (and with pytest-timeout
+        # fails one still running 10 s before it). A test still running at it gets SIGINT: pytest ends with its junit
+        # XML, summary line and the test's summary.json (SIGTERM killed it outside a fit, and a fit's preemption
+        # handler takes it inside one); Lightning ends a fit on SIGINT with sys.exit(1), a failure, and pytest goes
+        # on. -v: the log names each test as it starts.
+        DTRAIN_GPU_OUT="$runs" DTRAIN_GPU_DEADLINE=$(($(date +%s) + tests_s)) timeout -s INT -k 15 "$tests_s" \
+            "$PY" -m pytest -v -ra --durations=0 -o faulthandler_timeout=120 -p no:cacheprovider tests/gpu \
             --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || rc=1
         "$PY" - "$runs" "$out/gpu_tests.json" <<'EOF'
 import json, pathlib, sys
@@ -156,5 +160,5 @@ EOF
 
 case "${1:-}" in
     wheels | check | run) "$@" ;;  # each takes its arguments' defaults
-    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 2 ;;  # the header comment
 esac

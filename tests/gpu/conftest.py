@@ -19,12 +19,30 @@ import pytest
 import torch
 
 
+def _is_gpu(item) -> bool:  # hooks called for every item (not through item.ihook) see the other tests' too
+    return "tests/gpu" in str(item.path).replace(os.sep, "/")
+
+
 def pytest_runtest_setup(item):
     """``$DTRAIN_GPU_DEADLINE`` (epoch seconds, set by tools/gpu_offline.sh): tests that would start within 30 s
     of it are skipped, so a time-limited run ends by itself with its report instead of being killed."""
     deadline = os.environ.get("DTRAIN_GPU_DEADLINE")
     if deadline and time.time() > float(deadline) - 30:
         pytest.skip("out of time: DTRAIN_GPU_DEADLINE is less than 30 s away")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # before pytest-timeout's wrapper, which reads the limit (setup: late)
+def pytest_runtest_protocol(item, nextitem):
+    """With pytest-timeout, a GPU test may run until 10 s before ``$DTRAIN_GPU_DEADLINE`` (or its own timeout mark,
+    if sooner): one still running then fails with its traceback and summary, and pytest ends with its report before
+    tools/gpu_offline.sh interrupts it."""
+    deadline = os.environ.get("DTRAIN_GPU_DEADLINE")
+    if deadline and item.config.pluginmanager.hasplugin("timeout") and _is_gpu(item):
+        left = max(1.0, float(deadline) - 10 - time.time())
+        own = item.get_closest_marker("timeout")
+        if not (own and own.args and 0 < own.args[0] <= left):
+            item.add_marker(pytest.mark.timeout(left), append=False)
+    return (yield)
 
 
 # the order a time-limited run (tools/gpu_offline.sh) takes them in: the quick, independent strategies first; the
@@ -38,7 +56,7 @@ def _rank(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    gpu = [i for i, item in enumerate(items) if "tests/gpu" in str(item.fspath).replace(os.sep, "/")]
+    gpu = [i for i, item in enumerate(items) if _is_gpu(item)]
     if torch.cuda.is_available():
         for i, item in zip(gpu, sorted((items[i] for i in gpu), key=_rank)):  # in place: others keep theirs
             items[i] = item

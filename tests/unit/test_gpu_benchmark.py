@@ -44,12 +44,16 @@ def closed_form_flops(net: UNet, x: torch.Tensor, c: torch.Tensor, y: torch.Tens
     return total[0], no_input_grad[0]
 
 
-def test_step_flops_equal_the_closed_form_count(one_thread):
+@pytest.mark.parametrize("fmt, autocast", [(torch.contiguous_format, None), (torch.channels_last, torch.bfloat16)],
+                         ids=["contiguous", "channels_last-bf16"])
+def test_step_flops_equal_the_closed_form_count(one_thread, fmt, autocast):
+    """Also as the benchmark counts (the recipe's channels_last and bf16 autocast), where the CPU's attention kernel
+    has no FLOP formula unless the count runs the math kernel."""
     torch.manual_seed(0)
     net = UNet(in_channels=3, resolution=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-               num_heads=2, dropout=0.0, num_classes=10)
-    x, c, y = torch.randn(3, 3, 8, 8), torch.rand(3) * 999, torch.randint(0, 10, (3,))
-    fwd, train = gpu.step_flops(net, x, c, y)
+               num_heads=2, dropout=0.0, num_classes=10).to(memory_format=fmt)
+    x, c, y = torch.randn(3, 3, 8, 8).contiguous(memory_format=fmt), torch.rand(3) * 999, torch.randint(0, 10, (3,))
+    fwd, train = gpu.step_flops(net, x, c, y, autocast=autocast)
     expect, first = closed_form_flops(net, x, c, y)
     assert fwd == expect
     # backward: the gradient of every weight (1x forward) and of every input that needs one (1x forward)
@@ -59,7 +63,7 @@ def test_step_flops_equal_the_closed_form_count(one_thread):
 
 
 def test_cifar10_unet_flops_per_image():
-    """DDPM's CIFAR-10 network: 35.7M parameters, about 6.1 GMACs = 12.2 GFLOPs per image forward."""
+    """DDPM's CIFAR-10 network: 35.7M parameters, about 6.2 GMACs = 12.4 GFLOPs per image forward."""
     from dtrain.config import load_recipe
     from dtrain.models import build_model, count_params
 
@@ -69,7 +73,7 @@ def test_cifar10_unet_flops_per_image():
         x, c, y = torch.zeros(2, 3, 32, 32), torch.zeros(2), torch.zeros(2, dtype=torch.long)
         fwd, train = gpu.step_flops(net, x, c, y)
     assert count_params(net) == pytest.approx(35.7e6, rel=0.01)
-    assert fwd / 2 == pytest.approx(12.2e9, rel=0.05)
+    assert fwd / 2 == pytest.approx(12.44e9, rel=0.001)
     assert 2.9 * fwd < train < 3 * fwd
 
 
@@ -81,7 +85,8 @@ def test_mfu_arithmetic_and_peak_table():
     names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0,
              "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L4": 121.0,
              "Tesla V100-SXM2-16GB": None, "NVIDIA L40": 181.0, "NVIDIA A10G": None,  # "L4" matched the L40
-             "NVIDIA GH200 480GB": 989.0, "NVIDIA H100 NVL": 835.0}
+             "NVIDIA GH200 480GB": 989.0, "NVIDIA H100 NVL": 835.0,
+             "NVIDIA H100 80GB HBM3 MIG 3g.40gb": None, "NVIDIA A100-SXM4-40GB MIG 1g.5gb": None}  # a slice's share
     assert {n: gpu.peak_bf16_tflops(n) for n in names} == names
 
 
@@ -92,6 +97,56 @@ def test_exits_with_a_message_without_cuda(monkeypatch, capsys):
     assert e.value.code == 2
     assert "no CUDA GPU here" in capsys.readouterr().err
     assert not list((ROOT / "benchmarks" / "results").glob("gpu_cpu*.json"))  # nothing written
+
+
+def test_results_record_the_software_and_why_mfu_is_missing(monkeypatch, tmp_path):
+    """On a MIG slice (no case run here): no peak, the reason for no MFU, and the CUDA, cuDNN, driver, Lightning and
+    DeepSpeed versions (None where absent)."""
+    import importlib.metadata as md
+    import json
+    import os
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3 MIG 3g.40gb")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)  # (it asks the faked GPU)
+    monkeypatch.setattr(gpu, "count_flops", lambda a, device: {"flops_train_per_step": 1e12})
+    version = md.version
+
+    def no_deepspeed(name: str) -> str:
+        if name == "deepspeed":
+            raise md.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(md, "version", no_deepspeed)
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 570.86.15\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    res = gpu.main(["--cases", "", "--out", str(tmp_path / "r.json")])
+    assert res["peak_bf16_tflops"] is None and res["mfu_not_reported"] == "a MIG slice: a fraction of the chip's peak"
+    assert res["versions"] == {"torch": torch.__version__, "cuda": torch.version.cuda,
+                               "cudnn": 90100, "driver": "570.86.15",
+                               "lightning": version("lightning"), "deepspeed": None}
+    assert json.loads((tmp_path / "r.json").read_text())["versions"] == res["versions"]
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert gpu.versions()["driver"] is None
+
+
+@pytest.mark.parametrize("flag", ["--warmup", "--steps"])
+def test_warmup_and_steps_are_at_least_one(flag, tmp_path, capsys):
+    """At --warmup 0 dtrain's clock never started (its steps/s nonsense), at --steps 0 the rates were NaN."""
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--smoke", "--cases", "", "--batch-size", "1", "--out", str(tmp_path / "r.json"), flag, "0"])
+    assert e.value.code == 2 and f"argument {flag}: must be at least 1, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cases_run_the_most_informative_first():
+    """A run cut short by tools/gpu_offline.sh's budget keeps the eager pair, then dtrain compiled, the bare compiled
+    loop that completes the compiled pair, and last the one-GPU ZeRO-2 memory (which partitions nothing)."""
+    assert list(gpu.CASES) == ["bare", "dtrain", "dtrain_compile", "bare_compile", "dtrain_deepspeed_zero2"]
 
 
 SCRIPT = ROOT / "tools" / "gpu_offline.sh"
@@ -125,6 +180,44 @@ def test_offline_script_runs_the_gpu_tests_and_benchmark_into_out(tmp_path):
     assert r.returncode == 1  # the benchmark measured nothing
 
 
+HANG_PLUGIN = '''
+import os, pathlib, time
+import pytest
+import torch
+
+torch.cuda.is_available = lambda: True  # the GPU tests run (their fixtures set up) instead of being skipped
+torch.cuda.get_device_name = lambda i=0: "no GPU"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):  # the first test hangs, outside any fit
+    pathlib.Path(os.environ["HANG_MARK"]).write_text(item.nodeid)
+    time.sleep(120)
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA this would run the real GPU suite")
+def test_offline_script_interrupts_a_test_running_at_the_deadline(tmp_path):
+    """A GPU test still running at the tests' deadline (here one hung outside any fit, without pytest-timeout) is
+    interrupted (SIGINT): pytest still writes its junit XML, summary line and the test's summary.json, and the log
+    names the test (SIGTERM killed pytest with none of them, and -q named no test)."""
+    import json
+    import re
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "hang_in_test.py").write_text(HANG_PLUGIN)
+    r = _script("run", str(tmp_path / "out"), "tests", str(tmp_path / "no_wheels"),
+                env={"TMPDIR": str(tmp_path), "TESTS_S": "45", "PYTHONPATH": str(tmp_path / "plugins"),
+                     "PYTEST_ADDOPTS": "-p hang_in_test -p no:timeout", "HANG_MARK": str(tmp_path / "hung")})
+    log = (tmp_path / "out" / "gpu_tests.log").read_text()
+    hung = (tmp_path / "hung").read_text()
+    assert hung.startswith("tests/gpu/") and hung in log and "KeyboardInterrupt" in log, r.stdout + r.stderr
+    assert re.search(r"^=+ .*\bin [\d.]+s\b.*=+$", log, re.M), log
+    assert (tmp_path / "out" / "gpu_tests.xml").is_file() and r.returncode == 1
+    summaries = json.loads((tmp_path / "out" / "gpu_tests.json").read_text())
+    assert summaries[re.sub(r"[^\w.-]+", "_", hung.split("::")[-1])]["device"] == "no GPU"
+
+
 def test_offline_script_names_bad_arguments(tmp_path):
     r = _script("run", str(tmp_path), "everything")
     assert r.returncode == 2 and "WHAT must be tests, bench or all, not 'everything'" in r.stderr
@@ -132,6 +225,7 @@ def test_offline_script_names_bad_arguments(tmp_path):
     assert r.returncode == 2 and "run needs OUT" in r.stderr
     r = _script()
     assert r.returncode == 2 and "tools/gpu_offline.sh wheels [DIR] [PYVER]" in r.stdout
+    assert r.stdout.rstrip().endswith("and commit.")  # the whole header
 
 
 AUDIT_SITE = '''
@@ -222,6 +316,48 @@ def test_gpu_tests_skip_near_their_deadline(monkeypatch):
     conftest.pytest_runtest_setup(None)
     monkeypatch.delenv("DTRAIN_GPU_DEADLINE")
     conftest.pytest_runtest_setup(None)
+
+
+GPU_TIMER_TESTS = '''
+import signal
+
+import pytest
+import torch
+
+torch.cuda.is_available = lambda: True  # (collected before conftest.py skips the GPU tests without CUDA)
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_long():
+    print("timer", signal.getitimer(signal.ITIMER_REAL)[0])
+
+
+@pytest.mark.timeout(20)
+def test_short():
+    print("timer", signal.getitimer(signal.ITIMER_REAL)[0])
+'''
+
+
+def test_gpu_tests_time_out_before_their_deadline(tmp_path):
+    """With pytest-timeout, a GPU test may run until 10 s before DTRAIN_GPU_DEADLINE, or its own timeout mark if
+    sooner: the timer pytest-timeout sets (SIGALRM) is that one, so a hung test fails, with its summary, before
+    tools/gpu_offline.sh interrupts the run."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import time
+
+    (tmp_path / "tests" / "gpu").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "gpu" / "conftest.py", tmp_path / "tests" / "gpu")
+    (tmp_path / "tests" / "gpu" / "test_timer.py").write_text(GPU_TIMER_TESTS)
+    left = 100
+    r = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "tests/gpu"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DTRAIN_GPU_DEADLINE": str(time.time() + left)})
+    timers = [float(t) for t in re.findall(r"timer ([\d.]+)", r.stdout)]
+    assert r.returncode == 0 and len(timers) == 2, r.stdout + r.stderr
+    assert left - 10 - 40 < timers[0] <= left - 10 and 15 < timers[1] <= 20
 
 
 def test_every_gpu_test_has_a_place_in_the_time_limited_order():
