@@ -812,6 +812,7 @@ class Demo:
         wandb_dir = None
         if self.wandb != "disabled":
             wandb_dir = self._log_wandb(rows, ev.info["grids"], plot if "plot" in outputs else None)
+            outputs["wandb"] = self._rel(wandb_dir)  # a rerun cut off after removing it reports again
         scored = {r["model"] for r in rows}
         models = {k: {**v, "grid": ev.info["grids"].get(k)} for k, v in self._models().items() if k in scored}
         results = {"format": DEMO_FORMAT, "rows": rows, "models": models, "sizes": asdict(self.sizes),

@@ -132,6 +132,13 @@ def test_rerun_skips_every_stage(demo):
     after = json.loads((out / "demo.json").read_text())
     assert after["stages"] == {**dict.fromkeys(STAGES, "done earlier"), "teacher": "skipped"}
     assert after["timings"].keys() == summary["timings"].keys()
+    w = out / "report" / "wandb"  # a --force report cut off after removing its W&B run: the report is redone
+    assert Demo(out, sizes=FAST, quiet=True).valid("report") is not None
+    w.rename(out / "report" / "gone")
+    try:
+        assert Demo(out, sizes=FAST, quiet=True).valid("report") is None
+    finally:
+        (out / "report" / "gone").rename(w)
 
 
 def test_validity_follows_keys_and_weights(demo):
