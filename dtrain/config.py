@@ -693,13 +693,13 @@ def _check_finite(cfg: DictConfig) -> list[tuple[str, str]]:
     def walk(node: Any, prefix: str) -> Iterator[tuple[str, float]]:
         items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
         for k, v in items:
-            key = f"{prefix}.{k}" if isinstance(node, DictConfig) else f"{prefix}[{k}]"
+            key = (f"{prefix}.{k}" if prefix else str(k)) if isinstance(node, DictConfig) else f"{prefix}[{k}]"
             if isinstance(v, DictConfig | ListConfig):
                 yield from walk(v, key)
             elif isinstance(v, float) and not math.isfinite(v) and not (math.isinf(v) and key in INFINITE_OK):
                 yield key, v
 
-    return [(key.lstrip("."), f"must be a finite number, got {v}") for key, v in walk(cfg, "")][:1]
+    return [(key, f"must be a finite number, got {v}") for key, v in walk(cfg, "")][:1]
 
 
 @register_validator

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -687,10 +688,16 @@ class Demo:
                 "params": info_json["weights"]["num_params"], "run": self._rel(run),
                 "title": TITLES[stage], "resumed_from_step": resumed_from}
         if stage == "pd":  # every round's student is a bundle of its own (runs/pd/rounds/)
-            rounds = json.loads((run / "rounds" / "rounds.json").read_text())
-            info["rounds"] = [{"steps": r["steps"], "bundle": self._rel(Path(r["bundle"]))} for r in rounds]
-            outputs.update({f"round_{r['steps']}": self._rel(Path(r["bundle"])) for r in rounds})
+            here = self._round_bundles(run)
+            info["rounds"] = [{"steps": n, "bundle": b} for n, b in here.items()]
+            outputs.update({f"round_{n}": b for n, b in here.items()})
         return _Record(stage, key, "running", outputs, info, digest=_hash([key, sha]))
+
+    def _round_bundles(self, run: Path) -> dict[int, str]:
+        """{steps: bundle relative to the folder} of a PD run's finished rounds; rounds.json's paths are absolute,
+        where the folder was when each round ended (a moved demo resumes with rounds from before the move)."""
+        rounds = json.loads((run / "rounds" / "rounds.json").read_text())
+        return {int(r["steps"]): self._rel(run / "rounds" / Path(r["bundle"]).name) for r in rounds}
 
     # ---- evaluation -------------------------------------------------------------------------------
     def _eval_plan(self) -> list[dict[str, Any]]:
@@ -716,7 +723,8 @@ class Demo:
 
     def _stale(self) -> list[str]:
         """The optional models trained before on inputs that changed since (eval leaves them out)."""
-        return [m for m in OPTIONAL if self._up_to_date(m) is None and self.record(m) is not None]
+        return [m for m in OPTIONAL if self._up_to_date(m) is None and (rec := self.record(m)) is not None
+                and rec.status == "done" and rec.key != self.key(m)]
 
     def _run_eval(self, stage: str, key: str) -> _Record:
         import torch
@@ -1043,10 +1051,14 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("dtrain demo: interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
-    except OSError as e:  # a full disk, a quota: one line (the traceback goes to demo.log when it is open)
+    except OSError as e:  # a full disk, a quota, a permission: one line, the traceback in demo.log
         if e.errno is None:
             raise
-        out = args.out or ("runs/demo-fast" if args.fast else "runs/demo")
-        print(f"dtrain demo: cannot write {e.filename or 'to ' + str(out)}: {e.strerror or e}", file=sys.stderr)
+        out = Path(args.out or ("runs/demo-fast" if args.fast else "runs/demo"))
+        with contextlib.suppress(OSError), open(out / "demo.log", "a") as log:
+            log.write(traceback.format_exc())
+        what = "write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "read or write"
+        print(f"dtrain demo: cannot {what} {e.filename or 'in ' + str(out)}: {e.strerror or e} (traceback in "
+              f"{out / 'demo.log'})", file=sys.stderr)
         return 2
 

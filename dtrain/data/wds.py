@@ -127,7 +127,7 @@ class WdsDataModule(L.LightningDataModule):
             self.shards = resolve_shards(self.spec, self.index)
             if self.opts["labels"] and self.shards.keys and "cls" not in self.shards.keys:
                 raise InputError(f"data.labels: the shards have no .cls labels ({self.shards.index or self.spec}); "
-                                 "set data.labels=false")
+                                 "set data.labels=false and model.num_classes=0, or write the shards with labels")
             if self.opts["latents"] and "npy" not in self.shards.keys:
                 raise InputError(f"data.latents: the shards have no .npy latents ({self.shards.index or self.spec}); "
                                  "set data.latents=false or write shards with latents")

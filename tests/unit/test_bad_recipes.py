@@ -158,6 +158,15 @@ def test_command_line_override_is_named(tmp_path):
     assert e.value.source == "command line" and e.value.key == "trainer.max_bad_steps"
 
 
+def test_an_unbounded_ctm_span_is_finite_enough():
+    """method.max_span=.inf means no bound (the one float key that may be infinite): the finite check refused it."""
+    from dtrain.config import load_recipe
+
+    assert load_recipe(R / "flowmap" / "ctm_gmm.yaml", ["method.max_span=.inf"]).method.max_span == float("inf")
+    with pytest.raises(RecipeError, match=r"method\.p_std: must be a finite number, got inf"):
+        load_recipe(R / "flowmap" / "ctm_gmm.yaml", ["method.p_std=.inf"])
+
+
 @pytest.mark.parametrize(("item", "key", "reason"), [
     ("ema.decays.0=0.5", "ema.decays", "a list: give the whole list, e.g. ema.decays=[0.99] (single elements"),
     ("model.channel_mult.1=3", "model.channel_mult", "e.g. model.channel_mult=[1,2] ("),

@@ -228,3 +228,39 @@ def test_a_moved_demo_folder_stays_up_to_date(out: Path, tmp_path_factory) -> No
     assert [m.key(s) for s in ("teacher", "cd", "eval")] == [d.key(s) for s in ("teacher", "cd", "eval")]
     assert m._up_to_date("teacher") is not None and m._up_to_date("cd") is not None
     assert str(out) not in json.dumps(m._recipe_container("cd")) and str(moved) in json.dumps(m._recipe_container("cd"))
+
+
+def test_pd_rounds_of_a_moved_folder_are_found_in_it(tmp_path: Path) -> None:
+    """rounds.json holds absolute paths: a PD stage resumed after the folder moved crashed on the rounds that ended
+    before the move (not inside the new folder), failing on every rerun."""
+    d = Demo(tmp_path / "new", sizes=FAST, quiet=True)
+    run = d.out / "runs" / "pd"
+    (run / "rounds").mkdir(parents=True)
+    (run / "rounds" / "rounds.json").write_text(json.dumps([
+        {"steps": 8, "bundle": str(tmp_path / "old" / "runs" / "pd" / "rounds" / "round00_8steps")},
+        {"steps": 4, "bundle": str(run / "rounds" / "round01_4steps")}]))
+    assert d._round_bundles(run) == {8: "runs/pd/rounds/round00_8steps", 4: "runs/pd/rounds/round01_4steps"}
+
+
+def test_unfinished_students_are_not_called_out_of_date(out: Path) -> None:
+    d = Demo(out, sizes=FAST, quiet=True)
+    d._write_record(_Record("cd", d.key("cd"), "running", {}, {}, 1.0))  # cut off mid-stage: its key still holds
+    d._write_record(_Record("ctm", "another teacher's key", "done", {}, {}, 1.0))
+    assert Demo(out, sizes=FAST, quiet=True)._stale() == ["ctm"]
+
+
+@pytest.mark.parametrize(("err", "said"), [
+    (PermissionError(13, "Permission denied", "/data/cache.npz"), "cannot read or write /data/cache.npz: Permission"),
+    (OSError(28, "No space left on device"), "cannot write in "),
+])
+def test_an_os_error_is_one_line_and_its_traceback_is_logged(tmp_path: Path, monkeypatch, capsys, err, said) -> None:
+    from dtrain.cli import main
+
+    def fails(self, stage, key):
+        raise err
+
+    monkeypatch.setattr(Demo, "_run_shards", fails)
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--stages", "shards"]) == 2
+    msg = capsys.readouterr().err
+    assert said in msg and f"(traceback in {tmp_path / 'demo.log'})" in msg and "Traceback" not in msg
+    assert "Traceback" in (tmp_path / "demo.log").read_text()
