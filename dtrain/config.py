@@ -687,6 +687,7 @@ def _check_schedule_build(cfg: DictConfig) -> list[tuple[str, str]]:
 INFINITE_OK = ("method.max_span",)  # float keys where .inf means "no bound"
 
 
+@register_validator  # first: the other checks compare numbers, and NaN passes or fails them under other keys
 def _check_finite(cfg: DictConfig) -> list[tuple[str, str]]:
     """Every float of a recipe is a finite number (range checks written as ``x < 0`` let NaN and inf through)."""
 
@@ -1204,9 +1205,6 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
     except Exception:  # a bad schedule is reported by its own check
         return []
     return [] if why is None else [("model.param", why)]
-
-
-register_validator(_check_finite)  # after the checks of single keys, whose messages say more
 
 
 def _check_eval_inputs(cfg: DictConfig, where: Any, here: bool = True) -> None:

@@ -98,9 +98,11 @@ CASES = [
     ("CTM compare zero under ZeRO-3", R / "flowmap" / "ctm_gmm.yaml", "strategy:\n  name: deepspeed\n  zero_stage: 3\n",
      "strategy.zero_stage", "method.compare: s runs under ZeRO-3; use zero_stage 1 or 2"),
     ("zero LR", GMM, "optim:\n  lr: 0\n", "optim.lr", "must be > 0"),
-    ("NaN LR", GMM, "optim:\n  lr: .nan\n", "optim.lr", "must be > 0 and finite"),  # nan <= 0 is False
+    ("NaN LR", GMM, "optim:\n  lr: .nan\n", "optim.lr", "must be a finite number, got nan"),  # nan <= 0: False
     ("negative weight decay", GMM, "optim:\n  weight_decay: -0.01\n", "optim.weight_decay", "must be >= 0"),
-    ("infinite grad clip", GMM, "optim:\n  grad_clip: .inf\n", "optim", "grad_clip >= 0 (finite)"),
+    ("infinite grad clip", GMM, "optim:\n  grad_clip: .inf\n", "optim.grad_clip", "must be a finite number"),
+    ("NaN CFG kappa", R / "flowmap" / "meanflow_digits.yaml", "method:\n  cfg_kappa: .nan\n", "method.cfg_kappa",
+     "must be a finite number, got nan"),  # named method.cfg_omega
     ("negative seed", GMM, "seed: -1\n", "seed", "must be in [0, 2^32)"),
     ("negative eval seed", GMM, "eval:\n  seed: -1\n", "eval.seed", "must be in [0, 2^32)"),
     ("negative eval guidance", DIGITS, "eval:\n  guidance: -3\n", "eval.guidance", "must be >= 0"),
