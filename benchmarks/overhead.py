@@ -312,6 +312,12 @@ def reinsert_removed_costs() -> None:
     common.DiffusionModule.training_step = training_step
 
 
+
+def paired(rates: dict[str, list[float]], num: str, den: str) -> float:
+    """The median of the per-repeat ratios num / den: the repeats are paired (interleaved in one process), so each
+    ratio saw one machine load (every ratio in the results is this statistic)."""
+    return statistics.median(n / d for n, d in zip(rates[num], rates[den]))
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps per repeat (each side)")
@@ -363,15 +369,15 @@ def main(argv: list[str] | None = None) -> dict:
         "dtrain_steps_per_s": med["dtrain"],
         # the repeats are paired (interleaved in one process): the median of the per-repeat ratios is the estimate;
         # the ratio of the two medians mixes repeats that saw different machine load
-        "ratio": statistics.median(d / b for d, b in zip(rates["dtrain"], rates["bare"])),
+        "ratio": paired(rates, "dtrain", "bare"),
         "ratio_of_medians": med["dtrain"] / med["bare"],
         "bare_ms_per_step": 1000 / med["bare"],
         "dtrain_ms_per_step": 1000 / med["dtrain"],
         "cpu_time": {"bare_steps_per_s": med["bare_cpu"], "dtrain_steps_per_s": med["dtrain_cpu"],
-                     "ratio": med["dtrain_cpu"] / med["bare_cpu"],
+                     "ratio": paired(rates, "dtrain_cpu", "bare_cpu"),
                      "what": "steps per second of process CPU time (less sensitive to other processes)"},
         "plain_lightning": None if a.no_plain else {
-            "ratio": med["plain"] / med["plain_bare"], "cpu_ratio": med["plain_cpu"] / med["plain_bare_cpu"],
+            "ratio": paired(rates, "plain", "plain_bare"), "cpu_ratio": paired(rates, "plain_cpu", "plain_bare_cpu"),
             "what": "the bare step as a minimal LightningModule (no logger, callbacks, checkpoints, progress bar) "
                     "against the bare loop, interleaved the same way: the part of the gap that is Lightning's loop"},
         "all": rates,
