@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dtrain.errors import InputError
     from dtrain.export.checkpoint import load_teacher
-    from dtrain.methods.consistency import GRID_SPACINGS, consistency_times, target_bias
+    from dtrain.methods.consistency import GRID_SPACINGS, SOLVERS, consistency_times, target_bias
     from dtrain.samplers.base import initial_noise
 
     try:
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"--num-scales: need integers >= 2, got {args.num_scales!r}" * (min(sizes) < 2),
                 f"--spacings: unknown {','.join(bad)!r}; choose from {', '.join(GRID_SPACINGS)}" * bool(bad),
                 f"--num: need an integer >= 1, got {args.num}" * (args.num < 1),
-                f"--refine: need an integer >= 1, got {args.refine}" * (args.refine < 1),
+                f"--refine: need an integer >= 2 (steps per interval), got {args.refine}" * (args.refine < 2),
+                f"--solver: unknown {args.solver!r}; choose from {', '.join(SOLVERS)}" * (args.solver not in SOLVERS),
                 f"--threads: need an integer >= 0, got {args.threads}" * (args.threads < 0)]
     if any(problems):
         print(f"cd_grid: {next(m for m in problems if m)}", file=sys.stderr)

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's dtrain, not another installed one
+
 import torch
 import torch.nn.functional as F
 
@@ -85,12 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny convolutions: threads only add overhead (and results stay bitwise stable)
     t0 = time.time()
     net, info = train(args.epochs, args.seed, args.width, args.lr, args.batch_size)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from dtrain.fileio import replacing, write_text
+
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     meta = {"width": str(args.width), "test_accuracy": f"{info['test_accuracy']:.6f}"}
-    save_file(state, str(args.out), metadata=meta)
+    with replacing(args.out) as f:  # whole or not at all, and readable by others (save_file writes mode 0600)
+        f.write(save(state, metadata=meta))
     record = {
         "file": args.out.name,
         "sha256": file_sha256(args.out),
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - t0, 1),
         "command": "python tools/train_digits_classifier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text(args.out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     return 0
 
@@ -116,6 +120,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{key.replace('_', '-')}: need an integer >= 1, got {getattr(args, key)}")
     if not args.lr > 0:
         raise InputError(f"--lr: need a number > 0, got {args.lr}")
+    if args.out is not None and args.out.suffix != ".safetensors":  # its record goes to <out>.json beside it
+        raise InputError(f"--out: need a .safetensors file (the record is written beside it as .json), got "
+                         f"{args.out}")
     shipped = args.out is None or args.out.resolve() == DIGITS_WEIGHTS.resolve()
     if shipped and not args.overwrite_shipped:
         raise InputError(f"--out: give the output .safetensors file, or pass --overwrite-shipped to replace the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +91,10 @@ class RefStats:
         return int(self.meta.get("count", 0))
 
     def save(self, path: str | Path) -> Path:
+        from dtrain.fileio import replacing
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:  # a file object keeps np.savez from appending ".npz"
+        with replacing(path) as f:  # whole or not at all; a file object keeps np.savez from appending ".npz"
             np.savez(f, mu=self.mu.astype(np.float64), sigma=self.sigma.astype(np.float64),
                      meta=np.array(json.dumps({"format": REF_FORMAT, **self.meta}, sort_keys=True)))
         return path
@@ -107,7 +109,8 @@ class RefStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 mu, sigma, meta = z["mu"], z["sigma"], json.loads(str(z["meta"]))
-        except (KeyError, ValueError, OSError) as e:  # numpy's own reason, but never its hint to allow pickle
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy's reason, not its hint
+            # to allow pickle
             why = "not an .npz archive" if "pickle" in str(e) else str(e)
             raise RefStatsError(f"{key}: {path} is not a dtrain reference-statistics file (.npz with mu, sigma, "
                                 f"meta): {why}") from None

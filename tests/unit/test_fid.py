@@ -215,6 +215,27 @@ def test_ref_stats_metadata_mismatch_fails_clearly(digits, tmp_path):
                                             r"archive$") as e:
         RefStats.load(tmp_path / "notes.md")
     assert "pickle" not in str(e.value)
+    good = stats.save(tmp_path / "ref.npz")  # cut short (a copy, or a write killed before saves were atomic):
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # zipfile's BadZipFile
+    with pytest.raises(RefStatsError, match=r"cut\.npz is not a dtrain reference-statistics file"):
+        RefStats.load(tmp_path / "cut.npz")
+
+
+def test_ref_stats_are_replaced_whole_or_not_at_all(digits, tmp_path, monkeypatch):
+    """tools/fid_ref_stats.py rerun onto a good file and stopped while writing left an 11-byte file."""
+    stats = compute_ref_stats(digits, [digits_arrays("test")[0]], source="digits test")
+    path = stats.save(tmp_path / "ref.npz")
+    before = path.read_bytes()
+
+    def cut(f, **kw):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", cut)
+    with pytest.raises(KeyboardInterrupt):
+        RefStats(stats.mu + 1, stats.sigma, stats.meta).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ref.npz"]
 
 
 # ---------------------------------------------------------------------------------------------

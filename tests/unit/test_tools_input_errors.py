@@ -100,6 +100,8 @@ def test_cd_grid(fails, dcp_dir, digits_flow_teacher):
     fails("cd_grid", [str(dcp_dir), "--threads", "-1"], "--threads", ">= 0")
     fails("cd_grid", [str(dcp_dir), "--spacings", "foo"], "--spacings", "'foo'", "lambda")
     fails("cd_grid", [str(dcp_dir), "--num-scales", "1"], "--num-scales", ">= 2")
+    fails("cd_grid", [str(dcp_dir), "--refine", "1"], "--refine", ">= 2")  # were blamed on --spacings
+    fails("cd_grid", [str(dcp_dir), "--solver", "heunn"], "--solver", "'heunn'", "dpm++2s")
 
 
 @pytest.mark.parametrize("args, words", [
@@ -138,6 +140,7 @@ def test_slurm_submit_device_ids(capsys, load_tool):
     (["--out", "x.safetensors", "--epochs", "0"], ["--epochs", ">= 1"]),
     (["--out", "x.safetensors", "--batch-size", "0"], ["--batch-size", ">= 1"]),
     (["--out", "x.safetensors", "--width", "0"], ["--width", ">= 1"]),
+    (["--out", "x.json"], ["--out", "need a .safetensors file"]),  # the record overwrote the weights
 ])
 def test_train_digits_classifier(fails, monkeypatch, args, words):
     monkeypatch.chdir(ROOT)
