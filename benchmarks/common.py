@@ -108,9 +108,13 @@ def cached_fid_rows(model, key: str, specs: list[tuple[str, list[int]]], *, num:
 
 
 def machine() -> dict:
+    """Where and with what a result was measured, with the code's commit (``<sha>-dirty`` with local changes)."""
     import torch
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    from dtrain.export.checkpoint import git_commit
+
+    return {"git_commit": git_commit(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "python": platform.python_version(), "processor": platform.machine(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "loadavg": list(os.getloadavg())}
