@@ -42,10 +42,14 @@ class Coeffs:
 
     @staticmethod
     def at(
-        schedule: Schedule, t: Tensor | float, like: Tensor, sigma_data: float = 1.0, derivatives: bool = True
+        schedule: Schedule, t: Tensor | float, like: Tensor, sigma_data: float = 1.0, derivatives: bool = True,
+        below: bool = False,
     ) -> Coeffs:
-        """Coefficients at t (a scalar or [B]) in ``like``'s dtype and shape for broadcasting."""
-        vals = schedule.alpha_sigma(t) + ((schedule.alpha_dot(t), schedule.sigma_dot(t)) if derivatives else ())
+        """Coefficients at t (a scalar or [B]) in ``like``'s dtype and shape for broadcasting; ``below``: the
+        derivatives from below t (``Schedule.alpha_dot_below``, for a step down from t)."""
+        dots = (schedule.alpha_dot_below, schedule.sigma_dot_below) if below else (schedule.alpha_dot,
+                                                                                    schedule.sigma_dot)
+        vals = schedule.alpha_sigma(t) + (tuple(d(t) for d in dots) if derivatives else ())
         return Coeffs(*(bcast(v, like) for v in vals), sigma_data=sigma_data)
 
     def dots(self) -> tuple[Tensor | float, Tensor | float]:

@@ -72,6 +72,15 @@ class Schedule(ABC):
     def sigma_dot(self, t: Tensor | float) -> Tensor:
         """d sigma / dt."""
 
+    def alpha_dot_below(self, t: Tensor | float) -> Tensor:
+        """d alpha / dt from below t: what a sampler stepping down from t integrates (``alpha_dot`` wherever the
+        schedule is smooth; at a knot of a piecewise-linear one, the slope of the segment under it)."""
+        return self.alpha_dot(t)
+
+    def sigma_dot_below(self, t: Tensor | float) -> Tensor:
+        """d sigma / dt from below t (``alpha_dot_below``)."""
+        return self.sigma_dot(t)
+
     @abstractmethod
     def c_noise(self, t: Tensor | float) -> Tensor:
         """The time value the network sees, on a scale of about [0, 1000]."""
@@ -215,10 +224,11 @@ class DiscreteVP(Schedule):
             cache[device] = (self.knots.to(device), self.slopes.to(device))
         return cache[device]
 
-    def _interp(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha(t) by linear interpolation between knots, and the segment's slope in knot units."""
+    def _interp(self, t: Tensor, below: bool = False) -> tuple[Tensor, Tensor]:
+        """alpha(t) by linear interpolation between knots, and the segment's slope in knot units: the segment above
+        t, or (``below``) under it, which differ only at a knot."""
         u = t.clamp(0, 1) * self.T
-        i = u.floor().clamp_(max=self.T - 1)
+        i = ((u.ceil() - 1).clamp_(min=0) if below else u.floor()).clamp_(max=self.T - 1)
         k = i.long()
         knots, slopes = self._tables(t.device)
         slope = slopes[k]
@@ -238,7 +248,16 @@ class DiscreteVP(Schedule):
         return self._interp(as_t(t))[1] * self.T
 
     def sigma_dot(self, t: Tensor | float) -> Tensor:
-        a, slope = self._interp(as_t(t))
+        return self._sigma_dot(as_t(t), False)
+
+    def alpha_dot_below(self, t: Tensor | float) -> Tensor:
+        return self._interp(as_t(t), True)[1] * self.T
+
+    def sigma_dot_below(self, t: Tensor | float) -> Tensor:
+        return self._sigma_dot(as_t(t), True)
+
+    def _sigma_dot(self, t: Tensor, below: bool) -> Tensor:
+        a, slope = self._interp(t, below)
         return -a * (slope * self.T) / (1 - a**2).sqrt()
 
     def t_from_lambda(self, lam: Tensor | float) -> Tensor:

@@ -5,7 +5,9 @@ respaced posterior (Nichol & Dhariwal 2021, arXiv 2102.09672):
   q(x_s | x_t, x0) = N(alpha_{t|s} sigma_s^2 / sigma_t^2 x_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x0,
                        sigma_{t|s}^2 sigma_s^2 / sigma_t^2)
 ``variance="small"`` is that posterior variance (beta tilde); ``"large"`` is the upper bound
-sigma_{t|s}^2 (beta).
+sigma_{t|s}^2 (beta). The step that lands on t = 0 adds no noise; diffusers' DDPMScheduler adds it whenever the
+current index is > 0, so on a trailing grid (last index 1000 / n - 1, not 0) its "fixed_large" last step adds
+N(0, 1 - alpha_bar) noise to the sample where this one does not.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def euler_maruyama(
     a_t, s_t = sch.alpha(t), sch.sigma(t)
     if bool(((a_t <= 0) & (s > 0)).any()):
         raise ValueError("euler_maruyama: alpha(t_max) = 0 (pure-noise end); start the grid below it")
-    f = sch.alpha_dot(t) / a_t
-    g2 = 2 * s_t * sch.sigma_dot(t) - 2 * f * s_t**2
+    f = sch.alpha_dot_below(t) / a_t  # the step goes down from t
+    g2 = 2 * s_t * sch.sigma_dot_below(t) - 2 * f * s_t**2
     dt = s - t
     drift_x, drift_eps = f.tolist(), (g2 / s_t).tolist()  # -g^2 score = g^2 eps / sigma
     noise = (g2 * -dt).clamp_min(0).sqrt().tolist()

@@ -33,7 +33,7 @@ def euler(
     callback: Callback | None = None,
 ) -> Tensor:
     """First-order Euler steps (n evaluations for n steps)."""
-    g, c = on_grid(denoiser.schedule, grid, "alpha", "sigma", "alpha_dot", "sigma_dot")
+    g, c = on_grid(denoiser.schedule, grid, "alpha", "sigma", "alpha_dot_below", "sigma_dot_below")
     for i in range(len(g) - 1):
         x0 = denoiser(x, g[i], cond)
         x = x0 if g[i + 1] == 0 else x + float(g[i + 1] - g[i]) * velocity_ode(x0, x, Coeffs(*(q[i] for q in c)))
@@ -53,10 +53,12 @@ def heun(
     callback: Callback | None = None,
 ) -> Tensor:
     """Second-order Heun (trapezoidal predictor-corrector) steps."""
-    g, c = on_grid(denoiser.schedule, grid, "alpha", "sigma", "alpha_dot", "sigma_dot")
+    g, c = on_grid(denoiser.schedule, grid, "alpha", "sigma", "alpha_dot_below", "sigma_dot_below", "alpha_dot",
+                   "sigma_dot")
     for i in range(len(g) - 1):
-        t, s = g[i], g[i + 1]
-        x, x0 = heun_step(denoiser, x, t, s, cond, Coeffs(*(q[i] for q in c)), Coeffs(*(q[i + 1] for q in c)))
+        t, s = g[i], g[i + 1]  # each end's derivatives from inside [s, t] (they differ at a discrete schedule's knot)
+        c_t, c_s = Coeffs(*(q[i] for q in c[:4])), Coeffs(*(q[i + 1] for q in (*c[:2], *c[4:])))
+        x, x0 = heun_step(denoiser, x, t, s, cond, c_t, c_s)
         if callback is not None:
             callback({"i": i, "t": t, "s": s, "x": x, "x0": x0})
     return x
@@ -85,7 +87,7 @@ def heun_step(
     x0 = denoiser(x, t, cond)
     if not per_sample and s == 0:
         return x0, x0
-    v = velocity_ode(x0, x, c_t or Coeffs.at(sch, t, x))
+    v = velocity_ode(x0, x, c_t or Coeffs.at(sch, t, x, below=True))
     x_e = x + dt * v
     v2 = velocity_ode(denoiser(x_e, s, cond), x_e, c_s or Coeffs.at(sch, s, x))
     return x + dt * 0.5 * (v + v2), x0
