@@ -77,7 +77,7 @@ class GaussianMixture:
 
 
 class ExactDenoiser(nn.Module):
-    """D(x, t, cond) = E[x0 | x_t] for a Gaussian mixture; a drop-in for ``dtrain.diffusion.Denoiser``."""
+    """D(x, t, cond) = E[x0 | x_t] for a Gaussian mixture; a drop-in for ``dtrain.diffusion.denoiser.Denoiser``."""
 
     def __init__(self, gmm: GaussianMixture, schedule: Schedule, conditional: bool = False) -> None:
         super().__init__()

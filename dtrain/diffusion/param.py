@@ -152,6 +152,7 @@ def from_x0_eps(kind: str, x0: Tensor, eps: Tensor, x_t: Tensor, c: Coeffs) -> T
 def convert(pred: Tensor, src: str, dst: str, x_t: Tensor, c: Coeffs) -> Tensor:
     """Convert a ``src`` prediction at x_t into the equivalent ``dst`` prediction."""
     if src == dst:
+        check_param(src)
         return pred
     x0, eps = to_x0_eps(src, pred, x_t, c)
     return from_x0_eps(dst, x0, eps, x_t, c)

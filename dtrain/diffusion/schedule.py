@@ -83,7 +83,8 @@ class Schedule(ABC):
 
     @abstractmethod
     def c_noise(self, t: Tensor | float) -> Tensor:
-        """The time value the network sees, on a scale of about [0, 1000]."""
+        """The time value the network sees: discrete VP its training index T t - 1, continuous VP 1000 t, EDM / VE
+        250 ln sigma (about -1550 to 1100), flow ``c_scale`` t."""
 
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:

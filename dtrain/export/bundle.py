@@ -2,8 +2,9 @@
 
 ``dtrain.json`` (format 1) holds everything needed to rebuild and sample the model:
   format       bundle format version (this code reads 1)
-  kind         how the network is used: "denoiser" (teachers, progressive-distillation students) or a
-               student kind registered in ``KINDS`` ("consistency", "meanflow", "ctm", ...)
+  kind         how the network is used: "denoiser" (teachers, progressive-distillation students),
+               "guided_denoiser" (guided PD) or a student kind registered in ``KINDS`` ("consistency",
+               "meanflow", "ctm", ...)
   model        the recipe's ``model`` section (network name + kwargs and how its output is read: param,
                sigma_data, input_scaling, clip_x0, num_classes); rebuilt with ``dtrain.models``
   schedule     ``Schedule.to_dict()``
@@ -170,7 +171,7 @@ def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
     names = info["class_names"]
     if len(names) != ncls or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise BundleError(f, "class_names", f"need {ncls} distinct strings (model.num_classes), got {names!r:.80}")
-    sd = model.get("sigma_data", 0.5)
+    sd = model.get("sigma_data", 1.0)  # build_denoiser's default
     if not (_finite(sd) and sd > 0):
         raise BundleError(f, "model.sigma_data", f"must be a number > 0, got {sd!r}")
     for key in ("input_scaling", "second_time", "w_cond"):
@@ -306,7 +307,7 @@ KINDS.register("meanflow", PipelineKind(
     _build_meanflow, doc="u(z, r, t): average velocity on the flow schedule; jump z_s = z_t - (t - s) u (MeanFlow)"))
 KINDS.register("ctm", PipelineKind(
     _build_ctm, doc="G(x_t, t, s): DDIM step with the clean estimate g(x_t, t, s) of the model's denoiser (CTM)"))
-# Kinds registered by the module that defines them, imported on first use (student areas add theirs here).
+# Kinds a third-party module registers, imported on first use: {kind: module} (dtrain's own are all above).
 KIND_MODULES: dict[str, str] = {}
 
 
@@ -503,6 +504,9 @@ class Pipeline:
             w = float(w)
         if w is not None and not _finite(w):
             raise InputError(f"w: the guidance scale must be a finite number (1: no guidance), got {w!r:.80}")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback: must be a function of the step's info dict, or None; got "
+                             f"{type(callback).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InputError(f"generator: must be a torch.Generator (e.g. torch.Generator({str(self.device)!r})"
                              f".manual_seed(0)) or None, got {type(generator).__name__}")

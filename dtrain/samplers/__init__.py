@@ -1,8 +1,8 @@
 """Stateless samplers over a denoiser, shared by evaluation, the CLI and inference bundles.
 
 ``SAMPLERS`` maps a name to a ``SamplerSpec``; ``run`` builds the grid for a number of network
-evaluations (NFE) and calls the function. Names: ddpm, ddim, dpm++1m/2m/3m/3m_taylor, dpm++2s, euler, heun,
-euler_maruyama
+evaluations (NFE) and calls the function. Names: ddpm, ddpm_large, ddim, ddim_eta1, dpm++1m/2m/3m/3m_taylor,
+dpm++2s, euler, heun, euler_maruyama
 (few-step student samplers register themselves from ``few_step``).
 """
 

@@ -2,7 +2,8 @@
 
 A sampler is ``sample(denoiser, x_T, grid, *, cond=None, generator=None, callback=None, **opts)``:
 stateless, float64 coefficients, and ``callback(info)`` after each step with
-``info = {"i": step, "t": t, "s": s, "x": x_s, "x0": x0_hat}``.
+``info = {"i": step, "t": t, "s": s, "x": x_s, "x0": x0_hat}`` (a flow-map student's jump has no clean estimate
+of its own: ``x0`` is None but on the last step, to t = 0).
 
 Coefficients are computed once per grid in float64 (one vectorised schedule call per quantity) and
 enter the step loop as Python floats: a float multiplies a tensor exactly as a 0-d tensor of the

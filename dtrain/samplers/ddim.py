@@ -86,7 +86,7 @@ def ddim_invert(
     that x0_hat would give x_t = x_0 back).
     ``fixed_point_iters`` refinements then re-evaluate the denoiser at the new point x_t and solve
     ``ddim_step(x_t) = x_s`` by fixed-point iteration, so the step becomes the exact inverse of the
-    sampling step as the iterations converge (Pan et al. 2023, arXiv 2312.12540):
+    sampling step as the iterations converge (Meiri et al. 2023, arXiv 2312.12540):
     x_t <- (a_t / a_s)(x_s - (s_s - a_s s_t / a_t) eps_hat(x_t)), or x_t <- (s_t / s_s)(x_s - a_s D(x_t))
     where alpha_t = 0. A grid of one step from clean data to alpha = 0 is not invertible (D is constant there).
     """

@@ -4,7 +4,7 @@ Over lambda = log(alpha / sigma) with h = lambda_s - lambda_t, from the last few
   x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) D_0 + higher-order corrections.
 Order 1 is DDIM. Early steps use lower orders until enough history exists; a step landing on t = 0
 (lambda = +inf) is first order, and with fewer than 15 steps the one before it is at most second
-order (``lower_order_final``, as in the reference implementation).
+order (``lower_order_final``, as diffusers' DPMSolverMultistepScheduler; the reference code's threshold is 10).
 
 DPM-Solver++(2S) (``dpm_solver_2s_step``, the singlestep form, Alg. 1 of arXiv 2211.01095) needs no history: a
 DDIM step to the log-SNR point u = t_lambda(lambda_t + r h), then

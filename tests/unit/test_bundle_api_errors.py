@@ -49,6 +49,7 @@ def pipe(bundle):
     ({"times": 0.5}, r"^times: must be a sequence of numbers"),
     ({"times": ["a"]}, r"^times: must be a sequence of numbers"),
     ({"generator": 42}, r"^generator: must be a torch.Generator"),
+    ({"callback": 3}, r"^callback: must be a function"),  # a TypeError after the first network call
 ])
 def test_bad_sample_arguments(pipe, kw, match):
     kw = {"n": 2, "nfe": 1, **kw}

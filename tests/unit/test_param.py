@@ -203,3 +203,9 @@ def test_float16_edm_coefficients_past_sigma_256():
     got, ref = den(x, t), den(x.float(), t)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_convert_checks_the_name_when_nothing_converts():
+    """convert(pred, "bogus", "bogus") returned pred: a misspelt parameterization passed when both sides agreed."""
+    with pytest.raises(ValueError, match="param: unknown parameterization 'bogus'"):
+        convert(torch.zeros(2), "bogus", "bogus", torch.zeros(2), None)
