@@ -114,20 +114,27 @@ def _resize(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def from_folder(root: str | Path, *, size: int | None = None, gray: bool = False) -> ImageSet:
-    """``root/<class>/<image>``: classes are the sorted sub-folder names, labels their positions."""
+    """``root/<class>/<image>``: classes are the sorted sub-folder names (hidden ones, e.g. .ipynb_checkpoints,
+    left out), labels their positions. A class folder without images and images beside the class folders are
+    refused: either would shift or drop labels without a word."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class sub-folders (expected {root}/<class>/<image files>)")
+    if loose := sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
+        raise ValueError(f"{root}: {len(loose)} image file(s) beside the class sub-folders ({loose[0]}, ...): move "
+                         "them into a class folder (they would be left out)")
     files, labels = [], []
     for k, c in enumerate(classes):
-        found = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        found = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTS
+                       and not any(part.startswith(".") for part in p.relative_to(root / c).parts))
+        if not found:
+            raise ValueError(f"{root / c}: a class folder with no image files ({', '.join(IMAGE_EXTS)}); remove "
+                             "it (it would be a class with no samples)")
         files += found
         labels += [k] * len(found)
-    if not files:
-        raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTS)}) in the class sub-folders")
     return ImageSet(_FolderImages(files, "L" if gray else "RGB", size), np.asarray(labels, np.int64), classes,
                     f"folder:{root}")
 

@@ -122,6 +122,11 @@ class WdsDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return self._shardset().num_classes
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The shard index's class names (``dtrain shards folder``: the sub-folders), or None."""
+        return [str(c) for c in self._shardset().classes] or None
+
     def _shardset(self) -> ShardSet:
         if self.shards is None:
             self.shards = resolve_shards(self.spec, self.index)

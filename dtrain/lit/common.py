@@ -157,6 +157,7 @@ class DiffusionModule(L.LightningModule):
         self._rng_micro = (-1, 0)  # (global step, micro-batches seen in it): the key of the per-step reseed
         t = r["trainer"]
         self.guard = NonFiniteGuard(int(t.get("max_bad_steps", 10)), bool(t.get("nan_guard", True)))
+        self.class_names: list[str] | None = None  # the data's (a shard index's), set by ``dtrain fit``
         self.strict_loading = not self.unsaved_prefixes
         self.target: EMA | None = None  # theta^- of consistency-style targets (``make_target``)
         self._target_step = -1
@@ -653,6 +654,7 @@ class DiffusionModule(L.LightningModule):
             "default_ema": self.default_ema,
             "kind": self.kind,
             "image": {"shape": list(self.sample_shape), "range": [-1.0, 1.0] if self.is_image else None},
+            **({"class_names": self.class_names} if self.class_names else {}),  # bundles: labels by name
             **self.checkpoint_info(),
         }
 

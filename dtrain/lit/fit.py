@@ -263,6 +263,9 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     if hasattr(datamodule, "model_classes"):  # labels of shards without an index are checked against the model
         datamodule.model_classes = int(cfg.model.get("num_classes", 0) or 0)
     module = klass(cfg)
+    names = getattr(datamodule, "class_names", None)  # a shard index's: bundles then take labels by name
+    if names and len(names) == int(cfg.model.get("num_classes", 0) or 0):
+        module.class_names = list(names)
     extra = list(getattr(datamodule, "callbacks", list)())  # a datamodule may bring its own (e.g. data counters)
     extra += list(callbacks)
     if cfg.eval.every_n_steps > 0:

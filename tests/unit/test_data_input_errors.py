@@ -121,6 +121,27 @@ def test_shard_specs_that_read_a_shard_twice_or_join_indexes(tmp_path, digits):
         WdsDataModule(f"file://{root}/u/train-000000.tar").setup()
 
 
+def test_folder_classes_are_the_visible_sub_folders_with_images(tmp_path, capsys):
+    """A hidden folder (.ipynb_checkpoints) became class 0 and shifted every label; an empty class folder was a class
+    with no samples; images beside the class folders were dropped; all without a word."""
+    from PIL import Image
+
+    from dtrain.data.shards import from_folder
+
+    for name in ("a/1.png", "b/2.png", ".ipynb_checkpoints/x.png", "a/.ipynb_checkpoints/y.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    data = from_folder(tmp_path)
+    assert data.classes == ["a", "b"] and data.labels.tolist() == [0, 1] and len(data) == 2
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'c'}: a class folder with no image files"):
+        from_folder(tmp_path)
+    (tmp_path / "c").rmdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "loose.png")
+    assert main(["shards", "folder", str(tmp_path), "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "1 image file(s) beside the class sub-folders (loose.png, ...)" in capsys.readouterr().err
+
+
 def test_folder_images_of_another_size_are_named(tmp_path, capsys):
     """`dtrain shards folder` named the odd image by its position only."""
     from PIL import Image
@@ -132,6 +153,28 @@ def test_folder_images_of_another_size_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert (f"error: {tmp_path / 'b' / 'odd.png'}: shape (9, 8, 3) differs from the first image's (8, 8, 3) "
             f"({tmp_path / 'a' / 'one.png'}); resize them") in err
+
+
+def test_class_names_of_the_shards_reach_the_bundle(tmp_path, recipe):
+    """A shard index's class names (dtrain shards folder: the sub-folders) never reached the checkpoint, so a
+    bundle called its classes '0', '1', ... and `dtrain sample --labels red` was refused."""
+    from dtrain.data.digits import digits_arrays
+    from dtrain.data.shards import from_arrays, write_shards
+    from dtrain.export.bundle import load_bundle
+
+    x, y = digits_arrays("test")
+    names = [f"digit-{i}" for i in range(10)]
+    write_shards(from_arrays(((x[:64, 0] + 1) * 127.5).round().numpy().astype(np.uint8), y[:64].numpy(), names),
+                 tmp_path / "s", num_shards=1, progress=False)
+    assert main(["fit", str(recipe), f"data.shards={tmp_path / 's' / 'index.json'}", f"out_dir={tmp_path / 'runs'}",
+                 "name=t", *QUIET]) == 0
+    assert main(["export", str(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt"), "--out",
+                 str(tmp_path / "b")]) == 0
+    pipe = load_bundle(tmp_path / "b")
+    assert pipe.class_names == names
+    assert main(["sample", str(tmp_path / "b"), "--num", "2", "--nfe", "1", "--labels", "digit-3",
+                 "--out", str(tmp_path / "g.npz")]) == 0
+    assert np.load(tmp_path / "g.npz")["labels"].tolist() == [3, 3]
 
 
 def test_shard_not_in_the_index(tmp_path, digits, recipe, fit_error):
