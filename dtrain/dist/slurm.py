@@ -134,10 +134,12 @@ def _checkpoint_base() -> type:
 
 
 class Preemption(_checkpoint_base()):  # type: ignore[misc]
-    """On SIGTERM, or on ``requeue_signal`` (SIGUSR1 under SLURM): at the next optimizer step every rank agrees,
+    """On SIGTERM or Ctrl-C (SIGINT; a second one stops at once, with no checkpoint), or on ``requeue_signal``
+    (SIGUSR1 under SLURM): at the next optimizer step every rank agrees,
     ``<run>/hpc_ckpt_<n>.ckpt`` is written after that step's EMA update and training stops. After the requeue
     signal rank 0 also runs ``scontrol requeue``; after SIGTERM (a preemption, ``scancel``, ``kill``) nothing is
-    requeued (SLURM requeues a preempted ``--requeue`` job itself) and ``dtrain fit`` exits with 143 (128 + 15).
+    requeued (SLURM requeues a preempted ``--requeue`` job itself) and ``dtrain fit`` exits with 143 (128 + 15),
+    after Ctrl-C with 130.
     Either way ``dtrain fit --resume auto`` continues from the checkpoint.
 
     A ``Checkpoint`` callback, so Lightning runs it after every other callback of a step (the EMA update
@@ -160,8 +162,14 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         self._group: Any = None  # a gloo group for the per-step flag (host memory, even when training is on NCCL)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None or signum == self.requeue_signal:  # both: requeueing keeps the job going
-            self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C twice: stop now, no checkpoint
+            raise KeyboardInterrupt
+        if self.received is None or self._rank(signum) > self._rank(self.received):  # the requeue keeps the job
+            self.received = signum  # going
+
+    def _rank(self, signum: int) -> int:
+        """Which signal wins when ranks got different ones (an all-reduce MAX): the requeue, SIGTERM, Ctrl-C."""
+        return 3 if signum == self.requeue_signal else 2 if signum == signal.SIGTERM else 1
 
     def _install(self, signum: int) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -180,6 +188,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_step = trainer.global_step  # a (re)start's first micro-batch is no step boundary
         self._install(signal.SIGTERM)  # after Lightning registered its own handler (Trainer._run)
+        self._install(signal.SIGINT)  # Ctrl-C: a checkpoint too (Lightning's own stops without one)
         # Lightning restores at teardown what it found at registration, our setup-time handler included (also after
         # an exception, when no teardown hook runs): make that the handler before ours
         originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
@@ -200,7 +209,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         import torch
         from torch.distributed import ReduceOp
 
-        code = 0 if self.received is None else 2 if self.received == self.requeue_signal else 1
+        code = 0 if self.received is None else self._rank(self.received)
         if trainer.world_size > 1:  # ranks get SLURM's signal at slightly different moments
             import torch.distributed as dist
 
@@ -213,7 +222,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
             else:
                 code = int(trainer.strategy.reduce(torch.tensor(code, device=trainer.strategy.root_device),
                                                    reduce_op=ReduceOp.MAX))
-        return None if code == 0 else self.requeue_signal if code == 2 else signal.SIGTERM
+        return None if code == 0 else self.requeue_signal if code == 3 else (signal.SIGINT, signal.SIGTERM)[code - 1]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._last_step:  # inside gradient accumulation: not a step boundary

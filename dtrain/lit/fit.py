@@ -291,7 +291,8 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     close_loggers(trainer, exit_code=code)
     if unfinished and stop is not None:  # asked to end: say so, after the checkpoint
         if trainer.is_global_zero:
-            how = "stopped on SIGTERM" if stop.stopped_by == signal.SIGTERM else "the requeue failed"
+            how = ("stopped on SIGTERM" if stop.stopped_by == signal.SIGTERM else "stopped on Ctrl-C (SIGINT)"
+                   if stop.stopped_by == signal.SIGINT else "the requeue failed")
             print(f"dtrain: {how} at step {stop.saved_step} of {trainer.max_steps}; `dtrain fit ... --resume auto` "
                   f"continues from {stop.saved}", file=sys.stderr, flush=True)
         raise SystemExit(code)

@@ -458,6 +458,36 @@ def test_sigterm_saves_at_a_step_boundary_and_stops_without_a_requeue(tmp_path, 
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_ctrl_c_saves_at_a_step_boundary_and_a_second_one_stops_at_once(tmp_path, monkeypatch, capsys, one_thread):
+    """Ctrl-C in `dtrain fit` stopped without a checkpoint (Lightning's handler): every step since the last
+    periodic checkpoint was lost. Now it saves like SIGTERM and exits 130; a second Ctrl-C before the step ends
+    stops at once (KeyboardInterrupt), and the handlers from before fit are back."""
+    from dtrain.dist import slurm
+    from dtrain.lit.fit import fit
+
+    monkeypatch.setattr(slurm, "callbacks", lambda: [slurm.Preemption(None)])
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    over = [f"out_dir={tmp_path}", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=0"]
+    with pytest.raises(SystemExit) as e:
+        fit(GMM, [*SMALL, *over], callbacks=[_Signal(4, signal.SIGINT)])
+    assert e.value.code == 130 and {s: signal.getsignal(s) for s in before} == before
+    assert torch.load(tmp_path / "teacher-gmm" / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 4
+    err = capsys.readouterr().err
+    assert "dtrain: stopped on Ctrl-C (SIGINT) at step 4 of 20; `dtrain fit ... --resume auto`" in err
+
+    class Twice(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns it into sys.exit(1)
+        fit(GMM, [*SMALL, f"out_dir={tmp_path / 'b'}", "trainer.max_steps=20", "trainer.ckpt_every_n_steps=0"],
+            callbacks=[Twice()])
+    assert not list((tmp_path / "b" / "teacher-gmm").glob("hpc_ckpt_*"))
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_sigterm_after_the_requeue_signal_still_requeues(tmp_path, monkeypatch, one_thread):
     from dtrain.data import build_datamodule
     from dtrain.dist import slurm
@@ -624,7 +654,7 @@ def test_signal_handlers_are_restored_after_a_failed_fit(tmp_path, one_thread):
                 raise RuntimeError("boom")
 
     cfg = recipe("trainer.max_steps=50")
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=50, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path),
                         callbacks=[slurm.Preemption(), Boom()])
