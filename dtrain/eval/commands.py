@@ -59,6 +59,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _ref_extractor(spec: str) -> str | None:
+    """The extractor a reference-statistics file was made with (None for a built-in or an unreadable file: the
+    checks after name those)."""
+    from dtrain.eval.fid import RefStats
+
+    try:
+        return str(RefStats.load(spec).meta.get("extractor")) if Path(spec).is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _default(flag: Any, recipe_eval: dict[str, Any], key: str, fallback: Any) -> Any:
     if flag is not None:
         return flag
@@ -171,6 +182,12 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     num_classes = len(info.get("class_names") or [])
     extractor_name = _default(args.extractor, ev, "feature_extractor", "digits")
     extractor_key = "--extractor" if args.extractor else "eval.feature_extractor"
+    if args.extractor is None and args.ref_stats and (made := _ref_extractor(args.ref_stats)):  # the file says
+        extractor_name, extractor_key = made, f"--ref-stats ({args.ref_stats})"  # which features it holds
+    if extractor_name == "digits" and shape != (1, 8, 8):
+        raise InputError(f"{extractor_key}: the 'digits' extractor (FID-digits) takes 1x8x8 images and this model "
+                         f"makes {'x'.join(map(str, shape))}: give --extractor raw (pixels as features, no weights) "
+                         f"or inception (its weights file), with --ref-stats from tools/fid_ref_stats.py")
     EXTRACTORS.get(extractor_name, extractor_key)  # the name now; its weights load after the cheaper checks
     ref_spec = _default(args.ref_stats, ev, "ref_stats", "digits:train" if extractor_name == "digits" else None)
     if ref_spec is None:

@@ -66,7 +66,8 @@ class FeatureExtractor(nn.Module):
             want = "x".join(map(str, self.input_shape))
             raise ValueError(
                 f"{self.key}: {self.name!r} takes images [B, {', '.join(map(str, self.input_shape))}] "
-                f"({want}) in [-1, 1], got {list(x.shape)}; use 'inception' (any size) for other data"
+                f"({want}) in [-1, 1], got {list(x.shape)}; for other data use 'raw' (pixels as features, no "
+                f"weights) or 'inception' (any size, its weights file)"
             )
 
     def train(self, mode: bool = True) -> FeatureExtractor:  # frozen: never leaves eval mode

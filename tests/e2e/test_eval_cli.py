@@ -67,10 +67,40 @@ def test_dtrain_eval_refuses_mismatched_stats_and_bad_specs(ckpt, tmp_path, caps
     assert main(["eval", str(path), "--samplers", "ddim:1", "--num", "4", "--ref-stats", str(tmp_path / "raw.npz"),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "dtrain eval: --ref-stats: reference statistics" in err and "extractor: file has 'raw'" in err
+    assert "dtrain eval: --ref-stats: reference statistics" in err  # the file's own extractor (raw) is taken:
+    assert "resolution: file has [3, 8, 8], evaluation uses [1, 8, 8]" in err  # what differs is the images
     assert "Traceback" not in err
+    assert main(["eval", str(path), "--samplers", "ddim:1", "--num", "4", "--ref-stats", str(tmp_path / "raw.npz"),
+                 "--extractor", "digits", "--out", str(tmp_path / "o")]) == 2  # named, it is checked against them
+    assert "extractor: file has 'raw', evaluation uses 'digits'" in capsys.readouterr().err
     assert main(["eval", str(path), "--samplers", "nope:1", "--num", "4"]) == 2
     assert "dtrain eval: --samplers: unknown sampler 'nope'" in capsys.readouterr().err
+
+
+def test_other_images_need_another_extractor_whose_stats_name_it(tmp_path, capsys):
+    """3x32x32 images with the default 'digits' extractor failed on the injected digits:train statistics ("resolution:
+    file has [1, 8, 8]"); a 'raw' statistics file without --extractor failed with "file has 'raw', evaluation uses
+    'digits'". Now the first says which extractors fit, and the file's own extractor is taken."""
+    from dtrain.cli import main
+    from dtrain.config import load_recipe, to_container
+    from dtrain.eval.fid import compute_ref_stats
+    from dtrain.models import build_model
+
+    cfg = to_container(load_recipe("recipes/teacher/patches.yaml", ["model.channels=16", "model.channel_mult=[1]",
+                                                                     "model.num_res_blocks=1",
+                                                                     "model.attn_resolutions=[]"]))
+    torch.manual_seed(0)
+    path = tmp_path / "rgb.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in build_model(cfg["model"]).state_dict().items()},
+                "dtrain": {"format": 1, "recipe": cfg, "ema_tags": [], "kind": "teacher"}}, path)
+    args = ["eval", str(path), "--samplers", "ddim:1", "--num", "4", "--batch-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert ("dtrain eval: eval.feature_extractor: the 'digits' extractor (FID-digits) takes 1x8x8 images and this "
+            "model makes 3x32x32: give --extractor raw") in capsys.readouterr().err
+    raw = build_extractor("raw", shape=(3, 32, 32))
+    compute_ref_stats(raw, [torch.rand(40, 3, 32, 32) * 2 - 1], source="noise").save(tmp_path / "raw.npz")
+    assert main([*args, "--ref-stats", str(tmp_path / "raw.npz"), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "fid_vs_nfe.json").read_text())["extractor"] == "raw"
 
 
 @pytest.mark.timeout(120)
