@@ -174,6 +174,12 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
             raise CheckpointError(path, field, f"{', '.join(changed)}: the checkpoint was trained for another "
                                   f"objective; resume with its recipe ({path} holds it), or start a new run")
     step, total = ckpt.get("global_step"), (recipe.get("trainer") or {}).get("max_steps")
+    was = (before.get("trainer") or {}).get("max_steps")
+    if (recipe.get("optim") or {}).get("lr_schedule", "constant") != "constant" and was not in (None, total):
+        warnings.warn(f"resume: trainer.max_steps {was} -> {total} under optim.lr_schedule "
+                      f"{recipe['optim']['lr_schedule']!r}: the schedule is recomputed over the new length, so the "
+                      f"learning rate jumps at step {step} (from its value at {step}/{was} to its value at "
+                      f"{step}/{total})", stacklevel=2)
     if isinstance(step, int) and isinstance(total, int) and step > total:  # it ran nothing and said nothing
         raise CheckpointError(path, "trainer.max_steps", f"{total}, but the checkpoint is at step {step} already: "
                               f"a resume trains up to max_steps; give a larger one, or export the checkpoint")
