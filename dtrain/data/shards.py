@@ -608,8 +608,8 @@ def add_shards_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     def writer(name: str, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--out", required=True, help="output folder (shards + index.json)")
-        s.add_argument("--prefix", default=None, help="shard file prefix (default: test for --split test, else "
-                       "train)")
+        s.add_argument("--prefix", default=None, help="shard file prefix (default: train; test for the sources "
+                       "with --split test)")
         g = s.add_mutually_exclusive_group()
         g.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000)")
         g.add_argument("--num-shards", type=int, help="number of shards (counts balanced)")
