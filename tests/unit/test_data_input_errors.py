@@ -177,6 +177,14 @@ def test_class_names_of_the_shards_reach_the_bundle(tmp_path, recipe):
     assert np.load(tmp_path / "g.npz")["labels"].tolist() == [3, 3]
 
 
+def test_a_batch_larger_than_the_shards_fails_in_a_dry_run(tmp_path, digits, recipe, fit_error):
+    """It passed `--dry-run` and failed seconds into the launch."""
+    err = fit_error(str(recipe), f"data.shards={digits / 'index.json'}", "data.batch_size=5000",
+                    f"out_dir={tmp_path / 'run'}", *[q for q in QUIET if not q.startswith("data.batch_size")],
+                    "--dry-run")
+    assert "data.batch_size: 5000 is more than the 1347 samples an epoch of" in err
+
+
 def test_shard_not_in_the_index(tmp_path, digits, recipe, fit_error):
     root = tmp_path / "d"
     shutil.copytree(digits, root)
