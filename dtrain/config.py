@@ -1021,11 +1021,11 @@ def _check_wds(cfg: DictConfig) -> list[tuple[str, str]]:
         return [*bad, ("data.index" if d.index else "data.shards", str(e))]
     (h, w), c, k = info["image_size"], info["channels"], info.get("num_classes", 0)
     bad += _image_fit(m, (h, w), c, index)
+    if m.num_classes not in (0, k):
+        bad.append(("model.num_classes", f"{index} has {k or 'no'} classes: use 0" + (f" or {k}" if k else "")))
     n = int(d.epoch_size or sum(int(s["count"]) for s in info["shards"]))  # an epoch, over all ranks
     if d.drop_last and d.batch_size > n:  # (per rank it is n // ranks: the launch checks that)
         bad.append(("data.batch_size", f"{d.batch_size} is more than the {n} samples an epoch of {index} holds"))
-    if m.num_classes not in (0, k):
-        bad.append(("model.num_classes", f"{index} has {k or 'no'} classes: use 0" + (f" or {k}" if k else "")))
     return bad
 
 
