@@ -1204,10 +1204,19 @@ def _check_terminal_snr(cfg: DictConfig) -> list[tuple[str, str]]:
 
     what = "progressive distillation's few-step student" if cfg.method.name == "pd" else "the network"
     try:
-        why = terminal_snr_conflict(cfg.model.param, schedule_from_config(cfg.schedule), what)
+        sch = schedule_from_config(cfg.schedule)
+        why = terminal_snr_conflict(cfg.model.param, sch, what)
     except Exception:  # a bad schedule is reported by its own check
         return []
-    return [] if why is None else [("model.param", why)]
+    if why is not None:
+        return [("model.param", why)]
+    sde = [k for k, names in (("sampler.name", [cfg.sampler.name]),
+                              ("eval.samplers", [str(v).split(":")[0] for v in cfg.eval.samplers or []]))
+           if "euler_maruyama" in names]
+    if sde and float(sch.alpha(sch.t_max)) == 0:  # f = alpha' / alpha of the reverse SDE: infinite at t_max
+        return [(sde[0], f"euler_maruyama's reverse SDE needs alpha(t_max) > 0, and the {sch.name!r} schedule ends "
+                         "at alpha = 0 (pure noise): use ddpm, ddim, dpm++2m or heun")]
+    return []
 
 
 def _check_eval_inputs(cfg: DictConfig, where: Any, here: bool = True) -> None:

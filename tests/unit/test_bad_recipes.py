@@ -131,6 +131,8 @@ CASES = [
     ("GPU ids on CPU", GMM, "trainer:\n  accelerator: cpu\n  devices: [0]\n", "trainer.devices",
      "are GPU ids; with trainer.accelerator=cpu give a count"),
     ("device ids that are not ids", GMM, "trainer:\n  devices: [x]\n", "trainer.devices", "got ['x']"),
+    ("reverse SDE from pure noise", GMM, "schedule:\n  name: flow\nmodel:\n  param: velocity\nsampler:\n"
+     "  name: euler_maruyama\n", "sampler.name", "euler_maruyama's reverse SDE needs alpha(t_max) > 0"),
 ]
 
 
