@@ -301,15 +301,17 @@ def _locked(out: Path) -> Iterator[None]:
             raise StageError(f"--out: another dtrain demo (pid {pid}) is running in {out}; wait for it to end, or "
                              "give this one another --out") from None
         except OSError:  # a filesystem without locks (some NFS mounts): run unguarded
-            yield
-            return
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
+            locked = False
+        else:
+            locked = True
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class StageError(RuntimeError):
@@ -581,8 +583,8 @@ class Demo:
         t0 = time.perf_counter()
         try:
             rec = (self._run_trained if stage in TRAINED else getattr(self, f"_run_{stage}"))(stage, key)
-        except (KeyboardInterrupt, SystemExit) as e:  # Lightning ends a Ctrl-C with sys.exit(1), dtrain fit a
-            term = isinstance(e, SystemExit) and e.code == 143  # SIGTERM with 143; both logged to demo.log only
+        except (KeyboardInterrupt, SystemExit) as e:  # dtrain fit ends a Ctrl-C in training with 130 (Lightning's
+            term = isinstance(e, SystemExit) and e.code == 143  # before it: sys.exit(1)), SIGTERM with 143
             self.ui.print(f"    [yellow]interrupted ({'SIGTERM' if term else 'Ctrl-C'}) in stage {stage}: rerun the "
                           f"same command to resume[/]")
             raise Interrupted(143 if term else 130) from None
@@ -1012,12 +1014,17 @@ _DESCRIBE: dict[str, Callable[[Demo], str]] = {
 }
 
 
+def _default_out(fast: bool) -> str:
+    """The demo's folder when ``--out`` is not given."""
+    return "runs/demo-fast" if fast else "runs/demo"
+
+
 def run_demo(out: str | Path | None = None, *, fast: bool = False, stages: Sequence[str] | None = None,
              threads: int = 1, wandb: str | None = None, force: bool = False, quiet: bool = False,
              sizes: Sizes | None = None) -> int:
     """Run the demo (``FAST`` or ``FULL`` sizes, or ``sizes``) into ``out``; returns an exit code."""
     sizes = sizes or (FAST if fast else FULL)
-    out = out or ("runs/demo-fast" if fast else "runs/demo")
+    out = out or _default_out(fast)
     return Demo(out, sizes=sizes, stages=stages, threads=threads, wandb=wandb, force=force, quiet=quiet).run()
 
 
@@ -1054,7 +1061,7 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     except OSError as e:  # a full disk, a quota, a permission: one line, the traceback in demo.log
         if e.errno is None:
             raise
-        out = Path(args.out or ("runs/demo-fast" if args.fast else "runs/demo"))
+        out = Path(args.out or _default_out(args.fast))
         with contextlib.suppress(OSError), open(out / "demo.log", "a") as log:
             log.write(traceback.format_exc())
         what = "write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "read or write"

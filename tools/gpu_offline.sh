@@ -134,8 +134,8 @@ EOF
         # DTRAIN_GPU_DEADLINE: tests/gpu/conftest.py skips the tests left 30 s before it (and with pytest-timeout
         # fails one still running 10 s before it). A test still running at it gets SIGINT: pytest ends with its junit
         # XML, summary line and the test's summary.json (SIGTERM killed it outside a fit, and a fit's preemption
-        # handler takes it inside one); Lightning ends a fit on SIGINT with sys.exit(1), a failure, and pytest goes
-        # on. -v: the log names each test as it starts.
+        # handler takes it inside one); a fit on SIGINT checkpoints at its next step and exits 130 (before training,
+        # Lightning's sys.exit(1)), a failure, and pytest goes on. -v: the log names each test as it starts.
         DTRAIN_GPU_OUT="$runs" DTRAIN_GPU_DEADLINE=$(($(date +%s) + tests_s)) timeout -s INT -k 15 "$tests_s" \
             "$PY" -m pytest -v -ra --durations=0 -o faulthandler_timeout=120 -p no:cacheprovider tests/gpu \
             --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || rc=1

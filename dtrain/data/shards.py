@@ -337,6 +337,7 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     shards: list[dict[str, Any]] = []
     shape: tuple[int, ...] | None = None
+    files = getattr(data.images, "files", None)  # a folder's: errors name the image file
     pos = 0
     with _progress(progress) as bar:
         task = bar.add_task(f"shards -> {out}", total=n)
@@ -347,7 +348,6 @@ def write_shards(data: ImageSet, out_dir: str | Path, *, prefix: str = "train", 
                     img = np.asarray(data.images[i])
                     if img.ndim == 3 and img.shape[-1] == 1:
                         img = img[..., 0]
-                    files = getattr(data.images, "files", None)  # a folder's: name the file
                     what = str(files[i]) if files is not None else f"{data.source} sample {i}"
                     if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] == 3)):
                         raise ValueError(f"{what}: need uint8 [H, W] or [H, W, 3], got {img.dtype} {img.shape}")

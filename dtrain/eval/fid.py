@@ -99,6 +99,12 @@ class RefStats:
                      meta=np.array(json.dumps({"format": REF_FORMAT, **self.meta}, sort_keys=True)))
         return path
 
+    @staticmethod
+    def read_meta(path: str | Path) -> dict[str, Any]:
+        """The metadata of a statistics file without its arrays (an .npz's members are read one by one, on use)."""
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["meta"]))
+
     @classmethod
     def load(cls, path: str | Path, key: str = "eval.ref_stats") -> RefStats:
         path = Path(path)
