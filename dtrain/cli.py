@@ -185,6 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(bundles need only the core install: dtrain sample, dtrain export, dtrain.load_bundle)",
               file=sys.stderr)
         return 2
+    finally:
+        _close_process_groups()
+
+
+def _close_process_groups() -> None:
+    """Destroy torch.distributed's process groups of a fit or an eval before the process exits (each rank for
+    itself): groups left to the interpreter's exit have aborted a rank in gloo's teardown, failing a finished job."""
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing to close (no torch import for that)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

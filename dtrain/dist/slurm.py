@@ -32,8 +32,8 @@ from typing import Any
 
 from dtrain.errors import InputError, check_count
 
-__all__ = ["SlurmJob", "slurm_job", "torchrun", "topology", "plugins", "callbacks", "Preemption", "hpc_path", "sbatch_args",
-           "job_layout"]
+__all__ = ["SlurmJob", "slurm_job", "torchrun", "topology", "plugins", "callbacks", "Preemption", "hpc_path",
+           "sbatch_args", "job_layout"]
 
 
 @dataclass(frozen=True)
@@ -199,9 +199,21 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore()
+        self._close_group()
+
+    def _close_group(self) -> None:
+        """Destroy the flag's gloo group (local, not a collective): one left to the interpreter's exit has aborted
+        a rank in gloo's teardown after a finished run, failing the job."""
+        group, self._group = self._group, None
+        if group is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group(group)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore()
+        self._close_group()
 
     def pending(self, trainer: Any) -> int | None:
         """The signal any rank got and has not acted on yet, the requeue signal before SIGTERM; None when none did
