@@ -784,6 +784,13 @@ _DATA_SHAPES: dict[str, Callable[[DictConfig], tuple[str, dict[str, int], int]]]
 }
 
 
+def sample_shape(model: Any) -> tuple[int, ...]:
+    """The shape of one sample of a recipe's ``model`` section: ``(dim,)`` for an MLP, else (C, H, W)."""
+    if model["name"] == "mlp":
+        return (int(model["dim"]),)
+    return int(model["in_channels"]), int(model["resolution"]), int(model["resolution"])
+
+
 DIGITS_SPLITS = {"train": 1347, "test": 450, "all": 1797}  # samples of each split (dtrain.data.digits)
 PHOTO_SIZE = 427  # the smaller side of sklearn's sample photos, the largest patch (dtrain.data.memory.photo_patches)
 MEMORY_BYTES = 8 << 30  # the most float32 pixels in-memory data may hold
@@ -1246,6 +1253,30 @@ def _check_eval_inputs(cfg: DictConfig, where: Any, here: bool = True) -> None:
         key = "eval.feature_extractor_weights_path"
         raise RecipeError(where(key), key, f"not set: {why} with the 'inception' extractor, which needs the FID "
                           f"Inception weights file (pt_inception-2015-12-05.pth; never downloaded)")
+    for key, reason in _ref_fit(cfg):
+        raise RecipeError(where(key), key, f"{reason} ({why})")
+
+
+def _ref_fit(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``eval.feature_extractor`` and ``eval.ref_stats`` (its metadata only) against the model's samples: what a
+    fit would find at its start (after W&B and the data came up), found by ``--dry-run`` too."""
+    from dtrain.eval.features import BUILTIN_REFS, DigitsFeatures
+    from dtrain.eval.fid import RefStats, RefStatsError
+
+    e, shape = cfg.eval, list(sample_shape(cfg.model))
+    if e.feature_extractor == "digits" and shape != list(DigitsFeatures.input_shape):
+        return [("eval.feature_extractor", f"'digits' scores 1x8x8 images, and this model's samples are "
+                 f"{'x'.join(map(str, shape))}: use 'raw' (pixels as features) or 'inception'")]
+    if e.ref_stats is None or e.ref_stats in BUILTIN_REFS or not Path(e.ref_stats).is_file():
+        return []  # a built-in's shape is the digits' (the extractor check above); a missing file: checked before
+    try:
+        meta = RefStats.read_meta(e.ref_stats)
+    except RefStatsError as err:
+        return [("eval.ref_stats", str(err).partition(": ")[2])]
+    bad = [f"{k}: file has {meta.get(k)!r}, evaluation uses {v!r}"
+           for k, v in (("extractor", e.feature_extractor), ("resolution", shape)) if meta.get(k) != v]
+    return [("eval.ref_stats", f"{e.ref_stats} does not match this evaluation ({'; '.join(bad)}): recompute it "
+             f"with tools/fid_ref_stats.py using the same eval.feature_extractor")] if bad else []
 
 
 def check_inputs(cfg: DictConfig, source: str = "recipe", overrides: Sequence[str] = (), *, here: bool = True

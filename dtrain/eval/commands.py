@@ -62,13 +62,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _ref_extractor(spec: str) -> str | None:
     """The extractor a reference-statistics file was made with (None for a built-in or an unreadable file: the
     checks after name those)."""
-    import zipfile
-
-    from dtrain.eval.fid import RefStats
+    from dtrain.eval.fid import RefStats, RefStatsError
 
     try:  # the metadata only: load_ref reads the arrays once, later
         name = RefStats.read_meta(spec).get("extractor") if Path(spec).is_file() else None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except RefStatsError:
         return None
     return name if isinstance(name, str) else None
 

@@ -10,11 +10,12 @@ not match the evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,14 @@ class RefStats:
         return path
 
     @staticmethod
-    def read_meta(path: str | Path) -> dict[str, Any]:
-        """The metadata of a statistics file without its arrays (an .npz's members are read one by one, on use)."""
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["meta"]))
+    def read_meta(path: str | Path, key: str = "eval.ref_stats") -> dict[str, Any]:
+        """The metadata of a statistics file without its arrays (an .npz's members are read one by one, on use);
+        ``RefStatsError`` naming ``key`` when it is no such file."""
+        with _reading(path, key), np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+        if not isinstance(meta, dict):
+            raise RefStatsError(f"{key}: {path}: its metadata is not a mapping")
+        return meta
 
     @classmethod
     def load(cls, path: str | Path, key: str = "eval.ref_stats") -> RefStats:
@@ -112,14 +117,8 @@ class RefStats:
             raise FileNotFoundError(f"{key}: reference statistics not found: {path} (make them with "
                                     f"`python tools/fid_ref_stats.py --out {path} ...`, or use a built-in: "
                                     f"{', '.join(BUILTIN_REFS)})")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                mu, sigma, meta = z["mu"], z["sigma"], json.loads(str(z["meta"]))
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy's reason, not its hint
-            # to allow pickle
-            why = "not an .npz archive" if "pickle" in str(e) else str(e)
-            raise RefStatsError(f"{key}: {path} is not a dtrain reference-statistics file (.npz with mu, sigma, "
-                                f"meta): {why}") from None
+        with _reading(path, key), np.load(path, allow_pickle=False) as z:
+            mu, sigma, meta = z["mu"], z["sigma"], json.loads(str(z["meta"]))
         if meta.get("format") != REF_FORMAT or mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
             raise RefStatsError(f"{key}: {path}: unsupported format {meta.get('format')} or shapes "
                                 f"mu {mu.shape}, sigma {sigma.shape}")
@@ -143,6 +142,17 @@ class RefStats:
                 + "; ".join(bad)
                 + f"); recompute them with tools/fid_ref_stats.py using the same {same} and weights"
             )
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path, key: str) -> Iterator[None]:
+    """numpy's errors reading a statistics file as one ``RefStatsError`` naming ``key`` and the file."""
+    try:
+        yield
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        why = "not an .npz archive" if "pickle" in str(e) else str(e)  # numpy's reason, not its hint to allow pickle
+        raise RefStatsError(f"{key}: {path} is not a dtrain reference-statistics file (.npz with mu, sigma, meta): "
+                            f"{why}") from None
 
 
 def ref_meta(extractor: FeatureExtractor, shape: Sequence[int], count: int, source: str) -> dict[str, Any]:

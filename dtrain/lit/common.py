@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from dtrain.config import RecipeError, key_source, recipe_hash, to_container
+from dtrain.config import RecipeError, key_source, recipe_hash, sample_shape, to_container
 from dtrain.diffusion.denoiser import Denoiser
 from dtrain.diffusion.guidance import CFGDenoiser
 from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
@@ -249,9 +249,7 @@ class DiffusionModule(L.LightningModule):
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        m = self.recipe["model"]
-        return (int(m["dim"]),) if m["name"] == "mlp" else (int(m["in_channels"]), int(m["resolution"]),
-                                                             int(m["resolution"]))
+        return sample_shape(self.recipe["model"])
 
     @property
     def is_image(self) -> bool:

@@ -267,6 +267,47 @@ def test_round_evaluation_inputs_are_checked_before_training(tmp_path, digits_te
     assert not any(tmp_path.iterdir())
 
 
+@pytest.fixture(scope="module")
+def ref_files(tmp_path_factory):
+    """Statistics files of the 'raw' and 'digits' extractors over a few digits, and a file that is no .npz."""
+    from dtrain.data.digits import digits_arrays
+    from dtrain.eval.features import build_extractor
+    from dtrain.eval.fid import compute_ref_stats
+
+    d, (x, _) = tmp_path_factory.mktemp("refs"), digits_arrays("test")
+    for name in ("raw", "digits"):
+        ext = build_extractor(name, shape=(1, 8, 8))
+        compute_ref_stats(ext, [x[:64]], "digits", sync=False).save(d / f"{name}.npz")
+    (d / "junk.npz").write_text("not numpy")
+    return d
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize(("over", "words"), [
+    (["eval.ref_stats={refs}/raw.npz"], ["command line: eval.ref_stats: {refs}/raw.npz does not match this evaluation "
+                                         "(extractor: file has 'raw', evaluation uses 'digits')"]),
+    (["eval.ref_stats={refs}/digits.npz", "eval.feature_extractor=raw", "data.name=gmm", "model.name=mlp",
+      "model.dim=2", "model.num_classes=3"],
+     ["extractor: file has 'digits', evaluation uses 'raw'; resolution: file has [1, 8, 8], evaluation uses [2]"]),
+    (["eval.ref_stats={refs}/junk.npz"], ["eval.ref_stats: {refs}/junk.npz is not a dtrain reference-statistics "
+                                          "file (.npz with mu, sigma, meta): not an .npz archive"]),
+    (["eval.ref_stats=digits:train", "data.name=patches", "data.size=16", "model.in_channels=3",
+      "model.resolution=16", "model.attn_resolutions=[]", "model.num_classes=0", "sampler.guidance=1",
+      "method.cfg_dropout=0"],
+     ["digits.yaml: eval.feature_extractor: 'digits' scores 1x8x8 images, and this model's samples are 3x16x16"]),
+])
+def test_sweep_reference_of_another_extractor_or_shape(tmp_path, ref_files, fit_error, over, words, dry_run):
+    """Statistics of another extractor or resolution for the in-training sweeps (eval.every_n_steps) fail the
+    launch and --dry-run naming eval.ref_stats; a fit found them after W&B and the data had started, a dry run
+    not at all."""
+    over = [o.format(refs=ref_files) for o in over]
+    err = fit_error(str(DIGITS), f"out_dir={tmp_path}", *QUIET, STEPS, "eval.every_n_steps=1", "eval.samplers=[ddim:2]",
+                    "eval.num=8", "eval.batch_size=8", *over, *(["--dry-run"] if dry_run else []))
+    assert all(w.format(refs=ref_files) in err for w in words), err
+    assert "(eval.every_n_steps > 0 sweeps)" in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_training_only_model_keys_may_differ(digits_teacher):
     """``model.dropout`` and ``model.grad_checkpoint`` change how a network trains, not its weights: a resumed run
     and a student starting from its teacher may set them otherwise; a key that changes the network may not."""
