@@ -967,6 +967,12 @@ def _check_training(cfg: DictConfig) -> list[tuple[str, str]]:
     elif cfg.sampler.guidance != 1.0 and not cfg.model.get("num_classes", 0):
         bad.append(("sampler.guidance", f"{cfg.sampler.guidance} guides by class labels, which an unconditional "
                     "model (model.num_classes: 0) has none of; use 1.0"))
+    from dtrain.diffusion.guidance import NO_NULL, learned_null
+
+    if not cfg.model.get("w_cond", False) and learned_null(to_container(cfg)) is False:
+        for key, w in (("sampler.guidance", cfg.sampler.guidance), ("eval.guidance", cfg.eval.guidance)):
+            if w is not None and w != 1.0:
+                bad.append((key, f"{w}: {NO_NULL}: use 1.0, or train with method.cfg_dropout > 0 (e.g. 0.1)"))
     return bad
 
 

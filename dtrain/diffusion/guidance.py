@@ -23,7 +23,24 @@ from torch import Tensor, nn
 from dtrain.diffusion.denoiser import Denoiser, DenoiserLike, time_batch
 from dtrain.diffusion.schedule import bcast
 
-__all__ = ["CFGDenoiser", "GuidedCond", "WCondDenoiser"]
+__all__ = ["CFGDenoiser", "GuidedCond", "WCondDenoiser", "learned_null", "NO_NULL"]
+
+
+NO_NULL = ("classifier-free guidance needs the unconditional (null-class) prediction, which this model never "
+           "learned (trained with method.cfg_dropout 0, no labels dropped)")
+
+
+def learned_null(recipe: Any) -> bool | None:
+    """Whether a model trained by ``recipe`` (a mapping) learned the null class's prediction that
+    ``CFGDenoiser`` reads: its training dropped labels (``method.cfg_dropout`` > 0). False only for a class-conditional
+    model trained from scratch without dropout (its null-class embedding stays random); None where the recipe does
+    not tell (none given, no classes, or a student started from a teacher that may have learned it)."""
+    if not isinstance(recipe, dict) or not isinstance(method := recipe.get("method"), dict):
+        return None
+    p, model = method.get("cfg_dropout"), recipe.get("model")
+    if not isinstance(p, int | float) or not isinstance(model, dict) or not model.get("num_classes"):
+        return None
+    return True if p > 0 else None if recipe.get("teacher") else False
 
 
 class CFGDenoiser(nn.Module):

@@ -154,6 +154,17 @@ def read_schedule(path: str | Path) -> dict[str, Any]:
                               ) from None
 
 
+def read_recipe(path: str | Path) -> dict[str, Any] | None:
+    """The recipe a checkpoint or bundle was trained with (a bundle's provenance; None if it has none), from its
+    metadata only."""
+    path = Path(path)
+    if is_bundle(path):
+        recipe = (read_info(path).get("provenance") or {}).get("recipe")
+        return recipe if isinstance(recipe, dict) else None
+    ckpt = _sharded_meta(path) if path.is_dir() else _load_file(path, mmap=True)
+    return dict(_check_ckpt(ckpt, path)["dtrain"]["recipe"])
+
+
 def read_kind(path: str | Path) -> str | None:
     """The bundle kind a checkpoint or bundle holds ("denoiser", "consistency", ...), from its metadata only."""
     path = Path(path)

@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
 from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
 from dtrain.errors import InputError, check_writable
@@ -182,6 +182,24 @@ def check_teacher(cfg: DictConfig, source: str = "recipe", overrides: Sequence[s
                           "drop teacher=, or set the method that distils it")
     klass.check_teacher_network(cfg, source, overrides)
     klass.check_teacher_schedule(cfg, source, overrides)
+    _check_teacher_null(cfg, source, overrides)
+
+
+def _check_teacher_null(cfg: DictConfig, source: str, overrides: Sequence[str]) -> None:
+    """A student distilled from a teacher's guided predictions (guided PD's ``method.guidance`` range, CD's
+    ``method.guidance``) needs a teacher that learned the null class (``learned_null``): without it every target
+    is built from a random embedding's prediction."""
+    from dtrain.diffusion.guidance import NO_NULL, learned_null
+    from dtrain.export.checkpoint import read_recipe
+
+    g = cfg.method.get("guidance")
+    ws = [] if g is None else [float(w) for w in g] if isinstance(g, Sequence | ListConfig) else [float(g)]
+    if cfg.teacher is None or not Path(cfg.teacher).exists() or all(w == 1.0 for w in ws):
+        return
+    if learned_null(read_recipe(cfg.teacher)) is False:
+        raise RecipeError(key_source("method.guidance", source, overrides), "method.guidance",
+                          f"{g} guides the teacher {cfg.teacher}, but {NO_NULL.replace('this model', 'it')}: "
+                          f"distil it unguided, or a teacher trained with method.cfg_dropout > 0")
 
 
 class _NoTips(logging.Filter):

@@ -308,6 +308,41 @@ def test_sweep_reference_of_another_extractor_or_shape(tmp_path, ref_files, fit_
     assert not any(tmp_path.iterdir())
 
 
+@pytest.fixture(scope="module")
+def no_null_teacher(digits_teacher, tmp_path_factory):
+    """``digits_teacher`` as if trained with method.cfg_dropout 0: its null-class embedding never learned."""
+    ck = torch.load(digits_teacher, map_location="cpu", weights_only=True)
+    ck["dtrain"]["recipe"]["method"]["cfg_dropout"] = 0.0
+    ck["dtrain"]["recipe"]["sampler"]["guidance"] = 1.0
+    torch.save(ck, path := tmp_path_factory.mktemp("no_null") / "teacher.ckpt")
+    return path
+
+
+def test_guidance_needs_a_model_that_learned_the_null_class(tmp_path, no_null_teacher, fit_error, cli_error):
+    """A class-conditional model trained without label dropout has a random null-class embedding: guiding it (a
+    student's guided targets, dtrain eval / sample with w != 1, a bundle's default w) is refused naming the key, not
+    run on noise; w = 1 works."""
+    never = "classifier-free guidance needs the unconditional (null-class) prediction, which "
+    err = fit_error(str(R / "pd" / "digits_guided.yaml"), f"teacher={no_null_teacher}", f"out_dir={tmp_path}",
+                    *QUIET, "model.channels=16", "--dry-run")
+    assert "digits_guided.yaml: method.guidance: [1.0, 3.0] guides the teacher" in err, err
+    assert never + "it never learned" in err, err
+    err = fit_error(str(R / "cm" / "cd_digits.yaml"), f"teacher={no_null_teacher}", f"out_dir={tmp_path}", *QUIET,
+                    "model.channels=16", "method.guidance=2.0", "--dry-run")
+    assert "method.guidance: 2.0 guides the teacher" in err, err
+    err = cli_error("export", str(no_null_teacher), "--out", str(tmp_path / "b2"), "--guidance", "2")
+    assert "sampler.guidance: 2.0, but " + never + "this model never" in err, err
+    bundle = tmp_path / "b"
+    assert main(["export", str(no_null_teacher), "--out", str(bundle)]) == 0
+    err = cli_error("sample", str(bundle), "--w", "2", "--num", "2", "--out", str(tmp_path / "s.png"))
+    assert "w: 2.0: " + never in err, err
+    assert main(["sample", str(bundle), "--w", "1", "--num", "2", "--nfe", "2", "--out", str(tmp_path / "s.png")]) == 0
+    for model in (no_null_teacher, bundle):
+        err = cli_error("eval", str(model), "--guidance", "2", "--samplers", "ddim:2", "--num", "4",
+                        "--out", str(tmp_path / "ev"), "--wandb", "disabled")
+        assert "--guidance: 2.0: " + never in err, err
+
+
 def test_training_only_model_keys_may_differ(digits_teacher):
     """``model.dropout`` and ``model.grad_checkpoint`` change how a network trains, not its weights: a resumed run
     and a student starting from its teacher may set them otherwise; a key that changes the network may not."""
