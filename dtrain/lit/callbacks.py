@@ -51,6 +51,9 @@ class SampleGrid(L.Callback):
         self.max_classes = max_classes
         self._last = -1
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._last = trainer.global_step  # under accumulation the first micro-batch ends at the start step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every <= 0 or step == self._last or step % self.every or not pl_module.is_image:

@@ -355,6 +355,13 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._tick = (time.perf_counter(), self.global_step)
+        # under gradient accumulation the first micro-batch ends at the start step: no interval to log yet
+        self._logged_step = self.global_step
+        for config in self.trainer.lr_scheduler_configs:  # a resume restores the LR the old schedule set for this
+            s = config.scheduler  # step: set the one this run's schedule (e.g. a longer max_steps) gives it
+            if isinstance(s, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
+                    group["lr"] = base * fn(s.last_epoch)
         # distinct noise on every rank; replayable from (seed, rank, step) after a resume
         seed = int(self.recipe.get("seed", 0))
         L.seed_everything((seed + 7919 * self.global_rank + 104729 * self.global_step) % 2**32, verbose=False)

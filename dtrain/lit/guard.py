@@ -10,8 +10,9 @@ logged with its loss terms; ``train/bad_steps`` counts them. ``max_bad`` bad ste
 (the batch was consumed), so data position and resume stay exact.
 
 Under a loss scaler (``16-mixed``) non-finite gradients are the scaler's business (it skips the step and
-lowers the scale); the guard then judges the loss only. Under DeepSpeed the gradients live in the engine:
-the guard counts and stops, but cannot drop a step.
+lowers the scale); the guard then judges the loss only. Under DeepSpeed the gradients live in the engine, which
+takes the optimizer step (its ZeRO-2 optimizer skips one with non-finite gradients itself, bf16 and fp32 alike):
+the guard skips the EMA update, counts and stops.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.skipped = False  # the last optimizer step was skipped
         self._ok: Tensor | None = None  # AND of this step's micro-batch loss checks, on device
-        self._terms: dict[str, Tensor] = {}
+        self._terms: list[dict[str, Tensor]] = []  # each micro-batch's of the last step (gradient accumulation)
+        self._checked = False  # check() ran since the last observe(): the next one starts a step
 
     # ---- per micro-batch (no host sync) --------------------------------------------------------------------
     def observe(self, loss_b: Tensor, terms: Mapping[str, Tensor] | None = None) -> None:
@@ -51,7 +53,9 @@ class NonFiniteGuard:
             return
         ok = torch.isfinite(loss_b).all()
         self._ok = ok if self._ok is None else self._ok & ok
-        self._terms = {"loss": loss_b.detach(), **{k: v.detach() for k, v in (terms or {}).items()}}
+        if self._checked:
+            self._terms, self._checked = [], False
+        self._terms.append({"loss": loss_b.detach(), **{k: v.detach() for k, v in (terms or {}).items()}})
 
     # ---- per optimizer step ----------------------------------------------------------------------------------
     def check(self, grad_norm: Tensor | None, *, world_size: int = 1, judge_grads: bool = True) -> bool:
@@ -69,7 +73,7 @@ class NonFiniteGuard:
             ok = flag[0] > 0
         good = bool(ok.item())
         self._grad_norm = grad_norm
-        self._ok = None
+        self._ok, self._checked = None, True
         self.skipped = not good
         if good:
             self.in_a_row = 0
@@ -79,9 +83,12 @@ class NonFiniteGuard:
         return good
 
     def describe(self) -> str:
-        """The last step's loss terms and gradient norm, e.g. ``loss=nan (3/32 samples non-finite), grad_norm=inf``."""
-        parts = []
-        for name, v in self._terms.items():
+        """The last step's loss terms and gradient norm, e.g. ``loss=nan (3/32 samples non-finite), grad_norm=inf``:
+        of its first micro-batch with a non-finite term (else its last), and which one under accumulation."""
+        bad_one = [i for i, t in enumerate(self._terms) if not all(bool(torch.isfinite(v).all()) for v in t.values())]
+        i = bad_one[0] if bad_one else len(self._terms) - 1
+        parts = [f"micro-batch {i + 1}/{len(self._terms)}"] if len(self._terms) > 1 else []
+        for name, v in (self._terms[i] if self._terms else {}).items():
             v = v.float().reshape(-1)
             bad = int((~torch.isfinite(v)).sum())
             mean = float(v.mean()) if v.numel() else math.nan
@@ -94,7 +101,8 @@ class NonFiniteGuard:
     def report(self, step: int, *, dropped: bool = True) -> None:
         """Log a bad step; raise ``NonFiniteError`` after ``max_bad`` in a row. ``dropped=False``: the optimizer
         stepped anyway (DeepSpeed's engine owns the gradients), only the EMA update was skipped."""
-        what = "optimizer and EMA update skipped" if dropped else "EMA update skipped (DeepSpeed's optimizer stepped)"
+        what = "optimizer and EMA update skipped" if dropped else "EMA update skipped (the optimizer step is " \
+            "DeepSpeed's)"
         msg = f"step {step}: non-finite loss or gradient ({self.describe()}); {what} " \
               f"({self.in_a_row} in a row, {self.total} in this run)"
         if self.in_a_row >= self.max_bad:

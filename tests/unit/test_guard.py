@@ -40,6 +40,19 @@ def test_guard_counts_and_stops_after_k_in_a_row():
     assert g.total == 0
 
 
+def test_under_accumulation_the_message_names_the_bad_micro_batch():
+    """A NaN in the first of a step's two micro-batches was described with the last one's finite loss
+    (``loss=1.08, grad_norm=nan``: blaming the gradient); the step after describes only its own micro-batches."""
+    g = NonFiniteGuard()
+    g.observe(torch.tensor([1.0, math.nan]))
+    g.observe(torch.tensor([1.0, 2.0]))
+    assert not g.check(torch.tensor(math.nan))
+    assert g.describe().startswith("micro-batch 1/2, loss=nan (1/2 samples non-finite)"), g.describe()
+    g.observe(torch.tensor([3.0]))
+    g.observe(torch.tensor([5.0]))
+    assert g.check(torch.tensor(1.0)) and g.describe() == "micro-batch 2/2, loss=5, grad_norm=1"
+
+
 def test_guard_off_checks_nothing():
     g = NonFiniteGuard(enabled=False)
     g.observe(torch.tensor([math.nan]))

@@ -202,6 +202,73 @@ def test_a_resumed_csv_run_keeps_the_earlier_jobs_scalars(tmp_path, one_thread):
     assert steps("metrics.1.csv") == [1, 3] and steps("metrics.csv") == [5]
 
 
+def test_under_accumulation_a_resumed_runs_logged_loss_is_the_uninterrupted_ones(tmp_path, one_thread):
+    """With accumulate_grad_batches 2 the first micro-batch of a fit ends at its start step: the module logged there
+    and cleared its sums, so the first interval after a resume left out a micro-batch (train/loss at step 7:
+    0.75657 resumed, 0.75961 uninterrupted) and a fresh run logged a row at step 0."""
+    import csv
+
+    from dtrain.lit.fit import fit
+
+    over = [f"out_dir={tmp_path}", "model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=1024",
+            "logger.mode=disabled", "trainer.progress_bar=false", "trainer.log_every_n_steps=2",
+            "trainer.ckpt_every_n_steps=4", "trainer.accumulate_grad_batches=2", "trainer.deterministic=true",
+            "trainer.max_steps=8", "ema.decays=[0.9]", "ema.stds=[]"]
+    ref = fit(GMM, [*over, "name=ref"])
+    res = fit(GMM, [*over, "name=res"], resume=str(ref / "checkpoints" / "step0000004.ckpt"))
+
+    def rows(path: Path) -> dict[int, float]:
+        with open(path) as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    assert list(rows(ref / "csv" / "metrics.csv")) == [1, 3, 5, 7]
+    assert rows(res / "csv" / "metrics.csv") == pytest.approx({k: v for k, v in rows(ref / "csv" / "metrics.csv")
+                                                               .items() if k > 4}, rel=1e-6)
+
+
+def test_a_resume_with_a_longer_cosine_run_steps_on_the_new_schedule_at_once(tmp_path, one_thread):
+    """Resumed at step 8 with trainer.max_steps 8 -> 16 under a cosine schedule, step 8 trained at the old
+    schedule's last LR (restored with the optimizer) and only step 9 on the new one."""
+    from dtrain.lit.fit import fit
+
+    over = [f"out_dir={tmp_path}", "model.hidden=16", "model.depth=1", "data.batch_size=32", "data.num_samples=256",
+            "logger.mode=disabled", "trainer.progress_bar=false", "trainer.ckpt_every_n_steps=4",
+            "optim.lr_schedule=cosine", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1", "ema.decays=[]",
+            "ema.stds=[]"]
+    lrs: dict[int, float] = {}
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+    fit(GMM, [*over, "trainer.max_steps=8"])
+    lr = load_recipe(GMM).optim.lr
+    with pytest.warns(UserWarning, match=r"trainer\.max_steps 8 -> 16"):
+        fit(GMM, [*over, "trainer.max_steps=16"], resume="last", callbacks=[Spy()])
+    want = {s: lr * lr_factor(s, warmup=2, total=16, schedule="cosine", min_ratio=0.1) for s in range(8, 16)}
+    assert lrs == pytest.approx(want, rel=1e-9)
+
+
+def test_sample_grids_wait_for_the_first_optimizer_step():
+    """Under gradient accumulation the first micro-batch ends at the start step: a fresh run drew a grid of its
+    untrained model (step 0) and a resumed one redrew the grid of the step it resumed from."""
+    from types import SimpleNamespace
+
+    from dtrain.lit.callbacks import SampleGrid
+
+    drawn: list[int] = []
+    cb = SampleGrid(every_n_steps=4)
+    cb.log_grid = lambda trainer, module, step: drawn.append(step)
+    module = SimpleNamespace(is_image=True)
+    for start in (0, 4):
+        trainer = SimpleNamespace(global_step=start, is_global_zero=True)
+        cb.on_train_start(trainer, module)
+        for step in (start, start, start + 1, start + 1, start + 4):
+            trainer.global_step = step
+            cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert drawn == [4, 8]
+
+
 def test_every_micro_batch_of_every_step_draws_its_own_noise(tmp_path, monkeypatch):
     """torch's generators are reseeded per (step, micro-batch): noise and times differ between optimizer steps and
     between the accumulated micro-batches of one step (with one seed per step, teacher training would reuse a
