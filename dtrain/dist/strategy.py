@@ -58,6 +58,9 @@ FSDP_SHARDING = {"full": "FULL_SHARD", "grad_op": "SHARD_GRAD_OP", "hybrid": "HY
 FSDP2_SHARDING = {"full": True, "grad_op": False}  # reshard_after_forward
 DEEPSPEED_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 FSDP2_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")  # Lightning's ModelParallelStrategy
+FSDP_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")  # Lightning's FSDPPrecision
+# DeepSpeed's dynamic fp16 loss scaling (its config's "fp16" section): Lightning's GradScaler elsewhere takes none
+SCALER_KEYS = {"initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1.0}
 
 
 def shards_parameters(strategy: Mapping[str, Any]) -> bool:
@@ -105,6 +108,11 @@ def check_strategy(cfg: Any) -> list[tuple[str, str]]:
     if s.name == "fsdp2" and t.precision not in FSDP2_PRECISIONS:
         bad.append(("trainer.precision", f"fsdp2 (Lightning's ModelParallelStrategy) supports "
                     f"{list(FSDP2_PRECISIONS)}, not {t.precision!r}"))
+    if s.name == "fsdp" and t.precision not in FSDP_PRECISIONS:
+        bad.append(("trainer.precision", f"fsdp supports {list(FSDP_PRECISIONS)}, not {t.precision!r}"))
+    if s.find_unused_parameters and s.name not in ("auto", "ddp", "ddp_spawn"):
+        bad.append(("strategy.find_unused_parameters", f"applies to ddp / ddp_spawn only, not {s.name!r} (it "
+                    f"would be ignored)"))
     fp16 = t.precision in ("16-mixed", "16-true")
     if s.loss_scale < 0 or s.initial_scale_power < 0 or s.loss_scale_window < 1 or s.hysteresis < 1 \
             or s.min_loss_scale <= 0:
@@ -113,6 +121,12 @@ def check_strategy(cfg: Any) -> list[tuple[str, str]]:
     elif s.loss_scale > 0 and not (ds and fp16):
         bad.append(("strategy.loss_scale", f"a static loss scale applies to deepspeed with fp16 only (strategy.name="
                     f"{s.name!r}, trainer.precision={t.precision!r})"))
+    elif not (ds and fp16):
+        for key, default in SCALER_KEYS.items():
+            if s[key] != default:
+                bad.append((f"strategy.{key}", f"DeepSpeed's fp16 loss scaling applies to deepspeed with 16-mixed / "
+                            f"16-true only (strategy.name={s.name!r}, trainer.precision={t.precision!r}: it would be "
+                            f"ignored); leave it at {default}"))
     sharding = FSDP_SHARDING if s.name == "fsdp" else FSDP2_SHARDING if s.name == "fsdp2" else {"full": None}
     if s.sharding not in sharding:
         what = f"for strategy.name={s.name}" if s.name in ("fsdp", "fsdp2") else "applies to fsdp / fsdp2 only"

@@ -259,6 +259,8 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # every resume
+    # DeepSpeed: optim.grad_clip goes into its config (gradient_clipping); dtrain's hook is the non-finite guard's
+    warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
     _quiet_lightning_tips()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(int(cfg.trainer.cpu_threads))

@@ -130,6 +130,16 @@ def test_deepspeed_setup_hands_deepspeed_contiguous_weights(monkeypatch):
     (["strategy.name=fsdp", "eval.every_n_steps=100", "eval.samplers=[ddim:4]", "eval.ref_stats=digits:train"],
      "eval.every_n_steps", "FID sweep during training"),
     (["strategy.timeout_min=0"], "strategy.timeout_min", ">= 1"),
+    # fsdp's precisions are checked like the others' (Lightning's own ValueError named no key, and came on the GPU)
+    (["strategy.name=fsdp", "trainer.precision=64-true"], "trainer.precision", "fsdp supports"),
+    # options of other strategies were accepted and dropped without a word
+    (["strategy.name=ddp", "trainer.precision=16-mixed", "strategy.initial_scale_power=3"],
+     "strategy.initial_scale_power", "applies to deepspeed with 16-mixed / 16-true only"),
+    (["strategy.name=deepspeed", "trainer.precision=bf16-mixed", "strategy.hysteresis=4"], "strategy.hysteresis",
+     "it would be ignored"),
+    (["strategy.name=deepspeed", "strategy.find_unused_parameters=true"], "strategy.find_unused_parameters",
+     "applies to ddp / ddp_spawn only, not 'deepspeed'"),
+    (["strategy.name=fsdp2", "strategy.find_unused_parameters=true"], "strategy.find_unused_parameters", "fsdp2"),
 ])
 def test_invalid_combinations_fail_at_validation(overrides, key, match):
     with pytest.raises(RecipeError, match=re.escape(match)) as e:
