@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> None:
                                 weights_key="--weights (eval.feature_extractor_weights_path)")
     try:
         stats = compute_ref_stats(extractor, reported(batched(items, args.batch_size, args.num, rank, world),
-                                                      rank == 0), source, device=device)
+                                                      rank == 0), source, device=device,
+                                  shape=tuple(first.shape))  # a rank without images (more ranks than images)
     except InputError:
         raise
     except ValueError as e:  # fewer than 2 images; images the extractor does not take

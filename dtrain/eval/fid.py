@@ -164,13 +164,15 @@ def ref_meta(extractor: FeatureExtractor, shape: Sequence[int], count: int, sour
 
 @torch.no_grad()
 def compute_ref_stats(extractor: FeatureExtractor, batches: Iterable[Tensor], source: str = "",
-                      device: str | torch.device = "cpu", sync: bool = True) -> RefStats:
+                      device: str | torch.device = "cpu", sync: bool = True,
+                      shape: Sequence[int] | None = None) -> RefStats:
     """mu / sigma of ``extractor`` features over image batches in [-1, 1].
 
     ``sync``: each rank passed its own share; the sums are added over ranks (False: this rank's data only).
+    ``shape``: the images' (C, H, W) (else the first batch's), which a rank left without images needs.
     """
     metric = make_fid(extractor).to(device)
-    shape = None
+    shape = tuple(shape) if shape is not None else None
     for x in batches:
         shape = shape or tuple(x.shape[1:])
         metric.update(x.to(device), real=True)

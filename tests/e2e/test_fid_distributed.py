@@ -47,11 +47,14 @@ def sweep(out: Path, rank: int = 0) -> None:
     den = NullAwareGMM(GaussianMixture(torch.stack([x[y == k].mean(0).flatten() for k in range(10)]), 0.25))
     ext = build_extractor("digits")
     ref = compute_ref_stats(ext, x[rank::2].split(100) if torch.distributed.is_initialized() else x.split(100))
+    # more ranks than images (tools/fid_ref_stats.py --num-images 3 under torchrun): rank 1 has none, and failed
+    few = compute_ref_stats(ext, [x[:3]] if rank == 0 else [], shape=(1, 8, 8))
     rows = fid_sweep(den, SPECS, num=NUM, batch_size=BATCH, shape=(1, 8, 8), extractor=ext, ref=ref,
                      num_classes=10, guidance=1.5, seed=11, progress=False)
     if rank == 0:
         out.write_text(json.dumps({"rows": [r.to_dict() for r in rows], "ref_mu": ref.mu.tolist(),
-                                   "ref_sigma": ref.sigma.tolist(), "ref_count": ref.count}))
+                                   "ref_sigma": ref.sigma.tolist(), "ref_count": ref.count,
+                                   "few": [few.count, few.sigma.tolist()]}))
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
@@ -78,6 +81,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["ref_count"] == a["ref_count"] == len(digits_arrays("train")[0])
     assert torch.allclose(torch.tensor(b["ref_sigma"]), torch.tensor(a["ref_sigma"]), rtol=0, atol=1e-12)
+    assert a["few"][0] == b["few"][0] == 3
+    assert torch.allclose(torch.tensor(b["few"][1]), torch.tensor(a["few"][1]), rtol=0, atol=1e-12)
     assert len(a["rows"]) == len(b["rows"]) == 3
     for ra, rb in zip(a["rows"], b["rows"]):
         assert (ra["sampler"], ra["nfe"], ra["num"]) == (rb["sampler"], rb["nfe"], rb["num"]) and rb["num"] == NUM
