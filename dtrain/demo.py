@@ -284,34 +284,12 @@ class Interrupted(Exception):
         self.code = code
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
+def _locked(out: Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``out/.demo.lock`` for a run: a second demo into one folder would rewrite the first one's runs."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out / ".demo.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            raise StageError(f"--out: another dtrain demo (pid {pid}) is running in {out}; wait for it to end, or "
-                             "give this one another --out") from None
-        except OSError:  # a filesystem without locks (some NFS mounts): run unguarded
-            locked = False
-        else:
-            locked = True
-            f.truncate(0)
-            f.write(str(os.getpid()))
-            f.flush()
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    from dtrain.fileio import exclusive
+
+    return exclusive(out / ".demo.lock", f"--out: another dtrain demo is running in {out}; wait for it to end, or "
+                     "give this one another --out", StageError)
 
 
 class StageError(RuntimeError):

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["TMP_TAG", "replacing", "write_text", "write_json"]
+from dtrain.errors import InputError
+
+__all__ = ["TMP_TAG", "replacing", "write_text", "write_json", "exclusive", "BusyError"]
 
 TMP_TAG = ".tmp"  # temp files are ``.<name>.tmp<host>.<pid>.<random>``
 
@@ -65,3 +67,51 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     """``obj`` as JSON with one trailing newline, through ``replacing``."""
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+class BusyError(InputError):
+    """Another process holds the lock of a folder this one would write (``exclusive``)."""
+
+
+@contextmanager
+def exclusive(path: str | Path, busy: str, error: type[Exception] = BusyError) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on the file ``path`` while the block runs, the holder recorded in it;
+    ``error(busy + " (held by pid 12 on node3, SLURM job 881)")`` when another process holds it. Unguarded where the
+    platform or the filesystem has no locks. A holder of this same SLURM job counts as stale: a requeued job can
+    start while a network filesystem still keeps its crashed node's lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read())
+            except ValueError:
+                holder = {}
+            if not isinstance(holder, dict):
+                holder = {}
+            if not (me["job"] and holder.get("job") == me["job"]):
+                who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" + (
+                    f", SLURM job {holder['job']}" if holder.get("job") else "")
+                raise error(f"{busy} (held by {who})") from None
+            locked = False
+        except OSError:  # a filesystem without locks (some NFS mounts)
+            locked = False
+        else:
+            locked = True
+            f.truncate(0)  # "a+" writes at the end, which is now the start
+            f.write(json.dumps(me))
+            f.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)

@@ -7,6 +7,7 @@ run (``wandb/``; offline runs upload later with ``wandb sync``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from dtrain.config import RecipeError, check_inputs, key_source, load_recipe, memory_samples, to_container
 from dtrain.errors import InputError, check_writable
 from dtrain.eval.report import check_wandb_login, logger_mode
-from dtrain.fileio import write_text
+from dtrain.fileio import exclusive, write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
 from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
@@ -274,6 +275,27 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     _check_fresh_start(out, resume)
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg),  # Lightning's restore reads it once more
                             teacher_target=klass.teacher_target(cfg))
+    # one fit per run folder (after the checks: bad input leaves no folder): a second one, e.g. the same job
+    # launched twice, would overwrite the first one's checkpoints
+    busy = (f"{key_source('out_dir', source, overrides)}: out_dir / name: another dtrain fit is training in {out}; "
+            f"wait for it to end, or give this run another name= or out_dir=")
+    with exclusive(out / LOCK_FILE, busy) if _first_process() else contextlib.nullcontext():
+        return _train(cfg, out, klass, ckpt_path, ranks, callbacks)
+
+
+LOCK_FILE = ".fit.lock"
+
+
+def _first_process(env: Any = None) -> bool:
+    """Global rank 0 before any process group exists (the launcher's variables: torchrun, srun, Lightning's own
+    subprocess launcher), the one that holds the run folder's lock."""
+    env = os.environ if env is None else env
+    return all(env.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _train(cfg: DictConfig, out: Path, klass: type[DiffusionModule], ckpt_path: Path | None, ranks: int,
+           callbacks: Sequence[L.Callback]) -> Path:
+    """``fit`` after its checks, holding the run folder."""
     _write_recipe(cfg, out)
     from lightning.pytorch.utilities import rank_zero_info
 

@@ -186,12 +186,12 @@ def test_a_second_demo_into_a_busy_folder_is_refused(tmp_path: Path, capsys) -> 
     from dtrain.cli import main
 
     with open(tmp_path / ".demo.lock", "w") as f:
-        f.write("4242")
+        f.write('{"pid": 4242, "host": "node3", "job": null}')
         f.flush()
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["demo", "--fast", "--out", str(tmp_path), "--stages", "shards"]) == 2
-    assert (f"dtrain demo: --out: another dtrain demo (pid 4242) is running in {tmp_path}; wait for it to end"
-            in capsys.readouterr().err)
+    assert (f"dtrain demo: --out: another dtrain demo is running in {tmp_path}; wait for it to end, or give this one "
+            f"another --out (held by pid 4242 on node3)" in capsys.readouterr().err)
     assert not (tmp_path / "shards").exists()
     assert main(["demo", "--fast", "--out", str(tmp_path), "--stages", ","]) == 2
     assert "dtrain demo: --stages: no stage given" in capsys.readouterr().err

@@ -343,6 +343,37 @@ def test_guidance_needs_a_model_that_learned_the_null_class(tmp_path, no_null_te
         assert "--guidance: 2.0: " + never in err, err
 
 
+def test_a_second_fit_into_a_busy_run_folder_is_refused(tmp_path, fit_error, monkeypatch):
+    """Two fits into one run folder (a job launched twice) overwrote each other's checkpoints: the second is refused
+    naming the holder; a holder of this same SLURM job (requeued while its dead node's lock lingers on a network
+    filesystem) is stale; ranks other than the first never lock."""
+    import fcntl
+    import json
+
+    from dtrain.config import load_recipe
+    from dtrain.lit.fit import _first_process, run_dir
+
+    gmm = R / "teacher" / "gmm.yaml"
+    over = [f"out_dir={tmp_path}", *QUIET, STEPS, "model.hidden=8", "model.depth=1", "data.num_samples=1024",
+            "trainer.ckpt_every_n_steps=0"]
+    run = run_dir(load_recipe(gmm, over))
+    run.mkdir(parents=True)
+    with open(run / ".fit.lock", "w") as f:
+        f.write(json.dumps({"pid": 4242, "host": "node3", "job": "881"}))
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = fit_error(str(gmm), *over)
+        assert err == (f"dtrain fit: command line: out_dir / name: another dtrain fit is training in {run}; wait "
+                       f"for it to end, or give this run another name= or out_dir= (held by pid 4242 on node3, "
+                       f"SLURM job 881)"), err
+        assert not (run / "checkpoints").exists()
+        monkeypatch.setenv("SLURM_JOB_ID", "881")
+        assert main(["fit", str(gmm), *over]) == 0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert _first_process({}) and _first_process({"RANK": "0", "LOCAL_RANK": "0", "SLURM_PROCID": "0"})
+    assert not any(_first_process({k: "1"}) for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def test_training_only_model_keys_may_differ(digits_teacher):
     """``model.dropout`` and ``model.grad_checkpoint`` change how a network trains, not its weights: a resumed run
     and a student starting from its teacher may set them otherwise; a key that changes the network may not."""
