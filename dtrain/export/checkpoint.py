@@ -378,6 +378,8 @@ def export_checkpoint(
     ckpt = read_checkpoint(ckpt_path)
     state, tag = select_weights(ckpt, ema, ckpt_path)
     info = bundle_info(ckpt, source=ckpt_path, sampler=sampler, metrics=metrics)
+    # the exact file it came from (a sharded directory: its weights' sha256 is the bundle's weights.sha256)
+    info["provenance"]["source_sha256"] = sha256_file(ckpt_path) if Path(ckpt_path).is_file() else None
     try:
         assemble(info, state, file=str(ckpt_path))
     except BundleError as e:

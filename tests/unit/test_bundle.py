@@ -571,6 +571,7 @@ def test_teacher_chain_in_provenance(exported, tmp_path):
     student = C.export_checkpoint(spath, tmp_path / "student")
     p = _info(student)["provenance"]
     assert p["teacher"]["sha256"] == _info(teacher)["weights"]["sha256"] and p["teacher"]["format"] == "bundle"
+    assert p["source"] == str(spath) and p["source_sha256"] == B.sha256_file(spath)  # the exact file exported
     assert p["metrics"] == {"fid": 9.5} and p["training"] == {"pd_round": 3} and p["kind"] == "pd"
     assert _info(student)["sampler"]["nfe"] == 2 and _info(student)["kind"] == "denoiser"
     _, sref = C.load_teacher(student)
