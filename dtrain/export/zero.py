@@ -148,23 +148,28 @@ def _fp32(t: Any) -> Any:
     return t.float() if isinstance(t, Tensor) and t.is_floating_point() else t
 
 
-def _zero_state_dict(d: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(fp32 state dict, client state of rank 0) of a DeepSpeed tag directory."""
-    models, optims = [], []
+def _zero_files(d: Path) -> tuple[list[Path], list[Path]]:
+    """A DeepSpeed tag directory's model-states and optimizer-states files, each in rank order (ranks 0 .. n-1)."""
+    models: list[tuple[int, Path]] = []
+    optims: list[tuple[int, Path]] = []
     for f in d.iterdir():
-        if m := _MODEL.fullmatch(f.name):
-            if int(m.group(2)) != 0:
-                raise ZeroCheckpointError(d, "model / pipeline parallel checkpoints (mp_rank > 0) are not supported")
-            models.append((int(m.group(1) or 0), f))
-        elif m := _OPTIM.fullmatch(f.name):
-            if int(m.group(2)) != 0:
-                raise ZeroCheckpointError(d, "model / pipeline parallel checkpoints (mp_rank > 0) are not supported")
-            optims.append((int(m.group(1)), f))
+        for pattern, found in ((_MODEL, models), (_OPTIM, optims)):
+            if m := pattern.fullmatch(f.name):
+                if int(m.group(2)) != 0:
+                    raise ZeroCheckpointError(d, "model / pipeline parallel checkpoints (mp_rank > 0) are not "
+                                              "supported")
+                found.append((int(m.group(1) or 0), f))
     if not models or not optims:
         raise ZeroCheckpointError(d, f"not a DeepSpeed ZeRO checkpoint (needs *model_states.pt and "
                                   f"*zero_pp_rank_*_optim_states.pt; found {sorted(f.name for f in d.iterdir())})")
-    model_states = [_load(f) for f in _by_rank(models, "model-states", d)]
-    opt = [_load(f)["optimizer_state_dict"] for f in _by_rank(optims, "optimizer-states", d)]
+    return _by_rank(models, "model-states", d), _by_rank(optims, "optimizer-states", d)
+
+
+def _zero_state_dict(d: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(fp32 state dict, client state of rank 0) of a DeepSpeed tag directory."""
+    model_files, optim_files = _zero_files(d)
+    model_states = [_load(f) for f in model_files]
+    opt = [_load(f)["optimizer_state_dict"] for f in optim_files]
     stage, parts = int(opt[0]["zero_stage"]), opt[0]["partition_count"]
     world = max(parts) if isinstance(parts, list) else int(parts)
     if world != len(opt):
@@ -344,17 +349,66 @@ def _deepspeed_tag(path: Path) -> Path:
     return d
 
 
-def sharded_meta(path: str | Path) -> dict[str, Any]:
+def sharded_meta(path: str | Path, *, complete: bool = False) -> dict[str, Any]:
     """The non-tensor part of a sharded checkpoint directory (``dtrain`` metadata, ``global_step``, ...) without
     consolidating it: FSDP's ``meta.pt``, or DeepSpeed rank 0's model states, memory-mapped (their tensors are
-    never read)."""
+    never read). ``complete``: also refuse a directory with a shard file missing or cut short (a resume would load
+    every shard; ``_dcp_shards_whole`` / ``_zero_shards_whole`` say what is checked)."""
     path = Path(path)
     if (path / ".metadata").is_file():
         _dcp_done(path)
+        if complete:
+            _dcp_shards_whole(path)
         return _load(path / LIGHTNING_META)
     d = _deepspeed_tag(path)
     first = next((f for f in sorted(d.iterdir()) if (m := _MODEL.fullmatch(f.name)) and int(m.group(1) or 0) == 0),
                  None)
     if first is None:
         raise ZeroCheckpointError(d, "no rank-0 model-states file")
-    return {k: v for k, v in _load(first, mmap=True).items() if k not in DEEPSPEED_KEYS}
+    states = _load(first, mmap=True)
+    if complete:
+        _zero_shards_whole(d, states.get("dp_world_size"))
+    return {k: v for k, v in states.items() if k not in DEEPSPEED_KEYS}
+
+
+# Completeness, cheaply: file listings, sizes and zip directories; no tensor data is read. A shard damaged in place
+# (same size, other bytes) is not caught here: the strategy's own load reads it.
+def _dcp_shards_whole(path: Path) -> None:
+    """Every file a distributed checkpoint's ``.metadata`` records is there and reaches the last byte recorded in
+    it (``.metadata`` itself is written after every shard, so it is read whole or refused)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise ZeroCheckpointError(path / ".metadata", f"unreadable (truncated or corrupt?): {_reason(e)}") from None
+    need: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = path / name
+        if not f.is_file():
+            raise ZeroCheckpointError(f, "missing: the checkpoint's .metadata lists it (an incomplete copy?)")
+        if f.stat().st_size < size:
+            raise ZeroCheckpointError(f, f"truncated: {f.stat().st_size} bytes, the checkpoint's .metadata records "
+                                      f"{size}")
+
+
+def _zero_shards_whole(d: Path, world: Any) -> None:
+    """A DeepSpeed tag directory holds one optimizer-states file per rank (``world``: rank 0's ``dp_world_size``),
+    and one model-states file per rank in stage 3, each a whole zip file (``torch.save``'s format writes its zip
+    directory last, so a truncated file has none)."""
+    import zipfile
+
+    models, optims = _zero_files(d)
+    staged = any(f.name.startswith("zero_pp_rank_") for f in models)  # stage 3: every rank writes model states
+    if isinstance(world, int):  # files of ranks past it: a larger run's earlier save in place, which DeepSpeed ignores
+        if len(optims) < world or (staged and len(models) < world):
+            raise ZeroCheckpointError(d, f"{len(optims)} optimizer-states and {len(models)} model-states files for a "
+                                      f"run of {world} ranks (dp_world_size): some are missing")
+        models, optims = models[:world], optims[:world]
+    for f in (*models, *optims):
+        try:
+            zipfile.ZipFile(f).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ZeroCheckpointError(f, f"not a whole torch file (truncated?): {_reason(e)}") from None

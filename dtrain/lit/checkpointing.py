@@ -12,8 +12,10 @@ Sharded checkpoint directories (DeepSpeed, FSDP ``sharded_checkpoint``) are writ
 Resume. ``resume_path(run_dir, "auto" | "last" | path)`` probes candidates with ``torch.load(weights_only=True,
 mmap=True)`` (the pickled structure is read, tensor data is only mapped): a truncated or unreadable file is
 named in the log and the next newest is tried (``last.ckpt``, ``step*.ckpt``, ``hpc_ckpt_*.ckpt``, newest
-modification time first). A path the user names explicitly must itself be readable. The same read checks the
-checkpoint's ``model`` section against the recipe's (``model=``); Lightning's restore is the only other read.
+modification time first). A sharded directory is probed through its metadata (``dtrain.export.zero.sharded_meta``)
+after a check that every shard file is there and whole. A path the user names explicitly must itself be readable.
+The same read checks the checkpoint against the recipe (``check_resume``); Lightning's restore is the only other
+read.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from dtrain.errors import first_line
 from dtrain.export.checkpoint import CheckpointError, is_bundle, model_differences, model_section
-from dtrain.export.zero import is_sharded_checkpoint, not_sharded
+from dtrain.export.zero import is_sharded_checkpoint, not_sharded, sharded_meta
 from dtrain.fileio import TMP_TAG, replacing
 from dtrain.models import TRAINING_ONLY
 
@@ -71,11 +73,10 @@ def __getattr__(name: str) -> Any:
 
 
 def probe_checkpoint(path: str | Path, field: str = "") -> int:
-    """The global step of a Lightning checkpoint, or ``CheckpointError`` naming the file (and ``field``, the recipe
-    field or flag that gave it) when it is truncated, unreadable with ``weights_only=True``, or not a training
-    checkpoint. A DeepSpeed directory: -1 (not probed); an FSDP one: the step in its meta.pt."""
-    ck = _probe(Path(path), field)
-    return -1 if ck is None else int(ck["global_step"])
+    """The global step of a Lightning checkpoint (a file or a sharded directory), or ``CheckpointError`` naming the
+    file (and ``field``, the recipe field or flag that gave it) when it is truncated, unreadable with
+    ``weights_only=True``, or not a training checkpoint."""
+    return int(_probe(Path(path), field)["global_step"])
 
 
 # the file each sharded format writes last (rank 0, after every shard): DeepSpeed's tag pointer, Lightning's FSDP
@@ -83,21 +84,20 @@ def probe_checkpoint(path: str | Path, field: str = "") -> int:
 SHARDED_DONE = ("latest", "meta.pt")
 
 
-def _probe(path: Path, field: str) -> dict[str, Any] | None:
-    """``probe_checkpoint``'s read: the checkpoint, its tensors mapped, never read; None for a DeepSpeed directory
-    (an FSDP directory: its ``meta.pt``)."""
+def _probe(path: Path, field: str) -> dict[str, Any]:
+    """``probe_checkpoint``'s read: the checkpoint, its tensors mapped, never read. A sharded directory: its
+    metadata (FSDP's ``meta.pt``, DeepSpeed rank 0's client state) with an empty ``state_dict``, once its
+    finished-save marker is there and every shard file is there and whole (``sharded_meta(complete=True)``)."""
     if path.is_dir():
         if not is_sharded_checkpoint(path):
             raise CheckpointError(path, field, not_sharded(path))
-        if (path / ".metadata").is_file():  # torch distributed checkpoint (FSDP sharded_checkpoint)
-            if not (path / "meta.pt").is_file():
-                raise CheckpointError(path, field, "a sharded (FSDP) checkpoint directory without its 'meta.pt', "
-                                      "which Lightning writes last: an unfinished save")
-            return _probe(path / "meta.pt", field)
-        if not (path / "latest").is_file():  # resume (and every requeue) would fail on it
-            raise CheckpointError(path, field, "a DeepSpeed checkpoint directory without its 'latest' file, which "
-                                  "DeepSpeed writes last: an unfinished save")
-        return None
+        try:
+            ck = sharded_meta(path, complete=True)
+        except CheckpointError as e:  # the file it names, and the flag or field that gave the directory
+            raise CheckpointError(e.file, field, e.reason) from None
+        if not isinstance(ck.get("global_step"), int):
+            raise CheckpointError(path, field, "not a training checkpoint (no global_step in its metadata)")
+        return {**ck, "state_dict": {}}
     if not path.is_file():
         raise CheckpointError(path, field, "checkpoint not found")
     if path.stat().st_size == 0:
@@ -107,8 +107,7 @@ def _probe(path: Path, field: str) -> dict[str, Any] | None:
     except Exception as e:  # truncated zip (no central directory), bad pickle, foreign objects
         raise CheckpointError(path, field, f"unreadable (truncated or corrupt?): {type(e).__name__}: "
                               f"{first_line(e)}") from None
-    sharded = path.name == "meta.pt"  # an FSDP directory's training state: its weights are the shards
-    if not isinstance(ck, dict) or not (sharded or "state_dict" in ck) or not isinstance(ck.get("global_step"), int):
+    if not isinstance(ck, dict) or "state_dict" not in ck or not isinstance(ck.get("global_step"), int):
         raise CheckpointError(path, field, "not a training checkpoint (no state_dict / global_step)")
     return ck
 
@@ -264,9 +263,9 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mappi
                 field: str = "--resume", teacher_target: bool = False) -> Path | None:
     """The checkpoint to resume from. ``None``: start fresh. ``"auto"``: the newest readable checkpoint of
     ``run_dir`` (fresh when there is none). ``"last"``: the same, but one must exist. Anything else: that file
-    (or sharded directory), which must be readable. Truncated or unreadable files are logged and skipped. With
-    ``recipe`` (the resolved recipe), the checkpoint file must fit it (``check_resume``; sharded directories are not
-    checked). Errors name ``field``, the flag or recipe field that gave ``resume``."""
+    (or sharded directory), which must be readable. Truncated or unreadable files (and sharded directories with a
+    shard missing or cut short) are logged and skipped. With ``recipe`` (the resolved recipe), the checkpoint must
+    fit it (``check_resume``). Errors name ``field``, the flag or recipe field that gave ``resume``."""
     if resume is None:
         return None
     run_dir = Path(run_dir)
@@ -287,7 +286,7 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mappi
                 continue
             if skipped:
                 log.warning("resume: using %s (step %d) instead of %d unreadable newer checkpoint(s)", path,
-                            -1 if ck is None else ck["global_step"], len(skipped))
+                            ck["global_step"], len(skipped))
             break
         else:
             if resume == "auto" and not skipped:
@@ -295,6 +294,6 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mappi
             if skipped:
                 raise CheckpointError(run_dir, field, f"no readable checkpoint; skipped: {'; '.join(skipped)}")
             raise FileNotFoundError(f"{field}: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")
-    if recipe is not None and ck is not None and not path.is_dir():  # a sharded directory is not checked
+    if recipe is not None:
         check_resume(path, ck, recipe, field, teacher_target)
     return path

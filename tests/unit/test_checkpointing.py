@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -274,12 +275,10 @@ def test_an_unfinished_deepspeed_directory_is_skipped_on_resume(tmp_path):
     good = run / "checkpoints" / "step0000010.ckpt"
     torch.save({"state_dict": {}, "global_step": 10}, good)
     time.sleep(0.01)
-    part = run / "checkpoints" / "step0000020.ckpt" / "checkpoint"
-    part.mkdir(parents=True)
-    torch.save({}, part / "mp_rank_00_model_states.pt")
+    part = _deepspeed_dir(run / "checkpoints" / "step0000020.ckpt", {"state_dict": {}, "global_step": 20}, done=False)
     assert resume_path(run, "auto") == good
-    (part.parent / "latest").write_text("checkpoint")  # DeepSpeed's last write: now it is the newest complete one
-    assert resume_path(run, "auto") == part.parent
+    (part / "latest").write_text("checkpoint")  # DeepSpeed's last write: now it is the newest complete one
+    assert resume_path(run, "auto") == part and probe_checkpoint(part) == 20
 
 
 def test_an_unfinished_fsdp_directory_is_skipped_on_resume(tmp_path):
@@ -291,10 +290,8 @@ def test_an_unfinished_fsdp_directory_is_skipped_on_resume(tmp_path):
     good = run / "checkpoints" / "step0000010.ckpt"
     torch.save({"state_dict": {}, "global_step": 10}, good)
     time.sleep(0.01)
-    part = run / "checkpoints" / "step0000020.ckpt"
-    part.mkdir()
-    (part / ".metadata").write_bytes(b"x")
-    (part / "__0_0.distcp").write_bytes(b"x")
+    part = _fsdp_dir(run / "checkpoints" / "step0000020.ckpt", {"state_dict": {"w": torch.ones(3)}, "global_step": 20,
+                                                                "loops": {}}, done=False)
     assert resume_path(run, "auto") == good
     with pytest.raises(CheckpointError, match=r"without its 'meta\.pt', which Lightning writes last"):
         probe_checkpoint(part)
@@ -308,9 +305,7 @@ def test_a_sharded_last_checkpoint_rewritten_in_place_is_ordered_by_its_last_sav
     file each format writes last."""
     run = tmp_path / "run"
     for i, name in enumerate(["last.ckpt", "step0000010.ckpt", "step0000020.ckpt"]):
-        d = run / "checkpoints" / name
-        (d / "checkpoint").mkdir(parents=True)
-        (d / "latest").write_text("checkpoint")
+        d = _deepspeed_dir(run / "checkpoints" / name, {"state_dict": {}, "global_step": 10 * i})
         for p in (d, d / "latest"):
             os.utime(p, ns=(10**18 + i * 10**9,) * 2)
     assert resume_path(run, "auto").name == "step0000020.ckpt"
@@ -344,6 +339,107 @@ def test_a_sharded_rewrite_first_drops_the_finished_marker(tmp_path):
     assert seen == [["checkpoint"]]
     with pytest.raises(CheckpointError, match="unfinished save"):
         probe_checkpoint(d)
+
+
+def _fsdp_dir(d: Path, ckpt: dict, done: bool = True) -> Path:
+    """``ckpt`` saved the way Lightning's FSDP / ModelParallel (fsdp2) strategies save a sharded checkpoint: its
+    ``state_dict`` as a torch distributed checkpoint (``.metadata`` + two ``*.distcp`` shards), then (``done``) the
+    rest as ``meta.pt``."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process without a process group, which dcp assumes with a warning
+        warnings.simplefilter("ignore")
+        dcp.save({"state_dict": ckpt["state_dict"]}, storage_writer=dcp.FileSystemWriter(d, thread_count=2),
+                 no_dist=True)
+    if done:
+        torch.save({k: v for k, v in ckpt.items() if k != "state_dict"}, d / "meta.pt")
+    return d
+
+
+def _deepspeed_dir(d: Path, ckpt: dict, world: int = 2, done: bool = True) -> Path:
+    """``ckpt`` saved the way Lightning's DeepSpeed strategy saves it (ZeRO-2, bf16, ``world`` ranks): the tag
+    directory ``checkpoint`` with rank 0's model states (DeepSpeed's keys + the client state: the checkpoint without
+    its state_dict) and one optimizer-states file per rank, then (``done``) ``latest`` naming the tag."""
+    tag = d / "checkpoint"
+    tag.mkdir(parents=True)
+    sd = ckpt["state_dict"]
+    client = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    torch.save({"module": sd, "buffer_names": [], "param_shapes": [{k: v.shape for k, v in sd.items()}],
+                "dp_world_size": world, **client}, tag / "mp_rank_00_model_states.pt")
+    flat = torch.cat([torch.zeros(2 * world), *(v.reshape(-1).float() for v in sd.values())])
+    for r, part in enumerate(flat.chunk(world)):
+        torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": [world],
+                                             "single_partition_of_fp32_groups": [part.clone()]}},
+                   tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    if done:
+        (d / "latest").write_text("checkpoint")
+    return d
+
+
+SHARDED = {"fsdp": _fsdp_dir, "deepspeed": _deepspeed_dir}
+BASE = [*SMALL, "trainer.max_steps=6"]
+
+
+def _recipe(*overrides: str) -> dict:
+    from dtrain.config import load_recipe, to_container
+
+    return to_container(load_recipe(GMM, [*BASE, *overrides]))
+
+
+def _gmm_checkpoint(step: int) -> dict:
+    """What Lightning hands the strategy to save at ``step``: a GMM teacher's weights and its dtrain metadata."""
+    from dtrain.config import load_recipe
+    from dtrain.lit.teacher import TeacherModule
+
+    module = TeacherModule(load_recipe(GMM, BASE))
+    ckpt = {"global_step": step, "epoch": 0, "state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    return ckpt
+
+
+@pytest.mark.filterwarnings("ignore:resume. trainer.max_steps 6 -> 3")  # before the refusal
+@pytest.mark.parametrize("layout", sorted(SHARDED))
+def test_a_sharded_checkpoint_is_checked_against_the_recipe_on_resume(tmp_path, layout):
+    """A sharded directory (DeepSpeed, FSDP / fsdp2 sharded_checkpoint) skipped every resume check: another schedule,
+    optim.lr or EMA set was accepted silently, and another network died in the strategy's load with a 180-line
+    traceback. Its metadata is checked like a file's, in one line."""
+    run = tmp_path / "run"
+    last = SHARDED[layout](run / "checkpoints" / "last.ckpt", _gmm_checkpoint(4))
+    assert resume_path(run, "auto", recipe=_recipe()) == last and probe_checkpoint(last) == 4
+    for override, match in [("optim.lr=0.5", r"optim\.lr 0\.002 \(now 0\.5\)"),
+                            ("schedule.name=vp_linear", r"schedule \{'name': 'vp_cosine'.*\(now \{'name': 'vp_linear'"),
+                            ("model.hidden=32", r"the checkpoint's network differs .*: model\.hidden 16 \(now 32\)"),
+                            ("ema.decays=[0.9]", r"keeps EMA copies \['0_99'\], the recipe asks for \['0_9'\]"),
+                            ("trainer.max_steps=3", r"trainer\.max_steps: 3, but the checkpoint is at step 4")]:
+        with pytest.raises(CheckpointError, match=match):
+            resume_path(run, "auto", recipe=_recipe(override))
+
+
+@pytest.mark.parametrize("layout, damage", [("fsdp", "truncate"), ("fsdp", "remove"), ("deepspeed", "truncate"),
+                                            ("deepspeed", "remove")])
+def test_a_sharded_checkpoint_with_a_shard_cut_short_or_missing_is_skipped_on_resume(tmp_path, caplog, layout,
+                                                                                      damage):
+    """Only a sharded directory's finished-save marker was checked: one with a truncated shard was picked by
+    --resume auto / last and the fit died with a bare EOFError in the strategy's load. It is skipped naming the
+    shard, like a truncated file, and the previous checkpoint is used; named explicitly, it is refused."""
+    run = tmp_path / "run"
+    good = SHARDED[layout](run / "checkpoints" / "step0000002.ckpt", _gmm_checkpoint(2))
+    last = SHARDED[layout](run / "checkpoints" / "last.ckpt", _gmm_checkpoint(4))
+    for i, d in enumerate((good, last)):
+        os.utime(d / ("meta.pt" if layout == "fsdp" else "latest"), ns=(10**18 + i * 10**9,) * 2)
+    assert resume_path(run, "auto") == last
+    shard = (sorted(last.glob("*.distcp")) if layout == "fsdp" else sorted(last.glob("*/*optim_states.pt")))[-1]
+    if damage == "truncate":
+        os.truncate(shard, shard.stat().st_size // 2)
+        why = "truncated: .* bytes, the checkpoint's .metadata records" if layout == "fsdp" else "not a whole torch"
+    else:
+        shard.unlink()
+        why = "missing: the checkpoint's .metadata lists it" if layout == "fsdp" else "some are missing"
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
+        assert resume_path(run, "last", recipe=_recipe()) == good
+    assert f"skipping {shard if layout == 'fsdp' or damage == 'truncate' else shard.parent}: " in caplog.text
+    with pytest.raises(CheckpointError, match=f"--resume: .*{why}"):
+        resume_path(run, str(last))
 
 
 def test_resuming_a_moved_run_directory_keeps_writing_last_ckpt(tmp_path):

@@ -214,6 +214,36 @@ def test_a_sharded_teachers_metadata_is_read_without_consolidating(runs, tmp_pat
     assert read_kind(d) == "consistency"
 
 
+@pytest.mark.parametrize("stage, shard", [(2, "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                                          (3, "zero_pp_rank_1_mp_rank_00_model_states.pt")])
+def test_a_resume_checks_a_deepspeed_directory_and_skips_one_with_a_shard_cut_short(runs, tmp_path, caplog, stage,
+                                                                                    shard):
+    """--resume took a DeepSpeed directory unchecked: another optim.lr was accepted silently, another network failed
+    in DeepSpeed's load, and a directory with a truncated shard was picked. Its client state is checked against the
+    recipe like a file's, and one with a rank's file cut short is skipped, naming the file."""
+    import logging
+
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.export.zero import sharded_meta
+    from dtrain.lit.checkpointing import resume_path
+
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    shutil.copytree(runs[stage] / "ckpt", last)
+    recipe = sharded_meta(last)["dtrain"]["recipe"]
+    assert resume_path(run, "auto", recipe=recipe) == last
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: --resume: optim\.lr 0\.01 \(now 0\.5\)"):
+        resume_path(run, "auto", recipe={**recipe, "optim": {**recipe["optim"], "lr": 0.5}})
+    with pytest.raises(CheckpointError, match=r"network differs from the recipe's: model\.hidden 32 \(now 64\)"):
+        resume_path(run, "auto", recipe={**recipe, "model": {**recipe["model"], "hidden": 64}})
+    shutil.copytree(last, run / "checkpoints" / "step0000006.ckpt")  # as old as last.ckpt, which wins the tie
+    f = last / "checkpoint" / shard
+    os.truncate(f, f.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
+        assert resume_path(run, "auto", recipe=recipe) == run / "checkpoints" / "step0000006.ckpt"
+    assert f"skipping {f}: not a whole torch file (truncated?)" in caplog.text
+
+
 CHANNELS_LAST = '''
 import os, sys, torch
 import deepspeed, deepspeed.ops
