@@ -80,6 +80,34 @@ def fit_spied():
 
 
 @pytest.fixture(scope="session")
+def wandb_records():
+    """``wandb_records(run_dir)``: the records of an offline W&B run (``run-*.wandb``: a LevelDB-style log of 32 KiB
+    blocks of protobufs; a record, and so a key in the raw bytes, can be split across two blocks)."""
+    import struct
+
+    def read(run_dir: Path) -> list:
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        data = next(run_dir.glob("run-*.wandb")).read_bytes()
+        assert data[:4] == b":W&B"
+        out, pos, buf, block = [], 7, b"", 32768
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
+            chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
+            buf = chunk if kind in (1, 2) else buf + chunk  # FULL / FIRST start a record, MIDDLE / LAST extend it
+            if kind in (1, 4):
+                rec = pb.Record()
+                rec.ParseFromString(buf)
+                out.append(rec)
+        return out
+
+    return read
+
+
+@pytest.fixture(scope="session")
 def load_tool():
     """``load_tool(name)``: tools/<name>.py as a module (tools/ holds scripts, not a package)."""
     import importlib.util

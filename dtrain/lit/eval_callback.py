@@ -3,10 +3,15 @@
 All ranks sample their share of ``eval.num`` samples from the module's default EMA denoiser (the sum is
 exact, see ``dtrain.eval.sweep``); rank 0 logs FID per (sampler, NFE) to every logger, and with W&B the
 table, the FID-vs-NFE line plot and a sample grid per point; ``out_dir`` gets ``step_XXXXXXX.json``.
+
+The checkpoint of step N is written before step N's sweep runs (at the next batch's start, or at the end of
+training), so a fit resumed from it cannot tell from the checkpoint whether the job before completed that sweep:
+``step_XXXXXXX.json`` (``complete``: false for a sweep a signal cut short) is the record it reads instead.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +28,8 @@ __all__ = ["FIDSweepCallback"]
 class FIDSweepCallback(L.Callback):
     """Every ``every_n_steps`` optimizer steps: ``fid_sweep`` of ``pl_module.denoiser_for(ema)``.
 
-    The module must provide ``denoiser_for(tag)``, ``default_ema``, ``num_classes`` and ``sample_shape``
-    (``dtrain.lit.common.DiffusionModule`` does).
+    The module must provide ``denoiser_for(tag)``, ``guided(denoiser, w)``, ``default_ema``, ``num_classes``,
+    ``sample_shape`` and ``sample_grids()`` (``dtrain.lit.common.DiffusionModule`` does).
     """
 
     def __init__(
@@ -50,7 +55,8 @@ class FIDSweepCallback(L.Callback):
         self.ema, self.out_dir, self.at_end = ema, Path(out_dir) if out_dir is not None else None, at_end
         self._extractor: Any = None
         self._ref: Any = None
-        self._last = -1
+        self._last = -1  # the last step whose sweep ran in this process, or was found complete
+        self._resumed: int | None = None  # the global step of the checkpoint this fit resumed from
         self.history: list[tuple[int, list[SweepRow]]] = []
 
     @classmethod
@@ -74,17 +80,50 @@ class FIDSweepCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._setup_metric(pl_module.sample_shape, pl_module.device)
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._resumed = checkpoint.get("global_step")
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # at the start of the next batch: step N's EMA update (a batch-end callback) has happened
         step = trainer.global_step
-        if self.every > 0 and step > 0 and step != self._last and step % self.every == 0:
+        if self.every > 0 and step > 0 and step % self.every == 0 and self._due(trainer, step):
             self.run(trainer, pl_module, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self._end_due(trainer):
+            self.run(trainer, pl_module, trainer.global_step)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # a fit resumed from the last step's checkpoint runs no training loop and no on_train_end: a final sweep the
+        # job before did not complete (killed, or cut short by a signal) runs here, on the device the strategy's
+        # teardown took the module from
+        if not self._end_due(trainer):
+            return
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self.run(trainer, pl_module, trainer.global_step)
+        finally:
+            pl_module.to(device)
+
+    def _end_due(self, trainer: L.Trainer) -> bool:
         # at the end of the run only: a stop before max_steps (a SLURM requeue) leaves the sweep to the job that ends
         early = trainer.max_steps is not None and trainer.global_step < trainer.max_steps
-        if self.at_end and not early and trainer.global_step != self._last:
-            self.run(trainer, pl_module, trainer.global_step)
+        return self.at_end and not early and self._due(trainer, trainer.global_step)
+
+    def _due(self, trainer: L.Trainer, step: int) -> bool:
+        """Whether step's sweep is still to run: not run in this process, and, at the step a resumed fit starts
+        from, not completed by the job before (its ``step_XXXXXXX.json`` says; rank 0 reads it for all ranks).
+        Only that step: an earlier run's files in the folder say nothing of this run's other steps."""
+        if step == self._last:
+            return False
+        if step != self._resumed or self.out_dir is None:
+            return True
+        done = trainer.is_global_zero and _complete(self.out_dir / f"step_{step:07d}.json", step)
+        if trainer.strategy.broadcast(done, src=0):  # every rank sweeps, or none does
+            self._last = step
+            return False
+        return True
 
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: Any, step: int) -> list[SweepRow]:
@@ -100,6 +139,9 @@ class FIDSweepCallback(L.Callback):
             halted.append(signals is not None and signals.pending(trainer) is not None)
             return halted[-1]
 
+        def guide(d: Any, w: float, null: int) -> Any:  # the module's own, as its samples, bundles and dtrain eval:
+            return pl_module.guided(d, w)  # a guided PD student takes w as an input, which CFG never gives it
+
         self._setup_metric(pl_module.sample_shape, pl_module.device)
         tag = pl_module.default_ema if self.ema == "default" else self.ema
         den = pl_module.denoiser_for(tag)
@@ -110,7 +152,7 @@ class FIDSweepCallback(L.Callback):
                              extractor=self._extractor, ref=self._ref,
                              num_classes=pl_module.num_classes, guidance=self.guidance, seed=self.seed,
                              device=pl_module.device, progress=False, ref_source=str(self.ref_path),
-                             grids=pl_module.sample_grids(), stop=stop if signals is not None else None)
+                             grids=pl_module.sample_grids(), guide=guide, stop=stop if signals is not None else None)
         finally:
             for m, was in modes.items():
                 m.training = was
@@ -120,13 +162,13 @@ class FIDSweepCallback(L.Callback):
         if trainer.is_global_zero and rows:
             from dtrain.eval.report import summary_line
 
-            self._log(trainer, rows, step)
+            self._log(trainer, rows, step, complete=not any(halted))
             from dtrain.lit.common import say
 
             say(trainer, f"eval at step {step}: {summary_line(rows)}")
         return rows
 
-    def _log(self, trainer: L.Trainer, rows: list[SweepRow], step: int) -> None:
+    def _log(self, trainer: L.Trainer, rows: list[SweepRow], step: int, complete: bool = True) -> None:
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 from dtrain.eval.report import log_wandb
@@ -141,4 +183,14 @@ class FIDSweepCallback(L.Callback):
 
             write_json(rows, self.out_dir / f"step_{step:07d}.json", step=step, seed=self.seed,
                        ref_stats=str(self.ref_path), ref_count=self._ref.count, extractor=self.extractor_name,
-                       guidance=self.guidance)
+                       guidance=self.guidance, complete=complete)
+
+
+def _complete(path: Path, step: int) -> bool:
+    """``path`` records a completed sweep of ``step`` (a file written before the ``complete`` field existed does
+    not: that sweep runs again)."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut short while written
+        return False
+    return isinstance(rec, dict) and rec.get("step") == step and rec.get("complete") is True

@@ -4,7 +4,6 @@ mixture, the W&B offline run read back, checkpoints, resume, --dry-run and recip
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -27,38 +26,23 @@ DIGITS_SHORT = [THREADS, "data.batch_size=64", "trainer.max_steps=200", "trainer
                 "ema.decays=[0.99]", "trainer.progress_bar=false", "logger.mode=offline"]
 
 
-def wandb_records(run_dir: Path) -> list:
-    """Records of an offline W&B run (``run-*.wandb``: a LevelDB-style log of 32 KiB blocks of protobufs)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+@pytest.fixture(scope="session")
+def wandb_run(wandb_records):
+    """``wandb_run(out)``: (config, history rows, run directory) of the single offline run under ``out/wandb``."""
 
-    data = next(run_dir.glob("run-*.wandb")).read_bytes()
-    assert data[:4] == b":W&B"
-    out, pos, buf, block = [], 7, b"", 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
-        chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
-        buf = chunk if kind in (1, 2) else buf + chunk  # FULL / FIRST start a record, MIDDLE / LAST extend it
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            out.append(rec)
-    return out
+    def read(out: Path) -> tuple[dict, list[dict], Path]:
+        (run_dir,) = list((out / "wandb").glob("offline-run-*"))
+        config, history = {}, []
+        for rec in wandb_records(run_dir):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                config = {it.key: json.loads(it.value_json) for it in rec.run.config.update if it.key != "_wandb"}
+            elif kind == "history":
+                history.append({it.key or "/".join(it.nested_key): json.loads(it.value_json)
+                                for it in rec.history.item})
+        return config, history, run_dir
 
-
-def wandb_run(out: Path) -> tuple[dict, list[dict], Path]:
-    """(config, history rows, run directory) of the single offline run under ``out/wandb``."""
-    (run_dir,) = list((out / "wandb").glob("offline-run-*"))
-    config, history = {}, []
-    for rec in wandb_records(run_dir):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            config = {it.key: json.loads(it.value_json) for it in rec.run.config.update if it.key != "_wandb"}
-        elif kind == "history":
-            history.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item})
-    return config, history, run_dir
+    return read
 
 
 @torch.no_grad()
@@ -79,7 +63,7 @@ def digits_run(tmp_path_factory):
     return out / "teacher-digits"
 
 
-def test_digits_teacher_loss_falls_and_samples_improve(digits_run):
+def test_digits_teacher_loss_falls_and_samples_improve(digits_run, wandb_run):
     from dtrain.lit.common import DiffusionModule
 
     trained = DiffusionModule.load_checkpoint(digits_run / "checkpoints" / "last.ckpt")
@@ -113,7 +97,7 @@ def test_digits_run_directory_and_checkpoints(digits_run):
     assert sorted(p.name for p in (digits_run / "samples").iterdir()) == ["step_0000100.png", "step_0000200.png"]
 
 
-def test_digits_wandb_offline_run_holds_config_scalars_images(digits_run):
+def test_digits_wandb_offline_run_holds_config_scalars_images(digits_run, wandb_run):
     config, history, run_dir = wandb_run(digits_run)
     cfg = OmegaConf.to_container(OmegaConf.load(digits_run / "recipe.yaml"))
     assert config == cfg  # the resolved recipe is the run config
@@ -196,7 +180,7 @@ def test_a_resumed_online_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch
     assert (run / "wandb_run_id").read_text().strip() not in ids  # a fresh start begins a new chain
 
 
-def test_a_run_that_fails_ends_its_wandb_run_failed(tmp_path, monkeypatch):
+def test_a_run_that_fails_ends_its_wandb_run_failed(tmp_path, monkeypatch, wandb_records):
     """The W&B run was finished with exit code 0 whatever happened (a crash, a non-finite stop, SIGTERM): the
     dashboard showed failed jobs as finished. The exit record of the offline run holds the job's code."""
     import lightning as L
@@ -261,7 +245,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-def test_ddp_two_cpu_processes(tmp_path):
+def test_ddp_two_cpu_processes(tmp_path, wandb_run):
     """`dtrain fit` under DDP (2 CPU processes, gloo): one run directory, one W&B run, rank 0's checkpoint; a global
     batch of 64 is 32 per rank."""
     cmd = [sys.executable, "-m", "dtrain.cli", "fit", str(GMM), f"out_dir={tmp_path}", THREADS,
