@@ -76,7 +76,8 @@ class ConsistencyModule(DiffusionModule):
         super().setup(stage)
         if stage == "fit" and self.teacher is None and self.uses_teacher:
             self.teacher, self.teacher_ref = self.frozen_teacher(self.teacher_source(self._given_teacher),
-                                                                 ema=self.method.get("teacher_ema", "auto"))
+                                                                 ema=self.method.get("teacher_ema", "auto"),
+                                                                 init_from=self.method["init"] == "teacher")
             if self.method["init"] == "teacher":  # a resumed run then restores its own weights over these
                 self.init_from_teacher(self.teacher)
             if self.kind != "cd":
@@ -115,8 +116,20 @@ class ConsistencyModule(DiffusionModule):
             self._denoisers[ema] = ConsistencyModel(build_denoiser(self.recipe["model"], self.schedule, net=net))
         return self._denoisers[ema]
 
+    def sample_grids(self) -> dict[tuple[str, int], Tensor]:
+        """``method.sample_times``' grid [t_max, *times, 0] at its NFE, as the bundle and ``dtrain eval`` sample it
+        (the in-training sweep and grids took the default consistency grid there)."""
+        times = self._sample_times()
+        if not times:
+            return {}
+        grid = torch.tensor([float(self.schedule.t_max), *times, 0.0], dtype=torch.float64)
+        return {("consistency", len(times) + 1): grid}
+
+    def _sample_times(self) -> list[float]:
+        return [float(t) for t in self.method.get("sample_times") or []]
+
     def checkpoint_info(self) -> dict[str, Any]:
-        times = [float(t) for t in self.method.get("sample_times") or []]
+        times = self._sample_times()
         info: dict[str, Any] = {
             "teacher": self.teacher_ref,
             "bundle_kind": "consistency",

@@ -349,6 +349,27 @@ def test_ct_run_averages_its_target_with_mu_of_k(tmp_path, one_thread, fit_spied
         for before, net, after in zip(seen[k][0], seen[k][1], seen[k + 1][0]):
             torch.testing.assert_close(after, mu * before + (1 - mu) * net, rtol=1e-5, atol=1e-6)
 
+def test_sample_times_are_the_training_modules_grid_too(tmp_path):
+    """With method.sample_times the bundle samples on [t_max, *times, 0]; the module's own sampling (grids, the
+    in-training FID sweep) took the default consistency grid at that NFE (t = 0.4529 where the bundle has 0.5)."""
+    from dtrain.lit.consistency import ConsistencyModule
+    from dtrain.samplers import run
+    from dtrain.samplers.base import initial_noise
+
+    cfg = load_recipe(RECIPES / "cm" / "cd_gmm.yaml", ["model.hidden=16", "model.depth=1", "method.sample_times=[0.5]",
+                                                        f"out_dir={tmp_path}"])
+    module = ConsistencyModule(cfg)
+    grid = module.sample_grids()[("consistency", 2)]
+    assert grid.tolist() == module.checkpoint_info()["sampler"]["grid"] == [module.schedule.t_max, 0.5, 0.0]
+    got = module.sample(6, nfe=2, sampler="consistency", generator=torch.Generator().manual_seed(3))
+    den = module.denoiser_for(module.default_ema)
+    g = torch.Generator().manual_seed(3)
+    x_T = initial_noise(den.schedule, 6, (2,), g, torch.device("cpu"))
+    with torch.no_grad():
+        want = run("consistency", den, x_T, 2, grid=grid, generator=g)  # the same noise at t = 0.5
+    torch.testing.assert_close(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # Teacher steps: the shared samplers' steps, per sample
 
