@@ -259,6 +259,23 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
             self.requeued = bool(trainer.strategy.broadcast(_requeue() if trainer.is_global_zero else False))
         trainer.should_stop = True
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """A signal that cut short the work after the last step (a callback's ``cut_short``: the final FID sweep)
+        leaves the job unfinished: requeued on the requeue signal, else ``dtrain fit`` exits 128 + signal, and
+        ``--resume auto`` from the final checkpoint redoes that work. Runs after the other callbacks' hook."""
+        if not any(getattr(c, "cut_short", False) for c in trainer.callbacks):
+            return
+        signum = self.pending(trainer)
+        if signum is None:
+            return
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "checkpoints/last.ckpt"
+        self.saved, self.saved_step, self.stopped_by, self.received = last, trainer.global_step, signum, None
+        if trainer.is_global_zero:
+            print(f"dtrain: {signal.Signals(signum).name} after the last step cut short the final evaluation; the "
+                  f"checkpoint {last} holds the finished training", file=sys.stderr, flush=True)
+        if signum == self.requeue_signal:
+            self.requeued = bool(trainer.strategy.broadcast(_requeue() if trainer.is_global_zero else False))
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -57,6 +57,7 @@ class FIDSweepCallback(L.Callback):
         self._ref: Any = None
         self._last = -1  # the last step whose sweep ran in this process, or was found complete
         self._resumed: int | None = None  # the global step of the checkpoint this fit resumed from
+        self.cut_short = False  # the last sweep was stopped by a signal (dtrain.dist.slurm.Preemption reads it)
         self.history: list[tuple[int, list[SweepRow]]] = []
 
     @classmethod
@@ -159,6 +160,7 @@ class FIDSweepCallback(L.Callback):
         if any(halted):
             rank_zero_warn(f"eval at step {step}: stopped after {len(rows)} point(s): a signal asked training to stop")
         self.history.append((step, rows))
+        self.cut_short = any(halted)  # the same on every rank (stop() is a collective)
         if trainer.is_global_zero and rows:
             from dtrain.eval.report import summary_line
 

@@ -275,3 +275,46 @@ def test_a_resume_repeats_only_a_sweep_its_checkpoints_job_did_not_complete(tmp_
     assert json.loads((out / "eval" / "step_0000002.json").read_text())["complete"] is True
     assert main([*argv, "--resume", ckpt]) == 0
     assert said_steps(capsys) == ["4"]  # this time it did
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_that_cuts_the_final_sweep_short_leaves_the_job_unfinished(tmp_path, monkeypatch, capsys, signum):
+    """SLURM's time-limit signal during the final sweep stopped it (complete: false) and the job exited 0, looking
+    finished with no final FID and no requeue. Now SIGTERM exits 143 and the requeue signal requeues; the resumed
+    fit runs the final sweep."""
+    import os
+    import signal
+
+    import dtrain.dist.slurm as slurm
+    import dtrain.eval.sweep as sweep
+    from dtrain.cli import main
+
+    sig = getattr(signal, signum)
+    requeued: list[bool] = []
+    monkeypatch.setattr(slurm, "_requeue", lambda: requeued.append(True) or True)
+    monkeypatch.setattr(slurm, "callbacks", lambda: [slurm.Preemption(signal.SIGUSR1)])  # as under SLURM
+    argv = ["fit", GMM, *sweep_overrides(tmp_path, 1000, "trainer.cpu_threads=1", "logger.mode=disabled",
+                                         "trainer.max_steps=2", "trainer.ckpt_every_n_steps=0",
+                                         "eval.samplers=['ddim:1,2']", "eval.num=40")]
+    out, real, calls = tmp_path / "teacher-gmm", sweep.generate, []
+
+    def signal_in_the_first_point(*args, **kw):  # the final sweep: it stops after this point
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), sig)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sweep, "generate", signal_in_the_first_point)
+    with pytest.warns(UserWarning, match=r"eval at step 2: stopped after 1 point\(s\)"):
+        if sig == signal.SIGTERM:
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            assert e.value.code == 143 and not requeued
+        else:
+            assert main(argv) == 0 and requeued == [True]  # requeued: the next job resumes
+    assert "cut short the final evaluation" in capsys.readouterr().err
+    assert json.loads((out / "eval" / "step_0000002.json").read_text())["complete"] is False
+    assert main([*argv, "--resume", "auto"]) == 0
+    assert said_steps(capsys) == ["2"]
+    assert json.loads((out / "eval" / "step_0000002.json").read_text())["complete"] is True
