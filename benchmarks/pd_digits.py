@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_rounds = []
     print("students:", flush=True)
     for r in rounds:
-        pipe = load_bundle(r["bundle"])
+        pipe = load_bundle(run / r["bundle"])  # relative to the run folder (an absolute path stays absolute)
         g = pipe.info["sampler"]["grid"]
         assert g == make_grid(pipe.schedule, r["steps"]).tolist(), "the distilled grid is the sampler's own"
         (row,) = score(pipe.denoiser, [("ddim", [r["steps"]])])
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "teacher_ddim_fid": t_ddim[r["steps"]]["fid"],
                            "teacher_ddim_class_acc": t_ddim[r["steps"]]["class_acc"], "bundle": r["bundle"]})
     four = next((r for r in out_rounds if r["steps"] == 4), None)
-    recipe = json.loads(json.dumps(load_bundle(rounds[-1]["bundle"]).info["provenance"]["recipe"]))
+    recipe = json.loads(json.dumps(load_bundle(run / rounds[-1]["bundle"]).info["provenance"]["recipe"]))
     record = {
         "benchmark": "progressive distillation of the digits teacher, FID-digits per round",
         "command": "python benchmarks/pd_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),

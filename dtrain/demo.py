@@ -674,8 +674,9 @@ class Demo:
         return _Record(stage, key, "running", outputs, info, digest=_hash([key, sha]))
 
     def _round_bundles(self, run: Path) -> dict[int, str]:
-        """{steps: bundle relative to the folder} of a PD run's finished rounds; rounds.json's paths are absolute,
-        where the folder was when each round ended (a moved demo resumes with rounds from before the move)."""
+        """{steps: bundle relative to the folder} of a PD run's finished rounds, found by name in the run's rounds/:
+        rounds.json's paths are relative to the run (rounds/<name>), older ones absolute, where the folder was when
+        each round ended (a moved demo resumes with rounds from before the move)."""
         rounds = json.loads((run / "rounds" / "rounds.json").read_text())
         return {int(r["steps"]): self._rel(run / "rounds" / Path(r["bundle"]).name) for r in rounds}
 

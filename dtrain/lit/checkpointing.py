@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -259,13 +259,19 @@ def _remove_stale_temps(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+# a method's own resume checks: (checkpoint path, its probed contents, recipe, run folder) -> None or CheckpointError
+MethodCheck = Callable[[Path, Mapping[str, Any], Mapping[str, Any], Path], None]
+
+
 def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mapping[str, Any] | None = None,
-                field: str = "--resume", teacher_target: bool = False) -> Path | None:
+                field: str = "--resume", teacher_target: bool = False, method_check: MethodCheck | None = None
+                ) -> Path | None:
     """The checkpoint to resume from. ``None``: start fresh. ``"auto"``: the newest readable checkpoint of
     ``run_dir`` (fresh when there is none). ``"last"``: the same, but one must exist. Anything else: that file
     (or sharded directory), which must be readable. Truncated or unreadable files (and sharded directories with a
     shard missing or cut short) are logged and skipped. With ``recipe`` (the resolved recipe), the checkpoint must
-    fit it (``check_resume``). Errors name ``field``, the flag or recipe field that gave ``resume``."""
+    fit it (``check_resume``, then the method's ``method_check``: PD's round plan and round teacher). Errors name
+    ``field``, the flag or recipe field that gave ``resume``."""
     if resume is None:
         return None
     run_dir = Path(run_dir)
@@ -296,4 +302,6 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mappi
             raise FileNotFoundError(f"{field}: checkpoint not found: no checkpoints in {run_dir / 'checkpoints'}")
     if recipe is not None:
         check_resume(path, ck, recipe, field, teacher_target)
+        if method_check is not None:
+            method_check(path, ck, recipe, run_dir)
     return path

@@ -36,6 +36,7 @@ from dtrain.diffusion.schedule import SigmaSchedule, schedule_from_config
 from dtrain.errors import InputError
 from dtrain.export.checkpoint import (
     CKPT_FORMAT,
+    CheckpointError,
     git_commit,
     model_differences,
     read_checkpoint,
@@ -180,6 +181,22 @@ class DiffusionModule(L.LightningModule):
     def distils(cls, recipe: Any) -> bool:
         """Whether the method's loss reads a teacher."""
         return False
+
+    @classmethod
+    def target_ema(cls, recipe: Any) -> float:
+        """The decay of the target network theta^- a recipe trains with (``make_target``; 0: none)."""
+        return 0.0
+
+    @classmethod
+    def check_resume(cls, path: Path, ckpt: Mapping[str, Any], recipe: Mapping[str, Any], run: Path) -> None:
+        """A method's own checks of the checkpoint ``path`` a fit resumes from, before the trainer starts
+        (``dtrain.lit.checkpointing.resume_path``, after its ``check_resume``); ``CheckpointError``. Here theta^-'s
+        decay: its copy in the checkpoint is named by it, and another one left that copy unread and restarted theta^-
+        from the first weights."""
+        before = (ckpt.get("dtrain") or {}).get("recipe")
+        if isinstance(before, Mapping) and (was := cls.target_ema(before)) != (now := cls.target_ema(recipe)):
+            raise CheckpointError(path, "method.target_ema", f"{was} in the checkpoint (now {now}): its target "
+                                  f"network theta^- was trained with that decay; resume with it, or start a new run")
 
     @classmethod
     def teacher_target(cls, recipe: Any) -> bool:

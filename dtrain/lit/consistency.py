@@ -24,14 +24,16 @@ exact and every sampler, the eval sweep and the bundle kind "consistency" drive 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dtrain.lit.common import DiffusionModule
-from dtrain.methods.consistency import ConsistencyLoss, LPIPSDistance, resolve
+from dtrain.methods.consistency import ConsistencyLoss, LPIPSDistance, num_scales, resolve
 from dtrain.models import build_denoiser
 from dtrain.samplers.few_step import ConsistencyModel
 
@@ -52,12 +54,33 @@ class ConsistencyModule(DiffusionModule):
         lpips = LPIPSDistance() if self.method["distance"] == "lpips" else None
         self.loss_fn = ConsistencyLoss.from_config(self.method, self.schedule, int(self.recipe["trainer"]["max_steps"]),
                                                    lpips=lpips)
-        self.make_target(float(self.method["target_ema"]))
+        self.make_target(self.target_ema(self.recipe))
         plain = {**dict(self.recipe["model"]), "clip_x0": None}
         nets = {"student": self.net, "target": self.target_net}
         self._cm = {k: ConsistencyModel(build_denoiser(plain, self.schedule, net=v)) for k, v in nets.items()}
         if lpips is not None:
             self.lpips = lpips
+
+    @classmethod
+    def target_ema(cls, recipe: Any) -> float:
+        return float(resolve(recipe["method"])["target_ema"] or 0.0)
+
+    @classmethod
+    def check_resume(cls, path: Path, ckpt: Mapping[str, Any], recipe: Mapping[str, Any], run: Path) -> None:
+        """Also: a curriculum's N(k) is computed over trainer.max_steps, so a resume with another one changes the
+        discretisation it trains on from the resumed step on (warned, as the LR schedule's jump is)."""
+        super().check_resume(path, ckpt, recipe, run)
+        m, before = resolve(recipe["method"]), (ckpt.get("dtrain") or {}).get("recipe") or {}
+        was, now = (before.get("trainer") or {}).get("max_steps"), int(recipe["trainer"]["max_steps"])
+        if m["curriculum"] == "fixed" or not isinstance(was, int) or was == now:
+            return
+        step = int(ckpt.get("global_step", 0))
+        kw = {k: int(m[key]) for k, key in (("n", "num_scales"), ("s0", "scales_start"), ("s1", "scales_end"))
+              if m.get(key) is not None}
+        n_was, n_now = (num_scales(m["curriculum"], step, total, **kw) for total in (was, now))
+        warnings.warn(f"resume: trainer.max_steps {was} -> {now} under method.curriculum {m['curriculum']!r}: N(k) is "
+                      f"recomputed over the new length, so the discretisation changes at step {step} (N {n_was} -> "
+                      f"{n_now})", stacklevel=2)
 
     # ---- teacher and initialisation ---------------------------------------------------------------------------
     @classmethod

@@ -218,11 +218,20 @@ def _quiet_lightning_tips() -> None:
 def _check_fresh_start(out: Path, resume: str | None) -> None:
     """A fresh start (no ``--resume``) in a run directory that holds checkpoints is refused: it would have trained
     beside them, and ``last.ckpt``, the file users export and hand on as a teacher, would stay the earlier run's
-    (Lightning names the new one ``last-v1.ckpt``)."""
-    if resume is None and (earlier := checkpoint_candidates(out)):
+    (Lightning names the new one ``last-v1.ckpt``). So is one over a PD run's rounds (a run without checkpoints, e.g.
+    ``ckpt_every_n_steps: 0``, killed): the earlier rounds would stand beside the new ones as if one run made them."""
+    if resume is not None:
+        return
+    if earlier := checkpoint_candidates(out):
         raise InputError(f"{out} already holds checkpoints of an earlier run (newest: {earlier[0].relative_to(out)}); "
                          f"--resume auto continues it; to start afresh give another name= or out_dir=, or remove "
                          f"{out / 'checkpoints'} first")
+    rounds = out / "rounds"
+    if rounds.is_dir() and (found := sorted(p.name for p in rounds.iterdir())):
+        raise InputError(f"{out} already holds progressive-distillation rounds of an earlier run (rounds/: "
+                         f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) and no checkpoint to continue "
+                         f"it from (--resume auto starts it over, rewriting them); to start afresh give another "
+                         f"name= or out_dir=, or remove {rounds} first")
 
 
 def _write_recipe(cfg: DictConfig, out: Path) -> None:
@@ -274,7 +283,8 @@ def fit(recipe: str | Path | DictConfig, overrides: Sequence[str] = (), *, dry_r
     _warn_short_ema(cfg)
     _check_fresh_start(out, resume)
     ckpt_path = resume_path(out, resume, recipe=to_container(cfg),  # Lightning's restore reads it once more
-                            teacher_target=klass.teacher_target(cfg))
+                            teacher_target=klass.teacher_target(cfg),
+                            method_check=klass.check_resume)  # the method's own checks (PD's rounds, theta^-)
     # one fit per run folder (after the checks: bad input leaves no folder): a second one, e.g. the same job
     # launched twice, would overwrite the first one's checkpoints
     busy = (f"{key_source('out_dir', source, overrides)}: out_dir / name: another dtrain fit is training in {out}; "

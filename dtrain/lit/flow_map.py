@@ -198,10 +198,14 @@ class CTMModule(FlowMapModule):
     kind = "ctm"
     needs_teacher = True
 
+    @classmethod
+    def target_ema(cls, recipe: Any) -> float:
+        return float(recipe["method"].get("target_ema", 0.0) or 0.0)
+
     def __init__(self, recipe: Any, teacher: Any = None) -> None:
         super().__init__(recipe, teacher)
         self.loss_fn = CTMLoss.from_config(self.recipe["method"], self.recipe["model"], self.schedule)
-        self.make_target(float(self.recipe["method"].get("target_ema", 0.0) or 0.0))
+        self.make_target(self.target_ema(self.recipe))
         self._target_map = self.flow_map(self.target_net) if self.target is not None else None
 
     def setup(self, stage: str) -> None:

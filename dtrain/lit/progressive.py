@@ -7,14 +7,19 @@ w-conditioned student adds a zero-initialised w embedding. When a round ends, it
 the raw network without EMA) is evaluated at its step count and written to the run directory:
 
     <run>/rounds/round00_32steps/   bundle (dtrain.json + model.safetensors, the next round's teacher) + eval.json
-    <run>/rounds/rounds.json        every finished round: kind, steps, global step, metrics, bundle path
+    <run>/rounds/rounds.json        every finished round: kind, steps, global step, metrics, bundle path (relative
+                                    to <run>, so the folder may move)
 
 then it becomes the next teacher (loaded back from that bundle, on every rank) and the next student's
 initialisation; the student's EMA copies and the optimizer state restart, and the LR warmup / schedule and the EMA
-schedule (``ema.start_step``, ``ema.every``, the power-function profile of ``ema.stds``) run per round.
-Checkpoints record the round (``ckpt["dtrain"]["pd"]``), and a resume in the middle of any round reloads that
-round's teacher from its file. Per-step randomness (times, noise, w, label dropout) comes from a
-generator seeded by (seed, rank, global step), so a resumed run repeats the uninterrupted one exactly.
+schedule (``ema.start_step``, ``ema.every``) run per round. The last round ends after training (``on_train_end``), or,
+in a fit resumed from the last step's checkpoint, where Lightning runs no training loop, at ``on_fit_end`` when the
+job before did not write its bundle.
+Checkpoints record the round (``ckpt["dtrain"]["pd"]``) and its teacher's weights hash; a resume in the middle of any
+round reloads that round's teacher from the previous round's bundle after checking it is that teacher
+(``round_teacher``; ``ProgressiveModule.check_resume`` runs the checks before the trainer starts). Per-step
+randomness (times, noise, w, label dropout) comes from a generator seeded by (seed, rank, global step), so a resumed
+run repeats the uninterrupted one exactly.
 A checkpoint's default sampler is DDIM at the round's step count on its distilled grid, so ``dtrain export``
 gives a bundle that samples the student as trained.
 """
@@ -24,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -41,13 +46,47 @@ from dtrain.lit.common import DiffusionModule, lr_factor, say
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
 from dtrain.samplers.base import initial_noise
 
-__all__ = ["ProgressiveModule", "round_lr"]
+__all__ = ["ProgressiveModule", "round_lr", "round_teacher"]
+
+ROUNDS_INDEX = "rounds.json"
 
 
 def round_lr(step: int, *, bounds: tuple[tuple[int, int], ...], warmup: int, schedule: str, min_ratio: float) -> float:
     """``lr_factor`` restarted in every round ([start, end) pairs): warmup, then constant or cosine, per round."""
     start, end = next((b for b in bounds if step < b[1]), bounds[-1])
     return lr_factor(step - start, warmup=warmup, total=end - start, schedule=schedule, min_ratio=min_ratio)
+
+
+def _plan_text(plan: Sequence[Round]) -> str:
+    return ", ".join(f"{r.steps}-step [{r.start}, {r.end})" for r in plan)
+
+
+def round_teacher(run: Path, plan: Sequence[Round], index: int, ref: Mapping[str, Any] | None) -> Path:
+    """The teacher of round ``index`` (>= 1) that a checkpoint of that round was trained against (``ref``: its
+    ``dtrain.teacher``, with the weights' sha256): round index - 1's bundle in the run folder ``run``, or, when that one
+    is gone, the bundle at the path the checkpoint recorded. ``CheckpointError`` naming the run's bundle when it holds
+    other weights (replaced: training would go on towards another target) or neither bundle is there."""
+    from dtrain.export.bundle import read_info
+    from dtrain.export.checkpoint import CheckpointError, is_bundle
+
+    prev, ref = plan[index - 1], ref or {}
+    own, want = run / "rounds" / prev.name, ref.get("sha256")
+    what = f"the bundle of PD round {index}/{len(plan)}'s student, round {index + 1}'s teacher"
+    redo = (f"resume from a checkpoint of step {prev.end} or earlier (--resume <file>), which writes it again, or "
+            f"start a new run")
+    if is_bundle(own):
+        have = read_info(own)["weights"]["sha256"]
+        if want is None or have == want:
+            return own
+        raise CheckpointError(own, "", f"{what}, holds weights sha256 {have[:12]}, not those the checkpoint was "
+                              f"trained against ({want[:12]}, {ref.get('path')}): a resume would train on against "
+                              f"another teacher; put that bundle back, {redo}")
+    was = Path(ref["path"]) if ref.get("path") else None
+    if was is not None and want is not None and is_bundle(was) and read_info(was)["weights"]["sha256"] == want:
+        return was  # the folder was copied or moved without its rounds: the recorded bundle, checked by its hash
+    seen = "" if was is None or was == own else \
+        f" (the checkpoint's record of it, {was}, is {'another bundle' if is_bundle(was) else 'gone too'})"
+    raise CheckpointError(own, "", f"{what}, is missing{seen}; put it back (a copy of that bundle), {redo}")
 
 
 class ProgressiveModule(DiffusionModule):
@@ -72,6 +111,7 @@ class ProgressiveModule(DiffusionModule):
                                         null_label=self.num_classes, **kw) if self.w_range else None)
         self._grids: dict[int, Tensor] = {}
         self._round_t0 = time.time()
+        self._finished = -1  # the last round this process finished (wrote its bundle)
         if model.get("param", "eps") == "eps":
             warnings.warn("model.param: an eps-predicting student cannot take few large steps: x0 = (x_t - sigma eps) "
                           "/ alpha blows up at low SNR (Salimans & Ho 2022, Sec. 4); use model.param: v or x0 (the "
@@ -110,17 +150,39 @@ class ProgressiveModule(DiffusionModule):
         return ("w_cond",)  # round 0's student is the teacher's network, plus a w embedding when w-conditioned
 
     def ema_step(self, step: int) -> int:
-        """Steps into the round: each round's EMA copies restart from its student (``ema.start_step``, ``ema.every``
-        and the power-function profile run per round, like the LR schedule)."""
+        """Steps into the round: each round's EMA copies restart from its student (``ema.start_step`` and
+        ``ema.every`` run per round, like the LR schedule)."""
         return step - self.current.start
 
-    def _load_teacher(self, index: int) -> None:
-        """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle."""
+    @classmethod
+    def check_resume(cls, path: Path, ckpt: Mapping[str, Any], recipe: Mapping[str, Any], run: Path) -> None:
+        """Before the trainer starts (``dtrain fit``, through ``resume_path``): the checkpoint ``path`` was trained on
+        the recipe's round plan, and the teacher of its round (the previous round's bundle in the run folder ``run``)
+        is the one it was trained against (``round_teacher``); else ``CheckpointError``. A checkpoint at the last
+        step trains no more and reads no teacher."""
+        from dtrain.export.checkpoint import CheckpointError
+
+        super().check_resume(path, ckpt, recipe, run)
+        meta = ckpt.get("dtrain") or {}
+        info, plan = meta.get("pd") or {}, round_plan(recipe["method"], int(recipe["trainer"]["max_steps"]))
+        saved = [Round(**r) for r in info.get("rounds", [])]
+        if saved and saved != plan:
+            raise CheckpointError(path, "method.round_steps", f"the checkpoint's rounds ({_plan_text(saved)}) are not "
+                                  f"this recipe's ({_plan_text(plan)}; from method.start_steps, end_steps, guidance, "
+                                  f"round_steps and trainer.max_steps); resume with the checkpoint's values, or start "
+                                  f"a new run")
+        k = int(info.get("round", 0))
+        if 1 <= k < len(plan) and int(ckpt["global_step"]) < plan[-1].end:
+            round_teacher(run, plan, k, meta.get("teacher"))
+
+    def _load_teacher(self, index: int, source: Path | None = None) -> None:
+        """The frozen teacher of round ``index``: the recipe's teacher, or round index - 1's bundle (``source``:
+        where a resume found it, ``round_teacher``)."""
         if index == 0:
-            source, ema = self.teacher_source(self._given_teacher), self.recipe["method"].get("teacher_ema", "auto")
+            given, ema = self.teacher_source(self._given_teacher), self.recipe["method"].get("teacher_ema", "auto")
         else:
-            source, ema = self.rounds_dir / self.rounds[index - 1].name, "auto"
-        self.teacher, self.teacher_ref = self.frozen_teacher(source, ema=ema)
+            given, ema = source or self.rounds_dir / self.rounds[index - 1].name, "auto"
+        self.teacher, self.teacher_ref = self.frozen_teacher(given, ema=ema)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -132,12 +194,19 @@ class ProgressiveModule(DiffusionModule):
         super().on_load_checkpoint(checkpoint)
         info = (checkpoint.get("dtrain") or {}).get("pd") or {}
         saved = [Round(**r) for r in info.get("rounds", [])]
-        if saved and saved != self.rounds:
-            raise InputError(f"method.round_steps: the checkpoint's rounds {[asdict(r) for r in saved]} are not this "
-                             f"recipe's {[asdict(r) for r in self.rounds]}")
+        if saved and saved != self.rounds:  # (``dtrain fit`` refused it before: ``check_resume``)
+            raise InputError(f"method.round_steps: the checkpoint's rounds ({_plan_text(saved)}) are not this "
+                             f"recipe's ({_plan_text(self.rounds)})")
         self.round = int(info.get("round", 0))
-        if self._trainer is not None:
-            self._load_teacher(self.round)
+        if self._trainer is None:
+            return
+        ref = (checkpoint.get("dtrain") or {}).get("teacher")
+        if int(checkpoint["global_step"]) >= self.rounds[-1].end:  # nothing left to train: no teacher to read, and
+            self.teacher_ref = ref if ref is not None else self.teacher_ref  # the last bundle records this one
+        elif self.round == 0:
+            self._load_teacher(0)
+        else:
+            self._load_teacher(self.round, round_teacher(self.rounds_dir.parent, self.rounds, self.round, ref))
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -159,6 +228,37 @@ class ProgressiveModule(DiffusionModule):
         if self.global_step >= self.rounds[-1].end and self.round == len(self.rounds) - 1:
             self._finish_round(self.current)
 
+    def on_fit_end(self) -> None:
+        # last.ckpt of the last step is written before the last round's bundle; a fit resumed from it runs no training
+        # loop and no on_train_end, so a bundle the job before did not write (killed in between) is written here, on
+        # the device the strategy's teardown took the module from
+        last = self.rounds[-1]
+        if self._finished == last.index or self.round != last.index or self.global_step < last.end:
+            return
+        done = self.trainer.is_global_zero and self._round_written(last)
+        if self.trainer.strategy.broadcast(done, src=0):  # every rank evaluates its share, or none does
+            return
+        device = self.device
+        self.to(self.trainer.strategy.root_device)
+        try:
+            self._finish_round(last)
+        finally:
+            self.to(device)
+
+    def _round_written(self, rnd: Round) -> bool:
+        """Whether ``rounds.json`` lists ``rnd`` as finished at its end and its bundle is whole: its weights match its
+        dtrain.json, and its eval.json is there."""
+        from dtrain.export.bundle import read_info, sha256_file
+
+        out = self.rounds_dir / rnd.name
+        try:
+            listed = any(e.get("index") == rnd.index and e.get("global_step") == rnd.end
+                         for e in json.loads((self.rounds_dir / ROUNDS_INDEX).read_text()))
+            weights = read_info(out)["weights"]
+            return listed and (out / "eval.json").is_file() and sha256_file(out / weights["file"]) == weights["sha256"]
+        except (OSError, ValueError, AttributeError, TypeError):  # absent, cut short, or not what this code writes
+            return False
+
     def _finish_round(self, rnd: Round) -> None:
         """Evaluate the round's EMA student (every rank takes its share) and write its bundle (rank 0)."""
         tag = self.default_ema
@@ -173,6 +273,7 @@ class ProgressiveModule(DiffusionModule):
                 logger.log_metrics({"round/index": rnd.index, "round/steps": rnd.steps,
                                     **{f"round/{k}": v for k, v in metrics.items() if isinstance(v, float | int)}},
                                    step=self.global_step)
+        self._finished = rnd.index
         self.trainer.strategy.barrier("pd_round")
 
     def _write_round(self, rnd: Round, state: Mapping[str, Tensor], tag: str | None, metrics: dict[str, Any]) -> None:
@@ -185,11 +286,15 @@ class ProgressiveModule(DiffusionModule):
         info = bundle_info(ck, source=f"{out.parent.parent} step {self.global_step} (ema {tag})", metrics=metrics)
         save_bundle(out, state, info, ema=tag, overwrite=True)
         entry = {**asdict(rnd), "global_step": self.global_step, "ema": tag, "metrics": metrics,
-                 "bundle": str(out.absolute()),  # (relative, it held only from the directory training started in)
+                 "bundle": f"rounds/{rnd.name}",  # relative to the run folder: it stays right when the folder moves
                  "seconds": round(time.time() - self._round_t0, 1)}  # training (+ eval) since the round (re)started
         write_json(out / "eval.json", entry)
-        index = self.rounds_dir / "rounds.json"
-        done = [e for e in (json.loads(index.read_text()) if index.is_file() else []) if e["index"] != rnd.index]
+        index = self.rounds_dir / ROUNDS_INDEX
+        plan = [asdict(r) for r in self.rounds]
+        # this run's earlier rounds only: a later round's entry (or another plan's) is from an earlier run in the
+        # folder, or from before a resume that went back past it, and no longer holds
+        done = [e for e in (json.loads(index.read_text()) if index.is_file() else [])
+                if e["index"] < rnd.index and {k: e.get(k) for k in plan[0]} == plan[e["index"]]]
         write_json(index, sorted([*done, entry], key=lambda e: e["index"]))
 
     @torch.no_grad()

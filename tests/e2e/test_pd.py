@@ -1,7 +1,8 @@
 """Progressive distillation end to end on CPU: rounds 64 -> 4 steps on the 2-D mixture whose 4-step student matches the
 mixture as well as the teacher's DDIM-64, the per-round artefacts and the teacher chain, export of the last checkpoint,
-an interrupted run resumed mid-round (and at a round boundary) that ends bit-identical to the uninterrupted one, and
-guided PD (a w-conditioned student sampled at any w of its range)."""
+an interrupted run resumed mid-round (and at a round boundary) that ends bit-identical to the uninterrupted one, the
+resume's checks (round plan, round teacher) and the last round's bundle after a resume at the last step, and guided PD
+(a w-conditioned student sampled at any w of its range)."""
 
 from __future__ import annotations
 
@@ -90,9 +91,8 @@ def test_round_artefacts_and_teacher_chain(exact_run):
                                                                             (3, 4, 2200)]
     s = schedule_from_config(cfg.schedule)
     for r in rounds:
-        d = Path(r["bundle"])
-        assert d.is_absolute()  # it was relative to the directory training was started from
-        assert d == out / "rounds" / f"round{r['index']:02d}_{r['steps']}steps"
+        assert r["bundle"] == f"rounds/round{r['index']:02d}_{r['steps']}steps"  # relative to the run: it may move
+        d = out / r["bundle"]
         assert sorted(p.name for p in d.iterdir()) == ["dtrain.json", "eval.json", "model.safetensors"]
         assert json.loads((d / "eval.json").read_text()) == r and r["ema"] == "0_98"
         info = json.loads((d / "dtrain.json").read_text())
@@ -104,7 +104,7 @@ def test_round_artefacts_and_teacher_chain(exact_run):
         if r["index"] == 0:
             assert teacher["format"] == "object" and teacher["kind"] == "ExactDenoiser"
         else:  # round k's teacher is round k-1's bundle, by path and weights hash
-            prev = Path(rounds[r["index"] - 1]["bundle"])
+            prev = out / rounds[r["index"] - 1]["bundle"]
             assert teacher["path"] == str(prev.resolve()) and teacher["format"] == "bundle"
             assert teacher["sha256"] == json.loads((prev / "dtrain.json").read_text())["weights"]["sha256"]
     ck = torch.load(out / "checkpoints" / "step0001100.ckpt", map_location="cpu", weights_only=True)
@@ -135,33 +135,141 @@ def small_teacher(tmp_path_factory):
     return out / "teacher-gmm" / "checkpoints" / "last.ckpt"
 
 
-def test_resume_mid_round_and_at_a_boundary_is_exact(small_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def small_run(small_teacher, tmp_path_factory):
+    """``dtrain fit`` arguments (all but out_dir and name) and the run of rounds of 4, 2, 1 steps, 6 optimizer steps
+    each, a checkpoint every 3 steps (tests copy it, never change it)."""
+    common = ["fit", str(PD_GMM), f"teacher={small_teacher}", *QUIET, "model.hidden=16", "model.depth=1",
+              "data.batch_size=64", "method.start_steps=8", "method.end_steps=1", "method.round_steps=[6]",
+              "trainer.max_steps=18", "trainer.ckpt_every_n_steps=3", "eval.num=256", "ema.decays=[0.9]"]
+    out = tmp_path_factory.mktemp("pd_small")
+    assert main([*common, f"out_dir={out}", "name=full"]) == 0
+    return common, out / "full"
+
+
+def same_weights(a: Path, b: Path) -> None:
+    want, got = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    assert got["global_step"] == want["global_step"] and got["dtrain"]["pd"] == want["dtrain"]["pd"]
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for k, v in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][k], v), k
+
+
+def test_resume_mid_round_and_at_a_boundary_is_exact(small_run, tmp_path):
     """Rounds 4, 2, 1 steps of 6 optimizer steps; resuming from step 9 (round 1, whose teacher is round 0's bundle)
     and from step 6 (round 0 finished, its hand-over still to do) ends with the uninterrupted run's weights."""
-    common = ["fit", str(PD_GMM), f"teacher={small_teacher}", f"out_dir={tmp_path}", *QUIET, "model.hidden=16",
-              "model.depth=1", "data.batch_size=64", "method.start_steps=8", "method.end_steps=1",
-              "method.round_steps=[6]", "trainer.max_steps=18", "trainer.ckpt_every_n_steps=3", "eval.num=256",
-              "ema.decays=[0.9]"]
-    assert main([*common, "name=full"]) == 0
-    full = tmp_path / "full"
+    common, full = small_run
+    common = [*common, f"out_dir={tmp_path}"]
     ck9 = torch.load(full / "checkpoints" / "step0000009.ckpt", map_location="cpu", weights_only=True)
     assert ck9["dtrain"]["pd"]["round"] == 1
     assert ck9["dtrain"]["teacher"]["path"] == str((full / "rounds" / "round00_4steps").resolve())
-    want = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for step, keep in ((9, ["round00_4steps"]), (6, [])):
         run = tmp_path / f"from{step}"
         (run / "rounds").mkdir(parents=True)
         for name in keep:  # what existed when the run was interrupted
             shutil.copytree(full / "rounds" / name, run / "rounds" / name)
         assert main([*common, f"name=from{step}", "--resume", str(full / "checkpoints" / f"step{step:07d}.ckpt")]) == 0
-        got = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-        assert got["global_step"] == 18 and got["dtrain"]["pd"]["round"] == 2
-        assert got["state_dict"].keys() == want["state_dict"].keys()
-        for k, v in want["state_dict"].items():
-            assert torch.equal(got["state_dict"][k], v), (step, k)
+        same_weights(full / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
         for r in ("round01_2steps", "round02_1steps"):
             a, b = (json.loads((d / "rounds" / r / "eval.json").read_text())["metrics"] for d in (full, run))
             assert a == b
+
+
+def no_trainer(monkeypatch) -> None:
+    """The checks must refuse before ``dtrain fit`` holds the run folder and builds the trainer."""
+    import dtrain.lit.fit
+
+    def started(*args, **kwargs):
+        raise AssertionError("the trainer started")
+
+    monkeypatch.setattr(dtrain.lit.fit, "_train", started)
+
+
+def test_a_resume_at_the_last_step_writes_the_last_round_it_lacks(small_run, tmp_path):
+    """last.ckpt of the last step is written before the last round's eval and bundle: a job killed in between left
+    neither, and a resume from it (Lightning runs no training loop, so no on_train_end) exited 0 without them. Now
+    they are written, as the uninterrupted run wrote them; a resume of the finished run writes nothing again."""
+    common, full = small_run
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "rounds" / "round02_1steps")
+    index = run / "rounds" / "rounds.json"
+    index.write_text(json.dumps(json.loads(index.read_text())[:2]))
+    assert main([*common, f"out_dir={tmp_path}", "name=run", "--resume", "auto"]) == 0
+    got, want = (json.loads((d / "rounds" / "rounds.json").read_text()) for d in (run, full))
+    assert [e["index"] for e in got] == [0, 1, 2] and got[2]["bundle"] == "rounds/round02_1steps"
+    assert got[2]["global_step"] == 18 and got[2]["metrics"] == want[2]["metrics"]
+    a, b = (json.loads((d / "rounds" / "round02_1steps" / "dtrain.json").read_text()) for d in (full, run))
+    assert b["weights"]["sha256"] == a["weights"]["sha256"]
+    assert b["provenance"]["teacher"]["sha256"] == a["provenance"]["teacher"]["sha256"]  # round 1's student
+    written = (run / "rounds" / "round02_1steps" / "dtrain.json").stat().st_mtime_ns
+    assert main([*common, f"out_dir={tmp_path}", "name=run", "--resume", "auto"]) == 0
+    assert (run / "rounds" / "round02_1steps" / "dtrain.json").stat().st_mtime_ns == written
+
+
+def test_a_resume_refuses_a_replaced_round_teacher(small_run, tmp_path, monkeypatch, capsys):
+    """A round's teacher is the previous round's bundle in the run folder: one replaced by other weights was loaded
+    and trained against silently. Its weights hash must be the checkpoint's teacher's."""
+    common, full = small_run
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "rounds" / "round00_4steps")
+    shutil.copytree(full / "rounds" / "round01_2steps", run / "rounds" / "round00_4steps")
+    no_trainer(monkeypatch)
+    ck = run / "checkpoints" / "step0000009.ckpt"
+    assert main([*common, f"out_dir={tmp_path}", "name=run", "--resume", str(ck)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"dtrain fit: {run / 'rounds' / 'round00_4steps'}: the bundle of PD round 1/3's student, "
+                          f"round 2's teacher, holds weights sha256 "), err
+    assert "not those the checkpoint was trained against" in err and "resume from a checkpoint of step 6" in err
+
+
+def test_a_resume_without_the_runs_rounds(small_run, tmp_path, monkeypatch, capsys):
+    """A run folder copied without rounds/: the round's teacher is the bundle the checkpoint recorded (checked by its
+    hash) and the run ends as the uninterrupted one; it failed inside the trainer naming "rounds/round00_4steps:
+    checkpoint not found". With the recorded bundle gone too, the resume is refused before the trainer starts, naming
+    the bundle and the round."""
+    common, full = small_run
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(full / "checkpoints", run / "checkpoints")
+    assert main([*common, f"out_dir={tmp_path}", "name=run", "--resume", str(run / "checkpoints" /
+                                                                                "step0000009.ckpt")]) == 0
+    same_weights(full / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    shutil.copytree(run / "checkpoints", moved / "checkpoints")
+    shutil.rmtree(run / "rounds")  # the bundle run's step-15 checkpoint recorded
+    no_trainer(monkeypatch)
+    assert main([*common, f"out_dir={tmp_path}", "name=moved", "--resume", str(moved / "checkpoints" /
+                                                                                 "step0000015.ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"dtrain fit: {moved / 'rounds' / 'round01_2steps'}: the bundle of PD round 2/3's student, round "
+                   f"3's teacher, is missing (the checkpoint's record of it, {run / 'rounds' / 'round01_2steps'}, is "
+                   f"gone too); put it back (a copy of that bundle), resume from a checkpoint of step 12 or earlier "
+                   f"(--resume <file>), which writes it again, or start a new run")
+
+
+def test_a_resume_with_another_round_plan_is_refused_before_the_trainer_starts(small_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    common, full = small_run
+    no_trainer(monkeypatch)
+    assert main([*common, f"out_dir={tmp_path}", "name=run", "method.round_steps=[4,6,8]", "--resume",
+                 str(full / "checkpoints" / "step0000009.ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"dtrain fit: {full / 'checkpoints' / 'step0000009.ckpt'}: method.round_steps: the "
+                          f"checkpoint's rounds (4-step [0, 6), 2-step [6, 12), 1-step [12, 18)) are not this "
+                          f"recipe's (4-step [0, 4), 2-step [4, 10), 1-step [10, 18); "), err
+
+
+def test_a_fresh_start_over_earlier_rounds_is_refused(small_run, tmp_path, monkeypatch, capsys):
+    """A run without checkpoints (recipes/pd/gmm.yaml keeps none, ckpt_every_n_steps: 0) that was killed leaves its
+    rounds; a fresh start in its folder mixed them into its own rounds.json."""
+    common, full = small_run
+    shutil.copytree(full / "rounds", tmp_path / "run" / "rounds")
+    no_trainer(monkeypatch)
+    assert main([*common, f"out_dir={tmp_path}", "name=run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"dtrain fit: {tmp_path / 'run'} already holds progressive-distillation rounds of an "
+                          f"earlier run (rounds/: round00_4steps, round01_2steps, round02_1steps, ...)"), err
+    assert err.endswith(f"or remove {tmp_path / 'run' / 'rounds'} first")
 
 
 def test_teacher_given_as_a_bundle(small_teacher, tmp_path):

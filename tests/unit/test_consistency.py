@@ -349,6 +349,32 @@ def test_ct_run_averages_its_target_with_mu_of_k(tmp_path, one_thread, fit_spied
         for before, net, after in zip(seen[k][0], seen[k][1], seen[k + 1][0]):
             torch.testing.assert_close(after, mu * before + (1 - mu) * net, rtol=1e-5, atol=1e-6)
 
+def test_a_resume_refuses_another_target_decay_and_warns_of_a_curriculum_recomputed(tmp_path):
+    """theta^-'s copy in a checkpoint is named by its decay (target.0_9.*): a resume with another decay loaded
+    nothing into the new copy and restarted it from the first weights, silently. A curriculum's N(k) is computed over
+    trainer.max_steps: a resume with another length changes N at once (iCT at step 8 of 16 -> 32: 161 -> 41)."""
+    from dtrain.config import to_container
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.lit.consistency import ConsistencyModule
+
+    def recipe(*over: str) -> dict:
+        return to_container(load_recipe(RECIPES / "cm" / "cd_gmm.yaml", [f"out_dir={tmp_path}", *over]))
+
+    ct = ["method.name=ct", "method.curriculum=fixed"]
+    ck = {"global_step": 8, "dtrain": {"recipe": recipe(*ct, "method.target_ema=0.9")}}
+    ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck, recipe(*ct, "method.target_ema=0.9"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"a\.ckpt: method\.target_ema: 0\.9 in the checkpoint \(now 0\.5\)"):
+        ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck, recipe(*ct, "method.target_ema=0.5"), tmp_path)
+    ict = ["method.name=ict", "method.target_ema=null", "method.distance=null"]
+    ck = {"global_step": 8, "dtrain": {"recipe": recipe(*ict, "trainer.max_steps=16")}}
+    with pytest.warns(UserWarning, match=r"trainer\.max_steps 16 -> 32 under method\.curriculum 'ict'.*at step 8 "
+                      r"\(N 161 -> 41\)"):
+        ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck, recipe(*ict, "trainer.max_steps=32"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"method\.target_ema: 0\.0 in the checkpoint \(now 0\.9"):
+        ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck, recipe(*ict, "trainer.max_steps=16",
+                                                                       "method.target_ema=0.9"), tmp_path)
+
+
 def test_sample_times_are_the_training_modules_grid_too(tmp_path):
     """With method.sample_times the bundle samples on [t_max, *times, 0]; the module's own sampling (grids, the
     in-training FID sweep) took the default consistency grid at that NFE (t = 0.4529 where the bundle has 0.5)."""

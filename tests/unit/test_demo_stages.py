@@ -231,15 +231,17 @@ def test_a_moved_demo_folder_stays_up_to_date(out: Path, tmp_path_factory) -> No
 
 
 def test_pd_rounds_of_a_moved_folder_are_found_in_it(tmp_path: Path) -> None:
-    """rounds.json holds absolute paths: a PD stage resumed after the folder moved crashed on the rounds that ended
-    before the move (not inside the new folder), failing on every rerun."""
+    """rounds.json held absolute paths (now relative to the run): a PD stage resumed after the folder moved crashed on
+    the rounds that ended before the move (not inside the new folder), failing on every rerun."""
     d = Demo(tmp_path / "new", sizes=FAST, quiet=True)
     run = d.out / "runs" / "pd"
     (run / "rounds").mkdir(parents=True)
     (run / "rounds" / "rounds.json").write_text(json.dumps([
         {"steps": 8, "bundle": str(tmp_path / "old" / "runs" / "pd" / "rounds" / "round00_8steps")},
-        {"steps": 4, "bundle": str(run / "rounds" / "round01_4steps")}]))
-    assert d._round_bundles(run) == {8: "runs/pd/rounds/round00_8steps", 4: "runs/pd/rounds/round01_4steps"}
+        {"steps": 4, "bundle": str(run / "rounds" / "round01_4steps")},
+        {"steps": 2, "bundle": "rounds/round02_2steps"}]))
+    assert d._round_bundles(run) == {8: "runs/pd/rounds/round00_8steps", 4: "runs/pd/rounds/round01_4steps",
+                                     2: "runs/pd/rounds/round02_2steps"}
 
 
 def test_unfinished_students_are_not_called_out_of_date(out: Path) -> None:

@@ -353,3 +353,29 @@ def test_dropped_labels_reach_teacher_and_student_alike(guided):
     assert all(torch.equal(t, got["student"][-1]) for t in got["teacher"][-2:])  # the PD round's two teacher steps
     if guided:  # stage 1's CFG teacher saw the student's labels, then the null class (one batch of 2n)
         assert torch.equal(got["teacher"][0], torch.cat([got["student"][0], torch.full((n,), 3)]))
+
+
+def test_rounds_index_keeps_only_this_runs_earlier_rounds_with_relative_paths(tmp_path):
+    """rounds.json after a round is written: this plan's earlier rounds (an old absolute path kept as it was) and the
+    round, its bundle relative to the run folder (absolute paths went stale when the folder moved). Entries of another
+    plan or of later rounds (an earlier run in the folder, a resume that went back past them) were kept before."""
+    import json
+    import warnings
+
+    from dtrain.lit.progressive import ProgressiveModule
+
+    over = [f"out_dir={tmp_path}", "name=run", "method.start_steps=8", "method.end_steps=1", "method.round_steps=[6]",
+            "trainer.max_steps=18", "model.hidden=16", "model.depth=1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eps student, the distilled grids
+        module = ProgressiveModule(load_recipe(ROOT / "recipes" / "pd" / "gmm.yaml", over))
+    index = tmp_path / "run" / "rounds" / "rounds.json"
+    index.parent.mkdir(parents=True)
+    ours = {"index": 0, "kind": "pd", "steps": 4, "start": 0, "end": 6, "bundle": "/elsewhere/rounds/round00_4steps"}
+    index.write_text(json.dumps([ours, {**ours, "index": 1, "steps": 2, "start": 6, "end": 10},  # another plan's
+                                 {**ours, "index": 2, "steps": 1, "start": 12, "end": 18},  # this round, before
+                                 {**ours, "index": 3, "steps": 1, "start": 18, "end": 24}]))  # a later round
+    module._write_round(module.rounds[2], module.net.state_dict(), None, {})
+    entries = json.loads(index.read_text())
+    assert [e["index"] for e in entries] == [0, 2] and entries[0] == ours
+    assert entries[1]["bundle"] == "rounds/round02_1steps" and (tmp_path / "run" / entries[1]["bundle"]).is_dir()
