@@ -355,8 +355,8 @@ def _train(cfg: DictConfig, out: Path, klass: type[DiffusionModule], ckpt_path: 
 def _warn_short_ema(cfg: DictConfig) -> None:
     """A teacher's EMA whose copy is still mostly its random initial weights at the end of the run (export and
     eval use the EMA by default): 0.999 averages over ~1000 updates, a 60-step run keeps 94% of the start."""
-    if cfg.method.name != "denoising":  # students start from their teacher's weights: their EMA starts there too
-        return
+    if cfg.method.name != "denoising" or not _first_process():  # students start from their teacher's weights (their
+        return  # EMA starts there too); one rank says it, not each of them
     updates = int(cfg.trainer.max_steps) // max(1, int(cfg.ema.every))
     for d in cfg.ema.decays or []:
         if (left := float(d) ** updates) > 0.1:
