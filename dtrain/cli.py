@@ -172,8 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser._subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(odd)}{hint}")
     from dtrain.errors import InputError
 
-    try:
-        return int(args.func(args) or 0)
+    clean = False  # every rank ends the same way: process groups may be destroyed (not after one rank's error,
+    try:  # where NCCL's destroy can wait for ranks that never come)
+        code, clean = int(args.func(args) or 0), True
+        return code
+    except SystemExit:  # dtrain fit's signal stops: every rank stops at the same step
+        clean = True
+        raise
     except InputError as e:  # a bad recipe, flag or file (dtrain.errors): one clear line, no traceback
         print(f"dtrain {args.command}: {e}", file=sys.stderr)
         return 2
@@ -186,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     finally:
-        _close_process_groups()
+        if clean:
+            _close_process_groups()
 
 
 def _close_process_groups() -> None:

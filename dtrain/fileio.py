@@ -73,12 +73,36 @@ class BusyError(InputError):
     """Another process holds the lock of a folder this one would write (``exclusive``)."""
 
 
+_HELD: set[int] = set()  # descriptors of locks this process holds (``exclusive``)
+
+
+def _drop_held_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file: closing its copy keeps a killed parent's
+    lock from living on in the workers, which outlast it by seconds."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held_in_child)
+
+
+def _me() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID"),
+            "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+
+
 @contextmanager
 def exclusive(path: str | Path, busy: str, error: type[Exception] = BusyError) -> Iterator[None]:
     """Hold an advisory lock (``flock``) on the file ``path`` while the block runs, the holder recorded in it;
     ``error(busy + " (held by pid 12 on node3, SLURM job 881)")`` when another process holds it. Unguarded where the
-    platform or the filesystem has no locks. A holder of this same SLURM job counts as stale: a requeued job can
-    start while a network filesystem still keeps its crashed node's lock."""
+    platform or the filesystem has no locks. A holder from an earlier start of this same SLURM job (a lower
+    ``SLURM_RESTART_COUNT``) counts as stale: a requeued job can start while a network filesystem still keeps its
+    crashed node's lock. A file another user made (read-only to us) is locked without the record."""
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -86,8 +110,13 @@ def exclusive(path: str | Path, busy: str, error: type[Exception] = BusyError) -
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
-    with open(path, "a+", encoding="utf-8") as f:
+    me = _me()
+    try:
+        f = open(path, "a+", encoding="utf-8")
+        writable = True
+    except PermissionError:  # a teammate's lock file in a shared folder: flock needs no write access
+        f, writable = open(path, encoding="utf-8"), False
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -98,7 +127,8 @@ def exclusive(path: str | Path, busy: str, error: type[Exception] = BusyError) -
                 holder = {}
             if not isinstance(holder, dict):
                 holder = {}
-            if not (me["job"] and holder.get("job") == me["job"]):
+            earlier = isinstance(holder.get("restart"), int) and holder["restart"] < me["restart"]
+            if not (me["job"] and holder.get("job") == me["job"] and earlier):
                 who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" + (
                     f", SLURM job {holder['job']}" if holder.get("job") else "")
                 raise error(f"{busy} (held by {who})") from None
@@ -107,11 +137,15 @@ def exclusive(path: str | Path, busy: str, error: type[Exception] = BusyError) -
             locked = False
         else:
             locked = True
-            f.truncate(0)  # "a+" writes at the end, which is now the start
-            f.write(json.dumps(me))
-            f.flush()
+            if writable:
+                f.truncate(0)  # "a+" writes at the end, which is now the start
+                f.write(json.dumps(me))
+                f.flush()
+        if locked:
+            _HELD.add(f.fileno())
         try:
             yield
         finally:
             if locked:
+                _HELD.discard(f.fileno())
                 fcntl.flock(f, fcntl.LOCK_UN)

@@ -260,10 +260,18 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
         trainer.should_stop = True
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._after_last_step(trainer)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # a fit resumed from the last step's checkpoint runs the final sweep here (no loop, no on_train_end)
+        self._after_last_step(trainer)
+
+    def _after_last_step(self, trainer: Any) -> None:
         """A signal that cut short the work after the last step (a callback's ``cut_short``: the final FID sweep)
         leaves the job unfinished: requeued on the requeue signal, else ``dtrain fit`` exits 128 + signal, and
-        ``--resume auto`` from the final checkpoint redoes that work. Runs after the other callbacks' hook."""
-        if not any(getattr(c, "cut_short", False) for c in trainer.callbacks):
+        ``--resume auto`` from the final checkpoint redoes that work. Runs after the other callbacks' hook (Lightning
+        orders checkpoint callbacks last); every rank, as the sweep."""
+        if self.stopped_by is not None or not any(getattr(c, "cut_short", False) for c in trainer.callbacks):
             return
         signum = self.pending(trainer)
         if signum is None:

@@ -21,7 +21,6 @@ read.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -250,9 +249,10 @@ def _saved_ns(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
-def _remove_stale_temps(run_dir: Path) -> None:
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        return
+def remove_stale_temps(run_dir: Path) -> None:
+    """Remove the temp files of checkpoint writes that never finished (a killed job's) from ``run_dir``: only
+    while holding the run folder (``dtrain fit``'s first process, under its lock), or a refused second fit would
+    delete the running one's write in progress."""
     for d in (run_dir / "checkpoints", run_dir):
         for tmp in d.glob(f".*.ckpt{TMP_TAG}*"):
             log.warning("resume: removing %s, a checkpoint write that never finished", tmp)
@@ -281,7 +281,6 @@ def resume_path(run_dir: str | Path, resume: str | Path | None, *, recipe: Mappi
             raise FileNotFoundError(f"{field}: checkpoint not found: {path}")
         ck = _probe(path, field)
     else:
-        _remove_stale_temps(run_dir)
         skipped: list[str] = []
         for path in checkpoint_candidates(run_dir):
             try:

@@ -29,7 +29,7 @@ from dtrain.errors import InputError, check_writable
 from dtrain.eval.report import check_wandb_login, logger_mode
 from dtrain.fileio import exclusive, write_text
 from dtrain.lit.callbacks import SampleGrid, StepCheckpoint
-from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, resume_path
+from dtrain.lit.checkpointing import AtomicCheckpointIO, checkpoint_candidates, remove_stale_temps, resume_path
 from dtrain.lit.common import DiffusionModule, module_class
 
 __all__ = ["fit", "check_teacher", "per_rank_batch", "run_dir", "build_trainer", "build_logger", "wandb_run_id",
@@ -306,6 +306,8 @@ def _first_process(env: Any = None) -> bool:
 def _train(cfg: DictConfig, out: Path, klass: type[DiffusionModule], ckpt_path: Path | None, ranks: int,
            callbacks: Sequence[L.Callback]) -> Path:
     """``fit`` after its checks, holding the run folder."""
+    if _first_process():
+        remove_stale_temps(out)
     _write_recipe(cfg, out)
     from lightning.pytorch.utilities import rank_zero_info
 

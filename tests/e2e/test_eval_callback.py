@@ -315,6 +315,13 @@ def test_a_signal_that_cuts_the_final_sweep_short_leaves_the_job_unfinished(tmp_
             assert main(argv) == 0 and requeued == [True]  # requeued: the next job resumes
     assert "cut short the final evaluation" in capsys.readouterr().err
     assert json.loads((out / "eval" / "step_0000002.json").read_text())["complete"] is False
+    if sig == signal.SIGUSR1:  # the requeued job resumes at the last step: its sweep runs at the fit's end, and
+        calls.clear()  # is cut short by the requeue signal again: requeued again (it exited 0 without a requeue)
+        with pytest.warns(UserWarning, match=r"eval at step 2: stopped after 1 point\(s\)"):
+            assert main([*argv, "--resume", "auto"]) == 0 and requeued == [True, True]
+        assert json.loads((out / "eval" / "step_0000002.json").read_text())["complete"] is False
+        capsys.readouterr()
+    monkeypatch.setattr(sweep, "generate", real)
     assert main([*argv, "--resume", "auto"]) == 0
     assert said_steps(capsys) == ["2"]
     assert json.loads((out / "eval" / "step_0000002.json").read_text())["complete"] is True

@@ -4,6 +4,7 @@ resume from, a GPU that is not there, an override without '=', an empty recipe f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -359,7 +360,7 @@ def test_a_second_fit_into_a_busy_run_folder_is_refused(tmp_path, fit_error, mon
     run = run_dir(load_recipe(gmm, over))
     run.mkdir(parents=True)
     with open(run / ".fit.lock", "w") as f:
-        f.write(json.dumps({"pid": 4242, "host": "node3", "job": "881"}))
+        f.write(json.dumps({"pid": 4242, "host": "node3", "job": "881", "restart": 0}))
         f.flush()
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         err = fit_error(str(gmm), *over)
@@ -367,11 +368,76 @@ def test_a_second_fit_into_a_busy_run_folder_is_refused(tmp_path, fit_error, mon
                        f"for it to end, or give this run another name= or out_dir= (held by pid 4242 on node3, "
                        f"SLURM job 881)"), err
         assert not (run / "checkpoints").exists()
-        monkeypatch.setenv("SLURM_JOB_ID", "881")
+        monkeypatch.setenv("SLURM_JOB_ID", "881")  # another fit of this job's same start: alive, refused
+        assert "held by pid 4242 on node3, SLURM job 881" in fit_error(str(gmm), *over)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job requeued: its first start's lock is stale
         assert main(["fit", str(gmm), *over]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert _first_process({}) and _first_process({"RANK": "0", "LOCAL_RANK": "0", "SLURM_PROCID": "0"})
     assert not any(_first_process({k: "1"}) for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def test_a_refused_fit_leaves_the_running_ones_checkpoint_write_alone(tmp_path, fit_error):
+    """A second fit with --resume auto deleted the running fit's checkpoint temp file (a write in progress) as a
+    killed job's leftover, then was refused by the lock: the running fit's rename failed. Only the lock holder
+    cleans; a fit that holds the folder removes a killed job's leftovers."""
+    import fcntl
+
+    from dtrain.config import load_recipe
+    from dtrain.lit.fit import run_dir
+
+    gmm = R / "teacher" / "gmm.yaml"
+    over = [f"out_dir={tmp_path}", *QUIET, STEPS, "model.hidden=8", "model.depth=1", "data.num_samples=1024",
+            "trainer.ckpt_every_n_steps=0"]
+    run = run_dir(load_recipe(gmm, over))
+    assert main(["fit", str(gmm), *over]) == 0
+    tmp = run / "checkpoints" / ".last.ckpt.tmpnode3.4242.abcd1234"
+    tmp.write_bytes(b"half a checkpoint")
+    with open(run / ".fit.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another dtrain fit is training in" in fit_error(str(gmm), *over, "--resume", "auto")
+        assert tmp.exists()
+    assert main(["fit", str(gmm), *over, "trainer.max_steps=3", "--resume", "auto"]) == 0
+    assert not tmp.exists()
+
+
+def test_a_lock_is_not_kept_by_forked_children_of_a_killed_holder(tmp_path, monkeypatch):
+    """DataLoader workers forked while the fit held the run folder shared its lock: after the fit was SIGKILLed they
+    kept it for seconds, and the --resume auto of a requeued job was refused naming the dead process. A lock file
+    another user made (read-only to us) is locked without the holder record."""
+    import subprocess
+    import sys
+
+    import dtrain.fileio as fileio
+
+    lock = tmp_path / ".fit.lock"
+    script = ("import os, signal, sys, time\nfrom dtrain.fileio import exclusive\n"
+              "with exclusive(sys.argv[1], 'busy'):\n"
+              "    pid = os.fork()\n"
+              "    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
+              "    print(pid, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())  # (the child keeps the pipe open: read its line, wait for the parent)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == -9
+    try:
+        os.kill(child, 0)  # the forked child outlives its parent
+        with fileio.exclusive(lock, "busy"):
+            pass
+    finally:
+        os.kill(child, 9)
+    real = open
+
+    def no_write(path, mode="r", **kw):
+        if mode != "r":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, mode, **kw)
+
+    monkeypatch.setattr("builtins.open", no_write)
+    with fileio.exclusive(lock, "busy"):
+        with pytest.raises(fileio.BusyError, match="busy"):
+            with fileio.exclusive(lock, "busy"):
+                pass
 
 
 def test_training_only_model_keys_may_differ(digits_teacher):

@@ -301,7 +301,7 @@ def test_deepspeed_leaves_clipping_and_gradients_to_its_engine(tmp_path, caplog)
         module.configure_gradient_clipping(opt, 1.0, "norm")
     assert all(torch.equal(p.grad, g) for p, g in zip(module.net.parameters(), grads))  # not clipped, not dropped
     assert module.guard.total == 1  # the non-finite loss is counted, and the log says what happened
-    assert "EMA update skipped (DeepSpeed's optimizer stepped)" in caplog.text
+    assert "EMA update skipped (the optimizer step is DeepSpeed's)" in caplog.text
     module.on_train_batch_end(None, None, 0)  # global_step 1: the fake trainer's
     assert logged["train/grad_norm"] == 2.5
 

@@ -68,7 +68,8 @@ def test_deepspeed_strategy_and_config(precision):
 
     cfg = recipe("strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true",
                  "strategy.offload_params=true", f"trainer.precision={precision}", "optim.grad_clip=0.5",
-                 "trainer.accumulate_grad_batches=4", "strategy.loss_scale=0", "strategy.initial_scale_power=12")
+                 "trainer.accumulate_grad_batches=4", "strategy.loss_scale=0",
+                 *(["strategy.initial_scale_power=12"] if precision == "16-mixed" else []))  # fp16's only
     conf = deepspeed_config(cfg)
     assert conf["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                          "offload_param": {"device": "cpu", "pin_memory": True}}
