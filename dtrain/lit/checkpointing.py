@@ -4,7 +4,7 @@ Writes. ``AtomicCheckpointIO`` (the Trainer's checkpoint IO for single-file chec
 and SLURM's ``hpc_ckpt_*.ckpt``) writes ``.<name>.tmp<host>.<pid>.<random>`` in the target's own directory
 (``dtrain.fileio.replacing``), flushes and fsyncs it, then renames it over the target (``os.replace``, atomic on
 POSIX) and fsyncs the directory. A process killed mid-write leaves the previous file intact plus a stale temp
-file (removed at the next resume).
+file (removed by the next ``dtrain fit`` of the run once it holds the run folder: ``remove_stale_temps``).
 Lightning's own writer stages the file in the system temp directory and *moves* it, which is a plain copy
 (not atomic) whenever that directory is on another filesystem than the run, the usual case on clusters.
 Sharded checkpoint directories (DeepSpeed, FSDP ``sharded_checkpoint``) are written by their strategy.

@@ -20,7 +20,7 @@ import torch
 
 from dtrain.cli import main
 from dtrain.export.checkpoint import CheckpointError
-from dtrain.lit.checkpointing import AtomicCheckpointIO, atomic_save, probe_checkpoint, resume_path
+from dtrain.lit.checkpointing import AtomicCheckpointIO, atomic_save, probe_checkpoint, remove_stale_temps, resume_path
 
 REPO = Path(__file__).resolve().parents[2]
 GMM = REPO / "recipes" / "teacher" / "gmm.yaml"
@@ -52,6 +52,7 @@ def test_sigkill_mid_write_leaves_the_previous_file(tmp_path):
         ck = torch.load(path, weights_only=True)
         assert bool((ck["state_dict"]["w"] == float(ck["global_step"])).all())
     assert resume_path(tmp_path, "last") == path
+    remove_stale_temps(tmp_path)  # (dtrain fit, holding the run folder)
     assert not list(path.parent.glob(".*tmp*"))  # stale temp files removed
 
 
@@ -458,12 +459,12 @@ def test_resuming_a_moved_run_directory_keeps_writing_last_ckpt(tmp_path):
     assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
-def test_resume_removes_checkpoint_writes_that_never_finished(tmp_path, monkeypatch):
-    """A write cut by SIGKILL leaves a hidden temp file (gigabytes on a big model): the next resume removes it and
-    still starts from the newest finished checkpoint."""
+def test_resume_removes_checkpoint_writes_that_never_finished(tmp_path):
+    """A write cut by SIGKILL leaves a hidden temp file (gigabytes on a big model): the next resume still starts
+    from the newest finished checkpoint, and the fit that holds the run folder removes the temp files (resume_path
+    itself does not: a second fit refused by the folder's lock deleted the running one's write in progress)."""
     from dtrain.lit.checkpointing import TMP_TAG
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
     ck = tmp_path / "checkpoints"
     ck.mkdir()
     torch.save({"global_step": 3, "state_dict": {}}, ck / "step0000003.ckpt")
@@ -471,6 +472,8 @@ def test_resume_removes_checkpoint_writes_that_never_finished(tmp_path, monkeypa
     for p in stale:
         p.write_bytes(b"PK\x03\x04")
     assert resume_path(tmp_path, "auto") == ck / "step0000003.ckpt"
+    assert all(p.exists() for p in stale)
+    remove_stale_temps(tmp_path)
     assert not any(p.exists() for p in stale)
 
 
