@@ -142,7 +142,8 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
     check_model(path, ckpt, recipe["model"], field)
     meta = ckpt.get("dtrain") or {}
     if teacher_target:
-        check_resume_teacher(path, meta, recipe.get("teacher"), field)
+        check_resume_teacher(path, meta, recipe.get("teacher"), field,
+                             teacher_ema=(recipe.get("method") or {}).get("teacher_ema", "auto"))
     ema = recipe.get("ema") or {}
     want = sorted(ema_tags(ema.get("decays") or [], ema.get("stds") or []))
     have = sorted(str(t) for t in meta.get("ema_tags") or [])
@@ -173,7 +174,9 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
                                   f"objective; resume with its recipe ({path} holds it), or start a new run")
     step, total = ckpt.get("global_step"), (recipe.get("trainer") or {}).get("max_steps")
     was = (before.get("trainer") or {}).get("max_steps")
-    if (recipe.get("optim") or {}).get("lr_schedule", "constant") != "constant" and was not in (None, total):
+    per_round = (recipe.get("method") or {}).get("name") == "pd"  # its LR runs per round (a new length: refused)
+    if (recipe.get("optim") or {}).get("lr_schedule", "constant") != "constant" and was not in (None, total) \
+            and not per_round:
         warnings.warn(f"resume: trainer.max_steps {was} -> {total} under optim.lr_schedule "
                       f"{recipe['optim']['lr_schedule']!r}: the schedule is recomputed over the new length, so the "
                       f"learning rate jumps at step {step} (from its value at {step}/{was} to its value at "
@@ -190,12 +193,13 @@ def check_resume(path: str | Path, ckpt: Mapping[str, Any], recipe: Mapping[str,
                           f"is approximate", stacklevel=2)
 
 
-def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str | None, field: str = "--resume"
-                         ) -> None:
+def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str | None, field: str = "--resume",
+                         teacher_ema: Any = "auto") -> None:
     """A student resumes with the teacher it was trained against: its checkpoint's ``dtrain.teacher`` reference (the
     sha256 of the teacher's file, or of a bundle's weights, and of the teachers that one recorded: a PD round's) must
-    hold the recipe's ``teacher`` (a teacher run that kept training rewrote its last.ckpt under the same name). A
-    sharded teacher directory is not compared (its hash needs consolidating)."""
+    hold the recipe's ``teacher`` (a teacher run that kept training rewrote its last.ckpt under the same name), and
+    ``teacher_ema`` (``method.teacher_ema``) must read the same copy of it. A sharded teacher directory is not
+    compared (its hash needs consolidating)."""
     if "teacher" not in meta:
         return
     ref = meta.get("teacher") or None
@@ -220,7 +224,36 @@ def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str
         raise CheckpointError(path, "teacher", f"{teacher} (sha256 {now[:12]}) is not the teacher the checkpoint was "
                               f"trained against ({ref.get('path')}, sha256 {ref['sha256'][:12]}): resuming would "
                               f"change the training target mid-run (a teacher run that kept training rewrites its "
-                              f"last.ckpt); give that teacher (a copy of its file or bundle), or start a new run")
+                              f"last.ckpt); give that teacher (a copy of that same file), or start a new run")
+    if now is not None and now == ref["sha256"] and "ema" in ref and (held := _teacher_copy(t, teacher_ema)) != (
+            was := ref["ema"]) and held is not _UNKNOWN:
+        raise CheckpointError(path, "method.teacher_ema", f"{teacher_ema!r} reads the teacher's {held or 'raw'} "
+                              f"weights; the checkpoint was trained against its {was or 'raw'} weights: resuming "
+                              f"would change the training target mid-run; resume with method.teacher_ema="
+                              f"{was or 'raw'}, or start a new run")
+
+
+_UNKNOWN = object()
+
+
+def _teacher_copy(teacher: Path, ema: Any) -> Any:
+    """The EMA tag (None: raw) ``load_teacher(teacher, ema=ema)`` reads, from metadata only; ``_UNKNOWN`` when
+    it cannot tell (loading then names the problem)."""
+    from dtrain.export.bundle import read_info
+    from dtrain.export.checkpoint import ema_tag
+
+    try:
+        if is_bundle(teacher):  # one copy; another one asked for is refused at load
+            return read_info(teacher)["weights"]["ema"]
+        if ema != "auto":
+            return ema_tag(ema)
+        meta = torch.load(teacher, map_location="cpu", weights_only=True, mmap=True)["dtrain"]
+        tags = [str(t) for t in meta.get("ema_tags") or []]
+        if meta.get("default_ema") is not None:
+            return ema_tag(meta["default_ema"])
+        return tags[0] if len(tags) == 1 else None if not tags else _UNKNOWN
+    except Exception:  # an unreadable teacher: its load names it
+        return _UNKNOWN
 
 
 _IN_MEMORY_POSITION = (("data", "batch_size"), ("seed",), ("trainer", "accumulate_grad_batches"))

@@ -40,6 +40,14 @@ from dtrain.samplers.few_step import ConsistencyModel
 __all__ = ["ConsistencyModule"]
 
 
+def _scales(recipe: Mapping[str, Any]) -> Any:
+    """k -> N(k) of a recipe's consistency method."""
+    m, total = resolve(recipe["method"]), int(recipe["trainer"]["max_steps"])
+    kw = {k: int(m[key]) for k, key in (("n", "num_scales"), ("s0", "scales_start"), ("s1", "scales_end"))
+          if m.get(key) is not None}
+    return lambda k: num_scales(m["curriculum"], k, total, **kw)
+
+
 class ConsistencyModule(DiffusionModule):
     """See the module docstring. ``teacher`` overrides the recipe's teacher (any denoiser over the recipe's
     schedule, e.g. the exact mixture denoiser in tests)."""
@@ -67,20 +75,21 @@ class ConsistencyModule(DiffusionModule):
 
     @classmethod
     def check_resume(cls, path: Path, ckpt: Mapping[str, Any], recipe: Mapping[str, Any], run: Path) -> None:
-        """Also: a curriculum's N(k) is computed over trainer.max_steps, so a resume with another one changes the
-        discretisation it trains on from the resumed step on (warned, as the LR schedule's jump is)."""
+        """Also: the discretisation N(k) the checkpoint's run would have trained on from the resumed step (its
+        curriculum, num_scales, scales_start / scales_end, and trainer.max_steps, over which a curriculum runs) must
+        be this recipe's, else a warning (as for the LR schedule's jump): checked at up to 1000 steps."""
         super().check_resume(path, ckpt, recipe, run)
-        m, before = resolve(recipe["method"]), (ckpt.get("dtrain") or {}).get("recipe") or {}
-        was, now = (before.get("trainer") or {}).get("max_steps"), int(recipe["trainer"]["max_steps"])
-        if m["curriculum"] == "fixed" or not isinstance(was, int) or was == now:
+        before = (ckpt.get("dtrain") or {}).get("recipe") or {}
+        if not isinstance(before.get("method"), Mapping) or not isinstance(before.get("trainer"), Mapping):
             return
         step = int(ckpt.get("global_step", 0))
-        kw = {k: int(m[key]) for k, key in (("n", "num_scales"), ("s0", "scales_start"), ("s1", "scales_end"))
-              if m.get(key) is not None}
-        n_was, n_now = (num_scales(m["curriculum"], step, total, **kw) for total in (was, now))
-        warnings.warn(f"resume: trainer.max_steps {was} -> {now} under method.curriculum {m['curriculum']!r}: N(k) is "
-                      f"recomputed over the new length, so the discretisation changes at step {step} (N {n_was} -> "
-                      f"{n_now})", stacklevel=2)
+        was, now = (_scales(r) for r in (before, recipe))
+        end = min(int(before["trainer"]["max_steps"]), int(recipe["trainer"]["max_steps"]))
+        ks = sorted({step, end, *range(step, end + 1, max(1, (end - step) // 1000))})
+        if (k := next((k for k in ks if was(k) != now(k)), None)) is not None:
+            warnings.warn(f"resume: the consistency discretisation differs from the checkpoint's (method.curriculum, "
+                          f"num_scales, scales_start / scales_end, or trainer.max_steps under a curriculum): N at "
+                          f"step {k} is {now(k)}, the checkpoint's run had {was(k)}", stacklevel=2)
 
     # ---- teacher and initialisation ---------------------------------------------------------------------------
     @classmethod

@@ -293,7 +293,8 @@ class ProgressiveModule(DiffusionModule):
         plan = [asdict(r) for r in self.rounds]
         # this run's earlier rounds only: a later round's entry (or another plan's) is from an earlier run in the
         # folder, or from before a resume that went back past it, and no longer holds
-        done = [e for e in (json.loads(index.read_text()) if index.is_file() else [])
+        done = [{**e, "bundle": f"rounds/{Path(str(e.get('bundle'))).name}"}  # (an older run's absolute paths too)
+                for e in (json.loads(index.read_text()) if index.is_file() else [])
                 if e["index"] < rnd.index and {k: e.get(k) for k in plan[0]} == plan[e["index"]]]
         write_json(index, sorted([*done, entry], key=lambda e: e["index"]))
 

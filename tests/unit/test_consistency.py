@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -367,9 +368,16 @@ def test_a_resume_refuses_another_target_decay_and_warns_of_a_curriculum_recompu
         ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck, recipe(*ct, "method.target_ema=0.5"), tmp_path)
     ict = ["method.name=ict", "method.target_ema=null", "method.distance=null"]
     ck = {"global_step": 8, "dtrain": {"recipe": recipe(*ict, "trainer.max_steps=16")}}
-    with pytest.warns(UserWarning, match=r"trainer\.max_steps 16 -> 32 under method\.curriculum 'ict'.*at step 8 "
-                      r"\(N 161 -> 41\)"):
+    with pytest.warns(UserWarning, match=r"discretisation differs .*: N at step 8 is 41, the checkpoint's run had "
+                      r"161"):
         ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck, recipe(*ict, "trainer.max_steps=32"), tmp_path)
+    ck12 = {"global_step": 12, "dtrain": {"recipe": recipe(*ict, "trainer.max_steps=12")}}
+    with warnings.catch_warnings():  # iCT's K' = floor(K / 8) is 1 for 12 and 15 steps: N(k) the same, no warning
+        warnings.simplefilter("error")
+        ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck12, recipe(*ict, "trainer.max_steps=15"), tmp_path)
+    cd = {"global_step": 3, "dtrain": {"recipe": recipe()}}
+    with pytest.warns(UserWarning, match=r"N at step 3 is 10, the checkpoint's run had 18"):  # a fixed N changed
+        ConsistencyModule.check_resume(tmp_path / "a.ckpt", cd, recipe("method.num_scales=10"), tmp_path)
     with pytest.raises(CheckpointError, match=r"method\.target_ema: 0\.0 in the checkpoint \(now 0\.9"):
         ConsistencyModule.check_resume(tmp_path / "a.ckpt", ck, recipe(*ict, "trainer.max_steps=16",
                                                                        "method.target_ema=0.9"), tmp_path)

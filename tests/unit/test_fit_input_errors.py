@@ -413,8 +413,10 @@ def test_a_lock_is_not_kept_by_forked_children_of_a_killed_holder(tmp_path, monk
     lock = tmp_path / ".fit.lock"
     script = ("import os, signal, sys, time\nfrom dtrain.fileio import exclusive\n"
               "with exclusive(sys.argv[1], 'busy'):\n"
+              "    r, w = os.pipe()\n"
               "    pid = os.fork()\n"
-              "    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
+              "    if pid == 0:\n        os.write(w, b'x')\n        time.sleep(30)\n        os._exit(0)\n"
+              "    os.read(r, 1)\n"  # the child runs (its at-fork hooks ran before fork returned there)
               "    print(pid, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True)
     child = int(proc.stdout.readline())  # (the child keeps the pipe open: read its line, wait for the parent)
@@ -438,6 +440,26 @@ def test_a_lock_is_not_kept_by_forked_children_of_a_killed_holder(tmp_path, monk
         with pytest.raises(fileio.BusyError, match="busy"):
             with fileio.exclusive(lock, "busy"):
                 pass
+
+
+def test_a_resume_reading_another_copy_of_the_teacher_is_refused(tmp_path, digits_teacher, digits_bundle):
+    """A student resumed with another method.teacher_ema read another copy of the same teacher file (its raw weights
+    instead of its EMA) and distilled towards it from then on, silently."""
+    from dtrain.export.bundle import read_info, sha256_file
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.lit.checkpointing import _teacher_copy, check_resume_teacher
+
+    tag = _teacher_copy(Path(digits_teacher), "auto")
+    assert tag is not None and _teacher_copy(Path(digits_teacher), "raw") is None
+    meta = {"teacher": {"path": str(digits_teacher), "sha256": sha256_file(digits_teacher), "ema": tag}}
+    check_resume_teacher(tmp_path / "s.ckpt", meta, str(digits_teacher))  # auto: the same copy
+    check_resume_teacher(tmp_path / "s.ckpt", meta, str(digits_teacher), teacher_ema=tag.replace("_", "."))
+    with pytest.raises(CheckpointError, match=rf"s\.ckpt: method\.teacher_ema: 'raw' reads the teacher's raw weights; "
+                       rf"the checkpoint was trained against its {tag} weights"):
+        check_resume_teacher(tmp_path / "s.ckpt", meta, str(digits_teacher), teacher_ema="raw")
+    info = read_info(digits_bundle)["weights"]
+    meta = {"teacher": {"path": str(digits_bundle), "sha256": info["sha256"], "ema": info["ema"]}}
+    check_resume_teacher(tmp_path / "s.ckpt", meta, str(digits_bundle))  # a bundle holds one copy
 
 
 def test_training_only_model_keys_may_differ(digits_teacher):

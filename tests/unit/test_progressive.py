@@ -356,8 +356,8 @@ def test_dropped_labels_reach_teacher_and_student_alike(guided):
 
 
 def test_rounds_index_keeps_only_this_runs_earlier_rounds_with_relative_paths(tmp_path):
-    """rounds.json after a round is written: this plan's earlier rounds (an old absolute path kept as it was) and the
-    round, its bundle relative to the run folder (absolute paths went stale when the folder moved). Entries of another
+    """rounds.json after a round is written: this plan's earlier rounds and the round, bundles relative to the run
+    folder (an older run's absolute paths went stale when the folder moved: made relative too). Entries of another
     plan or of later rounds (an earlier run in the folder, a resume that went back past them) were kept before."""
     import json
     import warnings
@@ -377,5 +377,5 @@ def test_rounds_index_keeps_only_this_runs_earlier_rounds_with_relative_paths(tm
                                  {**ours, "index": 3, "steps": 1, "start": 18, "end": 24}]))  # a later round
     module._write_round(module.rounds[2], module.net.state_dict(), None, {})
     entries = json.loads(index.read_text())
-    assert [e["index"] for e in entries] == [0, 2] and entries[0] == ours
+    assert [e["index"] for e in entries] == [0, 2] and entries[0] == {**ours, "bundle": "rounds/round00_4steps"}
     assert entries[1]["bundle"] == "rounds/round02_1steps" and (tmp_path / "run" / entries[1]["bundle"]).is_dir()
