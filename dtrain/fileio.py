@@ -77,13 +77,18 @@ _HELD: set[int] = set()  # descriptors of locks this process holds (``exclusive`
 
 
 def _drop_held_in_child() -> None:
-    """A forked child (a DataLoader worker) shares the lock's open file: closing its copy keeps a killed parent's
-    lock from living on in the workers, which outlast it by seconds."""
+    """A forked child (a DataLoader worker) shares the lock's open file: dropping its copy keeps a killed parent's
+    lock from living on in the workers, which outlast it by seconds. The descriptor is pointed at /dev/null rather
+    than closed, so the child never reuses its number for a file of its own."""
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
     for fd in _HELD:
         try:
-            os.close(fd)
+            os.dup2(null, fd)
         except OSError:
             pass
+    os.close(null)
     _HELD.clear()
 
 
