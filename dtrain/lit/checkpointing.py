@@ -220,6 +220,8 @@ def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str
     while isinstance(link, Mapping) and len(chain) < 64:  # whose chain leads back to the run's teacher
         chain.add(link.get("sha256"))
         link = link.get("teacher")
+    if now is not None and now not in chain and is_bundle(t) and _exported_from(t, ref):
+        return  # the bundle of the very weights it trained against, exported from that teacher checkpoint
     if now is not None and now not in chain:
         raise CheckpointError(path, "teacher", f"{teacher} (sha256 {now[:12]}) is not the teacher the checkpoint was "
                               f"trained against ({ref.get('path')}, sha256 {ref['sha256'][:12]}): resuming would "
@@ -234,6 +236,16 @@ def check_resume_teacher(path: str | Path, meta: Mapping[str, Any], teacher: str
 
 
 _UNKNOWN = object()
+
+
+def _exported_from(bundle: Path, ref: Mapping[str, Any]) -> bool:
+    """``bundle`` holds exactly the weights a student trained against: exported (``provenance.source_sha256``) from
+    the teacher checkpoint ``ref`` names, the same EMA copy, in fp32 (the teacher was read in fp32)."""
+    from dtrain.export.bundle import read_info
+
+    info = read_info(bundle)
+    return (ref.get("format") == "checkpoint" and (info.get("provenance") or {}).get("source_sha256") == ref["sha256"]
+            and "ema" in ref and info["weights"].get("ema") == ref["ema"] and info["weights"].get("dtype") == "float32")
 
 
 def _teacher_copy(teacher: Path, ema: Any) -> Any:

@@ -462,6 +462,24 @@ def test_a_resume_reading_another_copy_of_the_teacher_is_refused(tmp_path, digit
     check_resume_teacher(tmp_path / "s.ckpt", meta, str(digits_bundle))  # a bundle holds one copy
 
 
+def test_a_resume_may_read_the_teacher_from_its_exact_bundle(tmp_path, digits_teacher, digits_bundle, cli_error):
+    """A student trained against a teacher checkpoint resumes with the bundle exported from it (the teacher's run
+    folder cleaned, its bundle kept): the same weights, which the bundle's provenance.source_sha256 links to the
+    checkpoint; it was refused as another teacher. Another copy (raw) or a lossy dtype is still refused."""
+    from dtrain.export.bundle import sha256_file
+    from dtrain.export.checkpoint import CheckpointError
+    from dtrain.lit.checkpointing import _teacher_copy, check_resume_teacher
+
+    ref = {"path": str(digits_teacher), "format": "checkpoint", "sha256": sha256_file(digits_teacher),
+           "ema": _teacher_copy(Path(digits_teacher), "auto")}
+    check_resume_teacher(tmp_path / "s.ckpt", {"teacher": ref}, str(digits_bundle))
+    for flags in (["--ema", "raw"], ["--dtype", "bf16"]):
+        out = tmp_path / flags[1]
+        assert main(["export", str(digits_teacher), "--out", str(out), *flags]) == 0
+        with pytest.raises(CheckpointError, match=r"teacher: .* is not the teacher the checkpoint was trained against"):
+            check_resume_teacher(tmp_path / "s.ckpt", {"teacher": ref}, str(out))
+
+
 def test_training_only_model_keys_may_differ(digits_teacher):
     """``model.dropout`` and ``model.grad_checkpoint`` change how a network trains, not its weights: a resumed run
     and a student starting from its teacher may set them otherwise; a key that changes the network may not."""
