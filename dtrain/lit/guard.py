@@ -42,9 +42,8 @@ class NonFiniteGuard:
         self.total = 0  # bad steps in this run (restored on resume)
         self.in_a_row = 0
         self.skipped = False  # the last optimizer step was skipped
-        self._ok: Tensor | None = None  # AND of this step's micro-batch loss checks, on device
+        self._ok: Tensor | None = None  # AND of this step's micro-batch loss checks, on device (None: none yet)
         self._terms: list[dict[str, Tensor]] = []  # each micro-batch's of the last step (gradient accumulation)
-        self._checked = False  # check() ran since the last observe(): the next one starts a step
 
     # ---- per micro-batch (no host sync) --------------------------------------------------------------------
     def observe(self, loss_b: Tensor, terms: Mapping[str, Tensor] | None = None) -> None:
@@ -52,9 +51,9 @@ class NonFiniteGuard:
         if not self.enabled:
             return
         ok = torch.isfinite(loss_b).all()
+        if self._ok is None:  # the step's first micro-batch: the last step's terms were described already
+            self._terms = []
         self._ok = ok if self._ok is None else self._ok & ok
-        if self._checked:
-            self._terms, self._checked = [], False
         self._terms.append({"loss": loss_b.detach(), **{k: v.detach() for k, v in (terms or {}).items()}})
 
     # ---- per optimizer step ----------------------------------------------------------------------------------
@@ -73,7 +72,7 @@ class NonFiniteGuard:
             ok = flag[0] > 0
         good = bool(ok.item())
         self._grad_norm = grad_norm
-        self._ok, self._checked = None, True
+        self._ok = None
         self.skipped = not good
         if good:
             self.in_a_row = 0
