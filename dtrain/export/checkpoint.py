@@ -222,24 +222,28 @@ def ema_tag(value: str | float | None) -> str | None:
         return s
 
 
+def chosen_tag(meta: Mapping[str, Any], ema: str | float | None = "auto", path: str | Path = "checkpoint",
+               field: str = "--ema") -> str | None:
+    """The EMA tag (None: the raw weights) ``ema`` picks from a checkpoint's ``dtrain`` metadata: "auto" takes
+    ``default_ema``, else the only EMA, else the raw weights when there is none; with several EMAs and no default it
+    asks (``CheckpointError`` naming ``field``)."""
+    if ema != "auto":
+        return ema_tag(ema)
+    if meta.get("default_ema") is not None:
+        return ema_tag(meta["default_ema"])
+    tags = [str(t) for t in meta.get("ema_tags") or []]
+    if len(tags) > 1:
+        raise CheckpointError(path, field, f"the checkpoint holds several EMAs; choose one of {tags} or 'raw'")
+    return tags[0] if tags else None
+
+
 def select_weights(ckpt: Mapping[str, Any], ema: str | float | None = "auto",
                    path: str | Path = "checkpoint", field: str = "--ema") -> tuple[dict[str, Tensor], str | None]:
-    """The network weights of one EMA copy (``ema``: a decay/std or tag, "raw", or "auto") and its tag.
-
-    "auto" takes ``dtrain.default_ema``, else the only EMA, else the raw weights when there is none; with
-    several EMAs and no default it asks. An EMA copy must hold exactly the network's tensors.
-    """
+    """The network weights of one EMA copy (``ema``: a decay/std or tag, "raw", or "auto": ``chosen_tag``) and
+    its tag. An EMA copy must hold exactly the network's tensors."""
     sd, meta = ckpt["state_dict"], ckpt["dtrain"]
     tags = [str(t) for t in meta["ema_tags"]]
-    if ema == "auto":
-        if meta.get("default_ema") is not None:
-            tag = ema_tag(meta["default_ema"])
-        elif len(tags) <= 1:
-            tag = tags[0] if tags else None
-        else:
-            raise CheckpointError(path, field, f"the checkpoint holds several EMAs; choose one of {tags} or 'raw'")
-    else:
-        tag = ema_tag(ema)
+    tag = chosen_tag(meta, ema, path, field)
     net = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
     if not net:
         raise CheckpointError(path, "state_dict", "holds no 'net.*' weights")

@@ -252,19 +252,13 @@ def _teacher_copy(teacher: Path, ema: Any) -> Any:
     """The EMA tag (None: raw) ``load_teacher(teacher, ema=ema)`` reads, from metadata only; ``_UNKNOWN`` when
     it cannot tell (loading then names the problem)."""
     from dtrain.export.bundle import read_info
-    from dtrain.export.checkpoint import ema_tag
+    from dtrain.export.checkpoint import chosen_tag
 
     try:
         if is_bundle(teacher):  # one copy; another one asked for is refused at load
             return read_info(teacher)["weights"]["ema"]
-        if ema != "auto":
-            return ema_tag(ema)
-        meta = torch.load(teacher, map_location="cpu", weights_only=True, mmap=True)["dtrain"]
-        tags = [str(t) for t in meta.get("ema_tags") or []]
-        if meta.get("default_ema") is not None:
-            return ema_tag(meta["default_ema"])
-        return tags[0] if len(tags) == 1 else None if not tags else _UNKNOWN
-    except Exception:  # an unreadable teacher: its load names it
+        return chosen_tag(torch.load(teacher, map_location="cpu", weights_only=True, mmap=True)["dtrain"], ema)
+    except Exception:  # an unreadable teacher, or several EMAs and no default: its load names it
         return _UNKNOWN
 
 
