@@ -256,7 +256,7 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
             print(f"dtrain: {signal.Signals(signum).name} at step {trainer.global_step}: saved {path}",
                   file=sys.stderr, flush=True)
         if signum == self.requeue_signal:
-            self.requeued = bool(trainer.strategy.broadcast(_requeue() if trainer.is_global_zero else False))
+            self._requeue_job(trainer)
         trainer.should_stop = True
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -282,7 +282,11 @@ class Preemption(_checkpoint_base()):  # type: ignore[misc]
             print(f"dtrain: {signal.Signals(signum).name} after the last step cut short the final evaluation; the "
                   f"checkpoint {last} holds the finished training", file=sys.stderr, flush=True)
         if signum == self.requeue_signal:
-            self.requeued = bool(trainer.strategy.broadcast(_requeue() if trainer.is_global_zero else False))
+            self._requeue_job(trainer)
+
+    def _requeue_job(self, trainer: Any) -> None:
+        """Rank 0 runs ``scontrol requeue``; every rank learns whether it succeeded (``requeued``)."""
+        self.requeued = bool(trainer.strategy.broadcast(_requeue() if trainer.is_global_zero else False))
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -15,11 +15,12 @@ checkpoints, e.g. a frozen teacher).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,18 @@ def say(trainer: Any, line: str) -> None:
         from tqdm import tqdm
 
         tqdm.write(line)
+
+
+@contextlib.contextmanager
+def on_root_device(trainer: Any, module: torch.nn.Module) -> Iterator[None]:
+    """``module`` on the strategy's device for the block, then back: work at ``on_fit_end`` (a fit resumed from its
+    last step's checkpoint runs it there) comes after the strategy's teardown took the module to the CPU."""
+    device = next(module.parameters()).device
+    module.to(trainer.strategy.root_device)
+    try:
+        yield
+    finally:
+        module.to(device)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:

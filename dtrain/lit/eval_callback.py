@@ -98,14 +98,12 @@ class FIDSweepCallback(L.Callback):
         # a fit resumed from the last step's checkpoint runs no training loop and no on_train_end: a final sweep the
         # job before did not complete (killed, or cut short by a signal) runs here, on the device the strategy's
         # teardown took the module from
+        from dtrain.lit.common import on_root_device
+
         if not self._end_due(trainer):
             return
-        device = pl_module.device
-        pl_module.to(trainer.strategy.root_device)
-        try:
+        with on_root_device(trainer, pl_module):
             self.run(trainer, pl_module, trainer.global_step)
-        finally:
-            pl_module.to(device)
 
     def _end_due(self, trainer: L.Trainer) -> bool:
         # at the end of the run only: a stop before max_steps (a SLURM requeue) leaves the sweep to the job that ends

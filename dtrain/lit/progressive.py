@@ -42,7 +42,7 @@ from dtrain.diffusion.guidance import GuidedCond, WCondDenoiser
 from dtrain.diffusion.timesteps import make_grid
 from dtrain.errors import InputError
 from dtrain.fileio import write_json
-from dtrain.lit.common import DiffusionModule, lr_factor, say
+from dtrain.lit.common import DiffusionModule, lr_factor, on_root_device, say
 from dtrain.methods.progressive import GuidanceLoss, ProgressiveLoss, Round, pd_grid, round_plan, sample_w
 from dtrain.samplers.base import initial_noise
 
@@ -238,12 +238,8 @@ class ProgressiveModule(DiffusionModule):
         done = self.trainer.is_global_zero and self._round_written(last)
         if self.trainer.strategy.broadcast(done, src=0):  # every rank evaluates its share, or none does
             return
-        device = self.device
-        self.to(self.trainer.strategy.root_device)
-        try:
+        with on_root_device(self.trainer, self):
             self._finish_round(last)
-        finally:
-            self.to(device)
 
     def _round_written(self, rnd: Round) -> bool:
         """Whether ``rounds.json`` lists ``rnd`` as finished at its end and its bundle is whole: its weights match its
