@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from dtrain.diffusion.denoiser import Denoiser, DenoiserLike, time_batch
 from dtrain.diffusion.schedule import bcast
 
-__all__ = ["CFGDenoiser", "GuidedCond", "WCondDenoiser", "learned_null", "NO_NULL"]
+__all__ = ["CFGDenoiser", "GuidedCond", "WCondDenoiser", "learned_null", "reads_unlearned_null", "NO_NULL"]
 
 
 NO_NULL = ("classifier-free guidance needs the unconditional (null-class) prediction, which this model never "
@@ -41,6 +41,14 @@ def learned_null(recipe: Any) -> bool | None:
     if not isinstance(p, int | float) or not isinstance(model, dict) or not model.get("num_classes"):
         return None
     return True if p > 0 else None if recipe.get("teacher") else False
+
+
+def reads_unlearned_null(info: Any, guide: Any) -> bool:
+    """Whether guiding the model of a bundle's ``info`` (dtrain.json: its ``provenance.recipe``) with ``guide``
+    (its kind's, ``dtrain.export.bundle.kind_guide``; None: the default) reads a null class it never learned:
+    classifier-free guidance of a model ``learned_null`` says False of (a w-conditioned student takes w instead)."""
+    recipe = (info.get("provenance") or {}).get("recipe") if isinstance(info, dict) else None
+    return guide in (None, CFGDenoiser) and learned_null(recipe) is False
 
 
 class CFGDenoiser(nn.Module):

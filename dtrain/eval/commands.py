@@ -148,7 +148,7 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
     (``dtrain.export.bundle.kind_guide``; None: classifier-free guidance)."""
     import torch
 
-    from dtrain.diffusion.guidance import NO_NULL, CFGDenoiser, learned_null
+    from dtrain.diffusion.guidance import NO_NULL, reads_unlearned_null
     from dtrain.diffusion.timesteps import SPACINGS
     from dtrain.eval.features import BUILTIN_REFS, EXTRACTORS, WEIGHTS_KEY, build_extractor
     from dtrain.eval.fid import dist_rank, load_ref
@@ -206,8 +206,7 @@ def run_eval(args: argparse.Namespace, load: Loader, guide_for: GuideFor | None 
         key = "--guidance" if args.guidance is not None else "eval.guidance / sampler.guidance"
         raise InputError(f"{key}: {guidance}, but bundle kind {info.get('kind')!r} does not support guidance "
                          f"(use 1)")
-    if float(guidance) != 1.0 and guide in (None, CFGDenoiser) and learned_null(
-            (info.get("provenance") or {}).get("recipe")) is False:
+    if float(guidance) != 1.0 and reads_unlearned_null(info, guide):
         key = "--guidance" if args.guidance is not None else "eval.guidance / sampler.guidance"
         raise InputError(f"{key}: {guidance}: {NO_NULL}; use 1")
     seed = int(_default(args.seed, ev, "seed", 0))

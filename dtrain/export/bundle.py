@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dtrain.diffusion.guidance import NO_NULL, CFGDenoiser, WCondDenoiser, learned_null
+from dtrain.diffusion.guidance import NO_NULL, CFGDenoiser, WCondDenoiser, reads_unlearned_null
 from dtrain.diffusion.param import PARAMS, terminal_snr_conflict
 from dtrain.diffusion.schedule import Schedule, make_schedule
 from dtrain.diffusion.timesteps import SPACINGS
@@ -187,8 +187,7 @@ def check_info(info: Any, file: str | Path = INFO_FILE) -> dict[str, Any]:
     if g != 1 and (ncls == 0 or kind_guide(info["kind"], str(f)) is None):  # every default sample would fail
         why = "the model has no classes" if ncls == 0 else f"bundle kind {info['kind']!r} has no guidance"
         raise BundleError(f, "sampler.guidance", f"{g}, but {why}: the default must be 1")
-    if g != 1 and kind_guide(info["kind"], str(f)) is CFGDenoiser and learned_null(
-            (info.get("provenance") or {}).get("recipe")) is False:
+    if g != 1 and reads_unlearned_null(info, kind_guide(info["kind"], str(f))):
         raise BundleError(f, "sampler.guidance", f"{g}, but {NO_NULL}: the default must be 1")
     if sampler["eta"] is not None and not (_finite(sampler["eta"]) and 0 <= sampler["eta"] <= 1):
         raise BundleError(f, "sampler.eta", f"must be null or a number in [0, 1], got {sampler['eta']!r}")
@@ -423,7 +422,7 @@ class Pipeline:
             raise InputError(f"{key}: guidance needs a class-conditional model; this bundle has no classes")
         if self._guide() is None:
             raise InputError(f"{key}: bundle kind {self.kind!r} does not support guidance")
-        if self._guide() is CFGDenoiser and learned_null((self.info.get("provenance") or {}).get("recipe")) is False:
+        if reads_unlearned_null(self.info, self._guide()):
             raise InputError(f"{key}: {w}: {NO_NULL}; use 1")
 
     def _guide(self) -> Callable[[Any, float, int], Any] | None:

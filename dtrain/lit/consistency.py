@@ -42,10 +42,9 @@ __all__ = ["ConsistencyModule"]
 
 def _scales(recipe: Mapping[str, Any]) -> Any:
     """k -> N(k) of a recipe's consistency method."""
-    m, total = resolve(recipe["method"]), int(recipe["trainer"]["max_steps"])
-    kw = {k: int(m[key]) for k, key in (("n", "num_scales"), ("s0", "scales_start"), ("s1", "scales_end"))
-          if m.get(key) is not None}
-    return lambda k: num_scales(m["curriculum"], k, total, **kw)
+    m, total = resolve(recipe["method"]), int(recipe["trainer"]["max_steps"])  # (resolve fills all three)
+    n, s0, s1 = int(m["num_scales"]), int(m["scales_start"]), int(m["scales_end"])
+    return lambda k: num_scales(m["curriculum"], k, total, n=n, s0=s0, s1=s1)
 
 
 class ConsistencyModule(DiffusionModule):
